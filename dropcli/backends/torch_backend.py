@@ -1,0 +1,651 @@
+"""torch backend: every torch format becomes one ``torch.fx.GraphModule``.
+
+* TorchScript  -> ``TS2EPConverter`` -> ExportedProgram -> ``.module()``
+* ``.pt2``      -> ``torch.export.load(...).module()``
+* pickled module / state_dict + ``--arch`` -> ``torch.fx.symbolic_trace``
+
+Rewrites are fx edits: a dropcli :class:`~dropcli.variants.base.SiteModule` is added as a
+submodule and called on the chosen value. Saving re-captures the edited graph
+(``torch.export`` / ``torch.jit.trace``), so TorchScript, ``.pt2`` and ONNX outputs contain
+only stock ops plus one bool buffer per site (``<site>.dropcli_mc``) that switches MC mode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import io
+import operator
+import re
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import fx, nn
+
+from .. import formats
+from ..errors import DropcliError, UsageError
+from ..fsutil import atomic_path
+from ..sites import KNOWN_KINDS, WEIGHTED, Layer, canonical_kind
+from ..variants.base import SiteModule, VariantSpec
+
+SITE_PREFIX = "dropcli_site_"
+_SKIP_TARGETS = {"_guards_fn"}
+
+
+@contextlib.contextmanager
+def _quiet():
+    """torch's exporters are chatty; keep stderr for dropcli's own messages."""
+    import logging
+
+    loggers = [logging.getLogger(n) for n in ("torch", "torch.export", "torch.onnx", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with contextlib.redirect_stdout(io.StringIO()):
+                yield
+    finally:
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)
+
+
+def parse_input_shape(text: str | None) -> list[tuple[int, ...]] | None:
+    """``"1x64"`` or ``"1,3,32,32"``; several inputs separated by ``;``."""
+    if not text:
+        return None
+    shapes = []
+    for part in text.split(";"):
+        dims = [d for d in re.split(r"[x,\s]+", part.strip()) if d]
+        try:
+            shape = tuple(int(d) for d in dims)
+        except ValueError:
+            raise UsageError(f"--input-shape {text!r} is not a list of integers", "write it like 1x3x32x32") from None
+        if not shape or any(d <= 0 for d in shape):
+            raise UsageError(f"--input-shape {text!r} has an empty or non-positive dimension", "write it like 1x3x32x32")
+        shapes.append(shape)
+    return shapes
+
+
+def _import_user(spec: str) -> Any:
+    """Import ``package.module`` or a ``path/to/file.py`` and return the module."""
+    if spec.endswith(".py") or "/" in spec or Path(spec).exists():
+        p = Path(spec)
+        if not p.exists():
+            raise DropcliError(f"--import file {spec} does not exist", "check the path")
+        name = p.stem
+        mod_spec = importlib.util.spec_from_file_location(name, p)
+        if mod_spec is None or mod_spec.loader is None:
+            raise DropcliError(f"cannot import {spec}", "give a .py file or an importable module name")
+        module = importlib.util.module_from_spec(mod_spec)
+        sys.modules[name] = module
+        sys.path.insert(0, str(p.resolve().parent))
+        mod_spec.loader.exec_module(module)
+        return module
+    try:
+        return importlib.import_module(spec)
+    except ImportError as e:
+        raise DropcliError(f"cannot import {spec!r}: {e}", "check --import / --arch and PYTHONPATH") from e
+
+
+def _load_arch(arch: str) -> nn.Module:
+    if ":" not in arch:
+        raise UsageError(f"--arch {arch!r} must look like package.module:factory or file.py:factory")
+    mod_name, _, attr = arch.rpartition(":")
+    module = _import_user(mod_name)
+    factory = getattr(module, attr, None)
+    if factory is None:
+        raise DropcliError(f"--arch: {mod_name} has no attribute {attr!r}", "name a class or function that builds the model")
+    model = factory()
+    if not isinstance(model, nn.Module):
+        raise DropcliError(f"--arch {arch} returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def _example_from_modules(model: nn.Module) -> tuple[torch.Tensor, ...] | None:
+    """Guess an example input from the first weighted layer (works for MLPs)."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            return (torch.zeros(2, m.in_features),)
+        if isinstance(m, nn.Embedding):
+            return (torch.zeros(2, 8, dtype=torch.long),)
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.LSTM, nn.GRU)):
+            return None
+        orig = getattr(m, "original_name", "")
+        if orig == "Linear" and hasattr(m, "weight"):
+            return (torch.zeros(2, m.weight.shape[1]),)
+        if orig in ("Conv1d", "Conv2d", "Conv3d", "LSTM", "GRU"):
+            return None
+    return None
+
+
+class TorchModel:
+    backend = "torch"
+
+    def __init__(self, gm: fx.GraphModule, fmt: str, example_inputs: tuple | None, source: str = ""):
+        self.gm = gm
+        self.format = fmt
+        self.example_inputs = example_inputs
+        self.source = source
+        self._site_count = sum(1 for n, _ in gm.named_children() if n.startswith(SITE_PREFIX))
+        self._shapes_done = False
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load(
+        cls, path: str | Path, fmt: str, *, trust_pickle: bool = False, imports: Sequence[str] = (),
+        arch: str | None = None, input_shape: str | None = None, **_: Any,
+    ) -> "TorchModel":
+        path = Path(path)
+        shapes = parse_input_shape(input_shape)
+        example = tuple(torch.zeros(s) for s in shapes) if shapes else None
+        for spec in imports:
+            _import_user(spec)
+        if fmt == formats.EXPORT:
+            try:
+                with _quiet(), open(path, "rb") as fh:
+                    ep = torch.export.load(fh)
+            except Exception as e:  # noqa: BLE001
+                raise DropcliError(f"cannot load torch.export program {path}: {_short(e)}", "re-save it with torch.export.save") from e
+            if example is None:
+                ex = getattr(ep, "example_inputs", None)
+                if ex:
+                    example = tuple(ex[0])
+            gm = ep.module()
+            return cls(_strip_guards(gm), fmt, example, str(path))
+        if fmt == formats.TORCHSCRIPT:
+            try:
+                ts = torch.jit.load(str(path), map_location="cpu")
+            except Exception as e:  # noqa: BLE001
+                raise DropcliError(f"cannot load TorchScript archive {path}: {_short(e)}", "re-save it with torch.jit.save") from e
+            ts.eval()
+            if example is None:
+                example = _traced_inputs(ts) or _example_from_modules(ts)
+            if example is None:
+                raise UsageError(
+                    f"cannot tell the input shape of TorchScript model {path}",
+                    "pass --input-shape, for example --input-shape 1x3x32x32",
+                )
+            return cls(_strip_guards(_ts_to_fx(ts, example, path)), fmt, example, str(path))
+        if fmt == formats.PICKLE:
+            if not trust_pickle:
+                raise DropcliError(
+                    f"{path} is a pickled nn.Module; unpickling runs arbitrary code from the file",
+                    "load it only if you trust its source, with --trust-pickle (plus --import for the model's classes), "
+                    "or re-save it as TorchScript, torch.export (.pt2) or ONNX",
+                )
+            model = _unpickle_module(path)
+        elif fmt == formats.STATE_DICT:
+            if not arch:
+                raise UsageError(
+                    f"{path} holds a state_dict (weights only) without the architecture",
+                    "pass --arch package.module:factory (or file.py:factory) that builds the model",
+                )
+            model = _load_arch(arch)
+            try:
+                sd = torch.load(str(path), map_location="cpu", weights_only=True)
+            except Exception as e:  # noqa: BLE001
+                raise DropcliError(f"cannot read state_dict {path}: {_short(e)}", "re-save it with torch.save(model.state_dict())") from e
+            if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+                sd = sd["state_dict"]
+            try:
+                model.load_state_dict(sd)
+            except Exception as e:  # noqa: BLE001
+                raise DropcliError(f"state_dict {path} does not fit --arch {arch}: {_short(e)}", "check that --arch builds the same model") from e
+        else:  # pragma: no cover
+            raise DropcliError(f"unsupported torch format {fmt}")
+        model.eval()
+        if example is None:
+            example = _example_from_modules(model)
+        try:
+            gm = fx.symbolic_trace(model)
+        except Exception as e:  # noqa: BLE001
+            raise DropcliError(
+                f"cannot trace the model's forward ({_short(e)})",
+                "data-dependent control flow can't be rewritten; export the model with torch.export (.pt2) and pass that",
+            ) from e
+        return cls(gm, fmt, example, str(path))
+
+    # ------------------------------------------------------------------ description
+    def _ensure_shapes(self) -> None:
+        if self._shapes_done:
+            return
+        self._shapes_done = True
+        if self.example_inputs is None:
+            return
+        if all("val" in n.meta or n.op in ("output", "get_attr") for n in self.gm.graph.nodes):
+            return
+        try:
+            from torch.fx.passes.shape_prop import ShapeProp
+
+            with torch.no_grad(), _quiet():
+                ShapeProp(self.gm).propagate(*self.example_inputs)
+        except Exception:  # noqa: BLE001 - shapes are a nicety for inspect
+            pass
+
+    def _node_shape(self, n: fx.Node) -> list | None:
+        val = n.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            return [int(d) if isinstance(d, int) else None for d in val.shape]
+        tm = n.meta.get("tensor_meta")
+        if tm is not None and hasattr(tm, "shape"):
+            return list(tm.shape)
+        return None
+
+    def _module_of(self, n: fx.Node) -> nn.Module | None:
+        if n.op == "call_module":
+            return self.gm.get_submodule(n.target)
+        return None
+
+    def layers(self) -> list[Layer]:
+        """Describe every compute node (plus inputs) as a :class:`Layer`."""
+        self._ensure_shapes()
+        g = self.gm.graph
+        nodes = [n for n in g.nodes if n.op in ("placeholder", "call_module", "call_function", "call_method")]
+        nodes = [n for n in nodes if not (n.op == "call_module" and n.target in _SKIP_TARGETS)]
+        params = _weights(self.gm)
+        rows: list[Layer] = []
+        info: dict[fx.Node, tuple[str, str, str, int]] = {}
+        scope_terminals: dict[str, list[fx.Node]] = {}
+        for n in nodes:
+            info[n] = self._raw_info(n, params)
+        # Name nodes: module path where the node ends a module call, else path/node.
+        paths = {n: _scope_path(n, params) for n in nodes}
+        for n in nodes:
+            path = paths[n]
+            if path and n.op != "placeholder":
+                users_outside = not n.users or any(paths.get(u, None) != path for u in n.users)
+                if users_outside:
+                    scope_terminals.setdefault(path, []).append(n)
+        names: dict[fx.Node, str] = {}
+        for path, terms in scope_terminals.items():
+            for i, t in enumerate(terms):
+                names[t] = path if len(terms) == 1 else f"{path}@{i}"
+        for n in nodes:
+            if n not in names:
+                path = paths[n]
+                names[n] = f"{path}/{n.name}" if path and n.op != "call_module" else (n.target if n.op == "call_module" else n.name)
+        output_region = self._output_region(info)
+        for n in nodes:
+            op, kind, _, nparams = info[n]
+            val = n.meta.get("val")
+            if n.op != "placeholder" and val is not None and not isinstance(val, torch.Tensor):
+                # tuples (e.g. native batch norm), sizes, symbols: not sites
+                continue
+            mod = self._module_of(n)
+            path = paths.get(n, "")
+            ends_module = bool(path) and n.op != "call_module" and (names[n] == path or names[n].startswith(path + "@"))
+            leaf_type = _leaf_type(n) if ends_module else None
+            if leaf_type and canonical_kind(leaf_type) in KNOWN_KINDS:
+                # a node that ends a leaf module call takes the module's kind (Linear, ReLU...)
+                kind = canonical_kind(leaf_type)
+                op = f"{leaf_type}({op})"
+            dropout_p, dropout_variant = None, None
+            if isinstance(mod, SiteModule):
+                kind, dropout_p, dropout_variant = "dropout", mod.p, mod.spec.name
+            elif kind == "dropout":
+                dropout_p, dropout_variant = _dropout_p(n, mod), "dropout"
+            rows.append(
+                Layer(
+                    name=names[n], kind="input" if n.op == "placeholder" else kind, op=op, shape=self._node_shape(n),
+                    params=nparams, dropout_p=dropout_p, dropout_variant=dropout_variant,
+                    is_output=n in output_region, is_input=n.op == "placeholder", ref=n,
+                )
+            )
+        self._mark_residuals(rows)
+        return rows
+
+    def _raw_info(self, n: fx.Node, params: dict[str, nn.Parameter]) -> tuple[str, str, str, int]:
+        if n.op == "placeholder":
+            return ("input", "input", "", 0)
+        if n.op == "call_module":
+            mod = self.gm.get_submodule(n.target)
+            op = type(mod).__name__
+            if op.endswith("GraphModuleImpl") or op == "GraphModule":
+                op = "GraphModule"
+            nparams = sum(p.numel() for p in _weights(mod).values()) if not isinstance(mod, SiteModule) else 0
+            if isinstance(mod, SiteModule):
+                op = f"dropcli.{mod.spec.name}"
+            return (op, canonical_kind(op), "", nparams)
+        tgt = n.target
+        if isinstance(tgt, torch._ops.OpOverload):
+            op = tgt._schema.name.split("::")[-1]
+        elif n.op == "call_method":
+            op = str(tgt)
+        else:
+            op = getattr(tgt, "__name__", str(tgt))
+        nparams = 0
+        for a in n.all_input_nodes:
+            if a.op == "get_attr" and a.target in params:
+                nparams += params[a.target].numel()
+        kind = canonical_kind(op.rstrip("_"))
+        if op == "getitem" and isinstance(n.args[0], fx.Node):
+            src_op = self._raw_info(n.args[0], params)
+            if src_op[1] in ("batchnorm", "layernorm", "groupnorm", "dropout", "pool"):
+                return (src_op[0], src_op[1], "", src_op[3])
+        return (op, kind, "", nparams)
+
+    def _output_region(self, info: dict[fx.Node, tuple]) -> set[fx.Node]:
+        out = next(n for n in self.gm.graph.nodes if n.op == "output")
+        region: set[fx.Node] = set()
+        stack = list(out.all_input_nodes)
+        while stack:
+            n = stack.pop()
+            if n in region or n.op in ("get_attr", "placeholder"):
+                continue
+            region.add(n)
+            if n in info and info[n][1] in WEIGHTED:
+                continue
+            stack.extend(n.all_input_nodes)
+        return region
+
+    def _mark_residuals(self, rows: list[Layer]) -> None:
+        adds = [r for r in rows if r.kind == "add"]
+        if not adds:
+            return
+        anc = _ancestors(self.gm.graph)
+        kinds = {r.ref: r.kind for r in rows}
+        for r in adds:
+            branch = residual_branch(r.ref, anc, kinds)
+            r.residual = branch is not None
+
+    # ------------------------------------------------------------------ rewriting
+    def _new_site(self, spec: VariantSpec, params: dict[str, Any]) -> tuple[str, SiteModule]:
+        name = f"{SITE_PREFIX}{self._site_count}"
+        self._site_count += 1
+        module = spec.torch_module(**params)
+        self.gm.add_submodule(name, module)
+        return name, module
+
+    def _call_site(self, value: fx.Node, name: str, where: fx.Node) -> fx.Node:
+        g = self.gm.graph
+        with g.inserting_after(where):
+            new = g.call_module(name, (value,))
+        if "val" in value.meta:
+            new.meta["val"] = value.meta["val"]
+        if "tensor_meta" in value.meta:
+            new.meta["tensor_meta"] = value.meta["tensor_meta"]
+        return new
+
+    def insert(self, layer: Layer, spec: VariantSpec, params: dict[str, Any]) -> str:
+        """Put a site after ``layer`` (or on its residual branch / input, by the spec)."""
+        from ..variants.base import INPUT, RESIDUAL
+
+        node: fx.Node = layer.ref
+        spec.check_rank(layer.rank, f"layer {layer.name}")
+        name, _ = self._new_site(spec, params)
+        if spec.attaches == RESIDUAL:
+            anc = _ancestors(self.gm.graph)
+            kinds = {r.ref: r.kind for r in self.layers()}
+            branch = residual_branch(node, anc, kinds)
+            if branch is None:
+                raise UsageError(f"{layer.name} is not a residual add", "droppath goes on residual adds (see `dropcli inspect`)")
+            new = self._call_site(branch, name, branch)
+            node.replace_input_with(branch, new)
+        else:
+            where = node
+            if node.op == "placeholder":
+                where = [n for n in self.gm.graph.nodes if n.op == "placeholder"][-1]
+            new = self._call_site(node, name, where)
+            node.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
+        self._recompile()
+        return name
+
+    def replace_dropout(self, layer: Layer, spec: VariantSpec | None, params: dict[str, Any]) -> str | None:
+        """Swap an existing dropout for ``spec`` (or remove it when ``spec`` is None)."""
+        node: fx.Node = layer.ref
+        src = node
+        if node.op == "call_function" and node.target is operator.getitem:
+            src = node.args[0]
+        x = src.args[0] if src.args else src.kwargs.get("input")
+        if not isinstance(x, fx.Node):
+            raise DropcliError(f"cannot find the input of dropout {layer.name}")
+        name = None
+        if spec is None:
+            node.replace_all_uses_with(x)
+        else:
+            spec.check_rank(layer.rank, f"layer {layer.name}")
+            name, _ = self._new_site(spec, params)
+            new = self._call_site(x, name, node)
+            node.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
+        g = self.gm.graph
+        g.erase_node(node)
+        if src is not node and not src.users:
+            g.erase_node(src)
+        self._recompile()
+        return name
+
+    def _recompile(self) -> None:
+        g = self.gm.graph
+        g.eliminate_dead_code(is_impure_node=lambda n: n.op not in ("call_function", "call_method", "call_module") or _is_impure(n))
+        g.lint()
+        self.gm.delete_all_unused_submodules()
+        self.gm.recompile()
+
+    # ------------------------------------------------------------------ running
+    def __call__(self, *inputs: torch.Tensor) -> Any:
+        with torch.no_grad():
+            return self.gm(*inputs)
+
+    def site_modules(self) -> dict[str, SiteModule]:
+        return {n: m for n, m in self.gm.named_children() if isinstance(m, SiteModule)}
+
+    # ------------------------------------------------------------------ saving
+    def default_output_format(self) -> str:
+        return formats.TORCHSCRIPT if self.format == formats.STATE_DICT else self.format
+
+    def save(self, path: str | Path, fmt: str | None = None) -> str:
+        fmt = fmt or self.default_output_format()
+        if fmt == formats.PICKLE:
+            with atomic_path(path) as tmp:
+                torch.save(self.gm, tmp)
+            return fmt
+        if fmt == formats.STATE_DICT:
+            raise UsageError("--format state_dict can't hold the inserted sites", "choose torchscript, export, onnx or pickle")
+        example = self._require_example(fmt)
+        if fmt == formats.TORCHSCRIPT:
+            try:
+                with torch.no_grad(), _quiet():
+                    ts = torch.jit.trace(self.gm, example, check_trace=False, strict=False)
+            except Exception as e:  # noqa: BLE001
+                raise DropcliError(f"cannot write TorchScript: {_short(e)}", "try --format export or --format onnx") from e
+            with atomic_path(path) as tmp:
+                torch.jit.save(ts, str(tmp))
+            return fmt
+        ep = self.to_exported(example)
+        if fmt == formats.EXPORT:
+            with atomic_path(path, ".pt2") as tmp:
+                torch.export.save(ep, str(tmp))
+            return fmt
+        if fmt == formats.ONNX:
+            from .onnx_backend import export_torch_program
+
+            export_torch_program(ep, example, path)
+            return fmt
+        raise UsageError(f"unknown output format {fmt!r}", f"choose one of {', '.join(formats.ALL)}")
+
+    def _require_example(self, fmt: str) -> tuple:
+        if self.example_inputs is None:
+            raise UsageError(
+                f"writing {fmt} needs an example input, and dropcli cannot tell this model's input shape",
+                "pass --input-shape, for example --input-shape 1x3x32x32",
+            )
+        return self.example_inputs
+
+    def to_exported(self, example: tuple | None = None):
+        example = example or self._require_example(formats.EXPORT)
+        dyn = tuple({0: torch.export.Dim.AUTO} if t.dim() > 0 else None for t in example)
+        try:
+            with _quiet():
+                return torch.export.export(self.gm, example, dynamic_shapes=dyn, strict=False)
+        except Exception as e:  # noqa: BLE001
+            raise DropcliError(f"cannot capture the rewritten model with torch.export: {_short(e)}", "try --format torchscript") from e
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _weights(gm: nn.Module) -> dict[str, torch.Tensor]:
+    """Trainable weights by name. TorchScript conversion turns parameters into buffers,
+    so buffers count too, except running statistics and dropcli's switches."""
+    skip = ("running_mean", "running_var", "num_batches_tracked", "dropcli_mc")
+    out: dict[str, torch.Tensor] = dict(gm.named_parameters())
+    for name, b in gm.named_buffers():
+        if not name.endswith(skip) and b.is_floating_point():
+            out.setdefault(name, b)
+    return out
+
+
+def _short(e: BaseException) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return text[:300]
+
+
+def _strip_guards(gm: fx.GraphModule) -> fx.GraphModule:
+    """Drop export's input-constraint checks: they break tracing, and dropcli checks inputs itself."""
+    gm._forward_pre_hooks.clear()
+    g = gm.graph
+    for n in list(g.nodes):
+        if n.op == "call_module" and n.target in _SKIP_TARGETS:
+            g.erase_node(n)
+    with contextlib.suppress(Exception):
+        gm.delete_all_unused_submodules()
+    gm.recompile()
+    return gm
+
+
+def _traced_inputs(ts: torch.jit.ScriptModule) -> tuple | None:
+    with contextlib.suppress(Exception):
+        d = ts._c._retrieve_traced_inputs()
+        vals = d.get("forward")
+        if vals:
+            return tuple(vals)
+    return None
+
+
+def _ts_to_fx(ts: torch.jit.ScriptModule, example: tuple, path: Path) -> fx.GraphModule:
+    try:
+        from torch._export.converter import TS2EPConverter
+
+        with _quiet():
+            ep = TS2EPConverter(ts, example).convert()
+    except Exception as e:  # noqa: BLE001
+        raise DropcliError(
+            f"cannot convert TorchScript model {path} into a graph dropcli can rewrite: {_short(e)}",
+            "check --input-shape, or export the model with torch.export (.pt2) or ONNX instead",
+        ) from e
+    return ep.module()
+
+
+def _unpickle_module(path: Path) -> nn.Module:
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=False)  # user passed --trust-pickle
+    except (AttributeError, ModuleNotFoundError) as e:
+        msg = str(e)
+        m = re.search(r"Can't get attribute '([^']+)' on <module '([^']+)'", msg)
+        if m:
+            raise DropcliError(
+                f"the pickle references class {m.group(2)}.{m.group(1)}, which cannot be found",
+                "pass --import MODULE_OR_FILE that defines it",
+            ) from e
+        m = re.search(r"No module named '([^']+)'", msg)
+        if m:
+            raise DropcliError(
+                f"the pickle references module {m.group(1)}, which cannot be imported",
+                "pass --import MODULE_OR_FILE, or add it to PYTHONPATH",
+            ) from e
+        raise DropcliError(f"cannot unpickle {path}: {_short(e)}") from e
+    except Exception as e:  # noqa: BLE001
+        raise DropcliError(f"cannot unpickle {path}: {_short(e)}", "check that the file is complete") from e
+    if not isinstance(obj, nn.Module):
+        raise DropcliError(f"{path} holds a pickled {type(obj).__name__}, not an nn.Module")
+    return obj
+
+
+def _scope_path(n: fx.Node, params: dict[str, nn.Parameter]) -> str:
+    """The module path a node belongs to (from export metadata, or from the params it reads)."""
+    if n.op == "call_module":
+        return str(n.target)
+    stack = n.meta.get("nn_module_stack")
+    if stack:
+        path = _clean_path(list(stack.values())[-1][0])
+        if path:
+            return path
+    prefixes = {a.target.rsplit(".", 1)[0] for a in n.all_input_nodes if a.op == "get_attr" and "." in a.target}
+    if len(prefixes) == 1:
+        return prefixes.pop()
+    return ""
+
+
+def _clean_path(path: str) -> str:
+    # export records paths like "L['self'].features.0" in strict mode; keep the dotted tail
+    path = re.sub(r"^L\['self'\]\.?", "", path)
+    return path.replace("._modules['", ".").replace("']", "")
+
+
+def _leaf_type(n: fx.Node) -> str | None:
+    stack = n.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    typ = list(stack.values())[-1][1]
+    typ = typ.__name__ if isinstance(typ, type) else str(typ)
+    return typ.rsplit(".", 1)[-1]
+
+
+def _dropout_p(n: fx.Node, mod: nn.Module | None) -> float | None:
+    if mod is not None and hasattr(mod, "p"):
+        return float(mod.p)
+    src = n.args[0] if n.target is operator.getitem and n.args and isinstance(n.args[0], fx.Node) else n
+    if len(src.args) > 1 and isinstance(src.args[1], (int, float)):
+        return float(src.args[1])
+    if "p" in src.kwargs:
+        return float(src.kwargs["p"])
+    return None
+
+
+def _is_impure(n: fx.Node) -> bool:
+    with contextlib.suppress(Exception):
+        return n.is_impure()
+    return True
+
+
+def _ancestors(g: fx.Graph) -> dict[fx.Node, set[fx.Node]]:
+    anc: dict[fx.Node, set[fx.Node]] = {}
+    for n in g.nodes:
+        s: set[fx.Node] = set()
+        for a in n.all_input_nodes:
+            if a.op == "get_attr":
+                continue
+            s.add(a)
+            s |= anc.get(a, set())
+        anc[n] = s
+    return anc
+
+
+def residual_branch(add: fx.Node, anc: dict[fx.Node, set[fx.Node]], kinds: dict[fx.Node, str]) -> fx.Node | None:
+    """For a residual ``add(skip, f(skip))`` return the branch operand ``f(skip)``.
+
+    Identity skips (one operand is an ancestor of the other) and projection skips (both
+    operands fork from one tensor; the branch is the side with more weighted layers) count.
+    """
+    ops = [a for a in add.args[:2] if isinstance(a, fx.Node) and a.op != "get_attr"]
+    if len(ops) != 2 or ops[0] is ops[1]:
+        return None
+    a, b = ops
+    if a in anc[b]:
+        return b
+    if b in anc[a]:
+        return a
+    common = (anc[a] | {a}) & (anc[b] | {b})
+    if not any(c.op != "get_attr" for c in common):
+        return None
+    wa = sum(1 for n in anc[a] - anc[b] | {a} if kinds.get(n) in WEIGHTED)
+    wb = sum(1 for n in anc[b] - anc[a] | {b} if kinds.get(n) in WEIGHTED)
+    if wa == wb:
+        return None
+    return a if wa > wb else b

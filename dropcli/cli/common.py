@@ -1,0 +1,103 @@
+"""Shared CLI plumbing: global state, consoles, one-line errors, shared option types."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable, List, Optional
+
+import typer
+from rich.console import Console
+
+from ..errors import EXIT_ERROR, EXIT_INTERRUPTED, DropcliError
+
+
+@dataclass
+class State:
+    debug: bool = False
+    quiet: bool = False
+
+
+STATE = State()
+out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)  # reports: stdout
+err = Console(stderr=True, soft_wrap=True)  # progress and logs: stderr
+
+
+def log(msg: str) -> None:
+    if not STATE.quiet:
+        err.print(msg, highlight=False)
+
+
+def fail(message: str, code: int = EXIT_ERROR) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
+    raise typer.Exit(code)
+
+
+def handle_errors(fn: Callable) -> Callable:
+    """Turn exceptions into one-line messages and exit codes (tracebacks only with --debug)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except DropcliError as e:
+            if STATE.debug:
+                traceback.print_exc()
+            fail(_escape(e.one_line()), e.exit_code)
+        except KeyboardInterrupt:
+            if STATE.debug:
+                traceback.print_exc()
+            fail("interrupted; nothing was written", EXIT_INTERRUPTED)
+        except Exception as e:  # noqa: BLE001
+            if STATE.debug:
+                traceback.print_exc()
+            text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            fail(_escape(f"unexpected {type(e).__name__}: {text[:300]} (run with --debug for the traceback)"), EXIT_ERROR)
+
+    return wrapper
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
+
+
+def print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=_json_default) + "\n")
+    sys.stdout.flush()
+
+
+def _json_default(o: Any) -> Any:
+    import numpy as np
+
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
+
+
+# ---- options shared by commands -----------------------------------------------------
+ModelArg = typer.Argument(..., help="Model file: ONNX, TorchScript, torch.export .pt2, torch.save module or state_dict.")
+TrustPickle = typer.Option(
+    False, "--trust-pickle",
+    help="Allow loading a pickled nn.Module. Unpickling RUNS CODE from the file: only for files you trust.",
+)
+Imports = typer.Option(None, "--import", help="Module or .py file that defines the model's classes (with --trust-pickle).")
+Arch = typer.Option(None, "--arch", help="package.module:factory (or file.py:factory) that builds the model for a state_dict.")
+InputShape = typer.Option(None, "--input-shape", help="Example input shape when it can't be read from the model, e.g. 1x3x32x32.")
+After = typer.Option(None, "--after", help="Select sites by layer/op kind: relu, linear, conv, activation, norm... (comma list).")
+Layers = typer.Option(None, "--layers", help="Select sites by name glob, e.g. 'features.*' (comma list).")
+Exclude = typer.Option(None, "--exclude", help="Drop sites whose name matches these globs.")
+AllowOutput = typer.Option(False, "--allow-output", help="Allow a site after the output layer (off by default).")
+Json = typer.Option(False, "--json", help="Machine-readable JSON on stdout.")
+
+
+def load_opts(trust_pickle: bool, imports: Optional[List[str]], arch: Optional[str], input_shape: Optional[str]) -> dict:
+    return {"trust_pickle": trust_pickle, "imports": list(imports or []), "arch": arch, "input_shape": input_shape}

@@ -1,0 +1,107 @@
+"""`dropcli inject`: insert dropout variants after chosen layers, or swap/remove existing dropout."""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import typer
+from rich.table import Table
+
+from .. import formats
+from ..backends import load_model
+from ..errors import UsageError
+from ..fsutil import check_output_path
+from ..plan import apply_inject, apply_replace, plan_existing, plan_inject
+from ..sites import Selection
+from ..variants import get_variant
+from .common import (
+    After, AllowOutput, Arch, Exclude, Imports, InputShape, Json, Layers, ModelArg, TrustPickle,
+    handle_errors, load_opts, log, out, print_json,
+)
+
+HELP = """Insert a dropout variant after chosen layers, or --replace / --remove the dropout already there.
+
+p is the DROP probability (keep q = 1 - p). The output keeps the input's format unless --format
+says otherwise, and behaves exactly like the original until MC mode is switched on: in torch
+outputs set the `dropcli_mc` buffers to True; in ONNX outputs feed the bool input `dropcli_mc`.
+
+Examples:
+
+  dropcli inject model.pt --variant standard --p 0.2 --after relu -o model_mc.pt
+
+  dropcli inject model.onnx --variant spatial --p 0.1 --after conv --exclude 'head.*' -o out.onnx
+
+  dropcli inject model.pt2 --variant gaussian --p 0.3 --replace -o out.pt2
+
+  dropcli inject model.pt --remove -o no_dropout.pt
+
+  dropcli inject resnet.pt2 --variant droppath --p 0.1 -o out.pt2      (finds the residual adds)
+
+  dropcli inject convnet.onnx --variant cutout --hole-size 8 -o out.onnx   (input level)
+"""
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("inject", help=HELP)
+    @handle_errors
+    def inject_cmd(
+        model_path: str = ModelArg,
+        output: str = typer.Option(..., "-o", "--output", help="Output model path (written atomically)."),
+        variant: str = typer.Option("standard", "--variant", "-v", help="Variant name (see `dropcli variants`)."),
+        p: Optional[float] = typer.Option(None, "--p", help="Drop probability in [0, 1)."),
+        block_size: Optional[int] = typer.Option(None, "--block-size", help="dropblock: block side b (default 7)."),
+        hole_size: Optional[int] = typer.Option(None, "--hole-size", help="cutout: hole side L in pixels (default 16)."),
+        holes: Optional[int] = typer.Option(None, "--holes", help="cutout: number of holes (default 1)."),
+        after: Optional[List[str]] = After,
+        layers: Optional[List[str]] = Layers,
+        exclude: Optional[List[str]] = Exclude,
+        allow_output: bool = AllowOutput,
+        replace: bool = typer.Option(False, "--replace", help="Swap the model's existing dropout for --variant."),
+        remove: bool = typer.Option(False, "--remove", help="Strip the model's existing dropout."),
+        out_format: Optional[str] = typer.Option(None, "--format", help=f"Output format: {', '.join(formats.ALL)} (default: the input's)."),
+        force: bool = typer.Option(False, "--force", help="Allow -o to be the input path (overwrites it)."),
+        json_out: bool = Json,
+        trust_pickle: bool = TrustPickle,
+        imports: Optional[List[str]] = Imports,
+        arch: Optional[str] = Arch,
+        input_shape: Optional[str] = InputShape,
+    ) -> None:
+        if replace and remove:
+            raise UsageError("--replace and --remove exclude each other", "choose one")
+        if out_format is not None and out_format not in formats.ALL:
+            raise UsageError(f"unknown --format {out_format!r}", f"choose one of {', '.join(formats.ALL)}")
+        spec = None if remove else get_variant(variant)
+        given = {"p": p, "block_size": block_size, "hole_size": hole_size, "holes": holes}
+        params = spec.resolve_params(given) if spec else {}
+        if remove and any(v is not None for v in given.values()):
+            raise UsageError("--remove takes no variant parameters")
+        check_output_path(output, [model_path], force=force)
+        model = load_model(model_path, **load_opts(trust_pickle, imports, arch, input_shape))
+        sel = Selection.from_options(after, layers, exclude, allow_output)
+        if replace or remove:
+            if sel.after:
+                raise UsageError("--after does not apply with --replace/--remove", "narrow the dropout layers with --layers/--exclude")
+            chosen = plan_existing(model, sel)
+            done = apply_replace(model, spec, params, chosen)
+        else:
+            chosen = plan_inject(model, spec, sel)
+            done = apply_inject(model, spec, params, chosen)
+        written = model.save(output, out_format)
+        result = {"input": model_path, "output": output, "format": written, "backend": model.backend,
+                  "action": "remove" if remove else "replace" if replace else "inject", "sites": done}
+        if json_out:
+            print_json(result)
+            return
+        t = Table(title=f"{result['action']}: {len(done)} site(s) -> {output} ({written})")
+        t.add_column("site")
+        t.add_column("at")
+        t.add_column("variant")
+        t.add_column("parameters")
+        for d in done:
+            extra = ", ".join(f"{k}={v}" for k, v in d.items() if k not in ("site", "at", "variant", "kind"))
+            t.add_row(str(d["site"]), d["at"], str(d["variant"] or "(removed)"), extra)
+        out.print(t)
+        if written == formats.ONNX and not remove:
+            log("MC mode: feed the bool input 'dropcli_mc' = True (default False = inference).")
+        elif not remove:
+            log("MC mode: set the model's '*.dropcli_mc' buffers to True (default False = inference).")

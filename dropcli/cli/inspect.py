@@ -1,0 +1,69 @@
+"""`dropcli inspect`: the layers (or nodes) of a model, its dropout, and its candidate sites."""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import typer
+from rich.table import Table
+
+from ..backends import load_model
+from .common import AllowOutput, Arch, Imports, InputShape, Json, ModelArg, TrustPickle, handle_errors, load_opts, out, print_json
+
+
+def _sites(layer) -> str:
+    tags = []
+    if layer.is_input:
+        tags.append("input")
+    elif layer.kind != "dropout" and not layer.is_output:
+        tags.append("after")
+    if layer.residual:
+        tags.append("residual")
+    if layer.kind == "dropout":
+        tags.append("replace")
+    return ",".join(tags)
+
+
+def describe(model) -> dict:
+    layers = model.layers()
+    return {
+        "model": model.source,
+        "backend": model.backend,
+        "format": model.format,
+        "parameters": sum(l.params for l in layers),
+        "layers": [{**l.as_dict(), "sites": _sites(l).split(",") if _sites(l) else []} for l in layers],
+    }
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("inspect", help="""Show a model's layers: name, kind, output shape, parameters, dropout and candidate sites.
+
+Examples:
+
+  dropcli inspect examples/digits_mlp.pt
+
+  dropcli inspect examples/digits_mlp.onnx --json | jq '.layers[] | select(.dropout)'
+""")
+    @handle_errors
+    def inspect_cmd(
+        model_path: str = ModelArg,
+        json_out: bool = Json,
+        trust_pickle: bool = TrustPickle,
+        imports: Optional[List[str]] = Imports,
+        arch: Optional[str] = Arch,
+        input_shape: Optional[str] = InputShape,
+    ) -> None:
+        model = load_model(model_path, **load_opts(trust_pickle, imports, arch, input_shape))
+        info = describe(model)
+        if json_out:
+            print_json(info)
+            return
+        t = Table(title=f"{model_path}  ({info['backend']}, {info['format']}, {info['parameters']:,} parameters)")
+        for col in ("name", "kind", "op", "output shape", "params", "dropout", "sites"):
+            t.add_column(col, justify="right" if col == "params" else "left")
+        for l in info["layers"]:
+            shape = "" if l["shape"] is None else "[" + ", ".join("N" if d is None else str(d) for d in l["shape"]) + "]"
+            drop = "" if not l["dropout"] else f"{l['dropout']['variant']} p={l['dropout']['p']}"
+            sites = ",".join(l["sites"]) + (" (output)" if l["is_output"] else "")
+            t.add_row(l["name"], l["kind"], l["op"], shape, f"{l['params']:,}" if l["params"] else "", drop, sites)
+        out.print(t)

@@ -1,0 +1,64 @@
+"""dropcli's command-line entry point."""
+
+from __future__ import annotations
+
+import typer
+
+from .. import __version__
+from .common import STATE
+
+HELP = """Dropout for trained models: inject dropout variants, run Monte-Carlo dropout, prune.
+
+Convention: p is the DROP probability and q = 1 - p the keep probability.
+
+Examples:
+
+  dropcli inspect examples/digits_mlp.pt
+
+  dropcli inject examples/digits_mlp.pt --variant gaussian --p 0.3 --after relu -o mlp_gauss.pt
+
+  dropcli inject examples/digits_mlp.onnx --variant standard --p 0.2 -o mlp_mc.onnx
+
+  dropcli variants --json
+
+Exit codes: 0 ok, 1 error (bad model, input or failed check), 2 usage error, 130 interrupted.
+"""
+
+app = typer.Typer(
+    help=HELP, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    rich_markup_mode=None, context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"dropcli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _global(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version and exit."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or log lines on stderr."),
+) -> None:
+    STATE.debug = debug
+    STATE.quiet = quiet
+
+
+def _register() -> None:
+    from . import inject, inspect, variants  # noqa: F401  (commands register themselves)
+
+    for mod in (inspect, inject, variants):
+        mod.register(app)
+
+
+_register()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

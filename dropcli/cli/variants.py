@@ -1,0 +1,36 @@
+"""`dropcli variants`: the catalogue."""
+
+from __future__ import annotations
+
+import typer
+from rich.table import Table
+
+from ..variants import load_all
+from .common import Json, handle_errors, out, print_json
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("variants", help="""List every dropout variant: formula, test rule, where it attaches, parameters, paper.
+
+p is the DROP probability; q = 1 - p is the keep probability.
+
+Examples:
+
+  dropcli variants
+
+  dropcli variants --json | jq -r '.[].name'
+""")
+    @handle_errors
+    def variants_cmd(json_out: bool = Json) -> None:
+        specs = [s for _, s in sorted(load_all().items())]
+        if json_out:
+            print_json([s.as_dict() for s in specs])
+            return
+        t = Table(title="dropcli variants (p = drop probability, q = 1 - p)", show_lines=True)
+        for col in ("name", "train rule", "test rule", "attaches", "parameters", "paper"):
+            t.add_column(col)
+        for s in specs:
+            params = ", ".join(f"--{p.flag}={p.default}" for p in s.params)
+            where = s.attaches + (f" (rank {'/'.join(map(str, s.ranks))})" if s.ranks else "")
+            t.add_row(s.name, s.formula, s.test_rule, where, params, s.paper)
+        out.print(t)

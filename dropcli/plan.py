@@ -1,0 +1,84 @@
+"""Backend-agnostic planning: which layers a variant may attach to, and applying a plan."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from .errors import UsageError
+from .sites import Layer, Selection, select
+from .variants.base import INPUT, RESIDUAL, VariantSpec
+
+
+def candidates(layers: Sequence[Layer], spec: VariantSpec) -> list[Layer]:
+    if spec.attaches == INPUT:
+        return [l for l in layers if l.is_input]
+    if spec.attaches == RESIDUAL:
+        return [l for l in layers if l.residual]
+    return [l for l in layers if not l.is_input and l.kind != "dropout"]
+
+
+def default_after(spec: VariantSpec) -> tuple[str, ...]:
+    if spec.attaches == INPUT:
+        return ("input",)
+    if spec.attaches == RESIDUAL:
+        return ("add",)
+    return spec.default_after
+
+
+def plan_inject(model: Any, spec: VariantSpec, sel: Selection) -> list[Layer]:
+    layers = model.layers()
+    cands = candidates(layers, spec)
+    if not cands:
+        what = {INPUT: "model input", RESIDUAL: "residual add"}.get(spec.attaches, "layer")
+        raise UsageError(f"the model has no {what} where {spec.name} can go", "see `dropcli inspect` for its layers")
+    what = {INPUT: "input", RESIDUAL: "residual add"}.get(spec.attaches, "layer")
+    return select(cands, sel, default_after(spec), what=what)
+
+
+def plan_existing(model: Any, sel: Selection, include_sites: bool = False) -> list[Layer]:
+    """The stock dropout already in the model (optionally dropcli sites too), narrowed by --layers/--exclude."""
+    layers = model.layers()
+    drops = [l for l in layers if l.kind == "dropout" and (include_sites or l.dropout_variant == "dropout")]
+    if not drops:
+        raise UsageError(
+            "the model has no dropout to replace or remove",
+            "inject new sites instead (drop --replace/--remove); `dropcli inspect` shows what is there",
+        )
+    narrowed = Selection(after=[], layers=sel.layers, exclude=sel.exclude, allow_output=True)
+    return select(drops, narrowed, ("dropout",), what="dropout layer")
+
+
+def apply_inject(model: Any, spec: VariantSpec, params: dict[str, Any], chosen: Sequence[Layer]) -> list[dict]:
+    done = []
+    for layer in _ordered(model, chosen):
+        site = model.insert(layer, spec, params)
+        done.append({"site": site, "at": layer.name, "kind": layer.kind, "variant": spec.name, **params})
+    _finalize(model)
+    return list(reversed(done)) if model.backend == "onnx" else done
+
+
+def apply_replace(model: Any, spec: VariantSpec | None, params: dict[str, Any], chosen: Sequence[Layer]) -> list[dict]:
+    done = []
+    for layer in _ordered(model, chosen):
+        site = model.replace_dropout(layer, spec, params)
+        done.append({"site": site, "at": layer.name, "was_p": layer.dropout_p,
+                     "variant": spec.name if spec else None, **(params if spec else {})})
+    _finalize(model)
+    return list(reversed(done)) if model.backend == "onnx" else done
+
+
+def _ordered(model: Any, chosen: Sequence[Layer]) -> list[Layer]:
+    if model.backend != "onnx":
+        return list(chosen)
+    # ONNX refs are node indices: rewrite from the back so earlier indices stay valid; inputs last.
+    def key(l: Layer):
+        kind, ref = l.ref
+        return (0, 0) if kind == "input" else (1, ref)
+
+    return sorted(chosen, key=key, reverse=True)
+
+
+def _finalize(model: Any) -> None:
+    fin = getattr(model, "finalize", None)
+    if fin is not None:
+        fin()

@@ -1,0 +1,261 @@
+"""The variant catalogue: specs, the torch site base class, and the registry.
+
+Convention (everywhere in dropcli): ``p`` is the DROP probability and ``q = 1 - p`` the
+KEEP probability; masks are ``m ~ Bernoulli(q)``.
+
+A variant is one :class:`VariantSpec` holding a torch module class (a :class:`SiteModule`)
+and an ONNX builder function. Adding a variant = one spec + one module + one builder
+(+ one statistical test).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from ..errors import UsageError
+
+# ---------------------------------------------------------------------------------------
+# Noise source. Variants draw all randomness through these helpers, so an engine can swap
+# the generator (for example a counter-based stream keyed by example index) in one place.
+# In tracing/export they emit plain rand_like/randn_like ops.
+# ---------------------------------------------------------------------------------------
+
+_NOISE_OVERRIDE: list[Any] = []
+
+
+@contextlib.contextmanager
+def noise_source(src: Any) -> Iterator[None]:
+    """Route the variants' random draws through ``src`` (has ``uniform_like``/``normal_like``)."""
+    _NOISE_OVERRIDE.append(src)
+    try:
+        yield
+    finally:
+        _NOISE_OVERRIDE.pop()
+
+
+def uniform_like(t: torch.Tensor) -> torch.Tensor:
+    """U(0, 1) noise with the shape, dtype and device of ``t``."""
+    if _NOISE_OVERRIDE and not _tracing():
+        return _NOISE_OVERRIDE[-1].uniform_like(t)
+    return torch.rand_like(t)
+
+
+def normal_like(t: torch.Tensor) -> torch.Tensor:
+    """N(0, 1) noise with the shape, dtype and device of ``t``."""
+    if _NOISE_OVERRIDE and not _tracing():
+        return _NOISE_OVERRIDE[-1].normal_like(t)
+    return torch.randn_like(t)
+
+
+def _tracing() -> bool:
+    return bool(torch.jit.is_tracing() or torch.compiler.is_exporting() or torch.compiler.is_compiling())
+
+
+# ---------------------------------------------------------------------------------------
+# Parameters and specs
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter of a variant, with its CLI flag, default and check."""
+
+    name: str
+    type: type
+    default: Any
+    help: str
+    check: Callable[[Any], str | None] | None = None  # returns an error text, or None when fine
+
+    def validate(self, value: Any, variant: str) -> Any:
+        try:
+            value = self.type(value)
+        except (TypeError, ValueError):
+            raise UsageError(f"--{self.flag} for {variant} must be a {self.type.__name__}, got {value!r}") from None
+        if self.check is not None:
+            problem = self.check(value)
+            if problem:
+                raise UsageError(f"--{self.flag}={value} is invalid for {variant}: {problem}")
+        return value
+
+    @property
+    def flag(self) -> str:
+        return self.name.replace("_", "-")
+
+
+def check_p(p: float) -> str | None:
+    if not (isinstance(p, (int, float)) and math.isfinite(p) and 0.0 <= p < 1.0):
+        return "the drop probability p must be in [0, 1)"
+    return None
+
+
+def check_positive_int(v: int) -> str | None:
+    return None if v >= 1 else "must be a positive integer"
+
+
+P_PARAM = Param("p", float, 0.5, "drop probability p (keep q = 1 - p)", check_p)
+
+
+# Where a variant attaches. The backends turn these into candidate sites.
+AFTER = "after"  # after a layer or activation: y = site(x), all consumers rewired
+RESIDUAL = "residual"  # on the branch operand of a residual add
+INPUT = "input"  # on a model input
+
+
+@dataclass(frozen=True)
+class VariantSpec:
+    name: str
+    summary: str
+    formula: str  # train-time rule, one line
+    test_rule: str  # inference-time rule, one line
+    attaches: str  # AFTER | RESIDUAL | INPUT
+    paper: str
+    torch_module: type["SiteModule"]
+    onnx_builder: Callable[..., tuple[str, str]]
+    params: tuple[Param, ...] = (P_PARAM,)
+    ranks: tuple[int, ...] | None = None  # allowed ranks of the tensor at the site (None: any)
+    rank_help: str = ""
+    aliases: tuple[str, ...] = ()
+    default_after: tuple[str, ...] = ("activation",)  # default --after selection
+    notes: str = ""
+
+    def resolve_params(self, given: dict[str, Any]) -> dict[str, Any]:
+        """Fill defaults and validate. Unknown keys for this variant are an error."""
+        known = {p.name: p for p in self.params}
+        out: dict[str, Any] = {}
+        for key, value in given.items():
+            if value is None:
+                continue
+            if key not in known:
+                raise UsageError(
+                    f"variant {self.name} takes no --{key.replace('_', '-')}",
+                    f"its parameters are: {', '.join('--' + p.flag for p in self.params)}",
+                )
+            out[key] = known[key].validate(value, self.name)
+        for p in self.params:
+            out.setdefault(p.name, p.default)
+        return out
+
+    def check_rank(self, rank: int | None, where: str) -> None:
+        if rank is None or self.ranks is None:
+            return
+        if rank not in self.ranks:
+            raise UsageError(
+                f"variant {self.name} needs a tensor of rank {' or '.join(map(str, self.ranks))} "
+                f"({self.rank_help}), but {where} has rank {rank}",
+                "choose other sites with --after/--layers, or another variant",
+            )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "summary": self.summary,
+            "formula": self.formula,
+            "test_rule": self.test_rule,
+            "attaches": self.attaches,
+            "ranks": list(self.ranks) if self.ranks else None,
+            "parameters": [
+                {"name": p.name, "flag": "--" + p.flag, "type": p.type.__name__, "default": p.default, "help": p.help}
+                for p in self.params
+            ],
+            "paper": self.paper,
+            "aliases": list(self.aliases),
+            "notes": self.notes,
+        }
+
+
+REGISTRY: dict[str, VariantSpec] = {}
+_ALIASES: dict[str, str] = {}
+
+
+def register(spec: VariantSpec) -> VariantSpec:
+    if spec.name in REGISTRY:
+        raise RuntimeError(f"variant {spec.name} registered twice")
+    REGISTRY[spec.name] = spec
+    for a in spec.aliases:
+        _ALIASES[a] = spec.name
+    spec.torch_module.spec = spec
+    return spec
+
+
+def get_variant(name: str) -> VariantSpec:
+    from . import load_all  # noqa: F401  (import side effect: fills the registry)
+
+    load_all()
+    key = name.strip().lower()
+    key = _ALIASES.get(key, key)
+    if key not in REGISTRY:
+        raise UsageError(f"unknown variant {name!r}", f"known variants: {', '.join(sorted(REGISTRY))} (see `dropcli variants`)")
+    return REGISTRY[key]
+
+
+# ---------------------------------------------------------------------------------------
+# torch side
+# ---------------------------------------------------------------------------------------
+
+
+class SiteModule(nn.Module):
+    """Base class of every torch site.
+
+    The ``mc`` buffer (bool scalar) switches a site between inference behaviour (False,
+    the default) and stochastic MC/training behaviour (True). It survives TorchScript and
+    ``torch.export`` saving, so users can flip it without dropcli::
+
+        for name, buf in model.named_buffers():
+            if name.endswith("dropcli_mc"):
+                buf.fill_(True)
+
+    Subclasses implement :meth:`sample` (stochastic rule) and optionally :meth:`infer`
+    (test rule, identity by default).
+    """
+
+    spec: VariantSpec  # set by register()
+
+    def __init__(self, p: float = 0.5, **params: Any):
+        super().__init__()
+        self.p = float(p)
+        self.params = dict(params)
+        for k, v in params.items():
+            setattr(self, k, v)
+        self.register_buffer("dropcli_mc", torch.zeros((), dtype=torch.bool))
+
+    @property
+    def q(self) -> float:
+        return 1.0 - self.p
+
+    def sample(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def infer(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _tracing():
+            # Graph capture: keep both branches and select on the buffer at run time.
+            return torch.where(self.dropcli_mc, self.sample(x), self.infer(x))
+        if bool(self.dropcli_mc):
+            return self.sample(x)
+        return self.infer(x)
+
+    def set_mc(self, on: bool = True) -> "SiteModule":
+        self.dropcli_mc.fill_(bool(on))
+        return self
+
+    def extra_repr(self) -> str:
+        extra = "".join(f", {k}={v}" for k, v in self.params.items())
+        return f"p={self.p}{extra}"
+
+
+def set_mc(model: nn.Module, on: bool = True) -> int:
+    """Switch every dropcli site (by buffer name, so loaded TorchScript/pt2 models work too)."""
+    n = 0
+    for name, buf in model.named_buffers():
+        if name.split(".")[-1] == "dropcli_mc":
+            buf.fill_(bool(on))
+            n += 1
+    return n
