@@ -1,0 +1,110 @@
+"""Shared test machinery: single-site torch/ONNX models and variance-derived tolerances.
+
+Tolerances: a mean of n independent draws with per-draw std sigma has std sigma/sqrt(n);
+we accept |observed - expected| <= Z * sigma/sqrt(n) with Z = 6 (two-sided p ~ 2e-9 per
+check), so a correct implementation essentially never fails and a wrong formula (a bias
+larger than a few standard errors) is caught. Seeds are fixed, so runs are reproducible.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from onnx import TensorProto, helper
+
+from dropcli.backends.onnx_backend import MC_INPUT, OnnxModel
+from dropcli.plan import candidates
+from dropcli.variants import get_variant
+from dropcli.variants.base import SiteModule
+
+Z = 6.0
+
+
+def tol(sigma: float, n: int, z: float = Z) -> float:
+    """Allowed deviation of a mean of n draws with std sigma."""
+    return z * sigma / math.sqrt(n)
+
+
+def binom_tol(rate: float, n: int, z: float = Z) -> float:
+    """Allowed deviation of an observed rate over n independent Bernoulli(rate) trials."""
+    return tol(math.sqrt(max(rate * (1 - rate), 1e-12)), n, z)
+
+
+def torch_site(name: str, mc: bool = True, **params: Any) -> SiteModule:
+    spec = get_variant(name)
+    m = spec.torch_module(**spec.resolve_params(params))
+    return m.set_mc(mc)
+
+
+def onnx_site(name: str, shape: Sequence[int | None], opset: int = 17, **params: Any) -> onnx.ModelProto:
+    """A graph x -> Identity -> [site] -> y, rewritten through the real ONNX backend.
+
+    ``shape`` may hold None for dynamic dimensions. Input-level variants attach to x.
+    """
+    spec = get_variant(name)
+    dims = [d if d is not None else f"d{i}" for i, d in enumerate(shape)]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, dims)
+    a = helper.make_tensor_value_info("a", TensorProto.FLOAT, dims)
+    b = helper.make_tensor_value_info("b", TensorProto.FLOAT, dims)
+    if spec.attaches == "residual":
+        # y = a + Relu(Identity(a)): a residual add whose branch is the Relu
+        nodes = [
+            helper.make_node("Identity", ["x"], ["a"], name="stem"),
+            helper.make_node("Identity", ["a"], ["b"], name="branch"),
+            helper.make_node("Add", ["a", "b"], ["y"], name="add"),
+        ]
+        vis = [a, b]
+    else:
+        nodes = [helper.make_node("Identity", ["x"], ["y"], name="layer")]
+        vis = []
+    g = helper.make_graph(nodes, "site", [x], [y], value_info=vis)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    om = OnnxModel(model, "test")
+    layers = candidates(om.layers(), spec)
+    if spec.attaches == "residual":
+        layer = next(l for l in layers if l.name == "add")
+    elif spec.attaches == "input":
+        layer = next(l for l in layers if l.name == "x")
+    else:
+        layer = next(l for l in layers if l.name == "layer")
+    om.insert(layer, spec, spec.resolve_params(params))
+    om.finalize()
+    return om.model
+
+
+def ort_session(model: onnx.ModelProto, seedless_default: bool = True) -> ort.InferenceSession:
+    """A DEFAULT onnxruntime session (all optimisations on), as users will run it."""
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def run_onnx(sess: ort.InferenceSession, x: np.ndarray, mc: bool = True) -> np.ndarray:
+    return sess.run(None, {"x": x.astype(np.float32), MC_INPUT: np.array(mc)})[0]
+
+
+def assert_close_mean(observed: float, expected: float, sigma: float, n: int, what: str, z: float = Z) -> None:
+    t = tol(sigma, n, z)
+    assert abs(observed - expected) <= t, f"{what}: observed {observed:.6g}, expected {expected:.6g} +- {t:.3g}"
+
+
+def assert_same_distribution(a: np.ndarray, b: np.ndarray, what: str, z: float = Z) -> None:
+    """Two-sample check on mean and variance of flattened draws (torch vs ONNX)."""
+    a = np.asarray(a, dtype=np.float64).ravel()
+    b = np.asarray(b, dtype=np.float64).ravel()
+    se = math.sqrt(a.var() / a.size + b.var() / b.size)
+    assert abs(a.mean() - b.mean()) <= z * max(se, 1e-12), f"{what}: means {a.mean():.6g} vs {b.mean():.6g} (se {se:.3g})"
+    # variance: the sample variance of n draws has std ~ sqrt((m4 - s^4)/n)
+    def var_se(v: np.ndarray) -> float:
+        c = v - v.mean()
+        return math.sqrt(max((c ** 4).mean() - c.var() ** 2, 1e-24) / v.size)
+
+    se_v = math.sqrt(var_se(a) ** 2 + var_se(b) ** 2)
+    assert abs(a.var() - b.var()) <= z * max(se_v, 1e-12), f"{what}: variances {a.var():.6g} vs {b.var():.6g} (se {se_v:.3g})"

@@ -1,0 +1,117 @@
+"""Every registered variant, end to end through `dropcli inject`, in both backends.
+
+Driven by the registry, so a new variant is covered here without editing this file:
+- inference mode: the torch output equals the original torch model exactly, the ONNX
+  output equals the original ONNX model exactly (default onnxruntime session), and torch
+  and ONNX agree to float tolerance (different kernels);
+- MC mode: per-output means over T passes agree between torch and ONNX within a tolerance
+  derived from the sample variances, and stochastic variants actually vary.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from dropcli.backends.onnx_backend import MC_INPUT
+from dropcli.cli.main import app
+from dropcli.variants import load_all
+from dropcli.variants.base import set_mc
+from helpers import ort_session
+from models import CNN, MLP, ResBlock, randomise_bn, save_as
+
+import onnx
+
+runner = CliRunner()
+T = 300
+# per-variant options for the test models (8x8 digit-sized maps)
+EXTRA = {"dropblock": ["--block-size", "3"], "cutout": ["--hole-size", "4"]}
+DETERMINISTIC_MC = {"maxdrop"}
+
+
+def _model_for(spec):
+    if spec.attaches == "residual":
+        return "res"
+    if spec.attaches == "input" or (spec.ranks and 2 not in spec.ranks):
+        return "cnn"
+    return "mlp"
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    d = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    out = {}
+    for key, model, shape in (
+        ("mlp", MLP(), (4, 64)),
+        ("cnn", randomise_bn(CNN()), (4, 1, 8, 8)),
+        ("res", randomise_bn(ResBlock()), (4, 1, 8, 8)),
+    ):
+        ex = torch.rand(shape)
+        out[key] = {
+            "model": model,
+            "export": save_as(model, ex, d / f"{key}.pt2", "export"),
+            "onnx": save_as(model, ex, d / f"{key}.onnx", "onnx"),
+            "x": torch.rand((8,) + shape[1:], generator=torch.Generator().manual_seed(1)),
+        }
+    return out
+
+
+def _inject(src, dst, name, p=0.3):
+    args = ["inject", str(src), "--variant", name, "--p", str(p), "-o", str(dst), *EXTRA.get(name, [])]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    return dst
+
+
+@pytest.mark.parametrize("name", sorted(load_all()))
+def test_variant_end_to_end(name, saved, tmp_path):
+    spec = load_all()[name]
+    m = saved[_model_for(spec)]
+    x = m["x"]
+    t_out = _inject(m["export"], tmp_path / "out.pt2", name)
+    o_out = _inject(m["onnx"], tmp_path / "out.onnx", name)
+
+    with torch.no_grad():
+        ref = m["model"](x)
+    tm = torch.export.load(str(t_out)).module()
+    sess = ort_session(onnx.load(str(o_out)))
+    sess_orig = ort_session(onnx.load(str(m["onnx"])))
+    xin = x.numpy()
+
+    # inference mode
+    with torch.no_grad():
+        t_eval = tm(x)
+    o_eval = sess.run(None, {"x": xin})[0]
+    if name == "vanilla":
+        # vanilla scales the activations by q at test time: compare with its own rule
+        assert not torch.equal(t_eval, ref)
+    else:
+        assert torch.equal(t_eval, ref), "torch inference output changed"
+        np.testing.assert_array_equal(o_eval, sess_orig.run(None, {"x": xin})[0])
+    np.testing.assert_allclose(o_eval, t_eval.numpy(), rtol=1e-4, atol=1e-5)
+
+    # MC mode
+    assert set_mc(tm, True) >= 1
+    torch.manual_seed(123)
+    with torch.no_grad():
+        ts = np.stack([tm(x).numpy() for _ in range(T)])
+    os_ = np.stack([sess.run(None, {"x": xin, MC_INPUT: np.array(True)})[0] for _ in range(T)])
+    if name in DETERMINISTIC_MC:
+        np.testing.assert_allclose(os_[0], ts[0], rtol=1e-4, atol=1e-5)
+        return
+    assert ts.std(0).max() > 0 and os_.std(0).max() > 0, "MC mode did not vary"
+    se = np.sqrt(ts.var(0) / T + os_.var(0) / T)
+    z = np.abs(ts.mean(0) - os_.mean(0)) / np.maximum(se, 1e-9)
+    # 6 standard errors per output: a correct pair fails with probability ~1e-9 per element
+    assert z.max() <= 6.0, f"torch and ONNX MC means differ: max z = {z.max():.2f}"
+    # spread: per-output variances agree; the SE of a sample variance is sqrt((m4 - v^2)/T)
+    def var_se(a):
+        c = a - a.mean(0)
+        return np.sqrt(np.maximum((c ** 4).mean(0) - c.var(0) ** 2, 0) / T)
+
+    se_v = np.sqrt(var_se(ts) ** 2 + var_se(os_) ** 2)
+    zv = np.abs(ts.var(0) - os_.var(0)) / np.maximum(se_v, 1e-12)
+    assert zv.max() <= 6.0, f"torch and ONNX MC variances differ: max z = {zv.max():.2f}"
