@@ -1,0 +1,193 @@
+"""Predictive statistics and calibration, as pure functions of MC samples.
+
+Shapes: ``samples`` is ``[T, N, K]`` (T stochastic passes, N examples, K outputs).
+For classification the samples are per-pass class probabilities; :func:`to_probs`
+turns logits into them. Definitions follow shared docs variants.md part (d):
+
+- predictive entropy  H[mean_t p_t]                (total)
+- expected entropy    mean_t H[p_t]                (aleatoric)
+- mutual information  H[mean p] - mean_t H[p_t]    (epistemic, BALD), >= 0
+- variation ratio     1 - (votes for the modal class) / T
+- regression variance tau^-1 + var_t(y_t)          (var over passes, 1/T; Gal & Ghahramani)
+
+Everything is vectorised over examples: no per-row Python work.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+EPS = 1e-12
+ECE_BINS = 15
+COVERAGES = (0.5, 0.8, 0.9, 0.95)
+
+
+def looks_like_probs(x: np.ndarray, atol: float = 1e-4) -> bool:
+    return bool(np.all(x >= -atol) and np.all(x <= 1 + atol) and np.allclose(x.sum(-1), 1.0, atol=atol))
+
+
+def to_probs(samples: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis unless the samples already are probabilities."""
+    s = np.asarray(samples, dtype=np.float64)
+    if looks_like_probs(s):
+        return np.clip(s, 0.0, 1.0)
+    z = s - s.max(-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(-1, keepdims=True)
+
+
+def entropy(p: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Shannon entropy in nats; 0 log 0 = 0."""
+    p = np.asarray(p, dtype=np.float64)
+    return -np.sum(np.where(p > 0, p * np.log(np.maximum(p, EPS)), 0.0), axis=axis)
+
+
+def classification(probs: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-example statistics from ``[T, N, K]`` probabilities."""
+    probs = np.asarray(probs, dtype=np.float64)
+    T, N, K = probs.shape
+    mean = probs.mean(0)
+    var = probs.var(0)
+    pred = mean.argmax(-1)
+    total = entropy(mean)
+    aleatoric = entropy(probs).mean(0)
+    mi = np.maximum(total - aleatoric, 0.0)  # >= 0 by Jensen; clamp float round-off
+    votes = probs.argmax(-1)  # [T, N]
+    counts = np.zeros((N, K), dtype=np.int64)
+    np.add.at(counts, (np.broadcast_to(np.arange(N), (T, N)), votes), 1)
+    variation_ratio = 1.0 - counts.max(-1) / T
+    return {
+        "mean": mean, "var": var, "std": np.sqrt(var), "pred": pred, "confidence": mean.max(-1),
+        "entropy": total, "expected_entropy": aleatoric, "mutual_info": mi, "variation_ratio": variation_ratio,
+    }
+
+
+def regression(samples: np.ndarray, tau: float | None = None) -> dict[str, np.ndarray]:
+    """Per-example mean and variance from ``[T, N, D]`` outputs (variance over passes, 1/T)."""
+    s = np.asarray(samples, dtype=np.float64)
+    mean = s.mean(0)
+    var = s.var(0)
+    if tau is not None:
+        var = var + 1.0 / tau
+    return {"mean": mean, "var": var, "std": np.sqrt(var)}
+
+
+# ------------------------------------------------------------------------ calibration
+
+
+def nll(probs: np.ndarray, labels: np.ndarray) -> float:
+    p = probs[np.arange(len(labels)), labels]
+    return float(-np.mean(np.log(np.maximum(p, EPS))))
+
+
+def brier(probs: np.ndarray, labels: np.ndarray) -> float:
+    onehot = np.zeros_like(probs)
+    onehot[np.arange(len(labels)), labels] = 1.0
+    return float(np.mean(np.sum((probs - onehot) ** 2, -1)))
+
+
+def calibration_bins(confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> dict[str, np.ndarray]:
+    """Equal-width confidence bins over [0, 1]; bin i holds (i/B, (i+1)/B], bin 0 includes 0."""
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    idx = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, bins - 1)
+    count = np.bincount(idx, minlength=bins).astype(np.float64)
+    conf_sum = np.bincount(idx, weights=confidence, minlength=bins)
+    acc_sum = np.bincount(idx, weights=correct.astype(np.float64), minlength=bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        conf = np.where(count > 0, conf_sum / count, np.nan)
+        acc = np.where(count > 0, acc_sum / count, np.nan)
+    return {"edges": edges, "count": count, "confidence": conf, "accuracy": acc}
+
+
+def ece_mce(confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> tuple[float, float]:
+    b = calibration_bins(confidence, correct, bins)
+    n = b["count"].sum()
+    gap = np.abs(b["accuracy"] - b["confidence"])
+    live = b["count"] > 0
+    ece = float(np.sum(b["count"][live] / n * gap[live])) if n else float("nan")
+    mce = float(np.max(gap[live])) if live.any() else float("nan")
+    return ece, mce
+
+
+def risk_coverage(uncertainty: np.ndarray, correct: np.ndarray) -> dict[str, np.ndarray]:
+    """Accuracy when keeping the k most certain examples, for k = 1..N (stable order on ties)."""
+    order = np.argsort(uncertainty, kind="stable")
+    c = correct[order].astype(np.float64)
+    k = np.arange(1, len(c) + 1)
+    acc = np.cumsum(c) / k
+    return {"coverage": k / len(c), "accuracy": acc, "risk": 1.0 - acc}
+
+
+def accuracy_at_coverage(uncertainty: np.ndarray, correct: np.ndarray, coverages=COVERAGES) -> dict[str, float]:
+    rc = risk_coverage(uncertainty, correct)
+    n = len(correct)
+    out = {}
+    for c in coverages:
+        k = max(1, int(np.ceil(c * n)))
+        out[f"{int(round(c * 100))}%"] = float(rc["accuracy"][k - 1])
+    return out
+
+
+def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """Area under the ROC curve: P(score_pos > score_neg) + 0.5 P(tie) (Mann-Whitney)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    positive = np.asarray(positive, dtype=bool)
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores), dtype=np.float64)
+    s_sorted = scores[order]
+    # average ranks over ties
+    starts = np.r_[0, np.flatnonzero(np.diff(s_sorted)) + 1]
+    ends = np.r_[starts[1:], len(s_sorted)]
+    avg = (starts + ends + 1) / 2.0  # 1-based average rank of each tie group
+    ranks[order] = np.repeat(avg, ends - starts)
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def fpr_at_95_tpr(id_uncertainty: np.ndarray, ood_uncertainty: np.ndarray) -> float:
+    """Fraction of OOD inputs accepted as in-distribution at the threshold keeping 95% of ID inputs."""
+    thr = np.quantile(np.asarray(id_uncertainty, dtype=np.float64), 0.95, method="higher")
+    return float(np.mean(np.asarray(ood_uncertainty) <= thr))
+
+
+def distribution(values: np.ndarray) -> dict[str, float]:
+    v = np.asarray(values, dtype=np.float64)
+    q = np.quantile(v, [0.05, 0.25, 0.5, 0.75, 0.95])
+    return {"mean": float(v.mean()), "std": float(v.std()), "min": float(v.min()), "p05": float(q[0]),
+            "p25": float(q[1]), "median": float(q[2]), "p75": float(q[3]), "p95": float(q[4]), "max": float(v.max())}
+
+
+UNCERTAINTY_MEASURES = ("entropy", "expected_entropy", "mutual_info", "variation_ratio", "neg_confidence")
+
+
+def summary(per: dict[str, np.ndarray], labels: np.ndarray | None = None, eval_probs: np.ndarray | None = None,
+            ood_per: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+    """Summary of a classification run (see `dropcli uncertainty`)."""
+    measures = {m: (-per["confidence"] if m == "neg_confidence" else per[m]) for m in UNCERTAINTY_MEASURES}
+    out: dict[str, Any] = {"n": int(len(per["pred"])), "distribution": {m: distribution(v) for m, v in measures.items()}}
+    if labels is not None:
+        labels = np.asarray(labels).astype(np.int64)
+        correct = per["pred"] == labels
+        ece, mce = ece_mce(per["confidence"], correct)
+        out["mc"] = {"accuracy": float(correct.mean()), "nll": nll(per["mean"], labels), "brier": brier(per["mean"], labels),
+                     "ece": ece, "mce": mce}
+        out["accuracy_at_coverage"] = accuracy_at_coverage(measures["entropy"], correct)
+        out["error_auroc"] = {m: auroc(v, ~correct) for m, v in measures.items()}
+        if eval_probs is not None:
+            ep = np.asarray(eval_probs, dtype=np.float64)
+            ec = ep.argmax(-1) == labels
+            e_ece, e_mce = ece_mce(ep.max(-1), ec)
+            out["eval"] = {"accuracy": float(ec.mean()), "nll": nll(ep, labels), "brier": brier(ep, labels),
+                           "ece": e_ece, "mce": e_mce}
+    if ood_per is not None:
+        ood_measures = {m: (-ood_per["confidence"] if m == "neg_confidence" else ood_per[m]) for m in UNCERTAINTY_MEASURES}
+        out["ood"] = {}
+        for m in UNCERTAINTY_MEASURES:
+            scores = np.r_[measures[m], ood_measures[m]]
+            is_ood = np.r_[np.zeros(len(measures[m]), bool), np.ones(len(ood_measures[m]), bool)]
+            out["ood"][m] = {"auroc": auroc(scores, is_ood), "fpr95": fpr_at_95_tpr(measures[m], ood_measures[m])}
+    return out
