@@ -47,9 +47,9 @@ def _global(
 
 
 def _register() -> None:
-    from . import inject, inspect, variants  # noqa: F401  (commands register themselves)
+    from . import inject, inspect, uncertainty, variants  # noqa: F401  (commands register themselves)
 
-    for mod in (inspect, inject, variants):
+    for mod in (inspect, inject, uncertainty, variants):
         mod.register(app)
 
 
