@@ -22,7 +22,7 @@ from torch import fx, nn
 
 from .errors import DropcliError
 from .noise import SAMPLE_BLOCK, KeyedNoise
-from .variants.base import SiteModule, noise_source, normal_like, set_mc, uniform_like
+from .variants.base import SiteModule, keep_mask_like, noise_source, normal_like, set_mc, uniform_like
 
 MIN_ROWS = 32
 _DROPOUT_FUNCS = {torch.nn.functional.dropout, torch.dropout, torch.nn.functional.dropout1d,
@@ -235,5 +235,5 @@ def _inverted_dropout(x: torch.Tensor, p: float, feature: bool = False) -> torch
     if q <= 0:
         return torch.zeros_like(x)
     shape_src = x[(slice(None), slice(None)) + (slice(0, 1),) * (x.dim() - 2)] if feature and x.dim() > 2 else x
-    keep = uniform_like(shape_src) < q
+    keep = keep_mask_like(shape_src, q)
     return x * keep.to(x.dtype) / q

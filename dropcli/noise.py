@@ -18,7 +18,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-SAMPLE_BLOCK = 32  # samples drawn from one generator; chunking over T happens at multiples of this
+SAMPLE_BLOCK = 32
+LANES = 1 << 16  # samples drawn from one generator; chunking over T happens at multiples of this
 
 
 def _key(*parts: int) -> int:
@@ -43,6 +44,20 @@ class KeyedNoise:
     def reset(self) -> None:
         self.call = 0
 
+    def keep_mask_like(self, t: torch.Tensor, q: float) -> torch.Tensor:
+        """Bernoulli(q) keep-mask from 16-bit lanes of 64-bit draws (q quantised to 1/65536)."""
+        k = int(round(q * LANES))
+        if k >= LANES or k <= 0:
+            self._next_call()
+            return (torch.ones_like(t, dtype=torch.bool) if k >= LANES else torch.zeros_like(t, dtype=torch.bool))
+        lanes = self._fill(t, "lanes")
+        return lanes < (k - LANES // 2)
+
+    def _next_call(self) -> int:
+        call = self.call
+        self.call += 1
+        return call
+
     def _fill(self, t: torch.Tensor, kind: str) -> torch.Tensor:
         rows = t.shape[0]
         B = len(self.indices)
@@ -50,11 +65,12 @@ class KeyedNoise:
             raise RuntimeError(
                 f"a dropout site drew noise for {rows} rows, expected {B}x{self.T}: the model mixes examples across the batch"
             )
-        call = self.call
-        self.call += 1
+        call = self._next_call()
         rest = tuple(t.shape[1:])
         dtype = t.dtype if t.dtype.is_floating_point else torch.float32
         gen_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        if kind == "lanes":
+            dtype = gen_dtype = torch.int16
         buf = torch.empty((B, self.T) + rest, dtype=gen_dtype)
         g = self._gen
         for i, idx in enumerate(self.indices):
@@ -64,12 +80,16 @@ class KeyedNoise:
                 # always draw a full block so a shorter final chunk repeats the same prefix
                 n = b1 - b0
                 out = buf[i, b0 - self.t0 : b1 - self.t0]
-                if kind == "uniform":
+                if kind == "lanes":
+                    m = out.numel()
+                    draws = torch.randint(-(2**63), 2**63 - 1, ((m + 3) // 4,), dtype=torch.int64, generator=g)
+                    out.view(-1).copy_(draws.view(torch.int16)[:m])
+                elif kind == "uniform":
                     torch.rand((n,) + rest, generator=g, dtype=gen_dtype, out=out)
                 else:
                     torch.randn((n,) + rest, generator=g, dtype=gen_dtype, out=out)
         res = buf.reshape((B * self.T,) + rest)
-        if res.dtype != dtype:
+        if res.dtype != dtype and kind != "lanes":
             res = res.to(dtype)
         return res.to(t.device) if t.device != res.device else res
 

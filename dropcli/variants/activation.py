@@ -5,14 +5,14 @@ from __future__ import annotations
 import torch
 
 from ..backends.onnx_builder import OnnxBuilder, TensorInfo
-from .base import AFTER, SiteModule, VariantSpec, register, uniform_like
+from .base import AFTER, SiteModule, VariantSpec, keep_mask_like, register
 
 
 class StandardDropout(SiteModule):
     """Inverted dropout (Hinton 2012; Srivastava 2014): ``x*m/q`` in training, identity at test."""
 
     def sample(self, x: torch.Tensor) -> torch.Tensor:
-        keep = uniform_like(x) < self.q
+        keep = keep_mask_like(x, self.q)
         return x * keep.to(x.dtype) / self.q
 
 
@@ -25,7 +25,7 @@ class VanillaDropout(SiteModule):
     """Vanilla dropout (Srivastava 2014): ``x*m`` in training, ``q*x`` at test."""
 
     def sample(self, x: torch.Tensor) -> torch.Tensor:
-        keep = uniform_like(x) < self.q
+        keep = keep_mask_like(x, self.q)
         return x * keep.to(x.dtype)
 
     def infer(self, x: torch.Tensor) -> torch.Tensor:

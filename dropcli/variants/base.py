@@ -53,6 +53,21 @@ def normal_like(t: torch.Tensor) -> torch.Tensor:
     return torch.randn_like(t)
 
 
+def keep_mask_like(t: torch.Tensor, q: float) -> torch.Tensor:
+    """A bool Bernoulli(q) keep-mask shaped like ``t``.
+
+    Plain ``rand_like(t) < q`` when exported/traced or without an engine. The MC engine
+    draws it from 16-bit lanes of 64-bit random integers (4 masks per draw), which
+    quantises q to a multiple of 1/65536.
+    """
+    if _NOISE_OVERRIDE and not _tracing():
+        src = _NOISE_OVERRIDE[-1]
+        if hasattr(src, "keep_mask_like"):
+            return src.keep_mask_like(t, q)
+        return src.uniform_like(t) < q
+    return torch.rand_like(t) < q
+
+
 def _tracing() -> bool:
     return bool(torch.jit.is_tracing() or torch.compiler.is_exporting() or torch.compiler.is_compiling())
 
