@@ -11,6 +11,7 @@ from .base import REGISTRY, VariantSpec, get_variant, register  # noqa: F401
 
 FAMILY_MODULES = (
     "dropcli.variants.activation",
+    "dropcli.variants.ranked",
 )
 
 _loaded = False
