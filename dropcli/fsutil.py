@@ -27,6 +27,8 @@ def check_output_path(out: str | os.PathLike, inputs: list[str | os.PathLike], f
                     f"output path {out} is the input model", "choose another -o path, or pass --force to overwrite it"
                 )
     parent = out_p.resolve().parent
+    if parent.exists() and not parent.is_dir():
+        raise DropcliError(f"output folder {parent} is a file, not a folder", "choose another -o path")
     if not parent.is_dir():
         raise DropcliError(f"output folder {parent} does not exist", "create it first or choose another -o path")
     if not os.access(parent, os.W_OK):

@@ -57,12 +57,21 @@ def apply_inject(model: Any, spec: VariantSpec, params: dict[str, Any], chosen: 
     return list(reversed(done)) if model.backend == "onnx" else done
 
 
-def apply_replace(model: Any, spec: VariantSpec | None, params: dict[str, Any], chosen: Sequence[Layer]) -> list[dict]:
+def apply_replace(
+    model: Any, spec: VariantSpec | None, params: dict[str, Any], chosen: Sequence[Layer], inherit_p: bool = False,
+) -> list[dict]:
+    """Swap (or remove, ``spec`` None) existing dropout. With ``inherit_p`` (no --p given) each
+    new site keeps the drop probability of the dropout it replaces."""
     done = []
     for layer in _ordered(model, chosen):
-        site = model.replace_dropout(layer, spec, params)
+        layer_params = params
+        if spec is not None and inherit_p and layer.dropout_p is not None:
+            p_param = next((p for p in spec.params if p.name == "p"), None)
+            if p_param is not None:
+                layer_params = {**params, "p": p_param.validate(layer.dropout_p, spec.name)}
+        site = model.replace_dropout(layer, spec, layer_params)
         done.append({"site": site, "at": layer.name, "was_p": layer.dropout_p,
-                     "variant": spec.name if spec else None, **(params if spec else {})})
+                     "variant": spec.name if spec else None, **(layer_params if spec else {})})
     _finalize(model)
     return list(reversed(done)) if model.backend == "onnx" else done
 

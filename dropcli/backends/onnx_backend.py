@@ -113,6 +113,8 @@ class OnnxModel:
     def _kind(self, node: onnx.NodeProto) -> str:
         if node.op_type in _MATMUL_LIKE and len(node.input) > 1 and self._is_const(node.input[1]):
             return "linear"
+        if node.op_type == "Gather" and node.input and not self._is_const(node.input[0]):
+            return "gather"  # indexing an activation (x[:, -1]), not an embedding table
         return canonical_kind(node.op_type)
 
     def _display_names(self) -> list[str]:
@@ -122,14 +124,15 @@ class OnnxModel:
             nm = n.name or (n.output[0] if n.output else f"node{i}")
             parts = [p for p in nm.split("/") if p]
             if len(parts) >= 2 and parts[-1].split("_")[0] == n.op_type:
-                nm = ".".join(parts[:-1])
+                nm = _join_scopes(parts[:-1])
             elif nm.startswith("/"):
                 nm = nm[1:]
             raw.append(nm)
         counts: dict[str, int] = {}
-        for nm in raw:
-            counts[nm] = counts.get(nm, 0) + 1
-        return [nm if counts[nm] == 1 else (self.model.graph.node[i].name or nm) for i, nm in enumerate(raw)]
+        for n, nm in zip(self.model.graph.node, raw):
+            if n.op_type != "Constant":  # not listed as layers, so they don't make a name ambiguous
+                counts[nm] = counts.get(nm, 0) + 1
+        return [nm if counts.get(nm, 0) <= 1 else (self.model.graph.node[i].name or nm) for i, nm in enumerate(raw)]
 
     def layers(self) -> list[Layer]:
         g = self.model.graph
@@ -166,13 +169,13 @@ class OnnxModel:
     def _dropout_ratio(self, n: onnx.NodeProto) -> float:
         for a in n.attribute:
             if a.name == "ratio":
-                return float(a.f)
+                return round(float(a.f), 7)  # a float32: 0.2, not 0.20000000298023224
         if len(n.input) > 1 and n.input[1]:
             if n.input[1] in self._inits:
-                return float(numpy_helper.to_array(self._inits[n.input[1]]))
+                return round(float(numpy_helper.to_array(self._inits[n.input[1]])), 7)
             for c in self.model.graph.node:
                 if c.op_type == "Constant" and c.output[0] == n.input[1]:
-                    return float(numpy_helper.to_array(c.attribute[0].t))
+                    return round(float(numpy_helper.to_array(c.attribute[0].t)), 7)
         return 0.5
 
     def _output_region(self, producers: dict[str, int], kinds: list[str]) -> set[int]:
@@ -413,6 +416,15 @@ def export_torch_program(ep: Any, example: tuple, path: str | Path) -> None:
     promote_mc_inputs(model)
     onnx.checker.check_model(model)
     save_onnx(model, path)
+
+
+def _join_scopes(parts: Sequence[str]) -> str:
+    """Exporter scopes to a module path: ``features/features.0`` -> ``features.0`` (a scope may
+    already be qualified by its parent), ``layer1/layer1.0/conv1`` -> ``layer1.0.conv1``."""
+    path = ""
+    for part in parts:
+        path = part if not path or part.startswith(path + ".") else f"{path}.{part}"
+    return path
 
 
 def _site_p(n: onnx.NodeProto) -> float | None:

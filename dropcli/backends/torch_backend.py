@@ -13,6 +13,7 @@ only stock ops plus one bool buffer per site (``<site>.dropcli_mc``) that switch
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib
 import importlib.util
 import io
@@ -44,7 +45,9 @@ def _quiet():
     loggers = [logging.getLogger(n) for n in ("torch", "torch.export", "torch.onnx", "onnxscript")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
-        lg.setLevel(logging.ERROR)
+        # CRITICAL, not ERROR: torch logs failed fake-tensor runs (a wrong --input-shape, say) at
+        # ERROR with a traceback; dropcli reports the exception itself in one line.
+        lg.setLevel(logging.CRITICAL)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -79,6 +82,9 @@ def _import_user(spec: str) -> Any:
         if not p.exists():
             raise DropcliError(f"--import file {spec} does not exist", "check the path")
         name = p.stem
+        loaded = sys.modules.get(name)
+        if loaded is not None and getattr(loaded, "__file__", None) and Path(loaded.__file__).resolve() == p.resolve():
+            return loaded  # already imported: re-running it would give its classes a second identity
         mod_spec = importlib.util.spec_from_file_location(name, p)
         if mod_spec is None or mod_spec.loader is None:
             raise DropcliError(f"cannot import {spec}", "give a .py file or an importable module name")
@@ -124,6 +130,18 @@ def _example_from_modules(model: nn.Module) -> tuple[torch.Tensor, ...] | None:
     return None
 
 
+class _SiteAwareTracer(fx.Tracer):
+    """``symbolic_trace`` that keeps dropcli sites as modules.
+
+    Traced through, a site would be specialised on its ``dropcli_mc`` buffer's current value
+    (buffers are concrete during fx tracing): a re-loaded dropcli pickle would lose its MC
+    switch and its sites.
+    """
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, SiteModule) or super().is_leaf_module(m, module_qualified_name)
+
+
 class TorchModel:
     backend = "torch"
 
@@ -159,13 +177,14 @@ class TorchModel:
             gm = ep.module()
             return cls(_strip_guards(gm), fmt, example, str(path))
         if fmt == formats.TORCHSCRIPT:
+            extra = {_TS_EXAMPLE_FILE: ""}
             try:
-                ts = torch.jit.load(str(path), map_location="cpu")
+                ts = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
             except Exception as e:  # noqa: BLE001
                 raise DropcliError(f"cannot load TorchScript archive {path}: {_short(e)}", "re-save it with torch.jit.save") from e
             ts.eval()
             if example is None:
-                example = _traced_inputs(ts) or _example_from_modules(ts)
+                example = _traced_inputs(ts) or _stored_example(extra[_TS_EXAMPLE_FILE]) or _example_from_modules(ts)
             if example is None:
                 raise UsageError(
                     f"cannot tell the input shape of TorchScript model {path}",
@@ -203,7 +222,9 @@ class TorchModel:
         if example is None:
             example = _example_from_modules(model)
         try:
-            gm = fx.symbolic_trace(model)
+            tracer = _SiteAwareTracer()
+            graph = tracer.trace(model)
+            gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
         except Exception as e:  # noqa: BLE001
             raise DropcliError(
                 f"cannot trace the model's forward ({_short(e)})",
@@ -451,11 +472,12 @@ class TorchModel:
         if fmt == formats.TORCHSCRIPT:
             try:
                 with torch.no_grad(), _quiet():
-                    ts = torch.jit.trace(self.gm, example, check_trace=False, strict=False)
+                    ts = torch.jit.trace(_traceable_sizes(self.gm), example, check_trace=False, strict=False)
             except Exception as e:  # noqa: BLE001
                 raise DropcliError(f"cannot write TorchScript: {_short(e)}", "try --format export or --format onnx") from e
             with atomic_path(path) as tmp:
-                torch.jit.save(ts, str(tmp))
+                # remember the example input, so dropcli can re-load the output without --input-shape
+                torch.jit.save(ts, str(tmp), _extra_files={_TS_EXAMPLE_FILE: _example_record(example)})
             return fmt
         ep = self.to_exported(example)
         if fmt == formats.EXPORT:
@@ -517,6 +539,67 @@ def _strip_guards(gm: fx.GraphModule) -> fx.GraphModule:
         gm.delete_all_unused_submodules()
     gm.recompile()
     return gm
+
+
+def _traceable_sizes(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``gm`` in which dynamic sizes survive ``torch.jit.trace``.
+
+    Graphs from ``torch.export`` (and TorchScript via TS2EP) read sizes with
+    ``aten.sym_size.int`` and pass them to ``aten.<op>.<overload>`` calls. Under
+    ``torch.jit.trace`` both turn into constants, baking the example's batch size into the
+    TorchScript (an LSTM's zero state for batch 2 only: wrong results or a crash on other
+    batches). ``Tensor.size(d)`` and the public ``torch.<op>`` / ``Tensor.<op>`` calls are
+    traced as live values, so sizes and the ops that consume them are switched to those.
+    """
+    sizes = {
+        torch.ops.aten.sym_size.int: "size", torch.ops.aten.sym_size.default: "size",
+        torch.ops.aten.sym_numel.default: "numel",
+    }
+    if not any(n.op == "call_function" and n.target in sizes for n in gm.graph.nodes):
+        return gm
+    g = copy.deepcopy(gm.graph)
+    derived: set[fx.Node] = set()
+    for n in list(g.nodes):
+        if n.op != "call_function":
+            continue
+        if n.target in sizes:
+            with g.inserting_before(n):
+                new = g.call_method(sizes[n.target], n.args, n.kwargs)
+            new.meta = dict(n.meta)
+            n.replace_all_uses_with(new)
+            g.erase_node(n)
+            derived.add(new)
+        elif any(a in derived for a in n.all_input_nodes):
+            if isinstance(n.target, torch._ops.OpOverload):
+                name = n.target._schema.name.split("::")[-1]
+                fn = getattr(torch, name, None)
+                if callable(fn):
+                    n.target = fn
+                elif n.args and isinstance(n.args[0], fx.Node):
+                    n.op, n.target = "call_method", name
+            else:  # int arithmetic on sizes (operator.mul ...) stays live under tracing
+                derived.add(n)
+    return fx.GraphModule(gm, g)
+
+
+_TS_EXAMPLE_FILE = "dropcli_example_inputs.json"
+
+
+def _example_record(example: tuple) -> str:
+    import json
+
+    return json.dumps([{"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")} for t in example])
+
+
+def _stored_example(text: str | bytes) -> tuple | None:
+    """The example inputs that dropcli stored in a TorchScript archive it wrote (zeros of that shape)."""
+    import json
+
+    if not text:
+        return None
+    with contextlib.suppress(Exception):
+        return tuple(torch.zeros(e["shape"], dtype=getattr(torch, e["dtype"])) for e in json.loads(text))
+    return None
 
 
 def _traced_inputs(ts: torch.jit.ScriptModule) -> tuple | None:

@@ -56,7 +56,7 @@ def register(app: typer.Typer) -> None:
         layers: Optional[List[str]] = Layers,
         exclude: Optional[List[str]] = Exclude,
         allow_output: bool = AllowOutput,
-        replace: bool = typer.Option(False, "--replace", help="Swap the model's existing dropout for --variant."),
+        replace: bool = typer.Option(False, "--replace", help="Swap the model's existing dropout for --variant (each keeps its p unless --p is given)."),
         remove: bool = typer.Option(False, "--remove", help="Strip the model's existing dropout."),
         out_format: Optional[str] = typer.Option(None, "--format", help=f"Output format: {', '.join(formats.ALL)} (default: the input's)."),
         force: bool = typer.Option(False, "--force", help="Allow -o to be the input path (overwrites it)."),
@@ -82,7 +82,7 @@ def register(app: typer.Typer) -> None:
             if sel.after:
                 raise UsageError("--after does not apply with --replace/--remove", "narrow the dropout layers with --layers/--exclude")
             chosen = plan_existing(model, sel)
-            done = apply_replace(model, spec, params, chosen)
+            done = apply_replace(model, spec, params, chosen, inherit_p=replace and p is None)
         else:
             chosen = plan_inject(model, spec, sel)
             done = apply_inject(model, spec, params, chosen)
