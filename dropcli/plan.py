@@ -35,8 +35,8 @@ def plan_inject(model: Any, spec: VariantSpec, sel: Selection) -> list[Layer]:
     return select(cands, sel, default_after(spec), what=what)
 
 
-def plan_existing(model: Any, sel: Selection, include_sites: bool = False) -> list[Layer]:
-    """The stock dropout already in the model (optionally dropcli sites too), narrowed by --layers/--exclude."""
+def plan_existing(model: Any, sel: Selection, include_sites: bool = True) -> list[Layer]:
+    """The dropout already in the model (stock dropout and dropcli's own sites), narrowed by --layers/--exclude."""
     layers = model.layers()
     drops = [l for l in layers if l.kind == "dropout" and (include_sites or l.dropout_variant == "dropout")]
     if not drops:
@@ -50,9 +50,13 @@ def plan_existing(model: Any, sel: Selection, include_sites: bool = False) -> li
 
 def apply_inject(model: Any, spec: VariantSpec, params: dict[str, Any], chosen: Sequence[Layer]) -> list[dict]:
     done = []
+    base = model._site_count
+    position = {id(l): k for k, l in enumerate(chosen)}
     for layer in _ordered(model, chosen):
+        model._site_count = base + position[id(layer)]  # number sites in model order, whatever the rewrite order
         site = model.insert(layer, spec, params)
         done.append({"site": site, "at": layer.name, "kind": layer.kind, "variant": spec.name, **params})
+    model._site_count = base + len(chosen)
     _finalize(model)
     return list(reversed(done)) if model.backend == "onnx" else done
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -47,7 +48,8 @@ class OnnxModel:
         self.model = model
         self.source = source
         self.external = external
-        self._site_count = sum(1 for n in model.graph.node if n.name.startswith("dropcli_site_") and n.op_type == "Where")
+        nums = [int(m.group(1)) for n in model.graph.node if (m := re.match(r"dropcli_site_(\d+)/", n.name))]
+        self._site_count = max(nums, default=-1) + 1
         self._infer()
 
     @classmethod
@@ -312,11 +314,29 @@ class OnnxModel:
         g = self.model.graph
         _, i = layer.ref
         node = g.node[i]
-        x, y = node.input[0], node.output[0]
-        mask_used = len(node.output) > 1 and any(node.output[1] in n.input for n in g.node)
-        if mask_used:
-            raise DropcliError(f"dropout {layer.name} has its mask output in use; dropcli can't rewrite it")
         all_nodes = list(g.node)
+        if node.op_type == "Where" and node.name.startswith("dropcli_site_") and node.name.endswith("/select"):
+            # one of dropcli's own sites: its nodes share the name prefix; its input is the one
+            # value they read that none of them makes (besides constants and dropcli_mc)
+            prefix = node.name.split("/")[0] + "/"
+            block = [j for j, n in enumerate(all_nodes) if n.name.startswith(prefix)]
+            made = {o for j in block for o in all_nodes[j].output}
+            consts = {t.name for t in g.initializer} | {MC_INPUT}
+            ext = {x for j in block for x in all_nodes[j].input if x and x not in made and x not in consts}
+            if len(ext) != 1:
+                raise DropcliError(f"cannot find the input of dropcli site {layer.name}")
+            x, y = ext.pop(), node.output[0]
+            keep_inits = [t for t in g.initializer if not t.name.startswith(prefix)]
+            del g.initializer[:]
+            g.initializer.extend(keep_inits)
+            for j in reversed(block[:-1]):
+                del all_nodes[j]
+            i = block[0]
+        else:
+            x, y = node.input[0], node.output[0]
+            mask_used = len(node.output) > 1 and any(node.output[1] in n.input for n in g.node)
+            if mask_used:
+                raise DropcliError(f"dropout {layer.name} has its mask output in use; dropcli can't rewrite it")
         if spec is None:
             new_nodes = [helper.make_node("Identity", [x], [y], name=f"{node.name or y}/removed_dropout")]
         else:
@@ -329,6 +349,11 @@ class OnnxModel:
 
     def finalize(self) -> None:
         g = self.model.graph
+        if not any(MC_INPUT in n.input for n in g.node):  # every site removed: drop the switch too
+            for field in (g.input, g.initializer):
+                keep = [v for v in field if v.name != MC_INPUT]
+                del field[:]
+                field.extend(keep)
         try:
             onnx.checker.check_model(self.model)
         except Exception as e:  # noqa: BLE001

@@ -145,12 +145,17 @@ class _SiteAwareTracer(fx.Tracer):
 class TorchModel:
     backend = "torch"
 
-    def __init__(self, gm: fx.GraphModule, fmt: str, example_inputs: tuple | None, source: str = ""):
+    def __init__(self, gm: fx.GraphModule, fmt: str, example_inputs: tuple | None, source: str = "",
+                 site_meta: dict[str, dict[str, Any]] | None = None):
         self.gm = gm
         self.format = fmt
         self.example_inputs = example_inputs
         self.source = source
-        self._site_count = sum(1 for n, _ in gm.named_children() if n.startswith(SITE_PREFIX))
+        self.site_meta: dict[str, dict[str, Any]] = dict(site_meta or {})
+        names = [n for n, _ in gm.named_children()] + list(self.site_meta)
+        names += [str(n.target).split(".")[0] for n in gm.graph.nodes if n.op == "get_attr"]
+        nums = [int(m.group(1)) for nm in names if (m := re.fullmatch(SITE_PREFIX + r"(\d+)", nm))]
+        self._site_count = max(nums, default=-1) + 1
         self._shapes_done = False
 
     # ------------------------------------------------------------------ loading
@@ -166,8 +171,9 @@ class TorchModel:
             _import_user(spec)
         if fmt == formats.EXPORT:
             try:
+                extra = {_SITES_FILE: ""}
                 with _quiet(), open(path, "rb") as fh:
-                    ep = torch.export.load(fh)
+                    ep = torch.export.load(fh, extra_files=extra)
             except Exception as e:  # noqa: BLE001
                 raise DropcliError(f"cannot load torch.export program {path}: {_short(e)}", "re-save it with torch.export.save") from e
             if example is None:
@@ -175,9 +181,9 @@ class TorchModel:
                 if ex:
                     example = tuple(ex[0])
             gm = ep.module()
-            return cls(_strip_guards(gm), fmt, example, str(path))
+            return cls(_strip_guards(gm), fmt, example, str(path), _json_or_empty(extra[_SITES_FILE]))
         if fmt == formats.TORCHSCRIPT:
-            extra = {_TS_EXAMPLE_FILE: ""}
+            extra = {_TS_EXAMPLE_FILE: "", _SITES_FILE: ""}
             try:
                 ts = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
             except Exception as e:  # noqa: BLE001
@@ -190,7 +196,8 @@ class TorchModel:
                     f"cannot tell the input shape of TorchScript model {path}",
                     "pass --input-shape, for example --input-shape 1x3x32x32",
                 )
-            return cls(_strip_guards(_ts_to_fx(ts, example, path)), fmt, example, str(path))
+            return cls(_strip_guards(_ts_to_fx(ts, example, path)), fmt, example, str(path),
+                       _json_or_empty(extra[_SITES_FILE]))
         if fmt == formats.PICKLE:
             if not trust_pickle:
                 raise DropcliError(
@@ -270,6 +277,9 @@ class TorchModel:
         nodes = [n for n in g.nodes if n.op in ("placeholder", "call_module", "call_function", "call_method")]
         nodes = [n for n in nodes if not (n.op == "call_module" and n.target in _SKIP_TARGETS)]
         params = _weights(self.gm)
+        inlined = self.inlined_sites()
+        hidden = set().union(*(internal for _, _, internal in inlined.values())) if inlined else set()
+        nodes = [n for n in nodes if n not in hidden]
         rows: list[Layer] = []
         info: dict[fx.Node, tuple[str, str, str, int]] = {}
         scope_terminals: dict[str, list[fx.Node]] = {}
@@ -298,6 +308,8 @@ class TorchModel:
             if n.op != "placeholder" and val is not None and not isinstance(val, torch.Tensor):
                 # tuples (e.g. native batch norm), sizes, symbols: not sites
                 continue
+            if n.op != "placeholder" and not n.users:
+                continue  # runtime asserts and other side-effect-only nodes
             mod = self._module_of(n)
             path = paths.get(n, "")
             ends_module = bool(path) and n.op != "call_module" and (names[n] == path or names[n].startswith(path + "@"))
@@ -307,6 +319,14 @@ class TorchModel:
                 kind = canonical_kind(leaf_type)
                 op = f"{leaf_type}({op})"
             dropout_p, dropout_variant = None, None
+            if n in inlined:
+                site = inlined[n][0]
+                meta = self.site_meta.get(site, {})
+                dropout_variant = meta.get("variant", "dropcli")
+                dropout_p = meta.get("p")
+                rows.append(Layer(name=site, kind="dropout", op=f"dropcli.{dropout_variant}", shape=self._node_shape(n),
+                                  dropout_p=dropout_p, dropout_variant=dropout_variant, ref=n))
+                continue
             if isinstance(mod, SiteModule):
                 kind, dropout_p, dropout_variant = "dropout", mod.p, mod.spec.name
             elif kind == "dropout":
@@ -320,6 +340,35 @@ class TorchModel:
             )
         self._mark_residuals(rows)
         return rows
+
+    def inlined_sites(self) -> dict[fx.Node, tuple[str, fx.Node, set[fx.Node]]]:
+        """dropcli sites saved into TorchScript/.pt2 come back as plain ops ending in
+        ``where(<site>.dropcli_mc, stochastic, inference)``. Map each such ``where`` node to
+        (site name, the site's input, the nodes inside the site)."""
+        out: dict[fx.Node, tuple[str, fx.Node, set[fx.Node]]] = {}
+        anc = None
+        for n in self.gm.graph.nodes:
+            if not (n.op == "call_function" and len(n.args) == 3 and isinstance(n.args[0], fx.Node)):
+                continue
+            cond = n.args[0]
+            if not (cond.op == "get_attr" and str(cond.target).endswith("dropcli_mc")):
+                continue
+            if anc is None:
+                anc = _ancestors(self.gm.graph)
+            a, b = n.args[1], n.args[2]
+            if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
+                continue
+            common = ((anc[a] | {a}) & (anc[b] | {b})) - {c for c in anc[n] if c.op == "get_attr"}
+            if not common:
+                continue
+            order = {m: i for i, m in enumerate(self.gm.graph.nodes)}
+            x = max(common, key=order.__getitem__)
+            internal = {m for m in anc[n] if m not in anc[x] and m is not x and m.op not in ("get_attr", "placeholder")}
+            # side-effect-only nodes (export's runtime dtype asserts) on the site's values
+            internal |= {u for m in internal for u in m.users if not u.users and u is not n}
+            site = str(cond.target).rsplit(".", 1)[0]
+            out[n] = (site, x, internal)
+        return out
 
     def _raw_info(self, n: fx.Node, params: dict[str, nn.Parameter]) -> tuple[str, str, str, int]:
         if n.op == "placeholder":
@@ -421,9 +470,10 @@ class TorchModel:
         """Swap an existing dropout for ``spec`` (or remove it when ``spec`` is None)."""
         node: fx.Node = layer.ref
         src = node
+        inlined = self.inlined_sites().get(node)
         if node.op == "call_function" and node.target is operator.getitem:
             src = node.args[0]
-        x = src.args[0] if src.args else src.kwargs.get("input")
+        x = inlined[1] if inlined else (src.args[0] if src.args else src.kwargs.get("input"))
         if not isinstance(x, fx.Node):
             raise DropcliError(f"cannot find the input of dropout {layer.name}")
         name = None
@@ -438,6 +488,12 @@ class TorchModel:
         g.erase_node(node)
         if src is not node and not src.users:
             g.erase_node(src)
+        if inlined:
+            # random ops count as impure for dead-code elimination: drop the old site's nodes here
+            for m in reversed(list(g.nodes)):
+                if m in inlined[2] and not m.users:
+                    g.erase_node(m)
+            self.site_meta.pop(inlined[0], None)
         self._recompile()
         return name
 
@@ -477,12 +533,13 @@ class TorchModel:
                 raise DropcliError(f"cannot write TorchScript: {_short(e)}", "try --format export or --format onnx") from e
             with atomic_path(path) as tmp:
                 # remember the example input, so dropcli can re-load the output without --input-shape
-                torch.jit.save(ts, str(tmp), _extra_files={_TS_EXAMPLE_FILE: _example_record(example)})
+                torch.jit.save(ts, str(tmp), _extra_files={_TS_EXAMPLE_FILE: _example_record(example),
+                                                           _SITES_FILE: self._sites_record()})
             return fmt
         ep = self.to_exported(example)
         if fmt == formats.EXPORT:
             with atomic_path(path, ".pt2") as tmp:
-                torch.export.save(ep, str(tmp))
+                torch.export.save(ep, str(tmp), extra_files={_SITES_FILE: self._sites_record()})
             return fmt
         if fmt == formats.ONNX:
             from .onnx_backend import export_torch_program
@@ -490,6 +547,16 @@ class TorchModel:
             export_torch_program(ep, example, path)
             return fmt
         raise UsageError(f"unknown output format {fmt!r}", f"choose one of {', '.join(formats.ALL)}")
+
+    def _sites_record(self) -> str:
+        """Variant and parameters of every site, stored beside the graph (the graph alone
+        holds them only as constants)."""
+        import json
+
+        meta = dict(self.site_meta)
+        for name, m in self.site_modules().items():
+            meta[name] = {"variant": m.spec.name, "p": m.p, **m.params}
+        return json.dumps(meta)
 
     def _require_example(self, fmt: str) -> tuple:
         if self.example_inputs is None:
@@ -583,6 +650,16 @@ def _traceable_sizes(gm: fx.GraphModule) -> fx.GraphModule:
 
 
 _TS_EXAMPLE_FILE = "dropcli_example_inputs.json"
+_SITES_FILE = "dropcli_sites.json"
+
+
+def _json_or_empty(text: str | bytes) -> dict:
+    import json
+
+    with contextlib.suppress(Exception):
+        obj = json.loads(text) if text else {}
+        return obj if isinstance(obj, dict) else {}
+    return {}
 
 
 def _example_record(example: tuple) -> str:
