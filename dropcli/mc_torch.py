@@ -83,12 +83,27 @@ class TorchMC:
                 out.add(n)
         return out
 
+    def _logical_sites(self) -> list[str]:
+        """Sites as a user counts them: a dropcli site saved to TorchScript/.pt2 is one site
+        (its where(<site>.dropcli_mc) node), not its several random ops."""
+        names = []
+        for n in self.nodes:
+            if n.op == "call_function" and len(n.args) == 3 and isinstance(n.args[0], fx.Node) \
+                    and n.args[0].op == "get_attr" and str(n.args[0].target).endswith("dropcli_mc"):
+                names.append(str(n.args[0].target).rsplit(".", 1)[0])
+        raw_rand = [n for n in self.site_nodes if _aten_name(n.target) in _ATEN_RAND]
+        others = [n for n in self.site_nodes if n not in raw_rand]
+        names += [str(n.target) if n.op == "call_module" else n.name for n in others]
+        if not names:
+            names = [n.name for n in raw_rand]
+        return names
+
     @property
     def n_sites(self) -> int:
-        return len(self.site_nodes)
+        return len(self._logical_sites())
 
     def describe_sites(self) -> list[str]:
-        return [str(n.target) if n.op == "call_module" else n.name for n in self.site_nodes]
+        return self._logical_sites()
 
     # ---------------------------------------------------------------- execution
     def _call(self, n: fx.Node, args: tuple, kwargs: dict, stochastic: bool) -> Any:
