@@ -22,7 +22,7 @@ from torch import fx, nn
 
 from .errors import DropcliError
 from .noise import SAMPLE_BLOCK, KeyedNoise
-from .variants.base import SiteModule, keep_mask_like, noise_source, normal_like, set_mc, uniform_like
+from .variants.base import SiteModule, apply_keep, keep_mask_like, noise_source, normal_like, set_mc, uniform_like
 
 MIN_ROWS = 32
 _DROPOUT_FUNCS = {torch.nn.functional.dropout, torch.dropout, torch.nn.functional.dropout1d,
@@ -249,6 +249,7 @@ def _inverted_dropout(x: torch.Tensor, p: float, feature: bool = False) -> torch
     q = 1.0 - p
     if q <= 0:
         return torch.zeros_like(x)
-    shape_src = x[(slice(None), slice(None)) + (slice(0, 1),) * (x.dim() - 2)] if feature and x.dim() > 2 else x
-    keep = keep_mask_like(shape_src, q)
-    return x * keep.to(x.dtype) / q
+    if feature and x.dim() > 2:  # one mask per (sample, channel)
+        keep = keep_mask_like(x[(slice(None), slice(None)) + (slice(0, 1),) * (x.dim() - 2)], q)
+        return torch.mul(x, keep).mul_(1.0 / q)
+    return apply_keep(x, q, 1.0 / q)

@@ -19,7 +19,18 @@ import numpy as np
 import torch
 
 SAMPLE_BLOCK = 32
-LANES = 1 << 16  # samples drawn from one generator; chunking over T happens at multiples of this
+LANES = 1 << 16
+_SHIFTS = torch.arange(8, dtype=torch.uint8)
+_TABLES: dict[tuple[float, torch.dtype], torch.Tensor] = {}
+
+
+def _bit_table(scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """[256, 8]: row b holds the 8 bits of b (least significant first) times ``scale``."""
+    key = (scale, dtype)
+    if key not in _TABLES:
+        bits = (torch.arange(256).unsqueeze(-1) >> torch.arange(8)) & 1
+        _TABLES[key] = bits.to(dtype) * scale
+    return _TABLES[key]  # samples drawn from one generator; chunking over T happens at multiples of this
 
 
 def _key(*parts: int) -> int:
@@ -45,13 +56,67 @@ class KeyedNoise:
         self.call = 0
 
     def keep_mask_like(self, t: torch.Tensor, q: float) -> torch.Tensor:
-        """Bernoulli(q) keep-mask from 16-bit lanes of 64-bit draws (q quantised to 1/65536)."""
-        k = int(round(q * LANES))
-        if k >= LANES or k <= 0:
-            self._next_call()
-            return (torch.ones_like(t, dtype=torch.bool) if k >= LANES else torch.zeros_like(t, dtype=torch.bool))
-        lanes = self._fill(t, "lanes")
-        return lanes < (k - LANES // 2)
+        """A bool Bernoulli(q) keep-mask shaped like ``t``, from as few random bits as q needs:
+        1 bit at q = 1/2, 8-bit lanes when q is a multiple of 1/256, else 16-bit lanes
+        (q quantised to 1/65536). The generators only fill raw 64-bit words; the unpacking is
+        one vectorised pass over the whole chunk."""
+        call = self._next_call()
+        if q >= 1.0 or q <= 0.0:
+            return torch.full(t.shape, q >= 1.0, dtype=torch.bool, device=t.device)
+        k8 = q * 256
+        if q == 0.5:
+            raw = self._raw_words(t, call, 64)
+            if raw is not None:
+                bits = torch.bitwise_and(raw.view(torch.uint8).unsqueeze(-1) >> _SHIFTS, 1)
+                return bits.view(torch.bool).reshape(t.shape).to(t.device)
+        if k8 == int(k8):
+            raw = self._raw_words(t, call, 8)
+            if raw is not None:
+                return (raw.view(torch.uint8) < int(k8)).reshape(t.shape).to(t.device)
+        k = max(1, min(LANES - 1, int(round(q * LANES))))
+        raw = self._raw_words(t, call, 4)
+        if raw is not None:
+            return (raw.view(torch.int16) < (k - LANES // 2)).reshape(t.shape).to(t.device)
+        self.call = call  # not word-aligned: fall back to uniform draws under the same call number
+        return self._fill(t, "uniform") < q
+
+    def mask_like(self, t: torch.Tensor, q: float, scale: float) -> torch.Tensor:
+        """A float Bernoulli(q) mask with values {0, scale}; at q = 1/2 each random byte becomes
+        8 mask values through one table lookup (no bool intermediate, no extra scaling pass)."""
+        if q == 0.5:
+            call = self._next_call()
+            raw = self._raw_words(t, call, 64)
+            if raw is not None:
+                table = _bit_table(float(scale), t.dtype)
+                return torch.nn.functional.embedding(raw.view(torch.uint8).long(), table).reshape(t.shape)
+            self.call = call
+        keep = self.keep_mask_like(t, q)
+        return keep.to(t.dtype).mul_(scale)
+
+    def _raw_words(self, t: torch.Tensor, call: int, per_word: int) -> torch.Tensor | None:
+        """Random 64-bit words, ``per_word`` masks each, laid out like ``t``'s rows; None when a
+        block's mask count is not a multiple of ``per_word``."""
+        B = len(self.indices)
+        if t.shape[0] != B * self.T:
+            raise RuntimeError(
+                f"a dropout site drew noise for {t.shape[0]} rows, expected {B}x{self.T}: the model mixes examples across the batch"
+            )
+        rest = 1
+        for d in t.shape[1:]:
+            rest *= int(d)
+        blocks = [(b0, min(b0 + SAMPLE_BLOCK, self.t1) - b0) for b0 in range(self.t0, self.t1, SAMPLE_BLOCK)]
+        if any((n * rest) % per_word for _, n in blocks):
+            return None
+        raw = torch.empty(B * self.T * rest // per_word, dtype=torch.int64)
+        g = self._gen
+        off = 0
+        for idx in self.indices:
+            for b0, n in blocks:
+                cnt = n * rest // per_word
+                g.manual_seed(_key(self.seed, call, idx, b0 // SAMPLE_BLOCK))
+                torch.randint(-(2**63), 2**63 - 1, (cnt,), dtype=torch.int64, generator=g, out=raw[off:off + cnt])
+                off += cnt
+        return raw
 
     def _next_call(self) -> int:
         call = self.call
@@ -69,8 +134,6 @@ class KeyedNoise:
         rest = tuple(t.shape[1:])
         dtype = t.dtype if t.dtype.is_floating_point else torch.float32
         gen_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-        if kind == "lanes":
-            dtype = gen_dtype = torch.int16
         buf = torch.empty((B, self.T) + rest, dtype=gen_dtype)
         g = self._gen
         for i, idx in enumerate(self.indices):
@@ -80,16 +143,12 @@ class KeyedNoise:
                 # always draw a full block so a shorter final chunk repeats the same prefix
                 n = b1 - b0
                 out = buf[i, b0 - self.t0 : b1 - self.t0]
-                if kind == "lanes":
-                    m = out.numel()
-                    draws = torch.randint(-(2**63), 2**63 - 1, ((m + 3) // 4,), dtype=torch.int64, generator=g)
-                    out.view(-1).copy_(draws.view(torch.int16)[:m])
-                elif kind == "uniform":
+                if kind == "uniform":
                     torch.rand((n,) + rest, generator=g, dtype=gen_dtype, out=out)
                 else:
                     torch.randn((n,) + rest, generator=g, dtype=gen_dtype, out=out)
         res = buf.reshape((B * self.T,) + rest)
-        if res.dtype != dtype and kind != "lanes":
+        if res.dtype != dtype:
             res = res.to(dtype)
         return res.to(t.device) if t.device != res.device else res
 

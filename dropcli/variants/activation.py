@@ -5,15 +5,14 @@ from __future__ import annotations
 import torch
 
 from ..backends.onnx_builder import OnnxBuilder, TensorInfo
-from .base import AFTER, SiteModule, VariantSpec, keep_mask_like, register
+from .base import AFTER, SiteModule, VariantSpec, apply_keep, register
 
 
 class StandardDropout(SiteModule):
     """Inverted dropout (Hinton 2012; Srivastava 2014): ``x*m/q`` in training, identity at test."""
 
     def sample(self, x: torch.Tensor) -> torch.Tensor:
-        keep = keep_mask_like(x, self.q)
-        return x * keep.to(x.dtype) / self.q
+        return apply_keep(x, self.q, 1.0 / self.q)
 
 
 def standard_onnx(b: OnnxBuilder, x: str, info: TensorInfo, p: float) -> tuple[str, str]:
@@ -25,8 +24,7 @@ class VanillaDropout(SiteModule):
     """Vanilla dropout (Srivastava 2014): ``x*m`` in training, ``q*x`` at test."""
 
     def sample(self, x: torch.Tensor) -> torch.Tensor:
-        keep = keep_mask_like(x, self.q)
-        return x * keep.to(x.dtype)
+        return apply_keep(x, self.q)
 
     def infer(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.q

@@ -68,6 +68,21 @@ def keep_mask_like(t: torch.Tensor, q: float) -> torch.Tensor:
     return torch.rand_like(t) < q
 
 
+def apply_keep(x: torch.Tensor, q: float, scale: float = 1.0) -> torch.Tensor:
+    """``x * m * scale`` with ``m ~ Bernoulli(q)`` elementwise (scale = 1/q: inverted dropout).
+
+    Exported/traced: ``x * (rand_like(x) < q) * scale``. In the MC engine the mask comes from
+    :func:`keep_mask_like`'s cheap bits and is applied in place (no float mask is built).
+    """
+    if _NOISE_OVERRIDE and not _tracing():
+        src = _NOISE_OVERRIDE[-1]
+        if hasattr(src, "mask_like"):
+            return x * src.mask_like(x, q, scale)
+        return x * (src.uniform_like(x) < q).to(x.dtype) * scale
+    keep = (torch.rand_like(x) < q).to(x.dtype)
+    return x * keep * scale if scale != 1.0 else x * keep
+
+
 def _tracing() -> bool:
     return bool(torch.jit.is_tracing() or torch.compiler.is_exporting() or torch.compiler.is_compiling())
 
