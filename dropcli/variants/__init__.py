@@ -12,6 +12,9 @@ from .base import REGISTRY, VariantSpec, get_variant, register  # noqa: F401
 FAMILY_MODULES = (
     "dropcli.variants.activation",
     "dropcli.variants.ranked",
+    "dropcli.variants.blocks",
+    "dropcli.variants.noise",
+    "dropcli.variants.spatial",
 )
 
 _loaded = False
