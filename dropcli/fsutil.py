@@ -51,6 +51,10 @@ def atomic_path(target: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     tmp_p = Path(tmp)
     try:
         yield tmp_p
+        # mkstemp creates 0600 files; give the output the permissions a plain open() would
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_p, 0o666 & ~umask)
         os.replace(tmp_p, target)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -106,15 +106,13 @@ def write(target: str, fmt: str, summary: dict[str, Any], cols: dict[str, np.nda
         payload = {k: np.asarray(v) for k, v in cols.items()}
         payload.update(arrays or {})
         payload["summary_json"] = np.array(json.dumps(_clean(summary)))
+        data = npz_bytes(payload)
         if target == "-":
-            buf = io.BytesIO()
-            np.savez_compressed(buf, **payload)
-            sys.stdout.buffer.write(buf.getvalue())
+            sys.stdout.buffer.write(data)
             sys.stdout.flush()
             return
         with atomic_path(target, ".npz") as tmp:
-            with open(tmp, "wb") as f:
-                np.savez_compressed(f, **payload)
+            Path(tmp).write_bytes(data)
         return
     text = {"json": lambda: to_json(summary, cols), "jsonl": lambda: records_jsonl(cols), "csv": lambda: to_csv(cols)}[fmt]()
     if target == "-":
@@ -123,6 +121,20 @@ def write(target: str, fmt: str, summary: dict[str, Any], cols: dict[str, np.nda
         return
     with atomic_path(target) as tmp:
         Path(tmp).write_text(text)
+
+
+def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    """A compressed .npz whose bytes depend only on the arrays (np.savez stamps the time)."""
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        for name, arr in arrays.items():
+            info = zipfile.ZipInfo(name + ".npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            with z.open(info, "w") as fh:
+                np.lib.format.write_array(fh, np.asanyarray(arr), allow_pickle=False)
+    return buf.getvalue()
 
 
 def format_from_path(path: str | None) -> str | None:

@@ -180,9 +180,9 @@ def register(app: typer.Typer) -> None:
         if labels is not None and len(labels) != n:
             raise DropcliError(f"labels have {len(labels)} rows but the input has {n} examples", "give one label per example")
 
-        log(f"[dim]{model_path}: {model.backend}/{model.format}, {runner.n_sites} dropout site(s); "
-            f"{n} examples x T={samples} on {dev}[/]")
         result = _run(runner, xs, samples, seed, batch_size, budget, n, "MC dropout")
+        log(f"[dim]{model_path}: {model.backend}/{model.format}, {runner.n_sites} dropout site(s); "
+            f"{n} examples x T={samples} on {dev}, {result.chunks} chunk(s)[/]")
         probs_like = result.samples
         K = probs_like.shape[-1]
         if task == "auto":

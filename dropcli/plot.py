@@ -1,0 +1,126 @@
+"""`dropcli uncertainty --plot`: one PNG with the uncertainty histograms and, with labels,
+the reliability diagram and the risk-coverage curve.
+
+matplotlib is optional (``pip install 'dropcli[plot]'``) and is imported only here, with
+the non-interactive Agg backend. The file is written atomically.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from . import stats
+from .errors import DropcliError
+from .fsutil import atomic_path
+
+CLASSIFICATION_MEASURES = (
+    ("entropy", "predictive entropy H[mean p] (nats)"),
+    ("mutual_info", "mutual information / BALD (nats)"),
+    ("expected_entropy", "expected entropy mean H[p_t] (nats)"),
+    ("variation_ratio", "variation ratio"),
+)
+
+
+def _import_pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg", force=True)
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise DropcliError("--plot needs matplotlib", "pip install 'dropcli[plot]'") from None
+    return plt
+
+
+def _hist(ax, values: np.ndarray, title: str, color: str) -> None:
+    v = np.asarray(values, dtype=np.float64).ravel()
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        ax.text(0.5, 0.5, "no values", ha="center", va="center", transform=ax.transAxes)
+    else:
+        lo, hi = float(v.min()), float(v.max())
+        if hi - lo < 1e-12:  # all equal: one visible bar around the value
+            pad = max(abs(lo) * 1e-3, 1e-6)
+            lo, hi = lo - pad, hi + pad
+        ax.hist(v, bins=min(40, max(5, int(np.sqrt(v.size)))), range=(lo, hi), color=color, edgecolor="white", linewidth=0.4)
+        ax.axvline(float(v.mean()), color="black", linestyle="--", linewidth=1, label=f"mean {v.mean():.3g}")
+        ax.legend(fontsize=8, loc="upper right", frameon=False)
+    ax.set_title(title, fontsize=10)
+    ax.set_ylabel("examples")
+    ax.tick_params(labelsize=8)
+
+
+def _reliability(ax, per: dict[str, np.ndarray], labels: np.ndarray) -> None:
+    correct = per["pred"] == labels
+    b = stats.calibration_bins(per["confidence"], correct, stats.ECE_BINS)
+    edges = b["edges"]
+    centers = (edges[:-1] + edges[1:]) / 2
+    width = edges[1] - edges[0]
+    live = b["count"] > 0
+    ax.bar(centers[live], b["accuracy"][live], width=width * 0.95, color="tab:blue", alpha=0.8, edgecolor="white",
+           label="accuracy")
+    gap_lo = np.minimum(b["accuracy"], b["confidence"])[live]
+    gap = np.abs(b["accuracy"] - b["confidence"])[live]
+    ax.bar(centers[live], gap, bottom=gap_lo, width=width * 0.95, fill=False, edgecolor="tab:red", hatch="///",
+           linewidth=0.8, label="gap to confidence")
+    tops = np.maximum(b["accuracy"], b["confidence"])[live]
+    for x, y, c in zip(centers[live], tops, b["count"][live]):
+        ax.text(x, min(y, 0.93) + 0.015, f"{int(c)}", ha="center", va="bottom", fontsize=6, color="dimgray")
+    ax.plot([0, 1], [0, 1], color="gray", linestyle=":", linewidth=1, label="perfect")
+    ece, mce = stats.ece_mce(per["confidence"], correct, stats.ECE_BINS)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence (mean softmax max)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"reliability ({stats.ECE_BINS} bins): ECE {ece:.3f}, MCE {mce:.3f}", fontsize=10)
+    ax.legend(fontsize=8, loc="upper left", frameon=False)
+    ax.tick_params(labelsize=8)
+
+
+def _risk_coverage(ax, per: dict[str, np.ndarray], labels: np.ndarray) -> None:
+    correct = per["pred"] == labels
+    rc = stats.risk_coverage(per["entropy"], correct)
+    ax.plot(rc["coverage"], rc["accuracy"], color="tab:green", linewidth=1.5, label="keep lowest entropy")
+    ax.axhline(float(correct.mean()), color="gray", linestyle=":", linewidth=1, label=f"all: {correct.mean():.3f}")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(max(0.0, float(np.min(rc["accuracy"])) - 0.05), 1.01)
+    ax.set_xlabel("coverage (fraction kept)")
+    ax.set_ylabel("accuracy on kept examples")
+    ax.set_title("accuracy vs coverage (by entropy)", fontsize=10)
+    ax.legend(fontsize=8, loc="lower left", frameon=False)
+    ax.tick_params(labelsize=8)
+
+
+def write_plot(path: str, task: str, per: dict[str, np.ndarray], labels: np.ndarray | None, summary: dict[str, Any]) -> None:
+    """Write the PNG to ``path`` atomically (nothing is left behind on failure)."""
+    plt = _import_pyplot()
+    colors = ("tab:purple", "tab:orange", "tab:cyan", "tab:olive")
+    n = len(per["mean"])
+    title = f"MC dropout: {n} examples, T={summary.get('samples', '?')}, {summary.get('sites', '?')} site(s), {task}"
+    if task == "classification":
+        with_labels = labels is not None
+        rows = 3 if with_labels else 2
+        fig, axes = plt.subplots(rows, 2, figsize=(11, 3.4 * rows), squeeze=False)
+        for ax, (key, name), c in zip(axes[:2].ravel(), CLASSIFICATION_MEASURES, colors):
+            _hist(ax, per[key], name, c)
+        if with_labels:
+            lab = np.asarray(labels).astype(np.int64)
+            _reliability(axes[2, 0], per, lab)
+            _risk_coverage(axes[2, 1], per, lab)
+    else:
+        std = np.asarray(per["std"], dtype=np.float64)
+        K = std.shape[1] if std.ndim == 2 else 1
+        fig, axes = plt.subplots(1, 1, figsize=(7, 4), squeeze=False)
+        what = "predictive std" + (" (mean over outputs)" if K > 1 else "")
+        if "variance" in summary and "tau" in str(summary["variance"]) and "no --tau" not in str(summary["variance"]):
+            what += ", incl. 1/tau"
+        _hist(axes[0, 0], std.mean(-1) if std.ndim == 2 else std, what, colors[0])
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    try:
+        with atomic_path(path, ".png") as tmp:
+            fig.savefig(tmp, format="png", dpi=100)
+    finally:
+        plt.close(fig)
