@@ -135,3 +135,14 @@ def test_readme_test_command_matches_ci() -> None:
     ci = (ROOT / ".ci" / "run").read_text()
     for part in re.split(r" && ", test_cmd):
         assert part in ci, f".ci/run lacks {part!r}"
+
+
+def test_readme_variant_table_lists_every_variant() -> None:
+    """The README's variant table is generated from the registry; a new variant must be added."""
+    from dropcli.variants import load_all
+
+    REGISTRY = load_all()
+    text = README.read_text()
+    table = text[text.index("| name | train rule |"):text.index("## MC-dropout uncertainty")]
+    listed = set(re.findall(r"^\| `([a-z0-9-]+)`", table, flags=re.M))
+    assert listed == set(REGISTRY), (sorted(set(REGISTRY) - listed), sorted(listed - set(REGISTRY)))
