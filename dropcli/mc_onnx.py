@@ -209,6 +209,8 @@ class OnnxRunner:
         for n in model.graph.node:
             if n.op_type == "Where" and n.input and n.input[0] == MC_INPUT:
                 nm = n.name.split("/")[0] if n.name.startswith("dropcli_site_") else (_scope(n.name) or n.name or n.output[0])
+                if nm in names:
+                    continue  # a site with several outputs (a rewritten recurrent layer) is one site
                 names.append(nm)
                 if n.name.startswith("dropcli_site_"):
                     scopes.add(n.name.split("/")[0])

@@ -6,10 +6,12 @@ from typing import Any, Sequence
 
 from .errors import UsageError
 from .sites import Layer, Selection, select
-from .variants.base import INPUT, RESIDUAL, VariantSpec
+from .variants.base import INPUT, REPLACE, RESIDUAL, VariantSpec
 
 
 def candidates(layers: Sequence[Layer], spec: VariantSpec) -> list[Layer]:
+    if spec.attaches == REPLACE:
+        return [l for l in layers if l.layer_class in spec.replaces]
     if spec.attaches == INPUT:
         return [l for l in layers if l.is_input]
     if spec.attaches == RESIDUAL:
@@ -18,6 +20,8 @@ def candidates(layers: Sequence[Layer], spec: VariantSpec) -> list[Layer]:
 
 
 def default_after(spec: VariantSpec) -> tuple[str, ...]:
+    if spec.attaches == REPLACE:
+        return ()  # every layer it can rewrite (minus the output layer)
     if spec.attaches == INPUT:
         return ("input",)
     if spec.attaches == RESIDUAL:
@@ -30,9 +34,17 @@ def plan_inject(model: Any, spec: VariantSpec, sel: Selection) -> list[Layer]:
     cands = candidates(layers, spec)
     if not cands:
         what = {INPUT: "model input", RESIDUAL: "residual add"}.get(spec.attaches, "layer")
+        if spec.attaches == REPLACE:
+            what = " or ".join(_LAYER_WORDS.get(c, c) for c in spec.replaces) + " layer"
         raise UsageError(f"the model has no {what} where {spec.name} can go", "see `dropcli inspect` for its layers")
     what = {INPUT: "input", RESIDUAL: "residual add"}.get(spec.attaches, "layer")
+    if spec.attaches == REPLACE:
+        what = " or ".join(_LAYER_WORDS.get(c, c) for c in spec.replaces) + " layer"
     return select(cands, sel, default_after(spec), what=what)
+
+
+_LAYER_WORDS = {"linear": "Linear", "conv": "Conv", "maxpool": "max-pooling", "avgpool": "average-pooling",
+                "lstm": "LSTM", "gru": "GRU"}
 
 
 def plan_existing(model: Any, sel: Selection, include_sites: bool = True) -> list[Layer]:

@@ -83,6 +83,7 @@ class Layer:
     is_output: bool = False  # in the output region (after the last weighted layer)
     is_input: bool = False
     residual: bool = False  # an add whose one operand is a skip of the other
+    layer_class: str | None = None  # a layer a REPLACE variant can rewrite: linear, conv, maxpool, avgpool, lstm, gru
     ref: Any = field(default=None, repr=False, compare=False)
 
     @property
@@ -100,6 +101,7 @@ class Layer:
             "is_output": self.is_output,
             "is_input": self.is_input,
             "residual": self.residual,
+            "layer_class": self.layer_class,
         }
 
 

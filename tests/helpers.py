@@ -108,3 +108,50 @@ def assert_same_distribution(a: np.ndarray, b: np.ndarray, what: str, z: float =
 
     se_v = math.sqrt(var_se(a) ** 2 + var_se(b) ** 2)
     assert abs(a.var() - b.var()) <= z * max(se_v, 1e-12), f"{what}: variances {a.var():.6g} vs {b.var():.6g} (se {se_v:.3g})"
+
+
+# --------------------------------------------------------------------------- layer-replacing variants
+
+
+def torch_layer_site(name: str, module: torch.nn.Module, act: torch.nn.Module | None = None, mc: bool = True,
+                     **params: Any) -> SiteModule:
+    """A REPLACE variant's site built from a stock layer module (and activation module)."""
+    spec = get_variant(name)
+    return spec.torch_module.from_module(module, act=act, **params).set_mc(mc)
+
+
+def onnx_layer_model(nodes: Sequence[onnx.NodeProto], x_shape: Sequence[int | None], y_shape: Sequence[int | None] | None,
+                     inits: dict[str, np.ndarray] | None = None, opset: int = 17, dtype: int = TensorProto.FLOAT) -> onnx.ModelProto:
+    """A graph x -> nodes -> y (the last node's output must be named y); ``None`` dims are dynamic."""
+    from onnx import numpy_helper
+
+    dims = [d if d is not None else f"d{i}" for i, d in enumerate(x_shape)]
+    x = helper.make_tensor_value_info("x", dtype, dims)
+    if y_shape is None:  # same rank as x, sizes left to shape inference
+        y_shape = [None] * len(x_shape)
+    ydims = [d if d is not None else f"e{i}" for i, d in enumerate(y_shape)]
+    y = helper.make_tensor_value_info("y", dtype, ydims)
+    g = helper.make_graph(list(nodes), "layer", [x], [y],
+                          initializer=[numpy_helper.from_array(v, k) for k, v in (inits or {}).items()])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def onnx_replace(model: onnx.ModelProto, name: str, layer: str | None = None, **params: Any) -> onnx.ModelProto:
+    """Rewrite ``layer`` (default: the only candidate) of ``model`` with variant ``name``
+    through the real ONNX backend; returns the rewritten model."""
+    spec = get_variant(name)
+    om = OnnxModel(model, "test")
+    cands = candidates(om.layers(), spec)
+    chosen = [l for l in cands if layer is None or l.name == layer]
+    assert len(chosen) == 1, [l.name for l in cands]
+    om.insert(chosen[0], spec, spec.resolve_params(params))
+    om.finalize()
+    return om.model
+
+
+def repeat_rows(x: np.ndarray, n: int) -> np.ndarray:
+    """``n`` copies of a batch along dim 0 (copy k of example i at row k*B + i)."""
+    return np.concatenate([x] * n, axis=0)

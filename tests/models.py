@@ -42,6 +42,23 @@ class CNN(nn.Module):
         return self.head(self.drop(torch.flatten(x, 1)))
 
 
+class PoolCNN(nn.Module):
+    """Conv-ReLU-MaxPool, then Conv-BN-ReLU-AvgPool, then a Linear head: a CNN with both kinds
+    of pooling (for the pooling-dropout variants) and convs followed by an activation or a
+    BatchNorm. Input 1x8x8 (digits)."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.AvgPool2d(2),
+        )
+        self.head = nn.Linear(16 * 2 * 2, 10)
+
+    def forward(self, x):
+        return self.head(torch.flatten(self.features(x), 1))
+
+
 class ResBlock(nn.Module):
     def __init__(self, c: int = 8):
         super().__init__()

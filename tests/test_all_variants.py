@@ -3,7 +3,11 @@
 Driven by the registry, so a new variant is covered here without editing this file:
 - inference mode: the torch output equals the original torch model exactly, the ONNX
   output equals the original ONNX model exactly (default onnxruntime session), and torch
-  and ONNX agree to float tolerance (different kernels);
+  and ONNX agree to float tolerance (different kernels). Variants whose test rule is not
+  the identity (``identity_at_test`` False: vanilla, the layer rewrites with their own test
+  rules) are checked torch against ONNX, and against their rule in their own test files;
+- layer-replacing variants run on every test model that has a layer they rewrite (the MLP
+  and the CNN with both kinds of pooling);
 - MC mode: per-output means over T passes agree between torch and ONNX within a tolerance
   derived from the sample variances, and stochastic variants actually vary.
 """
@@ -20,7 +24,7 @@ from dropcli.cli.main import app
 from dropcli.variants import load_all
 from dropcli.variants.base import set_mc
 from helpers import ort_session
-from models import CNN, MLP, ResBlock, randomise_bn, save_as
+from models import CNN, MLP, PoolCNN, ResBlock, randomise_bn, save_as
 
 import onnx
 import onnxruntime as ort
@@ -32,12 +36,19 @@ EXTRA = {"dropblock": ["--block-size", "3"], "cutout": ["--hole-size", "4"]}
 DETERMINISTIC_MC = {"maxdrop"}
 
 
-def _model_for(spec):
+def _models_for(spec):
+    if spec.attaches == "replace":
+        return [k for k, classes in LAYER_CLASSES.items() if set(spec.replaces) & classes]
     if spec.attaches == "residual":
-        return "res"
+        return ["res"]
     if spec.attaches == "input" or (spec.ranks and 2 not in spec.ranks):
-        return "cnn"
-    return "mlp"
+        return ["cnn"]
+    return ["mlp"]
+
+
+# the layers each test model has for the layer-replacing variants
+LAYER_CLASSES = {"mlp": {"linear"}, "pool": {"linear", "conv", "maxpool", "avgpool"}}
+CASES = [(name, key) for name in sorted(load_all()) for key in _models_for(load_all()[name])]
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +60,7 @@ def saved(tmp_path_factory):
         ("mlp", MLP(), (4, 64)),
         ("cnn", randomise_bn(CNN()), (4, 1, 8, 8)),
         ("res", randomise_bn(ResBlock()), (4, 1, 8, 8)),
+        ("pool", randomise_bn(PoolCNN()), (4, 1, 8, 8)),
     ):
         ex = torch.rand(shape)
         out[key] = {
@@ -68,10 +80,10 @@ def _inject(src, dst, name, p=0.3):
     return dst
 
 
-@pytest.mark.parametrize("name", sorted(load_all()))
-def test_variant_end_to_end(name, saved, tmp_path):
+@pytest.mark.parametrize("name,key", CASES)
+def test_variant_end_to_end(name, key, saved, tmp_path):
     spec = load_all()[name]
-    m = saved[_model_for(spec)]
+    m = saved[key]
     x = m["x"]
     t_out = _inject(m["export"], tmp_path / "out.pt2", name)
     o_out = _inject(m["onnx"], tmp_path / "out.onnx", name)
@@ -93,8 +105,9 @@ def test_variant_end_to_end(name, saved, tmp_path):
     with torch.no_grad():
         t_eval = tm(x)
     o_eval = sess.run(None, {"x": xin})[0]
-    if name == "vanilla":
-        # vanilla scales the activations by q at test time: compare with its own rule
+    if not spec.identity_at_test:
+        # vanilla scales the activations by q at test time, layer rewrites have their own test
+        # rules: those are checked in their own test files; here torch must match ONNX
         assert not torch.equal(t_eval, ref)
     else:
         assert torch.equal(t_eval, ref), "torch inference output changed"

@@ -24,8 +24,11 @@ from .. import formats
 from ..errors import DropcliError, UsageError
 from ..fsutil import atomic_dir, atomic_path
 from ..sites import WEIGHTED, Layer, canonical_kind
-from ..variants.base import INPUT, RESIDUAL, VariantSpec
+from ..variants.base import INPUT, REPLACE, RESIDUAL, VariantSpec
 from .onnx_builder import OnnxBuilder, TensorInfo
+from .onnx_layers import OnnxLayer, absorbable_activation, const_value, describe_node
+
+SITES_META = "dropcli.sites"  # metadata_props key: JSON records of the sites that replaced layers
 
 MC_INPUT = "dropcli_mc"
 MIN_OPSET = 13
@@ -149,12 +152,17 @@ class OnnxModel:
         kinds = [self._kind(n) for n in g.node]
         region = self._output_region(producers, kinds)
         anc = self._ancestors(producers)
+        ctx = self._layer_ctx()
+        records = site_records(self.model)
         for i, n in enumerate(g.node):
             if n.op_type == "Constant":
                 continue
             if n.name.startswith("dropcli_site_"):
                 if n.op_type == "Where" and n.name.endswith("/select"):
-                    rows.append(Layer(n.name.split("/")[0], "dropout", "dropcli", self.tensor_info(n.output[0]).shape,
+                    site = n.name.split("/")[0]
+                    rec = records.get(site, {}).get("layer")
+                    op = f"dropcli({rec.get('name') or rec.get('cls')})" if isinstance(rec, dict) else "dropcli"
+                    rows.append(Layer(site, "dropout", op, self.tensor_info(n.output[0]).shape,
                                       dropout_p=_site_p(n), dropout_variant=_site_variant(n), ref=("node", i)))
                 continue
             params = sum(int(np.prod(self._inits[x].dims)) for x in n.input if x in self._inits)
@@ -164,9 +172,39 @@ class OnnxModel:
                 names[i], kind, n.op_type, self.tensor_info(n.output[0]).shape if n.output else None, params,
                 dropout_p=dp, dropout_variant="dropout" if kind == "dropout" else None,
                 is_output=i in region, residual=kind == "add" and self._residual_branch(i, producers, anc, kinds) is not None,
-                ref=("node", i),
+                layer_class=self._layer_class(i, ctx, kind), ref=("node", i),
             ))
         return rows
+
+    # ------------------------------------------------------------------ layers REPLACE variants rewrite
+    def _layer_ctx(self) -> tuple:
+        g = self.model.graph
+        nodes = list(g.node)
+        consts = {n.output[0]: n for n in nodes if n.op_type == "Constant" and n.output}
+        inits = {t.name: t for t in g.initializer if t.name != MC_INPUT}
+        graph_in = {i.name for i in g.input}
+        users: dict[str, list[int]] = {}
+        for j, n in enumerate(nodes):
+            for x in n.input:
+                if x:
+                    users.setdefault(x, []).append(j)
+
+        def const(name: str):
+            if name in graph_in and name in inits:
+                return None  # an overridable input, not a constant
+            return const_value(name, inits, consts)
+
+        return nodes, const, users, {o.name for o in g.output}
+
+    def describe_layer(self, i: int, ctx: tuple | None = None) -> OnnxLayer | None:
+        nodes, const, users, outs = ctx or self._layer_ctx()
+        return describe_node(nodes, i, const, users, outs, self.tensor_info)
+
+    def _layer_class(self, i: int, ctx: tuple, kind: str) -> str | None:
+        if kind not in ("linear", "conv", "pool", "lstm", "gru"):
+            return None
+        layer = self.describe_layer(i, ctx)
+        return layer.cls if layer is not None else None
 
     def _dropout_ratio(self, n: onnx.NodeProto) -> float:
         for a in n.attribute:
@@ -274,6 +312,8 @@ class OnnxModel:
     def insert(self, layer: Layer, spec: VariantSpec, params: dict[str, Any]) -> str:
         g = self.model.graph
         kind, ref = layer.ref
+        if spec.attaches == REPLACE:
+            return self.replace_layer(layer, spec, params)
         spec.check_rank(layer.rank, f"layer {layer.name}")
         if kind == "input":
             x = ref
@@ -300,20 +340,86 @@ class OnnxModel:
                     node.input[k] = out
             self._insert_nodes(ref, nodes)
         else:
-            node = g.node[ref]
-            v = node.output[0]
-            info = self.tensor_info(v)
-            pre = f"{v}__dropcli_in"
-            node.output[0] = pre
-            nodes = self._build_site(spec, params, pre, info, v)
-            self._insert_nodes(ref + 1, nodes)
-            self._vi[pre] = self._vi.get(v, helper.make_empty_tensor_value_info(pre))
+            self._insert_after(ref, spec, params)
         return self._last_site
+
+    def _insert_after(self, ref: int, spec: VariantSpec, params: dict[str, Any]) -> None:
+        node = self.model.graph.node[ref]
+        v = node.output[0]
+        info = self.tensor_info(v)
+        pre = f"{v}__dropcli_in"
+        node.output[0] = pre
+        nodes = self._build_site(spec, params, pre, info, v)
+        self._insert_nodes(ref + 1, nodes)
+        self._vi[pre] = self._vi.get(v, helper.make_empty_tensor_value_info(pre))
+
+    def replace_layer(self, layer: Layer, spec: VariantSpec, params: dict[str, Any]) -> str:
+        """Replace the layer at ``layer.ref`` (and the activation right after it, when the
+        variant absorbs it) by the variant's subgraph of stock ops; ``dropcli_mc`` selects
+        between its MC rule and its test rule."""
+        _, i = layer.ref
+        return self._replace_layer_at(i, spec, params, layer.name)
+
+    def _replace_layer_at(self, i: int, spec: VariantSpec, params: dict[str, Any], label: str) -> str:
+        g = self.model.graph
+        ctx = self._layer_ctx()
+        lay = self.describe_layer(i, ctx)
+        if lay is None or lay.cls not in spec.replaces:
+            what = lay.cls if lay is not None else f"a {g.node[i].op_type} node it can't rewrite"
+            raise UsageError(f"{spec.name} rewrites {', '.join(spec.replaces)} layers, but {label} is {what}",
+                             "choose other layers with --layers/--after (see `dropcli inspect`)")
+        nodes, _, users, outs = ctx
+        lay.act_node, lay.act = absorbable_activation(nodes, lay, users, outs, spec.absorbs)
+        name = self._last_site = f"dropcli_site_{self._site_count}"
+        self._site_count += 1
+        mc = self._ensure_mc_input()
+        b = OnnxBuilder(_opset(self.model), name, self._taken_names())
+        stoch, det = spec.onnx_builder(b, lay, **params)
+        stoch = [stoch] if isinstance(stoch, str) else list(stoch)
+        det = [det] if isinstance(det, str) else list(det)
+        finals = lay.outputs
+        if len(stoch) != len(finals) or len(det) != len(finals):
+            raise DropcliError(f"internal error: {spec.name}'s ONNX builder made {len(stoch)} outputs for {len(finals)}")
+        for k, (s_, d_, out) in enumerate(zip(stoch, det, finals)):
+            if not out:
+                continue
+            sel = helper.make_node("Where", [mc, s_, d_], [out], name=f"{name}/select" + (f"_{k}" if k else ""))
+            sel.doc_string = f"dropcli variant={spec.name} p={params.get('p')}"
+            b.nodes.append(sel)
+        replaced = lay.replaced_nodes
+        rec = {"variant": spec.name, **params, "layer": {"cls": lay.cls, "name": label, "outputs": finals,
+                                                         "nodes": [_node_b64(n) for n in replaced]}}
+        gone = {id(n) for n in replaced}
+        all_nodes = [n for n in g.node if id(n) not in gone]
+        pos = sum(1 for n in list(g.node)[:i] if id(n) not in gone)
+        all_nodes[pos:pos] = b.nodes
+        del g.node[:]
+        g.node.extend(all_nodes)
+        g.initializer.extend(b.initializers)
+        records = site_records(self.model)
+        records[name] = rec
+        set_site_records(self.model, records)
+        return name
 
     def replace_dropout(self, layer: Layer, spec: VariantSpec | None, params: dict[str, Any]) -> str | None:
         g = self.model.graph
         _, i = layer.ref
         node = g.node[i]
+        restored = self._restore_layer_site(node)
+        if restored is not None:
+            first, last = restored
+            if spec is None:
+                return layer.name
+            if spec.attaches == REPLACE:
+                return self._replace_layer_at(first, spec, params, layer.name)
+            spec.check_rank(layer.rank, f"layer {layer.name}")
+            self._insert_after(last, spec, params)
+            return self._last_site
+        if spec is not None and spec.attaches == REPLACE:
+            raise UsageError(
+                f"{spec.name} rewrites {', '.join(spec.replaces)} layers; it can't take the place of the dropout layer {layer.name}",
+                f"inject it with `dropcli inject --variant {spec.name}` (it picks the layers; narrow with --layers)",
+            )
         all_nodes = list(g.node)
         if node.op_type == "Where" and node.name.startswith("dropcli_site_") and node.name.endswith("/select"):
             # one of dropcli's own sites: its nodes share the name prefix; its input is the one
@@ -346,6 +452,49 @@ class OnnxModel:
         del g.node[:]
         g.node.extend(all_nodes)
         return self._last_site if spec is not None else layer.name
+
+    def _restore_layer_site(self, node: onnx.NodeProto) -> tuple[int, int] | None:
+        """A site that replaced a layer turns back into the layer's original nodes (kept in the
+        model's metadata); returns the indices of the first and last restored node, or None
+        when ``node`` is not such a site's select node."""
+        if not (node.op_type == "Where" and node.name.startswith("dropcli_site_") and "/select" in node.name):
+            return None
+        site = node.name.split("/")[0]
+        records = site_records(self.model)
+        rec = records.get(site, {}).get("layer")
+        if not isinstance(rec, dict):
+            return None
+        g = self.model.graph
+        prefix = site + "/"
+        try:
+            originals = [_node_from_b64(t) for t in rec["nodes"]]
+        except Exception as e:  # noqa: BLE001
+            raise DropcliError(f"site {site}: the record of the layer it replaced is unreadable ({e})",
+                               "inject again from the original model") from e
+        all_nodes = list(g.node)
+        block = [j for j, n in enumerate(all_nodes) if n.name.startswith(prefix)]
+        selects = {n.name: n for n in all_nodes if n.name.startswith(prefix) and n.op_type == "Where" and "/select" in n.name}
+        # the outputs consumers read now (a later site may have renamed them)
+        current = []
+        for k, orig in enumerate(rec.get("outputs", [])):
+            sel = selects.get(f"{site}/select" + (f"_{k}" if k else ""))
+            current.append(sel.output[0] if sel is not None else orig)
+        rename = {o: c for o, c in zip(rec.get("outputs", []), current) if o != c}
+        for n in originals:
+            for k, o in enumerate(n.output):
+                if o in rename:
+                    n.output[k] = rename[o]
+        keep_inits = [t for t in g.initializer if not t.name.startswith(prefix)]
+        del g.initializer[:]
+        g.initializer.extend(keep_inits)
+        at = block[0]
+        rest = [n for j, n in enumerate(all_nodes) if j not in set(block)]
+        rest[at:at] = originals
+        del g.node[:]
+        g.node.extend(rest)
+        records.pop(site, None)
+        set_site_records(self.model, records)
+        return at, at + len(originals) - 1
 
     def finalize(self) -> None:
         g = self.model.graph
@@ -441,6 +590,42 @@ def export_torch_program(ep: Any, example: tuple, path: str | Path) -> None:
     promote_mc_inputs(model)
     onnx.checker.check_model(model)
     save_onnx(model, path)
+
+
+def site_records(model: onnx.ModelProto) -> dict[str, Any]:
+    """The records of the sites that replaced layers, from the model's metadata."""
+    import json
+
+    for p in model.metadata_props:
+        if p.key == SITES_META:
+            with contextlib.suppress(Exception):
+                obj = json.loads(p.value)
+                return obj if isinstance(obj, dict) else {}
+    return {}
+
+
+def set_site_records(model: onnx.ModelProto, records: dict[str, Any]) -> None:
+    import json
+
+    keep = [p for p in model.metadata_props if p.key != SITES_META]
+    del model.metadata_props[:]
+    model.metadata_props.extend(keep)
+    if records:
+        model.metadata_props.append(onnx.StringStringEntryProto(key=SITES_META, value=json.dumps(records, sort_keys=True)))
+
+
+def _node_b64(n: onnx.NodeProto) -> str:
+    import base64
+
+    return base64.b64encode(n.SerializeToString()).decode("ascii")
+
+
+def _node_from_b64(text: str) -> onnx.NodeProto:
+    import base64
+
+    n = onnx.NodeProto()
+    n.ParseFromString(base64.b64decode(text))
+    return n
 
 
 def _join_scopes(parts: Sequence[str]) -> str:

@@ -31,7 +31,8 @@ from .. import formats
 from ..errors import DropcliError, UsageError
 from ..fsutil import atomic_path
 from ..sites import KNOWN_KINDS, WEIGHTED, Layer, canonical_kind
-from ..variants.base import SiteModule, VariantSpec
+from ..layers import TorchLayer, activation_of_call, activation_of_module, call_layer_class, describe_call, describe_module, stock_module
+from ..variants.base import REPLACE, LayerSite, SiteModule, VariantSpec
 
 SITE_PREFIX = "dropcli_site_"
 _SKIP_TARGETS = {"_guards_fn"}
@@ -302,6 +303,7 @@ class TorchModel:
                 path = paths[n]
                 names[n] = f"{path}/{n.name}" if path and n.op != "call_module" else (n.target if n.op == "call_module" else n.name)
         output_region = self._output_region(info)
+        seen_sites: set[str] = set()
         for n in nodes:
             op, kind, _, nparams = info[n]
             val = n.meta.get("val")
@@ -321,21 +323,31 @@ class TorchModel:
             dropout_p, dropout_variant = None, None
             if n in inlined:
                 site = inlined[n][0]
+                if site in seen_sites:
+                    continue  # a multi-output site (a recurrent layer) is one row
+                seen_sites.add(site)
                 meta = self.site_meta.get(site, {})
                 dropout_variant = meta.get("variant", "dropcli")
                 dropout_p = meta.get("p")
-                rows.append(Layer(name=site, kind="dropout", op=f"dropcli.{dropout_variant}", shape=self._node_shape(n),
+                rec = meta.get("layer")
+                op = f"dropcli.{dropout_variant}" + (f"({rec.get('name', rec.get('cls'))})" if isinstance(rec, dict) else "")
+                rows.append(Layer(name=site, kind="dropout", op=op, shape=self._node_shape(n),
                                   dropout_p=dropout_p, dropout_variant=dropout_variant, ref=n))
                 continue
+            layer_class = None
             if isinstance(mod, SiteModule):
                 kind, dropout_p, dropout_variant = "dropout", mod.p, mod.spec.name
             elif kind == "dropout":
                 dropout_p, dropout_variant = _dropout_p(n, mod), "dropout"
+            elif kind in _REWRITABLE_KINDS:
+                layer_node = self._layer_node(n)
+                info_l = self.layer_info(layer_node) if layer_node is not None else None
+                layer_class = info_l.cls if info_l is not None else None
             rows.append(
                 Layer(
                     name=names[n], kind="input" if n.op == "placeholder" else kind, op=op, shape=self._node_shape(n),
                     params=nparams, dropout_p=dropout_p, dropout_variant=dropout_variant,
-                    is_output=n in output_region, is_input=n.op == "placeholder", ref=n,
+                    is_output=n in output_region, is_input=n.op == "placeholder", layer_class=layer_class, ref=n,
                 )
             )
         self._mark_residuals(rows)
@@ -378,9 +390,12 @@ class TorchModel:
             op = type(mod).__name__
             if op.endswith("GraphModuleImpl") or op == "GraphModule":
                 op = "GraphModule"
-            nparams = sum(p.numel() for p in _weights(mod).values()) if not isinstance(mod, SiteModule) else 0
+            counted = not isinstance(mod, SiteModule) or isinstance(mod, LayerSite)
+            nparams = sum(p.numel() for p in _weights(mod).values()) if counted else 0
             if isinstance(mod, SiteModule):
                 op = f"dropcli.{mod.spec.name}"
+                if isinstance(mod, LayerSite):
+                    op += f"({getattr(mod, 'replaced_name', mod.layer_cls)})"
             return (op, canonical_kind(op), "", nparams)
         tgt = n.target
         if isinstance(tgt, torch._ops.OpOverload):
@@ -447,6 +462,8 @@ class TorchModel:
         from ..variants.base import INPUT, RESIDUAL
 
         node: fx.Node = layer.ref
+        if spec.attaches == REPLACE:
+            return self.replace_layer(layer, spec, params)
         spec.check_rank(layer.rank, f"layer {layer.name}")
         name, _ = self._new_site(spec, params)
         if spec.attaches == RESIDUAL:
@@ -467,7 +484,29 @@ class TorchModel:
         return name
 
     def replace_dropout(self, layer: Layer, spec: VariantSpec | None, params: dict[str, Any]) -> str | None:
-        """Swap an existing dropout for ``spec`` (or remove it when ``spec`` is None)."""
+        """Swap an existing dropout for ``spec`` (or remove it when ``spec`` is None).
+
+        A site that replaced a layer (a REPLACE variant's) first turns back into the stock
+        layer it was built from; ``spec`` then rewrites that layer (REPLACE) or goes after it.
+        """
+        restored = self._restore_layer_site(layer)
+        if restored is not None:
+            layer_node, last, label = restored
+            name = None
+            if spec is not None and spec.attaches == REPLACE:
+                name = self._replace_node(layer_node, spec, params, label)
+            elif spec is not None:
+                spec.check_rank(layer.rank, f"layer {layer.name}")
+                name, _ = self._new_site(spec, params)
+                new = self._call_site(last, name, last)
+                last.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
+            self._recompile()
+            return name
+        if spec is not None and spec.attaches == REPLACE:
+            raise UsageError(
+                f"{spec.name} rewrites {', '.join(spec.replaces)} layers; it can't take the place of the dropout layer {layer.name}",
+                f"inject it with `dropcli inject --variant {spec.name}` (it picks the layers; narrow with --layers)",
+            )
         node: fx.Node = layer.ref
         src = node
         inlined = self.inlined_sites().get(node)
@@ -496,6 +535,197 @@ class TorchModel:
             self.site_meta.pop(inlined[0], None)
         self._recompile()
         return name
+
+    # ------------------------------------------------------------------ layer rewriting (REPLACE variants)
+    def _layer_node(self, n: fx.Node) -> fx.Node | None:
+        """The node that calls the layer a row stands for (a recurrent layer's row is the
+        getitem of its output sequence)."""
+        if n.op == "call_function" and n.target is operator.getitem and n.args and isinstance(n.args[0], fx.Node):
+            src = n.args[0]
+            if src.op == "call_function" and call_layer_class(src.target) and call_layer_class(src.target)[0] in ("lstm", "gru"):
+                return src
+            if src.op == "call_module" and isinstance(self.gm.get_submodule(src.target), (nn.LSTM, nn.GRU)):
+                return src
+            return None
+        if n.op in ("call_module", "call_function"):
+            return n
+        return None
+
+    def _fetch_const(self, a: Any) -> torch.Tensor | None:
+        if isinstance(a, fx.Node) and a.op == "get_attr":
+            with contextlib.suppress(AttributeError):
+                v = _fetch_attr(self.gm, a.target)
+                return v if isinstance(v, torch.Tensor) else None
+        return None
+
+    def layer_info(self, n: fx.Node) -> TorchLayer | None:
+        """The trained layer a node calls (None: not a layer dropcli rewrites)."""
+        if n.op == "call_module":
+            mod = self.gm.get_submodule(n.target)
+            if isinstance(mod, SiteModule):
+                return None
+            layer = describe_module(mod)
+            if layer is None or n.kwargs:
+                return None
+            args = list(n.args)
+            if layer.cls in ("lstm", "gru"):
+                inputs = _rnn_module_inputs(args)
+                if inputs is None:
+                    return None
+                layer.inputs = tuple(inputs)
+            else:
+                if len(args) != 1 or not isinstance(args[0], fx.Node):
+                    return None
+                layer.inputs = (args[0],)
+            return layer
+        if n.op != "call_function" or call_layer_class(n.target) is None:
+            return None
+        try:
+            na = n.normalized_arguments(self.gm, normalize_to_only_use_kwargs=True)
+        except Exception:  # noqa: BLE001
+            na = None
+        if na is None:
+            return None
+        kw = dict(na.kwargs)
+        layer = describe_call(n.target, kw, self._fetch_const)
+        if layer is None or not isinstance(kw.get("input"), fx.Node):
+            return None
+        if layer.cls in ("lstm", "gru"):
+            hx = kw.get("hx")
+            hx = list(hx) if isinstance(hx, (list, tuple)) else [hx]
+            if not all(isinstance(h, fx.Node) for h in hx):
+                return None
+            layer.inputs = (kw["input"], *hx)
+        else:
+            layer.inputs = (kw["input"],)
+        return layer
+
+    def _absorbed_activation(self, n: fx.Node, spec: VariantSpec) -> tuple[fx.Node | None, Any]:
+        """The activation that is the layer's only user, when the variant absorbs it."""
+        if not spec.absorbs or len(n.users) != 1:
+            return None, None
+        u = next(iter(n.users))
+        act = None
+        if u.op == "call_module":
+            mod = self.gm.get_submodule(u.target)
+            if len(u.args) == 1 and u.args[0] is n and not u.kwargs:
+                act = activation_of_module(mod)
+        elif u.op == "call_method":
+            if len(u.args) == 1 and u.args[0] is n and not u.kwargs:
+                act = activation_of_call(u.target, {}, method=True)
+        elif u.op == "call_function":
+            with contextlib.suppress(Exception):
+                na = u.normalized_arguments(self.gm, normalize_to_only_use_kwargs=True)
+                if na is not None and na.kwargs.get("input") is n:
+                    act = activation_of_call(u.target, dict(na.kwargs))
+        if act is None or act.kind not in spec.absorbs:
+            return None, None
+        return u, act
+
+    def replace_layer(self, layer: Layer, spec: VariantSpec, params: dict[str, Any]) -> str:
+        """Swap ``layer`` (and the activation right after it, when the variant absorbs it) for
+        a site built from the trained layer."""
+        node = self._layer_node(layer.ref)
+        if node is None:
+            raise UsageError(f"layer {layer.name} is not a layer {spec.name} can rewrite", "see `dropcli inspect`")
+        return self._replace_node(node, spec, params, layer.name)
+
+    def _replace_node(self, node: fx.Node, spec: VariantSpec, params: dict[str, Any], label: str) -> str:
+        info = self.layer_info(node)
+        if info is None or info.cls not in spec.replaces:
+            what = info.cls if info is not None else "an unsupported layer"
+            raise UsageError(f"{spec.name} rewrites {', '.join(spec.replaces)} layers, but {label} is {what}",
+                             "choose other layers with --layers/--after (see `dropcli inspect`)")
+        act_node, act = self._absorbed_activation(node, spec)
+        info.act = act
+        module = spec.torch_module(info, **params)  # the variant checks the layer (UsageError)
+        module.replaced_name = label
+        module.replaced_act_name = _node_label(act_node) if act_node is not None else ""
+        name = f"{SITE_PREFIX}{self._site_count}"
+        self._site_count += 1
+        self.gm.add_submodule(name, module)
+        g = self.gm.graph
+        last = act_node if act_node is not None else node
+        with g.inserting_before(node):
+            new = g.call_module(name, tuple(info.inputs))
+        for key in ("val", "tensor_meta"):
+            if key in last.meta:
+                new.meta[key] = last.meta[key]
+        last.replace_all_uses_with(new)
+        if act_node is not None:
+            g.erase_node(act_node)
+        g.erase_node(node)
+        self._drop_unused_attrs(info.weight_nodes)
+        self._recompile()
+        return name
+
+    def _drop_unused_attrs(self, nodes: Sequence[Any]) -> None:
+        """Erase get_attr nodes left without users and delete their tensors from the module
+        (the site holds them now), unless another get_attr still reads the same target."""
+        g = self.gm.graph
+        targets = set()
+        for n in nodes:
+            if isinstance(n, fx.Node) and n.op == "get_attr" and not n.users and n.graph is g:
+                targets.add(n.target)
+                g.erase_node(n)
+        still = {n.target for n in g.nodes if n.op == "get_attr"}
+        for t in targets - still:
+            owner_path, _, attr = t.rpartition(".")
+            with contextlib.suppress(AttributeError):
+                owner = self.gm.get_submodule(owner_path) if owner_path else self.gm
+                delattr(owner, attr)
+
+    def _restore_layer_site(self, layer: Layer) -> tuple[fx.Node, fx.Node, str] | None:
+        """Turn a REPLACE variant's site back into the stock layer (and activation) it was built
+        from; returns (layer node, last node, layer name), or None when the row is not such a site."""
+        node: fx.Node = layer.ref
+        g = self.gm.graph
+        inlined = self.inlined_sites().get(node)
+        if node.op == "call_module" and isinstance(self.gm.get_submodule(node.target), LayerSite):
+            site_mod = self.gm.get_submodule(node.target)
+            tl, inputs, site = site_mod.layer, tuple(node.args), node.target
+            label, act_label = getattr(site_mod, "replaced_name", ""), getattr(site_mod, "replaced_act_name", "")
+            internal: set[fx.Node] = set()
+        elif inlined is not None and isinstance(self.site_meta.get(inlined[0], {}).get("layer"), dict):
+            site, x, internal = inlined
+            rec = self.site_meta[site]["layer"]
+            where_nodes = [w for w, (s2, _, _) in self.inlined_sites().items() if s2 == site]
+            if len(where_nodes) != 1:
+                raise DropcliError(
+                    f"site {site} replaced a {rec.get('cls')} layer with several outputs; dropcli can't restore it from a "
+                    "saved TorchScript/.pt2 graph", "inject again from the original model")
+            try:
+                tensors = {t: _fetch_attr(self.gm, f"{site}.{t}") for t in rec.get("tensors", [])}
+            except AttributeError as e:
+                raise DropcliError(f"site {site}: the tensors of the layer it replaced are missing ({e})",
+                                   "inject again from the original model") from e
+            tl = TorchLayer.from_record(rec, tensors)
+            inputs, label, act_label = (x,), str(rec.get("name") or ""), str(rec.get("act_name") or "")
+        else:
+            return None
+        mod_name = _free_name(self.gm, label or f"{site}_layer")
+        self.gm.add_submodule(mod_name, stock_module(tl))
+        with g.inserting_before(node):
+            new = g.call_module(mod_name, inputs)
+        if tl.act is not None:
+            act_name = _free_name(self.gm, act_label or f"{mod_name}_act")
+            self.gm.add_submodule(act_name, tl.act.module())
+            with g.inserting_after(new):
+                out = g.call_module(act_name, (new,))
+        else:
+            out = new
+        for key in ("val", "tensor_meta"):
+            if key in node.meta:
+                out.meta[key] = node.meta[key]
+        node.replace_all_uses_with(out)
+        g.erase_node(node)
+        if internal:
+            for m in reversed(list(g.nodes)):
+                if m in internal and not m.users:
+                    g.erase_node(m)
+        self._drop_unused_attrs([n for n in g.nodes if n.op == "get_attr" and str(n.target).startswith(site + ".")])
+        self.site_meta.pop(site, None)
+        return new, out, mod_name
 
     def _recompile(self) -> None:
         g = self.gm.graph
@@ -556,6 +786,9 @@ class TorchModel:
         meta = dict(self.site_meta)
         for name, m in self.site_modules().items():
             meta[name] = {"variant": m.spec.name, "p": m.p, **m.params}
+            if isinstance(m, LayerSite):
+                meta[name]["layer"] = {**m.layer_record(), "name": getattr(m, "replaced_name", ""),
+                                       "act_name": getattr(m, "replaced_act_name", "")}
         return json.dumps(meta)
 
     def _require_example(self, fmt: str) -> tuple:
@@ -577,6 +810,53 @@ class TorchModel:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+_REWRITABLE_KINDS = {"linear", "conv", "pool", "lstm", "gru"}
+
+
+def _rnn_module_inputs(args: list[Any]) -> list[fx.Node] | None:
+    """nn.LSTM/GRU called as m(x), m(x, h0) or m(x, (h0, c0)): the tensors, flattened."""
+    if not args or not isinstance(args[0], fx.Node):
+        return None
+    out = [args[0]]
+    for a in args[1:]:
+        items = list(a) if isinstance(a, (list, tuple)) else [a]
+        if not all(isinstance(i, fx.Node) for i in items):
+            return None
+        out += items
+    return out
+
+
+def _node_label(n: fx.Node) -> str:
+    if n.op == "call_module":
+        return str(n.target)
+    stack = n.meta.get("nn_module_stack")
+    if stack:
+        path = _clean_path(list(stack.values())[-1][0])
+        if path:
+            return path
+    return n.name
+
+
+def _free_name(gm: nn.Module, base: str) -> str:
+    base = re.sub(r"[^0-9A-Za-z_.]", "_", base) or "layer"
+    name, k = base, 1
+    while True:
+        try:
+            gm.get_submodule(name)
+        except AttributeError:
+            if not hasattr(gm, name):
+                return name
+        name = f"{base}_{k}"
+        k += 1
+
+
+def _fetch_attr(gm: nn.Module, target: str) -> Any:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 def _weights(gm: nn.Module) -> dict[str, torch.Tensor]:

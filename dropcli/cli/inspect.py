@@ -21,6 +21,8 @@ def _sites(layer) -> str:
         tags.append("residual")
     if layer.kind == "dropout":
         tags.append("replace")
+    if layer.layer_class:  # a layer that layer-rewriting variants (dropconnect, pooling dropout...) can replace
+        tags.append(f"rewrite:{layer.layer_class}")
     return ",".join(tags)
 
 

@@ -32,5 +32,7 @@ Examples:
         for s in specs:
             params = ", ".join(f"--{p.flag}={p.default}" for p in s.params)
             where = s.attaches + (f" (rank {'/'.join(map(str, s.ranks))})" if s.ranks else "")
+            if s.replaces:
+                where = f"replaces {', '.join(s.replaces)}" + (f" (+ {', '.join(s.absorbs)} after it)" if s.absorbs else "")
             t.add_row(s.name, s.formula, s.test_rule, where, params, s.paper)
         out.print(t)

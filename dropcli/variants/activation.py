@@ -45,6 +45,6 @@ register(VariantSpec(
     name="vanilla", summary="Bernoulli dropout scaled at test time",
     formula="y = x * m,  m ~ Bernoulli(q)", test_rule="y = q * x",
     attaches=AFTER, paper="Srivastava et al. 2014 (JMLR)",
-    torch_module=VanillaDropout, onnx_builder=vanilla_onnx,
+    torch_module=VanillaDropout, onnx_builder=vanilla_onnx, identity_at_test=False,
     notes="Equivalent to inverted dropout with the outgoing weights multiplied by q (see `dropcli convert`).",
 ))

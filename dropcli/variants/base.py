@@ -135,6 +135,7 @@ P_PARAM = Param("p", float, 0.5, "drop probability p (keep q = 1 - p)", check_p)
 AFTER = "after"  # after a layer or activation: y = site(x), all consumers rewired
 RESIDUAL = "residual"  # on the branch operand of a residual add
 INPUT = "input"  # on a model input
+REPLACE = "replace"  # replaces a trained layer (Linear, Conv, pooling, LSTM/GRU) by a site built from it
 
 
 @dataclass(frozen=True)
@@ -143,7 +144,7 @@ class VariantSpec:
     summary: str
     formula: str  # train-time rule, one line
     test_rule: str  # inference-time rule, one line
-    attaches: str  # AFTER | RESIDUAL | INPUT
+    attaches: str  # AFTER | RESIDUAL | INPUT | REPLACE
     paper: str
     torch_module: type["SiteModule"]
     onnx_builder: Callable[..., tuple[str, str]]
@@ -153,6 +154,12 @@ class VariantSpec:
     aliases: tuple[str, ...] = ()
     default_after: tuple[str, ...] = ("activation",)  # default --after selection
     notes: str = ""
+    # REPLACE variants: the layer classes they rewrite (dropcli.layers.LAYER_CLASSES) and the
+    # activations that, directly following such a layer, the site absorbs (dropcli.layers.ACT_KINDS)
+    replaces: tuple[str, ...] = ()
+    absorbs: tuple[str, ...] = ()
+    # True when the test rule gives back the original model's function (identity at test time)
+    identity_at_test: bool = True
 
     def resolve_params(self, given: dict[str, Any]) -> dict[str, Any]:
         """Fill defaults and validate. Unknown keys for this variant are an error."""
@@ -188,6 +195,9 @@ class VariantSpec:
             "formula": self.formula,
             "test_rule": self.test_rule,
             "attaches": self.attaches,
+            "replaces": list(self.replaces),
+            "absorbs": list(self.absorbs),
+            "identity_at_test": self.identity_at_test,
             "ranks": list(self.ranks) if self.ranks else None,
             "parameters": [
                 {"name": p.name, "flag": "--" + p.flag, "type": p.type.__name__, "default": p.default, "help": p.help}
@@ -209,6 +219,10 @@ def register(spec: VariantSpec) -> VariantSpec:
     REGISTRY[spec.name] = spec
     for a in spec.aliases:
         _ALIASES[a] = spec.name
+    if (spec.attaches == REPLACE) != bool(spec.replaces):
+        raise RuntimeError(f"variant {spec.name}: a REPLACE variant names the layer classes it replaces, others none")
+    if spec.attaches == REPLACE and not issubclass(spec.torch_module, LayerSite):
+        raise RuntimeError(f"variant {spec.name}: a REPLACE variant's torch module is a LayerSite")
     spec.torch_module.spec = spec
     return spec
 
@@ -289,3 +303,88 @@ def set_mc(model: nn.Module, on: bool = True) -> int:
             buf.fill_(bool(on))
             n += 1
     return n
+
+
+def _where_tree(cond: torch.Tensor, a: Any, b: Any) -> Any:
+    """``torch.where(cond, a, b)`` on each tensor of matching (nested) tuples."""
+    if isinstance(a, (tuple, list)):
+        return type(a)(_where_tree(cond, x, y) for x, y in zip(a, b))
+    return torch.where(cond, a, b)
+
+
+class LayerSite(SiteModule):
+    """Base class of the sites of REPLACE variants: a trained layer rewritten.
+
+    Built from a :class:`dropcli.layers.TorchLayer` (the layer's class, attributes and
+    tensors, plus the activation it absorbs, if any). The tensors become this module's
+    parameters under the layer's own names (``weight``, ``bias``, ``weight_hh_l0`` ...),
+    sharing storage and dtype with the trained ones. :meth:`original` computes what the
+    replaced layer (and activation) computed; subclasses implement :meth:`sample` (MC mode)
+    and :meth:`infer` (the variant's test rule) on the same inputs as the layer.
+    """
+
+    def __init__(self, layer: Any, p: float = 0.5, **params: Any):
+        super().__init__(p, **params)
+        self.layer_cls = layer.cls
+        self.nd = int(layer.nd)
+        self.layer_attrs = dict(layer.attrs)
+        self.act = layer.act
+        self.output_style = layer.output_style
+        self.tensor_names = tuple(sorted(layer.tensors))
+        for name in self.tensor_names:
+            t = layer.tensors[name]
+            self.register_parameter(name, nn.Parameter(t.detach(), requires_grad=bool(t.requires_grad)))
+        self.check_layer()
+
+    @classmethod
+    def from_module(cls, module: nn.Module, act: nn.Module | None = None, **params: Any) -> "LayerSite":
+        """A site from a stock layer module (and activation module), e.g. ``nn.Linear``."""
+        from ..layers import activation_of_module, describe_module
+
+        layer = describe_module(module)
+        if layer is None:
+            raise UsageError(f"{type(module).__name__} is not a layer dropcli rewrites")
+        if act is not None:
+            layer.act = activation_of_module(act)
+            if layer.act is None:
+                raise UsageError(f"{type(act).__name__} is not an activation dropcli can absorb")
+        spec = cls.spec
+        return cls(layer, **spec.resolve_params(params))
+
+    def check_layer(self) -> None:
+        """Refuse layers the variant can't rewrite (a UsageError); called at construction."""
+
+    @property
+    def layer(self) -> Any:
+        from ..layers import TorchLayer
+
+        return TorchLayer(self.layer_cls, self.nd, self.layer_attrs, {n: getattr(self, n) for n in self.tensor_names},
+                          self.act, output_style=self.output_style)
+
+    def layer_record(self) -> dict[str, Any]:
+        return self.layer.record()
+
+    def pre(self, x: torch.Tensor, weight: torch.Tensor | None = None, bias: Any = True) -> torch.Tensor:
+        """The layer's own op (no activation), with substituted weight/bias when given."""
+        from ..layers import layer_forward
+
+        return layer_forward(self.layer, x, weight, bias)
+
+    def activate(self, h: torch.Tensor) -> torch.Tensor:
+        return self.act(h) if self.act is not None else h
+
+    def original(self, *inputs: torch.Tensor) -> Any:
+        return self.activate(self.pre(inputs[0]))
+
+    def infer(self, *inputs: torch.Tensor) -> Any:  # type: ignore[override]
+        return self.original(*inputs)
+
+    def forward(self, *inputs: torch.Tensor) -> Any:  # type: ignore[override]
+        if _tracing():
+            return _where_tree(self.dropcli_mc, self.sample(*inputs), self.infer(*inputs))
+        if bool(self.dropcli_mc):
+            return self.sample(*inputs)
+        return self.infer(*inputs)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, layer={self.layer.describe()}"
