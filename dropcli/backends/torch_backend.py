@@ -258,9 +258,13 @@ class TorchModel:
 
     def _node_shape(self, n: fx.Node) -> list | None:
         val = n.meta.get("val")
-        if isinstance(val, torch.Tensor):
-            return [int(d) if isinstance(d, int) else None for d in val.shape]
         tm = n.meta.get("tensor_meta")
+        if isinstance(val, torch.Tensor):
+            dims = [int(d) if isinstance(d, int) else None for d in val.shape]
+            if self.format == formats.TORCHSCRIPT and tm is not None and len(getattr(tm, "shape", ())) == len(dims):
+                # TS2EP marks every input dim dynamic; only the batch dim really is.
+                dims = [None if i == 0 and d is None else int(tm.shape[i]) if d is None else d for i, d in enumerate(dims)]
+            return dims
         if tm is not None and hasattr(tm, "shape"):
             return list(tm.shape)
         return None
