@@ -21,6 +21,7 @@ example is reported exactly once.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import socket
@@ -31,7 +32,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from .errors import DropcliError
+from .errors import DropcliError, UsageError
 
 INSTALL = 'pip install "dropcli[ray]"'
 CRASH_ENV = "DROPCLI_RAY_TEST_CRASH"  # test hook: "ROW:MARKER" makes the actor that gets ROW exit once
@@ -88,11 +89,12 @@ def session(address: str | None, workers: int, debug: bool = False) -> Iterator[
     if not ray.is_initialized():
         kw: dict[str, Any] = dict(logging_level=level, log_to_driver=debug, include_dashboard=False)
         try:
-            if address:
-                ray.init(address=address, **kw)
-            else:
-                # this machine's cores, no more: the actors share them out (plan_workers)
-                ray.init(num_cpus=os.cpu_count() or 1, **kw)
+            with _quiet_fd2(not debug):
+                if address:
+                    ray.init(address=address, **kw)
+                else:
+                    # this machine's cores, no more: the actors share them out (plan_workers)
+                    ray.init(num_cpus=os.cpu_count() or 1, **kw)
                 started = True
         except (ConnectionError, RuntimeError, ValueError) as e:
             text = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
@@ -108,6 +110,31 @@ def session(address: str | None, workers: int, debug: bool = False) -> Iterator[
             ray.shutdown()
 
 
+@contextlib.contextmanager
+def _quiet_fd2(on: bool) -> Iterator[None]:
+    """Ray's C++ core announces its log level on file descriptor 2 while it starts; keep
+    that (and the stderr of the processes it spawns, which log to files) off dropcli's stderr."""
+    if not on:
+        yield
+        return
+    try:
+        import sys
+
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def _quiet_ray_data(debug: bool) -> None:
     """Ray Data's own progress bars and notices stay off stderr: dropcli draws one bar."""
     if debug:
@@ -116,7 +143,7 @@ def _quiet_ray_data(debug: bool) -> None:
 
     log_once("ray_data_progress_manager_disabled")  # "Progress bars disabled" would be logged once
     for name in ("ray", "ray.data"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+        logging.getLogger(name).setLevel(logging.CRITICAL)  # worker errors come back as dropcli's one line
 
 
 def plan_workers(workers: int, cluster_cpus: int, local: bool) -> tuple[int, int]:
@@ -139,12 +166,13 @@ def unit_rows(n: int, workers: int, batch_size: int) -> int:
 class MCWorker:
     """One actor of the pool: loads the model once, then runs units of rows."""
 
-    def __init__(self, model: dict, source: dict, mc: dict, threads: int, crash: str | None = None):
+    def __init__(self, model: dict, sources: list[dict], mc: dict, threads: int, crash: str | None = None):
         import ray
         import torch
 
         torch.set_num_threads(max(1, int(threads)))
         from .cli.uncertainty import build_runner
+        from .shards import Source
 
         blob = ray.get(model["ref"][0])
         suffix = Path(model["name"]).suffix
@@ -152,27 +180,34 @@ class MCWorker:
             path = os.path.join(d, "model" + suffix)
             Path(path).write_bytes(blob)
             self.runner = build_runner(path, model["load_opts"], mc["device"], model["inject"])
-        src = dict(source)
-        if src.get("arrays_ref"):
-            src["arrays"] = ray.get(src.pop("arrays_ref")[0])
-        from .shards import Source
-
-        self.source = Source(src["name"], self.runner.input_specs(), shards=src["shards"], arrays=src.get("arrays"))
+        specs = self.runner.input_specs()
+        self.sources = []
+        for src in sources:
+            arrays = ray.get(src["arrays_ref"][0]) if src.get("arrays_ref") else None
+            self.sources.append(Source(src["name"], specs, shards=src["shards"], arrays=arrays))
         self.mc = mc
         self.crash = crash
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        parts = [self._unit(int(k), int(a), int(b)) for k, a, b in zip(batch["shard"], batch["start"], batch["stop"])]
+        try:
+            parts = [self._unit(int(i), int(k), int(a), int(b))
+                     for i, k, a, b in zip(batch["src"], batch["shard"], batch["start"], batch["stop"])]
+        except DropcliError as e:
+            # Ray Data keeps only the text of a worker's exception; send the error back as data
+            err = {"error": type(e).__name__, "message": e.message, "hint": e.hint}
+            return {"index": np.array([-1]), "error": np.array([json.dumps(err)])}
         return {c: np.concatenate([p[c] for p in parts]) for c in parts[0]}
 
-    def _unit(self, shard: int, start: int, stop: int) -> dict[str, np.ndarray]:
+    def _unit(self, src: int, shard: int, start: int, stop: int) -> dict[str, np.ndarray]:
         if self.crash:
             row, _, marker = self.crash.partition(":")
-            if start <= int(row) < stop and not os.path.exists(marker):
+            if src == 0 and start <= int(row) < stop and not os.path.exists(marker):
                 Path(marker).write_text(str(os.getpid()))
                 os._exit(17)  # the test's worker death: the next attempt finds the marker
-        xs = self.source.read(shard, start, stop)
-        return unit_columns(self.runner, xs, start, self.mc)
+        xs = self.sources[src].read(shard, start, stop)
+        cols = unit_columns(self.runner, xs, start, self.mc)
+        cols["src"] = np.full(len(cols["index"]), src, dtype=np.int16)
+        return cols
 
 
 def unit_columns(runner: Any, xs: list[np.ndarray], offset: int, mc: dict) -> dict[str, np.ndarray]:
@@ -200,20 +235,25 @@ def unit_columns(runner: Any, xs: list[np.ndarray], offset: int, mc: dict) -> di
 # ------------------------------------------------------------------------------ the driver
 
 
-def run(source: Any, model: dict, mc: dict, workers: int, threads: int, progress: Callable[[int], None],
-        units: list[dict] | None = None) -> dict[str, np.ndarray]:
-    """Run the units (default: all of the source's) on the actor pool; columns in input order."""
+def run(sources: list[Any], model: dict, mc: dict, workers: int, threads: int, progress: Callable[[int], None],
+        units: list[dict] | None = None) -> list[dict[str, np.ndarray]]:
+    """Run the units (default: all rows of every source) on ONE actor pool; per source, the
+    columns in input order."""
     import ray
     import ray.data
 
-    src: dict[str, Any] = {"name": source.name, "shards": source.shards}
+    srcs: list[dict[str, Any]] = []
     refs = []
-    if source.arrays is not None:
-        ref = ray.put(source.arrays)
-        refs.append(ref)
-        src["arrays_ref"] = [ref]  # in a list: Ray does not resolve it, the actor fetches it once
+    for source in sources:
+        src: dict[str, Any] = {"name": source.name, "shards": source.shards}
+        if source.arrays is not None:
+            ref = ray.put(source.arrays)
+            refs.append(ref)
+            src["arrays_ref"] = [ref]  # in a list: Ray does not resolve it, the actor fetches it once
+        srcs.append(src)
     if units is None:
-        units = source.units(unit_rows(source.n, workers, mc["batch_size"]))
+        units = [dict(u, src=i) for i, source in enumerate(sources)
+                 for u in source.units(unit_rows(source.n, workers, mc["batch_size"]))]
     crash = os.environ.get(CRASH_ENV) or None
     ctx = ray.data.DataContext.get_current()
     saved = (ctx.enable_progress_bars, ctx.execution_options.preserve_order, getattr(ctx, "print_on_execution_start", None))
@@ -232,10 +272,14 @@ def run(source: Any, model: dict, mc: dict, workers: int, threads: int, progress
             ds = ds.map_batches(
                 MCWorker, batch_size=1, batch_format="numpy",
                 compute=ray.data.ActorPoolStrategy(size=workers),
-                fn_constructor_kwargs={"model": model, "source": src, "mc": mc, "threads": threads, "crash": crash},
+                fn_constructor_kwargs={"model": model, "sources": srcs, "mc": mc, "threads": threads, "crash": crash},
                 num_cpus=threads, **remote,
             )
             for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                if "error" in b:
+                    err = json.loads(str(b["error"][0]))
+                    cls = UsageError if err["error"] == "UsageError" else DropcliError
+                    raise cls(err["message"], err["hint"])
                 parts.append(b)
                 progress(len(b["index"]))
     except KeyboardInterrupt:
@@ -249,10 +293,15 @@ def run(source: Any, model: dict, mc: dict, workers: int, threads: int, progress
         if saved[2] is not None:
             ctx.print_on_execution_start = saved[2]
         del refs
-    return gather(parts, sum(u["stop"] - u["start"] for u in units), units[0]["start"] if units else 0)
+    out = []
+    for i in range(len(sources)):
+        mine = [{c: v[b["src"] == i] for c, v in b.items()} for b in parts]
+        mine = [m for m in mine if len(m["index"])]
+        out.append(gather(mine, sum(u["stop"] - u["start"] for u in units if u["src"] == i)) if mine else None)
+    return out
 
 
-def gather(parts: list[dict[str, np.ndarray]], n: int, first: int = 0) -> dict[str, np.ndarray]:
+def gather(parts: list[dict[str, np.ndarray]], n: int) -> dict[str, np.ndarray]:
     """Concatenate the units' columns, in index order; each example exactly once."""
     if not parts:
         raise DropcliError("the Ray run returned no results")

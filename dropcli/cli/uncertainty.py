@@ -219,8 +219,9 @@ def register(app: typer.Typer) -> None:
             if task == "auto":
                 int_labels = labels is None or (np.issubdtype(labels.dtype, np.integer) or np.all(labels == np.round(labels)))
                 task = "classification" if K >= 2 and int_labels and labels is not None and labels.ndim == 1 or (K >= 2 and labels is None) else "regression"
-            res = eng.run(source, task, tau, "MC dropout")
-            ood_res = eng.run(ood_source, task, tau, "OOD") if ood_source is not None and task == "classification" else None
+            with_ood = ood_source is not None and task == "classification"
+            results = eng.run_all([source, ood_source] if with_ood else [source], task, tau)
+            res, ood_res = results[0], (results[1] if with_ood else None)
         log(f"[dim]{model_path}: {model.backend}/{model.format}, {runner.n_sites} dropout site(s); "
             f"{n} examples x T={samples} on {dev}, {eng.describe()}[/]")
         per, eval_out = res.per, res.eval
@@ -304,13 +305,17 @@ class _LocalEngine:
         self._src = source
         return self._res.samples.shape[-1]
 
-    def run(self, source, task, tau, what) -> EngineResult:
-        if source is self._src:
-            res = self._res
-        else:
-            res = _run(self.runner, source.read_all(), self.T, self.seed, self.batch_size, self.budget, source.n, what)
-        self.chunks += res.chunks
-        return EngineResult(stats.per_example(res.samples, task, tau), res.eval, res.samples)
+    def run_all(self, sources, task, tau) -> list[EngineResult]:
+        out = []
+        for i, source in enumerate(sources):
+            if source is self._src:
+                res = self._res
+            else:
+                res = _run(self.runner, source.read_all(), self.T, self.seed, self.batch_size, self.budget, source.n,
+                           "OOD" if i else "MC dropout")
+            self.chunks += res.chunks
+            out.append(EngineResult(stats.per_example(res.samples, task, tau), res.eval, res.samples))
+        return out
 
     def describe(self) -> str:
         return f"{self.chunks} chunk(s)"
@@ -351,29 +356,35 @@ class _RayEngine:
         ev = self.runner.run_eval(source.read(k, a, a + 1))
         return int(np.prod(ev.shape[1:]))
 
-    def run(self, source, task, tau, what) -> EngineResult:
+    def run_all(self, sources, task, tau) -> list[EngineResult]:
+        """Every source on one actor pool (the model is loaded once per actor for all of them)."""
         from ..mc import check_degenerate_examples
         from ..ray_engine import run
 
         mc = dict(self.mc, task=task, as_probs=None)
-        with _progress(what, source.n) as advance:
-            cols = run(source, self.model, mc, self.actors, self.threads, advance)
+        total = sum(src.n for src in sources)
+        with _progress("MC dropout" if len(sources) == 1 else "MC dropout (input + OOD)", total) as advance:
+            results = run(sources, self.model, mc, self.actors, self.threads, advance)
+        out = []
+        for i, (source, cols) in enumerate(zip(sources, results)):
             check_degenerate_examples(cols["degenerate"], self.mc["T"])
             if task == "classification":
-                # to_probs decides over ALL samples (an AND over examples): redo the units that decided alone otherwise
+                # to_probs decides over ALL samples (an AND over examples): redo the units that decided otherwise alone
                 flags = cols["as_probs"]
                 decision = bool(flags.all())
-                redo = [u for u in source.units(_unit_rows(source, self.actors, self.mc["batch_size"]))
+                redo = [dict(u, src=0) for u in source.units(_unit_rows(source, self.actors, self.mc["batch_size"]))
                         if bool(flags[u["start"]]) != decision]
                 if redo:
-                    again = run(source, self.model, dict(mc, as_probs=decision), self.actors, self.threads, lambda k: None, redo)
+                    again = run([source], self.model, dict(mc, as_probs=decision), self.actors, self.threads,
+                                lambda k: None, redo)[0]
                     rows = again["index"]
                     for c in cols:
                         cols[c][rows] = again[c]
-        per = {k[4:]: v for k, v in cols.items() if k.startswith("per_")}
-        samples = np.swapaxes(cols["samples"], 0, 1) if "samples" in cols else None
-        self.n_units = len(source.units(_unit_rows(source, self.actors, self.mc["batch_size"])))
-        return EngineResult(per, cols["eval"], samples)
+            per = {k[4:]: v for k, v in cols.items() if k.startswith("per_")}
+            samples = np.ascontiguousarray(np.swapaxes(cols["samples"], 0, 1)) if "samples" in cols else None
+            out.append(EngineResult(per, cols["eval"], samples))
+        self.n_units = sum(len(src.units(_unit_rows(src, self.actors, self.mc["batch_size"]))) for src in sources)
+        return out
 
     def describe(self) -> str:
         return f"Ray: {self.actors} worker(s) x {self.threads} CPU(s), {self.n_units} unit(s)"
