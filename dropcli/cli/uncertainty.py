@@ -340,6 +340,11 @@ class _RayEngine:
             self.actors, self.threads = plan_workers(self.workers, info["cluster_cpus"], not self.address)
             if self.actors < self.workers:
                 log(f"[dim]--workers {self.workers}: this machine has {info['cluster_cpus']} CPU(s), using {self.actors} worker(s)[/]")
+            if self.mc["budget"] is None and not self.address:
+                # the actors of a local run share this machine's memory (results do not depend on it)
+                from ..mc import default_budget
+
+                self.mc["budget"] = max(64 << 20, default_budget(self.dev) // self.actors)
             self.model = model_payload(self.model_path, self.load_kw, self.inject_opts)
         except BaseException:
             self.session.__exit__(*sys.exc_info())
