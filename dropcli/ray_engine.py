@@ -1,7 +1,8 @@
 """`dropcli uncertainty --engine ray`: the MC engine on a Ray Data actor pool.
 
 The dataset is a list of *work units*, each a row range of one shard (or of the in-memory
-input): ``{"shard", "start", "stop"}`` with global row numbers. ``map_batches`` sends the
+input): ``{"src", "shard", "start", "stop"}`` with global row numbers (``src`` 0 is the
+input, 1 the ``--ood`` input: both run on the same pool). ``map_batches`` sends the
 units to a pool of :class:`MCWorker` actors. Each actor loads the model ONCE (its bytes
 come from the object store, put there once by the driver), builds the same runner the
 local engine uses (:class:`dropcli.mc.TorchRunner` / ``dropcli.mc_onnx.OnnxRunner``), reads
@@ -268,7 +269,11 @@ def run(sources: list[Any], model: dict, mc: dict, workers: int, threads: int, p
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ds = ray.data.from_items(units, override_num_blocks=max(1, min(len(units), 200)))
+            blocks = max(1, min(len(units), 200))
+            try:
+                ds = ray.data.from_items(units, override_num_blocks=blocks)
+            except TypeError:  # Ray < 2.10 calls it parallelism
+                ds = ray.data.from_items(units, parallelism=blocks)
             ds = ds.map_batches(
                 MCWorker, batch_size=1, batch_format="numpy",
                 compute=ray.data.ActorPoolStrategy(size=workers),

@@ -329,3 +329,15 @@ def test_unreachable_address_is_one_line(ray_local, models, data):
             contains=("no-such-host.invalid:6379",))
     cli_err("uncertainty", models["mlp"], "--input", data["npy"], "--engine", "ray", "--address", "nonsense",
             contains=("nonsense",))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+def test_device_cuda_runs_on_the_pool(ray_local, models, data):
+    """--device cuda: each actor asks Ray for a GPU; the report matches the local engine's
+    on the same GPU (GPU kernels are not bitwise across batch shapes: compared to 1e-5)."""
+    loc = json.loads(local_json(models["mlp"], data["all"], "--device", "cuda"))
+    ray = json.loads(ray_json(models["mlp"], data["dir"] / "npz", "--device", "cuda"))
+    assert [e["index"] for e in ray["examples"]] == list(range(N))
+    for a, b in zip(loc["examples"], ray["examples"]):
+        for k, v in a.items():
+            assert b[k] == pytest.approx(v, abs=1e-5), k
