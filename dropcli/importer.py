@@ -377,6 +377,10 @@ class _OnnxImporter:
 
     def run(self) -> fx.GraphModule:
         g = self.model.graph
+        bad = sorted({n.op_type for n in g.node if n.op_type not in ONNX_OPS or n.domain not in ("", "ai.onnx")})
+        if bad:
+            raise DropcliError(f"ONNX op{'s' if len(bad) > 1 else ''} {', '.join(bad)} {'are' if len(bad) > 1 else 'is'} not supported by dropcli's ONNX importer",
+                               f"supported ops: {', '.join(ONNX_OPS)}; or pass the torch model instead")
         init_names = set(self.consts)
         for inp in g.input:
             if inp.name in init_names:

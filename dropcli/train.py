@@ -47,7 +47,7 @@ def input_spec(example: tuple[torch.Tensor, ...]) -> InputSpec:
 def _xy(path: str, spec: InputSpec) -> tuple[np.ndarray, np.ndarray]:
     arrays = read_arrays(path)
     ykey = next((k for k in LABEL_KEYS if k in arrays), None)
-    if ykey is None and set(arrays) == {"x"} and arrays["x"].ndim == 2 and arrays["x"].shape[1] >= 2:
+    if ykey is None and _is_csv(path) and arrays["x"].ndim == 2 and arrays["x"].shape[1] >= 2:
         # a CSV (or single array): the last column holds the label
         full = arrays["x"]
         arrays = {"x": full[:, :-1], "y": full[:, -1]}
@@ -60,6 +60,14 @@ def _xy(path: str, spec: InputSpec) -> tuple[np.ndarray, np.ndarray]:
     if len(y) != len(x):
         raise DropcliError(f"{path}: {len(x)} inputs but {len(y)} labels", "give one label per example")
     return x, y
+
+
+def _is_csv(path: str) -> bool:
+    if path == "-":
+        return False
+    with open(path, "rb") as fh:
+        head = fh.read(6)
+    return not (head.startswith(b"\x93NUMPY") or head.startswith(b"PK\x03\x04"))
 
 
 def resolve_task(task: str, y: np.ndarray, n_out: int) -> str:
