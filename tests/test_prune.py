@@ -376,3 +376,32 @@ def test_regression_from_csv_and_classification_from_pt(tmp_path):
     r = _run("prune", path, "--data", tmp_path / "d.pt", "--epochs", 2, "--kl-weight", 0.01, "-o", tmp_path / "c_out.pt2", "--json")
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["summary"]["task"] == "classification"
+
+
+def test_model_with_sparse_vd_layers_is_pruned_by_its_own_scores(tmp_path):
+    """A (pickled) model whose layers are already dropcli sparse-VD layers, trained by the user:
+    no --data needed; the output is plain and computes what the model computes in eval mode."""
+    import models as models_mod
+
+    torch.manual_seed(0)
+    m = MLP(d_in=12, hidden=16, d_out=5).eval()
+    m.fc1, m.fc2, m.fc3 = (LinearSVD.from_layer(l) for l in (m.fc1, m.fc2, m.fc3))
+    with torch.no_grad():
+        for l in (m.fc1, m.fc2, m.fc3):
+            l.log_sigma2.copy_(torch.randn_like(l.log_sigma2) * 3 - 2)  # as if trained
+        m.fc1.log_sigma2[3] = 20.0  # a whole unit above the threshold
+    m.eval()
+    path = tmp_path / "svd.pkl"
+    torch.save(m, path)
+    out = tmp_path / "out.pkl"
+    r = _run("prune", path, "--trust-pickle", "--import", models_mod.__file__, "--input-shape", "2x12", "-o", out, "--json")
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)
+    assert rep["layers"][0]["units_removed"] >= 1
+    pruned = torch.load(out, weights_only=False)
+    assert all(type(mod).__module__.startswith("torch.") for name, mod in pruned.named_modules() if name)
+    x = torch.randn(50, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), m(x), atol=1e-5, rtol=1e-5)
+    kept = sum(int(l.keep_mask().sum()) for l in (m.fc1, m.fc2, m.fc3))
+    assert rep["summary"]["weights_after"] <= kept

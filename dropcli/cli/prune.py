@@ -165,14 +165,14 @@ def register(app: typer.Typer) -> None:
         model = load_model(model_path, **load_opts(trust_pickle, imports, arch, input_shape))
         example = _example(model)
         gm = to_modules(model)
-        if not prunable_layers(gm):
+        has_svd = any(getattr(type(m), "dropcli_leaf", False) for m in gm.modules())
+        if not prunable_layers(gm) and not has_svd:
             raise DropcliError("the model has no prunable layers (Linear, Conv1d or Conv2d with stored weights)",
                                "dropcli prune works on models built from Linear / Conv layers")
         with torch.no_grad():
             ref = gm(*example)
         if not isinstance(ref, torch.Tensor):
             raise DropcliError("the model returns several outputs; dropcli prune needs a model with one output")
-        has_svd = any(type(m).__name__ in ("LinearSVD", "ConvSVD") for m in gm.modules())
         train = vsplit = None
         if data is None and not has_svd:
             raise UsageError("--data is required", "give training data (.npz with x and y, .pt or .csv)")

@@ -126,9 +126,12 @@ def finalize_sbp(gm: fx.GraphModule, sbp: dict[str, SBPNoise]) -> dict[str, np.n
     return snrs
 
 
-def layer_stats(gm: nn.Module) -> dict[str, dict[str, Any]]:
+def layer_stats(gm: nn.Module, include_svd: bool = False) -> dict[str, dict[str, Any]]:
     out = {}
-    for name, m in prunable_layers(gm).items():
+    layers = dict(prunable_layers(gm))
+    if include_svd:
+        layers.update(_svd_modules(gm))
+    for name, m in layers.items():
         w = m.weight.detach()
         out[name] = {"type": type(m).__name__, "shape": list(w.shape), "weights": int(w.numel()),
                      "nonzero": int((w != 0).sum()), "units": int(w.shape[0])}
@@ -136,9 +139,11 @@ def layer_stats(gm: nn.Module) -> dict[str, dict[str, Any]]:
 
 
 def count_params(gm: nn.Module) -> tuple[int, int]:
-    """(all parameters, nonzero parameters); BatchNorm statistics are not counted."""
+    """(all parameters, nonzero parameters); BatchNorm statistics and sparse-VD variances are not counted."""
     total = nz = 0
-    for p in gm.parameters():
+    for name, p in gm.named_parameters():
+        if name.endswith("log_sigma2"):
+            continue
         total += p.numel()
         nz += int((p != 0).sum())
     return total, nz
@@ -151,12 +156,12 @@ def prune(gm: fx.GraphModule, example: tuple, train: Split | None, task: str, cf
 
         raise UsageError(f"unknown --method {cfg.method!r}", f"choose one of {', '.join(METHODS)}")
     gm = copy.deepcopy(gm).eval()
-    before = layer_stats(gm)
+    existing = _svd_modules(gm)
+    before = layer_stats(gm, include_svd=True)
     if not before:
         raise DropcliError("the model has no prunable layers (Linear, Conv1d or Conv2d with stored weights)",
                            "dropcli prune works on models built from Linear / Conv layers")
     protected = output_layers(gm)
-    existing = _svd_modules(gm)
     log_alpha: dict[str, np.ndarray] = {}
     history: list[dict[str, float]] = []
     if existing:

@@ -38,6 +38,8 @@ def kl_sparse_vd(log_alpha: torch.Tensor) -> torch.Tensor:
 class _SparseVD(nn.Module):
     """Shared parts of the sparse-VD layers. ``weight`` holds theta."""
 
+    dropcli_leaf = True  # kept as a module when dropcli traces a pickled model
+
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, threshold: float):
         super().__init__()
         self.weight = nn.Parameter(weight.detach().clone().float())

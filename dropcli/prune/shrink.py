@@ -43,7 +43,7 @@ def output_layers(gm: fx.GraphModule) -> set[str]:
         if n in seen:
             continue
         seen.add(n)
-        if n.op == "call_module" and isinstance(mods.get(n.target), PRUNABLE + (nn.Module,)) and _weighted(mods.get(n.target)):
+        if n.op == "call_module" and _weighted(mods.get(n.target)):
             found.add(n.target)
             continue
         stack.extend(n.all_input_nodes)
