@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -140,9 +141,12 @@ def main() -> None:
                    "--input-shape", "x".join(str(d) for d in (2,) + tuple(xt.shape[1:]))]
             env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
             t0 = time.perf_counter()
+            ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             wall = time.perf_counter() - t0
-            print(f"{name}: dropcli prune {wall:.1f} s", file=sys.stderr)
+            ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
+            print(f"{name}: dropcli prune {wall:.1f} s wall, {cpu:.1f} s CPU", file=sys.stderr)
             if proc.returncode != 0:
                 raise SystemExit(f"dropcli prune failed for {name}: {proc.stderr.strip()[-500:]}")
             rep = json.loads(proc.stdout)
@@ -157,7 +161,7 @@ def main() -> None:
                    "w_before": s["weights_before"], "w_after": s["weights_after"], "compression": s["compression"],
                    "params_before": s["params_before"], "params_after": s["params_after"],
                    "shapes": [f"{r['layer']} {'x'.join(map(str, r['shape_before']))}->{'x'.join(map(str, r['shape_after']))}" for r in rep["layers"]],
-                   "lat1": lat1, "lat256": lat256, "wall": wall, "layers": rep["layers"],
+                   "lat1": lat1, "lat256": lat256, "wall": wall, "cpu": cpu, "layers": rep["layers"],
                    "size": (s["size_before"], s["size_after"])}
             if name == "MLP":
                 row["sparse"] = {b: sparse_vs_dense(pruned_ts, xe[:b]) for b in (1, 256)}
@@ -166,7 +170,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; dropcli prune defaults (sparse-vd); "
           f"digits {len(x_tr)} train / {len(x_te)} test\n")
     hdr = ("model", "dense acc", "pruned acc", "drop (pt)", "nonzero W before", "after", "compression", "target",
-           "anchor (MNIST)", "lat b=1 dense/pruned (ms)", "lat b=256 dense/pruned (ms)", "prune wall (s)")
+           "anchor (MNIST)", "lat b=1 dense/pruned (ms)", "lat b=256 dense/pruned (ms)", "prune wall / CPU (s)")
     print("| " + " | ".join(hdr) + " |")
     print("|" + "---|" * len(hdr))
     ok_all = True
@@ -179,7 +183,7 @@ def main() -> None:
         print(f"| {r['model']} | {100 * r['acc_dense']:.2f}% | {100 * r['acc_pruned']:.2f}% | {r['drop_pts']:.2f} | {r['w_before']} | "
               f"{r['w_after']} | {r['compression']:.1f}x | >={tgt_c:.0f}x, <={tgt_d} pt: {'met' if met else 'MISSED'} | "
               f"{anchor:.0f}x ({anchor_name}); dropcli at {r['compression'] / anchor:.2f} of it | "
-              f"{r['lat1']['dense']:.3f} / {r['lat1']['pruned']:.3f} | {r['lat256']['dense']:.3f} / {r['lat256']['pruned']:.3f} | {r['wall']:.1f} |")
+              f"{r['lat1']['dense']:.3f} / {r['lat1']['pruned']:.3f} | {r['lat256']['dense']:.3f} / {r['lat256']['pruned']:.3f} | {r['wall']:.1f} / {r['cpu']:.1f} |")
     print()
     for r in rows:
         print(f"{r['model']}: " + "; ".join(r["shapes"]) + f"; all params {r['params_before']} -> {r['params_after']}; "

@@ -157,6 +157,10 @@ def register(app: typer.Typer) -> None:
         if task not in ("auto", "classification", "regression"):
             raise UsageError(f"unknown --task {task!r}", "choose auto, classification or regression")
         dev = _device(device)
+        if plot:
+            from ..plot import _import_pyplot
+
+            _import_pyplot()  # fail before training when matplotlib is missing
         inputs = [model_path] + [p for p in (data, val) if p]
         check_output_path(output, inputs, force=force)
         for extra in (report_path, plot):
