@@ -128,6 +128,7 @@ def main() -> None:
             xt, yt = torch.from_numpy(x_tr).reshape(shape), torch.from_numpy(y_tr)
             xe, ye = torch.from_numpy(x_te).reshape(shape), torch.from_numpy(y_te)
             t0 = time.perf_counter()
+            torch.manual_seed(SEED)
             model = train_dense(make(), xt, yt)
             print(f"{name}: dense training {time.perf_counter() - t0:.1f} s", file=sys.stderr)
             dense_path = tmp / f"{name}.pt"
@@ -139,7 +140,9 @@ def main() -> None:
             cmd = [sys.executable, "-m", "dropcli.cli.main", "-q", "prune", str(dense_path), "--data", str(tmp / f"{name}_train.npz"),
                    "--val", str(tmp / f"{name}_test.npz"), "-o", str(out), "--json",
                    "--input-shape", "x".join(str(d) for d in (2,) + tuple(xt.shape[1:]))]
-            env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+            # one intra-op thread for the (small) training run: on a shared 2-core machine a second
+            # thread mostly spin-waits, which inflates both wall and CPU time several-fold
+            env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
             t0 = time.perf_counter()
             ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -167,7 +170,8 @@ def main() -> None:
                 row["sparse"] = {b: sparse_vs_dense(pruned_ts, xe[:b]) for b in (1, 256)}
             rows.append(row)
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; dropcli prune defaults (sparse-vd); "
+    print(f"torch {torch.__version__}; latency with {torch.get_num_threads()} threads, `dropcli prune` run with OMP_NUM_THREADS=1; "
+          f"prune defaults (sparse-vd); "
           f"digits {len(x_tr)} train / {len(x_te)} test\n")
     hdr = ("model", "dense acc", "pruned acc", "drop (pt)", "nonzero W before", "after", "compression", "target",
            "anchor (MNIST)", "lat b=1 dense/pruned (ms)", "lat b=256 dense/pruned (ms)", "prune wall / CPU (s)")

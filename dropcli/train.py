@@ -179,12 +179,14 @@ def progress_bar(total: int, description: str, quiet: bool = False):
 def fit(model: nn.Module, train: Split, task: str, *, params: Iterable[dict[str, Any]], epochs: int, batch_size: int,
         seed: int, device: str = "cpu", regulariser: Callable[[float], tuple[torch.Tensor, dict[str, float]]] | None = None,
         train_modules: Iterable[nn.Module] = (), describe: Callable[[], str] | None = None,
-        on_step: Callable[[int], None] | None = None, quiet: bool = False, label: str = "training") -> list[dict[str, float]]:
+        on_step: Callable[[int], None] | None = None, quiet: bool = False, label: str = "training",
+        decay_from: float | None = None) -> list[dict[str, float]]:
     """Adam on ``data loss + regulariser(progress)`` for ``epochs`` epochs.
 
     Only ``train_modules`` are put in training mode: everything else (BatchNorm, dropout)
     stays in eval mode. ``regulariser(progress)`` gets the fraction of training done (0..1) and
-    returns the term to add and numbers for the progress bar. Ctrl-C raises KeyboardInterrupt.
+    returns the term to add and numbers for the progress bar. With ``decay_from`` (a fraction of
+    training) the learning rates fall linearly to 0 from that point on. Ctrl-C raises KeyboardInterrupt.
     """
     if epochs < 1:
         raise UsageError("--epochs must be at least 1")
@@ -192,6 +194,7 @@ def fit(model: nn.Module, train: Split, task: str, *, params: Iterable[dict[str,
         raise UsageError("--batch-size must be at least 1")
     gen = seed_all(seed)
     opt = torch.optim.Adam(list(params))
+    base_lrs = [g["lr"] for g in opt.param_groups]
     model.eval()
     train_modules = list(train_modules)
     for m in train_modules:
@@ -208,6 +211,11 @@ def fit(model: nn.Module, train: Split, task: str, *, params: Iterable[dict[str,
                 extra: dict[str, float] = {}
                 for k in range(steps):
                     idx = perm[k * batch_size:(k + 1) * batch_size]
+                    if decay_from is not None:
+                        progress = (epoch * steps + k) / (epochs * steps)
+                        f = 1.0 if progress < decay_from else max(0.0, (1.0 - progress) / (1.0 - decay_from))
+                        for g, lr0 in zip(opt.param_groups, base_lrs):
+                            g["lr"] = lr0 * f
                     xb, yb = train.x[idx].to(device), train.y[idx].to(device)
                     out = model(xb)
                     loss = data_loss(out, yb, task)
@@ -221,7 +229,7 @@ def fit(model: nn.Module, train: Split, task: str, *, params: Iterable[dict[str,
                     opt.step()
                     if not torch.isfinite(total):
                         raise DropcliError("training diverged (the loss is not finite)", "lower --lr")
-                    tot += float(loss) * len(idx)
+                    tot += float(loss.detach()) * len(idx)
                     if task == "classification":
                         correct += int((out.argmax(-1) == yb).sum())
                     step += 1

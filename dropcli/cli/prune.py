@@ -26,7 +26,7 @@ then remove dead neurons and channels for real.
 sparse-vd (Molchanov et al. 2017): every Linear / Conv1d / Conv2d gets a learned per-weight noise
 variance (log sigma^2 starts at -10); fine-tuning minimises  mean loss + beta * sum KL / N  with beta
 ramped from 0 to --kl-weight over the first half of the epochs; weights with log alpha > --threshold
-become 0. sbp (Neklyudov et al. 2017): log-normal noise per neuron / channel; units with SNR <= 1 go.
+become 0, and the kept weights are fine-tuned without noise for --retrain-epochs (pruned ones stay 0). sbp (Neklyudov et al. 2017): log-normal noise per neuron / channel; units with SNR <= 1 go.
 
 Then every hidden unit with no live inputs (its constant output is folded into the next layer's bias
 where that is exact) or no live outputs is removed, with Torch-Pruning's dependency graph slicing the
@@ -122,6 +122,7 @@ def register(app: typer.Typer) -> None:
         kl_weight: float = typer.Option(1.0, "--kl-weight", help="Final KL weight beta (ramped up from 0 over the first half of training)."),
         lr: Optional[float] = typer.Option(None, "--lr", help="Adam learning rate for the weights (the noise parameters get 10x). Default 3e-3."),
         batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Training batch size (default 64)."),
+        retrain_epochs: Optional[int] = typer.Option(None, "--retrain-epochs", help="Then fine-tune only the kept weights, without noise, for this many epochs (default 10; 0 skips)."),
         task: str = typer.Option("auto", "--task", help="classification (cross-entropy), regression (MSE) or auto (integer labels = classification)."),
         device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto (training only; the output is a CPU model)."),
         seed: int = typer.Option(0, "--seed", help="Random seed: split, shuffling and noise (bitwise reproducible on CPU)."),
@@ -144,6 +145,9 @@ def register(app: typer.Typer) -> None:
         epochs = DEFAULTS["epochs"] if epochs is None else epochs
         lr = DEFAULTS["lr"] if lr is None else lr
         batch_size = DEFAULTS["batch_size"] if batch_size is None else batch_size
+        retrain_epochs = DEFAULTS["retrain_epochs"] if retrain_epochs is None else retrain_epochs
+        if retrain_epochs < 0:
+            raise UsageError(f"--retrain-epochs must be 0 or more, got {retrain_epochs}")
         if epochs < 1:
             raise UsageError(f"--epochs must be at least 1, got {epochs}")
         if batch_size < 1:
@@ -190,7 +194,7 @@ def register(app: typer.Typer) -> None:
                 raise DropcliError(f"internal error: the imported model differs from the original by {diff:.3g}",
                                    "please report this model")
         cfg = PruneConfig(method=method, epochs=epochs, threshold=threshold, kl_weight=kl_weight, lr=lr,
-                          batch_size=batch_size, seed=seed, device=dev, quiet=STATE.quiet)
+                          batch_size=batch_size, seed=seed, device=dev, quiet=STATE.quiet, retrain_epochs=retrain_epochs)
         before_metrics = evaluate(gm, vsplit, task) if vsplit is not None else None
         result = prune(gm, example, train, task, cfg)
         pruned = result.model
@@ -213,7 +217,7 @@ def register(app: typer.Typer) -> None:
                 raise DropcliError(f"internal error: the written {fmt} model differs from the pruned model by {err:.3g}")
         summary = {
             "input": model_path, "output": output, "format": fmt, "method": method, "task": task,
-            "epochs": epochs, "threshold": threshold, "kl_weight": kl_weight, "lr": lr, "batch_size": batch_size,
+            "epochs": epochs, "retrain_epochs": retrain_epochs, "threshold": threshold, "kl_weight": kl_weight, "lr": lr, "batch_size": batch_size,
             "seed": seed, "device": dev, "validation": vsplit.source if vsplit is not None else None,
             "weights_before": w_before, "weights_after": w_after,
             "compression": w_before / max(w_after, 1),

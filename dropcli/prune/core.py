@@ -10,6 +10,7 @@ The pipeline, on a GraphModule of real modules (:func:`dropcli.importer.to_modul
    first half of the epochs.
 3. sparse-vd: weights with ``log alpha > threshold`` become 0 and the layers plain again; sbp:
    units with ``SNR <= 1`` get a zero row, the others their ``E[theta]`` folded into the weights.
+   Then :func:`retrain` fine-tunes the kept weights without noise (``--retrain-epochs``).
 4. :func:`~.shrink.shrink` removes dead units for real.
 """
 
@@ -31,8 +32,10 @@ from .shrink import PRUNABLE, ShrinkResult, output_layers, prunable_layers, shri
 
 METHODS = ("sparse-vd", "sbp")
 # defaults chosen with benchmarks/prune_digits.py
-DEFAULTS = {"epochs": 100, "lr": 3e-3, "batch_size": 64, "threshold": 3.0, "kl_weight": 1.0, "var_lr_scale": 10.0}
+DEFAULTS = {"epochs": 100, "lr": 3e-3, "batch_size": 64, "threshold": 3.0, "kl_weight": 1.0, "var_lr_scale": 10.0,
+            "retrain_epochs": 10, "retrain_lr_scale": 0.1}
 RAMP = 0.5  # fraction of training over which beta goes from 0 to --kl-weight
+DECAY_FROM = None  # fraction of training after which the learning rate decays linearly to 0
 
 
 @dataclass
@@ -46,6 +49,7 @@ class PruneConfig:
     seed: int = 0
     device: str = "cpu"
     quiet: bool = False
+    retrain_epochs: int = DEFAULTS["retrain_epochs"]
 
 
 @dataclass
@@ -205,12 +209,14 @@ def prune(gm: fx.GraphModule, example: tuple, train: Split | None, task: str, cf
 
         history = fit(gm, train, task, params=groups, epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed,
                       device=cfg.device, regulariser=reg, train_modules=ms, describe=describe, quiet=cfg.quiet,
-                      label=f"prune ({cfg.method})")
-        gm.to("cpu")
+                      label=f"prune ({cfg.method})", decay_from=DECAY_FROM)
         if cfg.method == "sparse-vd":
             log_alpha = finalize_sparse_vd(gm, mods)
         else:
             log_alpha = {k: np.log(np.maximum(v, 1e-30)) for k, v in finalize_sbp(gm, mods).items()}
+        if cfg.retrain_epochs > 0:
+            history += retrain(gm, train, task, cfg)
+        gm.to("cpu")
     gm = _clean(gm)
     mid = layer_stats(gm)
     for name, st in mid.items():
@@ -231,6 +237,24 @@ def prune(gm: fx.GraphModule, example: tuple, train: Split | None, task: str, cf
             "units_before": b["units"], "units_removed": res.removed.get(name, 0),
         })
     return PruneResult(gm, rows, log_alpha, history, res)
+
+
+def retrain(gm: fx.GraphModule, train: Split, task: str, cfg: PruneConfig) -> list[dict[str, float]]:
+    """A short deterministic fine-tune of the surviving weights (no noise, no KL), at a tenth of the
+    learning rate and decaying to 0. Pruned weights get a zero gradient, so with a fresh Adam they
+    stay exactly 0 and the sparsity pattern is the one the threshold chose."""
+    gm.to(cfg.device)
+    hooks = []
+    for m in prunable_layers(gm).values():
+        mask = (m.weight.detach() != 0).to(m.weight.dtype)
+        hooks.append(m.weight.register_hook(lambda g, mask=mask: g * mask))
+    try:
+        params = [{"params": [p for p in gm.parameters() if p.requires_grad], "lr": cfg.lr * DEFAULTS["retrain_lr_scale"]}]
+        return fit(gm, train, task, params=params, epochs=cfg.retrain_epochs, batch_size=cfg.batch_size, seed=cfg.seed + 1,
+                   device=cfg.device, quiet=cfg.quiet, label="retrain kept weights", decay_from=0.0)
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 def _clean(gm: fx.GraphModule) -> fx.GraphModule:
