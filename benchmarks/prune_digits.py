@@ -11,7 +11,9 @@ CPU); CNN >= 20x with <= 1.5 points; the shrunk model's CPU latency below the de
 published anchors (Molchanov et al. 2017, MNIST) are 68x for LeNet-300-100 and 280x for LeNet-5.
 
 Latency is measured side by side in this process: the dense and the pruned TorchScript files are
-loaded and timed in turn (median of many calls), at batch 1 and batch 256. The script also times
+loaded and timed in turn (median of many calls), at batch 1 and batch 256, with one intra-op
+thread (and the prune command runs with OMP_NUM_THREADS=1), so that other load on a shared
+machine does not turn the medians into scheduler time slices. The script also times
 what `--sparse-format` would give: the pruned MLP's remaining weights as torch CSR tensors
 (torch.sparse.mm) against the same weights dense, to decide whether that option is worth having.
 
@@ -120,6 +122,9 @@ def sparse_vs_dense(ts: torch.jit.ScriptModule, x: torch.Tensor) -> dict[str, fl
 
 def main() -> None:
     warnings.simplefilter("ignore")
+    # one intra-op thread everywhere: on a shared 2-core machine a second thread mostly spin-waits,
+    # and the latency medians then measure the scheduler's time slices instead of the models
+    torch.set_num_threads(1)
     x_tr, x_te, y_tr, y_te = data()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -140,8 +145,6 @@ def main() -> None:
             cmd = [sys.executable, "-m", "dropcli.cli.main", "-q", "prune", str(dense_path), "--data", str(tmp / f"{name}_train.npz"),
                    "--val", str(tmp / f"{name}_test.npz"), "-o", str(out), "--json",
                    "--input-shape", "x".join(str(d) for d in (2,) + tuple(xt.shape[1:]))]
-            # one intra-op thread for the (small) training run: on a shared 2-core machine a second
-            # thread mostly spin-waits, which inflates both wall and CPU time several-fold
             env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
             t0 = time.perf_counter()
             ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -170,7 +173,7 @@ def main() -> None:
                 row["sparse"] = {b: sparse_vs_dense(pruned_ts, xe[:b]) for b in (1, 256)}
             rows.append(row)
 
-    print(f"torch {torch.__version__}; latency with {torch.get_num_threads()} threads, `dropcli prune` run with OMP_NUM_THREADS=1; "
+    print(f"torch {torch.__version__}; 1 intra-op thread (latency here, and `dropcli prune` with OMP_NUM_THREADS=1); "
           f"prune defaults (sparse-vd); "
           f"digits {len(x_tr)} train / {len(x_te)} test\n")
     hdr = ("model", "dense acc", "pruned acc", "drop (pt)", "nonzero W before", "after", "compression", "target",
