@@ -135,11 +135,13 @@ class _SiteAwareTracer(fx.Tracer):
 
     Traced through, a site would be specialised on its ``dropcli_mc`` buffer's current value
     (buffers are concrete during fx tracing): a re-loaded dropcli pickle would lose its MC
-    switch and its sites.
+    switch and its sites. dropcli's sparse-VD layers (``dropcli_leaf = True``) stay modules too,
+    so ``dropcli prune`` finds their learned variances.
     """
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, SiteModule) or super().is_leaf_module(m, module_qualified_name)
+        return (isinstance(m, SiteModule) or getattr(type(m), "dropcli_leaf", False)
+                or super().is_leaf_module(m, module_qualified_name))
 
 
 class TorchModel:

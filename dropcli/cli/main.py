@@ -19,6 +19,8 @@ Examples:
 
   dropcli inject examples/digits_mlp.onnx --variant standard --p 0.2 -o mlp_mc.onnx
 
+  dropcli prune examples/digits_mlp.pt --data train.npz -o mlp_small.pt
+
   dropcli variants --json
 
 Exit codes: 0 ok, 1 error (bad model, input or failed check), 2 usage error, 130 interrupted.
@@ -47,9 +49,9 @@ def _global(
 
 
 def _register() -> None:
-    from . import inject, inspect, uncertainty, variants  # noqa: F401  (commands register themselves)
+    from . import inject, inspect, prune, uncertainty, variants  # noqa: F401  (commands register themselves)
 
-    for mod in (inspect, inject, uncertainty, variants):
+    for mod in (inspect, inject, uncertainty, prune, variants):
         mod.register(app)
 
 
