@@ -21,6 +21,8 @@ Examples:
 
   dropcli variants --json
 
+  dropcli analyze examples/digits_mlp.pt --input examples/digits_test.npz
+
 Exit codes: 0 ok, 1 error (bad model, input or failed check), 2 usage error, 130 interrupted.
 """
 
@@ -47,9 +49,9 @@ def _global(
 
 
 def _register() -> None:
-    from . import inject, inspect, uncertainty, variants  # noqa: F401  (commands register themselves)
+    from . import analyze, inject, inspect, uncertainty, variants  # noqa: F401  (commands register themselves)
 
-    for mod in (inspect, inject, uncertainty, variants):
+    for mod in (inspect, inject, uncertainty, variants, analyze):
         mod.register(app)
 
 
