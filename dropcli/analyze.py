@@ -184,8 +184,17 @@ def summarise_site(u: SiteUnits, S: np.ndarray | None, S_star: np.ndarray | None
         for k, name in (("G", "G"), ("G1", "G'"), ("NWGM", "NWGM")):
             q[name] = distribution(m[k])
         q["|E-NWGM|"] = distribution(np.abs(m["E"] - m["NWGM"]))
+        q["V"] = distribution(m["V"])
+        q["E-G"] = distribution(m["E"] - m["G"])
         q["|E-G-V|"] = distribution(np.abs(m["E"] - m["G"] - m["V"]))
+        # second-order expansion of E[log O] around E: E - G ~= V / (2E); exact enumeration
+        # follows this more closely than the E - G ~= V of variants.md (reported side by side)
+        q["V/(2E)"] = distribution(m["V"] / (2 * np.maximum(m["E"], EPS)))
         q["V|1-2E|/(1-2V)"] = distribution(m["V"] * np.abs(1 - 2 * m["E"]) / (1 - 2 * m["V"]))
+        # second-order expansion: E - NWGM ~ V(1-2E)/(2E(1-E)) (tests/test_analyze.py checks it
+        # against exact enumeration; variants.md's form above differs by 2E(1-E)/(1-2V))
+        E_ = np.clip(m["E"], EPS, 1 - EPS)
+        q["V|1-2E|/(2E(1-E))"] = distribution(m["V"] * np.abs(1 - 2 * E_) / (2 * E_ * (1 - E_)))
         for k, bad in bound_checks(m).items():
             res["bounds"][k] = {"violations": int(bad.sum()), "fraction": float(bad.mean())}
         if u.o_kind == "sigmoid":
