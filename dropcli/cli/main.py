@@ -23,6 +23,8 @@ Examples:
 
   dropcli analyze examples/digits_mlp.pt --input examples/digits_test.npz
 
+  dropcli convert examples/digits_mlp.pt --to vanilla -o mlp_vanilla.pt
+
 Exit codes: 0 ok, 1 error (bad model, input or failed check), 2 usage error, 130 interrupted.
 """
 
@@ -49,9 +51,9 @@ def _global(
 
 
 def _register() -> None:
-    from . import analyze, inject, inspect, uncertainty, variants  # noqa: F401  (commands register themselves)
+    from . import analyze, convert, inject, inspect, uncertainty, variants  # noqa: F401  (commands register themselves)
 
-    for mod in (inspect, inject, uncertainty, variants, analyze):
+    for mod in (inspect, inject, uncertainty, variants, analyze, convert):
         mod.register(app)
 
 
