@@ -220,3 +220,35 @@ def summarise_site(u: SiteUnits, S: np.ndarray | None, S_star: np.ndarray | None
             res["bounds"]["Var(S) = sum w^2 I^2 Var(delta)"] = {"violations": int(bad.sum()), "fraction": float(bad.mean()),
                                                                    "tolerance": "5 standard errors of the sample variance"}
     return res
+
+
+def assemble(per_site: Sequence[tuple], samples: np.ndarray, eval_out: np.ndarray, labels: np.ndarray | None,
+             classification: bool) -> dict[str, Any]:
+    """The report from captured values, the same for both backends.
+
+    ``per_site``: (SiteUnits, S [N,T,U], S* [N,U], O [N,T,U] or None, O* or None, Var(S) formula [N,U] or None);
+    O None with o_kind "softmax" means O = softmax(S)."""
+    from .stats import to_probs
+
+    sites = []
+    for u, Sv, Ss, Ov, Os, vf in per_site:
+        if u.skip:
+            sites.append(summarise_site(u, None, None, None, None, None))
+            continue
+        if u.o_kind == "softmax":
+            Ov, Os = to_probs(Sv), to_probs(Ss[:, None])[:, 0]
+        r = summarise_site(u, Sv, Ss, Ov, Os, vf if u.input_deterministic else None)
+        if vf is not None:
+            r["penalty"] = float(0.5 * vf.sum(-1).mean())
+            if not u.input_deterministic:
+                r["penalty_note"] = "I from the deterministic pass (the site's input is random: an earlier site)"
+        else:
+            r["penalty_note"] = "not an elementwise Bernoulli site before a Linear/MatMul/Gemm layer"
+        if not u.input_deterministic:
+            r["var_s_note"] = "Var(S) formula holds given I; the site's input is random (an earlier site), so not compared"
+        sites.append(r)
+    report: dict[str, Any] = {"sites": sites}
+    if classification and samples.shape[-1] >= 2:
+        report["output"] = output_rules(samples, eval_out, labels)
+    report["_samples"] = samples
+    return report

@@ -76,25 +76,44 @@ def site_bernoulli(n: fx.Node, modules: dict) -> tuple[float, str] | None:
 
 
 class TorchAnalyzer:
-    def __init__(self, gm: fx.GraphModule, device: str = "cpu", classification: bool = True):
+    def __init__(self, model: Any, device: str = "cpu", classification: bool = True):
+        gm = model.gm
         self.engine = TorchMC(gm, device)
         self.gm = gm
         self.modules = dict(gm.named_modules())
         self.units: list[SiteUnits] = []
-        self.nodes: list[tuple[fx.Node | None, fx.Node | None, fx.Node]] = []  # (S, O, site)
+        self.nodes: list[tuple[fx.Node | None, fx.Node | None, fx.Node]] = []  # (S, O, site output)
+        self.inputs: list[fx.Node | None] = []  # each site's input I
         out_node = next(n for n in gm.graph.nodes if n.op == "output")
-        # sites as the engine counts them: raw rand ops of a saved dropcli site are one site
-        # and cannot be followed element for element; analyse the module/dropout-call sites
+        # a dropcli site saved to TorchScript/.pt2 is a where(dropcli_mc, ...) over raw random
+        # ops: one site, read at its where node, with its variant and p from the saved record
+        inlined = model.inlined_sites() if hasattr(model, "inlined_sites") else {}
+        inside = set().union(*(v[2] for v in inlined.values())) if inlined else set()
+        sites: list[tuple[fx.Node, str, fx.Node | None, tuple[float, str] | None, str | None]] = []
+        for w, (name, x, _) in inlined.items():
+            meta = getattr(model, "site_meta", {}).get(name, {})
+            conv = {"standard": "inverted", "vanilla": "vanilla"}.get(meta.get("variant", ""))
+            bern = (1.0 - float(meta["p"]), conv) if conv and meta.get("p") is not None else None
+            sites.append((w, name, x, bern, None))
         for site in self.engine.site_nodes:
+            if site in inside:
+                continue
             name = str(site.target) if site.op == "call_module" else site.name
-            bern = site_bernoulli(site, self.modules)
-            det_in = not any(a in self.engine.stochastic for a in site.all_input_nodes)
-            S, O, kind, skip = self._follow(site, out_node, classification)
+            x = site.args[0] if site.args and isinstance(site.args[0], fx.Node) else None
+            skip = "a random op outside any known dropout site" if _aten_name(site.target) not in (None, *_ATEN_DROPOUT) \
+                and site.op == "call_function" and site.target not in _DROPOUT_FUNCS else None
+            sites.append((site, name, x, site_bernoulli(site, self.modules), skip))
+        order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        sites.sort(key=lambda s: order[s[0]])
+        for site, name, x, bern, skip0 in sites:
+            det_in = x is not None and x not in self.engine.stochastic
+            S, O, kind, skip = (None, None, "?", skip0) if skip0 else self._follow(site, out_node, classification)
             u = SiteUnits(name, bern[0] if bern else None, bern[1] if bern else None,
                           S.name if S is not None else None, (O.name if O is not None else None) if kind != "softmax" else "softmax(output)",
                           kind, det_in, skip)
             self.units.append(u)
             self.nodes.append((S, O, site))
+            self.inputs.append(x)
 
     def _follow(self, site: fx.Node, out_node: fx.Node, classification: bool):
         n = site
@@ -135,7 +154,7 @@ class TorchAnalyzer:
         B0 = xs[0].shape[0]
         if B0 < MIN_ROWS:
             xs = [torch.cat([x, x[:1].expand((MIN_ROWS - B0,) + tuple(x.shape[1:]))]) for x in xs]
-        keep = set(self.capture_nodes()) | {site.args[0] for _, _, site in self.nodes if site.args and isinstance(site.args[0], fx.Node)}
+        keep = set(self.capture_nodes()) | {x for x in self.inputs if x is not None}
         vals: dict[fx.Node, torch.Tensor] = {}
 
         class Cap(fx.Interpreter):
@@ -160,7 +179,7 @@ class TorchAnalyzer:
         u = self.units[k]
         if S is None or u.q is None or u.convention is None:
             return None
-        I = vals.get(site.args[0])
+        I = vals.get(self.inputs[k]) if self.inputs[k] is not None else None
         if I is None:
             return None
         x = I.double() ** 2 * var_delta(u.q, u.convention)
@@ -224,10 +243,10 @@ def analyze_torch(model: Any, xs: Sequence[np.ndarray], labels: np.ndarray | Non
                   batch_size: int = 64, device: str = "cpu", classification: bool = True,
                   progress: Any = None) -> dict[str, Any]:
     """The whole `dropcli analyze` report for a torch model (see dropcli.analyze)."""
-    from .analyze import output_rules, summarise_site
+    from .analyze import assemble
 
-    an = TorchAnalyzer(model.gm, device, classification)
-    if not an.engine.site_nodes:
+    an = TorchAnalyzer(model, device, classification)
+    if not an.units:
         raise DropcliError("the model has no stochastic dropout sites, so there is no ensemble to analyse",
                            "inject some first with `dropcli inject` (e.g. --variant standard --p 0.2)")
     want = an.capture_nodes()
@@ -255,33 +274,13 @@ def analyze_torch(model: Any, xs: Sequence[np.ndarray], labels: np.ndarray | Non
             progress(i1 - i0)
     samples = np.swapaxes(np.concatenate(outs), 0, 1)  # [T, N, K]
     eval_out = np.concatenate(eouts)
-    sites = []
+    per_site = []
     for k, (S, O, site) in enumerate(an.nodes):
         u = an.units[k]
         if u.skip:
-            sites.append(summarise_site(u, None, None, None, None, None))
+            per_site.append((u, None, None, None, None, None))
             continue
         Sv, Ss = np.concatenate(cap[S]), np.concatenate(ev[S])
-        if u.o_kind == "softmax":
-            from .stats import to_probs
-
-            Ov, Os = to_probs(Sv), to_probs(Ss[:, None])[:, 0]
-        else:
-            Ov, Os = np.concatenate(cap[O]), np.concatenate(ev[O])
-        vf = np.concatenate(vsf[k]) if vsf[k] else None
-        r = summarise_site(u, Sv, Ss, Ov, Os, vf if u.input_deterministic else None)
-        if vf is not None:
-            r["penalty"] = float(0.5 * vf.sum(-1).mean())
-            if not u.input_deterministic:
-                r["penalty_note"] = "I from the deterministic pass (the site's input is random: an earlier site)"
-        else:
-            r["penalty_note"] = "not an elementwise Bernoulli site before a linear layer"
-        if not u.input_deterministic:
-            r["var_s_note"] = "Var(S) formula holds given I; the site's input is random (an earlier site), so not compared"
-        sites.append(r)
-    # regularisation view for sites with random inputs: I from the deterministic pass
-    report: dict[str, Any] = {"sites": sites}
-    if classification and samples.shape[-1] >= 2:
-        report["output"] = output_rules(samples, eval_out, labels)
-    report["_samples"] = samples
-    return report
+        Ov, Os = (None, None) if u.o_kind == "softmax" else (np.concatenate(cap[O]), np.concatenate(ev[O]))
+        per_site.append((u, Sv, Ss, Ov, Os, np.concatenate(vsf[k]) if vsf[k] else None))
+    return assemble(per_site, samples, eval_out, labels, classification)

@@ -188,3 +188,47 @@ def test_cli_bad_input(mlp_files, tmp_path):
     _cli("--quiet", "analyze", pt, "--input", data, "-T", 1, code=2)
     r = _cli("--quiet", "analyze", pt, "--input", data, "--layers", "nothing*", code=1)
     assert "no dropout site matches" in r.stderr
+
+
+def _onnx_logistic(path, w, b, p):
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    n = len(w)
+    inits = [numpy_helper.from_array(w.reshape(n, 1).astype(np.float32), "w"),
+             numpy_helper.from_array(np.array([b], np.float32), "b"), numpy_helper.from_array(np.array(p, np.float32), "ratio")]
+    nodes = [helper.make_node("Dropout", ["x", "ratio"], ["d"], name="drop"),
+             helper.make_node("MatMul", ["d", "w"], ["s0"], name="fc"), helper.make_node("Add", ["s0", "b"], ["s"], name="bias"),
+             helper.make_node("Sigmoid", ["s"], ["y"], name="sig")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", n])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 1])], inits)
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_onnx_logistic_unit_against_enumeration(tmp_path):
+    from dropcli.analyze_onnx import analyze_onnx
+
+    n, p, N, T = 10, 0.4, 6, 2048
+    rng = np.random.default_rng(7)
+    w, b = rng.normal(0, 0.8, n), 0.3
+    x = rng.normal(size=(N, n)).astype(np.float32)
+    path = _onnx_logistic(tmp_path / "logit.onnx", w, b, p)
+    rep = analyze_onnx(load_model(str(path)), [x], None, T, seed=2, classification=False)
+    site = rep["sites"][0]
+    assert site["unit_kind"] == "sigmoid" and site["layer"] == "s" and site["keep_q"] == pytest.approx(0.6)
+    s = rep["_samples"][:, :, 0].astype(np.float64)
+    w32 = w.astype(np.float32).astype(np.float64)
+    for i in range(N):
+        m = enumerate_logistic(w32, np.float32(b), x[i].astype(np.float64), 1 - p)
+        assert abs(s[:, i].mean() - m["E"]) <= tol(math.sqrt(m["V"]), T)
+        mm = unit_moments(s[:, i])
+        assert abs(mm["NWGM"] - m["NWGM"]) <= 0.25 * tol(math.sqrt(m["VarS"]), T) + 1e-6
+    pen = np.mean([0.5 * float((w32 ** 2 * x[i].astype(np.float64) ** 2).sum()) * p / (1 - p) for i in range(N)])
+    assert site["penalty"] == pytest.approx(pen, rel=1e-5)
+    assert site["bounds"]["V <= E(1-E)"]["violations"] == 0
+    # the CLI runs it too, and --seed repeats bitwise
+    data = tmp_path / "x.npy"
+    np.save(data, x)
+    a = _cli("--quiet", "analyze", path, "--input", data, "-T", 64, "--json").stdout
+    assert a == _cli("--quiet", "analyze", path, "--input", data, "-T", 64, "--json", "--batch-size", 4).stdout

@@ -73,9 +73,6 @@ def register(app: typer.Typer) -> None:
 
         dev = resolve_device(device)
         model = load_model(model_path, **load_opts(trust_pickle, imports, arch, input_shape))
-        if model.backend != "torch":
-            raise DropcliError(f"{model_path}: analyze supports torch models so far (TorchScript, .pt2, pickled modules)",
-                               "ONNX analysis is not implemented yet")
         runner = make_runner(model, dev)
         if runner.n_sites == 0:
             raise DropcliError(f"{model_path} has no stochastic dropout sites, so there is no ensemble to analyse",
@@ -93,7 +90,10 @@ def register(app: typer.Typer) -> None:
             task = "classification" if K >= 2 and (labels is None or labels.ndim == 1) else "regression"
         if labels is not None and task == "classification":
             labels = _class_labels(labels, K)
-        from ..analyze_torch import analyze_torch
+        if model.backend == "onnx":
+            from ..analyze_onnx import analyze_onnx as analyze_fn
+        else:
+            from ..analyze_torch import analyze_torch as analyze_fn
 
         sel_names = _selected(model, after, layers, exclude)
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
@@ -102,7 +102,7 @@ def register(app: typer.Typer) -> None:
         with Progress(TextColumn("[bold]analyze[/]"), BarColumn(), MofNCompleteColumn(), console=err, transient=True,
                       disable=not show) as prog:
             tid = prog.add_task("analyze", total=n)
-            rep = analyze_torch(model, xs, labels if task == "classification" else None, samples, seed, batch_size, dev,
+            rep = analyze_fn(model, xs, labels if task == "classification" else None, samples, seed, batch_size, dev,
                                 task == "classification", progress=lambda k: prog.advance(tid, k))
         rep.pop("_samples", None)
         if sel_names is not None:
