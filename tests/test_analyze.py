@@ -232,3 +232,22 @@ def test_onnx_logistic_unit_against_enumeration(tmp_path):
     np.save(data, x)
     a = _cli("--quiet", "analyze", path, "--input", data, "-T", 64, "--json").stdout
     assert a == _cli("--quiet", "analyze", path, "--input", data, "-T", 64, "--json", "--batch-size", 4).stdout
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_matches_cpu(mlp_files):
+    pt, data, _ = mlp_files
+    a = json.loads(_cli("--quiet", "analyze", pt, "--input", data, "-T", 64, "--json").stdout)
+    b = json.loads(_cli("--quiet", "analyze", pt, "--input", data, "-T", 64, "--json", "--device", "cuda").stdout)
+    # same keyed masks on both devices; float kernels differ in the last bits
+    for sa, sb in zip(a["sites"], b["sites"]):
+        assert sa["quantities"]["E"]["mean"] == pytest.approx(sb["quantities"]["E"]["mean"], rel=1e-4)
+        assert sa["penalty"] == pytest.approx(sb["penalty"], rel=1e-4)
+
+
+def test_cuda_without_gpu_is_a_clean_error(mlp_files):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    pt, data, _ = mlp_files
+    r = _cli("--quiet", "analyze", pt, "--input", data, "--device", "cuda", code=1)
+    assert "no CUDA GPU" in r.stderr and r.stderr.count("\n") == 1
