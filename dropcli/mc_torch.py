@@ -131,8 +131,11 @@ class TorchMC:
         return tgt(*args, **kwargs)
 
     def run(self, inputs: Sequence[torch.Tensor], indices: Sequence[int], seed: int, T: int,
-            t0: int = 0) -> torch.Tensor:
-        """Outputs of T samples for B examples: a tensor [B, T, ...] (first model output)."""
+            t0: int = 0, capture: Sequence[fx.Node] = ()) -> torch.Tensor:
+        """Outputs of T samples for B examples: a tensor [B, T, ...] (first model output).
+
+        ``capture``: intermediate nodes whose values are kept in ``self.captured`` as [B, T, ...]
+        tensors (``dropcli analyze`` reads the units after each site this way)."""
         B0 = inputs[0].shape[0]
         if B0 < MIN_ROWS:
             # BLAS takes other code paths for tiny matrices, which changes the last bits of a
@@ -166,6 +169,8 @@ class TorchMC:
             return v
 
         noise = KeyedNoise(seed, indices, t0, t0 + T, self.device)
+        want = set(capture)
+        self.captured: dict[fx.Node, torch.Tensor] = {}
         with torch.no_grad(), noise_source(noise):
             result = None
             for k, n in enumerate(self.nodes):
@@ -184,6 +189,9 @@ class TorchMC:
                     env_t[n] = self._eval_node(n, get_t, stochastic=n in self.site_nodes)
                 else:
                     env_b[n] = self._eval_node(n, get_b, stochastic=False)
+                if n in want:
+                    v = get_t(n)
+                    self.captured[n] = v.reshape((B, T) + tuple(v.shape[1:]))[:B0]
                 for dead in self.frees.get(k, ()):
                     env_b.pop(dead, None)
                     env_t.pop(dead, None)
