@@ -10,7 +10,8 @@ as the fused op: ``(output, (h_n, c_n))`` for LSTM, ``(output, h_n)`` for GRU.
 Masks (:class:`StepMasks`, one per layer and direction; every field optional, all batch
 tensors of the (possibly MC-tiled) batch B):
 
-* ``x``: on the layer input ``x_t``, ``[B, I]`` (tied) or ``[G, B, I]`` (one per gate, untied);
+* ``x``: on the layer input ``x_t``, ``[B, I]`` (tied) or ``[G, B, I]`` (one per gate, untied, in
+  torch's gate order: LSTM i, f, g, o; GRU r, z, n);
   applied before the input projection, so the bias is never scaled;
 * ``h``: on ``h_{t-1}`` before the recurrent projection, ``[B, H]`` or ``[G, B, H]``;
 * ``c``: LSTM cell state after the update, ``c_t = m * (f*c_{t-1} + i*g)`` (RNNDrop), ``[B, H]``;
@@ -122,6 +123,14 @@ def _gru_dir(xg: torch.Tensor, h: torch.Tensor, w_hh_t: torch.Tensor, b_hh: Opti
     if reverse:
         outs.reverse()
     return torch.stack(outs), h
+
+
+def _untied(m: Optional[torch.Tensor]) -> bool:
+    return m is not None and m.dim() == 3
+
+
+def _to_ifog(m: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return m[[0, 1, 3, 2]] if _untied(m) else m
 
 
 _SCRIPTED: dict[str, object] = {}
@@ -325,6 +334,9 @@ class RecurrentLoop(nn.Module):
                 k = layer * self.num_directions + d
                 e = self._derived(k)
                 m = masks[k] if masks is not None else None
+                if m is not None and self.mode == LSTM and (_untied(m.x) or _untied(m.h)):
+                    # untied masks come in torch's gate order (i, f, g, o); the loop runs i, f, o, g
+                    m = StepMasks(x=_to_ifog(m.x), h=_to_ifog(m.h), c=m.c, g=m.g)
                 xg = self._input_projection(seq, e, m.x if m is not None else None, G, H)
                 hmask = m.h if m is not None else None
                 w_hh = e["w_hh_g"] if hmask is not None and hmask.dim() == 3 else e["w_hh_t"]

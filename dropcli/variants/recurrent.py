@@ -36,6 +36,7 @@ keeps them stochastic and dropcli's ONNX MC engine can feed keyed noise.
 
 from __future__ import annotations
 
+import operator
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -130,6 +131,10 @@ class RecurrentSite(SiteModule):
         return self.rnn.fused(x, hx)
 
     def forward(self, x: torch.Tensor, hx=None):
+        if hx is not None and self.params.get("hx_batch_first", False):
+            # initial states handed over batch-first ([B, L*D, H]) so an MC engine that tiles dim 0
+            # tiles them with the input; the fused op and the loop take [L*D, B, H]
+            hx = tuple(h.transpose(0, 1).contiguous() for h in hx) if isinstance(hx, (tuple, list)) else hx.transpose(0, 1).contiguous()
         if _tracing():
             s, i = self.sample(x, hx), self.infer(x, hx)
             mc = self.dropcli_mc
@@ -210,6 +215,89 @@ class VariationalRNNSite(RecurrentSite):
 def wrap(spec: VariantSpec, layer: nn.Module, params: dict[str, Any]) -> RecurrentSite:
     """The site that replaces ``layer`` (an nn.LSTM / nn.GRU / RecurrentLoop)."""
     return spec.torch_module(rnn=layer, **params)
+
+
+_ATEN_RNN = {"lstm": LSTM, "gru": GRU}
+
+
+def fx_rnn_mode(gm: "torch.fx.GraphModule", n: "torch.fx.Node") -> str | None:
+    """``lstm`` / ``gru`` when fx node ``n`` is a recurrent layer dropcli can replace, else None."""
+    if n.op == "call_module":
+        m = gm.get_submodule(n.target)
+        return LSTM if isinstance(m, nn.LSTM) else GRU if isinstance(m, nn.GRU) else None
+    if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload):
+        name = n.target._schema.name.split("::")[-1]
+        if name in _ATEN_RNN and n.target._overloadname == "input":
+            return _ATEN_RNN[name]
+    return None
+
+
+def replace_in_fx(gm: "torch.fx.GraphModule", n: "torch.fx.Node", spec: VariantSpec, params: dict[str, Any],
+                  site_name: str) -> RecurrentSite:
+    """Replace the recurrent layer at fx node ``n`` (an ``nn.LSTM``/``nn.GRU`` call_module, or an
+    ``aten.lstm.input``/``aten.gru.input`` call with its flat weights) by ``spec``'s site, added
+    to ``gm`` as submodule ``site_name``. The caller recompiles. Initial states go to the site
+    batch-first (a transpose in the graph), so MC engines that tile dim 0 tile them too."""
+    from torch import fx
+
+    mode = fx_rnn_mode(gm, n)
+    if mode is None:
+        raise UsageError(f"{spec.name} replaces LSTM and GRU layers; node {n.name} is neither")
+    if n.op == "call_module":
+        layer = gm.get_submodule(n.target)
+        x = n.args[0] if n.args else n.kwargs.get("input")
+        hx = n.args[1] if len(n.args) > 1 else n.kwargs.get("hx")
+        loop = RecurrentLoop.from_module(layer)
+    else:
+        x, hx, flat, has_biases, num_layers, _dropout, train, bidirectional, batch_first = n.args[:9]
+        if train:
+            raise DropcliError(f"{n.name} runs the recurrent layer in training mode; dropcli rewrites eval-mode graphs")
+        weights = []
+        for w in flat:
+            if not (isinstance(w, fx.Node) and w.op == "get_attr"):
+                raise DropcliError(f"{n.name}: a weight of the {mode.upper()} is computed in the graph; dropcli needs stored weights")
+            obj: Any = gm
+            for part in str(w.target).split("."):
+                obj = getattr(obj, part)
+            weights.append(obj)
+        loop = RecurrentLoop.from_flat(mode, weights, has_biases=bool(has_biases), num_layers=int(num_layers),
+                                       bidirectional=bool(bidirectional), batch_first=bool(batch_first))
+    if not loop.batch_first:
+        # dropcli's MC engines keep examples on dim 0; a time-major layer inside a batch-first
+        # model is fed transposed values, which they can't tile
+        raise UsageError(f"{n.name} is a time-major (batch_first=False) {mode.upper()}",
+                         "dropcli rewrites batch_first recurrent layers; export the model with batch_first=True")
+    site = spec.torch_module(rnn=loop, **params, hx_batch_first=hx is not None)
+    gm.add_submodule(site_name, site)
+    g = gm.graph
+    with g.inserting_before(n):
+        hx_arg = None
+        if hx is not None:
+            hs = list(hx) if isinstance(hx, (list, tuple)) else [hx]
+            ts = [g.call_function(torch.transpose, (h, 0, 1)) for h in hs]
+            hx_arg = tuple(ts) if isinstance(hx, (list, tuple)) else ts[0]
+        new = g.call_module(site_name, (x, hx_arg) if hx_arg is not None else (x,))
+    if n.op == "call_module" or mode == GRU:
+        n.replace_all_uses_with(new)  # the same outputs as the fused op
+    else:
+        # aten.lstm.input returns (output, h_n, c_n); the site returns (output, (h_n, c_n))
+        with g.inserting_after(new):
+            out = g.call_function(operator.getitem, (new, 0))
+            with g.inserting_after(out):
+                hc = g.call_function(operator.getitem, (new, 1))
+                with g.inserting_after(hc):
+                    hn = g.call_function(operator.getitem, (hc, 0))
+                    with g.inserting_after(hn):
+                        cn = g.call_function(operator.getitem, (hc, 1))
+        parts = [out, hn, cn]
+        for u in list(n.users):
+            if u.op == "call_function" and u.target is operator.getitem and isinstance(u.args[1], int):
+                u.replace_all_uses_with(parts[u.args[1]])
+                g.erase_node(u)
+            else:
+                raise DropcliError(f"{n.name}'s output tuple is used as a whole; dropcli can't rewire it")
+    g.erase_node(n)
+    return site
 
 
 # ------------------------------------------------------------------------------ ONNX
@@ -301,6 +389,9 @@ def build_onnx_rnn(b: OnnxBuilder, node: onnx.NodeProto, variant: str, params: d
         m = b.op("Cast", b.op("Less", u, fl(qq)), to=et)
         return b.op("Mul", m, fl(scale)) if scale != 1.0 else m
 
+    # untied masks are drawn in torch's gate order (LSTM i, f, g, o; GRU r, z, n), as the torch
+    # site draws them; ONNX orders the gates i, o, f, c and z, r, h
+    gate_of = [0, 3, 1, 2] if mode == LSTM else [1, 0, 2]
     ys, hs, cs = [], [], []
     for d in range(D):
         reverse = reverse_only or d == 1
@@ -349,7 +440,7 @@ def build_onnx_rnn(b: OnnxBuilder, node: onnx.NodeProto, variant: str, params: d
         else:
             parts = []
             for k in range(G):
-                mk = b.op("Unsqueeze", b.op("Gather", xmask, b.i64(k), axis=1), b.i64([1]))  # [B, 1, I]
+                mk = b.op("Unsqueeze", b.op("Gather", xmask, b.i64(gate_of[k]), axis=1), b.i64([1]))  # [B, 1, I]
                 Wk = b.op("Slice", Wt, b.i64([k * H]), b.i64([(k + 1) * H]), b.i64([1]))  # [I, H]
                 parts.append(b.op("MatMul", b.op("Mul", Xb, mk), Wk))
             xw = b.op("Concat", *parts, axis=2)
@@ -360,7 +451,7 @@ def build_onnx_rnn(b: OnnxBuilder, node: onnx.NodeProto, variant: str, params: d
                 xw = b.op("Add", xw, Wb)
         Rt = b.op("Transpose", Rd, perm=[1, 0])  # [H, G*H]
         Rts = [b.op("Slice", Rt, b.i64([k * H]), b.i64([(k + 1) * H]), b.i64([1])) for k in range(G)] if untied else None
-        hmasks = [b.op("Gather", hmask, b.i64(k), axis=1) for k in range(G)] if (untied and hmask) else None
+        hmasks = [b.op("Gather", hmask, b.i64(gate_of[k]), axis=1) for k in range(G)] if (untied and hmask) else None
         body, n_state = _scan_body(b, mode, H, et, Rt, Rts, Rb if mode == GRU else None, hmask, hmasks, cmask, gmask,
                                    gmask_step)
         h0 = state(h_init, d)
