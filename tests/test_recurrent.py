@@ -377,14 +377,7 @@ def rnn_models(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("fmt", ["export", "torchscript", "pickle"])
-@pytest.mark.parametrize("key,name,extra", [("lstm", "rnndrop", {}), ("gru", "recurrent", {"mask_per": "step"}),
-                                            ("lstm", "variational", {"tie": "untied"})])
-def test_fx_replacement_and_saving(rnn_models, fmt, key, name, extra, tmp_path):
-    m = rnn_models[key]
-    x = m["x"]
-    with torch.no_grad():
-        ref = m["model"](x)
+def _replaced(m, fmt, name, extra):
     opts = {"trust_pickle": True, "imports": ["tests/models.py"]} if fmt == "pickle" else {"input_shape": "4x5x8"}
     tm = load_model(str(m[fmt]), **opts)
     tm.example_inputs = (torch.randn(4, 5, 8),)
@@ -393,35 +386,63 @@ def test_fx_replacement_and_saving(rnn_models, fmt, key, name, extra, tmp_path):
     assert len(nodes) == 1
     replace_in_fx(tm.gm, nodes[0], spec, spec.resolve_params({"p": 0.3, **extra}), "dropcli_site_0")
     tm._recompile()
+    return tm
+
+
+@pytest.mark.parametrize("fmt", ["export", "torchscript", "pickle"])
+@pytest.mark.parametrize("key,name,extra", [("lstm", "rnndrop", {}), ("gru", "recurrent", {"mask_per": "step"}),
+                                            ("lstm", "variational", {"tie": "untied"})])
+def test_fx_replacement_in_every_torch_format(rnn_models, fmt, key, name, extra):
+    """nn.LSTM/nn.GRU modules (pickle) and aten.lstm/aten.gru calls (.pt2, TorchScript via TS2EP)."""
+    m = rnn_models[key]
+    x = m["x"]
+    with torch.no_grad():
+        ref = m["model"](x)
+    tm = _replaced(m, fmt, name, extra)
     with torch.no_grad():
         assert torch.equal(tm.gm(x), ref)
-    for ofmt in ("export", "torchscript", "onnx"):
-        out = tmp_path / f"out.{ofmt}"
-        tm.save(out, ofmt)
-        if ofmt == "onnx":
-            sess = ort_session(onnx.load(str(out)))
-            name_in = sess.get_inputs()[0].name
-            np.testing.assert_allclose(sess.run(None, {name_in: x.numpy()})[0], ref.numpy(), rtol=0, atol=1e-5)
-            a = sess.run(None, {name_in: x.numpy(), MC_INPUT: np.array(True)})[0]
-            b = sess.run(None, {name_in: x.numpy(), MC_INPUT: np.array(True)})[0]
-            assert not np.array_equal(a, b)
-            continue
-        lm = torch.export.load(str(out)).module() if ofmt == "export" else torch.jit.load(str(out))
+        set_mc(tm.gm, True)
+        a, b = tm.gm(x), tm.gm(x)
+    assert a.shape == ref.shape and not torch.equal(a, b)
+
+
+@pytest.mark.parametrize("key,name,extra,ofmt", [
+    ("lstm", "recurrent", {"mask_per": "step"}, "torchscript"), ("lstm", "variational", {"tie": "tied"}, "export"),
+    ("lstm", "rnndrop", {}, "onnx"), ("gru", "variational", {"tie": "untied"}, "torchscript"),
+])
+def test_saving_the_rewrite(rnn_models, key, name, extra, ofmt, tmp_path):
+    m = rnn_models[key]
+    x = m["x"]
+    with torch.no_grad():
+        ref = m["model"](x)
+    tm = _replaced(m, "export", name, extra)
+    out = tmp_path / f"out.{ofmt}"
+    tm.save(out, ofmt)
+    if ofmt == "onnx":
+        sess = ort_session(onnx.load(str(out)))
+        name_in = sess.get_inputs()[0].name
+        np.testing.assert_allclose(sess.run(None, {name_in: x.numpy()})[0], ref.numpy(), rtol=0, atol=1e-5)
+        a = sess.run(None, {name_in: x.numpy(), MC_INPUT: np.array(True)})[0]
+        b = sess.run(None, {name_in: x.numpy(), MC_INPUT: np.array(True)})[0]
+        assert not np.array_equal(a, b)
+        return
+    lm = torch.export.load(str(out)).module() if ofmt == "export" else torch.jit.load(str(out))
+    with torch.no_grad():
+        assert torch.equal(lm(x), ref), f"{ofmt}: inference output changed"
+        assert set_mc(lm, True) == 1
+        assert not torch.equal(lm(x), lm(x))
+    if ofmt == "torchscript":
+        # the traced loop is a TorchScript function: other sequence lengths run the full loop,
+        # and the per-step masks follow the length
+        x9 = torch.randn(3, 9, 8)
         with torch.no_grad():
-            assert torch.equal(lm(x), ref), f"{ofmt}: inference output changed"
-            assert set_mc(lm, True) == 1
-            assert not torch.equal(lm(x), lm(x))
-        if ofmt == "torchscript":
-            # the traced loop is a TorchScript function: other sequence lengths run the full loop
-            x9 = torch.randn(3, 9, 8)
-            with torch.no_grad():
-                set_mc(lm, False)
-                assert torch.equal(lm(x9), m["model"](x9))
-                set_mc(lm, True)
-                assert lm(x9).shape == (3, 3)
-        else:
-            with pytest.raises(Exception, match="5"):  # the exported program guards the unrolled length
-                lm(torch.randn(3, 9, 8))
+            set_mc(lm, False)
+            assert torch.equal(lm(x9), m["model"](x9))
+            set_mc(lm, True)
+            assert lm(x9).shape == (3, 3)
+    else:
+        with pytest.raises(Exception, match="5"):  # the exported program guards the unrolled length
+            lm(torch.randn(3, 9, 8))
 
 
 def test_time_major_layer_is_refused():
