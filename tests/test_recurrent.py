@@ -458,3 +458,49 @@ def test_time_major_layer_is_refused():
     n = next(n for n in gm.graph.nodes if fx_rnn_mode(gm, n))
     with pytest.raises(UsageError, match="batch_first"):
         replace_in_fx(gm, n, spec_by_name("recurrent"), spec_by_name("recurrent").resolve_params({}), "dropcli_site_0")
+
+
+@pytest.mark.parametrize("op,direction,layout", [("LSTM", "reverse", 0), ("GRU", "forward", 0), ("GRU", "bidirectional", 0),
+                                                 ("LSTM", "forward", 1)])
+def test_onnx_hand_built_node_without_initial_states(op, direction, layout):
+    """A stock ONNX node with no initial states (zeros made from the batch size) and a
+    reverse-only direction; layout=1 (which onnxruntime does not run) is refused clearly."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    G = 4 if op == "LSTM" else 3
+    D = 2 if direction == "bidirectional" else 1
+    H, I, S = 5, 3, 6
+    W = numpy_helper.from_array(rng.normal(size=(D, G * H, I)).astype(np.float32), "W")
+    R = numpy_helper.from_array(rng.normal(size=(D, G * H, H)).astype(np.float32) * 0.5, "R")
+    Bb = numpy_helper.from_array(rng.normal(size=(D, 2 * G * H)).astype(np.float32) * 0.1, "B")
+    attrs = {"hidden_size": H, "direction": direction}
+    if op == "GRU":
+        attrs["linear_before_reset"] = 1
+    if layout:
+        attrs["layout"] = 1
+    xshape = ["N", S, I] if layout else [S, "N", I]
+    node = helper.make_node(op, ["x", "W", "R", "B"], ["Y", "Y_h"], name="rnn", **attrs)
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, xshape)],
+                          [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["a", "b", "c", "d"]),
+                           helper.make_tensor_value_info("Y_h", TensorProto.FLOAT, ["e", "f", "g"])], initializer=[W, R, Bb])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    name = "rnndrop" if op == "LSTM" else "recurrent"
+    if layout:
+        with pytest.raises(UsageError, match="layout=1"):
+            replace_onnx_rnn(OnnxModel(model), 0, spec_by_name(name), spec_by_name(name).resolve_params({}))
+        return
+    x = rng.normal(size=(S, 4, I)).astype(np.float32)
+    orig = ort_session(model).run(None, {"x": x})
+    for p, mc in ((0.3, False), (0.0, True)):
+        om = OnnxModel(onnx.ModelProto.FromString(model.SerializeToString()))
+        replace_onnx_rnn(om, 0, spec_by_name(name), spec_by_name(name).resolve_params({"p": p}))
+        om.finalize()
+        got = ort_session(om.model).run(None, {"x": x, MC_INPUT: np.array(mc)})
+        for a, b in zip(got, orig):
+            assert a.shape == b.shape
+            if mc:
+                np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+            else:
+                np.testing.assert_array_equal(a, b)

@@ -84,16 +84,13 @@ class RecurrentSite(SiteModule):
         if rnn is None:
             raise DropcliError(f"{type(self).__name__} replaces a recurrent layer: pass rnn=nn.LSTM/nn.GRU or a RecurrentLoop")
         if isinstance(rnn, (nn.LSTM, nn.GRU)):
-            if getattr(rnn, "dropout", 0.0):
-                pass  # nn.LSTM(dropout=) acts between layers in training only; inference ignores it
+            # nn.LSTM(dropout=) acts between stacked layers in training mode only: eval ignores it
             rnn = RecurrentLoop.from_module(rnn)
         if not isinstance(rnn, RecurrentLoop):
             raise DropcliError(f"cannot rewrite {type(rnn).__name__}: dropcli's recurrent variants take nn.LSTM and nn.GRU")
-        name = getattr(self, "spec", None).name if hasattr(self, "spec") else type(self).__name__
         if rnn.mode not in self.modes:
             raise UsageError(self.refusal(rnn.mode), "choose --variant recurrent or variational for GRU layers")
         self.rnn = rnn
-        self._name = name
 
     @classmethod
     def refusal(cls, mode: str) -> str:
@@ -144,9 +141,6 @@ class RecurrentSite(SiteModule):
         if bool(self.dropcli_mc):
             return self.sample(x, hx)
         return self.infer(x, hx)
-
-    def extra_repr(self) -> str:
-        return super().extra_repr()
 
 
 class RNNDropSite(RecurrentSite):
@@ -337,6 +331,9 @@ def check_onnx_rnn(node: onnx.NodeProto, variant: str) -> tuple[str, int, int]:
         raise UsageError(f"{where} couples the input and forget gates (input_forget=1); dropcli does not rewrite it")
     if mode == GRU and _attr(node, "linear_before_reset", 0) != 1:
         raise UsageError(f"{where} has linear_before_reset=0; dropcli rewrites GRUs in torch's form (linear_before_reset=1)")
+    if int(_attr(node, "layout", 0)) != 0:
+        raise UsageError(f"{where} uses the batch-major layout=1, which onnxruntime does not run",
+                         "export the model with the default layout (torch.onnx.export does)")
     if len(node.input) > 4 and node.input[4]:
         raise UsageError(f"{where} takes sequence_lens (padded sequences); dropcli rewrites only unpadded sequences",
                          "export the model without packed/padded sequences")
@@ -353,14 +350,13 @@ def build_onnx_rnn(b: OnnxBuilder, node: onnx.NodeProto, variant: str, params: d
     """
     mode, H, D = check_onnx_rnn(node, variant)
     G = GATES[mode]
-    layout = int(_attr(node, "layout", 0))
     reverse_only = _attr(node, "direction", "forward") == "reverse"
     et = x_info.elem_type or TensorProto.FLOAT
     if x_info.shape is None or len(x_info.shape) != 3 or x_info.shape[2] is None:
         raise UsageError(f"{node.op_type} node {node.name}: the input size (last dim of X) is unknown",
                          "export the model with a fixed feature size")
     I = int(x_info.shape[2])
-    S_static = x_info.shape[1 if layout else 0]
+    S_static = x_info.shape[0]  # layout 0 (checked): X is [S, B, I]
     ins = list(node.input) + [""] * (8 - len(node.input))
     X, W, R, Bias, _, h_init, c_init = ins[:7]
     p = float(params.get("p", 0.5))
@@ -368,13 +364,11 @@ def build_onnx_rnn(b: OnnxBuilder, node: onnx.NodeProto, variant: str, params: d
     fl = lambda v: b.const(v, np.float32 if et == TensorProto.FLOAT else helper.tensor_dtype_to_np_dtype(et))  # noqa: E731
 
     # batch-first views: [B, S, I]; states [B, H] per direction
-    Xb = X if layout else b.op("Transpose", X, perm=[1, 0, 2])
+    Xb = b.op("Transpose", X, perm=[1, 0, 2])
     batch = b.op("Slice", b.op("Shape", Xb), b.i64([0]), b.i64([1]))
 
     def state(init: str, d: int) -> str:
-        if init:
-            if layout:  # [B, D, H]
-                return b.op("Gather", init, b.i64(d), axis=1)
+        if init:  # [D, B, H]
             return b.op("Gather", init, b.i64(d), axis=0)
         shape = b.op("Concat", batch, b.i64([H]), axis=0)
         return b.op("ConstantOfShape", shape, value=helper.make_tensor("value", et, [1], [0]))
@@ -463,20 +457,12 @@ def build_onnx_rnn(b: OnnxBuilder, node: onnx.NodeProto, variant: str, params: d
                     scan_output_directions=[1 if reverse else 0])
         h_last, y_b = outs[0], outs[-1]  # y_b: [B, S, H]
         c_last = outs[1] if mode == LSTM else None
-        if layout:
-            ys.append(b.op("Unsqueeze", y_b, b.i64([2])))  # [B, S, 1, H]
-            hs.append(b.op("Unsqueeze", h_last, b.i64([1])))
-            if c_last:
-                cs.append(b.op("Unsqueeze", c_last, b.i64([1])))
-        else:
-            ys.append(b.op("Unsqueeze", b.op("Transpose", y_b, perm=[1, 0, 2]), b.i64([1])))  # [S, 1, B, H]
-            hs.append(b.op("Unsqueeze", h_last, b.i64([0])))
-            if c_last:
-                cs.append(b.op("Unsqueeze", c_last, b.i64([0])))
+        ys.append(b.op("Unsqueeze", b.op("Transpose", y_b, perm=[1, 0, 2]), b.i64([1])))  # [S, 1, B, H]
+        hs.append(b.op("Unsqueeze", h_last, b.i64([0])))
+        if c_last:
+            cs.append(b.op("Unsqueeze", c_last, b.i64([0])))
     cat = lambda xs, axis: xs[0] if len(xs) == 1 else b.op("Concat", *xs, axis=axis)  # noqa: E731
-    Y = cat(ys, 2 if layout else 1)
-    Yh = cat(hs, 1 if layout else 0)
-    res = [Y, Yh] + ([cat(cs, 1 if layout else 0)] if mode == LSTM else [])
+    res = [cat(ys, 1), cat(hs, 0)] + ([cat(cs, 0)] if mode == LSTM else [])
     return [r if k < len(node.output) and node.output[k] else "" for k, r in enumerate(res)][: len(node.output)]
 
 
