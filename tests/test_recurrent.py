@@ -41,6 +41,8 @@ warnings.filterwarnings("ignore", message=".*LSTM with projections.*")
 
 CASES = [("rnndrop", {}), ("recurrent", {"mask_per": "step"}), ("recurrent", {"mask_per": "sequence"}),
          ("variational", {"tie": "tied"}), ("variational", {"tie": "untied"})]
+# every (variant, options, layer type) that applies: rnndrop is LSTM only (its GRU refusal is tested)
+CASES_MODE = [(n, e, m) for n, e in CASES for m in ("lstm", "gru") if not (n == "rnndrop" and m == "gru")]
 
 
 def _site(name, layer, p=0.3, mc=True, **extra):
@@ -92,11 +94,8 @@ def test_loop_from_flat_weights_and_bad_counts():
         RecurrentLoop("lstm", m._flat_weights[:-1], hidden_size=6, num_layers=2, bidirectional=True, proj_size=3)
 
 
-@pytest.mark.parametrize("name,extra", CASES)
-@pytest.mark.parametrize("mode", ["lstm", "gru"])
+@pytest.mark.parametrize("name,extra,mode", CASES_MODE)
 def test_inference_mode_is_the_fused_layer_and_p0_is_exact(name, extra, mode):
-    if name == "rnndrop" and mode == "gru":
-        pytest.skip("rnndrop refuses GRU (test_rnndrop_refuses_gru)")
     torch.manual_seed(1)
     cls = nn.LSTM if mode == "lstm" else nn.GRU
     m = cls(5, 7, num_layers=2, bidirectional=True, batch_first=True).eval()
@@ -163,11 +162,8 @@ def _reference(mode, m, x, masks: StepMasks):
     return torch.stack(outs, 1)
 
 
-@pytest.mark.parametrize("name,extra", CASES)
-@pytest.mark.parametrize("mode", ["lstm", "gru"])
+@pytest.mark.parametrize("name,extra,mode", CASES_MODE)
 def test_masks_sit_where_the_catalogue_says(name, extra, mode):
-    if name == "rnndrop" and mode == "gru":
-        pytest.skip("LSTM only")
     torch.manual_seed(2)
     cls = nn.LSTM if mode == "lstm" else nn.GRU
     m = cls(5, 6, batch_first=True).eval()
@@ -295,11 +291,8 @@ def _onnx_rewrite(path, name, params):
     return om
 
 
-@pytest.mark.parametrize("name,extra", CASES)
-@pytest.mark.parametrize("mode", ["lstm", "gru"])
+@pytest.mark.parametrize("name,extra,mode", CASES_MODE)
 def test_onnx_inference_exact_p0_scan_exact_and_mc_distribution(name, extra, mode, tmp_path):
-    if name == "rnndrop" and mode == "gru":
-        pytest.skip("LSTM only")
     torch.manual_seed(6)
     net = _Seq(nn.LSTM if mode == "lstm" else nn.GRU).eval()
     x = torch.randn(3, 5, 6)
