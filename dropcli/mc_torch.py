@@ -161,8 +161,12 @@ class TorchMC:
                 return env_t[a]
             v = env_b[a]
             if _is_tensor_like(v):
-                if v.dim() > 0 and v.shape[0] == B:
-                    v = v.repeat_interleave(T, dim=0)
+                d = self._batch_dim(a)  # from export's symbolic shapes, when it knows
+                if d is None or d >= v.dim() or v.shape[d] != B:
+                    d = 0 if v.dim() > 0 and v.shape[0] == B else None
+                if d is not None:
+                    # the batch is not always dim 0: an RNN's zero state [layers, B, H] made before the first site
+                    v = v.repeat_interleave(T, dim=d)
             elif a.op in ("call_function", "call_method", "call_module"):
                 v = self._eval_node(a, get_t, stochastic=False)
             env_t[a] = v
@@ -198,6 +202,22 @@ class TorchMC:
         if not _is_tensor_like(result):
             raise DropcliError("the model's first output is not a tensor")
         return result.reshape((B, T) + tuple(result.shape[1:]))[:B0]
+
+    def _batch_dim(self, n: fx.Node) -> int | None:
+        """The dim of ``n``'s value that is the batch, from export's symbolic shapes (None if unknown)."""
+        batch = getattr(self, "_batch_sym", False)
+        if batch is False:
+            batch = None
+            ph = next((p for p in self.nodes if p.op == "placeholder"), None)
+            val = ph.meta.get("val") if ph is not None else None
+            if isinstance(val, torch.Tensor) and val.dim() > 0 and isinstance(val.shape[0], torch.SymInt):
+                batch = val.shape[0].node.expr
+            self._batch_sym = batch
+        val = n.meta.get("val")
+        if batch is None or not isinstance(val, torch.Tensor):
+            return None
+        dims = [i for i, s in enumerate(val.shape) if isinstance(s, torch.SymInt) and s.node.expr == batch]
+        return dims[0] if len(dims) == 1 else None
 
     def probe_row_bytes(self, inputs: Sequence[torch.Tensor]) -> int:
         """Bytes per tiled row of all suffix values (run on one example, T=1)."""

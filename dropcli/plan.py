@@ -6,10 +6,12 @@ from typing import Any, Sequence
 
 from .errors import UsageError
 from .sites import Layer, Selection, select
-from .variants.base import INPUT, RESIDUAL, VariantSpec
+from .variants.base import INPUT, REPLACE, RESIDUAL, VariantSpec
 
 
-def candidates(layers: Sequence[Layer], spec: VariantSpec) -> list[Layer]:
+def candidates(layers: Sequence[Layer], spec: VariantSpec, model: Any = None) -> list[Layer]:
+    if spec.attaches == REPLACE:
+        return model.replaceable(spec)
     if spec.attaches == INPUT:
         return [l for l in layers if l.is_input]
     if spec.attaches == RESIDUAL:
@@ -22,16 +24,19 @@ def default_after(spec: VariantSpec) -> tuple[str, ...]:
         return ("input",)
     if spec.attaches == RESIDUAL:
         return ("add",)
+    if spec.attaches == REPLACE and spec.replaces is not None:
+        return spec.replaces.kinds
     return spec.default_after
 
 
 def plan_inject(model: Any, spec: VariantSpec, sel: Selection) -> list[Layer]:
     layers = model.layers()
-    cands = candidates(layers, spec)
+    cands = candidates(layers, spec, model)
+    replaced = "/".join(k.upper() for k in spec.replaces.kinds) + " layer" if spec.replaces else "layer"
     if not cands:
-        what = {INPUT: "model input", RESIDUAL: "residual add"}.get(spec.attaches, "layer")
+        what = {INPUT: "model input", RESIDUAL: "residual add", REPLACE: replaced}.get(spec.attaches, "layer")
         raise UsageError(f"the model has no {what} where {spec.name} can go", "see `dropcli inspect` for its layers")
-    what = {INPUT: "input", RESIDUAL: "residual add"}.get(spec.attaches, "layer")
+    what = {INPUT: "input", RESIDUAL: "residual add", REPLACE: replaced}.get(spec.attaches, "layer")
     return select(cands, sel, default_after(spec), what=what)
 
 

@@ -20,7 +20,7 @@ from dropcli.cli.main import app
 from dropcli.variants import load_all
 from dropcli.variants.base import set_mc
 from helpers import ort_session
-from models import CNN, MLP, ResBlock, randomise_bn, save_as
+from models import CNN, MLP, LSTMNet, ResBlock, randomise_bn, save_as
 
 import onnx
 import onnxruntime as ort
@@ -33,6 +33,8 @@ DETERMINISTIC_MC = {"maxdrop"}
 
 
 def _model_for(spec):
+    if spec.attaches == "replace":  # the recurrent family replaces LSTM/GRU layers
+        return "lstm"
     if spec.attaches == "residual":
         return "res"
     if spec.attaches == "input" or (spec.ranks and 2 not in spec.ranks):
@@ -49,6 +51,7 @@ def saved(tmp_path_factory):
         ("mlp", MLP(), (4, 64)),
         ("cnn", randomise_bn(CNN()), (4, 1, 8, 8)),
         ("res", randomise_bn(ResBlock()), (4, 1, 8, 8)),
+        ("lstm", LSTMNet().eval(), (4, 5, 8)),
     ):
         ex = torch.rand(shape)
         out[key] = {

@@ -24,7 +24,7 @@ from .. import formats
 from ..errors import DropcliError, UsageError
 from ..fsutil import atomic_dir, atomic_path
 from ..sites import WEIGHTED, Layer, canonical_kind
-from ..variants.base import INPUT, RESIDUAL, VariantSpec
+from ..variants.base import INPUT, REPLACE, RESIDUAL, VariantSpec
 from .onnx_builder import OnnxBuilder, TensorInfo
 
 MC_INPUT = "dropcli_mc"
@@ -271,9 +271,23 @@ class OnnxModel:
         del g.node[:]
         g.node.extend(all_nodes)
 
+    def replaceable(self, spec: VariantSpec) -> list[Layer]:
+        """The nodes a ``REPLACE`` variant can replace (not ones a dropcli site already replaced)."""
+        rep = spec.replaces
+        names = self._display_names()
+        rows = []
+        for i, n in enumerate(self.model.graph.node):
+            kind = rep.onnx_match(n) if rep is not None else None
+            if kind and not any(o.endswith("__dropcli_det") for o in n.output):
+                rows.append(Layer(names[i], kind, n.op_type, self.tensor_info(n.output[0]).shape if n.output else None,
+                                  ref=("node", i)))
+        return rows
+
     def insert(self, layer: Layer, spec: VariantSpec, params: dict[str, Any]) -> str:
         g = self.model.graph
         kind, ref = layer.ref
+        if spec.attaches == REPLACE:
+            return spec.replaces.onnx_apply(self, ref, spec, params)
         spec.check_rank(layer.rank, f"layer {layer.name}")
         if kind == "input":
             x = ref

@@ -448,11 +448,30 @@ class TorchModel:
             new.meta["tensor_meta"] = value.meta["tensor_meta"]
         return new
 
+    def replaceable(self, spec: VariantSpec) -> list[Layer]:
+        """The layers a ``REPLACE`` variant can replace, as :class:`Layer` rows (ref = the fx node)."""
+        rep = spec.replaces
+        params = _weights(self.gm)
+        rows = []
+        for n in self.gm.graph.nodes:
+            kind = rep.torch_match(self.gm, n) if rep is not None else None
+            if kind:
+                name = str(n.target) if n.op == "call_module" else (_scope_path(n, params) or n.name)
+                op = type(self.gm.get_submodule(n.target)).__name__ if n.op == "call_module" else str(n.target)
+                rows.append(Layer(name=name, kind=kind, op=op, ref=n))
+        return rows
+
     def insert(self, layer: Layer, spec: VariantSpec, params: dict[str, Any]) -> str:
-        """Put a site after ``layer`` (or on its residual branch / input, by the spec)."""
-        from ..variants.base import INPUT, RESIDUAL
+        """Put a site after ``layer`` (or on its residual branch / input, or in its place, by the spec)."""
+        from ..variants.base import INPUT, REPLACE, RESIDUAL
 
         node: fx.Node = layer.ref
+        if spec.attaches == REPLACE:
+            name = f"{SITE_PREFIX}{self._site_count}"
+            self._site_count += 1
+            spec.replaces.torch_apply(self.gm, node, spec, params, name)
+            self._recompile()
+            return name
         spec.check_rank(layer.rank, f"layer {layer.name}")
         name, _ = self._new_site(spec, params)
         if spec.attaches == RESIDUAL:

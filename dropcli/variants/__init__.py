@@ -15,6 +15,7 @@ FAMILY_MODULES = (
     "dropcli.variants.blocks",
     "dropcli.variants.noise",
     "dropcli.variants.spatial",
+    "dropcli.variants.recurrent",
 )
 
 _loaded = False

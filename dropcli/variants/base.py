@@ -135,6 +135,25 @@ P_PARAM = Param("p", float, 0.5, "drop probability p (keep q = 1 - p)", check_p)
 AFTER = "after"  # after a layer or activation: y = site(x), all consumers rewired
 RESIDUAL = "residual"  # on the branch operand of a residual add
 INPUT = "input"  # on a model input
+REPLACE = "replace"  # replaces a layer (e.g. an LSTM) by a site built from its trained weights
+
+
+@dataclass(frozen=True)
+class Replacement:
+    """How a ``REPLACE`` variant finds and rewrites the layers it replaces, in each backend.
+
+    ``torch_match(gm, node)`` / ``onnx_match(node_proto)`` return the layer kind (e.g. "lstm")
+    when the variant can replace that node, else None. ``torch_apply(gm, node, spec, params,
+    site_name)`` swaps the fx node for the site (the caller recompiles);
+    ``onnx_apply(onnx_model, node_index, spec, params)`` rewrites the ONNX node and returns the
+    site's name.
+    """
+
+    kinds: tuple[str, ...]
+    torch_match: Callable[..., str | None]
+    torch_apply: Callable[..., Any]
+    onnx_match: Callable[..., str | None]
+    onnx_apply: Callable[..., str]
 
 
 @dataclass(frozen=True)
@@ -143,7 +162,7 @@ class VariantSpec:
     summary: str
     formula: str  # train-time rule, one line
     test_rule: str  # inference-time rule, one line
-    attaches: str  # AFTER | RESIDUAL | INPUT
+    attaches: str  # AFTER | RESIDUAL | INPUT | REPLACE
     paper: str
     torch_module: type["SiteModule"]
     onnx_builder: Callable[..., tuple[str, str]]
@@ -153,6 +172,7 @@ class VariantSpec:
     aliases: tuple[str, ...] = ()
     default_after: tuple[str, ...] = ("activation",)  # default --after selection
     notes: str = ""
+    replaces: Replacement | None = None  # with attaches == REPLACE: what it replaces and how
 
     def resolve_params(self, given: dict[str, Any]) -> dict[str, Any]:
         """Fill defaults and validate. Unknown keys for this variant are an error."""
@@ -187,7 +207,7 @@ class VariantSpec:
             "summary": self.summary,
             "formula": self.formula,
             "test_rule": self.test_rule,
-            "attaches": self.attaches,
+            "attaches": self.attaches + (f" ({'/'.join(self.replaces.kinds)})" if self.replaces else ""),
             "ranks": list(self.ranks) if self.ranks else None,
             "parameters": [
                 {"name": p.name, "flag": "--" + p.flag, "type": p.type.__name__, "default": p.default, "help": p.help}

@@ -48,11 +48,8 @@ from torch import nn
 from ..backends.onnx_builder import OnnxBuilder, TensorInfo
 from ..errors import DropcliError, UsageError
 from ..rnn import GATES, GRU, LSTM, RecurrentLoop, StepMasks
-from .base import P_PARAM, Param, SiteModule, VariantSpec, _tracing, check_p, keep_mask_like
+from .base import P_PARAM, REPLACE, Param, Replacement, SiteModule, VariantSpec, _tracing, check_p, keep_mask_like, register
 
-# Where these variants attach: they replace a recurrent layer (nn.LSTM / nn.GRU, aten.lstm /
-# aten.gru, ONNX LSTM / GRU nodes).
-REPLACE_RNN = "replace-rnn"
 
 
 def _check_mask_per(v: str) -> str | None:
@@ -548,6 +545,28 @@ def replace_onnx_rnn(om: Any, node_index: int, spec: VariantSpec, params: dict[s
 
 # ------------------------------------------------------------------------------ specs
 
+
+def _onnx_rnn_kind(node: onnx.NodeProto) -> str | None:
+    return {"LSTM": LSTM, "GRU": GRU}.get(node.op_type)
+
+
+def _torch_replace(gm, n, spec, params, site_name):
+    if fx_rnn_mode(gm, n) == GRU and spec.name == "rnndrop":
+        raise UsageError(f"rnndrop masks the LSTM cell state; {n.name} is a GRU, which has none",
+                         "use --variant recurrent or variational on GRUs, or select only LSTMs with --after lstm")
+    return replace_in_fx(gm, n, spec, params, site_name)
+
+
+def _onnx_replace(om, index, spec, params):
+    return replace_onnx_rnn(om, index, spec, params)
+
+
+def _replacement(kinds: tuple[str, ...]) -> Replacement:
+    return Replacement(kinds=kinds, torch_match=lambda gm, n: fx_rnn_mode(gm, n) if fx_rnn_mode(gm, n) in kinds else None,
+                       torch_apply=_torch_replace, onnx_match=lambda node: _onnx_rnn_kind(node) if _onnx_rnn_kind(node) in kinds else None,
+                       onnx_apply=_onnx_replace)
+
+
 MASK_PER = Param("mask_per", str, "step", "recurrent: a new candidate mask every step, or one per sequence (step|sequence)",
                  _check_mask_per)
 TIE = Param("tie", str, "tied", "variational: one mask for all gates (tied) or one per gate (untied)", _check_tie)
@@ -557,36 +576,36 @@ P_HIDDEN = Param("p_hidden", float, None, "variational: drop probability of h_{t
 RNNDROP = VariantSpec(
     name="rnndrop", summary="per-sequence mask on the LSTM cell state, not rescaled (RNNDrop)",
     formula="c_t = m * (f_t*c_{t-1} + i_t*g_t),  m ~ Bernoulli(q) once per sequence",
-    test_rule="the plain LSTM (no mask)", attaches=REPLACE_RNN,
+    test_rule="the plain LSTM (no mask)", attaches=REPLACE,
     paper="Moon et al. 2015, RNNDROP: a novel dropout for RNNs in ASR (ASRU)",
-    torch_module=RNNDropSite, onnx_builder=build_onnx_rnn, default_after=("lstm",),
+    torch_module=RNNDropSite, onnx_builder=build_onnx_rnn, default_after=("lstm",), replaces=_replacement((LSTM,)),
     notes="LSTM only (a GRU has no cell state; use recurrent or variational). No 1/q inside the recurrence: "
           "it would compound as q^-t. The mask is on c_{t-1}'s update, not h_{t-1}.",
 )
 RECURRENT = VariantSpec(
     name="recurrent", summary="inverted dropout on the candidate only (recurrent dropout without memory loss)",
     formula="c_t = f_t*c_{t-1} + i_t*g_t*m/q  (GRU: h_t = (1-z_t)*n_t*m/q + z_t*h_{t-1}),  m per step or per sequence",
-    test_rule="the plain LSTM/GRU", attaches=REPLACE_RNN,
+    test_rule="the plain LSTM/GRU", attaches=REPLACE,
     paper="Semeniuta et al. 2016, Recurrent Dropout without Memory Loss (COLING)",
     torch_module=SemeniutaSite, onnx_builder=build_onnx_rnn, params=(P_PARAM, MASK_PER), default_after=("lstm", "gru"),
+    replaces=_replacement((LSTM, GRU)),
     aliases=("semeniuta",),
 )
 VARIATIONAL = VariantSpec(
     name="variational", summary="per-sequence masks on x_t and h_{t-1}, tied or per gate (variational RNN dropout)",
     formula="gates = W (x_t*m_x/q_x) + U (h_{t-1}*m_h/q_h) + b,  m_x, m_h ~ Bernoulli once per sequence",
-    test_rule="the plain LSTM/GRU", attaches=REPLACE_RNN,
+    test_rule="the plain LSTM/GRU", attaches=REPLACE,
     paper="Gal & Ghahramani 2016, A Theoretically Grounded Application of Dropout in RNNs (NeurIPS)",
     torch_module=VariationalRNNSite, onnx_builder=build_onnx_rnn,
     params=(Param("p", float, 0.3, "drop probability of x_t and h_{t-1} (keep q = 1 - p); paper: 0.3", check_p),
             P_INPUT, P_HIDDEN, TIE),
-    default_after=("lstm", "gru"), aliases=("variational-rnn", "gal"),
+    default_after=("lstm", "gru"), aliases=("variational-rnn", "gal"), replaces=_replacement((LSTM, GRU)),
     notes="The bias is never scaled. Not nn.LSTM(dropout=), which drops only between stacked layers.",
 )
 
 SPECS = (RNNDROP, RECURRENT, VARIATIONAL)
 for _s in SPECS:
-    # not in the registry yet (needs the layer-replacement mechanism); the modules still know their spec
-    _s.torch_module.spec = _s
+    register(_s)
 
 
 def spec_by_name(name: str) -> VariantSpec:
