@@ -119,27 +119,39 @@ def read_labels(path: str) -> np.ndarray:
     return y
 
 
-def bind(arrays: dict[str, np.ndarray], specs: Sequence[InputSpec], source: str) -> list[np.ndarray]:
-    """Pick and check the arrays that feed the model's inputs."""
+def input_keys(names: Sequence[str], specs: Sequence[InputSpec], source: str) -> list[str]:
+    """Which of the named arrays feed the model's inputs, in input order."""
+    names = list(names)
     if len(specs) == 1:
         s = specs[0]
-        if s.name in arrays:
-            x = arrays[s.name]
-        elif "x" in arrays:
-            x = arrays["x"]
-        else:
-            cands = [k for k in arrays if k not in LABEL_KEYS]
-            if len(cands) != 1:
-                raise DropcliError(f"{source} has arrays {sorted(arrays)}; which one is the input?",
-                                   f"name it 'x' or '{s.name}'")
-            x = arrays[cands[0]]
-        xs = [x]
-    else:
-        missing = [s.name for s in specs if s.name not in arrays]
-        if missing:
-            raise DropcliError(f"{source} lacks arrays for the model inputs {missing} (it has {sorted(arrays)})",
-                               "save an .npz with one array per model input, named after it")
-        xs = [arrays[s.name] for s in specs]
+        if s.name in names:
+            return [s.name]
+        if "x" in names:
+            return ["x"]
+        cands = [k for k in names if k not in LABEL_KEYS]
+        if len(cands) != 1:
+            raise DropcliError(f"{source} has arrays {sorted(names)}; which one is the input?",
+                               f"name it 'x' or '{s.name}'")
+        return cands
+    missing = [s.name for s in specs if s.name not in names]
+    if missing:
+        raise DropcliError(f"{source} lacks arrays for the model inputs {missing} (it has {sorted(names)})",
+                           "save an .npz with one array per model input, named after it")
+    return [s.name for s in specs]
+
+
+def label_key(names: Sequence[str], used: Sequence[str] = ()) -> str | None:
+    """The array that holds labels beside the inputs (y, labels, ...), if any."""
+    names = list(names)
+    for k in LABEL_KEYS:
+        if k in names and len(names) > 1 and k not in used:
+            return k
+    return None
+
+
+def bind(arrays: dict[str, np.ndarray], specs: Sequence[InputSpec], source: str) -> list[np.ndarray]:
+    """Pick and check the arrays that feed the model's inputs."""
+    xs = [arrays[k] for k in input_keys(list(arrays), specs, source)]
     out = []
     n = None
     for s, x in zip(specs, xs):

@@ -22,6 +22,9 @@ class DropcliError(Exception):
         self.message = message
         self.hint = hint
 
+    def __reduce__(self):  # keep the hint when pickled (errors raised in Ray workers)
+        return (self.__class__, (self.message, self.hint))
+
     def one_line(self) -> str:
         text = self.message.rstrip(".")
         if self.hint:

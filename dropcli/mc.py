@@ -108,17 +108,29 @@ def run_mc(runner: Any, inputs: Sequence[np.ndarray], T: int, seed: int, batch_s
     elif samples.ndim > 3:
         samples = samples.reshape(samples.shape[0], samples.shape[1], -1)
         ev = ev.reshape(ev.shape[0], -1)
-    if check_degenerate and T > 1:
-        flat = samples.reshape(T, n, -1)
-        same = np.all(flat == flat[:1], axis=(0, 2))
-        if same.any():
-            bad = np.flatnonzero(same)
-            raise DropcliError(
-                f"degenerate sampling: the {T} samples of {len(bad)} of {n} examples are identical (first: example {bad[0]}); "
-                "the sites produce no randomness there (p = 0, or a deterministic variant such as maxdrop)",
-                "use p > 0 or another variant",
-            )
+    if check_degenerate:
+        check_degenerate_examples(degenerate_examples(samples), T, index_offset)
     return MCResult(samples, ev, chunks, per_chunk)
+
+
+def degenerate_examples(samples: np.ndarray) -> np.ndarray:
+    """bool [N]: examples whose T > 1 samples are all identical."""
+    T, n = samples.shape[:2]
+    if T <= 1:
+        return np.zeros(n, dtype=bool)
+    flat = samples.reshape(T, n, -1)
+    return np.all(flat == flat[:1], axis=(0, 2))
+
+
+def check_degenerate_examples(same: np.ndarray, T: int, index_offset: int = 0) -> None:
+    """The error for identical samples (both engines raise this same message)."""
+    if same.any():
+        bad = np.flatnonzero(same)
+        raise DropcliError(
+            f"degenerate sampling: the {T} samples of {len(bad)} of {len(same)} examples are identical (first: example {index_offset + bad[0]}); "
+            "the sites produce no randomness there (p = 0, or a deterministic variant such as maxdrop)",
+            "use p > 0 or another variant",
+        )
 
 
 class TorchRunner:

@@ -131,8 +131,11 @@ class TorchMC:
         return tgt(*args, **kwargs)
 
     def run(self, inputs: Sequence[torch.Tensor], indices: Sequence[int], seed: int, T: int,
-            t0: int = 0) -> torch.Tensor:
-        """Outputs of T samples for B examples: a tensor [B, T, ...] (first model output)."""
+            t0: int = 0, capture: Sequence[fx.Node] = ()) -> torch.Tensor:
+        """Outputs of T samples for B examples: a tensor [B, T, ...] (first model output).
+
+        ``capture``: intermediate nodes whose values are kept in ``self.captured`` as [B, T, ...]
+        tensors (``dropcli analyze`` reads the units after each site this way)."""
         B0 = inputs[0].shape[0]
         if B0 < MIN_ROWS:
             # BLAS takes other code paths for tiny matrices, which changes the last bits of a
@@ -158,14 +161,20 @@ class TorchMC:
                 return env_t[a]
             v = env_b[a]
             if _is_tensor_like(v):
-                if v.dim() > 0 and v.shape[0] == B:
-                    v = v.repeat_interleave(T, dim=0)
+                d = self._batch_dim(a)  # from export's symbolic shapes, when it knows
+                if d is None or d >= v.dim() or v.shape[d] != B:
+                    d = 0 if v.dim() > 0 and v.shape[0] == B else None
+                if d is not None:
+                    # the batch is not always dim 0: an RNN's zero state [layers, B, H] made before the first site
+                    v = v.repeat_interleave(T, dim=d)
             elif a.op in ("call_function", "call_method", "call_module"):
                 v = self._eval_node(a, get_t, stochastic=False)
             env_t[a] = v
             return v
 
         noise = KeyedNoise(seed, indices, t0, t0 + T, self.device)
+        want = set(capture)
+        self.captured: dict[fx.Node, torch.Tensor] = {}
         with torch.no_grad(), noise_source(noise):
             result = None
             for k, n in enumerate(self.nodes):
@@ -184,12 +193,31 @@ class TorchMC:
                     env_t[n] = self._eval_node(n, get_t, stochastic=n in self.site_nodes)
                 else:
                     env_b[n] = self._eval_node(n, get_b, stochastic=False)
+                if n in want:
+                    v = get_t(n)
+                    self.captured[n] = v.reshape((B, T) + tuple(v.shape[1:]))[:B0]
                 for dead in self.frees.get(k, ()):
                     env_b.pop(dead, None)
                     env_t.pop(dead, None)
         if not _is_tensor_like(result):
             raise DropcliError("the model's first output is not a tensor")
         return result.reshape((B, T) + tuple(result.shape[1:]))[:B0]
+
+    def _batch_dim(self, n: fx.Node) -> int | None:
+        """The dim of ``n``'s value that is the batch, from export's symbolic shapes (None if unknown)."""
+        batch = getattr(self, "_batch_sym", False)
+        if batch is False:
+            batch = None
+            ph = next((p for p in self.nodes if p.op == "placeholder"), None)
+            val = ph.meta.get("val") if ph is not None else None
+            if isinstance(val, torch.Tensor) and val.dim() > 0 and isinstance(val.shape[0], torch.SymInt):
+                batch = val.shape[0].node.expr
+            self._batch_sym = batch
+        val = n.meta.get("val")
+        if batch is None or not isinstance(val, torch.Tensor):
+            return None
+        dims = [i for i, s in enumerate(val.shape) if isinstance(s, torch.SymInt) and s.node.expr == batch]
+        return dims[0] if len(dims) == 1 else None
 
     def probe_row_bytes(self, inputs: Sequence[torch.Tensor]) -> int:
         """Bytes per tiled row of all suffix values (run on one example, T=1)."""

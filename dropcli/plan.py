@@ -9,8 +9,10 @@ from .sites import Layer, Selection, select
 from .variants.base import INPUT, REPLACE, RESIDUAL, VariantSpec
 
 
-def candidates(layers: Sequence[Layer], spec: VariantSpec) -> list[Layer]:
+def candidates(layers: Sequence[Layer], spec: VariantSpec, model: Any = None) -> list[Layer]:
     if spec.attaches == REPLACE:
+        if spec.replacement is not None:  # a variant with its own finder (the recurrent family)
+            return model.replaceable(spec)
         return [l for l in layers if l.layer_class in spec.replaces]
     if spec.attaches == INPUT:
         return [l for l in layers if l.is_input]
@@ -20,8 +22,8 @@ def candidates(layers: Sequence[Layer], spec: VariantSpec) -> list[Layer]:
 
 
 def default_after(spec: VariantSpec) -> tuple[str, ...]:
-    if spec.attaches == REPLACE:
-        return ()  # every layer it can rewrite (minus the output layer)
+    if spec.attaches == REPLACE:  # every layer it can rewrite (minus the output layer)
+        return spec.replacement.kinds if spec.replacement is not None else ()
     if spec.attaches == INPUT:
         return ("input",)
     if spec.attaches == RESIDUAL:
@@ -31,15 +33,12 @@ def default_after(spec: VariantSpec) -> tuple[str, ...]:
 
 def plan_inject(model: Any, spec: VariantSpec, sel: Selection) -> list[Layer]:
     layers = model.layers()
-    cands = candidates(layers, spec)
+    cands = candidates(layers, spec, model)
+    replaced = " or ".join(_LAYER_WORDS.get(c, c) for c in spec.replaces) + " layer"
     if not cands:
-        what = {INPUT: "model input", RESIDUAL: "residual add"}.get(spec.attaches, "layer")
-        if spec.attaches == REPLACE:
-            what = " or ".join(_LAYER_WORDS.get(c, c) for c in spec.replaces) + " layer"
+        what = {INPUT: "model input", RESIDUAL: "residual add", REPLACE: replaced}.get(spec.attaches, "layer")
         raise UsageError(f"the model has no {what} where {spec.name} can go", "see `dropcli inspect` for its layers")
-    what = {INPUT: "input", RESIDUAL: "residual add"}.get(spec.attaches, "layer")
-    if spec.attaches == REPLACE:
-        what = " or ".join(_LAYER_WORDS.get(c, c) for c in spec.replaces) + " layer"
+    what = {INPUT: "input", RESIDUAL: "residual add", REPLACE: replaced}.get(spec.attaches, "layer")
     return select(cands, sel, default_after(spec), what=what)
 
 

@@ -124,3 +124,32 @@ def write_plot(path: str, task: str, per: dict[str, np.ndarray], labels: np.ndar
             fig.savefig(tmp, format="png", dpi=100)
     finally:
         plt.close(fig)
+
+
+def write_log_alpha_plot(path: str, values: dict[str, np.ndarray], threshold: float, what: str = "log alpha") -> None:
+    """`dropcli prune --plot`: one histogram of ``what`` per layer, with the pruning threshold."""
+    plt = _import_pyplot()
+    names = list(values)
+    if not names:
+        raise DropcliError("--plot: there are no per-layer scores to plot")
+    cols = min(3, len(names))
+    rows = (len(names) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    for ax, name in zip(axes.ravel(), names):
+        v = np.asarray(values[name], dtype=np.float64).ravel()
+        v = v[np.isfinite(v)]
+        ax.hist(v, bins=50, color="tab:blue", edgecolor="white", linewidth=0.3)
+        ax.axvline(threshold, color="tab:red", linestyle="--", linewidth=1, label=f"threshold {threshold:g}")
+        pruned = float(np.mean(v > threshold)) if v.size else 0.0
+        ax.set_title(f"{name}: {pruned:.1%} above", fontsize=10)
+        ax.set_xlabel(what, fontsize=8)
+        ax.tick_params(labelsize=8)
+        ax.legend(fontsize=7, frameon=False)
+    for ax in axes.ravel()[len(names):]:
+        ax.axis("off")
+    fig.tight_layout()
+    try:
+        with atomic_path(path, ".png") as tmp:
+            fig.savefig(tmp, format="png", dpi=100)
+    finally:
+        plt.close(fig)

@@ -19,6 +19,7 @@ from .errors import UsageError
 from .fsutil import atomic_path
 
 FORMATS = ("table", "json", "jsonl", "csv", "npz")
+SHARD_FORMATS = ("jsonl", "parquet")  # --engine ray --output DIR
 
 
 def columns(task: str, per: dict[str, np.ndarray], labels: np.ndarray | None, eval_out: np.ndarray) -> dict[str, np.ndarray]:
@@ -142,3 +143,65 @@ def format_from_path(path: str | None) -> str | None:
         return None
     suf = Path(path).suffix.lower().lstrip(".")
     return suf if suf in FORMATS else None
+
+
+# ------------------------------------------------------------------ folders of shards
+
+
+def check_output_dir(target: str, inputs: list) -> None:
+    """An output folder must be new or empty, must not be an input, and its parent writable."""
+    import os
+
+    t = Path(target)
+    for inp in inputs:
+        if inp and inp != "-" and Path(inp).exists() and t.exists() and os.path.samefile(inp, t):
+            raise UsageError(f"output folder {target} is an input", "choose another --output folder")
+    if t.exists() and not t.is_dir():
+        raise UsageError(f"--output {target} is a file, but --engine ray writes a folder of shards there",
+                         "give a new folder, or a file ending in .json, .jsonl, .csv or .npz")
+    if t.is_dir() and any(t.iterdir()):
+        raise UsageError(f"output folder {target} is not empty", "give a new or empty folder (nothing is overwritten)")
+    parent = t.resolve().parent
+    if not parent.is_dir():
+        raise UsageError(f"the folder {parent} of --output does not exist", "create it first")
+    if not os.access(parent, os.W_OK):
+        raise UsageError(f"the folder {parent} of --output is not writable", "choose a writable place")
+
+
+def write_shards(target: str, fmt: str, summary: dict[str, Any], cols: dict[str, np.ndarray],
+                 ranges: list[tuple[int, int]]) -> int:
+    """Per-example records as ``part-00000.<fmt>`` files, one per input shard (split every
+    SHARD_ROWS rows), in input order, plus ``summary.json``. Written into a temporary folder
+    beside the target and renamed onto it at the end, so an interrupted run leaves nothing."""
+    import os
+    import shutil
+    import tempfile
+
+    t = Path(target).resolve()
+    pieces = [(s, min(b, s + SHARD_ROWS)) for a, b in ranges for s in range(a, b, SHARD_ROWS)]
+    tmp = Path(tempfile.mkdtemp(prefix=f".{t.name}.", suffix=".tmp", dir=t.parent))
+    try:
+        for k, (a, b) in enumerate(pieces):
+            part = {c: v[a:b] for c, v in cols.items()}
+            dest = tmp / f"part-{k:05d}.{fmt}"
+            if fmt == "jsonl":
+                dest.write_text(records_jsonl(part))
+            else:
+                import pyarrow as pa
+                import pyarrow.parquet as pq
+
+                pq.write_table(pa.table({c: pa.array(v) for c, v in part.items()}), dest)
+        (tmp / "summary.json").write_text(json.dumps(_clean(summary), indent=1) + "\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
+        if t.is_dir():
+            t.rmdir()  # empty (checked before the run)
+        os.replace(tmp, t)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return len(pieces)
+
+
+SHARD_ROWS = 1_000_000

@@ -28,10 +28,14 @@ def looks_like_probs(x: np.ndarray, atol: float = 1e-4) -> bool:
     return bool(np.all(x >= -atol) and np.all(x <= 1 + atol) and np.allclose(x.sum(-1), 1.0, atol=atol))
 
 
-def to_probs(samples: np.ndarray) -> np.ndarray:
-    """Softmax over the last axis unless the samples already are probabilities."""
+def to_probs(samples: np.ndarray, as_probs: bool | None = None) -> np.ndarray:
+    """Softmax over the last axis unless the samples already are probabilities.
+
+    ``as_probs`` forces the decision (None: decide by :func:`looks_like_probs` on these
+    samples). An engine that sees the samples in parts decides over all of them: the
+    check is an elementwise AND, so it is the AND of the parts' checks."""
     s = np.asarray(samples, dtype=np.float64)
-    if looks_like_probs(s):
+    if looks_like_probs(s) if as_probs is None else as_probs:
         return np.clip(s, 0.0, 1.0)
     z = s - s.max(-1, keepdims=True)
     e = np.exp(z)
@@ -72,6 +76,25 @@ def regression(samples: np.ndarray, tau: float | None = None) -> dict[str, np.nd
     if tau is not None:
         var = var + 1.0 / tau
     return {"mean": mean, "var": var, "std": np.sqrt(var)}
+
+
+def per_example(samples: np.ndarray, task: str, tau: float | None = None, as_probs: bool | None = None) -> dict[str, np.ndarray]:
+    """The per-example statistics of ``[T, N, K]`` samples, for both engines.
+
+    Every value of example i depends only on ``samples[:, i]``, bit for bit: the reductions
+    over T run in the same order whatever N. One exception in numpy had to be closed: with a
+    single example (and K = 1, or the [T, N] entropies) the reduction over T becomes a
+    contiguous one and numpy switches to pairwise summation, which rounds differently; so a
+    single example is computed beside a copy of itself. Engines may therefore compute the
+    statistics on any split of the examples and concatenate them.
+    """
+    s = np.asarray(samples)
+    if s.shape[1] == 1:
+        full = per_example(np.concatenate([s, s], axis=1), task, tau, as_probs)
+        return {k: v[:1] for k, v in full.items()}
+    if task == "classification":
+        return classification(to_probs(s, as_probs))
+    return regression(s, tau)
 
 
 # ------------------------------------------------------------------------ calibration

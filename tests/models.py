@@ -89,6 +89,19 @@ class LSTMNet(nn.Module):
         return self.head(torch.tanh(self.fc(y[:, -1])))
 
 
+class GRUNet(nn.Module):
+    """A GRU classifier: two stacked bidirectional GRU layers, a head on the last step."""
+
+    def __init__(self, d_in: int = 8, hidden: int = 16, d_out: int = 3):
+        super().__init__()
+        self.gru = nn.GRU(d_in, hidden, num_layers=2, bidirectional=True, batch_first=True)
+        self.head = nn.Linear(2 * hidden, d_out)
+
+    def forward(self, x):
+        y, _ = self.gru(x)
+        return self.head(y[:, -1])
+
+
 def randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     """Give BatchNorm layers non-trivial running statistics, so eval mode matters."""
     g = torch.Generator().manual_seed(seed)

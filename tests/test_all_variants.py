@@ -24,7 +24,7 @@ from dropcli.cli.main import app
 from dropcli.variants import load_all
 from dropcli.variants.base import set_mc
 from helpers import ort_session
-from models import CNN, MLP, PoolCNN, ResBlock, randomise_bn, save_as
+from models import CNN, MLP, LSTMNet, PoolCNN, ResBlock, randomise_bn, save_as
 
 import onnx
 import onnxruntime as ort
@@ -47,7 +47,7 @@ def _models_for(spec):
 
 
 # the layers each test model has for the layer-replacing variants
-LAYER_CLASSES = {"mlp": {"linear"}, "pool": {"linear", "conv", "maxpool", "avgpool"}}
+LAYER_CLASSES = {"mlp": {"linear"}, "pool": {"linear", "conv", "maxpool", "avgpool"}, "lstm": {"lstm", "gru"}}
 CASES = [(name, key) for name in sorted(load_all()) for key in _models_for(load_all()[name])]
 
 
@@ -61,6 +61,7 @@ def saved(tmp_path_factory):
         ("cnn", randomise_bn(CNN()), (4, 1, 8, 8)),
         ("res", randomise_bn(ResBlock()), (4, 1, 8, 8)),
         ("pool", randomise_bn(PoolCNN()), (4, 1, 8, 8)),
+        ("lstm", LSTMNet().eval(), (4, 5, 8)),
     ):
         ex = torch.rand(shape)
         out[key] = {

@@ -146,3 +146,13 @@ def test_readme_variant_table_lists_every_variant() -> None:
     table = text[text.index("| name | train rule |"):text.index("## MC-dropout uncertainty")]
     listed = set(re.findall(r"^\| `([a-z0-9-]+)`", table, flags=re.M))
     assert listed == set(REGISTRY), (sorted(set(REGISTRY) - listed), sorted(listed - set(REGISTRY)))
+
+
+def test_inspect_torchscript_input_shape_keeps_feature_dim() -> None:
+    """TS2EP marks every dim of a TorchScript input dynamic; inspect shows only the batch as N."""
+    import json as _json
+
+    r = _run(["dropcli", "inspect", str(EXAMPLES / "digits_mlp.pt"), "--json"], cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    layers = _json.loads(r.stdout)["layers"]
+    assert layers[0]["kind"] == "input" and layers[0]["shape"] == [None, 64], layers[0]

@@ -24,7 +24,6 @@ from dropcli.cli.main import app
 from models import CNN, MLP, randomise_bn, save_as
 
 runner = CliRunner()
-HAS_MC_ONNX = importlib.util.find_spec("dropcli.mc_onnx") is not None
 HAS_MPL = importlib.util.find_spec("matplotlib") is not None
 N = 24
 
@@ -462,7 +461,6 @@ def test_device_cuda(models, data):
     np.testing.assert_allclose(b, a, atol=1e-4, rtol=0)
 
 
-@pytest.mark.skipif(not HAS_MC_ONNX, reason="dropcli.mc_onnx (the ONNX MC engine) is not written yet")
 def test_onnx_report_shape(models, data, tmp_path):
     tor = run_json(models["mlp"], data["npy"], "-T", 20, "--labels", data["labels"])
     onx = run_json(models["onnx"], data["npy"], "-T", 20, "--labels", data["labels"])

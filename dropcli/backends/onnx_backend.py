@@ -309,10 +309,24 @@ class OnnxModel:
         del g.node[:]
         g.node.extend(all_nodes)
 
+    def replaceable(self, spec: VariantSpec) -> list[Layer]:
+        """The nodes a ``REPLACE`` variant can replace (not ones a dropcli site already replaced)."""
+        rep = spec.replacement
+        names = self._display_names()
+        rows = []
+        for i, n in enumerate(self.model.graph.node):
+            kind = rep.onnx_match(n) if rep is not None else None
+            if kind and not any(o.endswith("__dropcli_det") for o in n.output):
+                rows.append(Layer(names[i], kind, n.op_type, self.tensor_info(n.output[0]).shape if n.output else None,
+                                  ref=("node", i)))
+        return rows
+
     def insert(self, layer: Layer, spec: VariantSpec, params: dict[str, Any]) -> str:
         g = self.model.graph
         kind, ref = layer.ref
         if spec.attaches == REPLACE:
+            if spec.replacement is not None:  # a variant with its own rewriter (the recurrent family)
+                return spec.replacement.onnx_apply(self, ref, spec, params)
             return self.replace_layer(layer, spec, params)
         spec.check_rank(layer.rank, f"layer {layer.name}")
         if kind == "input":

@@ -136,11 +136,13 @@ class _SiteAwareTracer(fx.Tracer):
 
     Traced through, a site would be specialised on its ``dropcli_mc`` buffer's current value
     (buffers are concrete during fx tracing): a re-loaded dropcli pickle would lose its MC
-    switch and its sites.
+    switch and its sites. dropcli's sparse-VD layers (``dropcli_leaf = True``) stay modules too,
+    so ``dropcli prune`` finds their learned variances.
     """
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, SiteModule) or super().is_leaf_module(m, module_qualified_name)
+        return (isinstance(m, SiteModule) or getattr(type(m), "dropcli_leaf", False)
+                or super().is_leaf_module(m, module_qualified_name))
 
 
 class TorchModel:
@@ -259,9 +261,13 @@ class TorchModel:
 
     def _node_shape(self, n: fx.Node) -> list | None:
         val = n.meta.get("val")
-        if isinstance(val, torch.Tensor):
-            return [int(d) if isinstance(d, int) else None for d in val.shape]
         tm = n.meta.get("tensor_meta")
+        if isinstance(val, torch.Tensor):
+            dims = [int(d) if isinstance(d, int) else None for d in val.shape]
+            if self.format == formats.TORCHSCRIPT and tm is not None and len(getattr(tm, "shape", ())) == len(dims):
+                # TS2EP marks every input dim dynamic; only the batch dim really is.
+                dims = [None if i == 0 and d is None else int(tm.shape[i]) if d is None else d for i, d in enumerate(dims)]
+            return dims
         if tm is not None and hasattr(tm, "shape"):
             return list(tm.shape)
         return None
@@ -457,12 +463,31 @@ class TorchModel:
             new.meta["tensor_meta"] = value.meta["tensor_meta"]
         return new
 
+    def replaceable(self, spec: VariantSpec) -> list[Layer]:
+        """The layers a ``REPLACE`` variant can replace, as :class:`Layer` rows (ref = the fx node)."""
+        rep = spec.replacement
+        params = _weights(self.gm)
+        rows = []
+        for n in self.gm.graph.nodes:
+            kind = rep.torch_match(self.gm, n) if rep is not None else None
+            if kind:
+                name = str(n.target) if n.op == "call_module" else (_scope_path(n, params) or n.name)
+                op = type(self.gm.get_submodule(n.target)).__name__ if n.op == "call_module" else str(n.target)
+                rows.append(Layer(name=name, kind=kind, op=op, ref=n))
+        return rows
+
     def insert(self, layer: Layer, spec: VariantSpec, params: dict[str, Any]) -> str:
-        """Put a site after ``layer`` (or on its residual branch / input, by the spec)."""
-        from ..variants.base import INPUT, RESIDUAL
+        """Put a site after ``layer`` (or on its residual branch / input, or in its place, by the spec)."""
+        from ..variants.base import INPUT, REPLACE, RESIDUAL
 
         node: fx.Node = layer.ref
         if spec.attaches == REPLACE:
+            if spec.replacement is not None:  # a variant with its own rewriter (the recurrent family)
+                name = f"{SITE_PREFIX}{self._site_count}"
+                self._site_count += 1
+                spec.replacement.torch_apply(self.gm, node, spec, params, name)
+                self._recompile()
+                return name
             return self.replace_layer(layer, spec, params)
         spec.check_rank(layer.rank, f"layer {layer.name}")
         name, _ = self._new_site(spec, params)

@@ -27,13 +27,17 @@ def _sites(layer) -> str:
 
 
 def describe(model) -> dict:
+    from ..convert import convention_of
+
     layers = model.layers()
     return {
         "model": model.source,
         "backend": model.backend,
         "format": model.format,
         "parameters": sum(l.params for l in layers),
-        "layers": [{**l.as_dict(), "sites": _sites(l).split(",") if _sites(l) else []} for l in layers],
+        "layers": [{**l.as_dict(), "sites": _sites(l).split(",") if _sites(l) else [],
+                    **({"convention": convention_of(l.dropout_variant, l.op) or "n/a"} if l.kind == "dropout" else {})}
+                   for l in layers],
     }
 
 
@@ -66,6 +70,8 @@ Examples:
         for l in info["layers"]:
             shape = "" if l["shape"] is None else "[" + ", ".join("N" if d is None else str(d) for d in l["shape"]) + "]"
             drop = "" if not l["dropout"] else f"{l['dropout']['variant']} p={l['dropout']['p']}"
+            if l.get("convention") in ("inverted", "vanilla"):
+                drop += f" ({l['convention']})"
             sites = ",".join(l["sites"]) + (" (output)" if l["is_output"] else "")
             t.add_row(l["name"], l["kind"], l["op"], shape, f"{l['params']:,}" if l["params"] else "", drop, sites)
         out.print(t)

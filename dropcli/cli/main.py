@@ -19,9 +19,16 @@ Examples:
 
   dropcli inject examples/digits_mlp.onnx --variant standard --p 0.2 -o mlp_mc.onnx
 
+  dropcli prune examples/digits_mlp.pt --data train.npz -o mlp_small.pt
+
   dropcli variants --json
 
-Exit codes: 0 ok, 1 error (bad model, input or failed check), 2 usage error, 130 interrupted.
+  dropcli analyze examples/digits_mlp.pt --input examples/digits_test.npz
+
+  dropcli convert examples/digits_mlp.pt --to vanilla -o mlp_vanilla.pt
+
+Exit codes: 0 ok, 1 error (bad model, input or failed check), 2 usage error,
+3 uncertainty gate tripped (--fail-above), 130 interrupted.
 """
 
 app = typer.Typer(
@@ -47,9 +54,9 @@ def _global(
 
 
 def _register() -> None:
-    from . import inject, inspect, uncertainty, variants  # noqa: F401  (commands register themselves)
+    from . import analyze, convert, inject, inspect, prune, uncertainty, variants  # noqa: F401  (commands register themselves)
 
-    for mod in (inspect, inject, uncertainty, variants):
+    for mod in (inspect, inject, uncertainty, prune, analyze, convert, variants):
         mod.register(app)
 
 

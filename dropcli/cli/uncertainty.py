@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import sys
+from dataclasses import dataclass
 from typing import List, Optional
 
 import numpy as np
@@ -39,6 +42,13 @@ Examples:
   dropcli uncertainty model.pt --input x.npz --fail-above mutual_info=0.05 || echo "too uncertain"
 
   dropcli uncertainty plain.onnx --input x.npy --inject standard --p 0.2 --after relu
+
+  dropcli uncertainty model.pt2 --input 'shards/part-*.npz' --engine ray --workers 2 --output out/
+
+Sharded inputs: a folder, a quoted glob or a comma list of .npy/.npz/.parquet files, ordered
+by name (numbers as numbers); an example's index is its position in that order. With
+--engine ray, --output DIR writes a folder of shards (--format jsonl or parquet) plus
+summary.json; the results are bitwise identical to --engine local.
 
 Exit codes: 0 ok, 1 error, 2 usage error, {EXIT_GATE} --fail-above tripped, 130 interrupted.
 """
@@ -110,6 +120,9 @@ def register(app: typer.Typer) -> None:
         exclude: Optional[List[str]] = Exclude,
         allow_output: bool = AllowOutput,
         json_out: bool = typer.Option(False, "--json", help="Same as --format json --output - (JSON on stdout)."),
+        engine: str = typer.Option("local", "--engine", help="local (this process) or ray (a Ray Data actor pool; pip install \"dropcli[ray]\")."),
+        address: Optional[str] = typer.Option(None, "--address", help="With --engine ray: 'auto' or HOST:PORT joins a running cluster (default: start Ray on this machine)."),
+        workers: int = typer.Option(1, "--workers", help="With --engine ray: actors in the pool (each loads the model once)."),
         trust_pickle: bool = TrustPickle,
         imports: Optional[List[str]] = Imports,
         arch: Optional[str] = Arch,
@@ -123,20 +136,38 @@ def register(app: typer.Typer) -> None:
             raise UsageError(f"unknown --task {task!r}", "choose auto, classification or regression")
         if tau is not None and not tau > 0:
             raise UsageError("--tau must be positive")
+        if engine not in ("local", "ray"):
+            raise UsageError(f"unknown --engine {engine!r}", "choose local or ray")
+        if engine == "local" and (address or workers != 1):
+            raise UsageError("--address and --workers apply only with --engine ray")
+        if workers < 1:
+            raise UsageError(f"--workers must be >= 1, got {workers}")
         gate = _parse_gate(fail_above)
-        if json_out:
-            fmt, output = "json", output or "-"
-        fmt = fmt or report.format_from_path(output) or ("table" if not output else None)
-        if fmt is None:
-            raise UsageError(f"can't tell the format of --output {output}", "pass --format json|jsonl|csv|npz")
-        if fmt not in report.FORMATS:
-            raise UsageError(f"unknown --format {fmt!r}", f"choose one of {', '.join(report.FORMATS)}")
-        if fmt != "table" and not output:
-            output = "-"
-        if fmt == "table" and output:
-            raise UsageError("--format table goes to the terminal", "use json, jsonl, csv or npz with --output")
-        if keep_samples and fmt != "npz":
-            raise UsageError("--keep-samples needs --format npz")
+        out_dir = None  # --engine ray: a folder of per-example shards
+        if engine == "ray" and output and output != "-" and not report.format_from_path(output):
+            out_dir, output = output, None
+            shard_fmt = fmt or "jsonl"
+            if shard_fmt not in report.SHARD_FORMATS:
+                raise UsageError(f"--format {shard_fmt} does not write a folder of shards", "use jsonl or parquet with --output DIR")
+            if keep_samples:
+                raise UsageError("--keep-samples needs --format npz and a file --output")
+            fmt = "json" if json_out else "table"
+            report.check_output_dir(out_dir, [model_path, input_path, labels_path, ood])
+        else:
+            if json_out:
+                fmt, output = "json", output or "-"
+            fmt = fmt or report.format_from_path(output) or ("table" if not output else None)
+            if fmt is None:
+                raise UsageError(f"can't tell the format of --output {output}", "pass --format json|jsonl|csv|npz")
+            if fmt not in report.FORMATS:
+                hint = " (parquet: with --engine ray and --output DIR)" if fmt == "parquet" else ""
+                raise UsageError(f"unknown --format {fmt!r}{hint}", f"choose one of {', '.join(report.FORMATS)}")
+            if fmt != "table" and not output:
+                output = "-"
+            if fmt == "table" and output:
+                raise UsageError("--format table goes to the terminal", "use json, jsonl, csv or npz with --output")
+            if keep_samples and fmt != "npz":
+                raise UsageError("--keep-samples needs --format npz")
         if input_path == "-" and ood == "-":
             raise UsageError("only one of --input and --ood can read stdin")
         targets = [t for t in (output, plot) if t and t != "-"]
@@ -148,64 +179,62 @@ def register(app: typer.Typer) -> None:
             from ..mc import parse_size
 
             budget = parse_size(max_memory)
+        if engine == "ray":
+            from ..ray_engine import require_ray
 
-        from ..backends import load_model
-        from ..mc import run_mc
-
-        model = load_model(model_path, **load_opts(trust_pickle, imports, arch, input_shape))
-        runner = make_runner(model, dev)
-        if inject:
-            _inject_on_the_fly(model, inject, p, after, layers, exclude, allow_output)
-            runner = make_runner(model, dev)
-        elif p is not None or after or layers:
+            require_ray()
+        if not inject and (p is not None or after or layers):
             raise UsageError("--p/--after/--layers apply only with --inject")
+
+        from ..shards import open_source
+
+        load_kw = load_opts(trust_pickle, imports, arch, input_shape)
+        inject_opts = {"variant": inject, "p": p, "after": after, "layers": layers, "exclude": exclude,
+                       "allow_output": allow_output} if inject else None
+        runner = build_runner(model_path, load_kw, dev, inject_opts, log_inject=True)
+        model = runner.model
         if runner.n_sites == 0:
             raise DropcliError(
                 f"{model_path} has no dropout sites, so MC dropout has nothing to sample",
                 "inject some on the fly with --inject standard --p 0.1 (or save one with `dropcli inject`)",
             )
         specs = runner.input_specs()
-        arrays = D.read_arrays(input_path)
-        src = "stdin" if input_path == "-" else input_path
-        xs = D.bind(arrays, specs, src)
-        n = len(xs[0])
-        labels = None
-        if labels_path:
-            labels = D.read_labels(labels_path)
-        else:
-            for k in D.LABEL_KEYS:
-                if k in arrays and len(arrays) > 1:
-                    labels = np.asarray(arrays[k])
-                    break
+        source = open_source(input_path, specs)
+        n = source.n
+        labels = D.read_labels(labels_path) if labels_path else source.labels
         if labels is not None and len(labels) != n:
             raise DropcliError(f"labels have {len(labels)} rows but the input has {n} examples", "give one label per example")
+        ood_source = open_source(ood, specs, "OOD input") if ood else None
 
-        result = _run(runner, xs, samples, seed, batch_size, budget, n, "MC dropout")
+        if engine == "local":
+            eng = _LocalEngine(runner, samples, seed, batch_size, budget)
+        else:
+            from ..ray_engine import session
+
+            ray_session = session(address, workers, STATE.debug)
+            eng = _RayEngine(ray_session, runner, model_path, load_kw, inject_opts, dev, samples, seed, batch_size, budget,
+                             tau, keep_samples, workers, address)
+        with eng:
+            K = eng.n_outputs(source)
+            if task == "auto":
+                int_labels = labels is None or (np.issubdtype(labels.dtype, np.integer) or np.all(labels == np.round(labels)))
+                task = "classification" if K >= 2 and int_labels and labels is not None and labels.ndim == 1 or (K >= 2 and labels is None) else "regression"
+            with_ood = ood_source is not None and task == "classification"
+            results = eng.run_all([source, ood_source] if with_ood else [source], task, tau)
+            res, ood_res = results[0], (results[1] if with_ood else None)
         log(f"[dim]{model_path}: {model.backend}/{model.format}, {runner.n_sites} dropout site(s); "
-            f"{n} examples x T={samples} on {dev}, {result.chunks} chunk(s)[/]")
-        probs_like = result.samples
-        K = probs_like.shape[-1]
-        if task == "auto":
-            int_labels = labels is None or (np.issubdtype(labels.dtype, np.integer) or np.all(labels == np.round(labels)))
-            task = "classification" if K >= 2 and int_labels and labels is not None and labels.ndim == 1 or (K >= 2 and labels is None) else "regression"
+            f"{n} examples x T={samples} on {dev}, {eng.describe()}[/]")
+        per, eval_out = res.per, res.eval
         summary: dict = {"model": model_path, "backend": model.backend, "task": task, "samples": samples, "seed": seed,
                          "sites": runner.n_sites, "device": dev}
         arrays_out: dict[str, np.ndarray] = {}
         if task == "classification":
             if labels is not None:
                 labels = _class_labels(labels, K)
-            probs = stats.to_probs(result.samples)
-            per = stats.classification(probs)
-            eval_probs = stats.to_probs(result.eval[None])[0]
-            ood_per = None
-            if ood:
-                oxs = D.bind(D.read_arrays(ood), specs, ood)
-                ores = _run(runner, oxs, samples, seed, batch_size, budget, len(oxs[0]), "OOD")
-                ood_per = stats.classification(stats.to_probs(ores.samples))
-            summary.update(stats.summary(per, labels, eval_probs=eval_probs, ood_per=ood_per))
+            eval_probs = stats.to_probs(eval_out[None])[0]
+            summary.update(stats.summary(per, labels, eval_probs=eval_probs, ood_per=ood_res.per if ood_res else None))
             cols = report.columns(task, per, labels, eval_probs)
         else:
-            per = stats.regression(result.samples, tau)
             summary["variance"] = "sample variance over passes + 1/tau" if tau else "sample variance over passes (no --tau: model precision not included)"
             summary["distribution"] = {"std": stats.distribution(per["std"].mean(-1))}
             if labels is not None:
@@ -213,14 +242,14 @@ def register(app: typer.Typer) -> None:
                 if lab.shape[1] != K:
                     raise DropcliError(f"labels have {lab.shape[1]} columns but the model has {K} outputs")
                 err_mc = per["mean"] - lab
-                err_ev = result.eval.astype(np.float64) - lab
+                err_ev = eval_out.astype(np.float64) - lab
                 var = np.maximum(per["var"], 1e-12)
                 summary["mc"] = {"rmse": float(np.sqrt(np.mean(err_mc ** 2))), "mae": float(np.mean(np.abs(err_mc))),
                                  "gaussian_nll": float(np.mean(0.5 * np.log(2 * np.pi * var) + err_mc ** 2 / (2 * var)))}
                 summary["eval"] = {"rmse": float(np.sqrt(np.mean(err_ev ** 2))), "mae": float(np.mean(np.abs(err_ev)))}
-            cols = report.columns(task, per, labels, result.eval)
+            cols = report.columns(task, per, labels, eval_out)
         if keep_samples:
-            arrays_out["samples"] = result.samples
+            arrays_out["samples"] = res.samples
         gate_tripped = None
         if gate:
             name, limit = gate
@@ -234,8 +263,13 @@ def register(app: typer.Typer) -> None:
             from ..plot import write_plot
 
             write_plot(plot, task, per, labels, summary)
+        if out_dir:
+            parts = report.write_shards(out_dir, shard_fmt, summary, cols, [(a, b) for _, a, b in source.ranges()])
+            log(f"wrote {shard_fmt} shards for {n} examples to {out_dir} ({parts} shard(s) + summary.json)")
         if fmt == "table":
             _print_table(summary, per, task)
+        elif out_dir:
+            sys.stdout.write(json.dumps(report._clean({"summary": summary}), indent=1) + "\n")
         else:
             report.write(output, fmt, summary, cols, arrays_out)
             if output != "-":
@@ -244,6 +278,137 @@ def register(app: typer.Typer) -> None:
             g = summary["gate"]
             err.print(f"gate: mean {g['metric']} = {g['mean']:.4g} > {g['limit']:.4g}", highlight=False)
             raise typer.Exit(EXIT_GATE)
+
+
+@dataclass
+class EngineResult:
+    per: dict  # per-example statistics (stats.per_example)
+    eval: np.ndarray  # [N, K] deterministic outputs
+    samples: np.ndarray | None  # [T, N, K] (local engine, or --keep-samples)
+
+
+class _LocalEngine:
+    """This process: run_mc over the whole input, then the statistics."""
+
+    def __init__(self, runner, T, seed, batch_size, budget):
+        self.runner, self.T, self.seed, self.batch_size, self.budget = runner, T, seed, batch_size, budget
+        self.chunks = 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def n_outputs(self, source) -> int:
+        self._res = _run(self.runner, source.read_all(), self.T, self.seed, self.batch_size, self.budget, source.n, "MC dropout")
+        self._src = source
+        return self._res.samples.shape[-1]
+
+    def run_all(self, sources, task, tau) -> list[EngineResult]:
+        out = []
+        for i, source in enumerate(sources):
+            if source is self._src:
+                res = self._res
+            else:
+                res = _run(self.runner, source.read_all(), self.T, self.seed, self.batch_size, self.budget, source.n,
+                           "OOD" if i else "MC dropout")
+            self.chunks += res.chunks
+            out.append(EngineResult(stats.per_example(res.samples, task, tau), res.eval, res.samples))
+        return out
+
+    def describe(self) -> str:
+        return f"{self.chunks} chunk(s)"
+
+
+class _RayEngine:
+    """A Ray Data actor pool (dropcli.ray_engine); the statistics come back per example."""
+
+    def __init__(self, session, runner, model_path, load_kw, inject_opts, dev, T, seed, batch_size, budget, tau,
+                 keep_samples, workers, address):
+        self.session, self.runner = session, runner
+        self.model_path, self.load_kw, self.inject_opts, self.dev = model_path, load_kw, inject_opts, dev
+        self.mc = {"T": T, "seed": seed, "batch_size": batch_size, "budget": budget, "device": dev, "tau": tau,
+                   "keep_samples": keep_samples}
+        self.workers, self.address = workers, address
+
+    def __enter__(self):
+        from ..ray_engine import model_payload, plan_workers
+
+        info = self.session.__enter__()
+        try:
+            self.actors, self.threads = plan_workers(self.workers, info["cluster_cpus"], not self.address)
+            if self.actors < self.workers:
+                log(f"[dim]--workers {self.workers}: this machine has {info['cluster_cpus']} CPU(s), using {self.actors} worker(s)[/]")
+            if self.mc["budget"] is None and not self.address:
+                # the actors of a local run share this machine's memory (results do not depend on it)
+                from ..mc import default_budget
+
+                self.mc["budget"] = max(64 << 20, default_budget(self.dev) // self.actors)
+            self.model = model_payload(self.model_path, self.load_kw, self.inject_opts)
+        except BaseException:
+            self.session.__exit__(*sys.exc_info())
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        self.model = None
+        return self.session.__exit__(*exc)
+
+    def n_outputs(self, source) -> int:
+        """K from the deterministic pass on the first row, read and run on the driver."""
+        k, a, _ = source.ranges()[0]
+        ev = self.runner.run_eval(source.read(k, a, a + 1))
+        return int(np.prod(ev.shape[1:]))
+
+    def run_all(self, sources, task, tau) -> list[EngineResult]:
+        """Every source on one actor pool (the model is loaded once per actor for all of them)."""
+        from ..mc import check_degenerate_examples
+        from ..ray_engine import run
+
+        mc = dict(self.mc, task=task, as_probs=None)
+        total = sum(src.n for src in sources)
+        with _progress("MC dropout" if len(sources) == 1 else "MC dropout (input + OOD)", total) as advance:
+            results = run(sources, self.model, mc, self.actors, self.threads, advance)
+        out = []
+        for i, (source, cols) in enumerate(zip(sources, results)):
+            check_degenerate_examples(cols["degenerate"], self.mc["T"])
+            if task == "classification":
+                # to_probs decides over ALL samples (an AND over examples): redo the units that decided otherwise alone
+                flags = cols["as_probs"]
+                decision = bool(flags.all())
+                redo = [dict(u, src=0) for u in source.units(_unit_rows(source, self.actors, self.mc["batch_size"]))
+                        if bool(flags[u["start"]]) != decision]
+                if redo:
+                    again = run([source], self.model, dict(mc, as_probs=decision), self.actors, self.threads,
+                                lambda k: None, redo)[0]
+                    rows = again["index"]
+                    for c in cols:
+                        cols[c][rows] = again[c]
+            per = {k[4:]: v for k, v in cols.items() if k.startswith("per_")}
+            samples = np.ascontiguousarray(np.swapaxes(cols["samples"], 0, 1)) if "samples" in cols else None
+            out.append(EngineResult(per, cols["eval"], samples))
+        self.n_units = sum(len(src.units(_unit_rows(src, self.actors, self.mc["batch_size"]))) for src in sources)
+        return out
+
+    def describe(self) -> str:
+        return f"Ray: {self.actors} worker(s) x {self.threads} CPU(s), {self.n_units} unit(s)"
+
+
+def _unit_rows(source, actors, batch_size) -> int:
+    from ..ray_engine import unit_rows
+
+    return unit_rows(source.n, actors, batch_size)
+
+
+def build_runner(model_path: str, load_kw: dict, dev: str, inject_opts: dict | None, log_inject: bool = False):
+    """Load a model and its MC runner (injecting sites on the fly if asked); both engines use it."""
+    from ..backends import load_model
+
+    model = load_model(model_path, **load_kw)
+    if inject_opts:
+        _inject_on_the_fly(model, **inject_opts, quiet=not log_inject)
+    return make_runner(model, dev)
 
 
 def _class_labels(labels: np.ndarray, K: int) -> np.ndarray:
@@ -258,19 +423,26 @@ def _class_labels(labels: np.ndarray, K: int) -> np.ndarray:
     return lab
 
 
-def _run(runner, xs, samples, seed, batch_size, budget, n, what):
+@contextlib.contextmanager
+def _progress(what: str, n: int):
+    """A rows-done bar on stderr (only on a terminal, not with --quiet); yields advance(k)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    show = not STATE.quiet and sys.stderr.isatty()
+    with Progress(TextColumn(f"[bold]{what}[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("rows"),
+                  TimeElapsedColumn(), console=err, transient=True, disable=not show) as prog:
+        task_id = prog.add_task(what, total=n)
+        yield lambda k: prog.advance(task_id, k)
+
+
+def _run(runner, xs, samples, seed, batch_size, budget, n, what):
     from ..mc import run_mc
 
-    show = not STATE.quiet and sys.stderr.isatty()
-    with Progress(TextColumn(f"[bold]{what}[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err, transient=True, disable=not show) as prog:
-        task_id = prog.add_task(what, total=n)
-        return run_mc(runner, xs, samples, seed, batch_size, budget, progress=lambda k: prog.advance(task_id, k))
+    with _progress(what, n) as advance:
+        return run_mc(runner, xs, samples, seed, batch_size, budget, progress=advance)
 
 
-def _inject_on_the_fly(model, variant, p, after, layers, exclude, allow_output):
+def _inject_on_the_fly(model, variant, p, after, layers, exclude, allow_output, quiet=False):
     from ..plan import apply_inject, plan_inject
     from ..sites import Selection
     from ..variants import get_variant
@@ -279,7 +451,8 @@ def _inject_on_the_fly(model, variant, p, after, layers, exclude, allow_output):
     params = spec.resolve_params({"p": p})
     sel = Selection.from_options(after, layers, exclude, allow_output)
     done = apply_inject(model, spec, params, plan_inject(model, spec, sel))
-    log(f"[dim]injected {spec.name} (p={params['p']}) at {len(done)} site(s), not saved[/]")
+    if not quiet:
+        log(f"[dim]injected {spec.name} (p={params['p']}) at {len(done)} site(s), not saved[/]")
 
 
 def _print_table(summary: dict, per: dict, task: str) -> None:

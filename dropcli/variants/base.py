@@ -139,6 +139,24 @@ REPLACE = "replace"  # replaces a trained layer (Linear, Conv, pooling, LSTM/GRU
 
 
 @dataclass(frozen=True)
+class Replacement:
+    """How a ``REPLACE`` variant finds and rewrites the layers it replaces, in each backend.
+
+    ``torch_match(gm, node)`` / ``onnx_match(node_proto)`` return the layer kind (e.g. "lstm")
+    when the variant can replace that node, else None. ``torch_apply(gm, node, spec, params,
+    site_name)`` swaps the fx node for the site (the caller recompiles);
+    ``onnx_apply(onnx_model, node_index, spec, params)`` rewrites the ONNX node and returns the
+    site's name.
+    """
+
+    kinds: tuple[str, ...]
+    torch_match: Callable[..., str | None]
+    torch_apply: Callable[..., Any]
+    onnx_match: Callable[..., str | None]
+    onnx_apply: Callable[..., str]
+
+
+@dataclass(frozen=True)
 class VariantSpec:
     name: str
     summary: str
@@ -160,6 +178,9 @@ class VariantSpec:
     absorbs: tuple[str, ...] = ()
     # True when the test rule gives back the original model's function (identity at test time)
     identity_at_test: bool = True
+    # REPLACE variants whose rewrite the generic layer mechanism (dropcli.layers) cannot express
+    # (a recurrent layer becomes a loop with several outputs) bring their own finder/rewriter
+    replacement: Replacement | None = None
 
     def resolve_params(self, given: dict[str, Any]) -> dict[str, Any]:
         """Fill defaults and validate. Unknown keys for this variant are an error."""
@@ -221,7 +242,7 @@ def register(spec: VariantSpec) -> VariantSpec:
         _ALIASES[a] = spec.name
     if (spec.attaches == REPLACE) != bool(spec.replaces):
         raise RuntimeError(f"variant {spec.name}: a REPLACE variant names the layer classes it replaces, others none")
-    if spec.attaches == REPLACE and not issubclass(spec.torch_module, LayerSite):
+    if spec.attaches == REPLACE and spec.replacement is None and not issubclass(spec.torch_module, LayerSite):
         raise RuntimeError(f"variant {spec.name}: a REPLACE variant's torch module is a LayerSite")
     spec.torch_module.spec = spec
     return spec

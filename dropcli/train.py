@@ -1,0 +1,251 @@
+"""Training data and the training loop shared by the commands that fine-tune a model
+(``dropcli prune``; meant for ``dropcli finetune`` too).
+
+* :func:`load_split` reads ``--data`` / ``--val`` (``.npz`` with ``x`` and ``y``, ``.pt``, ``.csv``
+  whose last column is the label) with the readers of :mod:`dropcli.data`, checks them against the
+  model's input and output, and holds out a seeded split when there is no ``--val``.
+* :func:`fit` is the epoch loop: seeded shuffling, Adam, a rich progress bar on stderr, and
+  Ctrl-C propagating as ``KeyboardInterrupt`` (the caller writes nothing).
+* :func:`evaluate` gives the loss (and accuracy for classification) in eval mode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import LABEL_KEYS, InputSpec, bind, read_arrays
+from .errors import DropcliError, UsageError
+
+TASKS = ("auto", "classification", "regression")
+
+
+@dataclass
+class Split:
+    x: torch.Tensor
+    y: torch.Tensor
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+
+def input_spec(example: tuple[torch.Tensor, ...]) -> InputSpec:
+    if len(example) != 1:
+        raise DropcliError(f"the model takes {len(example)} inputs; training supports single-input models only")
+    t = example[0]
+    return InputSpec("x", [None] + list(t.shape[1:]), np.dtype(str(t.dtype).removeprefix("torch.")))
+
+
+def _xy(path: str, spec: InputSpec) -> tuple[np.ndarray, np.ndarray]:
+    arrays = read_arrays(path)
+    ykey = next((k for k in LABEL_KEYS if k in arrays), None)
+    if ykey is None and _is_csv(path) and arrays["x"].ndim == 2 and arrays["x"].shape[1] >= 2:
+        # a CSV (or single array): the last column holds the label
+        full = arrays["x"]
+        arrays = {"x": full[:, :-1], "y": full[:, -1]}
+        ykey = "y"
+    if ykey is None:
+        raise DropcliError(f"{path} has no labels (arrays: {sorted(arrays)})",
+                           "save an .npz with arrays x and y, a .pt dict {'x': ..., 'y': ...}, or a CSV whose last column is the label")
+    y = np.asarray(arrays.pop(ykey))
+    (x,) = bind(arrays, [spec], path)
+    if len(y) != len(x):
+        raise DropcliError(f"{path}: {len(x)} inputs but {len(y)} labels", "give one label per example")
+    return x, y
+
+
+def _is_csv(path: str) -> bool:
+    if path == "-":
+        return False
+    with open(path, "rb") as fh:
+        head = fh.read(6)
+    return not (head.startswith(b"\x93NUMPY") or head.startswith(b"PK\x03\x04"))
+
+
+def resolve_task(task: str, y: np.ndarray, n_out: int) -> str:
+    if task not in TASKS:
+        raise UsageError(f"unknown --task {task!r}", f"choose one of {', '.join(TASKS)}")
+    if task != "auto":
+        return task
+    if y.dtype.kind in "biu":
+        return "classification"
+    if y.dtype.kind == "f" and n_out > 1 and y.ndim == 1 and np.all(y == np.round(y)):
+        return "classification"
+    return "regression"
+
+
+def _labels(y: np.ndarray, task: str, out_shape: tuple[int, ...], source: str) -> torch.Tensor:
+    if task == "classification":
+        if y.ndim == 2 and y.shape[1] == 1:
+            y = y[:, 0]
+        if y.ndim != 1 or (y.dtype.kind == "f" and not np.all(y == np.round(y))):
+            raise DropcliError(f"{source}: classification labels must be one integer class per example",
+                               "pass --task regression for real-valued targets")
+        n = out_shape[-1] if out_shape else 1
+        lo, hi = int(y.min()), int(y.max())
+        if lo < 0 or hi >= n:
+            raise DropcliError(f"{source}: labels out of range: they span {lo}..{hi}, but the model has {n} outputs (classes 0..{n - 1})",
+                               "check the labels, or pass --task regression")
+        return torch.from_numpy(y.astype(np.int64))
+    want = (len(y),) + tuple(out_shape)
+    yy = y.astype(np.float32)
+    if yy.size != int(np.prod(want)):
+        raise DropcliError(f"{source}: regression targets have shape {list(y.shape)}, the model outputs [N, {', '.join(map(str, out_shape))}]",
+                           "give one target per model output")
+    return torch.from_numpy(yy.reshape(want))
+
+
+def load_split(data: str, val: str | None, example: tuple[torch.Tensor, ...], out_shape: tuple[int, ...],
+               task: str = "auto", seed: int = 0, val_fraction: float = 0.2) -> tuple[Split, Split, str]:
+    """Training and validation data, checked against the model; returns (train, val, task)."""
+    spec = input_spec(example)
+    x, y = _xy(data, spec)
+    task = resolve_task(task, y, int(out_shape[-1]) if out_shape else 1)
+    yt = _labels(y, task, out_shape, data)
+    xt = torch.from_numpy(np.ascontiguousarray(x))
+    if val is not None:
+        vx, vy = _xy(val, spec)
+        return Split(xt, yt, data), Split(torch.from_numpy(np.ascontiguousarray(vx)), _labels(vy, task, out_shape, val), val), task
+    n = len(xt)
+    n_val = int(round(n * val_fraction))
+    if n < 5 or n_val < 1:
+        raise DropcliError(f"{data} has only {n} examples, too few to hold out a validation split", "pass --val VAL, or more data")
+    perm = torch.from_numpy(np.random.default_rng(seed).permutation(n))
+    vi, ti = perm[:n_val], perm[n_val:]
+    return (Split(xt[ti], yt[ti], data), Split(xt[vi], yt[vi], f"{data} (held-out {n_val} examples)"), task)
+
+
+def data_loss(out: torch.Tensor, y: torch.Tensor, task: str) -> torch.Tensor:
+    if task == "classification":
+        return F.cross_entropy(out, y)
+    return F.mse_loss(out, y)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, split: Split, task: str, batch_size: int = 512, device: str = "cpu") -> dict[str, float]:
+    was = [(m, m.training) for m in model.modules()]
+    model.eval()
+    total, correct, n = 0.0, 0, 0
+    try:
+        for i in range(0, len(split), batch_size):
+            xb, yb = split.x[i:i + batch_size].to(device), split.y[i:i + batch_size].to(device)
+            out = model(xb)
+            if task == "classification":
+                total += float(F.cross_entropy(out, yb, reduction="sum"))
+                correct += int((out.argmax(-1) == yb).sum())
+            else:
+                total += float(F.mse_loss(out, yb, reduction="sum")) / max(1, out[0].numel())
+            n += len(xb)
+    finally:
+        for m, t in was:
+            m.training = t
+    res = {"loss": total / max(n, 1)}
+    if task == "classification":
+        res["accuracy"] = correct / max(n, 1)
+    else:
+        res["rmse"] = math.sqrt(res["loss"])
+    return res
+
+
+def seed_all(seed: int) -> torch.Generator:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    return torch.Generator().manual_seed(seed)
+
+
+@contextlib.contextmanager
+def progress_bar(total: int, description: str, quiet: bool = False):
+    """A rich progress bar on stderr (hidden with --quiet or when stderr is not a terminal)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .cli.common import err
+
+    prog = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TextColumn("{task.fields[info]}"), console=err, transient=True,
+                    disable=quiet or not err.is_terminal)
+    with prog:
+        tid = prog.add_task(description, total=total, info="")
+        yield lambda info="", advance=1: prog.update(tid, advance=advance, info=info)
+
+
+def fit(model: nn.Module, train: Split, task: str, *, params: Iterable[dict[str, Any]], epochs: int, batch_size: int,
+        seed: int, device: str = "cpu", regulariser: Callable[[float], tuple[torch.Tensor, dict[str, float]]] | None = None,
+        train_modules: Iterable[nn.Module] = (), describe: Callable[[], str] | None = None,
+        on_step: Callable[[int], None] | None = None, quiet: bool = False, label: str = "training",
+        decay_from: float | None = None) -> list[dict[str, float]]:
+    """Adam on ``data loss + regulariser(progress)`` for ``epochs`` epochs.
+
+    Only ``train_modules`` are put in training mode: everything else (BatchNorm, dropout)
+    stays in eval mode. ``regulariser(progress)`` gets the fraction of training done (0..1) and
+    returns the term to add and numbers for the progress bar. With ``decay_from`` (a fraction of
+    training) the learning rates fall linearly to 0 from that point on. Ctrl-C raises KeyboardInterrupt.
+    """
+    if epochs < 1:
+        raise UsageError("--epochs must be at least 1")
+    if batch_size < 1:
+        raise UsageError("--batch-size must be at least 1")
+    gen = seed_all(seed)
+    opt = torch.optim.Adam(list(params))
+    base_lrs = [g["lr"] for g in opt.param_groups]
+    model.eval()
+    train_modules = list(train_modules)
+    for m in train_modules:
+        m.train()
+    n = len(train)
+    steps = max(1, math.ceil(n / batch_size))
+    history = []
+    step = 0
+    try:
+        with progress_bar(epochs, label, quiet) as advance:
+            for epoch in range(epochs):
+                perm = torch.randperm(n, generator=gen)
+                tot, tot_reg, correct = 0.0, 0.0, 0
+                extra: dict[str, float] = {}
+                for k in range(steps):
+                    idx = perm[k * batch_size:(k + 1) * batch_size]
+                    if decay_from is not None:
+                        progress = (epoch * steps + k) / (epochs * steps)
+                        f = 1.0 if progress < decay_from else max(0.0, (1.0 - progress) / (1.0 - decay_from))
+                        for g, lr0 in zip(opt.param_groups, base_lrs):
+                            g["lr"] = lr0 * f
+                    xb, yb = train.x[idx].to(device), train.y[idx].to(device)
+                    out = model(xb)
+                    loss = data_loss(out, yb, task)
+                    total = loss
+                    if regulariser is not None:
+                        reg, extra = regulariser((epoch + k / steps) / epochs)
+                        total = loss + reg
+                        tot_reg += float(reg.detach()) * len(idx)
+                    opt.zero_grad(set_to_none=True)
+                    total.backward()
+                    opt.step()
+                    if not torch.isfinite(total):
+                        raise DropcliError("training diverged (the loss is not finite)", "lower --lr")
+                    tot += float(loss.detach()) * len(idx)
+                    if task == "classification":
+                        correct += int((out.argmax(-1) == yb).sum())
+                    step += 1
+                    if on_step is not None:
+                        on_step(step)
+                rec = {"epoch": epoch + 1, "loss": tot / n, "reg": tot_reg / n, **extra}
+                if task == "classification":
+                    rec["accuracy"] = correct / n
+                history.append(rec)
+                info = f"loss {rec['loss']:.4f}  reg {rec['reg']:.4f}"
+                if "accuracy" in rec:
+                    info += f"  acc {rec['accuracy']:.3f}"
+                if describe is not None:
+                    info += "  " + describe()
+                advance(info)
+    finally:
+        for m in train_modules:
+            m.eval()
+    return history
