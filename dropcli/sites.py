@@ -97,7 +97,8 @@ class Layer:
             "op": self.op,
             "shape": self.shape,
             "params": self.params,
-            "dropout": None if self.dropout_p is None else {"variant": self.dropout_variant, "p": self.dropout_p},
+            "dropout": None if self.dropout_p is None and self.dropout_variant is None
+            else {"variant": self.dropout_variant, "p": self.dropout_p},
             "is_output": self.is_output,
             "is_input": self.is_input,
             "residual": self.residual,

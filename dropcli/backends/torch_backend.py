@@ -342,7 +342,8 @@ class TorchModel:
                 continue
             layer_class = None
             if isinstance(mod, SiteModule):
-                kind, dropout_p, dropout_variant = "dropout", mod.p, mod.spec.name
+                has_p = any(q.name == "p" for q in mod.spec.params)
+                kind, dropout_p, dropout_variant = "dropout", mod.p if has_p else None, mod.spec.name
             elif kind == "dropout":
                 dropout_p, dropout_variant = _dropout_p(n, mod), "dropout"
             elif kind in _REWRITABLE_KINDS:
@@ -810,7 +811,8 @@ class TorchModel:
 
         meta = dict(self.site_meta)
         for name, m in self.site_modules().items():
-            meta[name] = {"variant": m.spec.name, "p": m.p, **m.params}
+            has_p = any(q.name == "p" for q in m.spec.params)
+            meta[name] = {"variant": m.spec.name, **({"p": m.p} if has_p else {}), **m.params}
             if isinstance(m, LayerSite):
                 meta[name]["layer"] = {**m.layer_record(), "name": getattr(m, "replaced_name", ""),
                                        "act_name": getattr(m, "replaced_act_name", "")}

@@ -56,6 +56,8 @@ def register(app: typer.Typer) -> None:
         tie: Optional[str] = typer.Option(None, "--tie", help="variational: one mask for all gates ('tied', default) or one per gate ('untied')."),
         p_input: Optional[float] = typer.Option(None, "--p-input", help="variational: drop probability of x_t (default: --p)."),
         p_hidden: Optional[float] = typer.Option(None, "--p-hidden", help="variational: drop probability of h_{t-1} (default: --p)."),
+        threshold: Optional[float] = typer.Option(None, "--threshold", help="sparse-vd: test-time log alpha threshold (default 3)."),
+        log_sigma2: Optional[float] = typer.Option(None, "--log-sigma2", help="sparse-vd: initial log sigma^2 (default -10)."),
         after: Optional[List[str]] = After,
         layers: Optional[List[str]] = Layers,
         exclude: Optional[List[str]] = Exclude,
@@ -76,7 +78,8 @@ def register(app: typer.Typer) -> None:
             raise UsageError(f"unknown --format {out_format!r}", f"choose one of {', '.join(formats.ALL)}")
         spec = None if remove else get_variant(variant)
         given = {"p": p, "block_size": block_size, "hole_size": hole_size, "holes": holes,
-                 "mask_per": mask_per, "tie": tie, "p_input": p_input, "p_hidden": p_hidden}
+                 "mask_per": mask_per, "tie": tie, "p_input": p_input, "p_hidden": p_hidden,
+                 "threshold": threshold, "log_sigma2": log_sigma2}
         params = spec.resolve_params(given) if spec else {}
         if remove and any(v is not None for v in given.values()):
             raise UsageError("--remove takes no variant parameters")

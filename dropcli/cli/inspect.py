@@ -69,7 +69,8 @@ Examples:
             t.add_column(col, justify="right" if col == "params" else "left")
         for l in info["layers"]:
             shape = "" if l["shape"] is None else "[" + ", ".join("N" if d is None else str(d) for d in l["shape"]) + "]"
-            drop = "" if not l["dropout"] else f"{l['dropout']['variant']} p={l['dropout']['p']}"
+            drop = "" if not l["dropout"] else (l["dropout"]["variant"] or "dropcli") + (
+                "" if l["dropout"]["p"] is None else f" p={l['dropout']['p']}")
             if l.get("convention") in ("inverted", "vanilla"):
                 drop += f" ({l['convention']})"
             sites = ",".join(l["sites"]) + (" (output)" if l["is_output"] else "")

@@ -135,7 +135,7 @@ def register(app: typer.Typer) -> None:
         arch: Optional[str] = Arch,
         input_shape: Optional[str] = InputShape,
     ) -> None:
-        from ..importer import to_modules
+        from ..prune.sites import modules_with_sparse_vd
         from ..prune.core import DEFAULTS, METHODS, PruneConfig, count_params, prune
         from ..prune.shrink import prunable_layers
         from ..train import evaluate, load_split
@@ -172,7 +172,9 @@ def register(app: typer.Typer) -> None:
                 check_output_path(extra, inputs + [output])
         model = load_model(model_path, **load_opts(trust_pickle, imports, arch, input_shape))
         example = _example(model)
-        gm = to_modules(model)
+        # sparse-VD sites (`dropcli inject --variant sparse-vd`, then the user's training) come back as
+        # sparse-VD layers, pruned by their own scores
+        gm, _ = modules_with_sparse_vd(model, threshold)
         has_svd = any(getattr(type(m), "dropcli_leaf", False) for m in gm.modules())
         if not prunable_layers(gm) and not has_svd:
             raise DropcliError("the model has no prunable layers (Linear, Conv1d or Conv2d with stored weights)",
