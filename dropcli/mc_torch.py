@@ -55,6 +55,12 @@ class TorchMC:
         self.modules = dict(gm.named_modules())
         self.site_nodes = [n for n in self.nodes if self._is_site(n)]
         self.stochastic = self._stochastic_closure()
+        # values computed from the inputs (the others -- weights and what is derived from them
+        # alone, e.g. a sparse-VD site's masked weight -- are never tiled, whatever their shape)
+        self.input_dependent: set[fx.Node] = set()
+        for n in self.nodes:
+            if n.op == "placeholder" or any(a in self.input_dependent for a in n.all_input_nodes):
+                self.input_dependent.add(n)
         # free each value after its last use, so memory holds only live tensors
         pos = {n: i for i, n in enumerate(self.nodes)}
         self.frees: dict[int, list[fx.Node]] = {}
@@ -164,7 +170,7 @@ class TorchMC:
                 d = self._batch_dim(a)  # from export's symbolic shapes, when it knows
                 if d is None or d >= v.dim() or v.shape[d] != B:
                     d = 0 if v.dim() > 0 and v.shape[0] == B else None
-                if d is not None:
+                if d is not None and a in self.input_dependent:
                     # the batch is not always dim 0: an RNN's zero state [layers, B, H] made before the first site
                     v = v.repeat_interleave(T, dim=d)
             elif a.op in ("call_function", "call_method", "call_module"):

@@ -46,6 +46,25 @@ def _model_key(name: str) -> str | None:
 
 
 CASES = [n for n in REPLACING if _model_key(n)]
+# variants without a drop probability get these parameters instead of p (sparse-vd: a start
+# variance large enough for visible MC noise)
+NO_P = {"sparse-vd": {"log_sigma2": -6.0}}
+
+
+def _has_p(name: str) -> bool:
+    return any(q.name == "p" for q in load_all()[name].params)
+
+
+def _params(name: str, p: float) -> dict:
+    return {"p": p} if _has_p(name) else dict(NO_P.get(name, {}))
+
+
+def _flags(name: str, p: float) -> list[str]:
+    return [a for k, v in _params(name, p).items() for a in (f"--{k.replace('_', '-')}", str(v))]
+
+
+def _dropout(name: str, p: float) -> dict:
+    return {"variant": name, "p": p if _has_p(name) else None}
 
 
 def _cli(*args, code=0):
@@ -96,11 +115,11 @@ def test_inject_inspect_remove_replace_roundtrip(name, fmt, ext, sources, tmp_pa
     assert rewritable, "the test model has nothing to rewrite"
 
     a = tmp_path / f"a.{ext}"
-    out = json.loads(_cli("inject", src, "--variant", name, "--p", "0.3", "-o", a, "--json", *shape).stdout)
+    out = json.loads(_cli("inject", src, "--variant", name, *_flags(name, 0.3), "-o", a, "--json", *shape).stdout)
     assert [s["at"] for s in out["sites"]] == [l["name"] for l in rewritable]
     rows = _inspect(a)
     sites = [l for l in rows if l["dropout"]]
-    assert [s["dropout"] for s in sites] == [{"variant": name, "p": 0.3}] * len(rewritable)
+    assert [s["dropout"] for s in sites] == [_dropout(name, 0.3)] * len(rewritable)
     assert not any(l["layer_class"] in spec.replaces and not l["is_output"] for l in rows), "a layer was left"
     if spec.identity_at_test:
         np.testing.assert_allclose(_run(a, fmt, x), ref, rtol=1e-5, atol=1e-6)
@@ -117,14 +136,14 @@ def test_inject_inspect_remove_replace_roundtrip(name, fmt, ext, sources, tmp_pa
     c = tmp_path / f"c.{ext}"
     _cli("inject", a, "--replace", "--variant", "gaussian", "-o", c)
     sites_c = [l for l in _inspect(c) if l["dropout"]]
-    assert [s["dropout"] for s in sites_c] == [{"variant": "gaussian", "p": 0.3}] * len(rewritable)
+    assert [s["dropout"] for s in sites_c] == [{"variant": "gaussian", "p": 0.3 if _has_p(name) else 0.5}] * len(rewritable)
     np.testing.assert_allclose(_run(c, fmt, x), ref, rtol=1e-6, atol=1e-6)
 
     # replace by the same variant with another p: rewritten again, numbered after the old sites
     e = tmp_path / f"e.{ext}"
-    out_e = json.loads(_cli("inject", a, "--replace", "--variant", name, "--p", "0.2", "-o", e, "--json").stdout)
+    out_e = json.loads(_cli("inject", a, "--replace", "--variant", name, *_flags(name, 0.2), "-o", e, "--json").stdout)
     assert {s["site"] for s in out_e["sites"]}.isdisjoint({s["name"] for s in sites})
-    assert [s["dropout"] for s in _inspect(e) if s["dropout"]] == [{"variant": name, "p": 0.2}] * len(rewritable)
+    assert [s["dropout"] for s in _inspect(e) if s["dropout"]] == [_dropout(name, 0.2)] * len(rewritable)
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -138,7 +157,7 @@ def test_pickle_and_state_dict_inputs(name, tmp_path):
     src = save_as(model, x[:2], tmp_path / "m.pkl", "pickle")
     imp = ["--trust-pickle", "--import", "tests/models.py"]
     a = tmp_path / "a.pkl"
-    _cli("inject", src, "--variant", name, "--p", "0.25", "-o", a, *imp)
+    _cli("inject", src, "--variant", name, *_flags(name, 0.25), "-o", a, *imp)
     assert any(l["dropout"] and l["dropout"]["variant"] == name for l in _inspect(a, *imp))
     b = tmp_path / "b.pkl"
     _cli("inject", a, "--remove", "-o", b, *imp)
@@ -149,7 +168,7 @@ def test_pickle_and_state_dict_inputs(name, tmp_path):
     arch = "tests/models.py:MLP" if key == "mlp" else "tests/models.py:PoolCNN"
     shape = "2x64" if key == "mlp" else "2x1x8x8"
     c = tmp_path / "c.pt"
-    _cli("inject", sd, "--arch", arch, "--input-shape", shape, "--variant", name, "--p", "0.25", "-o", c)
+    _cli("inject", sd, "--arch", arch, "--input-shape", shape, "--variant", name, *_flags(name, 0.25), "-o", c)
     assert any(l["dropout"] and l["dropout"]["variant"] == name for l in _inspect(c))
 
 
@@ -163,7 +182,7 @@ def test_float64_model_keeps_dtype_and_tensors(name):
     gm = torch.fx.symbolic_trace(model)
     tm = TorchModel(gm, "pickle", (torch.zeros((2,) + SHAPES[key], dtype=torch.float64),))
     spec = get_variant(name)
-    done = apply_inject(tm, spec, spec.resolve_params({"p": 0.3}), plan_inject(tm, spec, Selection()))
+    done = apply_inject(tm, spec, spec.resolve_params(_params(name, 0.3)), plan_inject(tm, spec, Selection()))
     sites = tm.site_modules()
     assert len(sites) == len(done) >= 1
     originals = dict(model.named_modules())
@@ -196,7 +215,7 @@ def test_usage_errors(tmp_path):
 def _inj(path, name, p=0.3):
     m = load_model(path)
     spec = get_variant(name)
-    apply_inject(m, spec, spec.resolve_params({"p": p}), plan_inject(m, spec, Selection()))
+    apply_inject(m, spec, spec.resolve_params(_params(name, p)), plan_inject(m, spec, Selection()))
     return m
 
 
@@ -230,12 +249,12 @@ def test_uncertainty_cli_both_backends(name, sources, tmp_path):
     reports = []
     for fmt, ext in (("export", "pt2"), ("onnx", "onnx")):
         out = tmp_path / f"m.{ext}"
-        _cli("--quiet", "inject", sources[key][fmt], "--variant", name, "--p", "0.3", "-o", out)
+        _cli("--quiet", "inject", sources[key][fmt], "--variant", name, *_flags(name, 0.3), "-o", out)
         res = _cli("--quiet", "uncertainty", out, "--input", tmp_path / "x.npy", "-T", 24, "--seed", 3, "--json")
         reports.append(json.loads(res.stdout))
         # --inject on the fly works too
         res2 = _cli("--quiet", "uncertainty", sources[key][fmt], "--input", tmp_path / "x.npy", "-T", 8,
-                    "--inject", name, "--p", 0.3, "--json")
+                    "--inject", name, *(["--p", 0.3] if _has_p(name) else []), "--json")
         assert json.loads(res2.stdout)["summary"]["sites"] >= 1
     assert reports[0]["summary"]["sites"] == reports[1]["summary"]["sites"] >= 1
     for r in reports:

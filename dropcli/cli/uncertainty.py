@@ -452,7 +452,8 @@ def _inject_on_the_fly(model, variant, p, after, layers, exclude, allow_output, 
     sel = Selection.from_options(after, layers, exclude, allow_output)
     done = apply_inject(model, spec, params, plan_inject(model, spec, sel))
     if not quiet:
-        log(f"[dim]injected {spec.name} (p={params['p']}) at {len(done)} site(s), not saved[/]")
+        shown = ", ".join(f"{k}={v}" for k, v in params.items())
+    log(f"[dim]injected {spec.name} ({shown}) at {len(done)} site(s), not saved[/]")
 
 
 def _print_table(summary: dict, per: dict, task: str) -> None:
