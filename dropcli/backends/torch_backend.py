@@ -378,6 +378,20 @@ class TorchModel:
             if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
                 continue
             common = ((anc[a] | {a}) & (anc[b] | {b})) - {c for c in anc[n] if c.op == "get_attr"}
+            site = str(cond.target).rsplit(".", 1)[0]
+            # the input comes from outside the site: the latest common value whose descendants up
+            # to the select read nothing else from the graph (a trace may share values by both
+            # branches, e.g. DropConnect's x*x, which is then not the input)
+            order_ = {m: i for i, m in enumerate(self.gm.graph.nodes)}
+            chosen = None
+            for c in sorted(common, key=order_.__getitem__, reverse=True):
+                region = {m for m in anc[n] if c in anc[m]} | {n}
+                if all(i is c or i in region or i.op == "get_attr" or _is_size(i) or not _reads_input(i, anc)
+                       for m in region for i in m.all_input_nodes):
+                    chosen = c
+                    break
+            if chosen is not None:
+                common = {c for c in common if order_[c] <= order_[chosen]}
             if not common:
                 continue
             order = {m: i for i, m in enumerate(self.gm.graph.nodes)}
@@ -385,7 +399,6 @@ class TorchModel:
             internal = {m for m in anc[n] if m not in anc[x] and m is not x and m.op not in ("get_attr", "placeholder")}
             # side-effect-only nodes (export's runtime dtype asserts) on the site's values
             internal |= {u for m in internal for u in m.users if not u.users and u is not n}
-            site = str(cond.target).rsplit(".", 1)[0]
             out[n] = (site, x, internal)
         return out
 
@@ -1079,6 +1092,16 @@ def _is_impure(n: fx.Node) -> bool:
     with contextlib.suppress(Exception):
         return n.is_impure()
     return True
+
+
+def _reads_input(n: fx.Node, anc: dict[fx.Node, set[fx.Node]]) -> bool:
+    """Whether ``n`` is computed from a graph input (else from weights and constants alone)."""
+    return n.op == "placeholder" or any(a.op == "placeholder" for a in anc[n])
+
+
+def _is_size(n: fx.Node) -> bool:
+    """A node whose value is a size or other scalar (not data), e.g. ``sym_size``."""
+    return isinstance(n.meta.get("val"), (int, float, bool, torch.SymInt, torch.SymFloat, torch.SymBool))
 
 
 def _ancestors(g: fx.Graph) -> dict[fx.Node, set[fx.Node]]:

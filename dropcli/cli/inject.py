@@ -58,6 +58,8 @@ def register(app: typer.Typer) -> None:
         p_hidden: Optional[float] = typer.Option(None, "--p-hidden", help="variational: drop probability of h_{t-1} (default: --p)."),
         threshold: Optional[float] = typer.Option(None, "--threshold", help="sparse-vd: test-time log alpha threshold (default 3)."),
         log_sigma2: Optional[float] = typer.Option(None, "--log-sigma2", help="sparse-vd: initial log sigma^2 (default -10)."),
+        samples_z: Optional[int] = typer.Option(None, "--samples-z", help="dropconnect: Gaussian draws Z averaged by the test rule (default 64)."),
+        mc_form: Optional[str] = typer.Option(None, "--mc-form", help="dropconnect MC mode: 'gaussian' (default) or 'mask' (exact per-example masks)."),
         after: Optional[List[str]] = After,
         layers: Optional[List[str]] = Layers,
         exclude: Optional[List[str]] = Exclude,
@@ -79,7 +81,7 @@ def register(app: typer.Typer) -> None:
         spec = None if remove else get_variant(variant)
         given = {"p": p, "block_size": block_size, "hole_size": hole_size, "holes": holes,
                  "mask_per": mask_per, "tie": tie, "p_input": p_input, "p_hidden": p_hidden,
-                 "threshold": threshold, "log_sigma2": log_sigma2}
+                 "threshold": threshold, "log_sigma2": log_sigma2, "samples_z": samples_z, "mc_form": mc_form}
         params = spec.resolve_params(given) if spec else {}
         if remove and any(v is not None for v in given.values()):
             raise UsageError("--remove takes no variant parameters")

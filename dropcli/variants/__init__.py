@@ -18,6 +18,7 @@ FAMILY_MODULES = (
     "dropcli.variants.pooling",
     "dropcli.variants.recurrent",
     "dropcli.variants.sparse_vd",
+    "dropcli.variants.weight",
 )
 
 _loaded = False

@@ -1,0 +1,165 @@
+"""DropConnect (Wan et al. 2013) on Linear and Conv layers, torch and ONNX, checked statistically.
+
+With inverted masks (W~ = M*W/q, b~ = m*b/q, M, m ~ Bernoulli(q) per example) a unit's
+pre-activation u has mean mu = W x + b and variance s2 = (p/q)((W*W)(x*x) + b*b) exactly
+(variants.md's vanilla form, mu = q W v and s2 = q(1-q)(W*W)(v*v), with W -> W/q). Both MC forms
+(`gaussian`: u ~ N(mu, s2); `mask`: the Bernoulli masks themselves) must give these moments, per
+row of a tiled batch with no mask shared between rows; the test rule is Algorithm 2,
+mean_z a(mu + sqrt(s2) eps_z). Tolerances: K standard errors from the formulas.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+from dropcli.backends.onnx_backend import MC_INPUT
+from dropcli.cli.main import app
+from dropcli.variants.weight import DropConnect, fixed_normal_draws
+from models import save_as
+
+K = 5.0
+N = 20000
+P = 0.3
+runner = CliRunner()
+
+
+def _moments(x: np.ndarray, w: np.ndarray, b: np.ndarray, conv: bool = False):
+    x64, w64, b64 = x.astype(np.float64), w.astype(np.float64), b.astype(np.float64)
+    r = P / (1 - P)
+    if conv:
+        xt = torch.from_numpy(x64)
+        mu = torch.nn.functional.conv2d(xt, torch.from_numpy(w64), torch.from_numpy(b64), padding=1).numpy()
+        v = torch.nn.functional.conv2d(xt * xt, torch.from_numpy(w64 ** 2), torch.from_numpy(b64 ** 2), padding=1).numpy()
+        return mu[0], r * v[0]
+    return x64 @ w64.T + b64, r * ((x64 ** 2) @ (w64 ** 2).T + b64 ** 2)
+
+
+def _check(y: np.ndarray, mu: np.ndarray, var: np.ndarray, gaussian: bool) -> None:
+    """y: [N, ...] draws of one example. Mean within K SE; variance within K SE of a sample
+    variance (Gaussian: v*sqrt(2/(n-1)); masks: from the sample fourth moment)."""
+    n = y.shape[0]
+    m, v = y.mean(0), y.var(0, ddof=1)
+    assert np.all(np.abs(m - mu) <= K * np.sqrt(var / n) + 1e-6), np.max(np.abs(m - mu) / np.sqrt(var / n))
+    if gaussian:
+        se_v = var * math.sqrt(2.0 / (n - 1))
+    else:
+        c = y - y.mean(0)
+        se_v = np.sqrt(np.maximum((c ** 4).mean(0) - v ** 2, 0) / n)
+    assert np.all(np.abs(v - var) <= K * se_v + 1e-9), np.max(np.abs(v - var) / se_v)
+
+
+@pytest.mark.parametrize("form", ["gaussian", "mask"])
+def test_linear_mc_moments_and_no_shared_mask(form):
+    torch.manual_seed(0)
+    lin = nn.Linear(24, 6)
+    site = DropConnect.from_module(lin, p=P, mc_form=form).set_mc(True)
+    x = torch.rand(1, 24, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.manual_seed(2)
+        y = site(x.repeat(N, 1)).double().numpy()
+    mu, var = _moments(x.numpy(), lin.weight.detach().numpy(), lin.bias.detach().numpy())
+    _check(y, mu[0], var[0], gaussian=form == "gaussian")
+    # one mask per row, not per batch: rows of one input differ, and two units are uncorrelated
+    # (a mask shared by the batch gives identical rows: variance 0)
+    c = np.corrcoef(y[:, 0], y[:, 1])[0, 1]
+    assert abs(c) <= K / math.sqrt(N)
+    assert np.unique(y[:, 0]).size > N // 2
+
+
+@pytest.mark.parametrize("form", ["gaussian", "mask"])
+def test_conv_mc_moments(form):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 3, 3, padding=1)
+    site = DropConnect.from_module(conv, p=P, mc_form=form).set_mc(True)
+    x = torch.rand(1, 2, 5, 5, generator=torch.Generator().manual_seed(1))
+    n = 6000
+    with torch.no_grad():
+        torch.manual_seed(3)
+        y = site(x.repeat(n, 1, 1, 1)).double().numpy()
+    mu, var = _moments(x.numpy(), conv.weight.detach().numpy(), conv.bias.detach().numpy(), conv=True)
+    _check(y, mu, var, gaussian=form == "gaussian")
+
+
+def test_test_rule_is_algorithm_2():
+    """Inference = mean_z relu(mu + sqrt(s2) eps_z) over the stored draws; with many draws it
+    converges to the exact Gaussian expectation E[relu(u)] = mu Phi(mu/s) + s phi(mu/s)."""
+    torch.manual_seed(0)
+    lin = nn.Linear(16, 8)
+    x = torch.rand(3, 16, generator=torch.Generator().manual_seed(4))
+    mu, var = _moments(x.numpy(), lin.weight.detach().numpy(), lin.bias.detach().numpy())
+    s = np.sqrt(var)
+    for z in (64, 4096):
+        site = DropConnect.from_module(lin, act=nn.ReLU(), p=P, samples_z=z)
+        with torch.no_grad():
+            got = site(x).double().numpy()
+        eps = fixed_normal_draws(z, 8)
+        ref = np.maximum(mu[None] + s[None] * eps[:, None, :], 0).mean(0)
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+        t = mu / s
+        cdf = 0.5 * (1 + np.vectorize(math.erf)(t / math.sqrt(2)))
+        exact = mu * cdf + s * np.exp(-t * t / 2) / math.sqrt(2 * math.pi)
+        # antithetic fixed draws: the error of a Z-sample mean of relu(u) is below s / sqrt(Z)
+        assert np.all(np.abs(got - exact) <= K * s / math.sqrt(z))
+    # no activation after the layer: the test rule is mu itself (the original layer)
+    with torch.no_grad():
+        np.testing.assert_allclose(DropConnect.from_module(lin, p=P)(x).numpy(), lin(x).numpy(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("form", ["gaussian", "mask"])
+def test_onnx_mc_moments_and_test_rule(form, tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(24, 6), nn.ReLU(), nn.Linear(6, 2))
+    src = save_as(model, torch.rand(2, 24), tmp_path / "m.onnx", "onnx")
+    out = tmp_path / "dc.onnx"
+    r = runner.invoke(app, ["inject", str(src), "--variant", "dropconnect", "--p", str(P), "--mc-form", form, "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    x = np.random.default_rng(1).random((1, 24), dtype=np.float32)
+    sess = ort.InferenceSession(str(out))
+    # the ONNX output is fc2(site(x)); check the site through the head's linear map: fc2 is
+    # affine, so the moments of fc2(relu(u)) come from those of relu(u); instead compare with
+    # torch's own site on the same weights, in distribution, and exactly in inference mode
+    w, b = model[0].weight.detach(), model[0].bias.detach()
+    site = DropConnect.from_module(model[0], act=nn.ReLU(), p=P, mc_form=form)
+    with torch.no_grad():
+        ref_eval = model[2](site(torch.from_numpy(x))).numpy()
+    np.testing.assert_allclose(sess.run(None, {"x": x})[0], ref_eval, rtol=1e-5, atol=1e-5)
+    yo = sess.run(None, {"x": np.repeat(x, N, 0), MC_INPUT: np.array(True)})[0].astype(np.float64)
+    site.set_mc(True)
+    with torch.no_grad():
+        torch.manual_seed(5)
+        yt = model[2](site(torch.from_numpy(np.repeat(x, N, 0)))).double().numpy()
+    se = np.sqrt(yo.var(0) / N + yt.var(0) / N)
+    assert np.all(np.abs(yo.mean(0) - yt.mean(0)) <= K * se)
+    c = lambda a: a - a.mean(0)  # noqa: E731
+    se_v = np.sqrt(((c(yo) ** 4).mean(0) - yo.var(0) ** 2) / N + ((c(yt) ** 4).mean(0) - yt.var(0) ** 2) / N)
+    assert np.all(np.abs(yo.var(0) - yt.var(0)) <= K * se_v)
+    assert np.unique(yo[:, 0]).size > N // 2  # per-row draws in ONNX too
+    del w, b
+
+
+def test_cli_options_and_errors(tmp_path):
+    torch.manual_seed(0)
+    src = save_as(nn.Sequential(nn.Linear(8, 4), nn.Tanh(), nn.Linear(4, 2)), torch.rand(2, 8), tmp_path / "m.pt2", "export")
+    for args, flag in ((["--samples-z", "0"], "--samples-z"), (["--mc-form", "exact"], "--mc-form"), (["--p", "1.0"], "--p")):
+        r = runner.invoke(app, ["inject", str(src), "--variant", "dropconnect", *args, "-o", str(tmp_path / "o.pt2")])
+        assert r.exit_code == 2 and flag in r.output and "Traceback" not in r.output, r.output
+        assert not (tmp_path / "o.pt2").exists()
+    pool = save_as(nn.MaxPool2d(2), torch.rand(2, 1, 4, 4), tmp_path / "p.pt2", "export")
+    r = runner.invoke(app, ["inject", str(pool), "--variant", "dropconnect", "-o", str(tmp_path / "o.pt2")])
+    assert r.exit_code == 2 and "Linear or Conv" in r.output
+    # tanh after the layer is absorbed: the site replaces both (the test rule averages tanh(u))
+    r = runner.invoke(app, ["inject", str(src), "--variant", "dropconnect", "--samples-z", "8", "-o", str(tmp_path / "o.pt2"), "--json"])
+    assert r.exit_code == 0, r.output
+    m = torch.export.load(str(tmp_path / "o.pt2")).module()
+    x = torch.rand(3, 8)
+    with torch.no_grad():
+        a, b = m(x), m(x)
+    assert torch.equal(a, b)  # inference is deterministic (fixed draws)
