@@ -163,3 +163,73 @@ def test_cli_options_and_errors(tmp_path):
     with torch.no_grad():
         a, b = m(x), m(x)
     assert torch.equal(a, b)  # inference is deterministic (fixed draws)
+
+
+# ----------------------------------------------------------------------------- Standout
+def _belief(x, w, b, alpha, beta, conv=False):
+    """g(pi x), pi = alpha*W + beta with the bias as the weight of a constant input 1."""
+    xt, wt, bt = (torch.from_numpy(np.asarray(a, dtype=np.float64)) for a in (x, w, b))
+    if conv:
+        u = torch.nn.functional.conv2d(xt, wt, bt, padding=1)
+        field = torch.nn.functional.conv2d(xt, torch.ones_like(wt), None, padding=1)
+    else:
+        u = xt @ wt.T + bt
+        field = xt.sum(-1, keepdim=True).expand_as(u)
+    return u.numpy(), torch.sigmoid(alpha * u + beta * (field + 1)).numpy()
+
+
+@pytest.mark.parametrize("conv", [False, True])
+def test_standout_test_rule_and_keep_rates(conv):
+    from dropcli.variants.weight import Standout
+
+    torch.manual_seed(0)
+    layer = nn.Conv2d(2, 3, 3, padding=1) if conv else nn.Linear(12, 5)
+    x = torch.rand((1, 2, 4, 4) if conv else (1, 12), generator=torch.Generator().manual_seed(1))
+    alpha, beta = 2.0, -0.3
+    site = Standout.from_module(layer, act=nn.ReLU(), alpha=alpha, beta=beta)
+    u, g = _belief(x.numpy(), layer.weight.detach().numpy(), layer.bias.detach().numpy(), alpha, beta, conv)
+    f = np.maximum(u, 0)
+    with torch.no_grad():
+        np.testing.assert_allclose(site(x).double().numpy(), g * f, rtol=1e-5, atol=1e-6)  # g * f, not (1 - g) * f
+        site.set_mc(True)
+        torch.manual_seed(2)
+        n = 8000
+        y = site(x.repeat((n,) + (1,) * (x.dim() - 1))).double().numpy()
+    live = f[0] > 1e-6  # where f(u) = 0 a drop is invisible
+    kept = (y != 0).mean(0)
+    gl = g[0][live]
+    assert np.all(np.abs(kept[live] - gl) <= K * np.sqrt(gl * (1 - gl) / n) + 1e-9)
+    seen = live & (kept > 0)
+    np.testing.assert_allclose(np.where(y != 0, y, -np.inf).max(0)[seen], f[0][seen], rtol=1e-5)  # a kept unit is f(u) itself
+    if not conv:  # alpha > 0 (and one input sum for all units): a larger pre-activation is kept more often
+        order = np.argsort(u[0][live])
+        assert np.all(np.diff(gl[order]) >= 0) and kept[live][order][-1] > kept[live][order][0]
+
+
+def test_standout_onnx_matches_torch(tmp_path):
+    from dropcli.variants.weight import Standout
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 6), nn.Sigmoid(), nn.Linear(6, 2))
+    src = save_as(model, torch.rand(2, 10), tmp_path / "m.onnx", "onnx")
+    out = tmp_path / "so.onnx"
+    r = runner.invoke(app, ["inject", str(src), "--variant", "standout", "--alpha", "1.5", "--beta", "0.2", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["inject", str(src), "--variant", "standout", "--p", "0.3", "-o", str(tmp_path / "x.onnx")])
+    assert r.exit_code == 2 and "--p" in r.output  # standout has no fixed drop probability
+    x = np.random.default_rng(1).random((1, 10), dtype=np.float32)
+    site = Standout.from_module(model[0], act=nn.Sigmoid(), alpha=1.5, beta=0.2)
+    with torch.no_grad():
+        ref = model[2](site(torch.from_numpy(x))).numpy()
+    sess = ort.InferenceSession(str(out))
+    np.testing.assert_allclose(sess.run(None, {"x": x})[0], ref, rtol=1e-5, atol=1e-6)
+    yo = sess.run(None, {"x": np.repeat(x, N, 0), MC_INPUT: np.array(True)})[0].astype(np.float64)
+    site.set_mc(True)
+    with torch.no_grad():
+        torch.manual_seed(3)
+        yt = model[2](site(torch.from_numpy(np.repeat(x, N, 0)))).double().numpy()
+    se = np.sqrt(yo.var(0) / N + yt.var(0) / N)
+    assert np.all(np.abs(yo.mean(0) - yt.mean(0)) <= K * se)
+    c = lambda a: a - a.mean(0)  # noqa: E731
+    se_v = np.sqrt(((c(yo) ** 4).mean(0) - yo.var(0) ** 2) / N + ((c(yt) ** 4).mean(0) - yt.var(0) ** 2) / N)
+    assert np.all(np.abs(yo.var(0) - yt.var(0)) <= K * se_v)

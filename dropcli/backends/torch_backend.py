@@ -383,6 +383,15 @@ class TorchModel:
             # to the select read nothing else from the graph (a trace may share values by both
             # branches, e.g. DropConnect's x*x, which is then not the input)
             order_ = {m: i for i, m in enumerate(self.gm.graph.nodes)}
+            # ... and never a value computed from the site's own tensors (e.g. Standout's W x + b,
+            # shared by both branches, of which the whole rest of the site is a function)
+            own: set[fx.Node] = set()
+            for m in self.gm.graph.nodes:
+                if m is n:
+                    break
+                if any((i.op == "get_attr" and str(i.target).startswith(site + ".")) or i in own for i in m.all_input_nodes):
+                    own.add(m)
+            common -= own
             chosen = None
             for c in sorted(common, key=order_.__getitem__, reverse=True):
                 region = {m for m in anc[n] if c in anc[m]} | {n}

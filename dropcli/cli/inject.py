@@ -60,6 +60,8 @@ def register(app: typer.Typer) -> None:
         log_sigma2: Optional[float] = typer.Option(None, "--log-sigma2", help="sparse-vd: initial log sigma^2 (default -10)."),
         samples_z: Optional[int] = typer.Option(None, "--samples-z", help="dropconnect: Gaussian draws Z averaged by the test rule (default 64)."),
         mc_form: Optional[str] = typer.Option(None, "--mc-form", help="dropconnect MC mode: 'gaussian' (default) or 'mask' (exact per-example masks)."),
+        alpha: Optional[float] = typer.Option(None, "--alpha", help="standout: belief network pi = alpha*W + beta (default 1)."),
+        beta: Optional[float] = typer.Option(None, "--beta", help="standout: belief network pi = alpha*W + beta (default 0)."),
         after: Optional[List[str]] = After,
         layers: Optional[List[str]] = Layers,
         exclude: Optional[List[str]] = Exclude,
@@ -81,7 +83,8 @@ def register(app: typer.Typer) -> None:
         spec = None if remove else get_variant(variant)
         given = {"p": p, "block_size": block_size, "hole_size": hole_size, "holes": holes,
                  "mask_per": mask_per, "tie": tie, "p_input": p_input, "p_hidden": p_hidden,
-                 "threshold": threshold, "log_sigma2": log_sigma2, "samples_z": samples_z, "mc_form": mc_form}
+                 "threshold": threshold, "log_sigma2": log_sigma2, "samples_z": samples_z, "mc_form": mc_form,
+                 "alpha": alpha, "beta": beta}
         params = spec.resolve_params(given) if spec else {}
         if remove and any(v is not None for v in given.values()):
             raise UsageError("--remove takes no variant parameters")

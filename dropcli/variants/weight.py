@@ -1,4 +1,5 @@
-"""Weight-level dropout on Linear and Conv layers: DropConnect (Wan et al. 2013).
+"""Weight-level dropout on Linear and Conv layers: DropConnect (Wan et al. 2013) and Standout
+(Ba & Frey 2013), both rewriting the layer together with the activation after it.
 
 DropConnect masks individual WEIGHTS (and biases), not units. In dropcli's inverted form
 (every dropcli variant keeps the trained scale: ``W~ = M*W/q``, ``b~ = m*b/q``), a unit's
@@ -38,7 +39,7 @@ from ..backends.onnx_builder import OnnxBuilder, TensorInfo
 from ..backends.onnx_layers import OnnxLayer, emit_activation
 from ..errors import UsageError
 from ..layers import ACT_KINDS, CONV, LINEAR, pool_windows
-from .base import P_PARAM, REPLACE, LayerSite, Param, VariantSpec, check_positive_int, keep_mask_like, normal_like, register
+from .base import P_PARAM, REPLACE, LayerSite, Param, VariantSpec, check_positive_int, keep_mask_like, normal_like, register, uniform_like
 
 EPS_SEED = 20130616  # fixed: the test rule's Z draws are part of the model
 
@@ -330,4 +331,80 @@ register(VariantSpec(
           "never shared by a batch. For a Conv the Gaussian form samples every output unit independently (the "
           "correlation a shared kernel mask induces across positions is not modelled); --mc-form mask is exact "
           "(memory: rows x weights). EfficientNet's drop_connect_rate is droppath, not this.",
+))
+
+
+# ----------------------------------------------------------------------------- Standout
+
+
+class Standout(_LinearOrConvSite):
+    """Standout (Ba & Frey 2013, "Adaptive dropout for training deep neural networks", NeurIPS).
+
+    A belief network with weights ``pi = alpha*W + beta`` gives each unit its KEEP probability
+    ``g(pi_j^T x)``, ``g = sigmoid``; MC: ``y_j = m_j f(u_j)``, ``m_j ~ Bernoulli(g(pi_j^T x))``
+    per example and unit, ``u = W x + b``; test: ``y = g(pi x) * f(W x + b)`` (not ``(1-g) f``).
+    The bias is the weight of a constant input 1, as in the paper's notation, so
+    ``pi_j^T x = alpha*(w_j^T x + b_j) + beta*(sum_i x_i + 1)``, the sum running over the unit's
+    inputs (a conv unit's receptive field, zero padding counting 0). With ``alpha > 0`` a unit
+    with a large pre-activation is KEPT more often.
+    """
+
+    alpha: float
+    beta: float
+
+    def belief(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """``g(pi x)``: the keep probability of every unit."""
+        s = self.alpha * u
+        if self.beta != 0.0:
+            ones = torch.ones_like(self.W)
+            s = s + self.beta * (self.pre(x, weight=ones, bias=False) + 1.0)
+        return torch.sigmoid(s)
+
+    def infer(self, x: torch.Tensor) -> torch.Tensor:
+        u = self.pre(x)
+        return self.belief(x, u) * self.activate(u)
+
+    def sample(self, x: torch.Tensor) -> torch.Tensor:
+        u = self.pre(x)
+        y = self.activate(u)
+        keep = uniform_like(y) < self.belief(x, u)
+        return torch.where(keep, y, torch.zeros_like(y))
+
+
+def standout_onnx(b: OnnxBuilder, layer: OnnxLayer, alpha: float, beta: float) -> tuple[str, str]:
+    _check_onnx_layer(layer, "standout")
+    info = layer.x_info
+    u = layer.lin(b, layer.x, layer.w_eff(b), layer.b_eff(b))
+    s = b.op("Mul", u, b.f(alpha, info))
+    if beta != 0.0:
+        ones = b.const(np.ones(layer.weight_value.shape), info.np_dtype)
+        field = b.op("Add", layer.lin(b, layer.x, ones, None), b.f(1.0, info))
+        s = b.op("Add", s, b.op("Mul", field, b.f(beta, info)))
+    g = b.op("Sigmoid", s)
+    y = emit_activation(b, layer.act, u, info)
+    det = b.op("Mul", g, y)
+    keep = b.op("Less", b.op("RandomUniformLike", y, dtype=info.elem_type), g)
+    stoch = b.op("Where", keep, y, b.f(0.0, info))
+    return stoch, det
+
+
+def _finite(v: float) -> str | None:
+    return None if math.isfinite(v) else "must be a finite number"
+
+
+ALPHA = Param("alpha", float, 1.0, "standout: pi = alpha*W + beta, the scale of the belief network", _finite)
+BETA = Param("beta", float, 0.0, "standout: pi = alpha*W + beta, the shift of the belief network", _finite)
+
+register(VariantSpec(
+    name="standout", summary="Standout / adaptive dropout: keep probability g(pi x) from a belief network pi = alpha*W + beta",
+    formula="y = m * f(W x + b),  m_j ~ Bernoulli(sigmoid(pi_j^T x)) per example,  pi = alpha*W + beta  (g = keep probability)",
+    test_rule="y = sigmoid(pi x) * f(W x + b)",
+    attaches=REPLACE, replaces=(LINEAR, CONV), absorbs=ACT_KINDS, identity_at_test=False,
+    paper="Ba & Frey 2013, Adaptive dropout for training deep neural networks (NeurIPS)",
+    torch_module=Standout, onnx_builder=standout_onnx, params=(ALPHA, BETA),
+    aliases=("adaptive-dropout",),
+    notes="No fixed p: each unit's keep probability is sigmoid(alpha*(w_j.x + b_j) + beta*(sum of its inputs + 1)) "
+          "(the bias as the weight of a constant input; a conv unit sums its receptive field). alpha = 1, beta = 0 by "
+          "default (the paper treats both as hyperparameters and gives no universal value). The test rule multiplies "
+          "by g, the keep probability -- not 1 - g -- and with alpha > 0 large pre-activations are kept more.",
 ))
