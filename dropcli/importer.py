@@ -308,7 +308,7 @@ def _sym_pads(pads: list[int] | None, nd: int, what: str) -> tuple[int, ...]:
 
 
 class _OnnxImporter:
-    def __init__(self, model):
+    def __init__(self, model, keep_dropout: bool = False):
         import onnx
         from onnx import numpy_helper
 
@@ -324,6 +324,7 @@ class _OnnxImporter:
             if tt.HasField("shape"):
                 self.ranks[vi.name] = len(tt.shape.dim)
         self.consts: dict[str, np.ndarray] = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+        self.keep_dropout = keep_dropout
         self.root = nn.Module()
         self.graph = fx.Graph()
         self.env: dict[str, fx.Node] = {}
@@ -415,6 +416,13 @@ class _OnnxImporter:
         if op in ("Dropout", "Identity"):
             if len(node.output) > 1 and self.users.get(node.output[1]):
                 raise self._unsupported(node, "its mask output is used")
+            if op == "Dropout" and self.keep_dropout:
+                # an nn.Dropout (identity in eval mode) that keeps the site and its ratio
+                ratio = self._c(ins[1]) if len(ins) > 1 and ins[1] else a.get("ratio", 0.5)
+                if ratio is None:
+                    raise self._unsupported(node, "its ratio is not a constant")
+                self.env[out] = self._add(node, op, nn.Dropout(float(np.asarray(ratio))), self._val(ins[0]))
+                return
             self.env[out] = self._val(ins[0])
             return
         if op == "Gemm":
@@ -547,9 +555,10 @@ def _global_pool(rank: int | None) -> nn.Module:
     return nn.AdaptiveAvgPool1d(1) if rank == 3 else nn.AdaptiveAvgPool2d(1)
 
 
-def from_onnx(model) -> fx.GraphModule:
-    """An ONNX ModelProto as an ``fx.GraphModule`` of real torch modules (see :data:`ONNX_OPS`)."""
-    return _OnnxImporter(model).run()
+def from_onnx(model, keep_dropout: bool = False) -> fx.GraphModule:
+    """An ONNX ModelProto as an ``fx.GraphModule`` of real torch modules (see :data:`ONNX_OPS`).
+    ``Dropout`` nodes vanish (inference), or with ``keep_dropout`` become ``nn.Dropout(ratio)``."""
+    return _OnnxImporter(model, keep_dropout).run()
 
 
 def onnx_example(model) -> tuple[torch.Tensor, ...]:
@@ -568,10 +577,11 @@ def onnx_example(model) -> tuple[torch.Tensor, ...]:
     return tuple(out)
 
 
-def to_modules(model: Any) -> fx.GraphModule:
-    """A loaded model (torch or ONNX backend) as a GraphModule of real modules, in eval mode."""
+def to_modules(model: Any, keep_dropout: bool = False) -> fx.GraphModule:
+    """A loaded model (torch or ONNX backend) as a GraphModule of real modules, in eval mode.
+    ``keep_dropout``: ONNX Dropout nodes become ``nn.Dropout`` modules (``dropcli finetune``)."""
     if getattr(model, "backend", None) == "onnx":
-        gm = from_onnx(model.model)
+        gm = from_onnx(model.model, keep_dropout)
     else:
         gm = modularize(model.gm)
     return gm.eval()

@@ -569,19 +569,22 @@ class TorchModel:
         if fmt == formats.ONNX:
             from .onnx_backend import export_torch_program
 
-            export_torch_program(ep, example, path)
+            export_torch_program(ep, example, path, self._sites_meta())
             return fmt
         raise UsageError(f"unknown output format {fmt!r}", f"choose one of {', '.join(formats.ALL)}")
+
+    def _sites_meta(self) -> dict[str, dict[str, Any]]:
+        meta = dict(self.site_meta)
+        for name, m in self.site_modules().items():
+            meta[name] = {"variant": m.spec.name, "p": m.p, **m.params}
+        return meta
 
     def _sites_record(self) -> str:
         """Variant and parameters of every site, stored beside the graph (the graph alone
         holds them only as constants)."""
         import json
 
-        meta = dict(self.site_meta)
-        for name, m in self.site_modules().items():
-            meta[name] = {"variant": m.spec.name, "p": m.p, **m.params}
-        return json.dumps(meta)
+        return json.dumps(self._sites_meta())
 
     def _require_example(self, fmt: str) -> tuple:
         if self.example_inputs is None:
