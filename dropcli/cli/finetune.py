@@ -193,7 +193,7 @@ def run(model_path: str, output: str, *, data: str, val: str | None, variant: st
         _set_module(gm, s.name, standard.torch_module(p=s.start_p))
     gm.recompile()
     noise_var = _noise_var(gm, train, task)
-    before = learned.mc_metrics(gm, vsplit, task, samples, seed)
+    before = learned.mc_metrics(gm, vsplit, task, samples, seed, noise_var=noise_var)
     work = copy.deepcopy(gm)
     learned.attach(work, sites, variant, per_weight)
     n = len(train)
@@ -230,7 +230,7 @@ def run(model_path: str, output: str, *, data: str, val: str | None, variant: st
                   label=f"finetune ({variant})")
     work.to("cpu")
     rows = learned.finalize(work, sites)
-    after_m = learned.mc_metrics(work, vsplit, task, samples, seed)
+    after_m = learned.mc_metrics(work, vsplit, task, samples, seed, noise_var=noise_var)
     fmt, err = save_like_input(work, model, example, model_path, output, vsplit.x[:64])
     summary = {"input": model_path, "output": output, "format": fmt, "variant": variant, "task": task, "train": train_what,
                "per_weight": per_weight, "epochs": epochs, "lr": lr, "rate_lr": lr * DEFAULTS["rate_lr_scale"],
@@ -245,7 +245,8 @@ def run(model_path: str, output: str, *, data: str, val: str | None, variant: st
 
 def _noise_var(gm: torch.nn.Module, train, task: str) -> float:
     """Regression: the observation noise variance (tau^-1) estimated as the deterministic model's
-    training-set MSE; added to the MC variance in the Gaussian NLL. 0 for classification."""
+    training-set MSE before fine-tuning (one value for the before and after rows); added to the MC
+    variance in the Gaussian NLL. 0 for classification."""
     if task != "regression":
         return 0.0
     from ..train import evaluate
