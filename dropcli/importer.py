@@ -431,7 +431,7 @@ class _OnnxImporter:
                 raise self._unsupported(node, "only Gemm with a constant B (and C) and transA=0 is supported")
             w = w if a.get("transB", 0) else w.T
             w = w * a.get("alpha", 1.0)
-            b = None if c is None else np.broadcast_to(c * a.get("beta", 1.0), (w.shape[0],))
+            b = None if c is None else np.array(np.broadcast_to(c * a.get("beta", 1.0), (w.shape[0],)))
             mod = _linear_module(torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)),
                                  None if b is None else torch.from_numpy(np.ascontiguousarray(b, dtype=np.float32)))
             self.env[out] = self._add(node, op, mod, self._val(ins[0]))
