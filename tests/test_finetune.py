@@ -364,6 +364,13 @@ def test_onnx_in_onnx_out_runs_without_dropcli(tmp_path, setup):
     res = subprocess.run([sys.executable, "-c", code, str(setup / "val.npz")], capture_output=True, text=True, env=env,
                          cwd=tmp_path)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
+    # dropcli's own ONNX sites are re-loaded as sites: a second finetune starts at the learned p
+    again = tmp_path / "again.onnx"
+    r = _ft(setup, out, again, "--variant", "variational")
+    assert r.exit_code == 0, r.output
+    (row2,) = json.loads(r.stdout)["sites"]
+    assert row2["start_p"] == pytest.approx(row["learned_p"], rel=1e-6)
+    assert [s_["dropout"]["variant"] for s_ in _site_rows(again)] == ["gaussian"]
 
 
 def test_pt2_variational_per_unit_and_per_weight(tmp_path, setup):
