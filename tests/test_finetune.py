@@ -398,6 +398,19 @@ def test_after_selects_new_sites_on_a_model_without_dropout(tmp_path, setup):
     assert len(_site_rows(out)) == 2
 
 
+def test_reloaded_torchscript_gaussian_site_takes_variational(tmp_path, setup):
+    """dropcli's own (re-loaded, inlined) TorchScript sites are found; a gaussian one starts at its p."""
+    inj = tmp_path / "gauss.pt"
+    r = _run("inject", setup / "mlp.pt", "--variant", "gaussian", "--replace", "-o", inj)
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "gauss_ft.pt"
+    r = _ft(setup, inj, out, "--variant", "variational")
+    assert r.exit_code == 0, r.output
+    (row,) = json.loads(r.stdout)["sites"]
+    assert row["start_p"] == pytest.approx(0.3) and row["variant"] == "gaussian"
+    assert [s_["dropout"]["variant"] for s_ in _site_rows(out)] == ["gaussian"]
+
+
 def test_seed_gives_identical_output(tmp_path, setup):
     blobs, reports = [], []
     for k in range(2):

@@ -162,7 +162,7 @@ def run(model_path: str, output: str, *, data: str, val: str | None, variant: st
         p0 = DEFAULTS["start_p"] if p is None else p
         done = apply_inject(tm, standard, {"p": p0}, chosen)
         for d in done:
-            start[d["site"]] = (d["at"], p0)
+            start[d["site"]] = (d["at"], p0, "standard")
     else:
         drops = [l for l in tm.layers() if l.kind == "dropout"]
         if not drops:
@@ -181,16 +181,17 @@ def run(model_path: str, output: str, *, data: str, val: str | None, variant: st
             if check_p(lp):
                 raise DropcliError(f"dropout site {l.name} has p={lp}, outside [0, 1)", "pass a starting rate with --p")
         done = apply_replace(tm, standard, {"p": 0.5}, chosen, inherit_p=False)  # rates set below
-        for d in done:
+        for d, l in zip(done, chosen):  # TorchModel: done is in the order of chosen
             lp = d["was_p"] if p is None else p
-            start[d["site"]] = (d["at"], DEFAULTS["start_p"] if lp is None else float(lp))
+            was = "gaussian" if l.dropout_variant == "gaussian" else "standard"
+            start[d["site"]] = (d["at"], DEFAULTS["start_p"] if lp is None else float(lp), was)
     gm = tm.gm
-    sites = [learned.LearnedSite(name=s, at=at, following="", start_p=sp) for s, (at, sp) in start.items()]
-    # "before": the model with stock sites at the starting rates
+    sites = [learned.LearnedSite(name=s, at=at, following="", start_p=sp) for s, (at, sp, _) in start.items()]
+    # "before": the model with stock sites (the variant each had, new ones standard) at the starting rates
     from ..importer import _set_module
 
     for s in sites:
-        _set_module(gm, s.name, standard.torch_module(p=s.start_p))
+        _set_module(gm, s.name, get_variant(start[s.name][2]).torch_module(p=s.start_p))
     gm.recompile()
     noise_var = _noise_var(gm, train, task)
     before = learned.mc_metrics(gm, vsplit, task, samples, seed, noise_var=noise_var)
