@@ -308,7 +308,7 @@ def _sym_pads(pads: list[int] | None, nd: int, what: str) -> tuple[int, ...]:
 
 
 class _OnnxImporter:
-    def __init__(self, model):
+    def __init__(self, model, keep_dropout: bool = False):
         import onnx
         from onnx import numpy_helper
 
@@ -324,6 +324,7 @@ class _OnnxImporter:
             if tt.HasField("shape"):
                 self.ranks[vi.name] = len(tt.shape.dim)
         self.consts: dict[str, np.ndarray] = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+        self.keep_dropout = keep_dropout
         self.root = nn.Module()
         self.graph = fx.Graph()
         self.env: dict[str, fx.Node] = {}
@@ -375,9 +376,41 @@ class _OnnxImporter:
     def _c(self, name: str) -> np.ndarray | None:
         return self.consts.get(name) if name else None
 
+    def _site_blocks(self) -> tuple[set[int], dict[int, tuple[str, str, nn.Module]]]:
+        """dropcli's own ONNX sites (nodes named ``dropcli_site_N/...``, ending in ``.../select``):
+        the node indices inside them, and per select node (site name, input, the site as a torch
+        module). Only with ``keep_dropout`` (``dropcli finetune``)."""
+        from .backends.onnx_backend import MC_INPUT, _site_p, _site_variant
+        from .variants import get_variant
+
+        g = self.model.graph
+        nodes = list(g.node)
+        inside: set[int] = set()
+        selects: dict[int, tuple[str, str, nn.Module]] = {}
+        for i, n in enumerate(nodes):
+            if not (n.name.startswith("dropcli_site_") and n.op_type == "Where" and n.name.endswith("/select")):
+                continue
+            site = n.name.split("/")[0]
+            block = [j for j, m in enumerate(nodes) if m.name.startswith(site + "/")]
+            made = {o for j in block for o in nodes[j].output}
+            ext = {x for j in block for x in nodes[j].input if x and x not in made and x not in self.consts and x != MC_INPUT}
+            variant, p = _site_variant(n), _site_p(n)
+            if len(ext) != 1 or variant is None or p is None:
+                raise DropcliError(f"cannot read dropcli site {site} of this ONNX model",
+                                   "remove the sites (dropcli inject --remove), then finetune with --after")
+            spec = get_variant(variant)
+            if {prm.name for prm in spec.params} != {"p"}:
+                raise DropcliError(f"dropcli site {site} is a {variant} site with parameters besides p, which can't be re-loaded from ONNX",
+                                   "remove it first (dropcli inject --remove --layers ...)")
+            inside.update(block)
+            selects[i] = (site, ext.pop(), spec.torch_module(p=p))
+        return inside, selects
+
     def run(self) -> fx.GraphModule:
         g = self.model.graph
-        bad = sorted({n.op_type for n in g.node if n.op_type not in ONNX_OPS or n.domain not in ("", "ai.onnx")})
+        inside, selects = self._site_blocks() if self.keep_dropout else (set(), {})
+        bad = sorted({n.op_type for i, n in enumerate(g.node)
+                      if i not in inside and (n.op_type not in ONNX_OPS or n.domain not in ("", "ai.onnx"))})
         if bad:
             raise DropcliError(f"ONNX op{'s' if len(bad) > 1 else ''} {', '.join(bad)} {'are' if len(bad) > 1 else 'is'} not supported by dropcli's ONNX importer",
                                f"supported ops: {', '.join(ONNX_OPS)}; or pass the torch model instead")
@@ -386,12 +419,19 @@ class _OnnxImporter:
             if inp.name in init_names:
                 continue
             if inp.name == "dropcli_mc":
+                if selects:
+                    continue
                 raise DropcliError("this ONNX model contains dropcli dropout sites (input 'dropcli_mc')",
                                    "prune the model without its sites (dropcli inject --remove), then inject again")
             ph = self.graph.placeholder(re.sub(r"[^A-Za-z0-9_]", "_", inp.name) or "x")
             self.env[inp.name] = ph
-        for node in g.node:
-            self._node(node)
+        for i, node in enumerate(g.node):
+            if i in selects:
+                site, x, mod = selects[i]
+                _set_module(self.root, site, mod)
+                self.env[node.output[0]] = self.graph.call_module(site, (self._val(x),))
+            elif i not in inside:
+                self._node(node)
         outs = [self.env[o.name] if o.name in self.env else self._val(o.name) for o in g.output]
         self.graph.output(outs[0] if len(outs) == 1 else tuple(outs))
         gm = fx.GraphModule(self.root, self.graph, "ImportedOnnx")
@@ -415,6 +455,13 @@ class _OnnxImporter:
         if op in ("Dropout", "Identity"):
             if len(node.output) > 1 and self.users.get(node.output[1]):
                 raise self._unsupported(node, "its mask output is used")
+            if op == "Dropout" and self.keep_dropout:
+                # an nn.Dropout (identity in eval mode) that keeps the site and its ratio
+                ratio = self._c(ins[1]) if len(ins) > 1 and ins[1] else a.get("ratio", 0.5)
+                if ratio is None:
+                    raise self._unsupported(node, "its ratio is not a constant")
+                self.env[out] = self._add(node, op, nn.Dropout(float(np.asarray(ratio))), self._val(ins[0]))
+                return
             self.env[out] = self._val(ins[0])
             return
         if op == "Gemm":
@@ -423,7 +470,7 @@ class _OnnxImporter:
                 raise self._unsupported(node, "only Gemm with a constant B (and C) and transA=0 is supported")
             w = w if a.get("transB", 0) else w.T
             w = w * a.get("alpha", 1.0)
-            b = None if c is None else np.broadcast_to(c * a.get("beta", 1.0), (w.shape[0],))
+            b = None if c is None else np.array(np.broadcast_to(c * a.get("beta", 1.0), (w.shape[0],)))
             mod = _linear_module(torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)),
                                  None if b is None else torch.from_numpy(np.ascontiguousarray(b, dtype=np.float32)))
             self.env[out] = self._add(node, op, mod, self._val(ins[0]))
@@ -547,9 +594,10 @@ def _global_pool(rank: int | None) -> nn.Module:
     return nn.AdaptiveAvgPool1d(1) if rank == 3 else nn.AdaptiveAvgPool2d(1)
 
 
-def from_onnx(model) -> fx.GraphModule:
-    """An ONNX ModelProto as an ``fx.GraphModule`` of real torch modules (see :data:`ONNX_OPS`)."""
-    return _OnnxImporter(model).run()
+def from_onnx(model, keep_dropout: bool = False) -> fx.GraphModule:
+    """An ONNX ModelProto as an ``fx.GraphModule`` of real torch modules (see :data:`ONNX_OPS`).
+    ``Dropout`` nodes vanish (inference), or with ``keep_dropout`` become ``nn.Dropout(ratio)``."""
+    return _OnnxImporter(model, keep_dropout).run()
 
 
 def onnx_example(model) -> tuple[torch.Tensor, ...]:
@@ -568,10 +616,11 @@ def onnx_example(model) -> tuple[torch.Tensor, ...]:
     return tuple(out)
 
 
-def to_modules(model: Any) -> fx.GraphModule:
-    """A loaded model (torch or ONNX backend) as a GraphModule of real modules, in eval mode."""
+def to_modules(model: Any, keep_dropout: bool = False) -> fx.GraphModule:
+    """A loaded model (torch or ONNX backend) as a GraphModule of real modules, in eval mode.
+    ``keep_dropout``: ONNX Dropout nodes become ``nn.Dropout`` modules (``dropcli finetune``)."""
     if getattr(model, "backend", None) == "onnx":
-        gm = from_onnx(model.model)
+        gm = from_onnx(model.model, keep_dropout)
     else:
         gm = modularize(model.gm)
     return gm.eval()

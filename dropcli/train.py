@@ -249,3 +249,90 @@ def fit(model: nn.Module, train: Split, task: str, *, params: Iterable[dict[str,
         for m in train_modules:
             m.eval()
     return history
+
+
+# ---------------------------------------------------------------------------------------
+# Model I/O shared by the verbs that train a loaded model (prune, finetune)
+# ---------------------------------------------------------------------------------------
+
+
+def resolve_device(device: str) -> str:
+    """``--device``: cpu, cuda or auto (a clear error when CUDA was asked for and is missing)."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise DropcliError("--device cuda was asked for, but no CUDA GPU is available", "use --device cpu or auto")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise UsageError(f"unknown --device {device!r}", "choose cpu, cuda or auto")
+    return device
+
+
+def model_example(model: Any) -> tuple:
+    """Example inputs of a loaded model (torch or ONNX backend)."""
+    if model.backend == "onnx":
+        from .importer import onnx_example
+
+        return onnx_example(model.model)
+    if model.example_inputs is None:
+        raise UsageError("dropcli cannot tell this model's input shape", "pass --input-shape, for example --input-shape 1x3x32x32")
+    return tuple(model.example_inputs)
+
+
+def reference_output(model: Any, x: torch.Tensor) -> np.ndarray:
+    """The loaded model's own output (ONNX through onnxruntime), to check an import against."""
+    if model.backend == "onnx":
+        sess = model.session()
+        name = model.graph_inputs()[0].name
+        return sess.run(None, {name: x.numpy()})[0]
+    return model(x).detach().numpy()
+
+
+def check_import(model: Any, gm: nn.Module, x: torch.Tensor, tol: float = 1e-4) -> None:
+    """The importer must not change the function: compare on real inputs before training."""
+    with torch.no_grad():
+        diff = float(np.max(np.abs(gm(x).numpy() - reference_output(model, x))))
+    if not diff <= tol:
+        raise DropcliError(f"internal error: the imported model differs from the original by {diff:.3g}",
+                           "please report this model")
+
+
+def verify_saved(path: Any, fmt: str, trained: nn.Module, x: torch.Tensor) -> float:
+    """Run the written file with its stock loader (inference mode) and compare with ``trained``."""
+    from . import formats
+
+    with torch.no_grad():
+        want = trained(x).numpy()
+    if fmt == formats.ONNX:
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])  # default optimisation level
+        got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    elif fmt == formats.TORCHSCRIPT:
+        got = torch.jit.load(str(path), map_location="cpu")(x).detach().numpy()
+    elif fmt == formats.EXPORT:
+        got = torch.export.load(str(path)).module()(x).detach().numpy()
+    else:
+        return 0.0
+    return float(np.max(np.abs(got - want))) if want.size else 0.0
+
+
+def save_like_input(gm: Any, model: Any, example: tuple, source: str, output: str, check_x: torch.Tensor,
+                    site_meta: dict | None = None) -> tuple[str, float]:
+    """Write a trained GraphModule atomically in the loaded model's format (ONNX stays ONNX),
+    checked with its stock loader before it lands. Returns (format, max abs difference)."""
+    from pathlib import Path
+
+    from . import formats
+    from .backends.torch_backend import TorchModel
+    from .fsutil import atomic_path
+
+    fmt = formats.ONNX if model.backend == "onnx" else model.default_output_format()
+    tm = TorchModel(gm, fmt, tuple(example), source, site_meta)
+    with atomic_path(output, Path(output).suffix) as tmp:
+        tm.save(tmp, fmt)
+        err = verify_saved(tmp, fmt, gm, check_x)
+        if not err <= 1e-4:
+            raise DropcliError(f"internal error: the written {fmt} model differs from the trained model by {err:.3g}")
+    return fmt, err

@@ -588,8 +588,36 @@ def promote_mc_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def export_torch_program(ep: Any, example: tuple, path: str | Path) -> None:
-    """torch.export program -> ONNX with one ``dropcli_mc`` input (default False)."""
+def label_exported_sites(model: onnx.ModelProto, sites: dict[str, dict[str, Any]]) -> int:
+    """Name the nodes the torch exporter made for each dropcli site ``dropcli_site_N/...`` (from
+    the exporter's name scopes) and mark the site's final ``Where`` on ``dropcli_mc`` as
+    ``dropcli_site_N/select`` with its variant and p, as :meth:`OnnxModel.insert` does, so that
+    `dropcli inspect` and re-loading see the sites and their rates. Returns how many were labelled."""
+    import ast
+
+    done = set()
+    for n in model.graph.node:
+        scopes = next((p.value for p in n.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), None)
+        if not scopes:
+            continue
+        with contextlib.suppress(ValueError, SyntaxError):
+            parts = ast.literal_eval(scopes)
+            site = next((x for x in parts if isinstance(x, str) and x in sites), None)
+            if site is None:
+                continue
+            if n.op_type == "Where" and n.input and n.input[0] == MC_INPUT:
+                n.name = f"{site}/select"
+                meta = sites[site]
+                n.doc_string = f"dropcli variant={meta.get('variant')} p={meta.get('p')}"
+                done.add(site)
+            else:
+                n.name = f"{site}/{n.name}"
+    return len(done)
+
+
+def export_torch_program(ep: Any, example: tuple, path: str | Path, sites: dict[str, dict[str, Any]] | None = None) -> None:
+    """torch.export program -> ONNX with one ``dropcli_mc`` input (default False); ``sites``
+    (name -> variant, p) labels the sites' nodes (:func:`label_exported_sites`)."""
     import torch
 
     from .torch_backend import _quiet, _short
@@ -602,6 +630,8 @@ def export_torch_program(ep: Any, example: tuple, path: str | Path) -> None:
         raise DropcliError(f"cannot convert the model to ONNX: {_short(e)}", "try --format torchscript or export") from e
     # The onnxscript optimizer may fold the mc buffer into constants; keep it an input.
     promote_mc_inputs(model)
+    if sites:
+        label_exported_sites(model, sites)
     onnx.checker.check_model(model)
     save_onnx(model, path)
 

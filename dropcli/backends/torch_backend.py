@@ -822,15 +822,11 @@ class TorchModel:
         if fmt == formats.ONNX:
             from .onnx_backend import export_torch_program
 
-            export_torch_program(ep, example, path)
+            export_torch_program(ep, example, path, self._sites_meta())
             return fmt
         raise UsageError(f"unknown output format {fmt!r}", f"choose one of {', '.join(formats.ALL)}")
 
-    def _sites_record(self) -> str:
-        """Variant and parameters of every site, stored beside the graph (the graph alone
-        holds them only as constants)."""
-        import json
-
+    def _sites_meta(self) -> dict[str, dict[str, Any]]:
         meta = dict(self.site_meta)
         for name, m in self.site_modules().items():
             has_p = any(q.name == "p" for q in m.spec.params)
@@ -838,7 +834,14 @@ class TorchModel:
             if isinstance(m, LayerSite):
                 meta[name]["layer"] = {**m.layer_record(), "name": getattr(m, "replaced_name", ""),
                                        "act_name": getattr(m, "replaced_act_name", "")}
-        return json.dumps(meta)
+        return meta
+
+    def _sites_record(self) -> str:
+        """Variant and parameters of every site, stored beside the graph (the graph alone
+        holds them only as constants)."""
+        import json
+
+        return json.dumps(self._sites_meta())
 
     def _require_example(self, fmt: str) -> tuple:
         if self.example_inputs is None:

@@ -54,9 +54,9 @@ def _global(
 
 
 def _register() -> None:
-    from . import analyze, convert, inject, inspect, prune, uncertainty, variants  # noqa: F401  (commands register themselves)
+    from . import analyze, convert, finetune, inject, inspect, prune, uncertainty, variants  # noqa: F401  (commands register themselves)
 
-    for mod in (inspect, inject, uncertainty, prune, analyze, convert, variants):
+    for mod in (inspect, inject, uncertainty, prune, finetune, analyze, convert, variants):
         mod.register(app)
 
 

@@ -45,34 +45,6 @@ Examples:
 """
 
 
-def _device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise DropcliError("--device cuda was asked for, but no CUDA GPU is available", "use --device cpu or auto")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise UsageError(f"unknown --device {device!r}", "choose cpu, cuda or auto")
-    return device
-
-
-def _example(model: Any) -> tuple:
-    if model.backend == "onnx":
-        from ..importer import onnx_example
-
-        return onnx_example(model.model)
-    if model.example_inputs is None:
-        raise UsageError("dropcli cannot tell this model's input shape", "pass --input-shape, for example --input-shape 1x3x32x32")
-    return tuple(model.example_inputs)
-
-
-def _reference(model: Any, x: torch.Tensor) -> np.ndarray:
-    if model.backend == "onnx":
-        sess = model.session()
-        name = model.graph_inputs()[0].name
-        return sess.run(None, {name: x.numpy()})[0]
-    return model(x).detach().numpy()
-
-
 def _latency(models: dict[str, torch.nn.Module], x: torch.Tensor, repeats: int = 30) -> dict[str, float]:
     """Median milliseconds per forward pass, the models timed in turn (side by side)."""
     times: dict[str, list[float]] = {k: [] for k in models}
@@ -86,26 +58,6 @@ def _latency(models: dict[str, torch.nn.Module], x: torch.Tensor, repeats: int =
                 m(x)
                 times[k].append((time.perf_counter() - t0) * 1e3)
     return {k: statistics.median(v) for k, v in times.items()}
-
-
-def _verify_saved(path: Path, fmt: str, pruned: torch.nn.Module, x: torch.Tensor) -> float:
-    """Run the written file with its stock loader and compare with the pruned model."""
-    with torch.no_grad():
-        want = pruned(x).numpy()
-    if fmt == formats.ONNX:
-        import onnxruntime as ort
-
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])  # default optimisation level
-        got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
-    elif fmt == formats.TORCHSCRIPT:
-        got = torch.jit.load(str(path), map_location="cpu")(x).detach().numpy()
-    elif fmt == formats.EXPORT:
-        got = torch.export.load(str(path)).module()(x).detach().numpy()
-    else:
-        return 0.0
-    return float(np.max(np.abs(got - want))) if want.size else 0.0
 
 
 def register(app: typer.Typer) -> None:
@@ -138,7 +90,7 @@ def register(app: typer.Typer) -> None:
         from ..prune.sites import modules_with_sparse_vd
         from ..prune.core import DEFAULTS, METHODS, PruneConfig, count_params, prune
         from ..prune.shrink import prunable_layers
-        from ..train import evaluate, load_split
+        from ..train import check_import, evaluate, load_split, model_example, resolve_device, save_like_input
 
         if method not in METHODS:
             raise UsageError(f"unknown --method {method!r}", f"choose one of {', '.join(METHODS)}")
@@ -160,7 +112,7 @@ def register(app: typer.Typer) -> None:
             raise UsageError(f"--threshold must be a finite number, got {threshold}")
         if task not in ("auto", "classification", "regression"):
             raise UsageError(f"unknown --task {task!r}", "choose auto, classification or regression")
-        dev = _device(device)
+        dev = resolve_device(device)
         if plot:
             from ..plot import _import_pyplot
 
@@ -171,7 +123,7 @@ def register(app: typer.Typer) -> None:
             if extra and extra != "-":
                 check_output_path(extra, inputs + [output])
         model = load_model(model_path, **load_opts(trust_pickle, imports, arch, input_shape))
-        example = _example(model)
+        example = model_example(model)
         # sparse-VD sites (`dropcli inject --variant sparse-vd`, then the user's training) come back as
         # sparse-VD layers, pruned by their own scores
         gm, _ = modules_with_sparse_vd(model, threshold)
@@ -189,12 +141,7 @@ def register(app: typer.Typer) -> None:
         if data is not None:
             train, vsplit, task = load_split(data, val, example, tuple(ref.shape[1:]), task, seed)
             # the importer must not change the function: check it on real inputs before training
-            xchk = vsplit.x[:64]
-            with torch.no_grad():
-                diff = float(np.max(np.abs(gm(xchk).numpy() - _reference(model, xchk))))
-            if not diff <= 1e-4:
-                raise DropcliError(f"internal error: the imported model differs from the original by {diff:.3g}",
-                                   "please report this model")
+            check_import(model, gm, vsplit.x[:64])
         cfg = PruneConfig(method=method, epochs=epochs, threshold=threshold, kl_weight=kl_weight, lr=lr,
                           batch_size=batch_size, seed=seed, device=dev, quiet=STATE.quiet, retrain_epochs=retrain_epochs)
         before_metrics = evaluate(gm, vsplit, task) if vsplit is not None else None
@@ -208,15 +155,7 @@ def register(app: typer.Typer) -> None:
         w_before = sum(r["weights_before"] for r in result.layers)
         w_after = sum(r["weights_kept"] for r in result.layers)
         # write: the input's format (ONNX stays ONNX), checked with its stock loader before it lands
-        from ..backends.torch_backend import TorchModel
-
-        fmt = formats.ONNX if model.backend == "onnx" else model.default_output_format()
-        tm = TorchModel(pruned, fmt, tuple(example), model_path)
-        with atomic_path(output, Path(output).suffix) as tmp:
-            tm.save(tmp, fmt)
-            err = _verify_saved(tmp, fmt, pruned, xlat[:64])
-            if not err <= 1e-4:
-                raise DropcliError(f"internal error: the written {fmt} model differs from the pruned model by {err:.3g}")
+        fmt, err = save_like_input(pruned, model, example, model_path, output, xlat[:64])
         summary = {
             "input": model_path, "output": output, "format": fmt, "method": method, "task": task,
             "epochs": epochs, "retrain_epochs": retrain_epochs, "threshold": threshold, "kl_weight": kl_weight, "lr": lr, "batch_size": batch_size,

@@ -43,18 +43,45 @@ class GaussianDropout(SiteModule):
     Training / MC: ``y = x * n`` with ``n ~ N(1, sigma^2)`` elementwise and
     ``sigma^2 = p/(1-p)``, so ``E[y] = x`` and ``Var[y] = x^2 p/(1-p)``, the moments of
     inverted Bernoulli dropout with drop probability ``p``. Test: identity.
+
+    Per-unit rates (``dropcli finetune --variant variational``): ``alpha`` is a list with one noise
+    variance per unit of the last dimension (the features a following Linear reads), so
+    ``n_j ~ N(1, alpha_j)``; ``p`` is then the equivalent drop rate of the mean alpha,
+    ``mean(alpha) / (1 + mean(alpha))`` (what `dropcli inspect` shows).
     """
 
+    def __init__(self, p: float = 0.5, alpha: list[float] | None = None, **params):
+        if alpha is not None:
+            alpha = [float(a) for a in alpha]
+            if not alpha or not all(math.isfinite(a) and a >= 0 for a in alpha):
+                raise ValueError("gaussian alpha must be a non-empty list of finite variances >= 0")
+            mean = sum(alpha) / len(alpha)
+            p = mean / (1.0 + mean)
+            params["alpha"] = alpha
+        super().__init__(p, **params)
+        if alpha is not None:
+            self.register_buffer("alpha_std", torch.tensor(alpha, dtype=torch.float32).sqrt())
+        else:
+            self.alpha_std = None
+
     def sample(self, x: torch.Tensor) -> torch.Tensor:
+        if self.alpha_std is not None:
+            return x * (1.0 + self.alpha_std.to(x.dtype) * normal_like(x))
         n = 1.0 + gaussian_std(self.p) * normal_like(x)
         return x * n
 
+    def extra_repr(self) -> str:
+        if self.alpha_std is None:
+            return super().extra_repr()
+        return f"p={self.p:.4g}, alpha per unit ({self.alpha_std.numel()} units)"
 
-def gaussian_onnx(b: OnnxBuilder, x: str, info: TensorInfo, p: float) -> tuple[str, str]:
+
+def gaussian_onnx(b: OnnxBuilder, x: str, info: TensorInfo, p: float, alpha: list[float] | None = None) -> tuple[str, str]:
     # standard normal noise, scaled and shifted explicitly (as in torch), so the graph's
-    # only random op draws N(0, 1)
+    # only random op draws N(0, 1); per-unit alpha scales by a [units] vector (broadcast on the last dim)
     z = b.op("RandomNormalLike", x, dtype=info.elem_type)
-    n = b.op("Add", b.op("Mul", z, b.f(gaussian_std(p), info)), b.f(1.0, info))
+    std = b.f(gaussian_std(p), info) if alpha is None else b.const([math.sqrt(a) for a in alpha], info.np_dtype)
+    n = b.op("Add", b.op("Mul", z, std), b.f(1.0, info))
     return b.op("Mul", x, n), x
 
 

@@ -1,0 +1,204 @@
+"""Benchmark for `dropcli finetune --variant concrete`: learned rates against a grid of fixed p.
+
+Two tasks, each an MLP trained here (seeded) WITH dropout p = 0.3 after every hidden ReLU and saved
+as TorchScript:
+
+1. digits (scikit-learn load_digits, 80/20 stratified split), 64-128-64-10 classifier;
+2. diabetes (scikit-learn load_diabetes, 80/20 split, x and y standardised), 10-64-64-1 regressor.
+
+Then, from the same saved model, for the same number of epochs, batch size, learning rate and seed:
+
+* learned: `dropcli finetune --variant concrete --train all` (one learned p per dropout site), run
+  in-process through the command's own function, `dropcli.cli.finetune.run`;
+* grid: for each fixed p in {0.05, 0.1, 0.2, 0.3, 0.5}, the same pipeline (load, import, fine-tune
+  the weights with Bernoulli dropout at that p on every site, MC evaluation, write the model).
+
+Each is scored by the validation MC NLL over T = 50 passes (classification: NLL of the mean softmax;
+regression: Gaussian NLL with variance = MC variance + the deterministic model's training MSE, the
+same rule for every row). Targets: learned NLL below the grid's median, within 5% of the grid's best
+(for regression NLL, which can be negative, "within 5%" is read as within 5% of |best|), and less
+wall time than the whole grid.
+
+Run:  python benchmarks/learned_rates.py   (needs scikit-learn; about 1-2 minutes on 2 cores)
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+GRID = (0.05, 0.1, 0.2, 0.3, 0.5)
+EPOCHS = 30
+LR = 1e-3
+BATCH = 64
+SAMPLES = 50
+SEED = 0
+
+
+class Net(nn.Module):
+    def __init__(self, d_in: int, hidden: tuple[int, int], d_out: int, p: float):
+        super().__init__()
+        self.fc1 = nn.Linear(d_in, hidden[0])
+        self.drop1 = nn.Dropout(p)
+        self.fc2 = nn.Linear(hidden[0], hidden[1])
+        self.drop2 = nn.Dropout(p)
+        self.fc3 = nn.Linear(hidden[1], d_out)
+
+    def forward(self, x):
+        x = self.drop1(torch.relu(self.fc1(x)))
+        x = self.drop2(torch.relu(self.fc2(x)))
+        return self.fc3(x)
+
+
+def make_tasks(root: Path) -> list[dict]:
+    from sklearn.datasets import load_diabetes, load_digits
+    from sklearn.model_selection import train_test_split
+
+    tasks = []
+    torch.manual_seed(SEED)  # the initial weights of both nets
+    x, y = load_digits(return_X_y=True)
+    x = (x / 16.0).astype(np.float32)
+    xtr, xva, ytr, yva = train_test_split(x, y.astype(np.int64), test_size=0.2, stratify=y, random_state=0)
+    tasks.append({"name": "digits", "task": "classification", "xtr": xtr, "ytr": ytr, "xva": xva, "yva": yva,
+                  "net": Net(64, (128, 64), 10, 0.3), "epochs": 60})
+    x, y = load_diabetes(return_X_y=True)
+    xtr, xva, ytr, yva = train_test_split(x, y, test_size=0.2, random_state=0)
+    mx, sx, my, sy = xtr.mean(0), xtr.std(0), ytr.mean(), ytr.std()
+    f = lambda a: ((a - mx) / sx).astype(np.float32)  # noqa: E731
+    g = lambda a: ((a - my) / sy).astype(np.float32)[:, None]  # noqa: E731
+    tasks.append({"name": "diabetes", "task": "regression", "xtr": f(xtr), "ytr": g(ytr), "xva": f(xva), "yva": g(yva),
+                  "net": Net(10, (64, 64), 1, 0.3), "epochs": 200})
+    for t in tasks:
+        torch.manual_seed(SEED)
+        net = t["net"]
+        opt = torch.optim.Adam(net.parameters(), 3e-3)
+        X, Y = torch.from_numpy(t["xtr"]), torch.from_numpy(t["ytr"])
+        net.train()
+        gen = torch.Generator().manual_seed(SEED)
+        for _ in range(t["epochs"]):
+            perm = torch.randperm(len(X), generator=gen)
+            for k in range(0, len(X), BATCH):
+                idx = perm[k:k + BATCH]
+                out = net(X[idx])
+                loss = (nn.functional.cross_entropy(out, Y[idx]) if t["task"] == "classification"
+                        else nn.functional.mse_loss(out, Y[idx]))
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        net.eval()
+        t["model"] = root / f"{t['name']}.pt"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.jit.save(torch.jit.trace(net, (torch.zeros(2, X.shape[1]),)), str(t["model"]))
+        t["train"] = root / f"{t['name']}_train.npz"
+        t["val"] = root / f"{t['name']}_val.npz"
+        np.savez(t["train"], x=t["xtr"], y=t["ytr"])
+        np.savez(t["val"], x=t["xva"], y=t["yva"])
+    return tasks
+
+
+def learned_point(t: dict, out: Path) -> tuple[dict, float]:
+    from dropcli.cli.finetune import run
+
+    t0 = time.perf_counter()
+    rep = run(str(t["model"]), str(out), data=str(t["train"]), val=str(t["val"]), variant="concrete", train_what="all",
+              epochs=EPOCHS, lr=LR, batch_size=BATCH, task=t["task"], samples=SAMPLES, seed=SEED)
+    return rep, time.perf_counter() - t0
+
+
+def grid_point(t: dict, p: float, out: Path) -> tuple[dict, float]:
+    """The same pipeline as the command, with the rate fixed at p and only the weights trained."""
+    from dropcli import learned
+    from dropcli.backends import load_model
+    from dropcli.backends.torch_backend import TorchModel
+    from dropcli.cli.finetune import _noise_var
+    from dropcli.importer import to_modules
+    from dropcli.plan import apply_replace, plan_existing
+    from dropcli.sites import Selection
+    from dropcli.train import check_import, fit, load_split, model_example, save_like_input
+    from dropcli.variants import get_variant
+    from dropcli.variants.base import SiteModule, set_mc
+
+    t0 = time.perf_counter()
+    model = load_model(str(t["model"]))
+    example = model_example(model)
+    gm = to_modules(model, keep_dropout=True)
+    with torch.no_grad():
+        ref = gm(*example)
+    train, vsplit, task = load_split(str(t["train"]), str(t["val"]), example, tuple(ref.shape[1:]), t["task"], SEED)
+    check_import(model, gm, vsplit.x[:64])
+    tm = TorchModel(gm, model.format, tuple(example), str(t["model"]))
+    chosen = plan_existing(tm, Selection.from_options(None, None, None, False))
+    apply_replace(tm, get_variant("standard"), {"p": p}, chosen)
+    gm = tm.gm
+    noise_var = _noise_var(gm, train, task)
+    sites = [m for m in gm.modules() if isinstance(m, SiteModule)]
+    set_mc(gm, True)  # Bernoulli dropout at p while the weights train
+    fit(gm, train, task, params=[{"params": [q for q in gm.parameters()], "lr": LR}], epochs=EPOCHS, batch_size=BATCH,
+        seed=SEED, quiet=True, train_modules=sites, label=f"grid p={p}")
+    set_mc(gm, False)
+    for q in gm.parameters():
+        q.requires_grad_(False)
+    metrics = learned.mc_metrics(gm, vsplit, task, SAMPLES, SEED, noise_var=noise_var)
+    save_like_input(gm, model, example, str(t["model"]), str(out), vsplit.x[:64])
+    return metrics, time.perf_counter() - t0
+
+
+def main() -> int:
+    torch.set_num_threads(1)
+    rows = []
+    ok_all = True
+    with tempfile.TemporaryDirectory() as d:
+        root = Path(d)
+        tasks = make_tasks(root)
+        for t in tasks:
+            grid = {}
+            grid_time = 0.0
+            for p in GRID:
+                m, dt = grid_point(t, p, root / f"{t['name']}_grid_{p}.pt")
+                grid[p] = m
+                grid_time += dt
+            rep, lt = learned_point(t, root / f"{t['name']}_learned.pt")
+            s = rep["summary"]
+            lnll = s["val_nll_after"]
+            nlls = [grid[p]["nll"] for p in GRID]
+            best_p = GRID[int(np.argmin(nlls))]
+            best, median = min(nlls), statistics.median(nlls)
+            within = (lnll - best) <= 0.05 * abs(best)
+            beats = lnll < median
+            faster = lt < grid_time
+            ok_all &= within and beats and faster
+            metric = "accuracy" if t["task"] == "classification" else "rmse"
+            for p in GRID:
+                rows.append((t["name"], f"grid p={p}", grid[p]["nll"], grid[p][metric], grid[p].get("ece"), "", None))
+            rows.append((t["name"], "grid total", None, None, None, f"best p={best_p}, median NLL {median:.4f}", grid_time))
+            ps = ", ".join(f"{r['at']}: {r['start_p']:.2f}->{r['learned_p']:.3f}" for r in rep["sites"])
+            rows.append((t["name"], "learned (concrete)", lnll, s[f"val_{metric}_after"], s.get("val_ece_after"), ps, lt))
+            rows.append((t["name"], "targets", None, None, None,
+                         f"beats median: {'yes' if beats else 'NO'}; within 5% of best: {'yes' if within else 'NO'} "
+                         f"({(lnll - best) / abs(best):+.1%}); faster than grid: {'yes' if faster else 'NO'} "
+                         f"({lt:.1f}s vs {grid_time:.1f}s)", None))
+    hdr = f"{'task':9} {'run':20} {'val MC NLL':>11} {'acc/RMSE':>9} {'ECE':>7} {'time s':>7}  notes"
+    print(f"learned_rates: epochs={EPOCHS} lr={LR} batch={BATCH} T={SAMPLES} seed={SEED}, --train all, torch threads=1")
+    print(hdr)
+    print("-" * len(hdr))
+    for task, run_, nll, met, ece, note, tm in rows:
+        f = lambda v, w, k=4: (f"{v:{w}.{k}f}" if v is not None else " " * w)  # noqa: E731
+        print(f"{task:9} {run_:20} {f(nll, 11)} {f(met, 9)} {f(ece, 7)} {f(tm, 7, 1)}  {note}")
+    print("ALL TARGETS MET" if ok_all else "SOME TARGETS MISSED (see the 'targets' rows)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,492 @@
+"""`dropcli finetune`: concrete / variational math, learning on tasks with a known answer, and the
+command end to end (formats, inspect, uncertainty, errors, seed, Ctrl-C)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import helper, numpy_helper
+from torch import fx, nn
+from typer.testing import CliRunner
+
+from dropcli import learned
+from dropcli.cli.main import app
+from dropcli.train import Split, fit
+from helpers import Z, binom_tol, ort_session, run_onnx, tol
+from models import MLP, save_as
+
+runner = CliRunner()
+
+
+# ------------------------------------------------------------------------------ the math
+
+@pytest.mark.parametrize("p", [0.05, 0.3, 0.6])
+def test_relaxed_mask_drop_rate_is_p(p):
+    """z > 1/2 exactly when u > q, so the relaxed mask drops at rate p whatever the temperature."""
+    n = 400_000
+    g = torch.Generator().manual_seed(1)
+    u = torch.rand(n, generator=g, dtype=torch.float64)
+    for t in (0.1, 0.5):
+        z = learned.relaxed_drop_mask(torch.tensor(p, dtype=torch.float64), u, t)
+        rate = float((z > 0.5).double().mean())
+        assert abs(rate - p) <= binom_tol(p, n), (t, rate, p)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.4])
+def test_relaxed_keep_mask_mean_tends_to_q(p):
+    """E[1 - z] -> q as the temperature -> 0 (within the sampling error of n draws), and is
+    visibly off at a high temperature; the gradient reaches p."""
+    n = 400_000
+    q = 1 - p
+    g = torch.Generator().manual_seed(2)
+    u = torch.rand(n, generator=g, dtype=torch.float64)
+    hard = (u < q).double()  # the Bernoulli(q) keep mask the relaxation approximates, same u
+    bias, dev = {}, {}
+    for t in (1.0, 0.1, 1e-3):
+        keep = 1 - learned.relaxed_drop_mask(torch.tensor(p, dtype=torch.float64), u, t)
+        # at t -> 0 keep is Bernoulli(q): its std is sqrt(pq)
+        bias[t] = abs(float(keep.mean()) - q)
+        dev[t] = float((keep - hard).abs().mean())  # common random numbers: no sampling noise
+    assert bias[1e-3] <= tol(math.sqrt(p * q), n)
+    assert bias[1.0] > 3 * tol(math.sqrt(p * q), n)  # the relaxation is biased at high t...
+    assert dev[1e-3] < dev[0.1] < dev[1.0]  # ...and approaches the hard mask as t shrinks
+    assert dev[1e-3] < 1e-2
+    pp = torch.tensor(p, dtype=torch.float64, requires_grad=True)
+    learned.relaxed_drop_mask(pp, u).mean().backward()
+    assert pp.grad > 0  # a higher p drops more
+
+
+def test_concrete_site_keeps_the_mean():
+    """x * (1 - z) / q has mean x * E[1-z]/q ~ x at t = 0.1 (the bias of the relaxation is small)."""
+    site = learned.ConcreteSite(0.3, 8, nn.Linear(8, 2)).train()
+    torch.manual_seed(0)
+    x = torch.ones(200_000, 8)
+    y = site(x).double()
+    # per element: (1-z)/q in [0, 1/q]; its std is at most sqrt(p/q)
+    se_bound = tol(math.sqrt(0.3 / 0.7), y.numel())
+    assert abs(float(y.mean()) - 1.0) < 0.02 + se_bound
+    assert torch.equal(site.eval()(x), x)  # eval: identity
+
+
+def test_concrete_regulariser_formula():
+    lin = nn.Linear(5, 3)
+    site = learned.ConcreteSite(0.2, 5, lin)
+    n, l = 100, 0.5
+    p = torch.tensor(0.2)
+    wsq = float((lin.weight ** 2).sum() + (lin.bias ** 2).sum())
+    want = l * l / n * wsq / 0.8 + 2 / n * 5 * (0.2 * math.log(0.2) + 0.8 * math.log(0.8))
+    got = float(site.regulariser(n, l))
+    assert abs(got - want) < 1e-6 * max(1.0, abs(want))
+    # the dropout term alone (no weights) is minimised at p = 1/2; the weight term grows with p
+    ps = torch.linspace(0.01, 0.99, 99)
+    ent = learned.concrete_regulariser(ps, 0.0, 5, n, l)
+    assert abs(float(ps[ent.argmin()]) - 0.5) < 0.011
+    w = learned.concrete_regulariser(ps, 10.0, 5, n, l) - ent
+    assert bool((w[1:] > w[:-1]).all())
+    assert float(p) == pytest.approx(0.2)
+
+
+def test_variational_kl_matches_numeric_integration():
+    """-KL(q || log-uniform) = C + 0.5 log alpha - E[log|e|], e ~ N(1, alpha) (Kingma et al. 2015,
+    eq. 7-8), integrated numerically. Their cubic fit (constant left out) matches it up to one
+    constant over alpha in [0.01, 1]: the difference stays within +-0.02 of its mid-range
+    (measured spread 0.033; a sign slip in any coefficient moves it by > 0.2)."""
+    from scipy import integrate
+
+    def exact(a: float) -> float:
+        s = math.sqrt(a)
+        f = lambda e: math.log(abs(e)) * math.exp(-(e - 1) ** 2 / (2 * a)) / (s * math.sqrt(2 * math.pi))  # noqa: E731
+        e_log = integrate.quad(f, -np.inf, 0, limit=400)[0] + integrate.quad(f, 0, np.inf, limit=400)[0]
+        return 0.5 * math.log(a) - e_log
+
+    def approx(a: float, c=(learned.KL_C1, learned.KL_C2, learned.KL_C3)) -> float:
+        return 0.5 * math.log(a) + c[0] * a + c[1] * a * a + c[2] * a ** 3
+
+    alphas = [0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.45, 0.6, 0.8, 1.0]
+    ex = [exact(a) for a in alphas]
+    diff = np.array([approx(a) - e for a, e in zip(alphas, ex)])
+    assert diff.max() - diff.min() < 0.04, diff
+    for a in alphas:  # the torch function is that formula
+        t = float(learned.neg_kl(torch.tensor(math.log(a), dtype=torch.float64)))
+        assert abs(t - approx(a)) < 1e-12
+    wrong = np.array([approx(a, (learned.KL_C1, -learned.KL_C2, learned.KL_C3)) - e for a, e in zip(alphas, ex)])
+    assert wrong.max() - wrong.min() > 0.2
+    # and the regulariser pushes alpha up (the KL falls as alpha grows on (0, 1])
+    for a in alphas:
+        la = torch.tensor(math.log(a), requires_grad=True)
+        (-learned.neg_kl(la)).backward()
+        assert la.grad < 0
+
+
+def test_variational_local_reparameterisation_moments():
+    """VariationalLinear's output has mean x W^T + b and variance (x^2)(alpha W^2)^T per unit."""
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 3)
+    vl = learned.VariationalLinear(lin, 0.2)
+    with torch.no_grad():
+        vl.log_alpha.copy_(torch.log(torch.rand(3, 4) * 0.9 + 0.05))
+    vl.train()
+    x = torch.randn(1, 4).expand(100_000, 4)
+    with torch.no_grad():
+        y = vl(x).double()
+        mu = lin(x[:1]).double()[0]
+        var = (x[:1] ** 2 @ (vl.alpha() * lin.weight ** 2).T).double()[0] + 1e-8
+    n = len(y)
+    for j in range(3):
+        assert abs(float(y[:, j].mean()) - float(mu[j])) <= tol(math.sqrt(float(var[j])), n)
+        se_var = math.sqrt(2 * float(var[j]) ** 2 / n)  # Gaussian: Var(s^2) = 2 sigma^4 / n
+        assert abs(float(y[:, j].var()) - float(var[j])) <= Z * se_var
+    # folding per input unit keeps the summed output variance
+    folded = vl.unit_alpha()
+    total = (x[:1] ** 2 @ (vl.alpha() * lin.weight ** 2).T).sum()
+    total_folded = ((x[:1] ** 2) * folded * (lin.weight ** 2).sum(0)).sum()
+    assert torch.allclose(total, total_folded, rtol=1e-5)
+
+
+def test_gaussian_site_per_unit_alpha_torch_and_onnx():
+    """The gaussian site with a per-unit alpha: column j has noise N(1, alpha_j), in torch and ONNX."""
+    from dropcli.backends.onnx_backend import OnnxModel
+    from dropcli.plan import candidates
+    from dropcli.variants import get_variant
+
+    alpha = [0.05, 0.3, 1.0]
+    spec = get_variant("gaussian")
+    site = spec.torch_module(alpha=alpha).set_mc(True)
+    assert site.p == pytest.approx(np.mean(alpha) / (1 + np.mean(alpha)))
+    n = 200_000
+    torch.manual_seed(3)
+    y_t = site(torch.ones(n, 3)).double().numpy()
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 3])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 3])
+    g = helper.make_graph([helper.make_node("Identity", ["x"], ["y"], name="layer")], "g", [x], [y])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    om = OnnxModel(model, "test")
+    layer = next(l for l in candidates(om.layers(), spec) if l.name == "layer")
+    om.insert(layer, spec, {"p": 0.5, "alpha": alpha})
+    om.finalize()
+    sess = ort_session(om.model)
+    y_o = run_onnx(sess, np.ones((n, 3), np.float32)).astype(np.float64)
+    assert np.array_equal(run_onnx(sess, np.ones((5, 3), np.float32), mc=False), np.ones((5, 3)))
+    for ys in (y_t, y_o):
+        for j, a in enumerate(alpha):
+            assert abs(ys[:, j].mean() - 1.0) <= tol(math.sqrt(a), n)
+            assert abs(ys[:, j].var() - a) <= Z * math.sqrt(2 * a * a / n)
+
+
+# ------------------------------------------------------------------------------ learning on known answers
+
+class _Net(nn.Module):
+    """input -> site -> Linear(d, 1) (the site's K is d)."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.drop = nn.Dropout(0.2)
+        self.fc = nn.Linear(d, 1)
+
+    def forward(self, x):
+        return self.fc(self.drop(x))
+
+
+def _learn(variant: str, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, epochs: int = 40):
+    from dropcli.importer import _set_module
+    from dropcli.variants import get_variant
+
+    net = _Net(x.shape[1])
+    with torch.no_grad():
+        net.fc.weight.copy_(w[None])
+        net.fc.bias.zero_()
+    gm = fx.symbolic_trace(net)
+    _set_module(gm, "drop", get_variant("standard").torch_module(p=0.2))
+    site = learned.LearnedSite(name="drop", at="x", following="", start_p=0.2)
+    learned.attach(gm, [site], variant, per_weight=False)
+    n = len(x)
+    mod = site.module
+    reg = ((lambda _p: (mod.regulariser(n, 1e-2), {})) if variant == "concrete"
+           else (lambda _p: (mod.kl() / n, {})))
+    fit(gm, Split(x, y, "synthetic"), "regression", params=[{"params": site.rate_params(), "lr": 0.05},
+                                                            {"params": [gm.fc.weight, gm.fc.bias], "lr": 0.01}],
+        epochs=epochs, batch_size=64, seed=0, regulariser=reg, train_modules=[mod], quiet=True,
+        on_step=lambda _s: getattr(mod, "clamp_", lambda: None)())
+    return mod
+
+
+def test_concrete_p_rises_on_noise_and_falls_on_signal():
+    """Targets that ignore the inputs (pure noise): dropping them costs nothing and the regulariser
+    pulls p up; targets that are an exact function of the inputs: dropping them hurts, p falls."""
+    g = torch.Generator().manual_seed(0)
+    n, d = 256, 8
+    x = torch.randn(n, d, generator=g)
+    w = torch.randn(d, generator=g)
+    noise = _learn("concrete", x, torch.randn(n, 1, generator=g), torch.zeros(d))
+    signal = _learn("concrete", x, (x @ w)[:, None], w)
+    assert noise.rate() > 0.24, noise.rate()  # from 0.2
+    assert signal.rate() < 0.1, signal.rate()  # from 0.2
+
+
+def test_variational_alpha_rises_on_noise_units_only():
+    """Per-unit alpha: the units the target does not read go to alpha ~ 1, the ones it reads stay low."""
+    g = torch.Generator().manual_seed(0)
+    n, d = 256, 8
+    x = torch.randn(n, d, generator=g)
+    w = torch.cat([torch.randn(4, generator=g).abs() + 0.5, torch.zeros(4)])
+    mod = _learn("variational", x, (x @ w)[:, None], w)
+    a = mod.unit_alpha()
+    assert float(a[4:].min()) > 0.5, a
+    assert float(a[:4].max()) < 0.1, a
+
+
+# ------------------------------------------------------------------------------ the command
+
+def _run(*args):
+    return runner.invoke(app, ["-q", *map(str, args)])
+
+
+def _insert_onnx_dropout(path: Path, ratio: float) -> None:
+    """Put an ONNX Dropout node (ratio constant) after the first Relu, as exporters of training graphs do."""
+    m = onnx.load(str(path))
+    g = m.graph
+    nodes = list(g.node)
+    i = next(k for k, n in enumerate(nodes) if n.op_type == "Relu")
+    relu = nodes[i]
+    old = relu.output[0]
+    relu.output[0] = old + "_pre"
+    g.initializer.append(numpy_helper.from_array(np.array(ratio, dtype=np.float32), "drop_ratio"))
+    nodes.insert(i + 1, helper.make_node("Dropout", [old + "_pre", "drop_ratio"], [old], name="/drop/Dropout"))
+    del g.node[:]
+    g.node.extend(nodes)
+    onnx.checker.check_model(m)
+    onnx.save(m, str(path))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A small digits MLP (dropout 0.3), trained briefly, in TorchScript, .pt2 and ONNX (with a Dropout node)."""
+    from sklearn.datasets import load_digits
+
+    root = tmp_path_factory.mktemp("ft")
+    x, y = load_digits(return_X_y=True)
+    x = (x / 16).astype(np.float32)
+    y = y.astype(np.int64)
+    np.savez(root / "train.npz", x=x[:400], y=y[:400])
+    np.savez(root / "val.npz", x=x[400:700], y=y[400:700])
+    np.savez(root / "wrong.npz", x=x[:100, :32], y=y[:100])
+    torch.manual_seed(0)
+    m = MLP(d_in=64, hidden=32, d_out=10, p=0.3)
+    opt = torch.optim.Adam(m.parameters(), 1e-2)
+    X, Y = torch.from_numpy(x[:400]), torch.from_numpy(y[:400])
+    for _ in range(60):
+        opt.zero_grad()
+        nn.functional.cross_entropy(m(X), Y).backward()
+        opt.step()
+    m.eval()
+    ex = torch.zeros(2, 64)
+    save_as(m, ex, root / "mlp.pt", "torchscript")
+    save_as(m, ex, root / "mlp.pt2", "export")
+    save_as(m, ex, root / "mlp.onnx", "onnx")  # eval export: no Dropout node left
+    _insert_onnx_dropout(root / "mlp.onnx", 0.3)
+    plain = MLP(d_in=64, hidden=32, d_out=10, p=0.0).eval()
+    save_as(plain, ex, root / "plain.pt", "torchscript")
+    return root
+
+
+def _ft(setup, model, out, *extra):
+    return _run("finetune", setup / model, "--data", setup / "train.npz", "--val", setup / "val.npz", "--epochs", 2,
+                "--samples", 8, "-o", out, "--json", *extra)
+
+
+def _site_rows(path) -> list[dict]:
+    r = _run("inspect", path, "--json")
+    assert r.exit_code == 0, r.output
+    return [l for l in json.loads(r.stdout)["layers"] if l["dropout"]]
+
+
+def test_torchscript_concrete_then_inspect_and_uncertainty(tmp_path, setup):
+    out = tmp_path / "ft.pt"
+    r = _ft(setup, "mlp.pt", out, "--variant", "concrete", "--samples", 40, "--report", tmp_path / "rep.json")
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)
+    assert json.loads((tmp_path / "rep.json").read_text()) == rep
+    (row,) = rep["sites"]
+    assert row["start_p"] == pytest.approx(0.3) and row["variant"] == "standard" and row["k"] == 32
+    assert row["learned_p"] != pytest.approx(0.3, abs=1e-4)  # it moved
+    s = rep["summary"]
+    for k in ("nll", "accuracy", "ece"):
+        assert f"val_{k}_before" in s and f"val_{k}_after" in s
+    # inspect reads the learned rate back from the written file
+    (site,) = _site_rows(out)
+    assert site["dropout"]["variant"] == "standard"
+    assert site["dropout"]["p"] == pytest.approx(row["learned_p"], rel=1e-6)
+    # the file is plain TorchScript: eval mode is deterministic, MC mode samples at the learned p
+    ts = torch.jit.load(str(out))
+    d = np.load(setup / "val.npz")
+    xv = torch.from_numpy(d["x"])
+    assert torch.equal(ts(xv), ts(xv))
+    # uncertainty uses the learned rate as it is: its MC NLL matches finetune's (same T, other noise)
+    u = _run("uncertainty", out, "--input", setup / "val.npz", "-T", 40, "--output", "-", "--format", "json")
+    assert u.exit_code == 0, u.output
+    mc = json.loads(u.stdout)["summary"]
+    assert mc["sites"] == 1
+    assert abs(mc["mc"]["nll"] - s["val_nll_after"]) < 0.2 * s["val_nll_after"] + 0.01
+    assert abs(mc["mc"]["accuracy"] - s["val_accuracy_after"]) < 0.03
+
+
+def test_onnx_in_onnx_out_runs_without_dropcli(tmp_path, setup):
+    out = tmp_path / "ft.onnx"
+    r = _ft(setup, "mlp.onnx", out, "--variant", "concrete", "--train", "all")
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)
+    assert rep["summary"]["format"] == "onnx"
+    (row,) = rep["sites"]
+    assert row["start_p"] == pytest.approx(0.3)
+    (site,) = _site_rows(out)
+    assert site["dropout"]["p"] == pytest.approx(row["learned_p"], rel=1e-6)
+    code = (
+        "import sys, numpy as np, onnxruntime as ort\n"
+        f"s = ort.InferenceSession({str(out)!r}, providers=['CPUExecutionProvider'])\n"
+        "x = np.load(sys.argv[1])['x'][:50]\n"
+        "a = s.run(None, {'x': x})[0]; b = s.run(None, {'x': x, 'dropcli_mc': np.array(True)})[0]\n"
+        "c = s.run(None, {'x': x, 'dropcli_mc': np.array(True)})[0]\n"
+        "assert a.shape == (50, 10) and not np.array_equal(b, c)\n"
+        "assert not any(m.startswith('dropcli') for m in sys.modules)\n"
+        "print('ok')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    res = subprocess.run([sys.executable, "-c", code, str(setup / "val.npz")], capture_output=True, text=True, env=env,
+                         cwd=tmp_path)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
+    # dropcli's own ONNX sites are re-loaded as sites: a second finetune starts at the learned p
+    again = tmp_path / "again.onnx"
+    r = _ft(setup, out, again, "--variant", "variational")
+    assert r.exit_code == 0, r.output
+    (row2,) = json.loads(r.stdout)["sites"]
+    assert row2["start_p"] == pytest.approx(row["learned_p"], rel=1e-6)
+    assert [s_["dropout"]["variant"] for s_ in _site_rows(again)] == ["gaussian"]
+
+
+def test_pt2_variational_per_unit_and_per_weight(tmp_path, setup):
+    for extra, name in (((), "unit.pt2"), (("--per-weight", "--train", "all"), "weight.pt2")):
+        out = tmp_path / name
+        r = _ft(setup, "mlp.pt2", out, "--variant", "variational", *extra)
+        assert r.exit_code == 0, r.output
+        (row,) = json.loads(r.stdout)["sites"]
+        assert row["variant"] == "gaussian" and len(row["alpha"]) == 32
+        assert all(0 < a <= 1.0 + 1e-6 for a in row["alpha"])
+        assert row.get("per_weight", False) == ("--per-weight" in extra)
+        (site,) = _site_rows(out)
+        assert site["dropout"]["variant"] == "gaussian"
+        assert site["dropout"]["p"] == pytest.approx(row["learned_p"], rel=1e-6)
+        ep = torch.export.load(str(out)).module()
+        assert ep(torch.zeros(3, 64)).shape == (3, 10)
+
+
+def test_after_selects_new_sites_on_a_model_without_dropout(tmp_path, setup):
+    out = tmp_path / "new.pt"
+    r = _ft(setup, "plain.pt", out, "--variant", "concrete", "--after", "relu")
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.stdout)["sites"]
+    assert len(rows) == 2 and all(r_["start_p"] == pytest.approx(0.1) for r_ in rows)
+    assert len(_site_rows(out)) == 2
+
+
+def test_reloaded_torchscript_gaussian_site_takes_variational(tmp_path, setup):
+    """dropcli's own (re-loaded, inlined) TorchScript sites are found; a gaussian one starts at its p."""
+    inj = tmp_path / "gauss.pt"
+    r = _run("inject", setup / "mlp.pt", "--variant", "gaussian", "--replace", "-o", inj)
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "gauss_ft.pt"
+    r = _ft(setup, inj, out, "--variant", "variational")
+    assert r.exit_code == 0, r.output
+    (row,) = json.loads(r.stdout)["sites"]
+    assert row["start_p"] == pytest.approx(0.3) and row["variant"] == "gaussian"
+    assert [s_["dropout"]["variant"] for s_ in _site_rows(out)] == ["gaussian"]
+
+
+def test_seed_gives_identical_output(tmp_path, setup):
+    blobs, reports = [], []
+    for k in range(2):
+        out = tmp_path / f"s{k}.onnx"
+        r = _ft(setup, "mlp.onnx", out, "--variant", "concrete", "--seed", 5, "--train", "all")
+        assert r.exit_code == 0, r.output
+        rep = json.loads(r.stdout)
+        rep["summary"].pop("output")
+        reports.append(rep)
+        blobs.append(out.read_bytes())
+    assert blobs[0] == blobs[1]
+    assert reports[0] == reports[1]
+
+
+def test_ctrl_c_writes_nothing(tmp_path, setup, monkeypatch):
+    import dropcli.train as train_mod
+
+    calls = {"n": 0}
+    real = train_mod.data_loss
+
+    def interrupted(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(train_mod, "data_loss", interrupted)
+    work = tmp_path / "w"
+    work.mkdir()
+    r = _ft(setup, "mlp.pt", work / "x.pt", "--variant", "concrete", "--report", work / "r.json")
+    assert r.exit_code == 130
+    assert sorted(os.listdir(work)) == []
+
+
+def _bad(tmp_path, setup, model, *args, code=1):
+    out = tmp_path / "bad_out.pt"
+    r = _run("finetune", setup / model, "--data", setup / "train.npz", "--epochs", 1, "-o", out, *args)
+    assert r.exit_code == code, r.output
+    assert not out.exists()
+    assert "Traceback" not in r.output
+    lines = [ln for ln in r.output.strip().splitlines() if ln.strip()]
+    return " ".join(lines)
+
+
+def test_bad_inputs(tmp_path, setup):
+    msg = _bad(tmp_path, setup, "plain.pt", "--variant", "concrete")
+    assert "no dropout sites" in msg and "--after" in msg
+    msg = _bad(tmp_path, setup, "mlp.pt", "--variant", "concrete", "--data", setup / "wrong.npz")
+    assert "32" in msg or "64" in msg
+    # a site followed by a ReLU (after fc1), not a Linear: K can't be read
+    msg = _bad(tmp_path, setup, "plain.pt", "--variant", "concrete", "--after", "linear")
+    assert "input dimension K" in msg
+    # a non-standard dropcli site
+    alpha_model = tmp_path / "alpha.pt"
+    r = _run("inject", setup / "mlp.pt", "--variant", "alpha", "--replace", "-o", alpha_model)
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "bad_out.pt"
+    r = _run("finetune", alpha_model, "--data", setup / "train.npz", "--epochs", 1, "-o", out, "--variant", "concrete")
+    assert r.exit_code == 1 and not out.exists() and "alpha site" in r.output, r.output
+    for p in ("1.0", "-0.1", "nan"):
+        msg = _bad(tmp_path, setup, "mlp.pt", "--variant", "concrete", "--p", p, code=2)
+        assert "[0, 1)" in msg
+    msg = _bad(tmp_path, setup, "mlp.pt", "--variant", "dropconnect", code=2)
+    assert "concrete or variational" in msg
+    msg = _bad(tmp_path, setup, "mlp.pt", "--variant", "concrete", "--per-weight", code=2)
+    assert "--per-weight" in msg
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_device_cuda(tmp_path, setup):
+    r = _ft(setup, "mlp.pt", tmp_path / "gpu.pt", "--variant", "concrete", "--device", "cuda")
+    assert r.exit_code == 0, r.output
+
+
+def test_device_cuda_missing_is_one_line_error(tmp_path, setup):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    msg = _bad(tmp_path, setup, "mlp.pt", "--variant", "concrete", "--device", "cuda")
+    assert "CUDA" in msg
