@@ -16,6 +16,7 @@ FAMILY_MODULES = (
     "dropcli.variants.noise",
     "dropcli.variants.spatial",
     "dropcli.variants.recurrent",
+    "dropcli.variants.weightdrop",
 )
 
 _loaded = False
