@@ -160,7 +160,9 @@ class TorchMC:
             if a in env_t:
                 return env_t[a]
             v = env_b[a]
-            if _is_tensor_like(v):
+            if _is_tensor_like(v) and a not in self._input_dependent():
+                pass  # computed from weights only (e.g. a transposed weight): never batch-shaped
+            elif _is_tensor_like(v):
                 d = self._batch_dim(a)  # from export's symbolic shapes, when it knows
                 if d is None or d >= v.dim() or v.shape[d] != B:
                     d = 0 if v.dim() > 0 and v.shape[0] == B else None
@@ -202,6 +204,18 @@ class TorchMC:
         if not _is_tensor_like(result):
             raise DropcliError("the model's first output is not a tensor")
         return result.reshape((B, T) + tuple(result.shape[1:]))[:B0]
+
+    def _input_dependent(self) -> set[fx.Node]:
+        """Nodes whose value depends on a model input (only those can carry the batch; a weight
+        whose first size happens to equal the batch must not be tiled)."""
+        dep = getattr(self, "_input_dep", None)
+        if dep is None:
+            dep = set()
+            for n in self.nodes:
+                if n.op == "placeholder" or any(a in dep for a in n.all_input_nodes):
+                    dep.add(n)
+            self._input_dep = dep
+        return dep
 
     def _batch_dim(self, n: fx.Node) -> int | None:
         """The dim of ``n``'s value that is the batch, from export's symbolic shapes (None if unknown)."""

@@ -34,6 +34,7 @@ branch only.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Optional
 
 import torch
@@ -41,7 +42,7 @@ from torch import nn
 
 from ..errors import UsageError
 from ..rnn import GATES, GRU, LSTM, StepMasks
-from .base import P_PARAM, REPLACE, Param, VariantSpec, keep_mask_like, register
+from .base import P_PARAM, REPLACE, Param, VariantSpec, _tracing, keep_mask_like, register
 from .recurrent import RecurrentSite, _replacement, build_onnx_rnn
 
 WEIGHT_FIELDS = {"hh": ("w_hh",), "ih": ("w_ih",), "both": ("w_ih", "w_hh")}
@@ -111,7 +112,12 @@ class WeightDropSite(RecurrentSite):
         hx = r.initial_state(x, hx)
         flat = self.masked_flat()
         if r.mode == LSTM:
-            out, h, c = torch.lstm(x, tuple(hx), flat, r.has_biases, r.num_layers, 0.0, False, r.bidirectional, r.batch_first)
+            # eagerly, oneDNN's LSTM repacks freshly masked weights on every call (~20x slower on
+            # small layers); the plain CPU kernel computes the same function
+            ctx = torch.backends.mkldnn.flags(enabled=False) if not _tracing() else contextlib.nullcontext()
+            with ctx:
+                out, h, c = torch.lstm(x, tuple(hx), flat, r.has_biases, r.num_layers, 0.0, False, r.bidirectional,
+                                       r.batch_first)
             return out, (h, c)
         out, h = torch.gru(x, hx, flat, r.has_biases, r.num_layers, 0.0, False, r.bidirectional, r.batch_first)
         return out, h
