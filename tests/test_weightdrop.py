@@ -166,6 +166,27 @@ def test_pass_mask_is_one_weight_mask_for_the_batch(mode):
         torch.testing.assert_close(g_, w_, rtol=0, atol=1e-6)
 
 
+def test_weightdrop_function_is_a_parametrization():
+    """WeightDrop (the site's masked-weight function) registered with torch.nn.utils.parametrize
+    on a stock nn.LSTM: every access of W_hh is W_hh * m / q with a fresh recorded mask."""
+    from torch.nn.utils import parametrize
+
+    from dropcli.variants.weightdrop import WeightDrop
+
+    torch.manual_seed(5)
+    m = nn.LSTM(3, 4, batch_first=True).eval()
+    w = m.weight_hh_l0.detach().clone()
+    parametrize.register_parametrization(m, "weight_hh_l0", WeightDrop(0.25))
+    rec = Recorder(2)
+    with torch.no_grad(), noise_source(rec):
+        got = m.weight_hh_l0
+    assert len(rec.masks) == 1 and rec.masks[0].shape == w.shape
+    torch.testing.assert_close(got, w * rec.masks[0].float() / 0.75, rtol=0, atol=1e-6)
+    with torch.no_grad():
+        a, b = m(torch.randn(2, 5, 3))[0], m(torch.randn(2, 5, 3))[0]
+    assert not torch.equal(a, b)
+
+
 # ------------------------------------------------------------------------ a 1-unit layer
 
 

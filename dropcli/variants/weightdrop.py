@@ -112,7 +112,7 @@ class WeightDropSite(RecurrentSite):
         hx = r.initial_state(x, hx)
         flat = self.masked_flat()
         if r.mode == LSTM:
-            # eagerly, oneDNN's LSTM repacks freshly masked weights on every call (~20x slower on
+            # eagerly, oneDNN's LSTM repacks freshly masked weights on every call (much slower on
             # small layers); the plain CPU kernel computes the same function
             ctx = torch.backends.mkldnn.flags(enabled=False) if not _tracing() else contextlib.nullcontext()
             with ctx:
