@@ -16,7 +16,11 @@ tensors of the (possibly MC-tiled) batch B):
 * ``h``: on ``h_{t-1}`` before the recurrent projection, ``[B, H]`` or ``[G, B, H]``;
 * ``c``: LSTM cell state after the update, ``c_t = m * (f*c_{t-1} + i*g)`` (RNNDrop), ``[B, H]``;
 * ``g``: the candidate (LSTM ``g_t``, GRU ``n_t``), ``[B, H]`` per sequence or ``[S, B, H]``
-  per step (time-major).
+  per step (time-major);
+* ``whh`` / ``wih``: a per-row mask on the weight itself (weight drop / DropConnect, Merity
+  et al. 2017), ``[B, G*H, H_out]`` / ``[B, G*H, I]`` in torch's layout and gate order; row b
+  runs the recurrence with ``W_hh * whh[b]`` (a batched matmul per step) and projects its input
+  with ``W_ih * wih[b]``. Biases are never masked.
 
 Masks carry their own scale (for example ``m/q``); the loop only multiplies.
 
@@ -49,6 +53,8 @@ class StepMasks:
     h: Optional[torch.Tensor] = None
     c: Optional[torch.Tensor] = None
     g: Optional[torch.Tensor] = None
+    whh: Optional[torch.Tensor] = None
+    wih: Optional[torch.Tensor] = None
 
 
 # ----------------------------------------------------------------------------- step loops
@@ -57,10 +63,12 @@ class StepMasks:
 
 def _lstm_dir(xg: torch.Tensor, h: torch.Tensor, c: torch.Tensor, w_hh_t: torch.Tensor,
               w_hr_t: Optional[torch.Tensor], hmask: Optional[torch.Tensor], cmask: Optional[torch.Tensor],
-              gmask: Optional[torch.Tensor], reverse: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              gmask: Optional[torch.Tensor], reverse: bool,
+              w_rows: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One LSTM direction over time-major ``xg`` [S, B, 4H] (input projection + both biases,
     gate blocks ordered i, f, o, g). ``w_hh_t`` is [H_out, 4H] (tied) or [G, H_out, H] (untied
-    hidden masks, ``hmask`` [G, B, H_out])."""
+    hidden masks, ``hmask`` [G, B, H_out]). ``w_rows`` [B, H_out, 4H]: a recurrent weight per
+    row (weight drop), used instead of ``w_hh_t``."""
     S = xg.size(0)
     H = c.size(1)
     outs: List[torch.Tensor] = []
@@ -68,7 +76,10 @@ def _lstm_dir(xg: torch.Tensor, h: torch.Tensor, c: torch.Tensor, w_hh_t: torch.
     per_step_g = gmask is not None and gmask.dim() == 3
     for k in range(S):
         t = S - 1 - k if reverse else k
-        if untied:
+        if w_rows is not None:
+            hh = h * hmask if hmask is not None else h
+            gates = xg[t] + torch.bmm(hh.unsqueeze(1), w_rows).squeeze(1)
+        elif untied:
             assert hmask is not None
             rec = torch.bmm(h.unsqueeze(0) * hmask, w_hh_t)  # [G, B, H]
             gates = xg[t] + rec.permute(1, 0, 2).reshape(h.size(0), 4 * H)
@@ -94,9 +105,10 @@ def _lstm_dir(xg: torch.Tensor, h: torch.Tensor, c: torch.Tensor, w_hh_t: torch.
 
 def _gru_dir(xg: torch.Tensor, h: torch.Tensor, w_hh_t: torch.Tensor, b_hh: Optional[torch.Tensor],
              hmask: Optional[torch.Tensor], gmask: Optional[torch.Tensor],
-             reverse: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+             reverse: bool, w_rows: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """One GRU direction over time-major ``xg`` [S, B, 3H] (input projection + b_ih; gate blocks
-    r, z, n as in torch). ``w_hh_t`` [H, 3H] (tied) or [3, H, H] (untied, ``hmask`` [3, B, H])."""
+    r, z, n as in torch). ``w_hh_t`` [H, 3H] (tied) or [3, H, H] (untied, ``hmask`` [3, B, H]).
+    ``w_rows`` [B, H, 3H]: a recurrent weight per row (weight drop), used instead of ``w_hh_t``."""
     S = xg.size(0)
     H = h.size(1)
     outs: List[torch.Tensor] = []
@@ -104,7 +116,12 @@ def _gru_dir(xg: torch.Tensor, h: torch.Tensor, w_hh_t: torch.Tensor, b_hh: Opti
     per_step_g = gmask is not None and gmask.dim() == 3
     for k in range(S):
         t = S - 1 - k if reverse else k
-        if untied:
+        if w_rows is not None:
+            hh = h * hmask if hmask is not None else h
+            gh = torch.bmm(hh.unsqueeze(1), w_rows).squeeze(1)
+            if b_hh is not None:
+                gh = gh + b_hh
+        elif untied:
             assert hmask is not None
             gh = torch.bmm(h.unsqueeze(0) * hmask, w_hh_t).permute(1, 0, 2).reshape(h.size(0), 3 * H)
             if b_hh is not None:
@@ -336,18 +353,24 @@ class RecurrentLoop(nn.Module):
                 m = masks[k] if masks is not None else None
                 if m is not None and self.mode == LSTM and (_untied(m.x) or _untied(m.h)):
                     # untied masks come in torch's gate order (i, f, g, o); the loop runs i, f, o, g
-                    m = StepMasks(x=_to_ifog(m.x), h=_to_ifog(m.h), c=m.c, g=m.g)
-                xg = self._input_projection(seq, e, m.x if m is not None else None, G, H)
+                    m = StepMasks(x=_to_ifog(m.x), h=_to_ifog(m.h), c=m.c, g=m.g, whh=m.whh, wih=m.wih)
+                xg = self._input_projection(seq, e, m.x if m is not None else None, G, H,
+                                            self._loop_order(m.wih) if m is not None and m.wih is not None else None)
                 hmask = m.h if m is not None else None
                 w_hh = e["w_hh_g"] if hmask is not None and hmask.dim() == 3 else e["w_hh_t"]
                 gmask = m.g if m is not None else None
+                w_rows = None
+                if m is not None and m.whh is not None:
+                    # per-row masked recurrent weight, transposed for h @ W^T: [B, H_out, G*H]
+                    w_rows = self._loop_order(m.whh).transpose(1, 2) * e["w_hh_t"]
                 if self.mode == LSTM:
                     fn = _scripted("lstm") if script else _lstm_dir
-                    y, h, c = fn(xg, h0[k], c0[k], w_hh, e["w_hr_t"], hmask, m.c if m is not None else None, gmask, d == 1)
+                    y, h, c = fn(xg, h0[k], c0[k], w_hh, e["w_hr_t"], hmask, m.c if m is not None else None, gmask, d == 1,
+                                 w_rows)
                     cn.append(c)
                 else:
                     fn = _scripted("gru") if script else _gru_dir
-                    y, h = fn(xg, h0[k], w_hh, e["b_hh"], hmask, gmask, d == 1)
+                    y, h = fn(xg, h0[k], w_hh, e["b_hh"], hmask, gmask, d == 1, w_rows)
                 outs.append(y)
                 hn.append(h)
             seq = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
@@ -357,10 +380,24 @@ class RecurrentLoop(nn.Module):
             return out, (h_n, torch.stack(cn))
         return out, h_n
 
+    def _loop_order(self, wmask: torch.Tensor) -> torch.Tensor:
+        """A per-row weight mask [B, G*H, K] in torch's gate order, reordered to the loop's
+        (LSTM i, f, g, o -> i, f, o, g; GRU unchanged)."""
+        if self.mode != LSTM:
+            return wmask
+        H = self.hidden_size
+        return torch.cat([wmask[:, : 2 * H], wmask[:, 3 * H:], wmask[:, 2 * H: 3 * H]], dim=1)
+
     @staticmethod
-    def _input_projection(seq: torch.Tensor, e: dict, xmask: Optional[torch.Tensor], G: int, H: int) -> torch.Tensor:
-        """``x_t W_ih^T + b`` for all steps at once: [S, B, G*H]; masks before the matmul."""
+    def _input_projection(seq: torch.Tensor, e: dict, xmask: Optional[torch.Tensor], G: int, H: int,
+                          wmask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``x_t W_ih^T + b`` for all steps at once: [S, B, G*H]; masks before the matmul.
+        ``wmask`` [B, G*H, I] (loop gate order): a per-row mask on ``W_ih`` (weight drop)."""
         w, b = e["w_ih"], e["b_x"]
+        if wmask is not None:
+            xs = seq * xmask if xmask is not None and xmask.dim() == 2 else seq
+            xg = torch.bmm(xs.transpose(0, 1), (wmask * w).transpose(1, 2)).transpose(0, 1)  # [S, B, G*H]
+            return xg + b if b is not None else xg
         if xmask is None:
             xg = torch.matmul(seq, w.t())
         elif xmask.dim() == 2:  # tied: one mask [B, I], the same at every step

@@ -52,7 +52,8 @@ def register(app: typer.Typer) -> None:
         block_size: Optional[int] = typer.Option(None, "--block-size", help="dropblock: block side b (default 7)."),
         hole_size: Optional[int] = typer.Option(None, "--hole-size", help="cutout: hole side L in pixels (default 16)."),
         holes: Optional[int] = typer.Option(None, "--holes", help="cutout: number of holes (default 1)."),
-        mask_per: Optional[str] = typer.Option(None, "--mask-per", help="recurrent: a new candidate mask every 'step' (default) or one per 'sequence'."),
+        mask_per: Optional[str] = typer.Option(None, "--mask-per", help="recurrent: a new candidate mask every 'step' (default) or one per 'sequence'; weightdrop: a weight mask per batch 'row' (default) or one per forward 'pass'."),
+        weight: Optional[str] = typer.Option(None, "--weight", help="weightdrop: the weight to mask: 'hh' (W_hh, default), 'ih' or 'both'."),
         tie: Optional[str] = typer.Option(None, "--tie", help="variational: one mask for all gates ('tied', default) or one per gate ('untied')."),
         p_input: Optional[float] = typer.Option(None, "--p-input", help="variational: drop probability of x_t (default: --p)."),
         p_hidden: Optional[float] = typer.Option(None, "--p-hidden", help="variational: drop probability of h_{t-1} (default: --p)."),
@@ -82,7 +83,7 @@ def register(app: typer.Typer) -> None:
             raise UsageError(f"unknown --format {out_format!r}", f"choose one of {', '.join(formats.ALL)}")
         spec = None if remove else get_variant(variant)
         given = {"p": p, "block_size": block_size, "hole_size": hole_size, "holes": holes,
-                 "mask_per": mask_per, "tie": tie, "p_input": p_input, "p_hidden": p_hidden,
+                 "mask_per": mask_per, "weight": weight, "tie": tie, "p_input": p_input, "p_hidden": p_hidden,
                  "threshold": threshold, "log_sigma2": log_sigma2, "samples_z": samples_z, "mc_form": mc_form,
                  "alpha": alpha, "beta": beta}
         params = spec.resolve_params(given) if spec else {}

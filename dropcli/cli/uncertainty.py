@@ -405,9 +405,12 @@ def build_runner(model_path: str, load_kw: dict, dev: str, inject_opts: dict | N
     """Load a model and its MC runner (injecting sites on the fly if asked); both engines use it."""
     from ..backends import load_model
 
+    from ..variants.weightdrop import refuse_per_pass
+
     model = load_model(model_path, **load_kw)
     if inject_opts:
         _inject_on_the_fly(model, **inject_opts, quiet=not log_inject)
+    refuse_per_pass(model)
     return make_runner(model, dev)
 
 

@@ -19,6 +19,7 @@ FAMILY_MODULES = (
     "dropcli.variants.recurrent",
     "dropcli.variants.sparse_vd",
     "dropcli.variants.weight",
+    "dropcli.variants.weightdrop",
 )
 
 _loaded = False

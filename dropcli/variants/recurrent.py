@@ -383,6 +383,10 @@ def build_onnx_rnn(b: OnnxBuilder, node: onnx.NodeProto, variant: str, params: d
     # untied masks are drawn in torch's gate order (LSTM i, f, g, o; GRU r, z, n), as the torch
     # site draws them; ONNX orders the gates i, o, f, c and z, r, h
     gate_of = [0, 3, 1, 2] if mode == LSTM else [1, 0, 2]
+    if variant == "weightdrop" and params.get("mask_per", "row") == "pass":
+        return _weightdrop_pass(b, node, params, et, fl)
+    # weight masks (weightdrop) are drawn [B, G*H, K] in torch's row order and gathered into ONNX's
+    onnx_rows = b.i64([gate_of[k] * H + j for k in range(G) for j in range(H)])
     ys, hs, cs = [], [], []
     for d in range(D):
         reverse = reverse_only or d == 1
@@ -395,6 +399,7 @@ def build_onnx_rnn(b: OnnxBuilder, node: onnx.NodeProto, variant: str, params: d
             Rb = b.op("Slice", Bd, b.i64([G * H]), b.i64([2 * G * H]))
         # --- masks, drawn in the torch site's order
         xmask = hmask = cmask = gmask = None
+        Wrows = Rrows_t = None
         gmask_step = False
         untied = False
         if variant == "rnndrop":
@@ -420,11 +425,21 @@ def build_onnx_rnn(b: OnnxBuilder, node: onnx.NodeProto, variant: str, params: d
                 xmask = keep(mask_like(*((G, I) if untied else (I,))), 1.0 - p_in, 1.0 / (1.0 - p_in))
             if p_h > 0:
                 hmask = keep(mask_like(*((G, H) if untied else (H,))), 1.0 - p_h, 1.0 / (1.0 - p_h))
+        elif variant == "weightdrop":
+            which = params.get("weight", "hh")
+            if which in ("ih", "both"):  # per-row masked W: [B, G*H, I]
+                wm = b.op("Gather", keep(mask_like(G * H, I), q, 1.0 / q), onnx_rows, axis=1)
+                Wrows = b.op("Mul", Wd, wm)
+            if which in ("hh", "both"):  # per-row masked R: [B, G*H, H]
+                rm = b.op("Gather", keep(mask_like(G * H, H), q, 1.0 / q), onnx_rows, axis=1)
+                Rrows_t = b.op("Transpose", b.op("Mul", Rd, rm), perm=[0, 2, 1])  # [B, H, G*H]
         else:
             raise DropcliError(f"internal error: {variant} is not a recurrent variant")
         # --- input projection of all steps: [B, S, G*H]
         Wt = b.op("Transpose", Wd, perm=[1, 0])  # [I, G*H]
-        if xmask is None:
+        if Wrows is not None:  # batched: [B, S, I] @ [B, I, G*H]
+            xw = b.op("MatMul", Xb, b.op("Transpose", Wrows, perm=[0, 2, 1]))
+        elif xmask is None:
             xw = b.op("MatMul", Xb, Wt)
         elif not untied:
             xw = b.op("MatMul", b.op("Mul", Xb, b.op("Unsqueeze", xmask, b.i64([1]))), Wt)
@@ -444,7 +459,7 @@ def build_onnx_rnn(b: OnnxBuilder, node: onnx.NodeProto, variant: str, params: d
         Rts = [b.op("Slice", Rt, b.i64([k * H]), b.i64([(k + 1) * H]), b.i64([1])) for k in range(G)] if untied else None
         hmasks = [b.op("Gather", hmask, b.i64(gate_of[k]), axis=1) for k in range(G)] if (untied and hmask) else None
         body, n_state = _scan_body(b, mode, H, et, Rt, Rts, Rb if mode == GRU else None, hmask, hmasks, cmask, gmask,
-                                   gmask_step)
+                                   gmask_step, Rrows_t)
         h0 = state(h_init, d)
         scan_ins = [xw] + ([gmask] if gmask_step else [])
         states = [h0] + ([state(c_init, d)] if mode == LSTM else [])
@@ -463,18 +478,53 @@ def build_onnx_rnn(b: OnnxBuilder, node: onnx.NodeProto, variant: str, params: d
     return [r if k < len(node.output) and node.output[k] else "" for k, r in enumerate(res)][: len(node.output)]
 
 
+def _weightdrop_pass(b: OnnxBuilder, node: onnx.NodeProto, params: dict[str, Any], et: int, fl: Any) -> list[str]:
+    """weightdrop --mask-per pass: the stock LSTM/GRU op again, on ``W``/``R`` inputs multiplied by
+    one inverted mask for the whole batch (``RandomUniformLike`` on the weight). Its nodes carry
+    ``dropcli_weightdrop_pass`` in their names (``dropcli uncertainty`` refuses such sites)."""
+    from .weightdrop import PASS_MARK
+
+    q = 1.0 - float(params.get("p", 0.5))
+    which = params.get("weight", "hh")
+    ins = list(node.input)
+
+    def masked(w: str) -> str:
+        u = b.op("RandomUniformLike", w, dtype=et)
+        b.nodes[-1].name = b.fresh(PASS_MARK)
+        return b.op("Mul", w, b.op("Mul", b.op("Cast", b.op("Less", u, fl(q)), to=et), fl(1.0 / q)))
+
+    if which in ("ih", "both"):
+        ins[1] = masked(ins[1])
+    if which in ("hh", "both"):
+        ins[2] = masked(ins[2])
+    outs = [b.fresh(f"{node.op_type.lower()}_out") if o else "" for o in node.output]
+    new = onnx.NodeProto()
+    new.CopyFrom(node)
+    new.name = b.fresh(f"{PASS_MARK}_{node.op_type}")
+    del new.input[:]
+    new.input.extend(ins)
+    del new.output[:]
+    new.output.extend(outs)
+    b.nodes.append(new)
+    return outs
+
+
 def _scan_body(b: OnnxBuilder, mode: str, H: int, et: int, Rt: str, Rts: Optional[list[str]], Rb: Optional[str],
                hmask: Optional[str], hmasks: Optional[list[str]], cmask: Optional[str], gmask: Optional[str],
-               gmask_step: bool) -> tuple[onnx.GraphProto, int]:
+               gmask_step: bool, Rrows_t: Optional[str] = None) -> tuple[onnx.GraphProto, int]:
     """One time step as a Scan body. States h (and c); scan inputs xw_t (and the step's g-mask).
-    Weights and per-sequence masks are read from the outer scope."""
+    Weights and per-sequence masks are read from the outer scope. ``Rrows_t`` [B, H, G*H]: a
+    recurrent weight per row (weightdrop), applied by a batched MatMul."""
     inner = OnnxBuilder(b.opset, b.prefix + "/step", b.taken)
     h_in = inner.fresh("h_prev")
     c_in = inner.fresh("c_prev") if mode == LSTM else None
     x_in = inner.fresh("xw_t")
     g_in = inner.fresh("g_mask_t") if gmask_step else None
     G = GATES[mode]
-    if Rts is not None:  # untied: one hidden mask and recurrent block per gate
+    if Rrows_t is not None:  # [B, 1, H] @ [B, H, G*H] -> [B, G*H]
+        hh = inner.op("Mul", h_in, hmask) if hmask else h_in
+        rec = inner.op("Squeeze", inner.op("MatMul", inner.op("Unsqueeze", hh, inner.i64([1])), Rrows_t), inner.i64([1]))
+    elif Rts is not None:  # untied: one hidden mask and recurrent block per gate
         parts = [inner.op("MatMul", inner.op("Mul", h_in, hm) if hm else h_in, Rk)
                  for hm, Rk in zip(hmasks or [None] * G, Rts)]
         rec = inner.op("Concat", *parts, axis=1)
