@@ -55,6 +55,13 @@ class TorchMC:
         self.modules = dict(gm.named_modules())
         self.site_nodes = [n for n in self.nodes if self._is_site(n)]
         self.stochastic = self._stochastic_closure()
+        # values computed from constants alone (W*W of a saved fastdropout site): never tiled,
+        # even when a dim happens to equal the batch size
+        self.constant: set[fx.Node] = set()
+        for n in self.nodes:
+            if n.op == "get_attr" or (n.op in ("call_function", "call_method") and n.all_input_nodes
+                                      and all(a in self.constant for a in n.all_input_nodes)):
+                self.constant.add(n)
         # free each value after its last use, so memory holds only live tensors
         pos = {n: i for i, n in enumerate(self.nodes)}
         self.frees: dict[int, list[fx.Node]] = {}
@@ -160,7 +167,7 @@ class TorchMC:
             if a in env_t:
                 return env_t[a]
             v = env_b[a]
-            if _is_tensor_like(v):
+            if _is_tensor_like(v) and a not in self.constant:
                 d = self._batch_dim(a)  # from export's symbolic shapes, when it knows
                 if d is None or d >= v.dim() or v.shape[d] != B:
                     d = 0 if v.dim() > 0 and v.shape[0] == B else None

@@ -377,14 +377,25 @@ class TorchModel:
             if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
                 continue
             common = ((anc[a] | {a}) & (anc[b] | {b})) - {c for c in anc[n] if c.op == "get_attr"}
-            if not common:
-                continue
             order = {m: i for i, m in enumerate(self.gm.graph.nodes)}
-            x = max(common, key=order.__getitem__)
+            # the input is the latest common node that the site's nodes read and nothing before
+            # it: the branches may share work (CSE merges fastdropout's mean and variance, and
+            # its x*x is common to both yet not the input)
+            x = None
+            for c in sorted(common, key=order.__getitem__, reverse=True):
+                inside = {m for m in anc[n] if m not in anc[c] and m is not c}
+                if not any(m.op == "placeholder" for m in inside) and all(i in inside or i is c for m in inside | {n} for i in m.all_input_nodes
+                       if i.op != "get_attr" and i is not cond):
+                    x = c
+                    break
+            if x is None:  # no closed cut (shared size reads): the latest common node, as before
+                if not common:
+                    continue
+                x = max(common, key=order.__getitem__)
+            site = str(cond.target).rsplit(".", 1)[0]
             internal = {m for m in anc[n] if m not in anc[x] and m is not x and m.op not in ("get_attr", "placeholder")}
             # side-effect-only nodes (export's runtime dtype asserts) on the site's values
             internal |= {u for m in internal for u in m.users if not u.users and u is not n}
-            site = str(cond.target).rsplit(".", 1)[0]
             out[n] = (site, x, internal)
         return out
 

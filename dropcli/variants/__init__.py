@@ -17,6 +17,7 @@ FAMILY_MODULES = (
     "dropcli.variants.spatial",
     "dropcli.variants.pooling",
     "dropcli.variants.recurrent",
+    "dropcli.variants.fast",
 )
 
 _loaded = False
