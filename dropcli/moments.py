@@ -410,15 +410,17 @@ def _fetch(gm: nn.Module, target: str) -> Any:
     return obj
 
 
-def run_moments(model: Any, xs: Sequence[np.ndarray], batch_size: int) -> tuple[np.ndarray, np.ndarray, bool, list[dict]]:
+def run_moments(model: Any, xs: Sequence[np.ndarray], batch_size: int,
+                device: str = "cpu") -> tuple[np.ndarray, np.ndarray, bool, list[dict]]:
     """Per-example output mean and variance ``[N, K]`` (float64), whether they are already
-    probabilities (the model ends in softmax), and the rule per node."""
+    probabilities (the model ends in softmax), and the rule per node. ``device``: where the
+    model's graph module lives (the inputs are moved there)."""
     prop = MomentPropagator(model)
     n = len(xs[0])
     means, vars_, probs = [], [], False
     steps: list[dict] = []
     for a in range(0, n, batch_size):
-        batch = [torch.from_numpy(np.ascontiguousarray(x[a:a + batch_size])) for x in xs]
+        batch = [torch.from_numpy(np.ascontiguousarray(x[a:a + batch_size])).to(device) for x in xs]
         out = prop.run(batch)
         if isinstance(out, Gauss):
             m, v, probs = out.mean, out.var, out.probs
@@ -426,8 +428,8 @@ def run_moments(model: Any, xs: Sequence[np.ndarray], batch_size: int) -> tuple[
             m, v = out, torch.zeros_like(out)
         else:
             raise UsageError("the model's first output is not a tensor")
-        means.append(m.double().reshape(len(batch[0]), -1).numpy())
-        vars_.append(v.double().reshape(len(batch[0]), -1).numpy())
+        means.append(m.double().reshape(len(batch[0]), -1).cpu().numpy())
+        vars_.append(v.double().reshape(len(batch[0]), -1).cpu().numpy())
         if not steps:
             steps = prop.step_records()
     return np.concatenate(means), np.concatenate(vars_), probs, steps

@@ -378,14 +378,14 @@ class TorchModel:
                 continue
             common = ((anc[a] | {a}) & (anc[b] | {b})) - {c for c in anc[n] if c.op == "get_attr"}
             order = {m: i for i, m in enumerate(self.gm.graph.nodes)}
-            # the input is the latest common node that the site's nodes read and nothing before
-            # it: the branches may share work (CSE merges fastdropout's mean and variance, and
-            # its x*x is common to both yet not the input)
+            # the input is the latest common node that the site's nodes read and no tensor before
+            # it (sizes aside): the branches may share work (CSE merges fastdropout's mean and
+            # variance, and its x*x is common to both yet not the input)
             x = None
             for c in sorted(common, key=order.__getitem__, reverse=True):
                 inside = {m for m in anc[n] if m not in anc[c] and m is not c}
-                if not any(m.op == "placeholder" for m in inside) and all(i in inside or i is c for m in inside | {n} for i in m.all_input_nodes
-                       if i.op != "get_attr" and i is not cond):
+                if not any(m.op == "placeholder" for m in inside) and all(
+                        i in inside or i is c or not _is_data(i) for m in inside | {n} for i in m.all_input_nodes):
                     x = c
                     break
             if x is None:  # no closed cut (shared size reads): the latest common node, as before
@@ -1088,6 +1088,18 @@ def _is_impure(n: fx.Node) -> bool:
     with contextlib.suppress(Exception):
         return n.is_impure()
     return True
+
+
+def _is_data(n: fx.Node) -> bool:
+    """A tensor flowing between ops (not a constant, a size or other metadata)."""
+    if n.op == "get_attr":
+        return False
+    if "val" in n.meta:
+        return isinstance(n.meta["val"], torch.Tensor)
+    if n.op == "call_method":
+        return str(n.target) not in ("size", "dim", "numel", "shape")
+    name = n.target._schema.name.split("::")[-1] if isinstance(n.target, torch._ops.OpOverload) else ""
+    return name not in ("sym_size", "sym_numel", "sym_stride", "size", "dim", "numel")
 
 
 def _ancestors(g: fx.Graph) -> dict[fx.Node, set[fx.Node]]:

@@ -438,7 +438,7 @@ class _MomentsEngine:
 
         xs = source.read_all()
         with _progress("moments", source.n) as advance:
-            mean, var, probs, steps = run_moments(self.runner.model, xs, self.batch_size)
+            mean, var, probs, steps = run_moments(self.runner.model, xs, self.batch_size, self.runner.device_name)
             advance(source.n)
         self.steps = self.steps or steps
         self.probs = probs
@@ -563,9 +563,10 @@ def _print_table(summary: dict, per: dict, task: str) -> None:
             t.add_row(m, *(f"{d[c]:.4f}" for c in ("mean", "std", "median", "p95", "max")))
         out.print(t)
         if "mc" in summary:
-            c = Table(title="with labels: MC vs deterministic pass")
+            mc_name = "MC" if summary.get("samples") else "moments"
+            c = Table(title=f"with labels: {mc_name} vs deterministic pass")
             c.add_column("metric")
-            c.add_column("MC", justify="right")
+            c.add_column(mc_name, justify="right")
             c.add_column("eval", justify="right")
             for k in ("accuracy", "nll", "brier", "ece", "mce"):
                 c.add_row(k, f"{summary['mc'][k]:.4f}", f"{summary['eval'][k]:.4f}" if "eval" in summary else "")

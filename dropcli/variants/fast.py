@@ -116,8 +116,8 @@ def gauss_moments(act: Activation | None, mu: torch.Tensor, s2: torch.Tensor) ->
         second = e2_pos + slope * slope * e2_neg  # relu(S) relu(-S) = 0
         return mean, torch.clamp(second - mean * mean, min=0.0), True
     dt = mu.dtype
-    t = torch.as_tensor(_GH_T, dtype=torch.float64)
-    w = torch.as_tensor(_GH_W / math.sqrt(math.pi), dtype=torch.float64)
+    t = torch.as_tensor(_GH_T, dtype=torch.float64, device=mu.device)
+    w = torch.as_tensor(_GH_W / math.sqrt(math.pi), dtype=torch.float64, device=mu.device)
     pts = mu.double().unsqueeze(-1) + math.sqrt(2.0) * s.double().unsqueeze(-1) * t
     f = act(pts)
     mean = (f * w).sum(-1)
