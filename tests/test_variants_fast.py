@@ -2,7 +2,7 @@
 
 - Inference mode (the "integrated" test rule) against numeric integration of E[a(S)],
   S ~ N(mu, s2), in float64 numpy (a 40001-point trapezoid over +-12 standard deviations):
-  exact rules (identity, relu, leaky relu) to float32 precision; the probit rules (sigmoid,
+  exact rules (identity, relu, leaky relu, gelu) to float32 precision; the probit rules (sigmoid,
   tanh) within the approximation's bound, 2 max_x |sigmoid(x) - Phi(sqrt(pi/8) x)| (computed
   here, not assumed), and equal to the probit formula itself to float32 precision.
 - torch == onnxruntime in inference mode for Gemm (transB, alpha, beta) and MatMul + Add.
@@ -34,11 +34,14 @@ from helpers import binom_tol, onnx_layer_model, onnx_replace, ort_session, repe
 from models import MLP, save_as
 
 runner = CliRunner()
-ACTS = {"none": None, "relu": nn.ReLU(), "sigmoid": nn.Sigmoid(), "tanh": nn.Tanh(), "leakyrelu": nn.LeakyReLU(0.2)}
+ACTS = {"none": None, "relu": nn.ReLU(), "sigmoid": nn.Sigmoid(), "tanh": nn.Tanh(), "leakyrelu": nn.LeakyReLU(0.2),
+        "gelu": nn.GELU()}
 ONNX_ACTS = {"none": None, "relu": ("Relu", {}), "sigmoid": ("Sigmoid", {}), "tanh": ("Tanh", {}),
-             "leakyrelu": ("LeakyRelu", {"alpha": 0.2})}
+             "leakyrelu": ("LeakyRelu", {"alpha": 0.2}), "gelu": ("Gelu", {})}
+_ERF = np.vectorize(math.erf)
 NP_ACT = {"none": lambda v: v, "relu": lambda v: np.maximum(v, 0.0), "sigmoid": lambda v: 1.0 / (1.0 + np.exp(-v)),
-          "tanh": np.tanh, "leakyrelu": lambda v: np.where(v > 0, v, 0.2 * v)}
+          "tanh": np.tanh, "leakyrelu": lambda v: np.where(v > 0, v, 0.2 * v),
+          "gelu": lambda v: v * 0.5 * (1 + _ERF(v / math.sqrt(2)))}
 T_GRID = np.linspace(-12.0, 12.0, 40001)
 PHI_GRID = np.exp(-0.5 * T_GRID ** 2) / math.sqrt(2 * math.pi)
 
@@ -85,7 +88,7 @@ def _onnx_linear(op: str, act: str, w: np.ndarray, b: np.ndarray | None, alpha=1
     if ONNX_ACTS[act] is not None:
         op_a, attrs = ONNX_ACTS[act]
         nodes.append(helper.make_node(op_a, ["h"], ["y"], name="act", **attrs))
-    return onnx_layer_model(nodes, (None, w.shape[1]), (None, w.shape[0]), inits)
+    return onnx_layer_model(nodes, (None, w.shape[1]), (None, w.shape[0]), inits, opset=20 if act == "gelu" else 17)
 
 
 # ----------------------------------------------------------------------------- test rule
@@ -220,8 +223,9 @@ def test_bad_parameters_and_layers(tmp_path):
             spec.resolve_params({"p": bad})
     with pytest.raises(UsageError, match="Linear"):
         torch_layer_site("fastdropout", nn.Conv2d(1, 2, 3))
-    with pytest.raises(UsageError, match="closed-form"):
-        torch_layer_site("fastdropout", nn.Linear(3, 2), act=nn.GELU())
+    for act in (nn.GELU(approximate="tanh"), nn.SiLU(), nn.ELU()):
+        with pytest.raises(UsageError, match="closed-form"):
+            torch_layer_site("fastdropout", nn.Linear(3, 2), act=act)
     # a model without Linear layers: one line, exit 2
     conv = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU()).eval()
     src = save_as(conv, torch.rand(2, 1, 6, 6), tmp_path / "conv.pt2", "export")
@@ -231,14 +235,14 @@ def test_bad_parameters_and_layers(tmp_path):
     # --p outside [0, 1) through the CLI
     res = runner.invoke(app, ["inject", str(src), "--variant", "fastdropout", "--p", "1", "-o", str(tmp_path / "o.pt2")])
     assert res.exit_code == 2 and "[0, 1)" in res.output, res.output
-    # a Linear followed by gelu (no closed form) in ONNX: refused, naming the layer
+    # a Linear followed by elu (no closed form) in ONNX: refused, naming the layer
     w = np.ones((3, 4), np.float32)
-    nodes = [helper.make_node("Gemm", ["x", "W"], ["h"], name="fc", transB=1), helper.make_node("Gelu", ["h"], ["y"], name="g", domain="")]
+    nodes = [helper.make_node("Gemm", ["x", "W"], ["h"], name="fc", transB=1), helper.make_node("Elu", ["h"], ["y"], name="g")]
     m = helper.make_model(helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
                                            [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3])],
                                            initializer=[onnx.numpy_helper.from_array(w, "W")]),
                           opset_imports=[helper.make_opsetid("", 20)])
-    with pytest.raises(UsageError, match="fc.*gelu"):
+    with pytest.raises(UsageError, match="fc.*elu"):
         onnx_replace(m, "fastdropout", p=0.3)
 
 
@@ -411,6 +415,13 @@ def test_moments_full_mlp_classification_lists_its_approximations(tmp_path):
     e = np.exp(s - s.max(-1, keepdims=True))
     probs = e / e.sum(-1, keepdims=True)
     _assert_moments_match_mc(pm, ps ** 2, probs, "MLP probabilities", extra_mean=0.02, extra_var=0.5 * probs.var(0))
+    # a gate on a measure that needs samples is a usage error; one on the variance works (exit 3)
+    res = runner.invoke(app, ["uncertainty", str(out), "--input", str(tmp_path / "x.npy"), "--method", "moments",
+                              "--fail-above", "mutual_info=0.1"])
+    assert res.exit_code == 2 and "needs samples" in res.output, res.output
+    res = runner.invoke(app, ["--quiet", "uncertainty", str(out), "--input", str(tmp_path / "x.npy"), "--method", "moments",
+                              "--fail-above", f"std={0.5 * ps.mean():.6g}"])
+    assert res.exit_code == 3, res.output
     # the ONNX model is refused with a clear error (moments run on torch graphs)
     onnx_out = _inject_cli(src, tmp_path / "fd.onnx")
     res = runner.invoke(app, ["uncertainty", str(onnx_out), "--input", str(tmp_path / "x.npy"), "--method", "moments"])

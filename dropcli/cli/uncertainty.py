@@ -276,6 +276,9 @@ def register(app: typer.Typer) -> None:
         if gate:
             name, limit = gate
             vals = per.get(name)
+            if vals is None and method == "moments" and task == "classification":
+                raise UsageError(f"--fail-above {name} needs samples; --method moments has no {name}",
+                                 "gate on entropy, confidence, var or std, or use --method mc")
             if vals is None:
                 raise UsageError(f"--fail-above {name} does not apply to a {task} task", f"choose from {', '.join(k for k in GATE_METRICS if k in per)}")
             mean_val = float(np.mean(vals))

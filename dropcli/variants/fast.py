@@ -22,11 +22,14 @@ DropConnect, because the paper's test rule integrates the activation over the Ga
   * no activation: ``mu`` (exact);
   * relu: ``mu Phi(mu/s) + s phi(mu/s)`` (exact);
   * leaky relu (slope ``a``): ``a mu + (1 - a) E[relu(S)]`` (exact, relu(x) - a relu(-x) form);
+  * gelu (erf form, ``x Phi(x)``): ``mu Phi(t) + s2/r phi(t)``, ``r = sqrt(1 + s2)``,
+    ``t = mu/r`` (exact: Stein's lemma and ``E[Phi(S)] = Phi(mu/r)``);
   * sigmoid: ``sigmoid(mu / sqrt(1 + pi s2 / 8))`` (the paper's probit approximation;
     |error| <= 2 max_x |sigmoid(x) - Phi(sqrt(pi/8) x)| < 0.04);
   * tanh: ``2 sigmoid(2 mu / sqrt(1 + pi s2 / 2)) - 1`` (the same approximation through
     ``tanh(x) = 2 sigmoid(2x) - 1``);
-  * gelu, silu, elu: no closed form; refused with a clear error (exclude that layer).
+  * gelu's tanh approximation, silu, elu: no closed form; refused with a clear error (exclude
+    that layer).
 
   Where ``s2 = 0`` (``p = 0`` or an all-zero input row) the output is ``a(mu)``.
 
@@ -51,10 +54,10 @@ from .base import REPLACE, LayerSite, VariantSpec, normal_like, register
 INV_SQRT2 = 1.0 / math.sqrt(2.0)
 INV_SQRT2PI = 1.0 / math.sqrt(2.0 * math.pi)
 # activations with a closed-form (exact or probit-approximated) Gaussian expectation
-EXACT_ACTS = ("relu", "leakyrelu")
+EXACT_ACTS = ("relu", "leakyrelu", "gelu")  # gelu: the erf form only
 PROBIT_ACTS = ("sigmoid", "tanh")
 TEST_RULE_ACTS = EXACT_ACTS + PROBIT_ACTS
-NO_RULE_ACTS = ("gelu", "silu", "elu")
+NO_RULE_ACTS = ("silu", "elu")
 
 
 def _ncdf(a: torch.Tensor) -> torch.Tensor:
@@ -81,6 +84,10 @@ def gauss_expect(act: Activation | None, mu: torch.Tensor, s2: torch.Tensor) -> 
     if act.kind == "leakyrelu":
         slope = float(act.params.get("negative_slope", 0.01))
         return slope * mu + (1.0 - slope) * _relu_mean(mu, s, pos)
+    if act.kind == "gelu":
+        r = torch.sqrt(1.0 + s2)
+        t = mu / r
+        return mu * _ncdf(t) + (s2 / r) * _npdf(t)
     if act.kind == "sigmoid":
         return torch.sigmoid(mu / torch.sqrt(1.0 + (math.pi / 8.0) * s2))
     if act.kind == "tanh":
@@ -126,7 +133,8 @@ def gauss_moments(act: Activation | None, mu: torch.Tensor, s2: torch.Tensor) ->
 
 
 def check_fast_act(act: Activation | None, where: str = "") -> None:
-    if act is not None and act.kind not in TEST_RULE_ACTS:
+    tanh_gelu = act is not None and act.kind == "gelu" and act.params.get("approximate", "none") != "none"
+    if act is not None and (act.kind not in TEST_RULE_ACTS or tanh_gelu):
         raise UsageError(f"fastdropout has no closed-form test rule E[{act.kind}(S)] for the Linear layer{where} "
                          f"followed by {act}",
                          "exclude that layer with --exclude, or choose another variant (dropconnect, standard)")
@@ -194,6 +202,11 @@ def _onnx_expect(b: OnnxBuilder, act: Activation | None, mu: str, s2: str, info:
         slope = float(act.params.get("negative_slope", 0.01))
         r = _onnx_relu_mean(b, mu, s, pos, info)
         return b.op("Add", b.op("Mul", b.f(slope, info), mu), b.op("Mul", b.f(1.0 - slope, info), r))
+    if act.kind == "gelu":
+        r = b.op("Sqrt", b.op("Add", b.f(1.0, info), s2))
+        t = b.op("Div", mu, r)
+        pdf = b.op("Mul", b.op("Exp", b.op("Mul", b.f(-0.5, info), b.op("Mul", t, t))), b.f(INV_SQRT2PI, info))
+        return b.op("Add", b.op("Mul", mu, _onnx_ncdf(b, t, info)), b.op("Mul", b.op("Div", s2, r), pdf))
     if act.kind == "sigmoid":
         den = b.op("Sqrt", b.op("Add", b.f(1.0, info), b.op("Mul", b.f(math.pi / 8.0, info), s2)))
         return b.op("Sigmoid", b.op("Div", mu, den))
@@ -220,8 +233,8 @@ def fastdropout_onnx(b: OnnxBuilder, layer: OnnxLayer, p: float) -> tuple[str, s
 
 register(VariantSpec(
     name="fastdropout", summary="fast dropout: Gaussian pre-activation of a Linear layer, sampled or integrated",
-    formula="S ~ N(mu, s2), mu = W x + b, s2 = (p/q) (W∘W)(x∘x) [= q w^T x, q(1-q) sum w_i^2 x_i^2 with w = W/q]; y = a(S)",
-    test_rule="y = E[a(S)]: mu; relu: mu Phi(mu/s) + s phi(mu/s); sigmoid: sigmoid(mu / sqrt(1 + pi s2/8))",
+    formula="S ~ N(mu, s2), mu = W x + b, s2 = (p/q) (W∘W)(x∘x) (vanilla q w^T x, q(1-q) sum w_i^2 x_i^2 with w = W/q); y = a(S)",
+    test_rule="y = E a(S): mu; relu: mu Phi(mu/s) + s phi(mu/s); sigmoid: sigmoid(mu / sqrt(1 + pi s2/8)); tanh likewise",
     attaches=REPLACE, replaces=(LINEAR,), absorbs=TEST_RULE_ACTS + NO_RULE_ACTS, identity_at_test=False,
     paper="Wang & Manning 2013, Fast dropout training (ICML)",
     torch_module=FastDropout, onnx_builder=fastdropout_onnx,
@@ -229,7 +242,7 @@ register(VariantSpec(
     notes="Replaces Linear layers (Gemm/MatMul in ONNX) and absorbs the activation right after them. Inverted form: "
           "weights W/q keep the trained function, so mu = W x + b and s2 = (p/q)(W∘W)(x∘x), the vanilla "
           "q w^T x and q(1-q) sum w_i^2 x_i^2 with w = W/q. MC mode samples S per example and unit; inference mode "
-          "integrates the activation: exact for none, relu and leaky relu, the probit approximation for sigmoid "
-          "(and tanh = 2 sigmoid(2x) - 1); gelu, silu and elu are refused. `dropcli uncertainty --method moments` "
+          "integrates the activation: exact for none, relu, leaky relu and gelu (erf form), the probit approximation "
+          "for sigmoid (and tanh = 2 sigmoid(2x) - 1); gelu's tanh form, silu and elu are refused. `dropcli uncertainty --method moments` "
           "propagates means and variances through the model analytically instead of sampling.",
 ))
