@@ -167,7 +167,9 @@ class TorchMC:
             if a in env_t:
                 return env_t[a]
             v = env_b[a]
-            if _is_tensor_like(v) and a not in self.constant:
+            if _is_tensor_like(v) and a in self.constant:
+                pass  # computed from constants alone: no batch dim to tile
+            elif _is_tensor_like(v):
                 d = self._batch_dim(a)  # from export's symbolic shapes, when it knows
                 if d is None or d >= v.dim() or v.shape[d] != B:
                     d = 0 if v.dim() > 0 and v.shape[0] == B else None
