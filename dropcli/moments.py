@@ -9,16 +9,17 @@ Gaussian). The rules (Gauss in; the MC mode's true per-unit moments out when "ex
 
 * fastdropout site, deterministic input ``x``: ``mu = W x + b``, ``s2 = (p/q)(W∘W)(x∘x)`` -- its
   MC mode draws exactly ``N(mu, s2)`` per unit, independently. Activation: identity, relu and
-  leaky relu in closed form (exact); any other by 64-node Gauss-Hermite quadrature
-  (approximate: a near-step sigmoid of a wide Gaussian is integrated to ~1e-3, not 1e-7).
-  Output: independent units.
+  leaky relu in closed form, sigmoid and tanh by Gauss-Legendre integration on their finite
+  range plus closed-form tails (float64 precision): exact; gelu, silu, elu by 64-node
+  Gauss-Hermite quadrature (approximate: its error grows with the width of S). Output:
+  independent units.
 * fastdropout site, random input: ``E[S] = W m + b``, ``Var[S] = (W∘W)(v/q + (p/q) m∘m)``
   (masks independent of the input; exact when the input units are independent), then the
   activation as if ``S`` were Gaussian (approximate: ``S`` is a Gaussian mixture).
 * Linear / Conv / matmul with constant weights: ``mean = layer(m)`` (exact),
   ``var = layer_without_bias(v; W∘W)`` (exact only for independent input units; otherwise
   the covariances are ignored: approximate). The output units are correlated.
-* elementwise relu / leaky relu (closed form), sigmoid / tanh / gelu / silu / elu
+* elementwise relu / leaky relu / sigmoid / tanh (exact rules above), gelu / silu / elu
   (quadrature): exact only on Gaussian input; otherwise the input is taken as Gaussian.
 * stock inverted dropout (``nn.Dropout``, ``F.dropout``): ``mean = m``,
   ``var = v/q + (p/q) m∘m`` (exact per unit).
@@ -246,10 +247,8 @@ class MomentPropagator:
             return Gauss(m, v, False, False)
         mu, s2 = mod.gauss(x)
         m, v, closed = self._act_moments(act, mu, s2)
-        rule = "N(mu, s2)" + (f", E/Var[{act.kind}(S)] in closed form" if act is not None and closed else "")
-        if act is not None and not closed:
-            rule += f", E/Var[{act.kind}(S)] by 64-node Gauss-Hermite quadrature"
-        self._log(n, what, rule, closed, "" if closed else "quadrature error (small for smooth a; up to ~1e-3 for wide S)")
+        rule = "N(mu, s2)" + (f", E/Var[{act.kind}(S)] {_act_how(act)}" if act is not None else "")
+        self._log(n, what, rule, closed, "" if closed else "Gauss-Hermite error grows with the width of S")
         return Gauss(m, v, True, act is None)
 
     @staticmethod
@@ -265,8 +264,8 @@ class MomentPropagator:
         if not x.gaussian:
             note.append("input is not Gaussian; its moments are matched to a Gaussian")
         if not closed:
-            note.append("64-node Gauss-Hermite quadrature")
-        self._log(n, op, f"E/Var[{act}(X)], X ~ N(m, v)", exact, "; ".join(note))
+            note.append("Gauss-Hermite error grows with the width of X")
+        self._log(n, op, f"E/Var[{act}(X)] {_act_how(act)}, X ~ N(m, v)", exact, "; ".join(note))
         return Gauss(m, v, x.indep, False)
 
     def _dropout(self, n: fx.Node, x: Any, p: float, op: str) -> Any:
@@ -401,6 +400,14 @@ class MomentPropagator:
             a, b = args
             return Gauss(a.mean / b, a.var / (b * b), a.indep, a.gaussian)
         raise self._unsupported(n, f"the op {label}")
+
+
+def _act_how(act: Activation) -> str:
+    if act.kind in ("relu", "leakyrelu"):
+        return "in closed form"
+    if act.kind in ("sigmoid", "tanh"):
+        return "by Gauss-Legendre integration (float64 precision)"
+    return "by 64-node Gauss-Hermite quadrature"
 
 
 def _fetch(gm: nn.Module, target: str) -> Any:

@@ -370,23 +370,40 @@ def test_moments_exact_case_matches_mc(tmp_path):
 
 
 def test_moments_sigmoid_quadrature_matches_mc_and_integration(tmp_path):
-    """Linear + sigmoid (quadrature) then a Linear head: the sigmoid moments agree with a
-    40001-point trapezoid reference within 1e-5, and the outputs with MC (6 standard errors)."""
+    """Linear + sigmoid (Gauss-Legendre + tails) then a Linear head: both exact, the outputs
+    agree with a 40001-point trapezoid reference to float32 precision and with MC (6 standard
+    errors); a wide S (s up to 1000) is integrated to 1e-9."""
     torch.manual_seed(13)
     model = SigmoidNet().eval()
     src = save_as(model, torch.rand(2, 16), tmp_path / "s.pt", "torchscript")
     out = _inject_cli(src, tmp_path / "fd.pt", "--input-shape", "2x16")
     x = (np.random.default_rng(14).normal(size=(5, 16)) * 2).astype(np.float32)
     mean, var, _, steps = run_moments(load_model(str(out)), [x], batch_size=64)
-    assert [s["exact"] for s in steps] == [False, True], steps  # quadrature flagged; the head is exact
+    assert [s["exact"] for s in steps] == [True, True], steps
     mu, s2 = moments_ref(model.fc1, x, 0.3)
     sig = NP_ACT["sigmoid"]
     m1 = gauss_integral(sig, mu, s2)
     v1 = gauss_integral(lambda v: sig(v) ** 2, mu, s2) - m1 ** 2
     w2, b2 = model.fc2.weight.detach().double().numpy(), model.fc2.bias.detach().double().numpy()
-    np.testing.assert_allclose(mean, m1 @ w2.T + b2, atol=1e-5)
-    np.testing.assert_allclose(var, v1 @ (w2 * w2).T, atol=1e-5)
+    np.testing.assert_allclose(mean, m1 @ w2.T + b2, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(var, v1 @ (w2 * w2).T, rtol=1e-5, atol=1e-7)
     _assert_moments_match_mc(mean, var, _mc_samples(out, x, 20000), "sigmoid net")
+    from dropcli.layers import Activation
+    from dropcli.variants.fast import gauss_moments
+
+    mus = np.array([0.0, 0.3, 3.0, -50.0, 45.0] * 3)
+    sds = np.repeat([5.0, 100.0, 1000.0], 5)
+    t = np.linspace(-14, 14, 800001)
+    for kind, f in (("sigmoid", NP_ACT["sigmoid"]), ("tanh", np.tanh)):
+        with np.errstate(over="ignore"):
+            vals = f(mus[:, None] + sds[:, None] * t)
+        w = np.exp(-0.5 * t * t) / math.sqrt(2 * math.pi)
+        m_ref = np.trapezoid(vals * w, t, axis=-1)
+        v_ref = np.trapezoid(vals ** 2 * w, t, axis=-1) - m_ref ** 2
+        gm, gv, exact = gauss_moments(Activation(kind), torch.from_numpy(mus), torch.from_numpy(sds ** 2))
+        assert exact
+        np.testing.assert_allclose(gm.numpy(), m_ref, atol=1e-9, err_msg=kind)
+        np.testing.assert_allclose(gv.numpy(), v_ref, atol=1e-9, err_msg=kind)
 
 
 def test_moments_full_mlp_classification_lists_its_approximations(tmp_path):

