@@ -98,13 +98,20 @@ def write_plot(path: str, task: str, per: dict[str, np.ndarray], labels: np.ndar
     plt = _import_pyplot()
     colors = ("tab:purple", "tab:orange", "tab:cyan", "tab:olive")
     n = len(per["mean"])
-    title = f"MC dropout: {n} examples, T={summary.get('samples', '?')}, {summary.get('sites', '?')} site(s), {task}"
+    how = f"T={summary['samples']}" if summary.get("samples") else "analytic moments"
+    title = f"MC dropout: {n} examples, {how}, {summary.get('sites', '?')} site(s), {task}"
     if task == "classification":
         with_labels = labels is not None
         rows = 3 if with_labels else 2
         fig, axes = plt.subplots(rows, 2, figsize=(11, 3.4 * rows), squeeze=False)
-        for ax, (key, name), c in zip(axes[:2].ravel(), CLASSIFICATION_MEASURES, colors):
-            _hist(ax, per[key], name, c)
+        # --method moments has no MI, expected entropy or variation ratio: the probabilities' std instead
+        shown = [(per[k], name) for k, name in CLASSIFICATION_MEASURES if k in per]
+        if len(shown) < len(CLASSIFICATION_MEASURES):
+            shown.append((np.asarray(per["std"]).mean(-1), "std of the class probabilities (mean over classes)"))
+        for ax, (vals, name), c in zip(axes[:2].ravel(), shown, colors):
+            _hist(ax, vals, name, c)
+        for ax in axes[:2].ravel()[len(shown):]:
+            ax.axis("off")
         if with_labels:
             lab = np.asarray(labels).astype(np.int64)
             _reliability(axes[2, 0], per, lab)

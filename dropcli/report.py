@@ -30,7 +30,8 @@ def columns(task: str, per: dict[str, np.ndarray], labels: np.ndarray | None, ev
         cols["pred"] = per["pred"]
         cols["confidence"] = per["confidence"]
         for k in ("entropy", "expected_entropy", "mutual_info", "variation_ratio"):
-            cols[k] = per[k]
+            if k in per:  # --method moments has no MI, expected entropy or variation ratio
+                cols[k] = per[k]
         cols["eval_pred"] = eval_out.argmax(-1)
         if labels is not None:
             cols["label"] = labels

@@ -190,7 +190,9 @@ UNCERTAINTY_MEASURES = ("entropy", "expected_entropy", "mutual_info", "variation
 def summary(per: dict[str, np.ndarray], labels: np.ndarray | None = None, eval_probs: np.ndarray | None = None,
             ood_per: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
     """Summary of a classification run (see `dropcli uncertainty`)."""
-    measures = {m: (-per["confidence"] if m == "neg_confidence" else per[m]) for m in UNCERTAINTY_MEASURES}
+    # measures the per-example statistics hold (--method moments has no MI/expected entropy/variation ratio)
+    names = [m for m in UNCERTAINTY_MEASURES if m == "neg_confidence" or m in per]
+    measures = {m: (-per["confidence"] if m == "neg_confidence" else per[m]) for m in names}
     out: dict[str, Any] = {"n": int(len(per["pred"])), "distribution": {m: distribution(v) for m, v in measures.items()}}
     if labels is not None:
         labels = np.asarray(labels).astype(np.int64)
@@ -207,9 +209,9 @@ def summary(per: dict[str, np.ndarray], labels: np.ndarray | None = None, eval_p
             out["eval"] = {"accuracy": float(ec.mean()), "nll": nll(ep, labels), "brier": brier(ep, labels),
                            "ece": e_ece, "mce": e_mce}
     if ood_per is not None:
-        ood_measures = {m: (-ood_per["confidence"] if m == "neg_confidence" else ood_per[m]) for m in UNCERTAINTY_MEASURES}
+        ood_measures = {m: (-ood_per["confidence"] if m == "neg_confidence" else ood_per[m]) for m in names}
         out["ood"] = {}
-        for m in UNCERTAINTY_MEASURES:
+        for m in names:
             scores = np.r_[measures[m], ood_measures[m]]
             is_ood = np.r_[np.zeros(len(measures[m]), bool), np.ones(len(ood_measures[m]), bool)]
             out["ood"][m] = {"auroc": auroc(scores, is_ood), "fpr95": fpr_at_95_tpr(measures[m], ood_measures[m])}

@@ -45,6 +45,15 @@ Examples:
 
   dropcli uncertainty model.pt2 --input 'shards/part-*.npz' --engine ray --workers 2 --output out/
 
+--method moments (fastdropout models, torch backend): no sampling; the MC mode's predictive
+mean and variance are propagated analytically through the graph (fastdropout sites, Linear/Conv,
+relu/sigmoid/tanh, BatchNorm, reshapes, a final softmax). The report lists every layer where an
+approximation is used; ops with no moment rule stop with an error naming them (use --method mc).
+Mutual information, expected entropy and the variation ratio need samples and are left out.
+
+  dropcli inject model.pt2 --variant fastdropout --p 0.2 -o fd.pt2
+  dropcli uncertainty fd.pt2 --input x.npy --method moments
+
 Sharded inputs: a folder, a quoted glob or a comma list of .npy/.npz/.parquet files, ordered
 by name (numbers as numbers); an example's index is its position in that order. With
 --engine ray, --output DIR writes a folder of shards (--format jsonl or parquet) plus
@@ -101,6 +110,7 @@ def register(app: typer.Typer) -> None:
         input_path: str = typer.Option(..., "--input", "-i", help="Inputs: .npy, .npz (arrays named after the model inputs; x/y), .pt, .csv, or - for stdin."),
         labels_path: Optional[str] = typer.Option(None, "--labels", help="Labels file (else the 'y' array of an .npz input)."),
         samples: int = typer.Option(50, "--samples", "-T", help="Number of stochastic passes T."),
+        method: str = typer.Option("mc", "--method", help="mc (T stochastic passes) or moments (analytic mean and variance through fastdropout sites; torch models)."),
         seed: int = typer.Option(0, "--seed", help="Random seed (bitwise reproducible on CPU)."),
         device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto."),
         batch_size: int = typer.Option(256, "--batch-size", help="Examples per chunk (results do not depend on it)."),
@@ -138,6 +148,10 @@ def register(app: typer.Typer) -> None:
             raise UsageError("--tau must be positive")
         if engine not in ("local", "ray"):
             raise UsageError(f"unknown --engine {engine!r}", "choose local or ray")
+        if method not in ("mc", "moments"):
+            raise UsageError(f"unknown --method {method!r}", "choose mc or moments")
+        if method == "moments" and (engine != "local" or keep_samples):
+            raise UsageError("--method moments draws no samples: it runs with --engine local and without --keep-samples")
         if engine == "local" and (address or workers != 1):
             raise UsageError("--address and --workers apply only with --engine ray")
         if workers < 1:
@@ -193,6 +207,9 @@ def register(app: typer.Typer) -> None:
                        "allow_output": allow_output} if inject else None
         runner = build_runner(model_path, load_kw, dev, inject_opts, log_inject=True)
         model = runner.model
+        if method == "moments" and model.backend != "torch":
+            raise UsageError("--method moments propagates moments through torch graphs; this is an ONNX model",
+                             "use --method mc, or run --method moments on the torch model it was exported from")
         if runner.n_sites == 0:
             raise DropcliError(
                 f"{model_path} has no dropout sites, so MC dropout has nothing to sample",
@@ -206,7 +223,9 @@ def register(app: typer.Typer) -> None:
             raise DropcliError(f"labels have {len(labels)} rows but the input has {n} examples", "give one label per example")
         ood_source = open_source(ood, specs, "OOD input") if ood else None
 
-        if engine == "local":
+        if method == "moments":
+            eng = _MomentsEngine(runner, batch_size)
+        elif engine == "local":
             eng = _LocalEngine(runner, samples, seed, batch_size, budget)
         else:
             from ..ray_engine import session
@@ -223,10 +242,13 @@ def register(app: typer.Typer) -> None:
             results = eng.run_all([source, ood_source] if with_ood else [source], task, tau)
             res, ood_res = results[0], (results[1] if with_ood else None)
         log(f"[dim]{model_path}: {model.backend}/{model.format}, {runner.n_sites} dropout site(s); "
-            f"{n} examples x T={samples} on {dev}, {eng.describe()}[/]")
+            f"{n} examples x {'analytic moments' if method == 'moments' else f'T={samples}'} on {dev}, {eng.describe()}[/]")
         per, eval_out = res.per, res.eval
-        summary: dict = {"model": model_path, "backend": model.backend, "task": task, "samples": samples, "seed": seed,
+        summary: dict = {"model": model_path, "backend": model.backend, "task": task, "method": method,
+                         "samples": samples if method == "mc" else None, "seed": seed if method == "mc" else None,
                          "sites": runner.n_sites, "device": dev}
+        if method == "moments":
+            summary["moments"] = eng.report(task)
         arrays_out: dict[str, np.ndarray] = {}
         if task == "classification":
             if labels is not None:
@@ -254,6 +276,9 @@ def register(app: typer.Typer) -> None:
         if gate:
             name, limit = gate
             vals = per.get(name)
+            if vals is None and method == "moments" and task == "classification":
+                raise UsageError(f"--fail-above {name} needs samples; --method moments has no {name}",
+                                 "gate on entropy, confidence, var or std, or use --method mc")
             if vals is None:
                 raise UsageError(f"--fail-above {name} does not apply to a {task} task", f"choose from {', '.join(k for k in GATE_METRICS if k in per)}")
             mean_val = float(np.mean(vals))
@@ -268,6 +293,8 @@ def register(app: typer.Typer) -> None:
             log(f"wrote {shard_fmt} shards for {n} examples to {out_dir} ({parts} shard(s) + summary.json)")
         if fmt == "table":
             _print_table(summary, per, task)
+            if method == "moments":
+                _print_moments(summary["moments"])
         elif out_dir:
             sys.stdout.write(json.dumps(report._clean({"summary": summary}), indent=1) + "\n")
         else:
@@ -395,6 +422,77 @@ class _RayEngine:
         return f"Ray: {self.actors} worker(s) x {self.threads} CPU(s), {self.n_units} unit(s)"
 
 
+class _MomentsEngine:
+    """--method moments: analytic per-example moments (dropcli.moments), no sampling."""
+
+    def __init__(self, runner, batch_size):
+        self.runner, self.batch_size = runner, batch_size
+        self.steps: list[dict] = []
+        self.probs = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def _moments(self, source):
+        from ..moments import run_moments
+
+        xs = source.read_all()
+        with _progress("moments", source.n) as advance:
+            mean, var, probs, steps = run_moments(self.runner.model, xs, self.batch_size, self.runner.device_name)
+            advance(source.n)
+        self.steps = self.steps or steps
+        self.probs = probs
+        return mean, var, probs, self.runner.run_eval(xs)
+
+    def n_outputs(self, source) -> int:
+        self._first = (source, self._moments(source))
+        return self._first[1][0].shape[-1]
+
+    def run_all(self, sources, task, tau) -> list[EngineResult]:
+        from ..moments import per_example
+
+        out = []
+        for source in sources:
+            mean, var, probs, ev = self._first[1] if source is self._first[0] else self._moments(source)
+            out.append(EngineResult(per_example(mean, var, probs, task, tau), ev, None))
+        return out
+
+    def describe(self) -> str:
+        return "no sampling"
+
+    def report(self, task: str) -> dict:
+        """Which layers are approximated, and what the output statistics are."""
+        from ..moments import METHOD_NOTE, NOT_AVAILABLE
+
+        approx = [s for s in self.steps if not s["exact"]]
+        rec = {"note": METHOD_NOTE, "layers": self.steps, "approximated": [f"{s['node']}: {s['op']}" for s in approx]}
+        if task == "classification":
+            rec["output"] = ("probabilities from the model's softmax (its moments above)" if self.probs else
+                             "class probabilities from Gaussian logits: mean-field softmax(m / sqrt(1 + pi v/8)), "
+                             "variance by the delta method (approximate)")
+            rec["not_available"] = {k: "needs the distribution of the probabilities, not two moments; "
+                                       "var/std of the probabilities is the epistemic measure reported" for k in NOT_AVAILABLE}
+        else:
+            rec["output"] = "mean and variance of the outputs (+ 1/tau with --tau)"
+        return rec
+
+
+def _print_moments(rec: dict) -> None:
+    t = Table(title="--method moments: the rule at each layer")
+    for c in ("node", "op", "rule", "exact", "note"):
+        t.add_column(c)
+    from rich.markup import escape
+
+    for s in rec["layers"]:
+        t.add_row(escape(s["node"]), escape(s["op"]), escape(s["rule"]), "yes" if s["exact"] else "[bold]approx[/]",
+                  escape(s["note"]))
+    t.caption = rec["output"]
+    out.print(t)
+
+
 def _unit_rows(source, actors, batch_size) -> int:
     from ..ray_engine import unit_rows
 
@@ -460,7 +558,9 @@ def _inject_on_the_fly(model, variant, p, after, layers, exclude, allow_output, 
 
 
 def _print_table(summary: dict, per: dict, task: str) -> None:
-    t = Table(title=f"MC dropout: {summary['n'] if 'n' in summary else len(per['mean'])} examples, T={summary['samples']}, "
+    how = f"T={summary['samples']}" if summary.get("samples") else "analytic moments"
+    t = Table(title=f"{'MC dropout' if summary.get('samples') else 'Fast dropout'}: "
+                    f"{summary['n'] if 'n' in summary else len(per['mean'])} examples, {how}, "
                     f"{summary['sites']} site(s), task={task}")
     if task == "classification":
         t.add_column("measure")
@@ -470,9 +570,10 @@ def _print_table(summary: dict, per: dict, task: str) -> None:
             t.add_row(m, *(f"{d[c]:.4f}" for c in ("mean", "std", "median", "p95", "max")))
         out.print(t)
         if "mc" in summary:
-            c = Table(title="with labels: MC vs deterministic pass")
+            mc_name = "MC" if summary.get("samples") else "moments"
+            c = Table(title=f"with labels: {mc_name} vs deterministic pass")
             c.add_column("metric")
-            c.add_column("MC", justify="right")
+            c.add_column(mc_name, justify="right")
             c.add_column("eval", justify="right")
             for k in ("accuracy", "nll", "brier", "ece", "mce"):
                 c.add_row(k, f"{summary['mc'][k]:.4f}", f"{summary['eval'][k]:.4f}" if "eval" in summary else "")

@@ -20,6 +20,7 @@ FAMILY_MODULES = (
     "dropcli.variants.sparse_vd",
     "dropcli.variants.weight",
     "dropcli.variants.weightdrop",
+    "dropcli.variants.fast",
 )
 
 _loaded = False
