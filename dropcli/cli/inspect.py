@@ -70,7 +70,7 @@ Examples:
         for l in info["layers"]:
             shape = "" if l["shape"] is None else "[" + ", ".join("N" if d is None else str(d) for d in l["shape"]) + "]"
             drop = "" if not l["dropout"] else (l["dropout"]["variant"] or "dropcli") + (
-                "" if l["dropout"]["p"] is None else f" p={l['dropout']['p']}")
+                "" if l["dropout"]["p"] is None else f" p={l['dropout']['p']:.4g}")
             if l.get("convention") in ("inverted", "vanilla"):
                 drop += f" ({l['convention']})"
             sites = ",".join(l["sites"]) + (" (output)" if l["is_output"] else "")
