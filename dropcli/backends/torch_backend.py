@@ -403,8 +403,7 @@ class TorchModel:
                 common = {c for c in common if order_[c] <= order_[chosen]}
             if not common:
                 continue
-            order = {m: i for i, m in enumerate(self.gm.graph.nodes)}
-            x = max(common, key=order.__getitem__)
+            x = max(common, key=order_.__getitem__)
             internal = {m for m in anc[n] if m not in anc[x] and m is not x and m.op not in ("get_attr", "placeholder")}
             # side-effect-only nodes (export's runtime dtype asserts) on the site's values
             internal |= {u for m in internal for u in m.users if not u.users and u is not n}

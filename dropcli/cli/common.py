@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+from pathlib import Path
 import sys
 import traceback
 from dataclasses import dataclass
@@ -71,6 +72,20 @@ def _escape(text: str) -> str:
 def print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, default=_json_default) + "\n")
     sys.stdout.flush()
+
+
+def write_report(report: Any, path: Optional[str]) -> None:
+    """``--report FILE``: the report as JSON, written atomically (``-``: to stdout)."""
+    if not path:
+        return
+    text = json.dumps(report, indent=2, default=float) + "\n"
+    if path == "-":
+        print(text, end="")
+        return
+    from ..fsutil import atomic_path
+
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(text)
 
 
 def _json_default(o: Any) -> Any:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import List, Optional
 
 import numpy as np
@@ -13,8 +11,8 @@ from rich.table import Table
 
 from ..backends import load_model
 from ..errors import DropcliError, UsageError
-from ..fsutil import atomic_path, check_output_path
-from .common import (After, Arch, Exclude, Imports, InputShape, Json, Layers, ModelArg, STATE, TrustPickle, handle_errors,
+from ..fsutil import check_output_path
+from .common import (After, Arch, Exclude, Imports, InputShape, Json, Layers, ModelArg, STATE, TrustPickle, handle_errors, write_report,
                      load_opts, out, print_json)
 
 HELP = """Learn dropout rates on data, and write the model back with them.
@@ -114,13 +112,7 @@ def register(app: typer.Typer) -> None:
                      p=p, train_what=train_what, per_weight=per_weight, epochs=epochs, lr=lr, length_scale=length_scale,
                      batch_size=batch_size, task=task, samples=samples, device=dev, seed=seed, quiet=STATE.quiet,
                      load=load_opts(trust_pickle, imports, arch, input_shape))
-        if report_path:
-            text = json.dumps(report, indent=2, default=float) + "\n"
-            if report_path == "-":
-                print(text, end="")
-            else:
-                with atomic_path(report_path) as tmp:
-                    Path(tmp).write_text(text)
+        write_report(report, report_path)
         if json_out:
             print_json(report)
             return

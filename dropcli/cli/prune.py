@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import time
-from pathlib import Path
 from typing import Any, List, Optional
 
 import numpy as np
@@ -17,8 +15,8 @@ from rich.table import Table
 from .. import formats
 from ..backends import load_model
 from ..errors import DropcliError, UsageError
-from ..fsutil import atomic_path, check_output_path
-from .common import Arch, Imports, InputShape, Json, ModelArg, STATE, TrustPickle, handle_errors, load_opts, log, out, print_json
+from ..fsutil import check_output_path
+from .common import Arch, Imports, InputShape, Json, ModelArg, STATE, TrustPickle, handle_errors, load_opts, write_report, log, out, print_json
 
 HELP = """Prune a trained model with sparse variational dropout (default) or structured Bayesian pruning,
 then remove dead neurons and channels for real.
@@ -179,13 +177,7 @@ def register(app: typer.Typer) -> None:
 
             write_log_alpha_plot(plot, result.log_alpha, threshold if method == "sparse-vd" else 0.0,
                                  "log alpha" if method == "sparse-vd" else "log SNR")
-        if report_path:
-            text = json.dumps(report, indent=2, default=float) + "\n"
-            if report_path == "-":
-                print(text, end="")
-            else:
-                with atomic_path(report_path) as tmp:
-                    Path(tmp).write_text(text)
+        write_report(report, report_path)
         if json_out:
             print_json(report)
             return

@@ -26,17 +26,11 @@ from onnx import numpy_helper
 from torch import fx, nn
 
 from ..errors import DropcliError
+from ..backends.torch_backend import _fetch_attr as _fetch
 from ..importer import _set_module, to_modules
 from .layers import to_sparse_vd
 
 VARIANT = "sparse-vd"
-
-
-def _fetch(gm: nn.Module, target: str) -> torch.Tensor:
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _has_attr(gm: nn.Module, target: str) -> bool:
