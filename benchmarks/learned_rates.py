@@ -15,8 +15,8 @@ Then, from the same saved model, for the same number of epochs, batch size, lear
 
 Each is run with the fine-tune seeds in SEEDS (one seed's grid is too noisy to rank: its "best" is
 partly a lucky draw) and scored by the mean validation MC NLL over T = 50 passes (classification: NLL of the mean softmax;
-regression: Gaussian NLL with variance = MC variance + the deterministic model's training MSE, the
-same rule for every row). Targets: learned NLL below the grid's median, within 5% of the grid's best
+regression: Gaussian NLL with variance = MC variance + 1/tau, tau = 1 / the starting model's
+validation MSE, the command's default, the same value for every row). Targets: learned NLL below the grid's median, within 5% of the grid's best
 (for regression NLL, which can be negative, "within 5%" is read as within 5% of |best|), and less
 wall time than the whole grid.
 
@@ -124,7 +124,7 @@ def grid_point(t: dict, p: float, out: Path, seed: int = SEED) -> tuple[dict, fl
     from dropcli import learned
     from dropcli.backends import load_model
     from dropcli.backends.torch_backend import TorchModel
-    from dropcli.cli.finetune import _noise_var
+    from dropcli.cli.finetune import precision
     from dropcli.importer import to_modules
     from dropcli.plan import apply_replace, plan_existing
     from dropcli.sites import Selection
@@ -144,7 +144,7 @@ def grid_point(t: dict, p: float, out: Path, seed: int = SEED) -> tuple[dict, fl
     chosen = plan_existing(tm, Selection.from_options(None, None, None, False))
     apply_replace(tm, get_variant("standard"), {"p": p}, chosen)
     gm = tm.gm
-    noise_var = _noise_var(gm, train, task)
+    noise_var = 1.0 / precision(gm, vsplit, task, None) if task == "regression" else 0.0
     sites = [m for m in gm.modules() if isinstance(m, SiteModule)]
     set_mc(gm, True)  # Bernoulli dropout at p while the weights train
     fit(gm, train, task, params=[{"params": [q for q in gm.parameters()], "lr": LR}], epochs=EPOCHS, batch_size=BATCH,

@@ -93,6 +93,13 @@ def test_concrete_regulariser_formula():
     w = learned.concrete_regulariser(ps, 10.0, 5, n, l) - ent
     assert bool((w[1:] > w[:-1]).all())
     assert float(p) == pytest.approx(0.2)
+    # the page's regulariser is 2/(tau N) times the site's KL term: the regression weight
+    for tau in (1.0, 2.5):
+        page = float(site.regulariser(n, l, tau))
+        assert page == pytest.approx(want / tau, rel=1e-6)
+        assert learned.kl_weight("regression", n, tau) * float(site.kl(l)) == pytest.approx(page, rel=1e-6)
+    # a classifier's data loss is the NLL itself (not 2/tau times it): KL/N, half the page's terms at tau = 1
+    assert learned.kl_weight("classification", n) * float(site.kl(l)) == pytest.approx(want / 2, rel=1e-6)
 
 
 def test_variational_kl_matches_numeric_integration():
@@ -322,6 +329,7 @@ def test_torchscript_concrete_then_inspect_and_uncertainty(tmp_path, setup):
     s = rep["summary"]
     for k in ("nll", "accuracy", "ece"):
         assert f"val_{k}_before" in s and f"val_{k}_after" in s
+    assert s["tau"] is None and s["kl_weight"] == pytest.approx(1 / 400)  # classification: KL / N
     # inspect reads the learned rate back from the written file
     (site,) = _site_rows(out)
     assert site["dropout"]["variant"] == "standard"
@@ -477,6 +485,54 @@ def test_bad_inputs(tmp_path, setup):
     assert "concrete or variational" in msg
     msg = _bad(tmp_path, setup, "mlp.pt", "--variant", "concrete", "--per-weight", code=2)
     assert "--per-weight" in msg
+
+
+def test_regression_tau_is_the_held_out_precision(tmp_path):
+    """Regression: tau defaults to 1 / the starting model's validation MSE; it sets the KL weight
+    2/(tau N) and the noise variance 1/tau in the validation NLL; --tau overrides it."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(600, 6, generator=g)
+    y = (x[:, :1] - 0.5 * x[:, 1:2] + 0.7 * torch.randn(600, 1, generator=g))
+    np.savez(tmp_path / "train.npz", x=x[:400].numpy(), y=y[:400].numpy())
+    np.savez(tmp_path / "val.npz", x=x[400:].numpy(), y=y[400:].numpy())
+    torch.manual_seed(0)
+    m = MLP(d_in=6, hidden=16, d_out=1, p=0.2)
+    opt = torch.optim.Adam(m.parameters(), 1e-2)
+    for _ in range(100):
+        opt.zero_grad()
+        nn.functional.mse_loss(m(x[:400]), y[:400]).backward()
+        opt.step()
+    m.eval()
+    save_as(m, torch.zeros(2, 6), tmp_path / "reg.pt", "torchscript")
+    with torch.no_grad():
+        val_mse = float(((m(x[400:]) - y[400:]) ** 2).mean())
+    args = ("finetune", tmp_path / "reg.pt", "--data", tmp_path / "train.npz", "--val", tmp_path / "val.npz",
+            "--task", "regression", "--variant", "concrete", "--epochs", 2, "--samples", 8, "--json")
+    r = _run(*args, "-o", tmp_path / "a.pt")
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.stdout)["summary"]
+    assert s["tau"] == pytest.approx(1 / val_mse, rel=1e-5)
+    assert s["val_noise_var_before"] == pytest.approx(val_mse, rel=1e-5) == s["val_noise_var_after"]
+    assert s["kl_weight"] == pytest.approx(2 / (s["tau"] * 400), rel=1e-9)
+    assert "val_accuracy_after" not in s and s["val_rmse_after"] > 0
+    # the pipeline: `uncertainty --tau` with the reported tau scores the written model like finetune did
+    # (same T, other noise; the MC variance estimates differ by ~sqrt(2/T) relative)
+    r = _run(*args[:-3], "--samples", 100, "--json", "-o", tmp_path / "a100.pt")
+    s = json.loads(r.stdout)["summary"]
+    u = _run("uncertainty", tmp_path / "a100.pt", "--input", tmp_path / "val.npz", "-T", 100, "--task", "regression",
+             "--tau", s["tau"], "--output", "-", "--format", "json")
+    assert u.exit_code == 0, u.output
+    mc = json.loads(u.stdout)["summary"]["mc"]
+    assert mc["rmse"] == pytest.approx(s["val_rmse_after"], rel=0.02)
+    assert mc["gaussian_nll"] == pytest.approx(s["val_nll_after"], abs=0.02)
+    r = _run(*args, "--tau", 4, "-o", tmp_path / "b.pt")
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.stdout)["summary"]
+    assert s["tau"] == 4 and s["val_noise_var_after"] == 0.25 and s["kl_weight"] == pytest.approx(2 / (4 * 400))
+    for bad in ("0", "-1", "nan"):
+        r = _run(*args, "--tau", bad, "-o", tmp_path / "c.pt")
+        assert r.exit_code == 2 and "--tau must be a positive number" in r.output and not (tmp_path / "c.pt").exists()
+    assert "Traceback" not in r.output
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
