@@ -91,7 +91,8 @@ class TorchMC:
 
     def _logical_sites(self) -> list[str]:
         """Sites as a user counts them: a dropcli site saved to TorchScript/.pt2 is one site
-        (its where(<site>.dropcli_mc) node), not its several random ops."""
+        (its where(<site>.dropcli_mc) nodes: one per output, e.g. a GRU site's sequence and state),
+        not its several random ops."""
         names = []
         for n in self.nodes:
             if n.op == "call_function" and len(n.args) == 3 and isinstance(n.args[0], fx.Node) \
@@ -102,7 +103,7 @@ class TorchMC:
         names += [str(n.target) if n.op == "call_module" else n.name for n in others]
         if not names:
             names = [n.name for n in raw_rand]
-        return names
+        return list(dict.fromkeys(names))
 
     @property
     def n_sites(self) -> int:

@@ -61,6 +61,7 @@ def test_inject_lstm_pt2_then_uncertainty(seqs, variant, extra):
     rep = _uncertainty(out, d / "x.npy")
     again = _uncertainty(out, d / "x.npy")
     assert rep == again  # --seed: identical
+    assert rep["summary"]["sites"] == 1
     assert all(_max_std(r) > 0 for r in rep["examples"])  # every example's samples vary
     listed = json.loads(_invoke(["inspect", out, "--json"]).stdout)["layers"]
     assert any(l["kind"] == "dropout" and (l["dropout"] or {}).get("variant") == variant for l in listed), listed
@@ -93,3 +94,43 @@ def test_rnndrop_refuses_gru_and_lists_variants(seqs):
     assert {"rnndrop", "recurrent", "variational"} <= names
     res = _invoke(["inject", src, "--variant", "recurrent", "--mask-per", "token", "-o", d / "never.pt2"], code=2)
     assert "--mask-per" in res.output
+
+
+@pytest.mark.parametrize("variant", ["variational", "weightdrop"])
+def test_torchscript_output_reloads(seqs, variant):
+    """A recurrent site traces to prim::Loop, which TorchScript -> torch.export conversion can't read;
+    dropcli keeps the torch.export program inside the TorchScript archive it writes, so its own
+    output re-loads (inspect, uncertainty), and refuses the program once the archive was edited."""
+    d, x = seqs
+    torch.manual_seed(4)
+    m = LSTMNet().eval()
+    src = save_as(m, x, d / f"lstm_ts_{variant}.pt", "torchscript")
+    out = d / f"lstm_ts_{variant}_mc.pt"
+    _invoke(["inject", src, "--input-shape", "2x5x8", "--variant", variant, "--p", "0.3", "-o", out])
+    ts = torch.jit.load(str(out))
+    with torch.no_grad():
+        assert torch.allclose(ts(x), m(x), atol=1e-6)  # plain TorchScript, inference mode = the original
+    listed = json.loads(_invoke(["inspect", out, "--json"]).stdout)["layers"]
+    assert [l["dropout"]["variant"] for l in listed if l["dropout"]] == [variant]
+    rep = _uncertainty(out, d / "x.npy")
+    assert rep == _uncertainty(out, d / "x.npy")
+    assert all(_max_std(r) > 0 for r in rep["examples"])
+    # the archive edited after dropcli wrote it (a weight changed, the extra files carried over)
+    extra = {"dropcli_example_inputs.json": "", "dropcli_sites.json": "", "dropcli_program.pt2": ""}
+    ts = torch.jit.load(str(out), _extra_files=extra)
+    with torch.no_grad():
+        ts.head.weight.add_(0.5)
+    edited = d / f"lstm_ts_{variant}_edited.pt"
+    torch.jit.save(ts, str(edited), _extra_files=extra)
+    res = _invoke(["inspect", edited], code=1)
+    assert "no longer matches" in res.output and "Traceback" not in res.output
+
+
+def test_gru_site_counts_once(seqs):
+    """A GRU site has two outputs (sequence and state), each behind its own MC switch node: one site."""
+    d, x = seqs
+    src = save_as(GRUNet().eval(), x, d / "gru_count.pt2", "export")
+    out = d / "gru_count_mc.pt2"
+    _invoke(["inject", src, "--variant", "variational", "-o", out])
+    rep = _uncertainty(out, d / "x.npy")
+    assert rep["summary"]["sites"] == 1

@@ -186,12 +186,15 @@ class TorchModel:
             gm = ep.module()
             return cls(_strip_guards(gm), fmt, example, str(path), _json_or_empty(extra[_SITES_FILE]))
         if fmt == formats.TORCHSCRIPT:
-            extra = {_TS_EXAMPLE_FILE: "", _SITES_FILE: ""}
+            extra = {_TS_EXAMPLE_FILE: "", _SITES_FILE: "", _PROGRAM_FILE: ""}
             try:
                 ts = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
             except Exception as e:  # noqa: BLE001
                 raise DropcliError(f"cannot load TorchScript archive {path}: {_short(e)}", "re-save it with torch.jit.save") from e
             ts.eval()
+            if extra[_PROGRAM_FILE]:
+                gm, example = _stored_program(ts, extra[_PROGRAM_FILE], example, path)
+                return cls(_strip_guards(gm), fmt, example, str(path), _json_or_empty(extra[_SITES_FILE]))
             if example is None:
                 example = _traced_inputs(ts) or _stored_example(extra[_TS_EXAMPLE_FILE]) or _example_from_modules(ts)
             if example is None:
@@ -808,10 +811,14 @@ class TorchModel:
                     ts = torch.jit.trace(_traceable_sizes(self.gm), example, check_trace=False, strict=False)
             except Exception as e:  # noqa: BLE001
                 raise DropcliError(f"cannot write TorchScript: {_short(e)}", "try --format export or --format onnx") from e
+            extra = {_TS_EXAMPLE_FILE: _example_record(example), _SITES_FILE: self._sites_record()}
+            if _has_loop(ts):
+                # A scripted recurrence (the recurrent dropout family) traces to prim::Loop, which
+                # TorchScript -> torch.export conversion can't read: keep the program beside it.
+                extra[_PROGRAM_FILE] = self._program_bytes(example)
             with atomic_path(path) as tmp:
                 # remember the example input, so dropcli can re-load the output without --input-shape
-                torch.jit.save(ts, str(tmp), _extra_files={_TS_EXAMPLE_FILE: _example_record(example),
-                                                           _SITES_FILE: self._sites_record()})
+                torch.jit.save(ts, str(tmp), _extra_files=extra)
             return fmt
         ep = self.to_exported(example)
         if fmt == formats.EXPORT:
@@ -824,6 +831,13 @@ class TorchModel:
             export_torch_program(ep, example, path, self._sites_meta())
             return fmt
         raise UsageError(f"unknown output format {fmt!r}", f"choose one of {', '.join(formats.ALL)}")
+
+    def _program_bytes(self, example: tuple) -> bytes:
+        import io
+
+        buf = io.BytesIO()
+        torch.export.save(self.to_exported(example), buf)
+        return buf.getvalue()
 
     def _sites_meta(self) -> dict[str, dict[str, Any]]:
         meta = dict(self.site_meta)
@@ -982,6 +996,44 @@ def _traceable_sizes(gm: fx.GraphModule) -> fx.GraphModule:
 
 _TS_EXAMPLE_FILE = "dropcli_example_inputs.json"
 _SITES_FILE = "dropcli_sites.json"
+_PROGRAM_FILE = "dropcli_program.pt2"  # a torch.export program of the same model (only where the trace holds a loop)
+
+
+def _has_loop(ts: torch.jit.ScriptModule) -> bool:
+    def walk(block) -> bool:
+        return any(n.kind() == "prim::Loop" or any(walk(b) for b in n.blocks()) for n in block.nodes())
+
+    return walk(ts.inlined_graph)
+
+
+def _stored_program(ts: torch.jit.ScriptModule, data: bytes, example: tuple | None, path: Path) -> tuple[fx.GraphModule, tuple]:
+    """The torch.export program dropcli stored in a TorchScript archive it wrote, checked against
+    the archive's own graph (inference mode, on the stored example) so that a TorchScript edited
+    since then is refused rather than silently replaced by the old program."""
+    import io
+
+    try:
+        with _quiet():
+            ep = torch.export.load(io.BytesIO(data))
+    except Exception as e:  # noqa: BLE001
+        raise DropcliError(f"cannot read the program stored in TorchScript archive {path}: {_short(e)}",
+                           "re-create the file with dropcli, or pass the .pt2 / ONNX output instead") from e
+    if example is None:
+        ex = getattr(ep, "example_inputs", None)
+        example = tuple(ex[0]) if ex else None
+    gm = ep.module()
+    if example is not None:
+        g = torch.Generator().manual_seed(0)
+        probe = tuple(torch.randn(t.shape, generator=g).to(t.dtype) if t.is_floating_point() else t for t in example)
+        with torch.no_grad(), _quiet():
+            a, b = ts(*probe), gm(*probe)
+        same = all(torch.allclose(x, y, rtol=1e-4, atol=1e-5)
+                   for x, y in zip(torch.utils._pytree.tree_leaves(a), torch.utils._pytree.tree_leaves(b)))
+        if not same:
+            raise DropcliError(f"TorchScript archive {path} no longer matches the program dropcli stored in it "
+                               "(its weights or graph were changed after dropcli wrote it)",
+                               "export the changed model again with torch.export (.pt2) or ONNX and pass that")
+    return gm, example
 
 
 def _json_or_empty(text: str | bytes) -> dict:
