@@ -28,8 +28,16 @@ DropConnect, because the paper's test rule integrates the activation over the Ga
     |error| <= 2 max_x |sigmoid(x) - Phi(sqrt(pi/8) x)| < 0.04);
   * tanh: ``2 sigmoid(2 mu / sqrt(1 + pi s2 / 2)) - 1`` (the same approximation through
     ``tanh(x) = 2 sigmoid(2x) - 1``);
-  * gelu's tanh approximation, silu, elu: no closed form; refused with a clear error (exclude
-    that layer).
+  * elu (``alpha``): ``E[relu(S)] + alpha (E[e^S; S <= 0] - Phi(-mu/s))`` (exact), with
+    ``E[e^S; S <= 0] = e^(mu + s2/2) Phi(a)``, ``a = -mu/s - s``; for ``a < -2`` it is computed as
+    ``phi(mu/s) R(a)`` with the Mills ratio ``R = Phi/phi`` by its continued fraction (24 terms,
+    relative error < 1e-7), which neither overflows nor loses Phi's tail to float32 rounding;
+  * silu (``x sigmoid(x)``): the probit approximation ``sigmoid(x) ~ Phi(lam x)``,
+    ``lam^2 = pi/8``, then exactly as gelu: ``mu Phi(t) + lam s2/r phi(t)``,
+    ``r = sqrt(1 + lam^2 s2)``, ``t = lam mu / r`` (|error| <= max_x |x| |sigmoid(x) - Phi(lam x)|
+    plus the tail of that bound, see the tests); torch graphs only, because ONNX graphs spell silu
+    as Sigmoid and Mul, which is not absorbed;
+  * gelu's tanh approximation: no closed form; refused with a clear error (exclude that layer).
 
   Where ``s2 = 0`` (``p = 0`` or an all-zero input row) the output is ``a(mu)``.
 
@@ -54,10 +62,12 @@ from .base import REPLACE, LayerSite, VariantSpec, normal_like, register
 INV_SQRT2 = 1.0 / math.sqrt(2.0)
 INV_SQRT2PI = 1.0 / math.sqrt(2.0 * math.pi)
 # activations with a closed-form (exact or probit-approximated) Gaussian expectation
-EXACT_ACTS = ("relu", "leakyrelu", "gelu")  # gelu: the erf form only
-PROBIT_ACTS = ("sigmoid", "tanh")
+EXACT_ACTS = ("relu", "leakyrelu", "gelu", "elu")  # gelu: the erf form only
+PROBIT_ACTS = ("sigmoid", "tanh", "silu")
 TEST_RULE_ACTS = EXACT_ACTS + PROBIT_ACTS
-NO_RULE_ACTS = ("silu", "elu")
+LAM = math.sqrt(math.pi / 8.0)  # sigmoid(x) ~ Phi(LAM x)
+MILLS_FROM = -2.0  # E[e^S; S <= 0] by the Mills-ratio continued fraction below this a
+MILLS_TERMS = 24
 
 
 def _ncdf(a: torch.Tensor) -> torch.Tensor:
@@ -84,10 +94,24 @@ def gauss_expect(act: Activation | None, mu: torch.Tensor, s2: torch.Tensor) -> 
     if act.kind == "leakyrelu":
         slope = float(act.params.get("negative_slope", 0.01))
         return slope * mu + (1.0 - slope) * _relu_mean(mu, s, pos)
-    if act.kind == "gelu":
-        r = torch.sqrt(1.0 + s2)
-        t = mu / r
-        return mu * _ncdf(t) + (s2 / r) * _npdf(t)
+    if act.kind in ("gelu", "silu"):  # E[S Phi(c S)], c = 1 (gelu) or LAM (silu's probit form)
+        c = 1.0 if act.kind == "gelu" else LAM
+        r = torch.sqrt(1.0 + (c * c) * s2)
+        t = (c * mu) / r
+        return mu * _ncdf(t) + (c * s2 / r) * _npdf(t)
+    if act.kind == "elu":
+        alpha = float(act.params.get("alpha", 1.0))
+        ss = torch.where(pos, s, torch.ones_like(s))
+        c = mu / ss
+        a = -c - ss
+        direct = torch.exp(mu + 0.5 * s2) * _ncdf(torch.clamp(a, min=MILLS_FROM))
+        x = torch.clamp(-a, min=-MILLS_FROM)
+        f = x
+        for k in range(MILLS_TERMS, 0, -1):
+            f = x + k / f
+        tail = torch.where(a >= MILLS_FROM, direct, _npdf(c) / f)
+        val = _relu_mean(mu, s, pos) + alpha * (tail - _ncdf(-c))
+        return torch.where(pos, val, F.elu(mu, alpha=alpha))
     if act.kind == "sigmoid":
         return torch.sigmoid(mu / torch.sqrt(1.0 + (math.pi / 8.0) * s2))
     if act.kind == "tanh":
@@ -225,6 +249,10 @@ def _onnx_ncdf(b: OnnxBuilder, a: str, info: TensorInfo) -> str:
     return b.op("Mul", b.f(0.5, info), b.op("Add", b.f(1.0, info), erf))
 
 
+def _onnx_npdf(b: OnnxBuilder, a: str, info: TensorInfo) -> str:
+    return b.op("Mul", b.op("Exp", b.op("Mul", b.f(-0.5, info), b.op("Mul", a, a))), b.f(INV_SQRT2PI, info))
+
+
 def _onnx_relu_mean(b: OnnxBuilder, mu: str, s: str, pos: str, info: TensorInfo) -> str:
     one = b.f(1.0, info)
     a = b.op("Div", mu, b.op("Where", pos, s, one))
@@ -248,8 +276,23 @@ def _onnx_expect(b: OnnxBuilder, act: Activation | None, mu: str, s2: str, info:
     if act.kind == "gelu":
         r = b.op("Sqrt", b.op("Add", b.f(1.0, info), s2))
         t = b.op("Div", mu, r)
-        pdf = b.op("Mul", b.op("Exp", b.op("Mul", b.f(-0.5, info), b.op("Mul", t, t))), b.f(INV_SQRT2PI, info))
-        return b.op("Add", b.op("Mul", mu, _onnx_ncdf(b, t, info)), b.op("Mul", b.op("Div", s2, r), pdf))
+        return b.op("Add", b.op("Mul", mu, _onnx_ncdf(b, t, info)), b.op("Mul", b.op("Div", s2, r), _onnx_npdf(b, t, info)))
+    if act.kind == "elu":
+        alpha = float(act.params.get("alpha", 1.0))
+        one = b.f(1.0, info)
+        ss = b.op("Where", pos, s, one)
+        c = b.op("Div", mu, ss)
+        a = b.op("Sub", b.op("Neg", c), ss)
+        lo = b.f(MILLS_FROM, info)
+        direct = b.op("Mul", b.op("Exp", b.op("Add", mu, b.op("Mul", b.f(0.5, info), s2))), _onnx_ncdf(b, b.op("Max", a, lo), info))
+        x = b.op("Max", b.op("Neg", a), b.f(-MILLS_FROM, info))
+        f = x
+        for k in range(MILLS_TERMS, 0, -1):
+            f = b.op("Add", x, b.op("Div", b.f(float(k), info), f))
+        tail = b.op("Where", b.op("GreaterOrEqual", a, lo), direct, b.op("Div", _onnx_npdf(b, c, info), f))
+        neg_mass = _onnx_ncdf(b, b.op("Neg", c), info)
+        val = b.op("Add", _onnx_relu_mean(b, mu, s, pos, info), b.op("Mul", b.f(alpha, info), b.op("Sub", tail, neg_mass)))
+        return b.op("Where", pos, val, b.op("Elu", mu, alpha=alpha))
     if act.kind == "sigmoid":
         den = b.op("Sqrt", b.op("Add", b.f(1.0, info), b.op("Mul", b.f(math.pi / 8.0, info), s2)))
         return b.op("Sigmoid", b.op("Div", mu, den))
@@ -277,15 +320,15 @@ def fastdropout_onnx(b: OnnxBuilder, layer: OnnxLayer, p: float) -> tuple[str, s
 register(VariantSpec(
     name="fastdropout", summary="fast dropout: Gaussian pre-activation of a Linear layer, sampled or integrated",
     formula="S ~ N(mu, s2), mu = W x + b, s2 = (p/q) (W∘W)(x∘x) (vanilla q w^T x, q(1-q) sum w_i^2 x_i^2 with w = W/q); y = a(S)",
-    test_rule="y = E a(S): mu; relu: mu Phi(mu/s) + s phi(mu/s); sigmoid: sigmoid(mu / sqrt(1 + pi s2/8)); tanh likewise",
-    attaches=REPLACE, replaces=(LINEAR,), absorbs=TEST_RULE_ACTS + NO_RULE_ACTS, identity_at_test=False,
+    test_rule="y = E a(S): mu; relu: mu Phi(mu/s) + s phi(mu/s); sigmoid: sigmoid(mu / sqrt(1 + pi s2/8)); tanh, silu likewise",
+    attaches=REPLACE, replaces=(LINEAR,), absorbs=TEST_RULE_ACTS, identity_at_test=False,
     paper="Wang & Manning 2013, Fast dropout training (ICML)",
     torch_module=FastDropout, onnx_builder=fastdropout_onnx,
     aliases=("fast-dropout", "fastdrop"),
     notes="Replaces Linear layers (Gemm/MatMul in ONNX) and absorbs the activation right after them. Inverted form: "
           "weights W/q keep the trained function, so mu = W x + b and s2 = (p/q)(W∘W)(x∘x), the vanilla "
           "q w^T x and q(1-q) sum w_i^2 x_i^2 with w = W/q. MC mode samples S per example and unit; inference mode "
-          "integrates the activation: exact for none, relu, leaky relu and gelu (erf form), the probit approximation "
-          "for sigmoid (and tanh = 2 sigmoid(2x) - 1); gelu's tanh form, silu and elu are refused. `dropcli uncertainty --method moments` "
+          "integrates the activation: exact for none, relu, leaky relu, elu and gelu (erf form), the probit approximation "
+          "for sigmoid, tanh = 2 sigmoid(2x) - 1 and silu = x sigmoid(x); gelu's tanh form is refused. `dropcli uncertainty --method moments` "
           "propagates means and variances through the model analytically instead of sampling.",
 ))
