@@ -22,7 +22,7 @@ import re
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import fx, nn
@@ -31,7 +31,7 @@ from .. import formats
 from ..errors import DropcliError, UsageError
 from ..fsutil import atomic_path
 from ..sites import KNOWN_KINDS, WEIGHTED, Layer, canonical_kind
-from ..layers import TorchLayer, activation_of_call, activation_of_module, call_layer_class, describe_call, describe_module, stock_module
+from ..layers import LINEAR, TorchLayer, activation_of_call, activation_of_module, call_layer_class, describe_call, describe_module, stock_module
 from ..variants.base import REPLACE, LayerSite, SiteModule, VariantSpec
 
 SITE_PREFIX = "dropcli_site_"
@@ -119,6 +119,8 @@ def _example_from_modules(model: nn.Module) -> tuple[torch.Tensor, ...] | None:
     for m in model.modules():
         if isinstance(m, nn.Linear):
             return (torch.zeros(2, m.in_features),)
+        if isinstance(m, LayerSite):  # a dropcli site that replaced the layer (dropconnect, standout, ...)
+            return (torch.zeros(2, m.weight.shape[1]),) if m.layer_cls == LINEAR else None
         if isinstance(m, nn.Embedding):
             return (torch.zeros(2, 8, dtype=torch.long),)
         if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.LSTM, nn.GRU)):
@@ -257,7 +259,8 @@ class TorchModel:
         try:
             from torch.fx.passes.shape_prop import ShapeProp
 
-            with torch.no_grad(), _quiet():
+            # ShapeProp prints the traceback of a failed node itself: keep it off the user's stderr
+            with torch.no_grad(), _quiet(), contextlib.redirect_stderr(io.StringIO()):
                 ShapeProp(self.gm).propagate(*self.example_inputs)
         except Exception:  # noqa: BLE001 - shapes are a nicety for inspect
             pass
@@ -503,7 +506,7 @@ class TorchModel:
 
     def insert(self, layer: Layer, spec: VariantSpec, params: dict[str, Any]) -> str:
         """Put a site after ``layer`` (or on its residual branch / input, or in its place, by the spec)."""
-        from ..variants.base import INPUT, REPLACE, RESIDUAL
+        from ..variants.base import REPLACE, RESIDUAL
 
         node: fx.Node = layer.ref
         if spec.attaches == REPLACE:
