@@ -24,7 +24,6 @@ backends: an index array that gathers every window of the padded, flattened inpu
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 

@@ -9,7 +9,6 @@ same whatever the chunking.
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence

@@ -474,7 +474,6 @@ class OnnxRunner:
         vi = _value_infos(tmp)
         noise_names = {f.name for f in self.noise_feeds}
         data_inputs = {i.name for i in g.input if i.name not in noise_names}
-        init_names = {t.name for t in g.initializer}
         # stochastic closure
         stoch_vals = set(roots)
         suffix: list[onnx.NodeProto] = []

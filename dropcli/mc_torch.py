@@ -14,14 +14,13 @@ writes into saved TorchScript/.pt2 models. All their noise comes from
 
 from __future__ import annotations
 
-import operator
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import fx, nn
 
 from .errors import DropcliError
-from .noise import SAMPLE_BLOCK, KeyedNoise
+from .noise import KeyedNoise
 from .variants.base import SiteModule, apply_keep, keep_mask_like, noise_source, normal_like, set_mc, uniform_like
 
 MIN_ROWS = 32

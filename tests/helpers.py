@@ -18,11 +18,26 @@ import torch
 from onnx import TensorProto, helper
 
 from dropcli.backends.onnx_backend import MC_INPUT, OnnxModel
+from dropcli.cli.main import app
 from dropcli.plan import candidates
 from dropcli.variants import get_variant
 from dropcli.variants.base import SiteModule
 
 Z = 6.0
+_RUNNER = None
+
+
+def cli(*args: Any, code: int = 0):
+    """Run dropcli in-process; assert the exit code and that no traceback leaked; the result."""
+    global _RUNNER
+    if _RUNNER is None:
+        from typer.testing import CliRunner
+
+        _RUNNER = CliRunner()
+    res = _RUNNER.invoke(app, [str(a) for a in args])
+    assert res.exit_code == code, f"{[str(a) for a in args]}: exit {res.exit_code}\n{res.output}{res.exception!r}"
+    assert "Traceback" not in res.output, res.output
+    return res
 
 
 def tol(sigma: float, n: int, z: float = Z) -> float:
@@ -108,6 +123,41 @@ def assert_same_distribution(a: np.ndarray, b: np.ndarray, what: str, z: float =
 
     se_v = math.sqrt(var_se(a) ** 2 + var_se(b) ** 2)
     assert abs(a.var() - b.var()) <= z * max(se_v, 1e-12), f"{what}: variances {a.var():.6g} vs {b.var():.6g} (se {se_v:.3g})"
+
+
+def interrupt_training(monkeypatch, at_step: int = 3) -> None:
+    """Make dropcli's training loop raise KeyboardInterrupt (Ctrl-C) at its ``at_step``-th batch."""
+    import dropcli.train as train_mod
+
+    calls = {"n": 0}
+    real = train_mod.data_loss
+
+    def interrupted(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == at_step:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(train_mod, "data_loss", interrupted)
+
+
+def assert_same_moments(a: np.ndarray, b: np.ndarray, what: str, z: float = Z) -> None:
+    """Two samples of draws stacked on axis 0 (e.g. torch vs ONNX MC passes): per element of the
+    rest, the means agree within z standard errors, and so do the variances (the SE of a sample
+    variance is sqrt((m4 - v^2)/n))."""
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    se = np.sqrt(a.var(0) / len(a) + b.var(0) / len(b))
+    zm = np.abs(a.mean(0) - b.mean(0)) / np.maximum(se, 1e-9)
+    assert zm.max() <= z, f"{what}: means differ, max z = {zm.max():.2f}"
+
+    def var_se(v: np.ndarray) -> np.ndarray:
+        c = v - v.mean(0)
+        return np.sqrt(np.maximum((c ** 4).mean(0) - c.var(0) ** 2, 0) / len(v))
+
+    se_v = np.sqrt(var_se(a) ** 2 + var_se(b) ** 2)
+    zv = np.abs(a.var(0) - b.var(0)) / np.maximum(se_v, 1e-12)
+    assert zv.max() <= z, f"{what}: variances differ, max z = {zv.max():.2f}"
 
 
 # --------------------------------------------------------------------------- layer-replacing variants

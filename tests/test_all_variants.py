@@ -23,7 +23,7 @@ from dropcli.backends.onnx_backend import MC_INPUT
 from dropcli.cli.main import app
 from dropcli.variants import load_all
 from dropcli.variants.base import set_mc
-from helpers import ort_session
+from helpers import assert_same_moments, ort_session
 from models import CNN, MLP, LSTMNet, PoolCNN, ResBlock, randomise_bn, save_as
 
 import onnx
@@ -146,15 +146,5 @@ def test_variant_end_to_end(name, key, saved, tmp_path):
         np.testing.assert_allclose(os_[0], ts[0], rtol=1e-4, atol=1e-5)
         return
     assert ts.std(0).max() > 0 and os_.std(0).max() > 0, "MC mode did not vary"
-    se = np.sqrt(ts.var(0) / T + os_.var(0) / T)
-    z = np.abs(ts.mean(0) - os_.mean(0)) / np.maximum(se, 1e-9)
     # 6 standard errors per output: a correct pair fails with probability ~1e-9 per element
-    assert z.max() <= 6.0, f"torch and ONNX MC means differ: max z = {z.max():.2f}"
-    # spread: per-output variances agree; the SE of a sample variance is sqrt((m4 - v^2)/T)
-    def var_se(a):
-        c = a - a.mean(0)
-        return np.sqrt(np.maximum((c ** 4).mean(0) - c.var(0) ** 2, 0) / T)
-
-    se_v = np.sqrt(var_se(ts) ** 2 + var_se(os_) ** 2)
-    zv = np.abs(ts.var(0) - os_.var(0)) / np.maximum(se_v, 1e-12)
-    assert zv.max() <= 6.0, f"torch and ONNX MC variances differ: max z = {zv.max():.2f}"
+    assert_same_moments(ts, os_, f"{name}: torch vs ONNX MC", z=6.0)

@@ -12,16 +12,13 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from typer.testing import CliRunner
 
 from dropcli.analyze import bound_checks, enumerate_logistic, sigmoid, softmax_nwgm, unit_moments
 from dropcli.analyze_torch import analyze_torch
 from dropcli.backends import load_model
-from dropcli.cli.main import app
-from helpers import tol
+from helpers import cli, tol
 from models import MLP, save_as
 
-runner = CliRunner()
 
 
 def _exact(w, b, I, q, convention):
@@ -140,11 +137,7 @@ def test_softmax_nwgm_matches_definition():
     assert np.allclose(softmax_nwgm(probs), np.exp(m) / np.exp(m).sum(-1, keepdims=True))
 
 
-def _cli(*args, code=0):
-    res = runner.invoke(app, [str(a) for a in args])
-    assert res.exit_code == code, f"{res.exit_code}: {res.stderr}{res.exception!r}"
-    assert "Traceback" not in res.stderr
-    return res
+_cli = cli
 
 
 @pytest.fixture()

@@ -307,7 +307,7 @@ def test_ctrl_c_while_saving(fmt, saver, good, tmp_path, monkeypatch):
     out = tmp_path / "out"
     out.mkdir()
     o = out / f"o{good[fmt].suffix}"
-    res = run_err(["inject", good[fmt], "-o", o], 130, out, "interrupted", "nothing was written")
+    run_err(["inject", good[fmt], "-o", o], 130, out, "interrupted", "nothing was written")
     assert not o.exists()
 
 

@@ -14,24 +14,17 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
-from typer.testing import CliRunner
 
 from dropcli.backends import load_model
-from dropcli.cli.main import app
 from dropcli.mc import run_mc
 from dropcli.cli.uncertainty import make_runner
-from helpers import tol
+from helpers import cli
 from models import MLP, save_as
 
-runner = CliRunner()
 T = 256
 
 
-def _cli(*args, code=0):
-    res = runner.invoke(app, [str(a) for a in args])
-    assert res.exit_code == code, f"{res.exit_code}: {res.stderr}{res.exception!r}"
-    assert "Traceback" not in res.stderr
-    return res
+_cli = cli
 
 
 def _mc(path: Path, x: np.ndarray, seed: int, T: int = T):

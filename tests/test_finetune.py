@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from dropcli import learned
 from dropcli.cli.main import app
 from dropcli.train import Split, fit
-from helpers import Z, binom_tol, ort_session, run_onnx, tol
+from helpers import Z, binom_tol, interrupt_training, ort_session, run_onnx, tol
 from models import MLP, save_as
 
 runner = CliRunner()
@@ -434,18 +434,7 @@ def test_seed_gives_identical_output(tmp_path, setup):
 
 
 def test_ctrl_c_writes_nothing(tmp_path, setup, monkeypatch):
-    import dropcli.train as train_mod
-
-    calls = {"n": 0}
-    real = train_mod.data_loss
-
-    def interrupted(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(train_mod, "data_loss", interrupted)
+    interrupt_training(monkeypatch)
     work = tmp_path / "w"
     work.mkdir()
     r = _ft(setup, "mlp.pt", work / "x.pt", "--variant", "concrete", "--report", work / "r.json")

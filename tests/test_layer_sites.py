@@ -19,19 +19,17 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from dropcli.backends import load_model
-from dropcli.cli.main import app
 from dropcli.mc import TorchRunner, run_mc
 from dropcli.mc_onnx import OnnxRunner
 from dropcli.plan import apply_inject, plan_inject
 from dropcli.sites import Selection
 from dropcli.variants import get_variant, load_all
 from dropcli.variants.base import REPLACE
+from helpers import cli
 from models import MLP, PoolCNN, randomise_bn, save_as
 
-runner = CliRunner()
 REPLACING = sorted(n for n, s in load_all().items() if s.attaches == REPLACE)
 # the test model for each layer class (recurrent variants come with their own models)
 MODEL_FOR = {"linear": "mlp", "conv": "pool", "maxpool": "pool", "avgpool": "pool"}
@@ -67,10 +65,7 @@ def _dropout(name: str, p: float) -> dict:
     return {"variant": name, "p": p if _has_p(name) else None}
 
 
-def _cli(*args, code=0):
-    res = runner.invoke(app, [str(a) for a in args])
-    assert res.exit_code == code, res.output
-    return res
+_cli = cli
 
 
 def _inspect(path, *extra):

@@ -17,9 +17,10 @@ from typer.testing import CliRunner
 from dropcli.cli.main import app
 from dropcli.prune.core import attach_sparse_vd, finalize_sparse_vd
 from dropcli.prune.layers import (
-    LinearSVD, ConvSVD, SBPNoise, kl_sparse_vd, sample_truncated_log, sbp_kl, truncated_lognormal_moments,
+    LinearSVD, ConvSVD, kl_sparse_vd, sample_truncated_log, sbp_kl, truncated_lognormal_moments,
 )
 from dropcli.prune.shrink import shrink
+from helpers import interrupt_training
 from models import CNN, MLP, ResBlock, randomise_bn, save_as
 
 runner = CliRunner()
@@ -290,18 +291,7 @@ def test_seed_gives_identical_results(tmp_path, digits):
 
 
 def test_ctrl_c_writes_nothing(tmp_path, digits, monkeypatch):
-    import dropcli.train as train_mod
-
-    calls = {"n": 0}
-    real = train_mod.data_loss
-
-    def interrupted(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(train_mod, "data_loss", interrupted)
+    interrupt_training(monkeypatch)
     out = tmp_path / "x.pt"
     r = _run("prune", EXAMPLES / "digits_mlp.pt", "--data", digits / "train.npz", "--epochs", 5, "-o", out,
              "--report", tmp_path / "r.json", "--plot", tmp_path / "p.png")

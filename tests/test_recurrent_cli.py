@@ -12,27 +12,14 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from dropcli.cli.main import app
+from helpers import cli
 from models import GRUNet, LSTMNet, save_as
 
-runner = CliRunner()
 
 
 def _invoke(args, code=0):
-    res = runner.invoke(app, [str(a) for a in args])
-    assert res.exit_code == code, (args, res.output)
-    return res
-
-
-@pytest.fixture(scope="module")
-def seqs(tmp_path_factory):
-    d = tmp_path_factory.mktemp("rnn_cli")
-    torch.manual_seed(0)
-    x = torch.randn(6, 5, 8)
-    np.save(d / "x.npy", x.numpy())
-    return d, x
+    return cli(*args, code=code)
 
 
 def _max_std(record: dict) -> float:

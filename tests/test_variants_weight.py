@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -23,6 +22,7 @@ from typer.testing import CliRunner
 from dropcli.backends.onnx_backend import MC_INPUT
 from dropcli.cli.main import app
 from dropcli.variants.weight import DropConnect, fixed_normal_draws
+from helpers import assert_same_moments
 from models import save_as
 
 K = 5.0
@@ -136,11 +136,7 @@ def test_onnx_mc_moments_and_test_rule(form, tmp_path):
     with torch.no_grad():
         torch.manual_seed(5)
         yt = model[2](site(torch.from_numpy(np.repeat(x, N, 0)))).double().numpy()
-    se = np.sqrt(yo.var(0) / N + yt.var(0) / N)
-    assert np.all(np.abs(yo.mean(0) - yt.mean(0)) <= K * se)
-    c = lambda a: a - a.mean(0)  # noqa: E731
-    se_v = np.sqrt(((c(yo) ** 4).mean(0) - yo.var(0) ** 2) / N + ((c(yt) ** 4).mean(0) - yt.var(0) ** 2) / N)
-    assert np.all(np.abs(yo.var(0) - yt.var(0)) <= K * se_v)
+    assert_same_moments(yo, yt, "ONNX vs torch MC", z=K)
     assert np.unique(yo[:, 0]).size > N // 2  # per-row draws in ONNX too
     del w, b
 
@@ -228,8 +224,4 @@ def test_standout_onnx_matches_torch(tmp_path):
     with torch.no_grad():
         torch.manual_seed(3)
         yt = model[2](site(torch.from_numpy(np.repeat(x, N, 0)))).double().numpy()
-    se = np.sqrt(yo.var(0) / N + yt.var(0) / N)
-    assert np.all(np.abs(yo.mean(0) - yt.mean(0)) <= K * se)
-    c = lambda a: a - a.mean(0)  # noqa: E731
-    se_v = np.sqrt(((c(yo) ** 4).mean(0) - yo.var(0) ** 2) / N + ((c(yt) ** 4).mean(0) - yt.var(0) ** 2) / N)
-    assert np.all(np.abs(yo.var(0) - yt.var(0)) <= K * se_v)
+    assert_same_moments(yo, yt, "ONNX vs torch MC", z=K)

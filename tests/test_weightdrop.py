@@ -23,29 +23,25 @@ import json
 import warnings
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
 import torch
 from torch import nn
-from typer.testing import CliRunner
 
 from dropcli.backends import load_model
 from dropcli.backends.onnx_backend import MC_INPUT, OnnxModel
-from dropcli.cli.main import app
 from dropcli.errors import UsageError
 from dropcli.mc_onnx import OnnxRunner
 from dropcli.mc_torch import TorchMC
 from dropcli.variants import get_variant
 from dropcli.variants.base import noise_source, set_mc
 from dropcli.variants.recurrent import fx_rnn_mode, replace_in_fx, replace_onnx_rnn
-from helpers import Z, binom_tol, ort_session, tol
+from helpers import Z, binom_tol, cli, ort_session, tol
 from models import GRUNet, LSTMNet, MLP, save_as
 
 warnings.filterwarnings("ignore", message=".*LSTM with projections.*")
 
 SPEC = get_variant("weightdrop")
-runner = CliRunner()
 
 
 def _site(layer, mc=True, **params):
@@ -446,18 +442,7 @@ def test_onnx_p0_and_bidirectional_stack_exact(mode, tmp_path):
 
 
 def _invoke(args, code=0):
-    res = runner.invoke(app, [str(a) for a in args])
-    assert res.exit_code == code, (args, res.output)
-    return res
-
-
-@pytest.fixture(scope="module")
-def seqs(tmp_path_factory):
-    d = tmp_path_factory.mktemp("wd_cli")
-    torch.manual_seed(0)
-    x = torch.randn(6, 5, 8)
-    np.save(d / "x.npy", x.numpy())
-    return d, x
+    return cli(*args, code=code)
 
 
 @pytest.mark.parametrize("net_cls,fmt,extra,checks", [

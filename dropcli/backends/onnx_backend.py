@@ -24,7 +24,7 @@ from .. import formats
 from ..errors import DropcliError, UsageError
 from ..fsutil import atomic_dir, atomic_path
 from ..sites import WEIGHTED, Layer, canonical_kind
-from ..variants.base import INPUT, REPLACE, RESIDUAL, VariantSpec
+from ..variants.base import REPLACE, RESIDUAL, VariantSpec
 from .onnx_builder import OnnxBuilder, TensorInfo
 from .onnx_layers import OnnxLayer, absorbable_activation, const_value, describe_node
 

@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from ..backends import load_model
-from .common import AllowOutput, Arch, Imports, InputShape, Json, ModelArg, TrustPickle, handle_errors, load_opts, out, print_json
+from .common import Arch, Imports, InputShape, Json, ModelArg, TrustPickle, handle_errors, load_opts, out, print_json
 
 
 def _sites(layer) -> str:

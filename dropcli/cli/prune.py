@@ -5,18 +5,17 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from typing import Any, List, Optional
+from typing import List, Optional
 
 import numpy as np
 import torch
 import typer
 from rich.table import Table
 
-from .. import formats
 from ..backends import load_model
 from ..errors import DropcliError, UsageError
 from ..fsutil import check_output_path
-from .common import Arch, Imports, InputShape, Json, ModelArg, STATE, TrustPickle, handle_errors, load_opts, write_report, log, out, print_json
+from .common import Arch, Imports, InputShape, Json, ModelArg, STATE, TrustPickle, handle_errors, load_opts, write_report, out, print_json
 
 HELP = """Prune a trained model with sparse variational dropout (default) or structured Bayesian pruning,
 then remove dead neurons and channels for real.

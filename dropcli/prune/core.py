@@ -26,9 +26,9 @@ from torch import fx, nn
 
 from ..errors import DropcliError
 from ..importer import _set_module
-from ..train import Split, evaluate, fit
+from ..train import Split, fit
 from .layers import SBPNoise, _SparseVD, to_sparse_vd
-from .shrink import PRUNABLE, ShrinkResult, output_layers, prunable_layers, shrink
+from .shrink import ShrinkResult, output_layers, prunable_layers, shrink
 
 METHODS = ("sparse-vd", "sbp")
 # defaults chosen with benchmarks/prune_digits.py

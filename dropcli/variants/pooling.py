@@ -21,7 +21,6 @@ kept or dropped in all of them); each window's expectation is the same either wa
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 

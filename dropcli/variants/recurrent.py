@@ -37,7 +37,7 @@ keeps them stochastic and dropcli's ONNX MC engine can feed keyed noise.
 from __future__ import annotations
 
 import operator
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import numpy as np
 import onnx

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..backends.onnx_builder import OnnxBuilder, TensorInfo
+from ..backends.onnx_builder import OnnxBuilder
 from ..backends.onnx_layers import OnnxLayer, emit_activation
 from ..errors import UsageError
 from ..layers import ACT_KINDS, CONV, LINEAR, pool_windows
@@ -155,7 +155,7 @@ class DropConnect(_LinearOrConvSite):
     def _per_row_conv(self, x: torch.Tensor, wm: torch.Tensor) -> torch.Tensor:
         """A convolution with a different kernel per row: the windows are gathered once
         (zero padding) and multiplied by each row's kernel."""
-        a, nd = self.layer_attrs, self.nd
+        a = self.layer_attrs
         rows, cin = x.shape[0], x.shape[1]
         g = int(a["groups"])
         cout = wm.shape[1]
