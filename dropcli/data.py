@@ -30,6 +30,9 @@ class InputSpec:
 
 def _read_bytes(path: str) -> tuple[bytes, str]:
     if path == "-":
+        from .fsutil import claim_stdin
+
+        claim_stdin("data")
         data = sys.stdin.buffer.read()
         return data, "<stdin>"
     p = Path(path)

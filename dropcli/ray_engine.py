@@ -343,7 +343,9 @@ def model_payload(model_path: str, load_opts: dict, inject: dict | None) -> dict
     """What every actor gets: the model's bytes (put in the object store once) and how to load them."""
     import ray
 
-    blob = Path(model_path).read_bytes()
+    from .fsutil import model_file
+
+    blob = model_file(model_path).read_bytes()  # `-`: the copy of stdin
     opts = dict(load_opts)
     opts["imports"] = [str(Path(i).resolve()) if i.endswith(".py") and Path(i).exists() else i for i in opts.get("imports") or []]
     arch = opts.get("arch")

@@ -341,3 +341,16 @@ def test_device_cuda_runs_on_the_pool(ray_local, models, data):
     for a, b in zip(loc["examples"], ray["examples"]):
         for k, v in a.items():
             assert b[k] == pytest.approx(v, abs=1e-5), k
+
+
+def test_model_from_stdin(ray_local, models, data):
+    """`... -o - | dropcli uncertainty - --engine ray`: the workers get the bytes read from stdin;
+    the report equals the local engine's on the file (apart from the model's name)."""
+    base = json.loads(local_json(models["onnx"], data["all"]))
+    res = runner.invoke(app, ["--quiet", "uncertainty", "-", "--input", str(data["all"]), "-T", 20, "--engine", "ray",
+                              "--workers", 1, "--json"], input=models["onnx"].read_bytes())
+    assert res.exit_code == 0, res.stderr
+    got = json.loads(res.stdout)
+    assert got["summary"].pop("model") == "-"
+    base["summary"].pop("model")
+    assert got == base

@@ -9,7 +9,11 @@ from .. import formats
 
 
 def load_model(path: str | Path, **opts: Any):
-    """Load any supported model file; the format is detected from the content."""
+    """Load any supported model file; the format is detected from the content. ``-``: stdin."""
+    if str(path) == "-":
+        from ..fsutil import stdin_to_file
+
+        path = stdin_to_file("model")
     fmt = formats.detect(path)
     if fmt == formats.ONNX:
         from .onnx_backend import OnnxModel

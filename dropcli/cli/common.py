@@ -13,7 +13,7 @@ from typing import Any, Callable, List, Optional
 import typer
 from rich.console import Console
 
-from ..errors import EXIT_ERROR, EXIT_INTERRUPTED, DropcliError
+from ..errors import EXIT_ERROR, EXIT_INTERRUPTED, DropcliError, UsageError
 
 
 @dataclass
@@ -59,8 +59,33 @@ def handle_errors(fn: Callable) -> Callable:
                 traceback.print_exc()
             text = str(e).strip().splitlines()[0] if str(e).strip() else ""
             fail(_escape(f"unexpected {type(e).__name__}: {text[:300]} (run with --debug for the traceback)"), EXIT_ERROR)
+        finally:
+            from ..fsutil import reset_stdio
+
+            reset_stdio()
+            out.file = None  # back to stdout (model_output may have sent reports to stderr)
 
     return wrapper
+
+
+def model_output(output: str, inputs: list, *, force: bool = False, json_out: bool = False,
+                 others: Optional[dict[str, Optional[str]]] = None) -> None:
+    """``-o`` checks for the commands that write a model. ``-o -`` writes the model to stdout:
+    the human report then goes to stderr, and nothing else may write to stdout (``others``: the
+    command's other outputs by option name)."""
+    from ..fsutil import check_output_path
+
+    if output == "-":
+        if json_out:
+            raise UsageError("-o - and --json would both write to stdout",
+                             "write the model to a file, or leave out --json (the table then goes to stderr)")
+        for opt, path in (others or {}).items():
+            if path == "-":
+                raise UsageError(f"-o - and {opt} - would both write to stdout", f"write {opt} to a file")
+        check_output_path(output, inputs)
+        out.file = sys.stderr
+        return
+    check_output_path(output, inputs, force=force)
 
 
 def _escape(text: str) -> str:
@@ -99,7 +124,7 @@ def _json_default(o: Any) -> Any:
 
 
 # ---- options shared by commands -----------------------------------------------------
-ModelArg = typer.Argument(..., help="Model file: ONNX, TorchScript, torch.export .pt2, torch.save module or state_dict.")
+ModelArg = typer.Argument(..., help="Model file: ONNX, TorchScript, torch.export .pt2, torch.save module or state_dict; - reads it from stdin.")
 TrustPickle = typer.Option(
     False, "--trust-pickle",
     help="Allow loading a pickled nn.Module. Unpickling RUNS CODE from the file: only for files you trust.",

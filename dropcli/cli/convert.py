@@ -9,8 +9,7 @@ from rich.table import Table
 
 from .. import formats
 from ..errors import DropcliError, UsageError
-from ..fsutil import check_output_path
-from .common import Arch, Exclude, Imports, InputShape, Json, Layers, ModelArg, TrustPickle, handle_errors, load_opts, log, out, print_json
+from .common import Arch, Exclude, Imports, InputShape, Json, Layers, ModelArg, TrustPickle, handle_errors, load_opts, log, model_output, out, print_json
 
 HELP = """Convert dropout sites between the inverted and the vanilla convention.
 
@@ -43,7 +42,7 @@ def register(app: typer.Typer) -> None:
     def convert_cmd(
         model_path: str = ModelArg,
         to: str = typer.Option(..., "--to", help="Target convention: inverted or vanilla."),
-        output: str = typer.Option(..., "-o", "--output", help="Output model path (written atomically)."),
+        output: str = typer.Option(..., "-o", "--output", help="Output model path (written atomically; - = stdout)."),
         layers: Optional[List[str]] = Layers,
         exclude: Optional[List[str]] = Exclude,
         out_format: Optional[str] = typer.Option(None, "--format", help=f"Output format: {', '.join(formats.ALL)} (default: the input's)."),
@@ -63,7 +62,7 @@ def register(app: typer.Typer) -> None:
             raise UsageError(f"unknown --to {to!r}", "choose inverted or vanilla")
         if out_format is not None and out_format not in formats.ALL:
             raise UsageError(f"unknown --format {out_format!r}", f"choose one of {', '.join(formats.ALL)}")
-        check_output_path(output, [model_path], force=force)
+        model_output(output, [model_path], force=force, json_out=json_out)
         model = load_model(model_path, **load_opts(trust_pickle, imports, arch, input_shape))
         sel = Selection.from_options(None, layers, exclude, True)
         try:

@@ -13,7 +13,7 @@ from ..backends import load_model
 from ..errors import DropcliError, UsageError
 from ..fsutil import check_output_path
 from .common import (After, Arch, Exclude, Imports, InputShape, Json, Layers, ModelArg, STATE, TrustPickle, handle_errors, write_report,
-                     load_opts, out, print_json)
+                     load_opts, model_output, out, print_json)
 
 HELP = """Learn dropout rates on data, and write the model back with them.
 
@@ -61,7 +61,7 @@ def register(app: typer.Typer) -> None:
     @handle_errors
     def finetune_cmd(
         model_path: str = ModelArg,
-        output: str = typer.Option(..., "-o", "--output", help="Output model path (written atomically, in the input's format)."),
+        output: str = typer.Option(..., "-o", "--output", help="Output model path (written atomically, in the input's format; - = stdout)."),
         data: str = typer.Option(..., "--data", help="Training data: .npz (x, y), .pt or .csv (last column = label)."),
         val: Optional[str] = typer.Option(None, "--val", help="Validation data (default: a seeded 20% split held out of --data)."),
         variant: str = typer.Option(..., "--variant", help="concrete (learned p per site) or variational (learned alpha)."),
@@ -114,7 +114,7 @@ def register(app: typer.Typer) -> None:
 
         dev = resolve_device(device)
         inputs = [model_path] + [x for x in (data, val) if x]
-        check_output_path(output, inputs, force=force)
+        model_output(output, inputs, force=force, json_out=json_out, others={"--report": report_path})
         if report_path and report_path != "-":
             check_output_path(report_path, inputs + [output])
         report = run(model_path, output, data=data, val=val, variant=variant, after=after, layers=layers, exclude=exclude,

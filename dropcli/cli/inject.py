@@ -10,13 +10,12 @@ from rich.table import Table
 from .. import formats
 from ..backends import load_model
 from ..errors import UsageError
-from ..fsutil import check_output_path
 from ..plan import apply_inject, apply_replace, plan_existing, plan_inject
 from ..sites import Selection
 from ..variants import get_variant
 from .common import (
     After, AllowOutput, Arch, Exclude, Imports, InputShape, Json, Layers, ModelArg, TrustPickle,
-    handle_errors, load_opts, log, out, print_json,
+    handle_errors, load_opts, log, model_output, out, print_json,
 )
 
 HELP = """Insert a dropout variant after chosen layers, or --replace / --remove the dropout already there.
@@ -46,7 +45,7 @@ def register(app: typer.Typer) -> None:
     @handle_errors
     def inject_cmd(
         model_path: str = ModelArg,
-        output: str = typer.Option(..., "-o", "--output", help="Output model path (written atomically)."),
+        output: str = typer.Option(..., "-o", "--output", help="Output model path (written atomically; - = stdout)."),
         variant: str = typer.Option("standard", "--variant", "-v", help="Variant name (see `dropcli variants`)."),
         p: Optional[float] = typer.Option(None, "--p", help="Drop probability in [0, 1)."),
         block_size: Optional[int] = typer.Option(None, "--block-size", help="dropblock: block side b (default 7)."),
@@ -89,7 +88,7 @@ def register(app: typer.Typer) -> None:
         params = spec.resolve_params(given) if spec else {}
         if remove and any(v is not None for v in given.values()):
             raise UsageError("--remove takes no variant parameters")
-        check_output_path(output, [model_path], force=force)
+        model_output(output, [model_path], force=force, json_out=json_out)
         model = load_model(model_path, **load_opts(trust_pickle, imports, arch, input_shape))
         sel = Selection.from_options(after, layers, exclude, allow_output)
         if replace or remove:

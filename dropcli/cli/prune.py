@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import statistics
 import time
 from typing import List, Optional
@@ -14,8 +13,9 @@ from rich.table import Table
 
 from ..backends import load_model
 from ..errors import DropcliError, UsageError
-from ..fsutil import check_output_path
-from .common import Arch, Imports, InputShape, Json, ModelArg, STATE, TrustPickle, handle_errors, load_opts, write_report, out, print_json
+from ..fsutil import check_output_path, file_size
+from .common import (Arch, Imports, InputShape, Json, ModelArg, STATE, TrustPickle, handle_errors, load_opts, model_output,
+                     out, print_json, write_report)
 
 HELP = """Prune a trained model with sparse variational dropout (default) or structured Bayesian pruning,
 then remove dead neurons and channels for real.
@@ -62,7 +62,7 @@ def register(app: typer.Typer) -> None:
     @handle_errors
     def prune_cmd(
         model_path: str = ModelArg,
-        output: str = typer.Option(..., "-o", "--output", help="Output model path (written atomically, in the input's format)."),
+        output: str = typer.Option(..., "-o", "--output", help="Output model path (written atomically, in the input's format; - = stdout)."),
         data: Optional[str] = typer.Option(None, "--data", help="Training data: .npz (x, y), .pt or .csv (last column = label)."),
         val: Optional[str] = typer.Option(None, "--val", help="Validation data (default: a seeded 20% split held out of --data)."),
         method: str = typer.Option("sparse-vd", "--method", help="sparse-vd (per weight) or sbp (per neuron / channel)."),
@@ -115,7 +115,7 @@ def register(app: typer.Typer) -> None:
 
             _import_pyplot()  # fail before training when matplotlib is missing
         inputs = [model_path] + [p for p in (data, val) if p]
-        check_output_path(output, inputs, force=force)
+        model_output(output, inputs, force=force, json_out=json_out, others={"--report": report_path, "--plot": plot})
         for extra in (report_path, plot):
             if extra and extra != "-":
                 check_output_path(extra, inputs + [output])
@@ -161,7 +161,7 @@ def register(app: typer.Typer) -> None:
             "compression": w_before / max(w_after, 1),
             "params_before": p_before, "params_after": p_after, "nonzero_params_before": nz_before,
             "nonzero_params_after": nz_after, "param_compression": nz_before / max(nz_after, 1),
-            "size_before": os.path.getsize(model_path), "size_after": os.path.getsize(output),
+            "size_before": file_size(model_path), "size_after": file_size(output, output=True),
             "latency_ms_before": lat["before"], "latency_ms_after": lat["after"], "latency_batch": int(len(xlat)),
             "units_folded": result.shrink.folded if result.shrink else 0,
             "max_abs_diff_saved": err,
