@@ -319,9 +319,10 @@ def verify_saved(path: Any, fmt: str, trained: nn.Module, x: torch.Tensor) -> fl
 
 
 def save_like_input(gm: Any, model: Any, example: tuple, source: str, output: str, check_x: torch.Tensor,
-                    site_meta: dict | None = None) -> tuple[str, float]:
+                    site_meta: dict | None = None, model_meta: dict | None = None) -> tuple[str, float]:
     """Write a trained GraphModule atomically in the loaded model's format (ONNX stays ONNX),
-    checked with its stock loader before it lands. Returns (format, max abs difference)."""
+    checked with its stock loader before it lands. ``model_meta`` (default: the loaded model's)
+    is stored with it. Returns (format, max abs difference)."""
     from pathlib import Path
 
     from . import formats
@@ -329,7 +330,8 @@ def save_like_input(gm: Any, model: Any, example: tuple, source: str, output: st
     from .fsutil import atomic_path
 
     fmt = formats.ONNX if model.backend == "onnx" else model.default_output_format()
-    tm = TorchModel(gm, fmt, tuple(example), source, site_meta)
+    meta = getattr(model, "model_meta", {}) if model_meta is None else model_meta
+    tm = TorchModel(gm, fmt, tuple(example), source, site_meta, meta)
     with atomic_path(output, Path(output).suffix) as tmp:
         tm.save(tmp, fmt)
         err = verify_saved(tmp, fmt, gm, check_x)

@@ -514,6 +514,12 @@ def test_regression_tau_is_the_held_out_precision(tmp_path):
     mc = json.loads(u.stdout)["summary"]["mc"]
     assert mc["rmse"] == pytest.approx(s["val_rmse_after"], rel=0.02)
     assert mc["gaussian_nll"] == pytest.approx(s["val_nll_after"], abs=0.02)
+    # ... and the model carries tau, so `uncertainty` without --tau does exactly the same
+    u2 = _run("uncertainty", tmp_path / "a100.pt", "--input", tmp_path / "val.npz", "-T", 100, "--task", "regression",
+              "--output", "-", "--format", "json")
+    assert u2.exit_code == 0, u2.output
+    s2 = json.loads(u2.stdout)["summary"]
+    assert s2["mc"] == mc and s2["tau"] == s["tau"] and "from the model" in s2["variance"]
     r = _run(*args, "--tau", 4, "-o", tmp_path / "b.pt")
     assert r.exit_code == 0, r.output
     s = json.loads(r.stdout)["summary"]
@@ -522,6 +528,38 @@ def test_regression_tau_is_the_held_out_precision(tmp_path):
         r = _run(*args, "--tau", bad, "-o", tmp_path / "c.pt")
         assert r.exit_code == 2 and "--tau must be a positive number" in r.output and not (tmp_path / "c.pt").exists()
     assert "Traceback" not in r.output
+
+
+@pytest.mark.parametrize("fmt,ext", [("torchscript", "pt"), ("export", "pt2"), ("onnx", "onnx")])
+def test_regression_tau_travels_with_the_model(tmp_path, fmt, ext):
+    """The tau finetune used is stored in the written model (every format but pickle): inspect shows
+    it, uncertainty uses it without --tau, and a later inject keeps it."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(300, 5, generator=g)
+    y = x[:, :1] + 0.5 * torch.randn(300, 1, generator=g)
+    np.savez(tmp_path / "d.npz", x=x.numpy(), y=y.numpy())
+    torch.manual_seed(0)
+    src = save_as(MLP(d_in=5, hidden=32, d_out=1, p=0.2).eval(), torch.zeros(2, 5), tmp_path / f"r.{ext}", fmt)
+    if fmt == "onnx":
+        _insert_onnx_dropout(src, 0.2)
+    out = tmp_path / f"ft.{ext}"
+    r = _run("finetune", src, "--data", tmp_path / "d.npz", "--task", "regression", "--variant", "concrete",
+             "--epochs", 1, "--samples", 4, "-o", out, "--json")
+    assert r.exit_code == 0, r.output
+    tau = json.loads(r.stdout)["summary"]["tau"]
+    assert tau > 0
+    assert json.loads(_run("inspect", out, "--json").stdout)["model_meta"] == {"tau": tau}
+    u = _run("uncertainty", out, "--input", tmp_path / "d.npz", "-T", 8, "--task", "regression", "--json")
+    assert u.exit_code == 0, u.output
+    assert json.loads(u.stdout)["summary"]["tau"] == tau
+    again = tmp_path / f"again.{ext}"
+    r = _run("inject", out, "--replace", "--variant", "standard", "--p", 0.1, "-o", again)
+    assert r.exit_code == 0, r.output
+    assert json.loads(_run("inspect", again, "--json").stdout)["model_meta"] == {"tau": tau}
+    # a model without it: no tau, no noise term
+    u = _run("uncertainty", src, "--input", tmp_path / "d.npz", "-T", 4, "--task", "regression", "--json")
+    assert u.exit_code == 0, u.output
+    assert json.loads(u.stdout)["summary"]["tau"] is None
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

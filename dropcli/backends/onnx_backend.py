@@ -29,6 +29,7 @@ from .onnx_builder import OnnxBuilder, TensorInfo
 from .onnx_layers import OnnxLayer, absorbable_activation, const_value, describe_node
 
 SITES_META = "dropcli.sites"  # metadata_props key: JSON records of the sites that replaced layers
+MODEL_META = "dropcli.model"  # metadata_props key: JSON facts about the whole model (regression tau)
 
 MC_INPUT = "dropcli_mc"
 MIN_OPSET = 13
@@ -54,6 +55,11 @@ class OnnxModel:
         nums = [int(m.group(1)) for n in model.graph.node if (m := re.match(r"dropcli_site_(\d+)/", n.name))]
         self._site_count = max(nums, default=-1) + 1
         self._infer()
+
+    @property
+    def model_meta(self) -> dict[str, Any]:
+        """Facts dropcli stored about the whole model (``tau`` from ``dropcli finetune``)."""
+        return model_record(self.model)
 
     @classmethod
     def load(cls, path: str | Path) -> "OnnxModel":
@@ -615,7 +621,8 @@ def label_exported_sites(model: onnx.ModelProto, sites: dict[str, dict[str, Any]
     return len(done)
 
 
-def export_torch_program(ep: Any, example: tuple, path: str | Path, sites: dict[str, dict[str, Any]] | None = None) -> None:
+def export_torch_program(ep: Any, example: tuple, path: str | Path, sites: dict[str, dict[str, Any]] | None = None,
+                         model_meta: dict[str, Any] | None = None) -> None:
     """torch.export program -> ONNX with one ``dropcli_mc`` input (default False); ``sites``
     (name -> variant, p) labels the sites' nodes (:func:`label_exported_sites`)."""
     import torch
@@ -632,30 +639,49 @@ def export_torch_program(ep: Any, example: tuple, path: str | Path, sites: dict[
     promote_mc_inputs(model)
     if sites:
         label_exported_sites(model, sites)
+    if model_meta:
+        set_model_record(model, model_meta)
     onnx.checker.check_model(model)
     save_onnx(model, path)
 
 
-def site_records(model: onnx.ModelProto) -> dict[str, Any]:
-    """The records of the sites that replaced layers, from the model's metadata."""
+def _json_prop(model: onnx.ModelProto, key: str) -> dict[str, Any]:
     import json
 
     for p in model.metadata_props:
-        if p.key == SITES_META:
+        if p.key == key:
             with contextlib.suppress(Exception):
                 obj = json.loads(p.value)
                 return obj if isinstance(obj, dict) else {}
     return {}
 
 
-def set_site_records(model: onnx.ModelProto, records: dict[str, Any]) -> None:
+def _set_json_prop(model: onnx.ModelProto, key: str, obj: dict[str, Any]) -> None:
     import json
 
-    keep = [p for p in model.metadata_props if p.key != SITES_META]
+    keep = [p for p in model.metadata_props if p.key != key]
     del model.metadata_props[:]
     model.metadata_props.extend(keep)
-    if records:
-        model.metadata_props.append(onnx.StringStringEntryProto(key=SITES_META, value=json.dumps(records, sort_keys=True)))
+    if obj:
+        model.metadata_props.append(onnx.StringStringEntryProto(key=key, value=json.dumps(obj, sort_keys=True)))
+
+
+def site_records(model: onnx.ModelProto) -> dict[str, Any]:
+    """The records of the sites that replaced layers, from the model's metadata."""
+    return _json_prop(model, SITES_META)
+
+
+def set_site_records(model: onnx.ModelProto, records: dict[str, Any]) -> None:
+    _set_json_prop(model, SITES_META, records)
+
+
+def model_record(model: onnx.ModelProto) -> dict[str, Any]:
+    """What dropcli learned about the whole model (e.g. ``tau`` from ``dropcli finetune``)."""
+    return _json_prop(model, MODEL_META)
+
+
+def set_model_record(model: onnx.ModelProto, record: dict[str, Any]) -> None:
+    _set_json_prop(model, MODEL_META, record)
 
 
 def _node_b64(n: onnx.NodeProto) -> str:

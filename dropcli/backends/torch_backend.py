@@ -151,8 +151,10 @@ class TorchModel:
     backend = "torch"
 
     def __init__(self, gm: fx.GraphModule, fmt: str, example_inputs: tuple | None, source: str = "",
-                 site_meta: dict[str, dict[str, Any]] | None = None):
+                 site_meta: dict[str, dict[str, Any]] | None = None, model_meta: dict[str, Any] | None = None):
         self.gm = gm
+        # facts about the whole model, kept across rewrites (``tau`` from ``dropcli finetune``)
+        self.model_meta: dict[str, Any] = dict(model_meta or {})
         self.format = fmt
         self.example_inputs = example_inputs
         self.source = source
@@ -176,7 +178,7 @@ class TorchModel:
             _import_user(spec)
         if fmt == formats.EXPORT:
             try:
-                extra = {_SITES_FILE: ""}
+                extra = {_SITES_FILE: "", _MODEL_FILE: ""}
                 with _quiet(), open(path, "rb") as fh:
                     ep = torch.export.load(fh, extra_files=extra)
             except Exception as e:  # noqa: BLE001
@@ -186,9 +188,10 @@ class TorchModel:
                 if ex:
                     example = tuple(ex[0])
             gm = ep.module()
-            return cls(_strip_guards(gm), fmt, example, str(path), _json_or_empty(extra[_SITES_FILE]))
+            return cls(_strip_guards(gm), fmt, example, str(path), _json_or_empty(extra[_SITES_FILE]),
+                       _json_or_empty(extra[_MODEL_FILE]))
         if fmt == formats.TORCHSCRIPT:
-            extra = {_TS_EXAMPLE_FILE: "", _SITES_FILE: "", _PROGRAM_FILE: ""}
+            extra = {_TS_EXAMPLE_FILE: "", _SITES_FILE: "", _PROGRAM_FILE: "", _MODEL_FILE: ""}
             try:
                 ts = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
             except Exception as e:  # noqa: BLE001
@@ -196,7 +199,8 @@ class TorchModel:
             ts.eval()
             if extra[_PROGRAM_FILE]:
                 gm, example = _stored_program(ts, extra[_PROGRAM_FILE], example, path)
-                return cls(_strip_guards(gm), fmt, example, str(path), _json_or_empty(extra[_SITES_FILE]))
+                return cls(_strip_guards(gm), fmt, example, str(path), _json_or_empty(extra[_SITES_FILE]),
+                           _json_or_empty(extra[_MODEL_FILE]))
             if example is None:
                 example = _traced_inputs(ts) or _stored_example(extra[_TS_EXAMPLE_FILE]) or _example_from_modules(ts)
             if example is None:
@@ -205,7 +209,7 @@ class TorchModel:
                     "pass --input-shape, for example --input-shape 1x3x32x32",
                 )
             return cls(_strip_guards(_ts_to_fx(ts, example, path)), fmt, example, str(path),
-                       _json_or_empty(extra[_SITES_FILE]))
+                       _json_or_empty(extra[_SITES_FILE]), _json_or_empty(extra[_MODEL_FILE]))
         if fmt == formats.PICKLE:
             if not trust_pickle:
                 raise DropcliError(
@@ -814,7 +818,7 @@ class TorchModel:
                     ts = torch.jit.trace(_traceable_sizes(self.gm), example, check_trace=False, strict=False)
             except Exception as e:  # noqa: BLE001
                 raise DropcliError(f"cannot write TorchScript: {_short(e)}", "try --format export or --format onnx") from e
-            extra = {_TS_EXAMPLE_FILE: _example_record(example), _SITES_FILE: self._sites_record()}
+            extra = {_TS_EXAMPLE_FILE: _example_record(example), _SITES_FILE: self._sites_record(), **self._model_extra()}
             if _has_loop(ts):
                 # A scripted recurrence (the recurrent dropout family) traces to prim::Loop, which
                 # TorchScript -> torch.export conversion can't read: keep the program beside it.
@@ -826,14 +830,19 @@ class TorchModel:
         ep = self.to_exported(example)
         if fmt == formats.EXPORT:
             with atomic_path(path, ".pt2") as tmp:
-                torch.export.save(ep, str(tmp), extra_files={_SITES_FILE: self._sites_record()})
+                torch.export.save(ep, str(tmp), extra_files={_SITES_FILE: self._sites_record(), **self._model_extra()})
             return fmt
         if fmt == formats.ONNX:
             from .onnx_backend import export_torch_program
 
-            export_torch_program(ep, example, path, self._sites_meta())
+            export_torch_program(ep, example, path, self._sites_meta(), self.model_meta)
             return fmt
         raise UsageError(f"unknown output format {fmt!r}", f"choose one of {', '.join(formats.ALL)}")
+
+    def _model_extra(self) -> dict[str, str]:
+        import json
+
+        return {_MODEL_FILE: json.dumps(self.model_meta, sort_keys=True)} if self.model_meta else {}
 
     def _program_bytes(self, example: tuple) -> bytes:
         import io
@@ -999,6 +1008,7 @@ def _traceable_sizes(gm: fx.GraphModule) -> fx.GraphModule:
 
 _TS_EXAMPLE_FILE = "dropcli_example_inputs.json"
 _SITES_FILE = "dropcli_sites.json"
+_MODEL_FILE = "dropcli_model.json"  # facts about the whole model (regression tau from finetune)
 _PROGRAM_FILE = "dropcli_program.pt2"  # a torch.export program of the same model (only where the trace holds a loop)
 
 

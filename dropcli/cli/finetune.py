@@ -34,7 +34,7 @@ Objective: the negative ELBO per training example, N the training-set size. Clas
 cross-entropy + KL/N. Regression: mean squared error + 2 KL/(tau N), tau the model precision (for
 concrete, the regulariser wr ||W||^2/q + dr K (p log p + q log q) with wr = l^2/(tau N), dr = 2/(tau N)).
 --tau defaults to 1 / (the starting model's validation MSE); the regression NLL uses variance
-MC variance + 1/tau, and the report gives tau to pass to `dropcli uncertainty --tau`.
+MC variance + 1/tau. tau is stored in the written model, and `dropcli uncertainty` uses it.
 
 Sites: the model's dropout (nn.Dropout, F.dropout, ONNX Dropout, dropcli standard/gaussian sites),
 narrowed by --layers/--exclude; with --after, new sites after those layers. Each starts at its current p
@@ -234,7 +234,10 @@ def run(model_path: str, output: str, *, data: str, val: str | None, variant: st
     work.to("cpu")
     rows = learned.finalize(work, sites)
     after_m = learned.mc_metrics(work, vsplit, task, samples, seed, noise_var=noise_var)
-    fmt, err = save_like_input(work, model, example, model_path, output, vsplit.x[:64])
+    meta = dict(getattr(model, "model_meta", {}))
+    if task == "regression":
+        meta["tau"] = tau  # `dropcli uncertainty` adds 1/tau to the predictive variance by default
+    fmt, err = save_like_input(work, model, example, model_path, output, vsplit.x[:64], model_meta=meta)
     summary = {"input": model_path, "output": output, "format": fmt, "variant": variant, "task": task, "train": train_what,
                "per_weight": per_weight, "epochs": epochs, "lr": lr, "rate_lr": lr * DEFAULTS["rate_lr_scale"],
                "length_scale": length_scale, "tau": tau if task == "regression" else None, "kl_weight": kl_w,
@@ -275,7 +278,7 @@ def _print(report: dict) -> None:
     out.print(t)
     title = f"validation ({s['validation']}), MC over {s['samples']} passes"
     if s.get("tau"):
-        title += f"; regression NLL with noise variance 1/tau, tau = {s['tau']:.6g} (pass it to `dropcli uncertainty --tau`)"
+        title += f"; regression NLL with noise variance 1/tau, tau = {s['tau']:.6g} (stored in the model for `dropcli uncertainty`)"
     m = Table(title=title)
     m.add_column("metric")
     m.add_column("before", justify="right")

@@ -35,6 +35,7 @@ def describe(model) -> dict:
         "backend": model.backend,
         "format": model.format,
         "parameters": sum(l.params for l in layers),
+        "model_meta": dict(getattr(model, "model_meta", {}) or {}),  # e.g. the regression tau finetune learned
         "layers": [{**l.as_dict(), "sites": _sites(l).split(",") if _sites(l) else [],
                     **({"convention": convention_of(l.dropout_variant, l.op) or "n/a"} if l.kind == "dropout" else {})}
                    for l in layers],
@@ -64,7 +65,8 @@ Examples:
         if json_out:
             print_json(info)
             return
-        t = Table(title=f"{model_path}  ({info['backend']}, {info['format']}, {info['parameters']:,} parameters)")
+        facts = "".join(f", {k} {v:.6g}" if isinstance(v, float) else f", {k} {v}" for k, v in info["model_meta"].items())
+        t = Table(title=f"{model_path}  ({info['backend']}, {info['format']}, {info['parameters']:,} parameters{facts})")
         for col in ("name", "kind", "op", "output shape", "params", "dropout", "sites"):
             t.add_column(col, justify="right" if col == "params" else "left")
         for l in info["layers"]:

@@ -120,7 +120,7 @@ def register(app: typer.Typer) -> None:
         fmt: Optional[str] = typer.Option(None, "--format", help="table, json, jsonl, csv or npz (default: from --output's extension)."),
         keep_samples: bool = typer.Option(False, "--keep-samples", help="With npz: include the raw [T, N, K] samples."),
         plot: Optional[str] = typer.Option(None, "--plot", help="Write a PNG: uncertainty histograms, reliability diagram, risk-coverage."),
-        tau: Optional[float] = typer.Option(None, "--tau", help="Regression: model precision; adds 1/tau to the variance."),
+        tau: Optional[float] = typer.Option(None, "--tau", help="Regression: model precision; adds 1/tau to the variance (default: the tau `dropcli finetune` stored in the model, if any)."),
         ood: Optional[str] = typer.Option(None, "--ood", help="Out-of-distribution inputs: adds AUROC and FPR95 per measure."),
         fail_above: Optional[str] = typer.Option(None, "--fail-above", help=f"METRIC=VALUE: exit {EXIT_GATE} when the mean of METRIC exceeds VALUE."),
         inject: Optional[str] = typer.Option(None, "--inject", help="Inject this variant on the fly (not saved) when the model has no dropout."),
@@ -215,6 +215,9 @@ def register(app: typer.Typer) -> None:
                 f"{model_path} has no dropout sites, so MC dropout has nothing to sample",
                 "inject some on the fly with --inject standard --p 0.1 (or save one with `dropcli inject`)",
             )
+        tau_from = "--tau"
+        if tau is None and (getattr(model, "model_meta", {}) or {}).get("tau"):
+            tau, tau_from = float(model.model_meta["tau"]), "the model (dropcli finetune)"  # regression only
         specs = runner.input_specs()
         source = open_source(input_path, specs)
         n = source.n
@@ -257,7 +260,9 @@ def register(app: typer.Typer) -> None:
             summary.update(stats.summary(per, labels, eval_probs=eval_probs, ood_per=ood_res.per if ood_res else None))
             cols = report.columns(task, per, labels, eval_probs)
         else:
-            summary["variance"] = "sample variance over passes + 1/tau" if tau else "sample variance over passes (no --tau: model precision not included)"
+            summary["variance"] = (f"sample variance over passes + 1/tau, tau = {tau:.6g} from {tau_from}" if tau else
+                                   "sample variance over passes (no --tau: model precision not included)")
+            summary["tau"] = tau
             summary["distribution"] = {"std": stats.distribution(per["std"].mean(-1))}
             if labels is not None:
                 lab = labels.reshape(n, -1).astype(np.float64)
