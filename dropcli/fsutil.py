@@ -4,9 +4,9 @@ after the model is complete, so a failed run writes nothing there either)."""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
-import atexit
 import shutil
 import sys
 import tempfile

@@ -403,6 +403,10 @@ def test_onnx_external_data(sources, tmp_path):
     assert not np.array_equal(*mc)
     # the source folder is untouched
     assert sorted(p.name for p in a.iterdir()) == ["cnn.onnx", "cnn.weights"]
+    # external weights can't go down a pipe: one line, and no file named "-" anywhere
+    res = invoke("inject", a / "cnn.onnx", "-o", "-", "--p", "0.3", ok=False)
+    assert res.exit_code == 1 and "external .data file" in res.output and "Traceback" not in res.output
+    assert not Path("-").exists() and sorted(p.name for p in a.iterdir()) == ["cnn.onnx", "cnn.weights"]
 
 
 def test_onnx_custom_domain_op_passes_through(tmp_path):

@@ -561,6 +561,9 @@ def save_onnx(model: onnx.ModelProto, path: str | Path, external: bool = False) 
         with atomic_path(path) as tmp:
             onnx.save(model, str(tmp))
         return
+    if str(path) == "-":
+        raise DropcliError("this ONNX model keeps its weights in an external .data file (or is over 2 GB), "
+                           "which can't go to stdout", "give -o a file path")
     data_name = path.name + ".data"
     with atomic_dir(path.resolve().parent) as tmpdir:
         m = onnx.ModelProto()
