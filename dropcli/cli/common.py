@@ -88,6 +88,11 @@ def model_output(output: str, inputs: list, *, force: bool = False, json_out: bo
     check_output_path(output, inputs, force=force)
 
 
+def shown(path: Optional[str], std: str = "stdout") -> str:
+    """A path as reports print it: ``-`` is ``std`` (stdout for outputs, stdin for inputs)."""
+    return std if path == "-" else str(path)
+
+
 def _escape(text: str) -> str:
     from rich.markup import escape
 

@@ -9,7 +9,8 @@ from rich.table import Table
 
 from .. import formats
 from ..errors import DropcliError, UsageError
-from .common import Arch, Exclude, Imports, InputShape, Json, Layers, ModelArg, TrustPickle, handle_errors, load_opts, log, model_output, out, print_json
+from .common import (Arch, Exclude, Imports, InputShape, Json, Layers, ModelArg, TrustPickle, handle_errors, load_opts, log,
+                     model_output, out, print_json, shown)
 
 HELP = """Convert dropout sites between the inverted and the vanilla convention.
 
@@ -82,7 +83,7 @@ def register(app: typer.Typer) -> None:
         if json_out:
             print_json({"input": model_path, "output": output, "format": written, "backend": model.backend, "converted": rows})
             return
-        t = Table(title=f"convert to {to}: {len(rows)} site(s) -> {output} ({written})")
+        t = Table(title=f"convert to {to}: {len(rows)} site(s) -> {shown(output)} ({written})")
         for c in ("site", "weight", "p", "from", "to", "weight x"):
             t.add_column(c)
         for r in rows:

@@ -12,8 +12,8 @@ from rich.table import Table
 from ..backends import load_model
 from ..errors import DropcliError, UsageError
 from ..fsutil import check_output_path
-from .common import (After, Arch, Exclude, Imports, InputShape, Json, Layers, ModelArg, STATE, TrustPickle, handle_errors, write_report,
-                     load_opts, model_output, out, print_json)
+from .common import (After, Arch, Exclude, Imports, InputShape, Json, Layers, ModelArg, STATE, TrustPickle, handle_errors,
+                     load_opts, model_output, out, print_json, shown, write_report)
 
 HELP = """Learn dropout rates on data, and write the model back with them.
 
@@ -269,7 +269,7 @@ def precision(gm: torch.nn.Module, vsplit, task: str, tau: float | None) -> floa
 
 def _print(report: dict) -> None:
     s = report["summary"]
-    t = Table(title=f"finetune ({s['variant']}, train {s['train']}): {s['input']} -> {s['output']} ({s['format']})")
+    t = Table(title=f"finetune ({s['variant']}, train {s['train']}): {shown(s['input'], 'stdin')} -> {shown(s['output'])} ({s['format']})")
     for c in ("site", "at", "next layer", "K", "output variant", "start p", "learned p", "alpha (mean / min / max)"):
         t.add_column(c, justify="left" if c in ("site", "at", "next layer", "output variant") else "right")
     for r in report["sites"]:

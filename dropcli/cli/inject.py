@@ -15,7 +15,7 @@ from ..sites import Selection
 from ..variants import get_variant
 from .common import (
     After, AllowOutput, Arch, Exclude, Imports, InputShape, Json, Layers, ModelArg, TrustPickle,
-    handle_errors, load_opts, log, model_output, out, print_json,
+    handle_errors, load_opts, log, model_output, out, print_json, shown,
 )
 
 HELP = """Insert a dropout variant after chosen layers, or --replace / --remove the dropout already there.
@@ -105,7 +105,7 @@ def register(app: typer.Typer) -> None:
         if json_out:
             print_json(result)
             return
-        t = Table(title=f"{result['action']}: {len(done)} site(s) -> {output} ({written})")
+        t = Table(title=f"{result['action']}: {len(done)} site(s) -> {shown(output)} ({written})")
         t.add_column("site")
         t.add_column("at")
         t.add_column("variant")

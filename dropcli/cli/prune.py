@@ -15,7 +15,7 @@ from ..backends import load_model
 from ..errors import DropcliError, UsageError
 from ..fsutil import check_output_path, file_size
 from .common import (Arch, Imports, InputShape, Json, ModelArg, STATE, TrustPickle, handle_errors, load_opts, model_output,
-                     out, print_json, write_report)
+                     out, print_json, shown, write_report)
 
 HELP = """Prune a trained model with sparse variational dropout (default) or structured Bayesian pruning,
 then remove dead neurons and channels for real.
@@ -185,7 +185,7 @@ def register(app: typer.Typer) -> None:
 
 def _print(report: dict) -> None:
     s = report["summary"]
-    t = Table(title=f"prune ({s['method']}): {s['input']} -> {s['output']} ({s['format']})")
+    t = Table(title=f"prune ({s['method']}): {shown(s['input'], 'stdin')} -> {shown(s['output'])} ({s['format']})")
     for c in ("layer", "type", "shape before", "shape after", "weights kept", "sparsity", "units removed"):
         t.add_column(c, justify="left" if c in ("layer", "type") else "right")
     for r in report["layers"]:
