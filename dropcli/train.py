@@ -252,7 +252,7 @@ def fit(model: nn.Module, train: Split, task: str, *, params: Iterable[dict[str,
 
 
 # ---------------------------------------------------------------------------------------
-# Model I/O shared by the verbs that train a loaded model (prune, finetune)
+# Model I/O shared by the verbs that train a loaded model (prune, finetune); resolve_device serves every verb
 # ---------------------------------------------------------------------------------------
 
 

@@ -69,7 +69,8 @@ def register(app: typer.Typer) -> None:
         if task not in ("auto", "classification", "regression"):
             raise UsageError(f"unknown --task {task!r}", "choose auto, classification or regression")
         from ..backends import load_model
-        from .uncertainty import _class_labels, make_runner, resolve_device
+        from ..train import resolve_device
+        from .uncertainty import _class_labels, make_runner
 
         dev = resolve_device(device)
         model = load_model(model_path, **load_opts(trust_pickle, imports, arch, input_shape))

@@ -90,18 +90,6 @@ def make_runner(model, device: str):
     return TorchRunner(model, device)
 
 
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise DropcliError("--device cuda was asked for, but no CUDA GPU is available", "use --device cpu or auto")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise UsageError(f"unknown --device {device!r}", "choose cpu, cuda or auto")
-    return device
-
-
 def register(app: typer.Typer) -> None:
     @app.command("uncertainty", help=HELP)
     @handle_errors
@@ -187,6 +175,8 @@ def register(app: typer.Typer) -> None:
         targets = [t for t in (output, plot) if t and t != "-"]
         for t in targets:
             check_output_path(t, [model_path, input_path, labels_path, ood])
+        from ..train import resolve_device
+
         dev = resolve_device(device)
         budget = None
         if max_memory:
