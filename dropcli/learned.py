@@ -70,7 +70,7 @@ def concrete_regulariser(p: torch.Tensor, weight_sq: torch.Tensor | float, k: in
     """variants.md's form: ``wr * ||W||^2 / q + dr * K * (p log p + q log q)``, ``wr = l^2/(tau N)``,
     ``dr = 2/(tau N)``; that is ``2/(tau N)`` times :func:`concrete_kl`. It pairs with a data term of
     ``(2/tau)`` times the mean NLL (the mean squared error of a regression with precision ``tau``)."""
-    return 2.0 / (tau * n) * concrete_kl(p, weight_sq, k, length_scale)
+    return kl_weight("regression", n, tau) * concrete_kl(p, weight_sq, k, length_scale)
 
 
 def kl_weight(task: str, n: int, tau: float = 1.0) -> float:
@@ -123,7 +123,7 @@ class ConcreteSite(nn.Module):
 
     def regulariser(self, n: int, length_scale: float, tau: float = 1.0) -> torch.Tensor:
         """variants.md's regulariser (for a mean-squared-error data term at precision tau)."""
-        return 2.0 / (tau * n) * self.kl(length_scale)
+        return kl_weight("regression", n, tau) * self.kl(length_scale)
 
     def rate(self) -> float:
         return float(self.p.detach())

@@ -330,7 +330,7 @@ def save_like_input(gm: Any, model: Any, example: tuple, source: str, output: st
     from .fsutil import atomic_path
 
     fmt = formats.ONNX if model.backend == "onnx" else model.default_output_format()
-    meta = getattr(model, "model_meta", {}) if model_meta is None else model_meta
+    meta = model.model_meta if model_meta is None else model_meta
     tm = TorchModel(gm, fmt, tuple(example), source, site_meta, meta)
     with atomic_path(output, Path(output).suffix) as tmp:
         tm.save(tmp, fmt)

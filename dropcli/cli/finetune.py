@@ -234,7 +234,7 @@ def run(model_path: str, output: str, *, data: str, val: str | None, variant: st
     work.to("cpu")
     rows = learned.finalize(work, sites)
     after_m = learned.mc_metrics(work, vsplit, task, samples, seed, noise_var=noise_var)
-    meta = dict(getattr(model, "model_meta", {}))
+    meta = dict(model.model_meta)
     if task == "regression":
         meta["tau"] = tau  # `dropcli uncertainty` adds 1/tau to the predictive variance by default
     fmt, err = save_like_input(work, model, example, model_path, output, vsplit.x[:64], model_meta=meta)

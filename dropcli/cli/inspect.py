@@ -35,7 +35,7 @@ def describe(model) -> dict:
         "backend": model.backend,
         "format": model.format,
         "parameters": sum(l.params for l in layers),
-        "model_meta": dict(getattr(model, "model_meta", {}) or {}),  # e.g. the regression tau finetune learned
+        "model_meta": dict(model.model_meta),  # e.g. the regression tau finetune learned
         "layers": [{**l.as_dict(), "sites": _sites(l).split(",") if _sites(l) else [],
                     **({"convention": convention_of(l.dropout_variant, l.op) or "n/a"} if l.kind == "dropout" else {})}
                    for l in layers],

@@ -206,7 +206,7 @@ def register(app: typer.Typer) -> None:
                 "inject some on the fly with --inject standard --p 0.1 (or save one with `dropcli inject`)",
             )
         tau_from = "--tau"
-        if tau is None and (getattr(model, "model_meta", {}) or {}).get("tau"):
+        if tau is None and model.model_meta.get("tau"):
             tau, tau_from = float(model.model_meta["tau"]), "the model (dropcli finetune)"  # regression only
         specs = runner.input_specs()
         source = open_source(input_path, specs)

@@ -256,7 +256,7 @@ def _onnx_npdf(b: OnnxBuilder, a: str, info: TensorInfo) -> str:
 def _onnx_relu_mean(b: OnnxBuilder, mu: str, s: str, pos: str, info: TensorInfo) -> str:
     one = b.f(1.0, info)
     a = b.op("Div", mu, b.op("Where", pos, s, one))
-    pdf = b.op("Mul", b.op("Exp", b.op("Mul", b.f(-0.5, info), b.op("Mul", a, a))), b.f(INV_SQRT2PI, info))
+    pdf = _onnx_npdf(b, a, info)
     val = b.op("Add", b.op("Mul", mu, _onnx_ncdf(b, a, info)), b.op("Mul", s, pdf))
     return b.op("Where", pos, val, b.op("Relu", mu))
 
