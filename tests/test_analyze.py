@@ -137,7 +137,6 @@ def test_softmax_nwgm_matches_definition():
     assert np.allclose(softmax_nwgm(probs), np.exp(m) / np.exp(m).sum(-1, keepdims=True))
 
 
-_cli = cli
 
 
 @pytest.fixture()
@@ -154,8 +153,8 @@ def mlp_files(tmp_path):
 
 def test_cli_json_end_to_end_and_seed(mlp_files):
     pt, data, _ = mlp_files
-    a = json.loads(_cli("--quiet", "analyze", pt, "--input", data, "-T", 64, "--seed", 5, "--json").stdout)
-    b = json.loads(_cli("--quiet", "analyze", pt, "--input", data, "-T", 64, "--seed", 5, "--json", "--batch-size", 7).stdout)
+    a = json.loads(cli("--quiet", "analyze", pt, "--input", data, "-T", 64, "--seed", 5, "--json").stdout)
+    b = json.loads(cli("--quiet", "analyze", pt, "--input", data, "-T", 64, "--seed", 5, "--json", "--batch-size", 7).stdout)
     assert a == b  # bitwise reproducible whatever the chunking
     assert [s["site"] for s in a["sites"]] == ["dropout"]
     s = a["sites"][0]
@@ -165,21 +164,21 @@ def test_cli_json_end_to_end_and_seed(mlp_files):
     assert set(out["rules"]) == {"mc_mean", "nwgm", "deterministic"}
     assert out["rules"]["deterministic"]["accuracy"] == 1.0  # labels are the eval predictions
     assert len(out["disagreement"]) == 3
-    table = _cli("analyze", pt, "--input", data, "-T", 16).stdout
+    table = cli("analyze", pt, "--input", data, "-T", 16).stdout
     assert "Regularisation view" in table and "three prediction rules" in table
 
 
 def test_cli_bad_input(mlp_files, tmp_path):
     pt, data, _ = mlp_files
     plain = save_as(MLP(d_in=16, hidden=12, d_out=4, p=0.0), torch.randn(1, 16), tmp_path / "plain.pt", "torchscript")
-    r = _cli("--quiet", "analyze", plain, "--input", data, code=1)
+    r = cli("--quiet", "analyze", plain, "--input", data, code=1)
     assert r.stderr.count("\n") == 1 and "no stochastic dropout sites" in r.stderr
     bad = tmp_path / "bad.npy"
     np.save(bad, np.zeros((3, 5), np.float32))
-    r = _cli("--quiet", "analyze", pt, "--input", bad, code=1)
+    r = cli("--quiet", "analyze", pt, "--input", bad, code=1)
     assert r.stderr.count("\n") == 1 and r.stdout == ""
-    _cli("--quiet", "analyze", pt, "--input", data, "-T", 1, code=2)
-    r = _cli("--quiet", "analyze", pt, "--input", data, "--layers", "nothing*", code=1)
+    cli("--quiet", "analyze", pt, "--input", data, "-T", 1, code=2)
+    r = cli("--quiet", "analyze", pt, "--input", data, "--layers", "nothing*", code=1)
     assert "no dropout site matches" in r.stderr
 
 
@@ -223,15 +222,15 @@ def test_onnx_logistic_unit_against_enumeration(tmp_path):
     # the CLI runs it too, and --seed repeats bitwise
     data = tmp_path / "x.npy"
     np.save(data, x)
-    a = _cli("--quiet", "analyze", path, "--input", data, "-T", 64, "--json").stdout
-    assert a == _cli("--quiet", "analyze", path, "--input", data, "-T", 64, "--json", "--batch-size", 4).stdout
+    a = cli("--quiet", "analyze", path, "--input", data, "-T", 64, "--json").stdout
+    assert a == cli("--quiet", "analyze", path, "--input", data, "-T", 64, "--json", "--batch-size", 4).stdout
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_matches_cpu(mlp_files):
     pt, data, _ = mlp_files
-    a = json.loads(_cli("--quiet", "analyze", pt, "--input", data, "-T", 64, "--json").stdout)
-    b = json.loads(_cli("--quiet", "analyze", pt, "--input", data, "-T", 64, "--json", "--device", "cuda").stdout)
+    a = json.loads(cli("--quiet", "analyze", pt, "--input", data, "-T", 64, "--json").stdout)
+    b = json.loads(cli("--quiet", "analyze", pt, "--input", data, "-T", 64, "--json", "--device", "cuda").stdout)
     # same keyed masks on both devices; float kernels differ in the last bits
     for sa, sb in zip(a["sites"], b["sites"]):
         assert sa["quantities"]["E"]["mean"] == pytest.approx(sb["quantities"]["E"]["mean"], rel=1e-4)
@@ -242,5 +241,5 @@ def test_cuda_without_gpu_is_a_clean_error(mlp_files):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
     pt, data, _ = mlp_files
-    r = _cli("--quiet", "analyze", pt, "--input", data, "--device", "cuda", code=1)
+    r = cli("--quiet", "analyze", pt, "--input", data, "--device", "cuda", code=1)
     assert "no CUDA GPU" in r.stderr and r.stderr.count("\n") == 1

@@ -24,7 +24,6 @@ from models import MLP, save_as
 T = 256
 
 
-_cli = cli
 
 
 def _mc(path: Path, x: np.ndarray, seed: int, T: int = T):
@@ -71,14 +70,14 @@ def test_torch_stock_dropout_round_trip(tmp_path, fmt):
     x = torch.randn(40, 16)
     src = save_as(model, x[:1], tmp_path / ("m.pt" if fmt == "torchscript" else "m.pt2"), fmt)
     v = tmp_path / ("v" + src.suffix)
-    rep = json.loads(_cli("--quiet", "convert", src, "--to", "vanilla", "-o", v, "--json").stdout)
+    rep = json.loads(cli("--quiet", "convert", src, "--to", "vanilla", "-o", v, "--json").stdout)
     assert [r["weight_factor"] for r in rep["converted"]] == [pytest.approx(1 / 0.65)]
-    info = json.loads(_cli("inspect", v, "--json").stdout)
+    info = json.loads(cli("inspect", v, "--json").stdout)
     assert [l["convention"] for l in info["layers"] if l["kind"] == "dropout"] == ["vanilla"]
     _check_same(src, v, x.numpy())
     back = tmp_path / ("i" + src.suffix)
-    _cli("--quiet", "convert", v, "--to", "inverted", "-o", back)
-    info = json.loads(_cli("inspect", back, "--json").stdout)
+    cli("--quiet", "convert", v, "--to", "inverted", "-o", back)
+    info = json.loads(cli("inspect", back, "--json").stdout)
     assert [l["convention"] for l in info["layers"] if l["kind"] == "dropout"] == ["inverted"]
     _check_same(src, back, x.numpy())
 
@@ -88,7 +87,7 @@ def test_torch_through_maxpool_and_flatten(tmp_path):
     x = torch.randn(32, 1, 8, 8)
     src = save_as(Pooled(), x[:1], tmp_path / "p.pt2", "export")
     v = tmp_path / "v.pt2"
-    _cli("--quiet", "convert", src, "--to", "vanilla", "-o", v)
+    cli("--quiet", "convert", src, "--to", "vanilla", "-o", v)
     _check_same(src, v, x.numpy())
 
 
@@ -98,25 +97,25 @@ def test_torch_dropcli_sites_and_refusal(tmp_path):
     plain = save_as(MLP(d_in=16, hidden=24, d_out=6), x[:1], tmp_path / "plain.pt", "torchscript")
     # a dropcli standard site after the hidden ReLU: converts
     inj = tmp_path / "inj.pt"
-    _cli("--quiet", "inject", plain, "--variant", "standard", "--p", "0.25", "--layers", "relu", "-o", inj)
+    cli("--quiet", "inject", plain, "--variant", "standard", "--p", "0.25", "--layers", "relu", "-o", inj)
     v = tmp_path / "v.pt"
-    _cli("--quiet", "convert", inj, "--to", "vanilla", "-o", v)
+    cli("--quiet", "convert", inj, "--to", "vanilla", "-o", v)
     _check_same(inj, v, x.numpy())
     # a site after a Linear is followed by a ReLU: refused, the op named, nothing written
     bad = tmp_path / "bad.pt"
-    _cli("--quiet", "inject", plain, "--variant", "standard", "--p", "0.25", "--after", "linear", "--layers", "fc2", "-o", bad)
+    cli("--quiet", "inject", plain, "--variant", "standard", "--p", "0.25", "--after", "linear", "--layers", "fc2", "-o", bad)
     out = tmp_path / "never.pt"
-    r = _cli("--quiet", "convert", bad, "--to", "vanilla", "-o", out, code=1)
+    r = cli("--quiet", "convert", bad, "--to", "vanilla", "-o", out, code=1)
     assert r.stderr.count("\n") == 1 and "relu" in r.stderr.lower() and "not linear" in r.stderr
     assert not out.exists()
     # no dropout at all
-    r = _cli("--quiet", "convert", plain, "--to", "vanilla", "-o", out, code=1)
+    r = cli("--quiet", "convert", plain, "--to", "vanilla", "-o", out, code=1)
     assert "no dropout sites" in r.stderr and not out.exists()
-    _cli("--quiet", "convert", inj, "--to", "sideways", "-o", out, code=2)
+    cli("--quiet", "convert", inj, "--to", "sideways", "-o", out, code=2)
     # non-Bernoulli variants have no convention
     g = tmp_path / "g.pt"
-    _cli("--quiet", "inject", plain, "--variant", "gaussian", "--p", "0.25", "--layers", "relu", "-o", g)
-    r = _cli("--quiet", "convert", g, "--to", "vanilla", "-o", out, code=1)
+    cli("--quiet", "inject", plain, "--variant", "gaussian", "--p", "0.25", "--layers", "relu", "-o", g)
+    r = cli("--quiet", "convert", g, "--to", "vanilla", "-o", out, code=1)
     assert "gaussian" in r.stderr and not out.exists()
 
 
@@ -144,16 +143,16 @@ def test_onnx_dropout_nodes_round_trip_and_refusal(tmp_path):
     src = _onnx_mlp(tmp_path / "m.onnx")
     x = np.random.default_rng(3).normal(size=(40, 16)).astype(np.float32)
     v = tmp_path / "v.onnx"
-    _cli("--quiet", "convert", src, "--to", "vanilla", "-o", v)
-    info = json.loads(_cli("inspect", v, "--json").stdout)
+    cli("--quiet", "convert", src, "--to", "vanilla", "-o", v)
+    info = json.loads(cli("inspect", v, "--json").stdout)
     assert [l["convention"] for l in info["layers"] if l["kind"] == "dropout"] == ["vanilla"]
     _check_same(src, v, x)
     back = tmp_path / "i.onnx"
-    _cli("--quiet", "convert", v, "--to", "inverted", "-o", back)
+    cli("--quiet", "convert", v, "--to", "inverted", "-o", back)
     _check_same(src, back, x)
     bad = _onnx_mlp(tmp_path / "bad.onnx", "Tanh")
     out = tmp_path / "never.onnx"
-    r = _cli("--quiet", "convert", bad, "--to", "vanilla", "-o", out, code=1)
+    r = cli("--quiet", "convert", bad, "--to", "vanilla", "-o", out, code=1)
     assert "Tanh" in r.stderr and r.stderr.count("\n") == 1 and not out.exists()
 
 
@@ -164,7 +163,7 @@ def test_torch_and_onnx_agree_after_convert(tmp_path):
     x = torch.randn(40, 16)
     src = save_as(model, x[:1], tmp_path / "m.pt", "torchscript")
     v = tmp_path / "v.onnx"
-    _cli("--quiet", "convert", src, "--to", "vanilla", "-o", v, "--format", "onnx")
+    cli("--quiet", "convert", src, "--to", "vanilla", "-o", v, "--format", "onnx")
     vt = tmp_path / "v.pt"
-    _cli("--quiet", "convert", src, "--to", "vanilla", "-o", vt)
+    cli("--quiet", "convert", src, "--to", "vanilla", "-o", vt)
     _check_same(vt, v, x.numpy())

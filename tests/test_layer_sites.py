@@ -65,11 +65,10 @@ def _dropout(name: str, p: float) -> dict:
     return {"variant": name, "p": p if _has_p(name) else None}
 
 
-_cli = cli
 
 
 def _inspect(path, *extra):
-    return json.loads(_cli("inspect", path, "--json", *extra).stdout)["layers"]
+    return json.loads(cli("inspect", path, "--json", *extra).stdout)["layers"]
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +109,7 @@ def test_inject_inspect_remove_replace_roundtrip(name, fmt, ext, sources, tmp_pa
     assert rewritable, "the test model has nothing to rewrite"
 
     a = tmp_path / f"a.{ext}"
-    out = json.loads(_cli("inject", src, "--variant", name, *_flags(name, 0.3), "-o", a, "--json", *shape).stdout)
+    out = json.loads(cli("inject", src, "--variant", name, *_flags(name, 0.3), "-o", a, "--json", *shape).stdout)
     assert [s["at"] for s in out["sites"]] == [l["name"] for l in rewritable]
     rows = _inspect(a)
     sites = [l for l in rows if l["dropout"]]
@@ -121,7 +120,7 @@ def test_inject_inspect_remove_replace_roundtrip(name, fmt, ext, sources, tmp_pa
 
     # remove: the stock layers come back and compute the original function
     b = tmp_path / f"b.{ext}"
-    _cli("inject", a, "--remove", "-o", b)
+    cli("inject", a, "--remove", "-o", b)
     rows_b = _inspect(b)
     assert not any(l["dropout"] for l in rows_b)
     assert sorted(l["layer_class"] for l in rows_b if l["layer_class"]) == sorted(l["layer_class"] for l in before if l["layer_class"])
@@ -129,14 +128,14 @@ def test_inject_inspect_remove_replace_roundtrip(name, fmt, ext, sources, tmp_pa
 
     # replace by an activation-level variant: back to the layer, gaussian after it (inference = original)
     c = tmp_path / f"c.{ext}"
-    _cli("inject", a, "--replace", "--variant", "gaussian", "-o", c)
+    cli("inject", a, "--replace", "--variant", "gaussian", "-o", c)
     sites_c = [l for l in _inspect(c) if l["dropout"]]
     assert [s["dropout"] for s in sites_c] == [{"variant": "gaussian", "p": 0.3 if _has_p(name) else 0.5}] * len(rewritable)
     np.testing.assert_allclose(_run(c, fmt, x), ref, rtol=1e-6, atol=1e-6)
 
     # replace by the same variant with another p: rewritten again, numbered after the old sites
     e = tmp_path / f"e.{ext}"
-    out_e = json.loads(_cli("inject", a, "--replace", "--variant", name, *_flags(name, 0.2), "-o", e, "--json").stdout)
+    out_e = json.loads(cli("inject", a, "--replace", "--variant", name, *_flags(name, 0.2), "-o", e, "--json").stdout)
     assert {s["site"] for s in out_e["sites"]}.isdisjoint({s["name"] for s in sites})
     assert [s["dropout"] for s in _inspect(e) if s["dropout"]] == [_dropout(name, 0.2)] * len(rewritable)
 
@@ -152,10 +151,10 @@ def test_pickle_and_state_dict_inputs(name, tmp_path):
     src = save_as(model, x[:2], tmp_path / "m.pkl", "pickle")
     imp = ["--trust-pickle", "--import", "tests/models.py"]
     a = tmp_path / "a.pkl"
-    _cli("inject", src, "--variant", name, *_flags(name, 0.25), "-o", a, *imp)
+    cli("inject", src, "--variant", name, *_flags(name, 0.25), "-o", a, *imp)
     assert any(l["dropout"] and l["dropout"]["variant"] == name for l in _inspect(a, *imp))
     b = tmp_path / "b.pkl"
-    _cli("inject", a, "--remove", "-o", b, *imp)
+    cli("inject", a, "--remove", "-o", b, *imp)
     restored = torch.load(str(b), weights_only=False)
     with torch.no_grad():
         np.testing.assert_array_equal(restored(x).numpy(), model(x).numpy())
@@ -163,7 +162,7 @@ def test_pickle_and_state_dict_inputs(name, tmp_path):
     arch = "tests/models.py:MLP" if key == "mlp" else "tests/models.py:PoolCNN"
     shape = "2x64" if key == "mlp" else "2x1x8x8"
     c = tmp_path / "c.pt"
-    _cli("inject", sd, "--arch", arch, "--input-shape", shape, "--variant", name, *_flags(name, 0.25), "-o", c)
+    cli("inject", sd, "--arch", arch, "--input-shape", shape, "--variant", name, *_flags(name, 0.25), "-o", c)
     assert any(l["dropout"] and l["dropout"]["variant"] == name for l in _inspect(c))
 
 
@@ -199,9 +198,9 @@ def test_float64_model_keeps_dtype_and_tensors(name):
 def test_usage_errors(tmp_path):
     torch.manual_seed(0)
     mlp = save_as(MLP(p=0.2).eval(), torch.rand(2, 64), tmp_path / "mlp.pt2", "export")
-    res = _cli("inject", mlp, "--variant", "maxpool-dropout", "-o", tmp_path / "o.pt2", code=2)
+    res = cli("inject", mlp, "--variant", "maxpool-dropout", "-o", tmp_path / "o.pt2", code=2)
     assert "max-pooling" in res.output
-    res = _cli("inject", mlp, "--replace", "--variant", "avgpool-dropout", "-o", tmp_path / "o.pt2", code=2)
+    res = cli("inject", mlp, "--replace", "--variant", "avgpool-dropout", "-o", tmp_path / "o.pt2", code=2)
     assert "can't take the place of the dropout layer" in res.output
     assert not (tmp_path / "o.pt2").exists()
 
@@ -244,11 +243,11 @@ def test_uncertainty_cli_both_backends(name, sources, tmp_path):
     reports = []
     for fmt, ext in (("export", "pt2"), ("onnx", "onnx")):
         out = tmp_path / f"m.{ext}"
-        _cli("--quiet", "inject", sources[key][fmt], "--variant", name, *_flags(name, 0.3), "-o", out)
-        res = _cli("--quiet", "uncertainty", out, "--input", tmp_path / "x.npy", "-T", 24, "--seed", 3, "--json")
+        cli("--quiet", "inject", sources[key][fmt], "--variant", name, *_flags(name, 0.3), "-o", out)
+        res = cli("--quiet", "uncertainty", out, "--input", tmp_path / "x.npy", "-T", 24, "--seed", 3, "--json")
         reports.append(json.loads(res.stdout))
         # --inject on the fly works too
-        res2 = _cli("--quiet", "uncertainty", sources[key][fmt], "--input", tmp_path / "x.npy", "-T", 8,
+        res2 = cli("--quiet", "uncertainty", sources[key][fmt], "--input", tmp_path / "x.npy", "-T", 8,
                     "--inject", name, *(["--p", 0.3] if _has_p(name) else []), "--json")
         assert json.loads(res2.stdout)["summary"]["sites"] >= 1
     assert reports[0]["summary"]["sites"] == reports[1]["summary"]["sites"] >= 1

@@ -25,19 +25,13 @@ from typer.testing import CliRunner
 
 from dropcli import stats
 from dropcli.cli.main import app
+from helpers import cli
 from models import MLP, save_as
 
 runner = CliRunner()
 EXAMPLE_MODEL = Path(__file__).resolve().parent.parent / "examples" / "digits_mlp.pt"
 N = 150
 CUTS = [0, 37, 38, 90, 91, 150]  # uneven shards, two of them a single row
-
-
-def cli(*args, code: int = 0, env=None):
-    res = runner.invoke(app, [str(a) for a in args], env=env)
-    assert res.exit_code == code, f"exit {res.exit_code} (want {code}): {res.stderr}{res.exception!r}"
-    assert "Traceback" not in res.stderr
-    return res
 
 
 def cli_err(*args, code: int = 1, contains: tuple[str, ...] = ()):

@@ -18,16 +18,12 @@ from models import GRUNet, LSTMNet, save_as
 
 
 
-def _invoke(args, code=0):
-    return cli(*args, code=code)
-
-
 def _max_std(record: dict) -> float:
     return max(v for k, v in record.items() if k.startswith("std_"))
 
 
 def _uncertainty(path: Path, x_path: Path) -> dict:
-    res = _invoke(["uncertainty", path, "--input", x_path, "-T", "16", "--seed", "3", "--json"])
+    res = cli("uncertainty", path, "--input", x_path, "-T", "16", "--seed", "3", "--json")
     return json.loads(res.stdout)
 
 
@@ -39,7 +35,7 @@ def test_inject_lstm_pt2_then_uncertainty(seqs, variant, extra):
     m = LSTMNet().eval()
     src = save_as(m, x, d / f"lstm_{variant}.pt2", "export")
     out = d / f"lstm_{variant}_mc.pt2"
-    res = _invoke(["inject", src, "--variant", variant, "--p", "0.3", *extra, "-o", out, "--json"])
+    res = cli("inject", src, "--variant", variant, "--p", "0.3", *extra, "-o", out, "--json")
     done = json.loads(res.stdout)
     assert [s["variant"] for s in done["sites"]] == [variant]
     loaded = torch.export.load(str(out)).module()
@@ -50,7 +46,7 @@ def test_inject_lstm_pt2_then_uncertainty(seqs, variant, extra):
     assert rep == again  # --seed: identical
     assert rep["summary"]["sites"] == 1
     assert all(_max_std(r) > 0 for r in rep["examples"])  # every example's samples vary
-    listed = json.loads(_invoke(["inspect", out, "--json"]).stdout)["layers"]
+    listed = json.loads(cli("inspect", out, "--json").stdout)["layers"]
     assert any(l["kind"] == "dropout" and (l["dropout"] or {}).get("variant") == variant for l in listed), listed
 
 
@@ -60,7 +56,7 @@ def test_inject_gru_onnx_then_uncertainty(seqs):
     m = GRUNet().eval()
     src = save_as(m, x, d / "gru.onnx", "onnx")
     out = d / "gru_mc.onnx"
-    _invoke(["inject", src, "--variant", "variational", "--p", "0.2", "-o", out])
+    cli("inject", src, "--variant", "variational", "--p", "0.2", "-o", out)
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     want = ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
@@ -74,12 +70,12 @@ def test_inject_gru_onnx_then_uncertainty(seqs):
 def test_rnndrop_refuses_gru_and_lists_variants(seqs):
     d, x = seqs
     src = save_as(GRUNet().eval(), x, d / "gru_only.pt2", "export")
-    res = _invoke(["inject", src, "--variant", "rnndrop", "-o", d / "never.pt2"], code=2)
+    res = cli("inject", src, "--variant", "rnndrop", "-o", d / "never.pt2", code=2)
     assert "no LSTM layer" in res.output and "Traceback" not in res.output
     assert not (d / "never.pt2").exists()
-    names = {v["name"] for v in json.loads(_invoke(["variants", "--json"]).stdout)}
+    names = {v["name"] for v in json.loads(cli("variants", "--json").stdout)}
     assert {"rnndrop", "recurrent", "variational"} <= names
-    res = _invoke(["inject", src, "--variant", "recurrent", "--mask-per", "token", "-o", d / "never.pt2"], code=2)
+    res = cli("inject", src, "--variant", "recurrent", "--mask-per", "token", "-o", d / "never.pt2", code=2)
     assert "--mask-per" in res.output
 
 
@@ -93,11 +89,11 @@ def test_torchscript_output_reloads(seqs, variant):
     m = LSTMNet().eval()
     src = save_as(m, x, d / f"lstm_ts_{variant}.pt", "torchscript")
     out = d / f"lstm_ts_{variant}_mc.pt"
-    _invoke(["inject", src, "--input-shape", "2x5x8", "--variant", variant, "--p", "0.3", "-o", out])
+    cli("inject", src, "--input-shape", "2x5x8", "--variant", variant, "--p", "0.3", "-o", out)
     ts = torch.jit.load(str(out))
     with torch.no_grad():
         assert torch.allclose(ts(x), m(x), atol=1e-6)  # plain TorchScript, inference mode = the original
-    listed = json.loads(_invoke(["inspect", out, "--json"]).stdout)["layers"]
+    listed = json.loads(cli("inspect", out, "--json").stdout)["layers"]
     assert [l["dropout"]["variant"] for l in listed if l["dropout"]] == [variant]
     rep = _uncertainty(out, d / "x.npy")
     assert rep == _uncertainty(out, d / "x.npy")
@@ -109,7 +105,7 @@ def test_torchscript_output_reloads(seqs, variant):
         ts.head.weight.add_(0.5)
     edited = d / f"lstm_ts_{variant}_edited.pt"
     torch.jit.save(ts, str(edited), _extra_files=extra)
-    res = _invoke(["inspect", edited], code=1)
+    res = cli("inspect", edited, code=1)
     assert "no longer matches" in res.output and "Traceback" not in res.output
 
 
@@ -118,6 +114,6 @@ def test_gru_site_counts_once(seqs):
     d, x = seqs
     src = save_as(GRUNet().eval(), x, d / "gru_count.pt2", "export")
     out = d / "gru_count_mc.pt2"
-    _invoke(["inject", src, "--variant", "variational", "-o", out])
+    cli("inject", src, "--variant", "variational", "-o", out)
     rep = _uncertainty(out, d / "x.npy")
     assert rep["summary"]["sites"] == 1

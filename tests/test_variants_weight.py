@@ -113,6 +113,21 @@ def test_test_rule_is_algorithm_2():
         np.testing.assert_allclose(DropConnect.from_module(lin, p=P)(x).numpy(), lin(x).numpy(), rtol=1e-6, atol=1e-6)
 
 
+def _onnx_matches_site(sess, model: nn.Sequential, site, x: np.ndarray, atol: float, seed: int) -> np.ndarray:
+    """An ONNX model head(site(x)) against the torch site on the same weights: exactly in inference
+    mode, and in distribution (mean and variance, K standard errors) over N MC rows. The ONNX rows."""
+    with torch.no_grad():
+        ref = model[2](site(torch.from_numpy(x))).numpy()
+    np.testing.assert_allclose(sess.run(None, {"x": x})[0], ref, rtol=1e-5, atol=atol)
+    yo = sess.run(None, {"x": np.repeat(x, N, 0), MC_INPUT: np.array(True)})[0].astype(np.float64)
+    site.set_mc(True)
+    with torch.no_grad():
+        torch.manual_seed(seed)
+        yt = model[2](site(torch.from_numpy(np.repeat(x, N, 0)))).double().numpy()
+    assert_same_moments(yo, yt, "ONNX vs torch MC", z=K)
+    return yo
+
+
 @pytest.mark.parametrize("form", ["gaussian", "mask"])
 def test_onnx_mc_moments_and_test_rule(form, tmp_path):
     torch.manual_seed(0)
@@ -123,22 +138,10 @@ def test_onnx_mc_moments_and_test_rule(form, tmp_path):
     assert r.exit_code == 0, r.output
     x = np.random.default_rng(1).random((1, 24), dtype=np.float32)
     sess = ort.InferenceSession(str(out))
-    # the ONNX output is fc2(site(x)); check the site through the head's linear map: fc2 is
-    # affine, so the moments of fc2(relu(u)) come from those of relu(u); instead compare with
-    # torch's own site on the same weights, in distribution, and exactly in inference mode
-    w, b = model[0].weight.detach(), model[0].bias.detach()
+    # the ONNX output is fc2(site(x)): compare it with torch's own site on the same weights
     site = DropConnect.from_module(model[0], act=nn.ReLU(), p=P, mc_form=form)
-    with torch.no_grad():
-        ref_eval = model[2](site(torch.from_numpy(x))).numpy()
-    np.testing.assert_allclose(sess.run(None, {"x": x})[0], ref_eval, rtol=1e-5, atol=1e-5)
-    yo = sess.run(None, {"x": np.repeat(x, N, 0), MC_INPUT: np.array(True)})[0].astype(np.float64)
-    site.set_mc(True)
-    with torch.no_grad():
-        torch.manual_seed(5)
-        yt = model[2](site(torch.from_numpy(np.repeat(x, N, 0)))).double().numpy()
-    assert_same_moments(yo, yt, "ONNX vs torch MC", z=K)
+    yo = _onnx_matches_site(sess, model, site, x, atol=1e-5, seed=5)
     assert np.unique(yo[:, 0]).size > N // 2  # per-row draws in ONNX too
-    del w, b
 
 
 def test_cli_options_and_errors(tmp_path):
@@ -215,13 +218,4 @@ def test_standout_onnx_matches_torch(tmp_path):
     assert r.exit_code == 2 and "--p" in r.output  # standout has no fixed drop probability
     x = np.random.default_rng(1).random((1, 10), dtype=np.float32)
     site = Standout.from_module(model[0], act=nn.Sigmoid(), alpha=1.5, beta=0.2)
-    with torch.no_grad():
-        ref = model[2](site(torch.from_numpy(x))).numpy()
-    sess = ort.InferenceSession(str(out))
-    np.testing.assert_allclose(sess.run(None, {"x": x})[0], ref, rtol=1e-5, atol=1e-6)
-    yo = sess.run(None, {"x": np.repeat(x, N, 0), MC_INPUT: np.array(True)})[0].astype(np.float64)
-    site.set_mc(True)
-    with torch.no_grad():
-        torch.manual_seed(3)
-        yt = model[2](site(torch.from_numpy(np.repeat(x, N, 0)))).double().numpy()
-    assert_same_moments(yo, yt, "ONNX vs torch MC", z=K)
+    _onnx_matches_site(ort.InferenceSession(str(out)), model, site, x, atol=1e-6, seed=3)

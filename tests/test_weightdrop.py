@@ -441,10 +441,6 @@ def test_onnx_p0_and_bidirectional_stack_exact(mode, tmp_path):
 # ------------------------------------------------------------------------ CLI
 
 
-def _invoke(args, code=0):
-    return cli(*args, code=code)
-
-
 @pytest.mark.parametrize("net_cls,fmt,extra,checks", [
     (LSTMNet, "torchscript", ["--input-shape", "4x5x8"], "inspect,mc"),
     (GRUNet, "export", ["--weight", "both"], "mc"),
@@ -464,7 +460,7 @@ def test_cli_inject_inspect_uncertainty(seqs, net_cls, fmt, extra, checks):
     # and the CLI round trip goes through a .pt2 output
     out = d / f"{net_cls.__name__}_{fmt}_wd.{'pt2' if fmt in ('pickle', 'state_dict', 'torchscript') else suffix}"
     oformat = ["--format", "export"] if fmt in ("pickle", "state_dict", "torchscript") else []
-    res = _invoke(["inject", src, "--variant", "weightdrop", "--p", "0.3", *extra, *oformat, "-o", out, "--json"])
+    res = cli("inject", src, "--variant", "weightdrop", "--p", "0.3", *extra, *oformat, "-o", out, "--json")
     n_rnn = 2 if (fmt == "onnx" and net_cls is GRUNet) else 1  # ONNX: one GRU node per stacked layer
     assert [s["variant"] for s in json.loads(res.stdout)["sites"]] == ["weightdrop"] * n_rnn
     with torch.no_grad():
@@ -480,7 +476,7 @@ def test_cli_inject_inspect_uncertainty(seqs, net_cls, fmt, extra, checks):
             assert torch.equal(loaded(x), torch.from_numpy(want))  # inference mode: the fused layer itself
     if fmt == "torchscript":
         ts_out = d / "lstm_wd_ts.pt"
-        _invoke(["inject", src, "--variant", "weightdrop", "--p", "0.3", *extra, "-o", ts_out])
+        cli("inject", src, "--variant", "weightdrop", "--p", "0.3", *extra, "-o", ts_out)
         lm = torch.jit.load(str(ts_out))
         x9 = torch.randn(3, 9, 8)
         with torch.no_grad():
@@ -488,13 +484,13 @@ def test_cli_inject_inspect_uncertainty(seqs, net_cls, fmt, extra, checks):
             assert set_mc(lm, True) == 1
             assert not torch.equal(lm(x9), lm(x9))
     if "inspect" in checks:
-        listed = json.loads(_invoke(["inspect", out, "--json"]).stdout)["layers"]
+        listed = json.loads(cli("inspect", out, "--json").stdout)["layers"]
         assert any(l["kind"] == "dropout" and (l["dropout"] or {}).get("variant") == "weightdrop" for l in listed), listed
     if "mc" in checks:
         unc = ["uncertainty", out, "--input", d / "x.npy", "-T", "16", "--seed", "3", "--json"]
-        rep = json.loads(_invoke(unc).stdout)
+        rep = json.loads(cli(*unc).stdout)
         if "again" in checks:
-            assert rep == json.loads(_invoke(unc).stdout)  # --seed: identical
+            assert rep == json.loads(cli(*unc).stdout)  # --seed: identical
         assert all(max(v for k, v in r.items() if k.startswith("std_")) > 0 for r in rep["examples"])
 
 
@@ -503,24 +499,24 @@ def test_cli_uncertainty_refuses_per_pass_masks(seqs, suffix, fmt):
     d, x = seqs
     src = save_as(LSTMNet().eval(), x, d / f"pass_src.{suffix}", fmt)
     out = d / f"pass_wd.{suffix}"
-    _invoke(["inject", src, "--variant", "weightdrop", "--mask-per", "pass", "-o", out])
-    res = _invoke(["uncertainty", out, "--input", d / "x.npy", "-T", "4"], code=2)
+    cli("inject", src, "--variant", "weightdrop", "--mask-per", "pass", "-o", out)
+    res = cli("uncertainty", out, "--input", d / "x.npy", "-T", "4", code=2)
     assert "--mask-per pass" in res.output and "--mask-per row" in res.output and "Traceback" not in res.output
 
 
 def test_cli_bad_input(seqs):
     d, x = seqs
     mlp = save_as(MLP(d_in=8).eval(), torch.randn(2, 8), d / "mlp.pt2", "export")
-    res = _invoke(["inject", mlp, "--variant", "weightdrop", "-o", d / "never.pt2"], code=2)
+    res = cli("inject", mlp, "--variant", "weightdrop", "-o", d / "never.pt2", code=2)
     assert "Traceback" not in res.output and len(res.output.strip().splitlines()) <= 2, res.output
     assert "lstm" in res.output.lower() or "gru" in res.output.lower()
     src = save_as(LSTMNet().eval(), x, d / "ok.pt2", "export")
     for bad, flag in ((["--p", "1.0"], "--p"), (["--p", "-0.1"], "--p"), (["--weight", "hx"], "--weight"),
                       (["--mask-per", "step"], "--mask-per")):
-        res = _invoke(["inject", src, "--variant", "weightdrop", *bad, "-o", d / "never.pt2"], code=2)
+        res = cli("inject", src, "--variant", "weightdrop", *bad, "-o", d / "never.pt2", code=2)
         assert flag in res.output and "Traceback" not in res.output
     assert not (d / "never.pt2").exists()
-    names = {v["name"] for v in json.loads(_invoke(["variants", "--json"]).stdout)}
+    names = {v["name"] for v in json.loads(cli("variants", "--json").stdout)}
     assert "weightdrop" in names
     with pytest.raises(UsageError, match="row"):
         SPEC.resolve_params({"mask_per": "sequence"})
