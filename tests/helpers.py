@@ -141,6 +141,19 @@ def interrupt_training(monkeypatch, at_step: int = 3) -> None:
     monkeypatch.setattr(train_mod, "data_loss", interrupted)
 
 
+def assert_moments_match(y: np.ndarray, mean: np.ndarray, var: np.ndarray, what: str, z: float = Z) -> None:
+    """Draws stacked on axis 0 against the exact mean and variance of each element: within z
+    standard errors each (the SE of a sample variance is sqrt((m4 - v^2)/n))."""
+    y = np.asarray(y, dtype=np.float64)
+    n = len(y)
+    zm = np.abs(y.mean(0) - mean) / np.sqrt(var / n)
+    assert zm.max() <= z, f"{what}: MC mean differs from the exact mean (max z {zm.max():.2f})"
+    c = y - y.mean(0)
+    se_v = np.sqrt(np.maximum((c ** 4).mean(0) - c.var(0) ** 2, 1e-30) / n)
+    zv = np.abs(y.var(0) - var) / se_v
+    assert zv.max() <= z, f"{what}: MC variance differs from the exact variance (max z {zv.max():.2f})"
+
+
 def assert_same_moments(a: np.ndarray, b: np.ndarray, what: str, z: float = Z) -> None:
     """Two samples of draws stacked on axis 0 (e.g. torch vs ONNX MC passes): per element of the
     rest, the means agree within z standard errors, and so do the variances (the SE of a sample

@@ -30,7 +30,7 @@ from typer.testing import CliRunner
 from dropcli.cli.main import app
 from dropcli.errors import UsageError
 from dropcli.variants import get_variant
-from helpers import binom_tol, onnx_layer_model, onnx_replace, ort_session, repeat_rows, run_onnx, torch_layer_site
+from helpers import assert_moments_match, binom_tol, onnx_layer_model, onnx_replace, ort_session, repeat_rows, run_onnx, torch_layer_site
 from models import MLP, save_as
 
 runner = CliRunner()
@@ -172,6 +172,21 @@ def test_gemm_attributes_and_no_bias_are_kept():
 
 
 # ----------------------------------------------------------------------------- MC rule
+def _mc_draws(backend: str, lin: nn.Linear, act: str, p: float, xr: np.ndarray, seed: int) -> np.ndarray:
+    """MC outputs of a fastdropout site on lin (+ act) for the rows xr: the torch site, or the
+    rewritten ONNX Gemm in a default onnxruntime session (which must vary from run to run)."""
+    if backend == "torch":
+        site = torch_layer_site("fastdropout", lin, act=ACTS[act], p=p)
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            return site(torch.from_numpy(xr)).numpy()
+    w, b = lin.weight.detach().numpy(), lin.bias.detach().numpy()
+    sess = ort_session(onnx_replace(_onnx_linear("Gemm", act, w, b), "fastdropout", p=p))
+    y = run_onnx(sess, xr)
+    assert not np.array_equal(y, run_onnx(sess, xr)), "ONNX MC mode does not vary in a default session"
+    return y
+
+
 @pytest.mark.parametrize("backend", ["torch", "onnx"])
 @pytest.mark.parametrize("act", ["none", "relu", "sigmoid"])
 def test_mc_moments_match_the_formula(backend, act):
@@ -181,28 +196,12 @@ def test_mc_moments_match_the_formula(backend, act):
     torch.manual_seed(3)
     lin = nn.Linear(10, 6)
     x = np.random.default_rng(4).normal(size=(3, 10)).astype(np.float32)
-    xr = repeat_rows(x, R)
-    if backend == "torch":
-        site = torch_layer_site("fastdropout", lin, act=ACTS[act], p=p)
-        torch.manual_seed(5)
-        with torch.no_grad():
-            y = site(torch.from_numpy(xr)).numpy()
-    else:
-        w, b = lin.weight.detach().numpy(), lin.bias.detach().numpy()
-        sess = ort_session(onnx_replace(_onnx_linear("Gemm", act, w, b), "fastdropout", p=p))
-        y = run_onnx(sess, xr)
-        assert not np.array_equal(y, run_onnx(sess, xr)), "ONNX MC mode does not vary in a default session"
-    y = y.reshape(R, 3, 6).astype(np.float64)
+    y = _mc_draws(backend, lin, act, p, repeat_rows(x, R), seed=5).reshape(R, 3, 6).astype(np.float64)
     mu, s2 = moments_ref(lin, x, p)
     f = NP_ACT[act]
     mean = gauss_integral(f, mu, s2)
     var = gauss_integral(lambda v: f(v) ** 2, mu, s2) - mean ** 2
-    z = np.abs(y.mean(0) - mean) / np.sqrt(var / R)
-    assert z.max() <= 6.0, f"{backend}/{act}: MC mean is not E[a(S)] (max z {z.max():.2f})"
-    c = y - y.mean(0)
-    se_v = np.sqrt(np.maximum((c ** 4).mean(0) - c.var(0) ** 2, 1e-30) / R)
-    zv = np.abs(y.var(0) - var) / se_v
-    assert zv.max() <= 6.0, f"{backend}/{act}: MC variance is not Var[a(S)] (max z {zv.max():.2f})"
+    assert_moments_match(y, mean, var, f"{backend}/{act}: E[a(S)], Var[a(S)]", z=6.0)
     if act == "none":
         # Gaussian, not just the right two moments: P(|S - mu| < s) = 0.6827
         inside = float((np.abs(y - mu) < np.sqrt(s2)).mean())
@@ -218,15 +217,7 @@ def test_rows_of_a_tiled_batch_are_independent(backend):
     torch.manual_seed(6)
     lin = nn.Linear(8, 16)
     x = np.random.default_rng(7).normal(size=(1, 8)).astype(np.float32)
-    xr = repeat_rows(x, R)
-    if backend == "torch":
-        site = torch_layer_site("fastdropout", lin, p=p)
-        torch.manual_seed(8)
-        with torch.no_grad():
-            y = site(torch.from_numpy(xr)).numpy()
-    else:
-        w, b = lin.weight.detach().numpy(), lin.bias.detach().numpy()
-        y = run_onnx(ort_session(onnx_replace(_onnx_linear("Gemm", "none", w, b), "fastdropout", p=p)), xr)
+    y = _mc_draws(backend, lin, "none", p, repeat_rows(x, R), seed=8)
     mu, s2 = moments_ref(lin, x, p)
     zs = (y.astype(np.float64) - mu) / np.sqrt(s2)
     a, b2 = zs[0::2].ravel(), zs[1::2].ravel()
