@@ -125,14 +125,14 @@ def learned_point(t: dict, out: Path, seed: int = SEED) -> tuple[dict, float]:
 
 def grid_point(t: dict, p: float, out: Path, seed: int = SEED) -> tuple[dict, float]:
     """The same pipeline as the command, with the rate fixed at p and only the weights trained."""
-    from dropcli import learned
+    from dropcli.training import learned
     from dropcli.backends import load_model
-    from dropcli.backends.torch_backend import TorchModel
+    from dropcli.backends.torch.model import TorchModel
     from dropcli.cli.finetune import precision
-    from dropcli.importer import to_modules
-    from dropcli.plan import apply_replace, plan_existing
-    from dropcli.sites import Selection
-    from dropcli.train import check_import, fit, load_split, model_example, save_like_input
+    from dropcli.backends.torch.importer import to_modules
+    from dropcli.backends.plan import apply_replace, plan_existing
+    from dropcli.model.selection import Selection
+    from dropcli.training.loop import check_import, fit, load_split, model_example, save_like_input
     from dropcli.variants import get_variant
     from dropcli.variants.base import SiteModule, set_mc
 

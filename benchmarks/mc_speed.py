@@ -14,11 +14,11 @@ path alike; the table shows medians and the ratio vs the naive path of the same 
 * torch naive: the module in eval mode with only its dropout modules in train mode
   (BatchNorm keeps its running statistics, as baal does), T forward passes, stacked;
 * torch dropcli: the module saved as .pt2, loaded with dropcli.backends.load_model,
-  dropcli.mc.TorchRunner + dropcli.mc.run_mc (includes the deterministic pass and the
+  dropcli.engines.runner.TorchRunner + dropcli.engines.runner.run_mc (includes the deterministic pass and the
   degenerate-sampling check that `dropcli uncertainty` runs);
 * onnx naive: the model exported without dropout, `dropcli inject --p 0.5` at the same
   places, then T onnxruntime session runs with dropcli_mc=True;
-* onnx dropcli: dropcli.mc_onnx.OnnxRunner + run_mc (skipped while it does not exist).
+* onnx dropcli: dropcli.engines.onnx_mc.OnnxRunner + run_mc (skipped while it does not exist).
 
 Then the statistics are checked: naive vs engine, the average over examples of the
 predictive mean and of the per-example variance (logits) must agree within 4 standard
@@ -102,7 +102,7 @@ def naive_torch(model: nn.Module, x: torch.Tensor) -> np.ndarray:
 
 def make_engine_torch(model: nn.Module, example: torch.Tensor, d: Path):
     from dropcli.backends import load_model
-    from dropcli.mc import TorchRunner, run_mc
+    from dropcli.engines.runner import TorchRunner, run_mc
 
     path = d / f"{type(model).__name__.lower()}.pt2"
     with warnings.catch_warnings():
@@ -136,7 +136,7 @@ def make_onnx(plain: nn.Module, example: torch.Tensor, d: Path, after: str, p: f
 def make_naive_onnx(path: Path):
     import onnxruntime as ort
 
-    from dropcli.backends.onnx_backend import MC_INPUT
+    from dropcli.backends.onnx.model import MC_INPUT
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = THREADS
@@ -157,8 +157,8 @@ def make_naive_onnx(path: Path):
 
 def make_engine_onnx(path: Path):
     from dropcli.backends import load_model
-    from dropcli.mc import run_mc
-    from dropcli.mc_onnx import OnnxRunner
+    from dropcli.engines.runner import run_mc
+    from dropcli.engines.onnx_mc import OnnxRunner
 
     runner = OnnxRunner(load_model(str(path)), "cpu")
     seed = [0]
@@ -206,7 +206,7 @@ def main() -> int:
     args = ap.parse_args()
     reps = args.reps or (3 if args.quick else 10)
     torch.set_num_threads(THREADS)
-    have_onnx_engine = importlib.util.find_spec("dropcli.mc_onnx") is not None
+    have_onnx_engine = importlib.util.find_spec("dropcli.engines.onnx_mc") is not None
 
     rows = []
     checks = []
@@ -229,7 +229,7 @@ def main() -> int:
                 if have_onnx_engine:
                     paths["onnx dropcli"] = make_engine_onnx(onnx_path)[0]
                 elif not any("mc_onnx" in n for n in notes):
-                    notes.append("onnx dropcli: skipped, dropcli.mc_onnx is not importable yet")
+                    notes.append("onnx dropcli: skipped, dropcli.engines.onnx_mc is not importable yet")
             except Exception as e:  # noqa: BLE001
                 notes.append(f"{name} onnx: skipped ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
             print(f"[{name}] {n_sites} torch site(s); timing {len(paths)} paths x {reps} reps ...", file=sys.stderr, flush=True)

@@ -31,7 +31,7 @@ import warnings
 import torch
 from torch import nn
 
-from dropcli.rnn import RecurrentLoop
+from dropcli.backends.torch.rnn import RecurrentLoop
 from dropcli.variants.recurrent import spec_by_name
 
 THREADS = 2

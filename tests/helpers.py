@@ -17,9 +17,9 @@ import onnxruntime as ort
 import torch
 from onnx import TensorProto, helper
 
-from dropcli.backends.onnx_backend import MC_INPUT, OnnxModel
+from dropcli.backends.onnx.model import MC_INPUT, OnnxModel
 from dropcli.cli.main import app
-from dropcli.plan import candidates
+from dropcli.backends.plan import candidates
 from dropcli.variants import get_variant
 from dropcli.variants.base import SiteModule
 
@@ -127,7 +127,7 @@ def assert_same_distribution(a: np.ndarray, b: np.ndarray, what: str, z: float =
 
 def interrupt_training(monkeypatch, at_step: int = 3) -> None:
     """Make dropcli's training loop raise KeyboardInterrupt (Ctrl-C) at its ``at_step``-th batch."""
-    import dropcli.train as train_mod
+    import dropcli.training.loop as train_mod
 
     calls = {"n": 0}
     real = train_mod.data_loss

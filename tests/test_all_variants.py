@@ -19,7 +19,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from dropcli.backends.onnx_backend import MC_INPUT
+from dropcli.backends.onnx.model import MC_INPUT
 from dropcli.cli.main import app
 from dropcli.variants import load_all
 from dropcli.variants.base import set_mc

@@ -13,8 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from dropcli.analyze import bound_checks, enumerate_logistic, sigmoid, softmax_nwgm, unit_moments
-from dropcli.analyze_torch import analyze_torch
+from dropcli.analysis.ensemble import bound_checks, enumerate_logistic, sigmoid, softmax_nwgm, unit_moments
+from dropcli.analysis.ensemble_torch import analyze_torch
 from dropcli.backends import load_model
 from helpers import cli, tol
 from models import MLP, save_as
@@ -199,7 +199,7 @@ def _onnx_logistic(path, w, b, p):
 
 
 def test_onnx_logistic_unit_against_enumeration(tmp_path):
-    from dropcli.analyze_onnx import analyze_onnx
+    from dropcli.analysis.ensemble_onnx import analyze_onnx
 
     n, p, N, T = 10, 0.4, 6, 2048
     rng = np.random.default_rng(7)

@@ -20,7 +20,7 @@ import torch
 from onnx import TensorProto, helper
 from typer.testing import CliRunner
 
-from dropcli import fsutil
+from dropcli.io import files as fsutil
 from dropcli.cli.main import app
 from models import MLP, save_as
 

@@ -16,7 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from dropcli.backends import load_model
-from dropcli.mc import run_mc
+from dropcli.engines.runner import run_mc
 from dropcli.cli.uncertainty import make_runner
 from helpers import cli
 from models import MLP, save_as

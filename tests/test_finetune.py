@@ -18,9 +18,9 @@ from onnx import helper, numpy_helper
 from torch import fx, nn
 from typer.testing import CliRunner
 
-from dropcli import learned
+from dropcli.training import learned
 from dropcli.cli.main import app
-from dropcli.train import Split, fit
+from dropcli.training.loop import Split, fit
 from helpers import Z, binom_tol, interrupt_training, ort_session, run_onnx, tol
 from models import MLP, save_as
 
@@ -161,8 +161,8 @@ def test_variational_local_reparameterisation_moments():
 
 def test_gaussian_site_per_unit_alpha_torch_and_onnx():
     """The gaussian site with a per-unit alpha: column j has noise N(1, alpha_j), in torch and ONNX."""
-    from dropcli.backends.onnx_backend import OnnxModel
-    from dropcli.plan import candidates
+    from dropcli.backends.onnx.model import OnnxModel
+    from dropcli.backends.plan import candidates
     from dropcli.variants import get_variant
 
     alpha = [0.05, 0.3, 1.0]
@@ -205,7 +205,7 @@ class _Net(nn.Module):
 
 
 def _learn(variant: str, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, epochs: int = 40):
-    from dropcli.importer import _set_module
+    from dropcli.backends.torch.importer import _set_module
     from dropcli.variants import get_variant
 
     net = _Net(x.shape[1])

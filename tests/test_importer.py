@@ -1,4 +1,4 @@
-"""dropcli.importer: every loader's output (and ONNX) becomes a GraphModule of real modules
+"""dropcli.backends.torch.importer: every loader's output (and ONNX) becomes a GraphModule of real modules
 with the same function."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from torch import nn
 
 from dropcli.backends import load_model
 from dropcli.errors import DropcliError
-from dropcli.importer import from_onnx, to_modules
+from dropcli.backends.torch.importer import from_onnx, to_modules
 from models import CNN, MLP, LSTMNet, ResBlock, randomise_bn, save_as
 
 MODELS = {

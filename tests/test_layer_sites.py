@@ -21,10 +21,10 @@ import pytest
 import torch
 
 from dropcli.backends import load_model
-from dropcli.mc import TorchRunner, run_mc
-from dropcli.mc_onnx import OnnxRunner
-from dropcli.plan import apply_inject, plan_inject
-from dropcli.sites import Selection
+from dropcli.engines.runner import TorchRunner, run_mc
+from dropcli.engines.onnx_mc import OnnxRunner
+from dropcli.backends.plan import apply_inject, plan_inject
+from dropcli.model.selection import Selection
 from dropcli.variants import get_variant, load_all
 from dropcli.variants.base import REPLACE
 from helpers import cli
@@ -171,7 +171,7 @@ def test_float64_model_keeps_dtype_and_tensors(name):
     key = _model_key(name)
     torch.manual_seed(2)
     model = (MLP() if key == "mlp" else randomise_bn(PoolCNN())).double().eval()
-    from dropcli.backends.torch_backend import TorchModel
+    from dropcli.backends.torch.model import TorchModel
 
     gm = torch.fx.symbolic_trace(model)
     tm = TorchModel(gm, "pickle", (torch.zeros((2,) + SHAPES[key], dtype=torch.float64),))

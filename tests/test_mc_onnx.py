@@ -1,4 +1,4 @@
-"""The ONNX MC engine (dropcli.mc_onnx.OnnxRunner): one session run per chunk over a rewritten
+"""The ONNX MC engine (dropcli.engines.onnx_mc.OnnxRunner): one session run per chunk over a rewritten
 graph whose prefix runs once on the B examples and whose noise is fed from KeyedNoise.
 
 Models are the tests' real ones (MLP, CNN with BatchNorm, ResBlock), exported with
@@ -18,12 +18,12 @@ import torch
 from onnx import TensorProto, helper
 
 from dropcli.backends import load_model
-from dropcli.backends.onnx_backend import MC_INPUT, OnnxModel
-from dropcli.mc import TorchRunner, run_mc
-from dropcli.mc_onnx import OnnxRunner
-from dropcli.noise import SAMPLE_BLOCK
-from dropcli.plan import apply_inject, plan_inject
-from dropcli.sites import Selection
+from dropcli.backends.onnx.model import MC_INPUT, OnnxModel
+from dropcli.engines.runner import TorchRunner, run_mc
+from dropcli.engines.onnx_mc import OnnxRunner
+from dropcli.engines.noise import SAMPLE_BLOCK
+from dropcli.backends.plan import apply_inject, plan_inject
+from dropcli.model.selection import Selection
 from dropcli.variants import get_variant, load_all
 from helpers import assert_same_distribution, binom_tol, ort_session
 from models import CNN, MLP, ResBlock, randomise_bn, save_as
@@ -282,7 +282,7 @@ def test_one_session_run_per_chunk_and_prefix_runs_on_B_rows(files):
     feeds = {"x": x[:40], "dropcli_T": np.array([10], dtype=np.int64)}
     import torch as _t
 
-    from dropcli.noise import KeyedNoise
+    from dropcli.engines.noise import KeyedNoise
     noise = KeyedNoise(0, list(range(40)), 0, 10)
     for f in r.noise_feeds:
         feeds[f.name] = noise.keep_mask_like(_t.empty((400,) + f.rest), f.q).numpy()

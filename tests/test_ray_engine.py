@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from dropcli import stats
+from dropcli.analysis import stats
 from dropcli.cli.main import app
 from helpers import cli
 from models import MLP, save_as
@@ -180,7 +180,7 @@ def test_engine_usage_errors(tmp_path):
 
 def test_sharded_input_order_and_missing_shards(data, models, tmp_path):
     """Shards sort by name with numbers as numbers; the local engine reads them too."""
-    from dropcli.shards import list_shards
+    from dropcli.io.shards import list_shards
 
     names = [Path(p).name for p in list_shards(str(data["dir"] / "npz"))]
     assert names == ["part-0.npz", "part-2.npz", "part-10.npz", "part-11.npz", "part-100.npz"]

@@ -22,7 +22,7 @@ from onnx import numpy_helper
 from torch import nn
 from typer.testing import CliRunner
 
-from dropcli.backends.onnx_backend import MC_INPUT
+from dropcli.backends.onnx.model import MC_INPUT
 from dropcli.cli.main import app
 from dropcli.prune.layers import kl_sparse_vd
 from dropcli.variants import load_all

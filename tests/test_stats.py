@@ -1,4 +1,4 @@
-"""dropcli.stats against slow reference implementations and hand-made cases."""
+"""dropcli.analysis.stats against slow reference implementations and hand-made cases."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from dropcli import stats
+from dropcli.analysis import stats
 
 
 def _rand_probs(rng, T, N, K, sharp=3.0):

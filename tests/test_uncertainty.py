@@ -3,7 +3,7 @@ outputs, statistics, errors, devices and backends.
 
 Models are saved with tests/models.py and given dropout with the real `dropcli inject`.
 Most runs go through typer's CliRunner, in-process; a few checks call the engine
-(dropcli.mc.run_mc) directly where the CLI does not expose what is checked.
+(dropcli.engines.runner.run_mc) directly where the CLI does not expose what is checked.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from dropcli import stats
+from dropcli.analysis import stats
 from dropcli.cli.main import app
 from models import CNN, MLP, randomise_bn, save_as
 
@@ -121,7 +121,7 @@ def base_report(models, data):
 
 def test_batchnorm_running_stats_unchanged(models, data):
     from dropcli.backends import load_model
-    from dropcli.mc import TorchRunner, run_mc
+    from dropcli.engines.runner import TorchRunner, run_mc
 
     model = load_model(str(models["cnn"]))
     r = TorchRunner(model)
@@ -143,7 +143,7 @@ def test_batchnorm_running_stats_unchanged(models, data):
 
 def test_p0_t1_reproduces_eval_exactly(models, data):
     from dropcli.backends import load_model
-    from dropcli.mc import TorchRunner, run_mc
+    from dropcli.engines.runner import TorchRunner, run_mc
 
     r = TorchRunner(load_model(str(models["mlp_p0"])))
     res = run_mc(r, [data["x"]], 1, seed=3)
@@ -177,7 +177,7 @@ def test_seed_bitwise_reproducible(models, data, tmp_path, base_report):
 def test_batch_size_and_memory_invariance(models, data, tmp_path):
     """Per-example results are bitwise identical however the work is chunked (T=70 > SAMPLE_BLOCK)."""
     from dropcli.backends import load_model
-    from dropcli.mc import TorchRunner, parse_size, plan_chunks
+    from dropcli.engines.runner import TorchRunner, parse_size, plan_chunks
 
     T = 70
     ref = run_npz(models["mlp"], data["npy"], tmp_path / "ref.npz", "-T", T, "--keep-samples")

@@ -306,8 +306,8 @@ def test_inject_end_to_end(fmt, ext, tmp_path):
 import json  # noqa: E402
 
 from dropcli.backends import load_model  # noqa: E402
-from dropcli.mc import TorchRunner, run_mc  # noqa: E402
-from dropcli.moments import run_moments  # noqa: E402
+from dropcli.engines.runner import TorchRunner, run_mc  # noqa: E402
+from dropcli.engines.moments import run_moments  # noqa: E402
 
 
 class SigmoidNet(nn.Module):
@@ -399,7 +399,7 @@ def test_moments_sigmoid_quadrature_matches_mc_and_integration(tmp_path):
     np.testing.assert_allclose(mean, m1 @ w2.T + b2, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(var, v1 @ (w2 * w2).T, rtol=1e-5, atol=1e-7)
     _assert_moments_match_mc(mean, var, _mc_samples(out, x, 20000), "sigmoid net")
-    from dropcli.layers import Activation
+    from dropcli.backends.torch.layers import Activation
     from dropcli.variants.fast import gauss_moments
 
     mus = np.array([0.0, 0.3, 3.0, -50.0, 45.0] * 3)
@@ -479,8 +479,8 @@ def test_elu_rule_is_exact_over_extreme_moments_torch_and_onnx():
     where a = -mu/s - s < -2) hold to float32 precision, with no overflow."""
     from scipy.special import log_ndtr, ndtr
 
-    from dropcli.backends.onnx_builder import OnnxBuilder, TensorInfo
-    from dropcli.layers import Activation
+    from dropcli.backends.onnx.builder import OnnxBuilder, TensorInfo
+    from dropcli.backends.torch.layers import Activation
     from dropcli.variants.fast import MILLS_FROM, _onnx_expect, gauss_expect
 
     alpha = 0.7

@@ -17,10 +17,10 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from dropcli.backends.onnx_backend import MC_INPUT, OnnxModel
+from dropcli.backends.onnx.model import MC_INPUT, OnnxModel
 from dropcli.errors import UsageError
-from dropcli.noise import KeyedNoise
-from dropcli.plan import candidates
+from dropcli.engines.noise import KeyedNoise
+from dropcli.backends.plan import candidates
 from dropcli.variants import get_variant
 from dropcli.variants.base import noise_source
 from dropcli.variants.noise import ALPHA_PRIME, alpha_affine
@@ -402,10 +402,10 @@ def test_mc_engines_draw_the_same_samples(name, tmp_path):
     for the same seed (up to float rounding), so the ONNX graph reads its noise exactly as
     the torch module does (mask shapes, which draw is the keep test, normal vs uniform)."""
     from dropcli.backends import load_model
-    from dropcli.mc import TorchRunner, run_mc
-    from dropcli.mc_onnx import OnnxRunner
-    from dropcli.plan import apply_inject, plan_inject
-    from dropcli.sites import Selection
+    from dropcli.engines.runner import TorchRunner, run_mc
+    from dropcli.engines.onnx_mc import OnnxRunner
+    from dropcli.backends.plan import apply_inject, plan_inject
+    from dropcli.model.selection import Selection
     from models import CNN, MLP, ResBlock, randomise_bn, save_as
 
     torch.manual_seed(0)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from dropcli.backends.onnx_backend import MC_INPUT
+from dropcli.backends.onnx.model import MC_INPUT
 from dropcli.cli.main import app
 from dropcli.variants.weight import DropConnect, fixed_normal_draws
 from helpers import assert_same_moments

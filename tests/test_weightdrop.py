@@ -29,10 +29,10 @@ import torch
 from torch import nn
 
 from dropcli.backends import load_model
-from dropcli.backends.onnx_backend import MC_INPUT, OnnxModel
+from dropcli.backends.onnx.model import MC_INPUT, OnnxModel
 from dropcli.errors import UsageError
-from dropcli.mc_onnx import OnnxRunner
-from dropcli.mc_torch import TorchMC
+from dropcli.engines.onnx_mc import OnnxRunner
+from dropcli.engines.torch_mc import TorchMC
 from dropcli.variants import get_variant
 from dropcli.variants.base import noise_source, set_mc
 from dropcli.variants.recurrent import fx_rnn_mode, replace_in_fx, replace_onnx_rnn

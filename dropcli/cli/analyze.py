@@ -9,9 +9,9 @@ import numpy as np
 import typer
 from rich.table import Table
 
-from .. import data as D
-from ..errors import DropcliError, UsageError
-from .common import (
+from dropcli.io import data as D
+from dropcli.errors import DropcliError, UsageError
+from dropcli.cli.common import (
     After, Arch, Exclude, Imports, InputShape, Layers, ModelArg, STATE, TrustPickle, err, handle_errors, load_opts, log,
     out, print_json,
 )
@@ -68,9 +68,9 @@ def register(app: typer.Typer) -> None:
             raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
         if task not in ("auto", "classification", "regression"):
             raise UsageError(f"unknown --task {task!r}", "choose auto, classification or regression")
-        from ..backends import load_model
-        from ..train import resolve_device
-        from .uncertainty import _class_labels, make_runner
+        from dropcli.backends import load_model
+        from dropcli.training.loop import resolve_device
+        from dropcli.cli.uncertainty import _class_labels, make_runner
 
         dev = resolve_device(device)
         model = load_model(model_path, **load_opts(trust_pickle, imports, arch, input_shape))
@@ -92,9 +92,9 @@ def register(app: typer.Typer) -> None:
         if labels is not None and task == "classification":
             labels = _class_labels(labels, K)
         if model.backend == "onnx":
-            from ..analyze_onnx import analyze_onnx as analyze_fn
+            from dropcli.analysis.ensemble_onnx import analyze_onnx as analyze_fn
         else:
-            from ..analyze_torch import analyze_torch as analyze_fn
+            from dropcli.analysis.ensemble_torch import analyze_torch as analyze_fn
 
         sel_names = _selected(model, after, layers, exclude)
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn

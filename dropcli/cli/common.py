@@ -13,7 +13,7 @@ from typing import Any, Callable, List, Optional
 import typer
 from rich.console import Console
 
-from ..errors import EXIT_ERROR, EXIT_INTERRUPTED, DropcliError, UsageError
+from dropcli.errors import EXIT_ERROR, EXIT_INTERRUPTED, DropcliError, UsageError
 
 
 @dataclass
@@ -60,7 +60,7 @@ def handle_errors(fn: Callable) -> Callable:
             text = str(e).strip().splitlines()[0] if str(e).strip() else ""
             fail(_escape(f"unexpected {type(e).__name__}: {text[:300]} (run with --debug for the traceback)"), EXIT_ERROR)
         finally:
-            from ..fsutil import reset_stdio
+            from dropcli.io.files import reset_stdio
 
             reset_stdio()
             out.file = None  # back to stdout (model_output may have sent reports to stderr)
@@ -73,7 +73,7 @@ def model_output(output: str, inputs: list, *, force: bool = False, json_out: bo
     """``-o`` checks for the commands that write a model. ``-o -`` writes the model to stdout:
     the human report then goes to stderr, and nothing else may write to stdout (``others``: the
     command's other outputs by option name)."""
-    from ..fsutil import check_output_path
+    from dropcli.io.files import check_output_path
 
     if output == "-":
         if json_out:
@@ -112,7 +112,7 @@ def write_report(report: Any, path: Optional[str]) -> None:
     if path == "-":
         print(text, end="")
         return
-    from ..fsutil import atomic_path
+    from dropcli.io.files import atomic_path
 
     with atomic_path(path) as tmp:
         Path(tmp).write_text(text)

@@ -7,9 +7,9 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
-from .. import formats
-from ..errors import DropcliError, UsageError
-from .common import (Arch, Exclude, Imports, InputShape, Json, Layers, ModelArg, TrustPickle, handle_errors, load_opts, log,
+from dropcli.model import formats
+from dropcli.errors import DropcliError, UsageError
+from dropcli.cli.common import (Arch, Exclude, Imports, InputShape, Json, Layers, ModelArg, TrustPickle, handle_errors, load_opts, log,
                      model_output, out, print_json, shown)
 
 HELP = """Convert dropout sites between the inverted and the vanilla convention.
@@ -54,10 +54,10 @@ def register(app: typer.Typer) -> None:
         arch: Optional[str] = Arch,
         input_shape: Optional[str] = InputShape,
     ) -> None:
-        from ..backends import load_model
-        from ..convert import apply_onnx, apply_torch, plan_onnx, plan_torch
-        from ..plan import plan_existing
-        from ..sites import Selection
+        from dropcli.backends import load_model
+        from dropcli.backends.convert import apply_onnx, apply_torch, plan_onnx, plan_torch
+        from dropcli.backends.plan import plan_existing
+        from dropcli.model.selection import Selection
 
         if to not in ("inverted", "vanilla"):
             raise UsageError(f"unknown --to {to!r}", "choose inverted or vanilla")

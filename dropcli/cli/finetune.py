@@ -9,10 +9,10 @@ import torch
 import typer
 from rich.table import Table
 
-from ..backends import load_model
-from ..errors import DropcliError, UsageError
-from ..fsutil import check_output_path
-from .common import (After, Arch, Exclude, Imports, InputShape, Json, Layers, ModelArg, STATE, TrustPickle, handle_errors,
+from dropcli.backends import load_model
+from dropcli.errors import DropcliError, UsageError
+from dropcli.io.files import check_output_path
+from dropcli.cli.common import (After, Arch, Exclude, Imports, InputShape, Json, Layers, ModelArg, STATE, TrustPickle, handle_errors,
                      load_opts, model_output, out, print_json, shown, write_report)
 
 HELP = """Learn dropout rates on data, and write the model back with them.
@@ -88,7 +88,7 @@ def register(app: typer.Typer) -> None:
         arch: Optional[str] = Arch,
         input_shape: Optional[str] = InputShape,
     ) -> None:
-        from ..variants.base import check_p
+        from dropcli.variants.base import check_p
 
         if variant not in ("concrete", "variational"):
             raise UsageError(f"unknown --variant {variant!r}", "choose concrete or variational")
@@ -110,7 +110,7 @@ def register(app: typer.Typer) -> None:
             raise UsageError(f"--tau must be a positive number, got {tau}")
         if p is not None and check_p(p):
             raise UsageError(f"--p={p} is invalid: the drop probability p must be in [0, 1)")
-        from ..train import resolve_device
+        from dropcli.training.loop import resolve_device
 
         dev = resolve_device(device)
         inputs = [model_path] + [x for x in (data, val) if x]
@@ -136,14 +136,14 @@ def run(model_path: str, output: str, *, data: str, val: str | None, variant: st
     """The whole flow (load, choose sites, train, evaluate, write); returns the report."""
     import copy
 
-    from .. import learned
-    from ..backends.torch_backend import TorchModel
-    from ..importer import to_modules
-    from ..plan import apply_inject, apply_replace, plan_existing, plan_inject
-    from ..sites import Selection
-    from ..train import check_import, fit, load_split, model_example, save_like_input
-    from ..variants import get_variant
-    from ..variants.base import check_p
+    from dropcli.training import learned
+    from dropcli.backends.torch.model import TorchModel
+    from dropcli.backends.torch.importer import to_modules
+    from dropcli.backends.plan import apply_inject, apply_replace, plan_existing, plan_inject
+    from dropcli.model.selection import Selection
+    from dropcli.training.loop import check_import, fit, load_split, model_example, save_like_input
+    from dropcli.variants import get_variant
+    from dropcli.variants.base import check_p
 
     model = load_model(model_path, **(load or {}))
     example = model_example(model)
@@ -189,7 +189,7 @@ def run(model_path: str, output: str, *, data: str, val: str | None, variant: st
     gm = tm.gm
     sites = [learned.LearnedSite(name=s, at=at, following="", start_p=sp) for s, (at, sp, _) in start.items()]
     # "before": the model with stock sites (the variant each had, new ones standard) at the starting rates
-    from ..importer import _set_module
+    from dropcli.backends.torch.importer import _set_module
 
     for s in sites:
         _set_module(gm, s.name, get_variant(start[s.name][2]).torch_module(p=s.start_p))
@@ -261,7 +261,7 @@ def precision(gm: torch.nn.Module, vsplit, task: str, tau: float | None) -> floa
         return 1.0
     if tau is not None:
         return float(tau)
-    from ..train import evaluate
+    from dropcli.training.loop import evaluate
 
     mse = float(evaluate(gm, vsplit, task)["loss"])
     return 1.0 / max(mse, 1e-12)

@@ -7,13 +7,13 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
-from .. import formats
-from ..backends import load_model
-from ..errors import UsageError
-from ..plan import apply_inject, apply_replace, plan_existing, plan_inject
-from ..sites import Selection
-from ..variants import get_variant
-from .common import (
+from dropcli.model import formats
+from dropcli.backends import load_model
+from dropcli.errors import UsageError
+from dropcli.backends.plan import apply_inject, apply_replace, plan_existing, plan_inject
+from dropcli.model.selection import Selection
+from dropcli.variants import get_variant
+from dropcli.cli.common import (
     After, AllowOutput, Arch, Exclude, Imports, InputShape, Json, Layers, ModelArg, TrustPickle,
     handle_errors, load_opts, log, model_output, out, print_json, shown,
 )

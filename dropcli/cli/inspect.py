@@ -7,8 +7,8 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
-from ..backends import load_model
-from .common import Arch, Imports, InputShape, Json, ModelArg, TrustPickle, handle_errors, load_opts, out, print_json
+from dropcli.backends import load_model
+from dropcli.cli.common import Arch, Imports, InputShape, Json, ModelArg, TrustPickle, handle_errors, load_opts, out, print_json
 
 
 def _sites(layer) -> str:
@@ -27,7 +27,7 @@ def _sites(layer) -> str:
 
 
 def describe(model) -> dict:
-    from ..convert import convention_of
+    from dropcli.backends.convert import convention_of
 
     layers = model.layers()
     return {

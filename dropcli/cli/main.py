@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import typer
 
-from .. import __version__
-from .common import STATE
+from dropcli import __version__
+from dropcli.cli.common import STATE
 
 HELP = """Dropout for trained models: inject dropout variants, run Monte-Carlo dropout, prune.
 
@@ -54,7 +54,14 @@ def _global(
 
 
 def _register() -> None:
-    from . import analyze, convert, finetune, inject, inspect, prune, uncertainty, variants  # noqa: F401  (commands register themselves)
+    from dropcli.cli import analyze  # noqa: F401  (commands register themselves)
+    from dropcli.cli import convert  # noqa: F401  (commands register themselves)
+    from dropcli.cli import finetune  # noqa: F401  (commands register themselves)
+    from dropcli.cli import inject  # noqa: F401  (commands register themselves)
+    from dropcli.cli import inspect  # noqa: F401  (commands register themselves)
+    from dropcli.cli import prune  # noqa: F401  (commands register themselves)
+    from dropcli.cli import uncertainty  # noqa: F401  (commands register themselves)
+    from dropcli.cli import variants  # noqa: F401  (commands register themselves)
 
     for mod in (inspect, inject, uncertainty, prune, finetune, analyze, convert, variants):
         mod.register(app)

@@ -11,10 +11,10 @@ import torch
 import typer
 from rich.table import Table
 
-from ..backends import load_model
-from ..errors import DropcliError, UsageError
-from ..fsutil import check_output_path, file_size
-from .common import (Arch, Imports, InputShape, Json, ModelArg, STATE, TrustPickle, handle_errors, load_opts, model_output,
+from dropcli.backends import load_model
+from dropcli.errors import DropcliError, UsageError
+from dropcli.io.files import check_output_path, file_size
+from dropcli.cli.common import (Arch, Imports, InputShape, Json, ModelArg, STATE, TrustPickle, handle_errors, load_opts, model_output,
                      out, print_json, shown, write_report)
 
 HELP = """Prune a trained model with sparse variational dropout (default) or structured Bayesian pruning,
@@ -84,10 +84,10 @@ def register(app: typer.Typer) -> None:
         arch: Optional[str] = Arch,
         input_shape: Optional[str] = InputShape,
     ) -> None:
-        from ..prune.sites import modules_with_sparse_vd
-        from ..prune.core import DEFAULTS, METHODS, PruneConfig, count_params, prune
-        from ..prune.shrink import prunable_layers
-        from ..train import check_import, evaluate, load_split, model_example, resolve_device, save_like_input
+        from dropcli.prune.sites import modules_with_sparse_vd
+        from dropcli.prune.core import DEFAULTS, METHODS, PruneConfig, count_params, prune
+        from dropcli.prune.shrink import prunable_layers
+        from dropcli.training.loop import check_import, evaluate, load_split, model_example, resolve_device, save_like_input
 
         if method not in METHODS:
             raise UsageError(f"unknown --method {method!r}", f"choose one of {', '.join(METHODS)}")
@@ -111,7 +111,7 @@ def register(app: typer.Typer) -> None:
             raise UsageError(f"unknown --task {task!r}", "choose auto, classification or regression")
         dev = resolve_device(device)
         if plot:
-            from ..plot import _import_pyplot
+            from dropcli.io.plot import _import_pyplot
 
             _import_pyplot()  # fail before training when matplotlib is missing
         inputs = [model_path] + [p for p in (data, val) if p]
@@ -172,7 +172,7 @@ def register(app: typer.Typer) -> None:
                     summary[f"val_{k}_{key}"] = v
         report = {"summary": summary, "layers": result.layers}
         if plot:
-            from ..plot import write_log_alpha_plot
+            from dropcli.io.plot import write_log_alpha_plot
 
             write_log_alpha_plot(plot, result.log_alpha, threshold if method == "sparse-vd" else 0.0,
                                  "log alpha" if method == "sparse-vd" else "log SNR")

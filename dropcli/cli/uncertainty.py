@@ -12,11 +12,12 @@ import numpy as np
 import typer
 from rich.table import Table
 
-from .. import data as D
-from .. import report, stats
-from ..errors import DropcliError, UsageError
-from ..fsutil import check_output_path
-from .common import (
+from dropcli.io import data as D
+from dropcli.io import report
+from dropcli.analysis import stats
+from dropcli.errors import DropcliError, UsageError
+from dropcli.io.files import check_output_path
+from dropcli.cli.common import (
     After, AllowOutput, Arch, Exclude, Imports, InputShape, Layers, ModelArg, TrustPickle, STATE,
     err, handle_errors, load_opts, log, out,
 )
@@ -82,10 +83,10 @@ def _parse_gate(text: Optional[str]) -> tuple[str, float] | None:
 
 def make_runner(model, device: str):
     if model.backend == "onnx":
-        from ..mc_onnx import OnnxRunner
+        from dropcli.engines.onnx_mc import OnnxRunner
 
         return OnnxRunner(model, device)
-    from ..mc import TorchRunner
+    from dropcli.engines.runner import TorchRunner
 
     return TorchRunner(model, device)
 
@@ -175,22 +176,22 @@ def register(app: typer.Typer) -> None:
         targets = [t for t in (output, plot) if t and t != "-"]
         for t in targets:
             check_output_path(t, [model_path, input_path, labels_path, ood])
-        from ..train import resolve_device
+        from dropcli.training.loop import resolve_device
 
         dev = resolve_device(device)
         budget = None
         if max_memory:
-            from ..mc import parse_size
+            from dropcli.engines.runner import parse_size
 
             budget = parse_size(max_memory)
         if engine == "ray":
-            from ..ray_engine import require_ray
+            from dropcli.engines.ray import require_ray
 
             require_ray()
         if not inject and (p is not None or after or layers):
             raise UsageError("--p/--after/--layers apply only with --inject")
 
-        from ..shards import open_source
+        from dropcli.io.shards import open_source
 
         load_kw = load_opts(trust_pickle, imports, arch, input_shape)
         inject_opts = {"variant": inject, "p": p, "after": after, "layers": layers, "exclude": exclude,
@@ -221,7 +222,7 @@ def register(app: typer.Typer) -> None:
         elif engine == "local":
             eng = _LocalEngine(runner, samples, seed, batch_size, budget)
         else:
-            from ..ray_engine import session
+            from dropcli.engines.ray import session
 
             ray_session = session(address, workers, STATE.debug)
             eng = _RayEngine(ray_session, runner, model_path, load_kw, inject_opts, dev, samples, seed, batch_size, budget,
@@ -280,7 +281,7 @@ def register(app: typer.Typer) -> None:
             summary["gate"] = {"metric": name, "mean": mean_val, "limit": limit, "tripped": mean_val > limit}
             gate_tripped = mean_val > limit
         if plot:
-            from ..plot import write_plot
+            from dropcli.io.plot import write_plot
 
             write_plot(plot, task, per, labels, summary)
         if out_dir:
@@ -355,7 +356,7 @@ class _RayEngine:
         self.workers, self.address = workers, address
 
     def __enter__(self):
-        from ..ray_engine import model_payload, plan_workers
+        from dropcli.engines.ray import model_payload, plan_workers
 
         info = self.session.__enter__()
         try:
@@ -364,7 +365,7 @@ class _RayEngine:
                 log(f"[dim]--workers {self.workers}: this machine has {info['cluster_cpus']} CPU(s), using {self.actors} worker(s)[/]")
             if self.mc["budget"] is None and not self.address:
                 # the actors of a local run share this machine's memory (results do not depend on it)
-                from ..mc import default_budget
+                from dropcli.engines.runner import default_budget
 
                 self.mc["budget"] = max(64 << 20, default_budget(self.dev) // self.actors)
             self.model = model_payload(self.model_path, self.load_kw, self.inject_opts)
@@ -385,8 +386,8 @@ class _RayEngine:
 
     def run_all(self, sources, task, tau) -> list[EngineResult]:
         """Every source on one actor pool (the model is loaded once per actor for all of them)."""
-        from ..mc import check_degenerate_examples
-        from ..ray_engine import run
+        from dropcli.engines.runner import check_degenerate_examples
+        from dropcli.engines.ray import run
 
         mc = dict(self.mc, task=task, as_probs=None)
         total = sum(src.n for src in sources)
@@ -432,7 +433,7 @@ class _MomentsEngine:
         return False
 
     def _moments(self, source):
-        from ..moments import run_moments
+        from dropcli.engines.moments import run_moments
 
         xs = source.read_all()
         with _progress("moments", source.n) as advance:
@@ -447,7 +448,7 @@ class _MomentsEngine:
         return self._first[1][0].shape[-1]
 
     def run_all(self, sources, task, tau) -> list[EngineResult]:
-        from ..moments import per_example
+        from dropcli.engines.moments import per_example
 
         out = []
         for source in sources:
@@ -460,7 +461,7 @@ class _MomentsEngine:
 
     def report(self, task: str) -> dict:
         """Which layers are approximated, and what the output statistics are."""
-        from ..moments import METHOD_NOTE, NOT_AVAILABLE
+        from dropcli.engines.moments import METHOD_NOTE, NOT_AVAILABLE
 
         approx = [s for s in self.steps if not s["exact"]]
         rec = {"note": METHOD_NOTE, "layers": self.steps, "approximated": [f"{s['node']}: {s['op']}" for s in approx]}
@@ -489,16 +490,16 @@ def _print_moments(rec: dict) -> None:
 
 
 def _unit_rows(source, actors, batch_size) -> int:
-    from ..ray_engine import unit_rows
+    from dropcli.engines.ray import unit_rows
 
     return unit_rows(source.n, actors, batch_size)
 
 
 def build_runner(model_path: str, load_kw: dict, dev: str, inject_opts: dict | None, log_inject: bool = False):
     """Load a model and its MC runner (injecting sites on the fly if asked); both engines use it."""
-    from ..backends import load_model
+    from dropcli.backends import load_model
 
-    from ..variants.weightdrop import refuse_per_pass
+    from dropcli.variants.weightdrop import refuse_per_pass
 
     model = load_model(model_path, **load_kw)
     if inject_opts:
@@ -532,16 +533,16 @@ def _progress(what: str, n: int):
 
 
 def _run(runner, xs, samples, seed, batch_size, budget, n, what):
-    from ..mc import run_mc
+    from dropcli.engines.runner import run_mc
 
     with _progress(what, n) as advance:
         return run_mc(runner, xs, samples, seed, batch_size, budget, progress=advance)
 
 
 def _inject_on_the_fly(model, variant, p, after, layers, exclude, allow_output, quiet=False):
-    from ..plan import apply_inject, plan_inject
-    from ..sites import Selection
-    from ..variants import get_variant
+    from dropcli.backends.plan import apply_inject, plan_inject
+    from dropcli.model.selection import Selection
+    from dropcli.variants import get_variant
 
     spec = get_variant(variant)
     params = spec.resolve_params({"p": p})

@@ -5,8 +5,8 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
-from ..variants import load_all
-from .common import Json, handle_errors, out, print_json
+from dropcli.variants import load_all
+from dropcli.cli.common import Json, handle_errors, out, print_json
 
 
 def register(app: typer.Typer) -> None:

@@ -24,11 +24,11 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from ..errors import DropcliError
-from ..importer import _set_module
-from ..train import Split, fit
-from .layers import SBPNoise, _SparseVD, to_sparse_vd
-from .shrink import ShrinkResult, output_layers, prunable_layers, shrink
+from dropcli.errors import DropcliError
+from dropcli.backends.torch.importer import _set_module
+from dropcli.training.loop import Split, fit
+from dropcli.prune.layers import SBPNoise, _SparseVD, to_sparse_vd
+from dropcli.prune.shrink import ShrinkResult, output_layers, prunable_layers, shrink
 
 METHODS = ("sparse-vd", "sbp")
 # defaults chosen with benchmarks/prune_digits.py
@@ -156,7 +156,7 @@ def count_params(gm: nn.Module) -> tuple[int, int]:
 def prune(gm: fx.GraphModule, example: tuple, train: Split | None, task: str, cfg: PruneConfig) -> PruneResult:
     """Prune a GraphModule of real modules; returns a new plain GraphModule and per-layer rows."""
     if cfg.method not in METHODS:
-        from ..errors import UsageError
+        from dropcli.errors import UsageError
 
         raise UsageError(f"unknown --method {cfg.method!r}", f"choose one of {', '.join(METHODS)}")
     gm = copy.deepcopy(gm).eval()

@@ -226,7 +226,7 @@ def shrink(gm: fx.GraphModule, example: tuple, protected: set[str] | None = None
             if not remove:
                 continue
             if len(remove) == m.weight.shape[0]:
-                from ..errors import DropcliError
+                from dropcli.errors import DropcliError
 
                 raise DropcliError(f"pruning removes every unit of layer {names[m]}, so the model's output would not depend on its input",
                                    "prune less: raise --threshold, lower --kl-weight or use fewer --epochs")

@@ -25,10 +25,10 @@ import torch
 from onnx import numpy_helper
 from torch import fx, nn
 
-from ..errors import DropcliError
-from ..backends.torch_backend import _fetch_attr as _fetch
-from ..importer import _set_module, to_modules
-from .layers import to_sparse_vd
+from dropcli.errors import DropcliError
+from dropcli.backends.torch.model import _fetch_attr as _fetch
+from dropcli.backends.torch.importer import _set_module, to_modules
+from dropcli.prune.layers import to_sparse_vd
 
 VARIANT = "sparse-vd"
 
@@ -42,7 +42,7 @@ def _has_attr(gm: nn.Module, target: str) -> bool:
 
 
 def _torch_sites(model: Any, threshold: float) -> int:
-    from ..variants.base import SiteModule
+    from dropcli.variants.base import SiteModule
 
     done = 0
     while True:
@@ -84,7 +84,7 @@ def _torch_sites(model: Any, threshold: float) -> int:
 def _restore_recordless(model: Any, where: fx.Node, inlined: tuple, ls2: torch.Tensor, threshold: float) -> None:
     """Replace an inlined sparse-VD site that lost its record: its layer is read from the call
     inside it that applies ``<site>.weight`` itself to the site's input (the MC mean)."""
-    from ..layers import stock_module
+    from dropcli.backends.torch.layers import stock_module
 
     site, x, internal = inlined
     gm, g = model.gm, model.gm.graph

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import importlib
 
-from .base import REGISTRY, VariantSpec, get_variant, register  # noqa: F401
+from dropcli.variants.base import REGISTRY, VariantSpec, get_variant, register  # noqa: F401
 
 FAMILY_MODULES = (
     "dropcli.variants.activation",

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ..backends.onnx_builder import OnnxBuilder, TensorInfo
-from .base import AFTER, SiteModule, VariantSpec, apply_keep, register
+from dropcli.backends.onnx.builder import OnnxBuilder, TensorInfo
+from dropcli.variants.base import AFTER, SiteModule, VariantSpec, apply_keep, register
 
 
 class StandardDropout(SiteModule):

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from ..errors import UsageError
+from dropcli.errors import UsageError
 
 # ---------------------------------------------------------------------------------------
 # Noise source. Variants draw all randomness through these helpers, so an engine can swap
@@ -249,7 +249,7 @@ def register(spec: VariantSpec) -> VariantSpec:
 
 
 def get_variant(name: str) -> VariantSpec:
-    from . import load_all  # noqa: F401  (import side effect: fills the registry)
+    from dropcli.variants import load_all  # noqa: F401  (import side effect: fills the registry)
 
     load_all()
     key = name.strip().lower()
@@ -360,7 +360,7 @@ class LayerSite(SiteModule):
     @classmethod
     def from_module(cls, module: nn.Module, act: nn.Module | None = None, **params: Any) -> "LayerSite":
         """A site from a stock layer module (and activation module), e.g. ``nn.Linear``."""
-        from ..layers import activation_of_module, describe_module
+        from dropcli.backends.torch.layers import activation_of_module, describe_module
 
         layer = describe_module(module)
         if layer is None:
@@ -377,7 +377,7 @@ class LayerSite(SiteModule):
 
     @property
     def layer(self) -> Any:
-        from ..layers import TorchLayer
+        from dropcli.backends.torch.layers import TorchLayer
 
         return TorchLayer(self.layer_cls, self.nd, self.layer_attrs, {n: getattr(self, n) for n in self.tensor_names},
                           self.act, output_style=self.output_style)
@@ -387,7 +387,7 @@ class LayerSite(SiteModule):
 
     def pre(self, x: torch.Tensor, weight: torch.Tensor | None = None, bias: Any = True) -> torch.Tensor:
         """The layer's own op (no activation), with substituted weight/bias when given."""
-        from ..layers import layer_forward
+        from dropcli.backends.torch.layers import layer_forward
 
         return layer_forward(self.layer, x, weight, bias)
 

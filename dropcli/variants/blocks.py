@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from onnx import TensorProto
 
-from ..backends.onnx_builder import OnnxBuilder, TensorInfo
-from ..errors import UsageError
-from .base import AFTER, INPUT, Param, SiteModule, VariantSpec, check_p, check_positive_int, register, uniform_like
+from dropcli.backends.onnx.builder import OnnxBuilder, TensorInfo
+from dropcli.errors import UsageError
+from dropcli.variants.base import AFTER, INPUT, Param, SiteModule, VariantSpec, check_p, check_positive_int, register, uniform_like
 
 # ---------------------------------------------------------------------------------------
 # dropblock

@@ -53,11 +53,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..backends.onnx_builder import OnnxBuilder, TensorInfo
-from ..backends.onnx_layers import OnnxLayer, emit_activation
-from ..errors import UsageError
-from ..layers import LINEAR, Activation
-from .base import REPLACE, LayerSite, VariantSpec, normal_like, register
+from dropcli.backends.onnx.builder import OnnxBuilder, TensorInfo
+from dropcli.backends.onnx.layers import OnnxLayer, emit_activation
+from dropcli.errors import UsageError
+from dropcli.backends.torch.layers import LINEAR, Activation
+from dropcli.variants.base import REPLACE, LayerSite, VariantSpec, normal_like, register
 
 INV_SQRT2 = 1.0 / math.sqrt(2.0)
 INV_SQRT2PI = 1.0 / math.sqrt(2.0 * math.pi)

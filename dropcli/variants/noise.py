@@ -17,8 +17,8 @@ import math
 
 import torch
 
-from ..backends.onnx_builder import OnnxBuilder, TensorInfo
-from .base import AFTER, SiteModule, VariantSpec, keep_mask_like, normal_like, register
+from dropcli.backends.onnx.builder import OnnxBuilder, TensorInfo
+from dropcli.variants.base import AFTER, SiteModule, VariantSpec, keep_mask_like, normal_like, register
 
 # SELU's saturation value -lambda*alpha, to the precision given in the variant catalogue
 # (torch uses -1.7580993408473766; the difference is far below any statistical tolerance).

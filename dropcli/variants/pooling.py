@@ -24,11 +24,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..backends.onnx_builder import OnnxBuilder
-from ..backends.onnx_layers import OnnxLayer, check_static_window_input
-from ..errors import UsageError
-from ..layers import AVGPOOL, MAXPOOL, PoolWindows, pool_windows, weighted_pool_weights
-from .base import REPLACE, LayerSite, VariantSpec, apply_keep, keep_mask_like, register
+from dropcli.backends.onnx.builder import OnnxBuilder
+from dropcli.backends.onnx.layers import OnnxLayer, check_static_window_input
+from dropcli.errors import UsageError
+from dropcli.backends.torch.layers import AVGPOOL, MAXPOOL, PoolWindows, pool_windows, weighted_pool_weights
+from dropcli.variants.base import REPLACE, LayerSite, VariantSpec, apply_keep, keep_mask_like, register
 
 
 class MaxPoolDropout(LayerSite):

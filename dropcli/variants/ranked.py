@@ -28,9 +28,9 @@ import numpy as np
 import torch
 from onnx import helper
 
-from ..backends.onnx_builder import OnnxBuilder, TensorInfo
-from ..errors import UsageError
-from .base import AFTER, SiteModule, VariantSpec, normal_like, register, uniform_like
+from dropcli.backends.onnx.builder import OnnxBuilder, TensorInfo
+from dropcli.errors import UsageError
+from dropcli.variants.base import AFTER, SiteModule, VariantSpec, normal_like, register, uniform_like
 
 # Keys of non-positive units sit at this offset (plus Gumbel noise), far below any
 # log-weight of a positive unit.

@@ -45,10 +45,10 @@ import torch
 from onnx import TensorProto, helper
 from torch import nn
 
-from ..backends.onnx_builder import OnnxBuilder, TensorInfo
-from ..errors import DropcliError, UsageError
-from ..rnn import GATES, GRU, LSTM, RecurrentLoop, StepMasks
-from .base import P_PARAM, REPLACE, Param, Replacement, SiteModule, VariantSpec, _tracing, check_p, keep_mask_like, register
+from dropcli.backends.onnx.builder import OnnxBuilder, TensorInfo
+from dropcli.errors import DropcliError, UsageError
+from dropcli.backends.torch.rnn import GATES, GRU, LSTM, RecurrentLoop, StepMasks
+from dropcli.variants.base import P_PARAM, REPLACE, Param, Replacement, SiteModule, VariantSpec, _tracing, check_p, keep_mask_like, register
 
 
 
@@ -482,7 +482,7 @@ def _weightdrop_pass(b: OnnxBuilder, node: onnx.NodeProto, params: dict[str, Any
     """weightdrop --mask-per pass: the stock LSTM/GRU op again, on ``W``/``R`` inputs multiplied by
     one inverted mask for the whole batch (``RandomUniformLike`` on the weight). Its nodes carry
     ``dropcli_weightdrop_pass`` in their names (``dropcli uncertainty`` refuses such sites)."""
-    from .weightdrop import PASS_MARK
+    from dropcli.variants.weightdrop import PASS_MARK
 
     q = 1.0 - float(params.get("p", 0.5))
     which = params.get("weight", "hh")
@@ -569,7 +569,7 @@ def replace_onnx_rnn(om: Any, node_index: int, spec: VariantSpec, params: dict[s
     """Rewrite the LSTM/GRU node at ``node_index`` of an :class:`OnnxModel`: the node stays as the
     inference branch; a Scan subgraph is the stochastic branch; ``Where(dropcli_mc, ...)`` selects
     per output. Returns the site name."""
-    from ..backends.onnx_backend import _opset
+    from dropcli.backends.onnx.model import _opset
 
     g = om.model.graph
     node = g.node[node_index]

@@ -34,12 +34,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..backends.onnx_builder import OnnxBuilder
-from ..backends.onnx_layers import OnnxLayer
-from ..errors import UsageError
-from ..layers import CONV, LINEAR
-from ..prune.layers import INIT_LOG_SIGMA2, LOG_ALPHA_RANGE, kl_sparse_vd
-from .base import REPLACE, LayerSite, Param, VariantSpec, normal_like, register
+from dropcli.backends.onnx.builder import OnnxBuilder
+from dropcli.backends.onnx.layers import OnnxLayer
+from dropcli.errors import UsageError
+from dropcli.backends.torch.layers import CONV, LINEAR
+from dropcli.prune.layers import INIT_LOG_SIGMA2, LOG_ALPHA_RANGE, kl_sparse_vd
+from dropcli.variants.base import REPLACE, LayerSite, Param, VariantSpec, normal_like, register
 
 LOG_SIGMA2_PARAM_NAME = "log_sigma2"
 

@@ -20,9 +20,9 @@ from __future__ import annotations
 import torch
 from onnx import TensorProto, helper
 
-from ..backends.onnx_builder import OnnxBuilder, TensorInfo
-from ..errors import UsageError
-from .base import AFTER, RESIDUAL, SiteModule, VariantSpec, keep_mask_like, register
+from dropcli.backends.onnx.builder import OnnxBuilder, TensorInfo
+from dropcli.errors import UsageError
+from dropcli.variants.base import AFTER, RESIDUAL, SiteModule, VariantSpec, keep_mask_like, register
 
 SPATIAL_RANKS = (3, 4, 5)
 

@@ -35,11 +35,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..backends.onnx_builder import OnnxBuilder
-from ..backends.onnx_layers import OnnxLayer, emit_activation
-from ..errors import UsageError
-from ..layers import ACT_KINDS, CONV, LINEAR, pool_windows
-from .base import P_PARAM, REPLACE, LayerSite, Param, VariantSpec, check_positive_int, keep_mask_like, normal_like, register, uniform_like
+from dropcli.backends.onnx.builder import OnnxBuilder
+from dropcli.backends.onnx.layers import OnnxLayer, emit_activation
+from dropcli.errors import UsageError
+from dropcli.backends.torch.layers import ACT_KINDS, CONV, LINEAR, pool_windows
+from dropcli.variants.base import P_PARAM, REPLACE, LayerSite, Param, VariantSpec, check_positive_int, keep_mask_like, normal_like, register, uniform_like
 
 EPS_SEED = 20130616  # fixed: the test rule's Z draws are part of the model
 

@@ -40,10 +40,10 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from ..errors import UsageError
-from ..rnn import GATES, GRU, LSTM, StepMasks
-from .base import P_PARAM, REPLACE, Param, VariantSpec, _tracing, keep_mask_like, register
-from .recurrent import RecurrentSite, _replacement, build_onnx_rnn
+from dropcli.errors import UsageError
+from dropcli.backends.torch.rnn import GATES, GRU, LSTM, StepMasks
+from dropcli.variants.base import P_PARAM, REPLACE, Param, VariantSpec, _tracing, keep_mask_like, register
+from dropcli.variants.recurrent import RecurrentSite, _replacement, build_onnx_rnn
 
 WEIGHT_FIELDS = {"hh": ("w_hh",), "ih": ("w_ih",), "both": ("w_ih", "w_hh")}
 PASS_MARK = "dropcli_weightdrop_pass"  # a buffer (torch) / node-name part (ONNX) marking --mask-per pass

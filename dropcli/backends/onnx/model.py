@@ -1,0 +1,725 @@
+"""ONNX backend: node-level rewrites with stock ops, runnable in stock onnxruntime.
+
+Sites are built from random ops (RandomUniformLike, RandomNormalLike), never from
+``Dropout(training_mode=True)``: onnxruntime's EliminateDropout rule deletes Dropout nodes
+even in training mode (shared/docs/onnx-notes.md, section 1).
+
+Every rewritten model gets one bool graph input ``dropcli_mc`` whose default (an
+initializer of the same name) is ``False``: inference behaviour. Feed ``True`` to sample.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from dropcli.model import formats
+from dropcli.errors import DropcliError, UsageError
+from dropcli.io.files import atomic_dir, atomic_path
+from dropcli.model.selection import WEIGHTED, Layer, canonical_kind
+from dropcli.variants.base import REPLACE, RESIDUAL, VariantSpec
+from dropcli.backends.onnx.builder import OnnxBuilder, TensorInfo
+from dropcli.backends.onnx.layers import OnnxLayer, absorbable_activation, const_value, describe_node
+
+SITES_META = "dropcli.sites"  # metadata_props key: JSON records of the sites that replaced layers
+MODEL_META = "dropcli.model"  # metadata_props key: JSON facts about the whole model (regression tau)
+
+MC_INPUT = "dropcli_mc"
+MIN_OPSET = 13
+# ops we describe as weighted layers when their weight is an initializer
+_MATMUL_LIKE = {"MatMul", "Gemm"}
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return int(imp.version)
+    return 0
+
+
+class OnnxModel:
+    backend = "onnx"
+    format = formats.ONNX
+
+    def __init__(self, model: onnx.ModelProto, source: str = "", external: bool = False):
+        self.model = model
+        self.source = source
+        self.external = external
+        nums = [int(m.group(1)) for n in model.graph.node if (m := re.match(r"dropcli_site_(\d+)/", n.name))]
+        self._site_count = max(nums, default=-1) + 1
+        self._infer()
+
+    @property
+    def model_meta(self) -> dict[str, Any]:
+        """Facts dropcli stored about the whole model (``tau`` from ``dropcli finetune``)."""
+        return model_record(self.model)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "OnnxModel":
+        path = Path(path)
+        try:
+            model = onnx.load(str(path), load_external_data=False)
+        except Exception as e:  # noqa: BLE001
+            raise DropcliError(f"cannot read ONNX model {path}: {type(e).__name__}", "check that the file is complete") from e
+        external = any(
+            t.data_location == TensorProto.EXTERNAL for t in model.graph.initializer
+        )
+        if external:
+            try:
+                from onnx.external_data_helper import load_external_data_for_model
+
+                load_external_data_for_model(model, str(path.resolve().parent))
+            except Exception as e:  # noqa: BLE001
+                raise DropcliError(
+                    f"cannot read the external data of ONNX model {path}: {e}",
+                    "keep the .data file(s) next to the model, as when it was saved",
+                ) from e
+        opset = _opset(model)
+        if opset < MIN_OPSET:
+            raise DropcliError(
+                f"ONNX model {path} uses opset {opset}; dropcli needs opset {MIN_OPSET} or newer",
+                "convert it with onnx.version_converter.convert_version(model, 17)",
+            )
+        try:
+            onnx.checker.check_model(model)
+        except Exception as e:  # noqa: BLE001
+            raise DropcliError(f"ONNX model {path} is invalid: {str(e).splitlines()[0][:200]}", "re-export the model") from e
+        return cls(model, str(path), external)
+
+    # ------------------------------------------------------------------ description
+    def _infer(self) -> None:
+        try:
+            inferred = onnx.shape_inference.infer_shapes(self.model)
+        except Exception:  # noqa: BLE001
+            inferred = self.model
+        self._vi: dict[str, onnx.ValueInfoProto] = {}
+        for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+            self._vi[vi.name] = vi
+        self._inits = {t.name: t for t in self.model.graph.initializer}
+        self._const_outputs = {o for n in self.model.graph.node if n.op_type == "Constant" for o in n.output}
+
+    def tensor_info(self, name: str) -> TensorInfo:
+        vi = self._vi.get(name)
+        if vi is None or not vi.type.HasField("tensor_type"):
+            return TensorInfo(None, None)
+        tt = vi.type.tensor_type
+        if not tt.HasField("shape"):
+            return TensorInfo(None, None, tt.elem_type or TensorProto.FLOAT)
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+        return TensorInfo(len(dims), dims, tt.elem_type or TensorProto.FLOAT)
+
+    def graph_inputs(self) -> list[onnx.ValueInfoProto]:
+        return [i for i in self.model.graph.input if i.name not in self._inits]
+
+    def _is_const(self, name: str) -> bool:
+        return name in self._inits or name in self._const_outputs
+
+    def _kind(self, node: onnx.NodeProto) -> str:
+        if node.op_type in _MATMUL_LIKE and len(node.input) > 1 and self._is_const(node.input[1]):
+            return "linear"
+        if node.op_type == "Gather" and node.input and not self._is_const(node.input[0]):
+            return "gather"  # indexing an activation (x[:, -1]), not an embedding table
+        return canonical_kind(node.op_type)
+
+    def _display_names(self) -> list[str]:
+        """Exporter names like ``/fc1/Gemm`` read as ``fc1``; duplicates keep the full name."""
+        raw = []
+        for i, n in enumerate(self.model.graph.node):
+            nm = n.name or (n.output[0] if n.output else f"node{i}")
+            parts = [p for p in nm.split("/") if p]
+            if len(parts) >= 2 and parts[-1].split("_")[0] == n.op_type:
+                nm = _join_scopes(parts[:-1])
+            elif nm.startswith("/"):
+                nm = nm[1:]
+            raw.append(nm)
+        counts: dict[str, int] = {}
+        for n, nm in zip(self.model.graph.node, raw):
+            if n.op_type != "Constant":  # not listed as layers, so they don't make a name ambiguous
+                counts[nm] = counts.get(nm, 0) + 1
+        return [nm if counts.get(nm, 0) <= 1 else (self.model.graph.node[i].name or nm) for i, nm in enumerate(raw)]
+
+    def layers(self) -> list[Layer]:
+        g = self.model.graph
+        rows: list[Layer] = []
+        for gi in self.graph_inputs():
+            if gi.name == MC_INPUT:
+                continue
+            info = self.tensor_info(gi.name)
+            rows.append(Layer(gi.name, "input", "input", info.shape, 0, is_input=True, ref=("input", gi.name)))
+        names = self._display_names()
+        producers = {o: i for i, n in enumerate(g.node) for o in n.output}
+        kinds = [self._kind(n) for n in g.node]
+        region = self._output_region(producers, kinds)
+        anc = self._ancestors(producers)
+        ctx = self._layer_ctx()
+        records = site_records(self.model)
+        for i, n in enumerate(g.node):
+            if n.op_type == "Constant":
+                continue
+            if n.name.startswith("dropcli_site_"):
+                if n.op_type == "Where" and n.name.endswith("/select"):
+                    site = n.name.split("/")[0]
+                    rec = records.get(site, {}).get("layer")
+                    op = f"dropcli({rec.get('name') or rec.get('cls')})" if isinstance(rec, dict) else "dropcli"
+                    rows.append(Layer(site, "dropout", op, self.tensor_info(n.output[0]).shape,
+                                      dropout_p=_site_p(n), dropout_variant=_site_variant(n), ref=("node", i)))
+                continue
+            params = sum(int(np.prod(self._inits[x].dims)) for x in n.input if x in self._inits)
+            kind = kinds[i]
+            dp = self._dropout_ratio(n) if kind == "dropout" else None
+            rows.append(Layer(
+                names[i], kind, n.op_type, self.tensor_info(n.output[0]).shape if n.output else None, params,
+                dropout_p=dp, dropout_variant="dropout" if kind == "dropout" else None,
+                is_output=i in region, residual=kind == "add" and self._residual_branch(i, producers, anc, kinds) is not None,
+                layer_class=self._layer_class(i, ctx, kind), ref=("node", i),
+            ))
+        return rows
+
+    # ------------------------------------------------------------------ layers REPLACE variants rewrite
+    def _layer_ctx(self) -> tuple:
+        g = self.model.graph
+        nodes = list(g.node)
+        consts = {n.output[0]: n for n in nodes if n.op_type == "Constant" and n.output}
+        inits = {t.name: t for t in g.initializer if t.name != MC_INPUT}
+        graph_in = {i.name for i in g.input}
+        users: dict[str, list[int]] = {}
+        for j, n in enumerate(nodes):
+            for x in n.input:
+                if x:
+                    users.setdefault(x, []).append(j)
+
+        def const(name: str):
+            if name in graph_in and name in inits:
+                return None  # an overridable input, not a constant
+            return const_value(name, inits, consts)
+
+        return nodes, const, users, {o.name for o in g.output}
+
+    def describe_layer(self, i: int, ctx: tuple | None = None) -> OnnxLayer | None:
+        nodes, const, users, outs = ctx or self._layer_ctx()
+        return describe_node(nodes, i, const, users, outs, self.tensor_info)
+
+    def _layer_class(self, i: int, ctx: tuple, kind: str) -> str | None:
+        if kind not in ("linear", "conv", "pool", "lstm", "gru"):
+            return None
+        layer = self.describe_layer(i, ctx)
+        return layer.cls if layer is not None else None
+
+    def _dropout_ratio(self, n: onnx.NodeProto) -> float:
+        for a in n.attribute:
+            if a.name == "ratio":
+                return round(float(a.f), 7)  # a float32: 0.2, not 0.20000000298023224
+        if len(n.input) > 1 and n.input[1]:
+            if n.input[1] in self._inits:
+                return round(float(numpy_helper.to_array(self._inits[n.input[1]])), 7)
+            for c in self.model.graph.node:
+                if c.op_type == "Constant" and c.output[0] == n.input[1]:
+                    return round(float(numpy_helper.to_array(c.attribute[0].t)), 7)
+        return 0.5
+
+    def _output_region(self, producers: dict[str, int], kinds: list[str]) -> set[int]:
+        region: set[int] = set()
+        stack = [producers[o.name] for o in self.model.graph.output if o.name in producers]
+        while stack:
+            i = stack.pop()
+            if i in region:
+                continue
+            region.add(i)
+            if kinds[i] in WEIGHTED:
+                continue
+            stack.extend(producers[x] for x in self.model.graph.node[i].input if x in producers)
+        return region
+
+    def _ancestors(self, producers: dict[str, int]) -> list[set[int]]:
+        anc: list[set[int]] = []
+        for i, n in enumerate(self.model.graph.node):
+            s: set[int] = set()
+            for x in n.input:
+                j = producers.get(x)
+                if j is not None and j < i:
+                    s.add(j)
+                    s |= anc[j]
+            anc.append(s)
+        return anc
+
+    def _residual_branch(self, i: int, producers: dict[str, int], anc: list[set[int]], kinds: list[str]) -> str | None:
+        n = self.model.graph.node[i]
+        if n.op_type != "Add" or len(n.input) != 2:
+            return None
+        a, b = n.input
+        if a == b or self._is_const(a) or self._is_const(b):
+            return None
+        pa, pb = producers.get(a), producers.get(b)
+        sa = (anc[pa] | {pa}) if pa is not None else set()
+        sb = (anc[pb] | {pb}) if pb is not None else set()
+        if pa is None and pb is not None:  # skip straight from a graph input
+            return b if a in {x for j in sb for x in self.model.graph.node[j].input} else None
+        if pb is None and pa is not None:
+            return a if b in {x for j in sa for x in self.model.graph.node[j].input} else None
+        if pa is None or pb is None:
+            return None
+        if pa in anc[pb]:
+            return b
+        if pb in anc[pa]:
+            return a
+        if not (sa & sb):
+            return None
+        wa = sum(1 for j in sa - sb if kinds[j] in WEIGHTED)
+        wb = sum(1 for j in sb - sa if kinds[j] in WEIGHTED)
+        if wa == wb:
+            return None
+        return a if wa > wb else b
+
+    # ------------------------------------------------------------------ rewriting
+    def _ensure_mc_input(self) -> str:
+        g = self.model.graph
+        if not any(i.name == MC_INPUT for i in g.input):
+            g.input.append(helper.make_tensor_value_info(MC_INPUT, TensorProto.BOOL, []))
+        if not any(t.name == MC_INPUT for t in g.initializer):
+            g.initializer.append(numpy_helper.from_array(np.array(False), MC_INPUT))
+        if self.model.ir_version < 4:
+            self.model.ir_version = 4
+        return MC_INPUT
+
+    def _taken_names(self) -> set[str]:
+        g = self.model.graph
+        names = {t.name for t in g.initializer} | {i.name for i in g.input} | {o.name for o in g.output}
+        for n in g.node:
+            names.update(n.output)
+            names.add(n.name)
+        return names
+
+    def _build_site(self, spec: VariantSpec, params: dict[str, Any], x: str, info: TensorInfo, out: str) -> list[onnx.NodeProto]:
+        name = self._last_site = f"dropcli_site_{self._site_count}"
+        self._site_count += 1
+        mc = self._ensure_mc_input()
+        b = OnnxBuilder(_opset(self.model), name, self._taken_names())
+        stoch, det = spec.onnx_builder(b, x, info, **params)
+        sel = helper.make_node("Where", [mc, stoch, det], [out], name=f"{name}/select")
+        sel.doc_string = f"dropcli variant={spec.name} p={params.get('p')}"
+        b.nodes.append(sel)
+        self.model.graph.initializer.extend(b.initializers)
+        return b.nodes
+
+    def _insert_nodes(self, at: int, nodes: Sequence[onnx.NodeProto]) -> None:
+        g = self.model.graph
+        all_nodes = list(g.node)
+        all_nodes[at:at] = list(nodes)
+        del g.node[:]
+        g.node.extend(all_nodes)
+
+    def replaceable(self, spec: VariantSpec) -> list[Layer]:
+        """The nodes a ``REPLACE`` variant can replace (not ones a dropcli site already replaced)."""
+        rep = spec.replacement
+        names = self._display_names()
+        rows = []
+        for i, n in enumerate(self.model.graph.node):
+            kind = rep.onnx_match(n) if rep is not None else None
+            if kind and not any(o.endswith("__dropcli_det") for o in n.output):
+                rows.append(Layer(names[i], kind, n.op_type, self.tensor_info(n.output[0]).shape if n.output else None,
+                                  ref=("node", i)))
+        return rows
+
+    def insert(self, layer: Layer, spec: VariantSpec, params: dict[str, Any]) -> str:
+        g = self.model.graph
+        kind, ref = layer.ref
+        if spec.attaches == REPLACE:
+            if spec.replacement is not None:  # a variant with its own rewriter (the recurrent family)
+                return spec.replacement.onnx_apply(self, ref, spec, params)
+            return self.replace_layer(layer, spec, params)
+        spec.check_rank(layer.rank, f"layer {layer.name}")
+        if kind == "input":
+            x = ref
+            info = self.tensor_info(x)
+            out = f"{x}__dropcli"
+            nodes = self._build_site(spec, params, x, info, out)
+            for n in g.node:
+                for k, inp in enumerate(n.input):
+                    if inp == x:
+                        n.input[k] = out
+            self._insert_nodes(0, nodes)
+        elif spec.attaches == RESIDUAL:
+            node = g.node[ref]
+            producers = {o: i for i, n in enumerate(g.node) for o in n.output}
+            kinds = [self._kind(n) for n in g.node]
+            branch = self._residual_branch(ref, producers, self._ancestors(producers), kinds)
+            if branch is None:
+                raise UsageError(f"{layer.name} is not a residual add", "droppath goes on residual adds (see `dropcli inspect`)")
+            info = self.tensor_info(branch)
+            out = f"{branch}__dropcli_{self._site_count}"
+            nodes = self._build_site(spec, params, branch, info, out)
+            for k, inp in enumerate(node.input):
+                if inp == branch:
+                    node.input[k] = out
+            self._insert_nodes(ref, nodes)
+        else:
+            self._insert_after(ref, spec, params)
+        return self._last_site
+
+    def _insert_after(self, ref: int, spec: VariantSpec, params: dict[str, Any]) -> None:
+        node = self.model.graph.node[ref]
+        v = node.output[0]
+        info = self.tensor_info(v)
+        pre = f"{v}__dropcli_in"
+        node.output[0] = pre
+        nodes = self._build_site(spec, params, pre, info, v)
+        self._insert_nodes(ref + 1, nodes)
+        self._vi[pre] = self._vi.get(v, helper.make_empty_tensor_value_info(pre))
+
+    def replace_layer(self, layer: Layer, spec: VariantSpec, params: dict[str, Any]) -> str:
+        """Replace the layer at ``layer.ref`` (and the activation right after it, when the
+        variant absorbs it) by the variant's subgraph of stock ops; ``dropcli_mc`` selects
+        between its MC rule and its test rule."""
+        _, i = layer.ref
+        return self._replace_layer_at(i, spec, params, layer.name)
+
+    def _replace_layer_at(self, i: int, spec: VariantSpec, params: dict[str, Any], label: str) -> str:
+        g = self.model.graph
+        ctx = self._layer_ctx()
+        lay = self.describe_layer(i, ctx)
+        if lay is None or lay.cls not in spec.replaces:
+            what = lay.cls if lay is not None else f"a {g.node[i].op_type} node it can't rewrite"
+            raise UsageError(f"{spec.name} rewrites {', '.join(spec.replaces)} layers, but {label} is {what}",
+                             "choose other layers with --layers/--after (see `dropcli inspect`)")
+        nodes, _, users, outs = ctx
+        lay.act_node, lay.act = absorbable_activation(nodes, lay, users, outs, spec.absorbs)
+        name = self._last_site = f"dropcli_site_{self._site_count}"
+        self._site_count += 1
+        mc = self._ensure_mc_input()
+        b = OnnxBuilder(_opset(self.model), name, self._taken_names())
+        stoch, det = spec.onnx_builder(b, lay, **params)
+        stoch = [stoch] if isinstance(stoch, str) else list(stoch)
+        det = [det] if isinstance(det, str) else list(det)
+        finals = lay.outputs
+        if len(stoch) != len(finals) or len(det) != len(finals):
+            raise DropcliError(f"internal error: {spec.name}'s ONNX builder made {len(stoch)} outputs for {len(finals)}")
+        for k, (s_, d_, out) in enumerate(zip(stoch, det, finals)):
+            if not out:
+                continue
+            sel = helper.make_node("Where", [mc, s_, d_], [out], name=f"{name}/select" + (f"_{k}" if k else ""))
+            sel.doc_string = f"dropcli variant={spec.name} p={params.get('p')}"
+            b.nodes.append(sel)
+        replaced = lay.replaced_nodes
+        rec = {"variant": spec.name, **params, "layer": {"cls": lay.cls, "name": label, "outputs": finals,
+                                                         "nodes": [_node_b64(n) for n in replaced]}}
+        gone = {id(n) for n in replaced}
+        all_nodes = [n for n in g.node if id(n) not in gone]
+        pos = sum(1 for n in list(g.node)[:i] if id(n) not in gone)
+        all_nodes[pos:pos] = b.nodes
+        del g.node[:]
+        g.node.extend(all_nodes)
+        g.initializer.extend(b.initializers)
+        records = site_records(self.model)
+        records[name] = rec
+        set_site_records(self.model, records)
+        return name
+
+    def replace_dropout(self, layer: Layer, spec: VariantSpec | None, params: dict[str, Any]) -> str | None:
+        g = self.model.graph
+        _, i = layer.ref
+        node = g.node[i]
+        restored = self._restore_layer_site(node)
+        if restored is not None:
+            first, last = restored
+            if spec is None:
+                return layer.name
+            if spec.attaches == REPLACE:
+                return self._replace_layer_at(first, spec, params, layer.name)
+            spec.check_rank(layer.rank, f"layer {layer.name}")
+            self._insert_after(last, spec, params)
+            return self._last_site
+        if spec is not None and spec.attaches == REPLACE:
+            raise UsageError(
+                f"{spec.name} rewrites {', '.join(spec.replaces)} layers; it can't take the place of the dropout layer {layer.name}",
+                f"inject it with `dropcli inject --variant {spec.name}` (it picks the layers; narrow with --layers)",
+            )
+        all_nodes = list(g.node)
+        if node.op_type == "Where" and node.name.startswith("dropcli_site_") and node.name.endswith("/select"):
+            # one of dropcli's own sites: its nodes share the name prefix; its input is the one
+            # value they read that none of them makes (besides constants and dropcli_mc)
+            prefix = node.name.split("/")[0] + "/"
+            block = [j for j, n in enumerate(all_nodes) if n.name.startswith(prefix)]
+            made = {o for j in block for o in all_nodes[j].output}
+            consts = {t.name for t in g.initializer} | {MC_INPUT}
+            ext = {x for j in block for x in all_nodes[j].input if x and x not in made and x not in consts}
+            if len(ext) != 1:
+                raise DropcliError(f"cannot find the input of dropcli site {layer.name}")
+            x, y = ext.pop(), node.output[0]
+            keep_inits = [t for t in g.initializer if not t.name.startswith(prefix)]
+            del g.initializer[:]
+            g.initializer.extend(keep_inits)
+            for j in reversed(block[:-1]):
+                del all_nodes[j]
+            i = block[0]
+        else:
+            x, y = node.input[0], node.output[0]
+            mask_used = len(node.output) > 1 and any(node.output[1] in n.input for n in g.node)
+            if mask_used:
+                raise DropcliError(f"dropout {layer.name} has its mask output in use; dropcli can't rewrite it")
+        if spec is None:
+            new_nodes = [helper.make_node("Identity", [x], [y], name=f"{node.name or y}/removed_dropout")]
+        else:
+            spec.check_rank(layer.rank, f"layer {layer.name}")
+            new_nodes = self._build_site(spec, params, x, self.tensor_info(x), y)
+        all_nodes[i:i + 1] = new_nodes
+        del g.node[:]
+        g.node.extend(all_nodes)
+        return self._last_site if spec is not None else layer.name
+
+    def _restore_layer_site(self, node: onnx.NodeProto) -> tuple[int, int] | None:
+        """A site that replaced a layer turns back into the layer's original nodes (kept in the
+        model's metadata); returns the indices of the first and last restored node, or None
+        when ``node`` is not such a site's select node."""
+        if not (node.op_type == "Where" and node.name.startswith("dropcli_site_") and "/select" in node.name):
+            return None
+        site = node.name.split("/")[0]
+        records = site_records(self.model)
+        rec = records.get(site, {}).get("layer")
+        if not isinstance(rec, dict):
+            return None
+        g = self.model.graph
+        prefix = site + "/"
+        try:
+            originals = [_node_from_b64(t) for t in rec["nodes"]]
+        except Exception as e:  # noqa: BLE001
+            raise DropcliError(f"site {site}: the record of the layer it replaced is unreadable ({e})",
+                               "inject again from the original model") from e
+        all_nodes = list(g.node)
+        block = [j for j, n in enumerate(all_nodes) if n.name.startswith(prefix)]
+        selects = {n.name: n for n in all_nodes if n.name.startswith(prefix) and n.op_type == "Where" and "/select" in n.name}
+        # the outputs consumers read now (a later site may have renamed them)
+        current = []
+        for k, orig in enumerate(rec.get("outputs", [])):
+            sel = selects.get(f"{site}/select" + (f"_{k}" if k else ""))
+            current.append(sel.output[0] if sel is not None else orig)
+        rename = {o: c for o, c in zip(rec.get("outputs", []), current) if o != c}
+        for n in originals:
+            for k, o in enumerate(n.output):
+                if o in rename:
+                    n.output[k] = rename[o]
+        keep_inits = [t for t in g.initializer if not t.name.startswith(prefix)]
+        del g.initializer[:]
+        g.initializer.extend(keep_inits)
+        at = block[0]
+        rest = [n for j, n in enumerate(all_nodes) if j not in set(block)]
+        rest[at:at] = originals
+        del g.node[:]
+        g.node.extend(rest)
+        records.pop(site, None)
+        set_site_records(self.model, records)
+        return at, at + len(originals) - 1
+
+    def finalize(self) -> None:
+        g = self.model.graph
+        if not any(MC_INPUT in n.input for n in g.node):  # every site removed: drop the switch too
+            for field in (g.input, g.initializer):
+                keep = [v for v in field if v.name != MC_INPUT]
+                del field[:]
+                field.extend(keep)
+        try:
+            onnx.checker.check_model(self.model)
+        except Exception as e:  # noqa: BLE001
+            raise DropcliError(f"internal error: the rewritten ONNX graph is invalid: {str(e).splitlines()[0][:300]}") from e
+        self._infer()
+
+    # ------------------------------------------------------------------ running / saving
+    def session(self, disable_dropout_elimination: bool = True, providers: Sequence[str] | None = None):
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        kwargs: dict[str, Any] = {}
+        if disable_dropout_elimination:
+            kwargs["disabled_optimizers"] = ["EliminateDropout"]
+        return ort.InferenceSession(self.model.SerializeToString(), so, providers=list(providers or ["CPUExecutionProvider"]), **kwargs)
+
+    def default_output_format(self) -> str:
+        return formats.ONNX
+
+    def save(self, path: str | Path, fmt: str | None = None) -> str:
+        fmt = fmt or formats.ONNX
+        if fmt != formats.ONNX:
+            raise UsageError(
+                f"dropcli can't convert an ONNX model to {fmt}",
+                "write ONNX (the default), or start from the torch model",
+            )
+        save_onnx(self.model, path, external=self.external)
+        return fmt
+
+
+def save_onnx(model: onnx.ModelProto, path: str | Path, external: bool = False) -> None:
+    """Write atomically; with ``external`` the weights go to ``<name>.data`` beside the model."""
+    path = Path(path)
+    if not external and model.ByteSize() < 1_900_000_000:
+        with atomic_path(path) as tmp:
+            onnx.save(model, str(tmp))
+        return
+    if str(path) == "-":
+        raise DropcliError("this ONNX model keeps its weights in an external .data file (or is over 2 GB), "
+                           "which can't go to stdout", "give -o a file path")
+    data_name = path.name + ".data"
+    with atomic_dir(path.resolve().parent) as tmpdir:
+        m = onnx.ModelProto()
+        m.CopyFrom(model)
+        onnx.save(m, str(tmpdir / path.name), save_as_external_data=True, all_tensors_to_one_file=True,
+                  location=data_name, size_threshold=1024)
+        if (tmpdir / data_name).exists():
+            os.replace(tmpdir / data_name, path.resolve().parent / data_name)
+        os.replace(tmpdir / path.name, path)
+
+
+def promote_mc_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Merge the per-site ``*.dropcli_mc`` buffers of an exported torch model into one input."""
+    g = model.graph
+    mc_inits = [t for t in g.initializer if t.name.split(".")[-1].endswith("dropcli_mc") and t.name != MC_INPUT]
+    if not mc_inits:
+        return model
+    names = {t.name for t in mc_inits}
+    keep = [t for t in g.initializer if t.name not in names]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    keep_in = [i for i in g.input if i.name not in names]
+    del g.input[:]
+    g.input.extend(keep_in)
+    for n in g.node:
+        for k, x in enumerate(n.input):
+            if x in names:
+                n.input[k] = MC_INPUT
+    g.input.append(helper.make_tensor_value_info(MC_INPUT, TensorProto.BOOL, []))
+    g.initializer.append(numpy_helper.from_array(np.array(False), MC_INPUT))
+    return model
+
+
+def label_exported_sites(model: onnx.ModelProto, sites: dict[str, dict[str, Any]]) -> int:
+    """Name the nodes the torch exporter made for each dropcli site ``dropcli_site_N/...`` (from
+    the exporter's name scopes) and mark the site's final ``Where`` on ``dropcli_mc`` as
+    ``dropcli_site_N/select`` with its variant and p, as :meth:`OnnxModel.insert` does, so that
+    `dropcli inspect` and re-loading see the sites and their rates. Returns how many were labelled."""
+    import ast
+
+    done = set()
+    for n in model.graph.node:
+        scopes = next((p.value for p in n.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), None)
+        if not scopes:
+            continue
+        with contextlib.suppress(ValueError, SyntaxError):
+            parts = ast.literal_eval(scopes)
+            site = next((x for x in parts if isinstance(x, str) and x in sites), None)
+            if site is None:
+                continue
+            if n.op_type == "Where" and n.input and n.input[0] == MC_INPUT:
+                n.name = f"{site}/select"
+                meta = sites[site]
+                n.doc_string = f"dropcli variant={meta.get('variant')} p={meta.get('p')}"
+                done.add(site)
+            else:
+                n.name = f"{site}/{n.name}"
+    return len(done)
+
+
+def export_torch_program(ep: Any, example: tuple, path: str | Path, sites: dict[str, dict[str, Any]] | None = None,
+                         model_meta: dict[str, Any] | None = None) -> None:
+    """torch.export program -> ONNX with one ``dropcli_mc`` input (default False); ``sites``
+    (name -> variant, p) labels the sites' nodes (:func:`label_exported_sites`)."""
+    import torch
+
+    from dropcli.backends.torch.model import _quiet, _short
+
+    try:
+        with _quiet():
+            prog = torch.onnx.export(ep, example, dynamo=True, optimize=True, verbose=False)
+        model = prog.model_proto
+    except Exception as e:  # noqa: BLE001
+        raise DropcliError(f"cannot convert the model to ONNX: {_short(e)}", "try --format torchscript or export") from e
+    # The onnxscript optimizer may fold the mc buffer into constants; keep it an input.
+    promote_mc_inputs(model)
+    if sites:
+        label_exported_sites(model, sites)
+    if model_meta:
+        set_model_record(model, model_meta)
+    onnx.checker.check_model(model)
+    save_onnx(model, path)
+
+
+def _json_prop(model: onnx.ModelProto, key: str) -> dict[str, Any]:
+    import json
+
+    for p in model.metadata_props:
+        if p.key == key:
+            with contextlib.suppress(Exception):
+                obj = json.loads(p.value)
+                return obj if isinstance(obj, dict) else {}
+    return {}
+
+
+def _set_json_prop(model: onnx.ModelProto, key: str, obj: dict[str, Any]) -> None:
+    import json
+
+    keep = [p for p in model.metadata_props if p.key != key]
+    del model.metadata_props[:]
+    model.metadata_props.extend(keep)
+    if obj:
+        model.metadata_props.append(onnx.StringStringEntryProto(key=key, value=json.dumps(obj, sort_keys=True)))
+
+
+def site_records(model: onnx.ModelProto) -> dict[str, Any]:
+    """The records of the sites that replaced layers, from the model's metadata."""
+    return _json_prop(model, SITES_META)
+
+
+def set_site_records(model: onnx.ModelProto, records: dict[str, Any]) -> None:
+    _set_json_prop(model, SITES_META, records)
+
+
+def model_record(model: onnx.ModelProto) -> dict[str, Any]:
+    """What dropcli learned about the whole model (e.g. ``tau`` from ``dropcli finetune``)."""
+    return _json_prop(model, MODEL_META)
+
+
+def set_model_record(model: onnx.ModelProto, record: dict[str, Any]) -> None:
+    _set_json_prop(model, MODEL_META, record)
+
+
+def _node_b64(n: onnx.NodeProto) -> str:
+    import base64
+
+    return base64.b64encode(n.SerializeToString()).decode("ascii")
+
+
+def _node_from_b64(text: str) -> onnx.NodeProto:
+    import base64
+
+    n = onnx.NodeProto()
+    n.ParseFromString(base64.b64decode(text))
+    return n
+
+
+def _join_scopes(parts: Sequence[str]) -> str:
+    """Exporter scopes to a module path: ``features/features.0`` -> ``features.0`` (a scope may
+    already be qualified by its parent), ``layer1/layer1.0/conv1`` -> ``layer1.0.conv1``."""
+    path = ""
+    for part in parts:
+        path = part if not path or part.startswith(path + ".") else f"{path}.{part}"
+    return path
+
+
+def _site_p(n: onnx.NodeProto) -> float | None:
+    for part in n.doc_string.split():
+        if part.startswith("p="):
+            with contextlib.suppress(ValueError):
+                return float(part[2:])
+    return None
+
+
+def _site_variant(n: onnx.NodeProto) -> str | None:
+    for part in n.doc_string.split():
+        if part.startswith("variant="):
+            return part[8:]
+    return None

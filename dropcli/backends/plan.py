@@ -1,0 +1,108 @@
+"""Backend-agnostic planning: which layers a variant may attach to, and applying a plan."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from dropcli.errors import UsageError
+from dropcli.model.selection import Layer, Selection, select
+from dropcli.variants.base import INPUT, REPLACE, RESIDUAL, VariantSpec
+
+
+def candidates(layers: Sequence[Layer], spec: VariantSpec, model: Any = None) -> list[Layer]:
+    if spec.attaches == REPLACE:
+        if spec.replacement is not None:  # a variant with its own finder (the recurrent family)
+            return model.replaceable(spec)
+        return [l for l in layers if l.layer_class in spec.replaces]
+    if spec.attaches == INPUT:
+        return [l for l in layers if l.is_input]
+    if spec.attaches == RESIDUAL:
+        return [l for l in layers if l.residual]
+    return [l for l in layers if not l.is_input and l.kind != "dropout"]
+
+
+def default_after(spec: VariantSpec) -> tuple[str, ...]:
+    if spec.attaches == REPLACE:  # every layer it can rewrite (minus the output layer)
+        return spec.replacement.kinds if spec.replacement is not None else ()
+    if spec.attaches == INPUT:
+        return ("input",)
+    if spec.attaches == RESIDUAL:
+        return ("add",)
+    return spec.default_after
+
+
+def plan_inject(model: Any, spec: VariantSpec, sel: Selection) -> list[Layer]:
+    layers = model.layers()
+    cands = candidates(layers, spec, model)
+    replaced = " or ".join(_LAYER_WORDS.get(c, c) for c in spec.replaces) + " layer"
+    if not cands:
+        what = {INPUT: "model input", RESIDUAL: "residual add", REPLACE: replaced}.get(spec.attaches, "layer")
+        raise UsageError(f"the model has no {what} where {spec.name} can go", "see `dropcli inspect` for its layers")
+    what = {INPUT: "input", RESIDUAL: "residual add", REPLACE: replaced}.get(spec.attaches, "layer")
+    return select(cands, sel, default_after(spec), what=what)
+
+
+_LAYER_WORDS = {"linear": "Linear", "conv": "Conv", "maxpool": "max-pooling", "avgpool": "average-pooling",
+                "lstm": "LSTM", "gru": "GRU"}
+
+
+def plan_existing(model: Any, sel: Selection, include_sites: bool = True) -> list[Layer]:
+    """The dropout already in the model (stock dropout and dropcli's own sites), narrowed by --layers/--exclude."""
+    layers = model.layers()
+    drops = [l for l in layers if l.kind == "dropout" and (include_sites or l.dropout_variant == "dropout")]
+    if not drops:
+        raise UsageError(
+            "the model has no dropout to replace or remove",
+            "inject new sites instead (drop --replace/--remove); `dropcli inspect` shows what is there",
+        )
+    narrowed = Selection(after=[], layers=sel.layers, exclude=sel.exclude, allow_output=True)
+    return select(drops, narrowed, ("dropout",), what="dropout layer")
+
+
+def apply_inject(model: Any, spec: VariantSpec, params: dict[str, Any], chosen: Sequence[Layer]) -> list[dict]:
+    done = []
+    base = model._site_count
+    position = {id(l): k for k, l in enumerate(chosen)}
+    for layer in _ordered(model, chosen):
+        model._site_count = base + position[id(layer)]  # number sites in model order, whatever the rewrite order
+        site = model.insert(layer, spec, params)
+        done.append({"site": site, "at": layer.name, "kind": layer.kind, "variant": spec.name, **params})
+    model._site_count = base + len(chosen)
+    _finalize(model)
+    return list(reversed(done)) if model.backend == "onnx" else done
+
+
+def apply_replace(
+    model: Any, spec: VariantSpec | None, params: dict[str, Any], chosen: Sequence[Layer], inherit_p: bool = False,
+) -> list[dict]:
+    """Swap (or remove, ``spec`` None) existing dropout. With ``inherit_p`` (no --p given) each
+    new site keeps the drop probability of the dropout it replaces."""
+    done = []
+    for layer in _ordered(model, chosen):
+        layer_params = params
+        if spec is not None and inherit_p and layer.dropout_p is not None:
+            p_param = next((p for p in spec.params if p.name == "p"), None)
+            if p_param is not None:
+                layer_params = {**params, "p": p_param.validate(layer.dropout_p, spec.name)}
+        site = model.replace_dropout(layer, spec, layer_params)
+        done.append({"site": site, "at": layer.name, "was_p": layer.dropout_p,
+                     "variant": spec.name if spec else None, **(layer_params if spec else {})})
+    _finalize(model)
+    return list(reversed(done)) if model.backend == "onnx" else done
+
+
+def _ordered(model: Any, chosen: Sequence[Layer]) -> list[Layer]:
+    if model.backend != "onnx":
+        return list(chosen)
+    # ONNX refs are node indices: rewrite from the back so earlier indices stay valid; inputs last.
+    def key(l: Layer):
+        kind, ref = l.ref
+        return (0, 0) if kind == "input" else (1, ref)
+
+    return sorted(chosen, key=key, reverse=True)
+
+
+def _finalize(model: Any) -> None:
+    fin = getattr(model, "finalize", None)
+    if fin is not None:
+        fin()

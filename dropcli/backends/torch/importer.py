@@ -1,0 +1,626 @@
+"""Turn what the loaders give into an ``fx.GraphModule`` made of real torch modules.
+
+The torch backend turns every torch format into a ``torch.fx.GraphModule``, but a graph that
+came through ``torch.export`` or TorchScript conversion computes its layers with
+``call_function`` aten ops (``aten.linear``, ``aten.conv2d``, ``aten.convolution``,
+``aten.batch_norm`` ...) reading weights through ``get_attr``. Training code that swaps layers
+(sparse VD, SBP) and Torch-Pruning's ``DependencyGraph`` need ``nn.Linear`` / ``nn.ConvNd`` /
+``nn.BatchNormNd`` modules instead. :func:`modularize` rewrites those calls into
+``call_module`` nodes on real modules holding the trained weights; the function stays the same.
+
+:func:`from_onnx` is dropcli's own ONNX importer (onnx2torch needs torchvision, which can't be
+installed beside torch 2.13): it builds the same kind of GraphModule from the ONNX ops listed in
+:data:`ONNX_OPS`, and names any other op in a one-line error.
+
+Both are used by ``dropcli prune`` (and meant for ``dropcli finetune``): :func:`to_modules`
+takes a loaded model of either backend.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import fx, nn
+
+from dropcli.errors import DropcliError
+
+aten = torch.ops.aten
+
+# ---------------------------------------------------------------------------------- fx graphs
+
+
+def _attr(gm: nn.Module, target: str) -> torch.Tensor:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _const(gm: fx.GraphModule, a: Any) -> torch.Tensor | None:
+    """The tensor behind a ``get_attr`` node (None for None; error for a computed value)."""
+    if a is None:
+        return None
+    if isinstance(a, fx.Node) and a.op == "get_attr":
+        return _attr(gm, a.target).detach()
+    raise _NotConst()
+
+
+class _NotConst(Exception):
+    pass
+
+
+def _arg(n: fx.Node, i: int, name: str, default: Any = None) -> Any:
+    if len(n.args) > i:
+        return n.args[i]
+    return n.kwargs.get(name, default)
+
+
+def _tuple(v: Any, k: int) -> tuple[int, ...]:
+    if isinstance(v, (list, tuple)):
+        v = tuple(int(x) for x in v)
+        return v * k if len(v) == 1 else v
+    return (int(v),) * k
+
+
+def _linear_module(w: torch.Tensor, b: torch.Tensor | None) -> nn.Linear:
+    m = nn.Linear(w.shape[1], w.shape[0], bias=b is not None)
+    with torch.no_grad():
+        m.weight.copy_(w)
+        if b is not None:
+            m.bias.copy_(b)
+    return m
+
+
+def _conv_module(w: torch.Tensor, b: torch.Tensor | None, stride, padding, dilation, groups) -> nn.Module:
+    nd = w.dim() - 2
+    cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}.get(nd)
+    if cls is None:
+        raise DropcliError(f"a convolution with a {w.dim()}-d weight is not supported")
+    pad = padding if isinstance(padding, str) else _tuple(padding, nd)
+    m = cls(w.shape[1] * groups, w.shape[0], tuple(w.shape[2:]), stride=_tuple(stride, nd), padding=pad,
+            dilation=_tuple(dilation, nd), groups=groups, bias=b is not None)
+    with torch.no_grad():
+        m.weight.copy_(w)
+        if b is not None:
+            m.bias.copy_(b)
+    return m
+
+
+def _bn_module(weight, bias, mean, var, eps: float, rank: int | None) -> nn.Module:
+    c = mean.shape[0]
+    cls = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}.get(rank or 4, nn.BatchNorm2d)
+    m = cls(c, eps=float(eps), affine=weight is not None or bias is not None)
+    with torch.no_grad():
+        m.running_mean.copy_(mean)
+        m.running_var.copy_(var)
+        if m.affine:
+            m.weight.copy_(weight if weight is not None else torch.ones(c))
+            m.bias.copy_(bias if bias is not None else torch.zeros(c))
+    return m.eval()
+
+
+def _rank(n: fx.Node) -> int | None:
+    val = n.meta.get("val")
+    if isinstance(val, torch.Tensor):
+        return val.dim()
+    tm = n.meta.get("tensor_meta")
+    if tm is not None and hasattr(tm, "shape"):
+        return len(tm.shape)
+    return None
+
+
+def _build(gm: fx.GraphModule, n: fx.Node) -> tuple[nn.Module, fx.Node, list[fx.Node]] | None:
+    """For a functional layer call: (module, its input node, the weight nodes it reads)."""
+    t = n.target
+    try:
+        if t in (aten.linear.default, torch.nn.functional.linear, torch._C._nn.linear):
+            x, w, b = n.args[0], _arg(n, 1, "weight"), _arg(n, 2, "bias")
+            return _linear_module(_const(gm, w), _const(gm, b)), x, [w, b]
+        if t is aten.addmm.default:
+            b, x, wt = n.args[:3]
+            if n.kwargs.get("beta", 1) != 1 or n.kwargs.get("alpha", 1) != 1:
+                return None
+            if not (isinstance(wt, fx.Node) and wt.target in (aten.t.default, aten.permute.default) and len(wt.users) == 1):
+                return None
+            return _linear_module(_const(gm, wt.args[0]), _const(gm, b)), x, [wt.args[0], b, wt]
+        if t in (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.conv1d.padding,
+                 aten.conv2d.padding, aten.conv3d.padding, torch.conv1d, torch.conv2d, torch.conv3d,
+                 torch.nn.functional.conv1d, torch.nn.functional.conv2d):
+            x, w, b = n.args[0], _arg(n, 1, "weight"), _arg(n, 2, "bias")
+            mod = _conv_module(_const(gm, w), _const(gm, b), _arg(n, 3, "stride", 1), _arg(n, 4, "padding", 0),
+                               _arg(n, 5, "dilation", 1), int(_arg(n, 6, "groups", 1)))
+            return mod, x, [w, b]
+        if t is aten.convolution.default:
+            x, w, b, stride, padding, dilation, transposed, _out_pad, groups = n.args[:9]
+            if transposed:
+                return None
+            return _conv_module(_const(gm, w), _const(gm, b), stride, padding, dilation, int(groups)), x, [w, b]
+        if t in (aten.batch_norm.default, torch.nn.functional.batch_norm, torch.batch_norm):
+            if t is torch.nn.functional.batch_norm:
+                x, mean, var = n.args[0], _arg(n, 1, "running_mean"), _arg(n, 2, "running_var")
+                w, b = _arg(n, 3, "weight"), _arg(n, 4, "bias")
+                training, eps = _arg(n, 5, "training", False), _arg(n, 7, "eps", 1e-5)
+            else:
+                x, w, b, mean, var, training, _mom, eps = n.args[:8]
+            if training:
+                return None
+            mod = _bn_module(_const(gm, w), _const(gm, b), _const(gm, mean), _const(gm, var), eps, _rank(x))
+            return mod, x, [w, b, mean, var]
+        if t is aten._native_batch_norm_legit_no_training.default:
+            x, w, b, mean, var, _mom, eps = n.args[:7]
+            mod = _bn_module(_const(gm, w), _const(gm, b), _const(gm, mean), _const(gm, var), eps, _rank(x))
+            return mod, x, [w, b, mean, var]
+    except _NotConst:
+        return None
+    return None
+
+
+def _module_name(gm: fx.GraphModule, weight_nodes: list, taken: set[str]) -> str:
+    """Name a new module after the path of the weight it holds (``features.0.weight`` -> ``features.0``)."""
+    base = ""
+    for w in weight_nodes:
+        if isinstance(w, fx.Node) and w.op == "get_attr":
+            base = w.target.rsplit(".", 1)[0] if "." in w.target else w.target
+            break
+    base = re.sub(r"[^A-Za-z0-9_.]", "_", base) or "layer"
+    if base.startswith("_"):
+        base = "m" + base
+    name, k = base, 1
+    while name in taken:
+        name = f"{base}_{k}"
+        k += 1
+    taken.add(name)
+    return name
+
+
+def modularize(gm: fx.GraphModule) -> fx.GraphModule:
+    """Rewrite functional linear / conv / batchnorm calls into ``call_module`` nodes on real
+    ``nn.Linear`` / ``nn.ConvNd`` / ``nn.BatchNormNd`` modules (a new GraphModule; the
+    function is unchanged). Layers whose weights are computed rather than stored are kept as
+    they are."""
+    import copy
+
+    gm = copy.deepcopy(gm)
+    g = gm.graph
+    builds: list[tuple[fx.Node, nn.Module, fx.Node, list]] = []
+    for n in list(g.nodes):
+        if n.op != "call_function":
+            continue
+        res = _build(gm, n)
+        if res is not None:
+            builds.append((n, *res))
+    if not builds:
+        return gm
+    new_modules: dict[str, nn.Module] = {}
+    existing = {name for name, _ in gm.named_modules() if name}
+    # weights read only by the rewritten calls disappear from the graph, so their names are free
+    readers: dict[fx.Node, int] = {}
+    for _n, _m, _x, ws in builds:
+        for w in ws:
+            if isinstance(w, fx.Node):
+                readers[w] = readers.get(w, 0) + 1
+    taken = set(existing)
+    for w, k in readers.items():
+        if w.op == "get_attr" and len(w.users) == k and "." in w.target:
+            taken.discard(w.target.rsplit(".", 1)[0])
+    plan = []
+    for n, mod, x, ws in builds:
+        name = _module_name(gm, ws, taken)
+        plan.append((n, mod, x, ws, name))
+    for n, mod, x, ws, name in plan:
+        x = n.args[1] if n.target is aten.addmm.default else n.args[0]  # current input (earlier rewrites move it)
+        with g.inserting_before(n):
+            new = g.call_module(name, (x,))
+        new.meta = {k: v for k, v in n.meta.items() if k in ("val", "tensor_meta", "nn_module_stack", "stack_trace")}
+        if n.target is aten._native_batch_norm_legit_no_training.default:
+            for u in list(n.users):
+                if u.target is operator.getitem and u.args[1] == 0:
+                    u.replace_all_uses_with(new)
+                    g.erase_node(u)
+            if n.users:
+                raise DropcliError("a batch norm's saved statistics are used by the graph; dropcli can't rewrite it")
+        else:
+            n.replace_all_uses_with(new)
+        g.erase_node(n)
+        new_modules[name] = mod
+    for n in list(g.nodes):  # weight reads (and transposes) that nothing uses any more
+        if n.op in ("get_attr",) and not n.users:
+            g.erase_node(n)
+    for n in reversed(list(g.nodes)):
+        if n.op == "call_function" and n.target in (aten.t.default, aten.permute.default) and not n.users:
+            g.erase_node(n)
+    for n in list(g.nodes):
+        if n.op == "get_attr" and not n.users:
+            g.erase_node(n)
+    _delete_unused_attrs(gm)
+    for name, mod in new_modules.items():
+        _set_module(gm, name, mod)
+    g.lint()
+    gm.recompile()
+    return gm
+
+
+def _set_module(gm: nn.Module, name: str, mod: nn.Module) -> None:
+    parts = name.split(".")
+    parent = gm
+    for p in parts[:-1]:
+        if not hasattr(parent, p) or not isinstance(getattr(parent, p), nn.Module):
+            parent.add_module(p, nn.Module())
+        parent = getattr(parent, p)
+    if parts[-1] in parent._modules:
+        del parent._modules[parts[-1]]
+    for store in (parent._parameters, parent._buffers):
+        store.pop(parts[-1], None)
+    parent.add_module(parts[-1], mod)
+
+
+def _delete_unused_attrs(gm: fx.GraphModule) -> None:
+    """Remove parameters, buffers and modules the graph no longer reads."""
+    used: set[str] = set()
+    for n in gm.graph.nodes:
+        if n.op in ("get_attr", "call_module"):
+            used.add(n.target)
+    def keep(path: str) -> bool:
+        return any(u == path or u.startswith(path + ".") or path.startswith(u + ".") for u in used)
+    for name, _ in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
+        if not keep(name):
+            mod_path, _, leaf = name.rpartition(".")
+            mod = gm.get_submodule(mod_path) if mod_path else gm
+            mod._parameters.pop(leaf, None)
+            mod._buffers.pop(leaf, None)
+    for name, _ in sorted(gm.named_modules(), key=lambda kv: -kv[0].count(".")):
+        if not name or keep(name):
+            continue
+        mod_path, _, leaf = name.rpartition(".")
+        parent = gm.get_submodule(mod_path) if mod_path else gm
+        sub = parent._modules.get(leaf)
+        if sub is not None and not any(True for _ in sub.parameters()) and not any(True for _ in sub.buffers()):
+            del parent._modules[leaf]
+
+
+# ---------------------------------------------------------------------------------- ONNX
+
+ONNX_OPS = (
+    "Gemm", "MatMul", "Add", "Sub", "Mul", "Div", "Conv", "BatchNormalization", "Relu", "LeakyRelu", "Sigmoid",
+    "Tanh", "Elu", "Selu", "Softplus", "Softmax", "LogSoftmax", "Clip", "MaxPool", "AveragePool",
+    "GlobalAveragePool", "Flatten", "Reshape", "Dropout", "Identity", "Constant",
+)
+
+
+def _onnx_attrs(node) -> dict[str, Any]:
+    from onnx import helper
+
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _sym_pads(pads: list[int] | None, nd: int, what: str) -> tuple[int, ...]:
+    if not pads:
+        return (0,) * nd
+    begin, end = list(pads[:nd]), list(pads[nd:])
+    if begin != end:
+        raise DropcliError(f"ONNX {what} with asymmetric padding {pads} is not supported by dropcli's importer",
+                           "re-export the model with symmetric padding")
+    return tuple(int(p) for p in begin)
+
+
+class _OnnxImporter:
+    def __init__(self, model, keep_dropout: bool = False):
+        import onnx
+        from onnx import numpy_helper
+
+        self.onnx = onnx
+        try:
+            inferred = onnx.shape_inference.infer_shapes(model)
+        except Exception:  # noqa: BLE001
+            inferred = model
+        self.model = model
+        self.ranks: dict[str, int] = {}
+        for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+            tt = vi.type.tensor_type
+            if tt.HasField("shape"):
+                self.ranks[vi.name] = len(tt.shape.dim)
+        self.consts: dict[str, np.ndarray] = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+        self.keep_dropout = keep_dropout
+        self.root = nn.Module()
+        self.graph = fx.Graph()
+        self.env: dict[str, fx.Node] = {}
+        self.names: set[str] = set()
+        self.users: dict[str, int] = {}
+        for n in model.graph.node:
+            for i in n.input:
+                self.users[i] = self.users.get(i, 0) + 1
+        for o in model.graph.output:
+            self.users[o.name] = self.users.get(o.name, 0) + 1
+
+    def _name(self, node, op: str) -> str:
+        """Exporter names like ``/features/features.0/Conv`` read as module path ``features.0``."""
+        from dropcli.backends.onnx.model import _join_scopes
+
+        raw = node.name or (node.output[0] if node.output else op)
+        parts = [p for p in raw.split("/") if p]
+        if len(parts) >= 2 and parts[-1].split("_")[0] == op:
+            parts = parts[:-1]
+        path = _join_scopes(parts) if parts else op.lower()
+        segs = [re.sub(r"[^A-Za-z0-9_]", "_", seg) or "m" for seg in path.split(".")]
+        segs = [("m" + seg) if seg[0] == "_" else seg for seg in segs]
+        base = ".".join(segs)
+        name, k = base, 1
+        while any(name == t or name.startswith(t + ".") or t.startswith(name + ".") for t in self.names):
+            name = f"{base}_{k}"
+            k += 1
+        self.names.add(name)
+        return name
+
+    def _add(self, node, op: str, mod: nn.Module, x: fx.Node) -> fx.Node:
+        name = self._name(node, op)
+        _set_module(self.root, name, mod)
+        return self.graph.call_module(name, (x,))
+
+    def _val(self, name: str) -> fx.Node:
+        if name in self.env:
+            return self.env[name]
+        if name in self.consts:
+            buf = "const_" + re.sub(r"[^A-Za-z0-9_]", "_", name)
+            while hasattr(self.root, buf):
+                buf += "_"
+            self.root.register_buffer(buf, torch.from_numpy(np.array(self.consts[name])))
+            node = self.graph.get_attr(buf)
+            self.env[name] = node
+            return node
+        raise DropcliError(f"ONNX value {name!r} is used before it is defined")
+
+    def _c(self, name: str) -> np.ndarray | None:
+        return self.consts.get(name) if name else None
+
+    def _site_blocks(self) -> tuple[set[int], dict[int, tuple[str, str, nn.Module]]]:
+        """dropcli's own ONNX sites (nodes named ``dropcli_site_N/...``, ending in ``.../select``):
+        the node indices inside them, and per select node (site name, input, the site as a torch
+        module). Only with ``keep_dropout`` (``dropcli finetune``)."""
+        from dropcli.backends.onnx.model import MC_INPUT, _site_p, _site_variant
+        from dropcli.variants import get_variant
+
+        g = self.model.graph
+        nodes = list(g.node)
+        inside: set[int] = set()
+        selects: dict[int, tuple[str, str, nn.Module]] = {}
+        for i, n in enumerate(nodes):
+            if not (n.name.startswith("dropcli_site_") and n.op_type == "Where" and n.name.endswith("/select")):
+                continue
+            site = n.name.split("/")[0]
+            block = [j for j, m in enumerate(nodes) if m.name.startswith(site + "/")]
+            made = {o for j in block for o in nodes[j].output}
+            ext = {x for j in block for x in nodes[j].input if x and x not in made and x not in self.consts and x != MC_INPUT}
+            variant, p = _site_variant(n), _site_p(n)
+            if len(ext) != 1 or variant is None or p is None:
+                raise DropcliError(f"cannot read dropcli site {site} of this ONNX model",
+                                   "remove the sites (dropcli inject --remove), then finetune with --after")
+            spec = get_variant(variant)
+            if {prm.name for prm in spec.params} != {"p"}:
+                raise DropcliError(f"dropcli site {site} is a {variant} site with parameters besides p, which can't be re-loaded from ONNX",
+                                   "remove it first (dropcli inject --remove --layers ...)")
+            inside.update(block)
+            selects[i] = (site, ext.pop(), spec.torch_module(p=p))
+        return inside, selects
+
+    def run(self) -> fx.GraphModule:
+        g = self.model.graph
+        inside, selects = self._site_blocks() if self.keep_dropout else (set(), {})
+        bad = sorted({n.op_type for i, n in enumerate(g.node)
+                      if i not in inside and (n.op_type not in ONNX_OPS or n.domain not in ("", "ai.onnx"))})
+        if bad:
+            raise DropcliError(f"ONNX op{'s' if len(bad) > 1 else ''} {', '.join(bad)} {'are' if len(bad) > 1 else 'is'} not supported by dropcli's ONNX importer",
+                               f"supported ops: {', '.join(ONNX_OPS)}; or pass the torch model instead")
+        init_names = set(self.consts)
+        for inp in g.input:
+            if inp.name in init_names:
+                continue
+            if inp.name == "dropcli_mc":
+                if selects:
+                    continue
+                raise DropcliError("this ONNX model contains dropcli dropout sites (input 'dropcli_mc')",
+                                   "prune the model without its sites (dropcli inject --remove), then inject again")
+            ph = self.graph.placeholder(re.sub(r"[^A-Za-z0-9_]", "_", inp.name) or "x")
+            self.env[inp.name] = ph
+        for i, node in enumerate(g.node):
+            if i in selects:
+                site, x, mod = selects[i]
+                _set_module(self.root, site, mod)
+                self.env[node.output[0]] = self.graph.call_module(site, (self._val(x),))
+            elif i not in inside:
+                self._node(node)
+        outs = [self.env[o.name] if o.name in self.env else self._val(o.name) for o in g.output]
+        self.graph.output(outs[0] if len(outs) == 1 else tuple(outs))
+        gm = fx.GraphModule(self.root, self.graph, "ImportedOnnx")
+        gm.eval()
+        return gm
+
+    def _node(self, node) -> None:
+        op = node.op_type
+        a = _onnx_attrs(node)
+        ins = list(node.input)
+        out = node.output[0] if node.output else None
+        if node.domain not in ("", "ai.onnx"):
+            raise self._unsupported(node)
+        if op == "Constant":
+            from onnx import numpy_helper
+
+            if "value" not in a:
+                raise self._unsupported(node, "only Constant nodes with a tensor 'value' are supported")
+            self.consts[out] = numpy_helper.to_array(node.attribute[0].t)
+            return
+        if op in ("Dropout", "Identity"):
+            if len(node.output) > 1 and self.users.get(node.output[1]):
+                raise self._unsupported(node, "its mask output is used")
+            if op == "Dropout" and self.keep_dropout:
+                # an nn.Dropout (identity in eval mode) that keeps the site and its ratio
+                ratio = self._c(ins[1]) if len(ins) > 1 and ins[1] else a.get("ratio", 0.5)
+                if ratio is None:
+                    raise self._unsupported(node, "its ratio is not a constant")
+                self.env[out] = self._add(node, op, nn.Dropout(float(np.asarray(ratio))), self._val(ins[0]))
+                return
+            self.env[out] = self._val(ins[0])
+            return
+        if op == "Gemm":
+            w, c = self._c(ins[1]), self._c(ins[2]) if len(ins) > 2 else None
+            if w is None or a.get("transA", 0) or (len(ins) > 2 and ins[2] and c is None):
+                raise self._unsupported(node, "only Gemm with a constant B (and C) and transA=0 is supported")
+            w = w if a.get("transB", 0) else w.T
+            w = w * a.get("alpha", 1.0)
+            b = None if c is None else np.array(np.broadcast_to(c * a.get("beta", 1.0), (w.shape[0],)))
+            mod = _linear_module(torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)),
+                                 None if b is None else torch.from_numpy(np.ascontiguousarray(b, dtype=np.float32)))
+            self.env[out] = self._add(node, op, mod, self._val(ins[0]))
+            return
+        if op == "MatMul":
+            w = self._c(ins[1])
+            if w is None or w.ndim != 2:
+                raise self._unsupported(node, "only MatMul by a constant 2-d matrix is supported")
+            mod = _linear_module(torch.from_numpy(np.ascontiguousarray(w.T, dtype=np.float32)), None)
+            self.env[out] = self._add(node, "MatMul", mod, self._val(ins[0]))
+            return
+        if op in ("Add", "Sub", "Mul", "Div"):
+            x0, x1 = ins[0], ins[1]
+            # MatMul + Add(bias): fold into the Linear that MatMul became
+            if op == "Add":
+                for lin, bias in ((x0, x1), (x1, x0)):
+                    prod = self.env.get(lin)
+                    bv = self._c(bias)
+                    if (prod is not None and bv is not None and prod.op == "call_module"
+                            and self.users.get(lin, 0) == 1):
+                        m = self.root.get_submodule(prod.target)
+                        if isinstance(m, nn.Linear) and m.bias is None and bv.size == m.out_features and (bv.ndim <= 1 or bv.shape[-1] == bv.size):
+                            m.bias = nn.Parameter(torch.from_numpy(np.ascontiguousarray(bv.reshape(-1), dtype=np.float32)))
+                            self.env[out] = prod
+                            return
+            fn = {"Add": operator.add, "Sub": operator.sub, "Mul": operator.mul, "Div": operator.truediv}[op]
+            self.env[out] = self.graph.call_function(fn, (self._val(x0), self._val(x1)))
+            return
+        if op == "Conv":
+            w = self._c(ins[1])
+            b = self._c(ins[2]) if len(ins) > 2 and ins[2] else None
+            if w is None or (len(ins) > 2 and ins[2] and b is None):
+                raise self._unsupported(node, "only Conv with constant weights is supported")
+            if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+                raise self._unsupported(node, "auto_pad is not supported; re-export with explicit pads")
+            nd = w.ndim - 2
+            if nd not in (1, 2):
+                raise self._unsupported(node, f"{nd}-d convolutions are not supported")
+            mod = _conv_module(torch.from_numpy(w.astype(np.float32)), None if b is None else torch.from_numpy(b.astype(np.float32)),
+                               a.get("strides", [1] * nd), _sym_pads(a.get("pads"), nd, "Conv"), a.get("dilations", [1] * nd),
+                               int(a.get("group", 1)))
+            self.env[out] = self._add(node, op, mod, self._val(ins[0]))
+            return
+        if op == "BatchNormalization":
+            if len(node.output) > 1 and any(self.users.get(o) for o in node.output[1:]):
+                raise self._unsupported(node, "training-mode outputs are used")
+            vals = [self._c(i) for i in ins[1:5]]
+            if any(v is None for v in vals):
+                raise self._unsupported(node, "only BatchNormalization with constant parameters is supported")
+            scale, bias, mean, var = (torch.from_numpy(v.astype(np.float32)) for v in vals)
+            mod = _bn_module(scale, bias, mean, var, a.get("epsilon", 1e-5), self.ranks.get(ins[0]))
+            self.env[out] = self._add(node, op, mod, self._val(ins[0]))
+            return
+        simple: dict[str, Callable[[], nn.Module]] = {
+            "Relu": nn.ReLU, "Sigmoid": nn.Sigmoid, "Tanh": nn.Tanh, "Selu": nn.SELU,
+            "LeakyRelu": lambda: nn.LeakyReLU(a.get("alpha", 0.01)),
+            "Elu": lambda: nn.ELU(a.get("alpha", 1.0)),
+            "Softplus": nn.Softplus,
+            "Softmax": lambda: nn.Softmax(dim=int(a.get("axis", -1))),
+            "LogSoftmax": lambda: nn.LogSoftmax(dim=int(a.get("axis", -1))),
+            "GlobalAveragePool": lambda: _global_pool(self.ranks.get(ins[0])),
+        }
+        if op == "Selu" and (abs(a.get("alpha", 1.67326319) - 1.6732632) > 1e-5 or abs(a.get("gamma", 1.05070102) - 1.0507010) > 1e-5):
+            raise self._unsupported(node, "only SELU's standard constants are supported")
+        if op in simple:
+            self.env[out] = self._add(node, op, simple[op](), self._val(ins[0]))
+            return
+        if op == "Clip":
+            lo = self._c(ins[1]) if len(ins) > 1 and ins[1] else a.get("min")
+            hi = self._c(ins[2]) if len(ins) > 2 and ins[2] else a.get("max")
+            lo = float("-inf") if lo is None else float(np.asarray(lo))
+            hi = float("inf") if hi is None else float(np.asarray(hi))
+            mod = nn.ReLU() if lo == 0 and hi == float("inf") else nn.ReLU6() if (lo, hi) == (0.0, 6.0) else nn.Hardtanh(lo, hi)
+            self.env[out] = self._add(node, op, mod, self._val(ins[0]))
+            return
+        if op in ("MaxPool", "AveragePool"):
+            k = list(a["kernel_shape"])
+            nd = len(k)
+            if nd not in (1, 2) or a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+                raise self._unsupported(node, "only 1-d/2-d pooling with explicit pads is supported")
+            if len(node.output) > 1 and self.users.get(node.output[1]):
+                raise self._unsupported(node, "its indices output is used")
+            kw = dict(kernel_size=tuple(k), stride=tuple(a.get("strides", [1] * nd)),
+                      padding=_sym_pads(a.get("pads"), nd, op), ceil_mode=bool(a.get("ceil_mode", 0)))
+            if op == "MaxPool":
+                mod = (nn.MaxPool1d if nd == 1 else nn.MaxPool2d)(dilation=tuple(a.get("dilations", [1] * nd)), **kw)
+            else:
+                mod = (nn.AvgPool1d if nd == 1 else nn.AvgPool2d)(count_include_pad=bool(a.get("count_include_pad", 0)), **kw)
+            self.env[out] = self._add(node, op, mod, self._val(ins[0]))
+            return
+        if op == "Flatten":
+            axis = int(a.get("axis", 1))
+            if axis != 1:
+                raise self._unsupported(node, "only Flatten with axis=1 is supported")
+            self.env[out] = self._add(node, op, nn.Flatten(1), self._val(ins[0]))
+            return
+        if op == "Reshape":
+            shape = self._c(ins[1])
+            if shape is None:
+                raise self._unsupported(node, "only Reshape to a constant shape is supported")
+            x = self._val(ins[0])
+            dims: list[Any] = []
+            for i, d in enumerate(int(v) for v in shape.reshape(-1)):
+                if d == 0 and not a.get("allowzero", 0):
+                    dims.append(self.graph.call_method("size", (x, i)))
+                else:
+                    dims.append(d)
+            self.env[out] = self.graph.call_function(torch.reshape, (x, tuple(dims)))
+            return
+        raise self._unsupported(node)
+
+    def _unsupported(self, node, why: str | None = None) -> DropcliError:
+        label = f"ONNX op {node.op_type}" + (f" (node {node.name})" if node.name else "")
+        if why:
+            return DropcliError(f"{label} can't be imported: {why}", "re-export the model, or pass the torch model instead")
+        return DropcliError(f"{label} is not supported by dropcli's ONNX importer",
+                            f"supported ops: {', '.join(ONNX_OPS)}; or pass the torch model instead")
+
+
+def _global_pool(rank: int | None) -> nn.Module:
+    return nn.AdaptiveAvgPool1d(1) if rank == 3 else nn.AdaptiveAvgPool2d(1)
+
+
+def from_onnx(model, keep_dropout: bool = False) -> fx.GraphModule:
+    """An ONNX ModelProto as an ``fx.GraphModule`` of real torch modules (see :data:`ONNX_OPS`).
+    ``Dropout`` nodes vanish (inference), or with ``keep_dropout`` become ``nn.Dropout(ratio)``."""
+    return _OnnxImporter(model, keep_dropout).run()
+
+
+def onnx_example(model) -> tuple[torch.Tensor, ...]:
+    """Zeros shaped like the ONNX model's inputs (dynamic dims -> 2)."""
+    from onnx import helper
+
+    inits = {t.name for t in model.graph.initializer}
+    out = []
+    for inp in model.graph.input:
+        if inp.name in inits:
+            continue
+        tt = inp.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 2 for d in tt.shape.dim]
+        dt = helper.tensor_dtype_to_np_dtype(tt.elem_type)
+        out.append(torch.from_numpy(np.zeros(dims, dtype=dt)))
+    return tuple(out)
+
+
+def to_modules(model: Any, keep_dropout: bool = False) -> fx.GraphModule:
+    """A loaded model (torch or ONNX backend) as a GraphModule of real modules, in eval mode.
+    ``keep_dropout``: ONNX Dropout nodes become ``nn.Dropout`` modules (``dropcli finetune``)."""
+    if getattr(model, "backend", None) == "onnx":
+        gm = from_onnx(model.model, keep_dropout)
+    else:
+        gm = modularize(model.gm)
+    return gm.eval()

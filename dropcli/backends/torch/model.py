@@ -1,0 +1,1217 @@
+"""torch backend: every torch format becomes one ``torch.fx.GraphModule``.
+
+* TorchScript  -> ``TS2EPConverter`` -> ExportedProgram -> ``.module()``
+* ``.pt2``      -> ``torch.export.load(...).module()``
+* pickled module / state_dict + ``--arch`` -> ``torch.fx.symbolic_trace``
+
+Rewrites are fx edits: a dropcli :class:`~dropcli.variants.base.SiteModule` is added as a
+submodule and called on the chosen value. Saving re-captures the edited graph
+(``torch.export`` / ``torch.jit.trace``), so TorchScript, ``.pt2`` and ONNX outputs contain
+only stock ops plus one bool buffer per site (``<site>.dropcli_mc``) that switches MC mode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib
+import importlib.util
+import io
+import operator
+import re
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import fx, nn
+
+from dropcli.model import formats
+from dropcli.errors import DropcliError, UsageError
+from dropcli.io.files import atomic_path
+from dropcli.model.selection import KNOWN_KINDS, WEIGHTED, Layer, canonical_kind
+from dropcli.backends.torch.layers import LINEAR, TorchLayer, activation_of_call, activation_of_module, call_layer_class, describe_call, describe_module, stock_module
+from dropcli.variants.base import REPLACE, LayerSite, SiteModule, VariantSpec
+
+SITE_PREFIX = "dropcli_site_"
+_SKIP_TARGETS = {"_guards_fn"}
+
+
+@contextlib.contextmanager
+def _quiet():
+    """torch's exporters are chatty; keep stderr for dropcli's own messages."""
+    import logging
+
+    loggers = [logging.getLogger(n) for n in ("torch", "torch.export", "torch.onnx", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        # CRITICAL, not ERROR: torch logs failed fake-tensor runs (a wrong --input-shape, say) at
+        # ERROR with a traceback; dropcli reports the exception itself in one line.
+        lg.setLevel(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with contextlib.redirect_stdout(io.StringIO()):
+                yield
+    finally:
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)
+
+
+def parse_input_shape(text: str | None) -> list[tuple[int, ...]] | None:
+    """``"1x64"`` or ``"1,3,32,32"``; several inputs separated by ``;``."""
+    if not text:
+        return None
+    shapes = []
+    for part in text.split(";"):
+        dims = [d for d in re.split(r"[x,\s]+", part.strip()) if d]
+        try:
+            shape = tuple(int(d) for d in dims)
+        except ValueError:
+            raise UsageError(f"--input-shape {text!r} is not a list of integers", "write it like 1x3x32x32") from None
+        if not shape or any(d <= 0 for d in shape):
+            raise UsageError(f"--input-shape {text!r} has an empty or non-positive dimension", "write it like 1x3x32x32")
+        shapes.append(shape)
+    return shapes
+
+
+def _import_user(spec: str) -> Any:
+    """Import ``package.module`` or a ``path/to/file.py`` and return the module."""
+    if spec.endswith(".py") or "/" in spec or Path(spec).exists():
+        p = Path(spec)
+        if not p.exists():
+            raise DropcliError(f"--import file {spec} does not exist", "check the path")
+        name = p.stem
+        loaded = sys.modules.get(name)
+        if loaded is not None and getattr(loaded, "__file__", None) and Path(loaded.__file__).resolve() == p.resolve():
+            return loaded  # already imported: re-running it would give its classes a second identity
+        mod_spec = importlib.util.spec_from_file_location(name, p)
+        if mod_spec is None or mod_spec.loader is None:
+            raise DropcliError(f"cannot import {spec}", "give a .py file or an importable module name")
+        module = importlib.util.module_from_spec(mod_spec)
+        sys.modules[name] = module
+        sys.path.insert(0, str(p.resolve().parent))
+        mod_spec.loader.exec_module(module)
+        return module
+    try:
+        return importlib.import_module(spec)
+    except ImportError as e:
+        raise DropcliError(f"cannot import {spec!r}: {e}", "check --import / --arch and PYTHONPATH") from e
+
+
+def _load_arch(arch: str) -> nn.Module:
+    if ":" not in arch:
+        raise UsageError(f"--arch {arch!r} must look like package.module:factory or file.py:factory")
+    mod_name, _, attr = arch.rpartition(":")
+    module = _import_user(mod_name)
+    factory = getattr(module, attr, None)
+    if factory is None:
+        raise DropcliError(f"--arch: {mod_name} has no attribute {attr!r}", "name a class or function that builds the model")
+    model = factory()
+    if not isinstance(model, nn.Module):
+        raise DropcliError(f"--arch {arch} returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def _example_from_modules(model: nn.Module) -> tuple[torch.Tensor, ...] | None:
+    """Guess an example input from the first weighted layer (works for MLPs)."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            return (torch.zeros(2, m.in_features),)
+        if isinstance(m, LayerSite):  # a dropcli site that replaced the layer (dropconnect, standout, ...)
+            return (torch.zeros(2, m.weight.shape[1]),) if m.layer_cls == LINEAR else None
+        if isinstance(m, nn.Embedding):
+            return (torch.zeros(2, 8, dtype=torch.long),)
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.LSTM, nn.GRU)):
+            return None
+        orig = getattr(m, "original_name", "")
+        if orig == "Linear" and hasattr(m, "weight"):
+            return (torch.zeros(2, m.weight.shape[1]),)
+        if orig in ("Conv1d", "Conv2d", "Conv3d", "LSTM", "GRU"):
+            return None
+    return None
+
+
+class _SiteAwareTracer(fx.Tracer):
+    """``symbolic_trace`` that keeps dropcli sites as modules.
+
+    Traced through, a site would be specialised on its ``dropcli_mc`` buffer's current value
+    (buffers are concrete during fx tracing): a re-loaded dropcli pickle would lose its MC
+    switch and its sites. dropcli's sparse-VD layers (``dropcli_leaf = True``) stay modules too,
+    so ``dropcli prune`` finds their learned variances.
+    """
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return (isinstance(m, SiteModule) or getattr(type(m), "dropcli_leaf", False)
+                or super().is_leaf_module(m, module_qualified_name))
+
+
+class TorchModel:
+    backend = "torch"
+
+    def __init__(self, gm: fx.GraphModule, fmt: str, example_inputs: tuple | None, source: str = "",
+                 site_meta: dict[str, dict[str, Any]] | None = None, model_meta: dict[str, Any] | None = None):
+        self.gm = gm
+        # facts about the whole model, kept across rewrites (``tau`` from ``dropcli finetune``)
+        self.model_meta: dict[str, Any] = dict(model_meta or {})
+        self.format = fmt
+        self.example_inputs = example_inputs
+        self.source = source
+        self.site_meta: dict[str, dict[str, Any]] = dict(site_meta or {})
+        names = [n for n, _ in gm.named_children()] + list(self.site_meta)
+        names += [str(n.target).split(".")[0] for n in gm.graph.nodes if n.op == "get_attr"]
+        nums = [int(m.group(1)) for nm in names if (m := re.fullmatch(SITE_PREFIX + r"(\d+)", nm))]
+        self._site_count = max(nums, default=-1) + 1
+        self._shapes_done = False
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load(
+        cls, path: str | Path, fmt: str, *, trust_pickle: bool = False, imports: Sequence[str] = (),
+        arch: str | None = None, input_shape: str | None = None, **_: Any,
+    ) -> "TorchModel":
+        path = Path(path)
+        shapes = parse_input_shape(input_shape)
+        example = tuple(torch.zeros(s) for s in shapes) if shapes else None
+        for spec in imports:
+            _import_user(spec)
+        if fmt == formats.EXPORT:
+            try:
+                extra = {_SITES_FILE: "", _MODEL_FILE: ""}
+                with _quiet(), open(path, "rb") as fh:
+                    ep = torch.export.load(fh, extra_files=extra)
+            except Exception as e:  # noqa: BLE001
+                raise DropcliError(f"cannot load torch.export program {path}: {_short(e)}", "re-save it with torch.export.save") from e
+            if example is None:
+                ex = getattr(ep, "example_inputs", None)
+                if ex:
+                    example = tuple(ex[0])
+            gm = ep.module()
+            return cls(_strip_guards(gm), fmt, example, str(path), _json_or_empty(extra[_SITES_FILE]),
+                       _json_or_empty(extra[_MODEL_FILE]))
+        if fmt == formats.TORCHSCRIPT:
+            extra = {_TS_EXAMPLE_FILE: "", _SITES_FILE: "", _PROGRAM_FILE: "", _MODEL_FILE: ""}
+            try:
+                ts = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+            except Exception as e:  # noqa: BLE001
+                raise DropcliError(f"cannot load TorchScript archive {path}: {_short(e)}", "re-save it with torch.jit.save") from e
+            ts.eval()
+            if extra[_PROGRAM_FILE]:
+                gm, example = _stored_program(ts, extra[_PROGRAM_FILE], example, path)
+                return cls(_strip_guards(gm), fmt, example, str(path), _json_or_empty(extra[_SITES_FILE]),
+                           _json_or_empty(extra[_MODEL_FILE]))
+            if example is None:
+                example = _traced_inputs(ts) or _stored_example(extra[_TS_EXAMPLE_FILE]) or _example_from_modules(ts)
+            if example is None:
+                raise UsageError(
+                    f"cannot tell the input shape of TorchScript model {path}",
+                    "pass --input-shape, for example --input-shape 1x3x32x32",
+                )
+            return cls(_strip_guards(_ts_to_fx(ts, example, path)), fmt, example, str(path),
+                       _json_or_empty(extra[_SITES_FILE]), _json_or_empty(extra[_MODEL_FILE]))
+        if fmt == formats.PICKLE:
+            if not trust_pickle:
+                raise DropcliError(
+                    f"{path} is a pickled nn.Module; unpickling runs arbitrary code from the file",
+                    "load it only if you trust its source, with --trust-pickle (plus --import for the model's classes), "
+                    "or re-save it as TorchScript, torch.export (.pt2) or ONNX",
+                )
+            model = _unpickle_module(path)
+        elif fmt == formats.STATE_DICT:
+            if not arch:
+                raise UsageError(
+                    f"{path} holds a state_dict (weights only) without the architecture",
+                    "pass --arch package.module:factory (or file.py:factory) that builds the model",
+                )
+            model = _load_arch(arch)
+            try:
+                sd = torch.load(str(path), map_location="cpu", weights_only=True)
+            except Exception as e:  # noqa: BLE001
+                raise DropcliError(f"cannot read state_dict {path}: {_short(e)}", "re-save it with torch.save(model.state_dict())") from e
+            if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+                sd = sd["state_dict"]
+            try:
+                model.load_state_dict(sd)
+            except Exception as e:  # noqa: BLE001
+                raise DropcliError(f"state_dict {path} does not fit --arch {arch}: {_short(e)}", "check that --arch builds the same model") from e
+        else:  # pragma: no cover
+            raise DropcliError(f"unsupported torch format {fmt}")
+        model.eval()
+        if example is None:
+            example = _example_from_modules(model)
+        try:
+            tracer = _SiteAwareTracer()
+            graph = tracer.trace(model)
+            gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+        except Exception as e:  # noqa: BLE001
+            raise DropcliError(
+                f"cannot trace the model's forward ({_short(e)})",
+                "data-dependent control flow can't be rewritten; export the model with torch.export (.pt2) and pass that",
+            ) from e
+        return cls(gm, fmt, example, str(path))
+
+    # ------------------------------------------------------------------ description
+    def _ensure_shapes(self) -> None:
+        if self._shapes_done:
+            return
+        self._shapes_done = True
+        if self.example_inputs is None:
+            return
+        if all("val" in n.meta or n.op in ("output", "get_attr") for n in self.gm.graph.nodes):
+            return
+        try:
+            from torch.fx.passes.shape_prop import ShapeProp
+
+            # ShapeProp prints the traceback of a failed node itself: keep it off the user's stderr
+            with torch.no_grad(), _quiet(), contextlib.redirect_stderr(io.StringIO()):
+                ShapeProp(self.gm).propagate(*self.example_inputs)
+        except Exception:  # noqa: BLE001 - shapes are a nicety for inspect
+            pass
+
+    def _node_shape(self, n: fx.Node) -> list | None:
+        val = n.meta.get("val")
+        tm = n.meta.get("tensor_meta")
+        if isinstance(val, torch.Tensor):
+            dims = [int(d) if isinstance(d, int) else None for d in val.shape]
+            if self.format == formats.TORCHSCRIPT and tm is not None and len(getattr(tm, "shape", ())) == len(dims):
+                # TS2EP marks every input dim dynamic; only the batch dim really is.
+                dims = [None if i == 0 and d is None else int(tm.shape[i]) if d is None else d for i, d in enumerate(dims)]
+            return dims
+        if tm is not None and hasattr(tm, "shape"):
+            return list(tm.shape)
+        return None
+
+    def _module_of(self, n: fx.Node) -> nn.Module | None:
+        if n.op == "call_module":
+            return self.gm.get_submodule(n.target)
+        return None
+
+    def layers(self) -> list[Layer]:
+        """Describe every compute node (plus inputs) as a :class:`Layer`."""
+        self._ensure_shapes()
+        g = self.gm.graph
+        nodes = [n for n in g.nodes if n.op in ("placeholder", "call_module", "call_function", "call_method")]
+        nodes = [n for n in nodes if not (n.op == "call_module" and n.target in _SKIP_TARGETS)]
+        params = _weights(self.gm)
+        inlined = self.inlined_sites()
+        hidden = set().union(*(internal for _, _, internal in inlined.values())) if inlined else set()
+        nodes = [n for n in nodes if n not in hidden]
+        rows: list[Layer] = []
+        info: dict[fx.Node, tuple[str, str, str, int]] = {}
+        scope_terminals: dict[str, list[fx.Node]] = {}
+        for n in nodes:
+            info[n] = self._raw_info(n, params)
+        # Name nodes: module path where the node ends a module call, else path/node.
+        paths = {n: _scope_path(n, params) for n in nodes}
+        for n in nodes:
+            path = paths[n]
+            if path and n.op != "placeholder":
+                users_outside = not n.users or any(paths.get(u, None) != path for u in n.users)
+                if users_outside:
+                    scope_terminals.setdefault(path, []).append(n)
+        names: dict[fx.Node, str] = {}
+        for path, terms in scope_terminals.items():
+            for i, t in enumerate(terms):
+                names[t] = path if len(terms) == 1 else f"{path}@{i}"
+        for n in nodes:
+            if n not in names:
+                path = paths[n]
+                names[n] = f"{path}/{n.name}" if path and n.op != "call_module" else (n.target if n.op == "call_module" else n.name)
+        output_region = self._output_region(info)
+        seen_sites: set[str] = set()
+        for n in nodes:
+            op, kind, _, nparams = info[n]
+            val = n.meta.get("val")
+            if n.op != "placeholder" and val is not None and not isinstance(val, torch.Tensor):
+                # tuples (e.g. native batch norm), sizes, symbols: not sites
+                continue
+            if n.op != "placeholder" and not n.users:
+                continue  # runtime asserts and other side-effect-only nodes
+            mod = self._module_of(n)
+            path = paths.get(n, "")
+            ends_module = bool(path) and n.op != "call_module" and (names[n] == path or names[n].startswith(path + "@"))
+            leaf_type = _leaf_type(n) if ends_module else None
+            if leaf_type and canonical_kind(leaf_type) in KNOWN_KINDS:
+                # a node that ends a leaf module call takes the module's kind (Linear, ReLU...)
+                kind = canonical_kind(leaf_type)
+                op = f"{leaf_type}({op})"
+            dropout_p, dropout_variant = None, None
+            if n in inlined:
+                site = inlined[n][0]
+                if site in seen_sites:
+                    continue  # a multi-output site (a recurrent layer) is one row
+                seen_sites.add(site)
+                meta = self.site_meta.get(site, {})
+                dropout_variant = meta.get("variant", "dropcli")
+                dropout_p = meta.get("p")
+                rec = meta.get("layer")
+                op = f"dropcli.{dropout_variant}" + (f"({rec.get('name', rec.get('cls'))})" if isinstance(rec, dict) else "")
+                rows.append(Layer(name=site, kind="dropout", op=op, shape=self._node_shape(n),
+                                  dropout_p=dropout_p, dropout_variant=dropout_variant, ref=n))
+                continue
+            layer_class = None
+            if isinstance(mod, SiteModule):
+                has_p = any(q.name == "p" for q in mod.spec.params)
+                kind, dropout_p, dropout_variant = "dropout", mod.p if has_p else None, mod.spec.name
+            elif kind == "dropout":
+                dropout_p, dropout_variant = _dropout_p(n, mod), "dropout"
+            elif kind in _REWRITABLE_KINDS:
+                layer_node = self._layer_node(n)
+                info_l = self.layer_info(layer_node) if layer_node is not None else None
+                layer_class = info_l.cls if info_l is not None else None
+            rows.append(
+                Layer(
+                    name=names[n], kind="input" if n.op == "placeholder" else kind, op=op, shape=self._node_shape(n),
+                    params=nparams, dropout_p=dropout_p, dropout_variant=dropout_variant,
+                    is_output=n in output_region, is_input=n.op == "placeholder", layer_class=layer_class, ref=n,
+                )
+            )
+        self._mark_residuals(rows)
+        return rows
+
+    def inlined_sites(self) -> dict[fx.Node, tuple[str, fx.Node, set[fx.Node]]]:
+        """dropcli sites saved into TorchScript/.pt2 come back as plain ops ending in
+        ``where(<site>.dropcli_mc, stochastic, inference)``. Map each such ``where`` node to
+        (site name, the site's input, the nodes inside the site)."""
+        out: dict[fx.Node, tuple[str, fx.Node, set[fx.Node]]] = {}
+        anc = None
+        for n in self.gm.graph.nodes:
+            if not (n.op == "call_function" and len(n.args) == 3 and isinstance(n.args[0], fx.Node)):
+                continue
+            cond = n.args[0]
+            if not (cond.op == "get_attr" and str(cond.target).endswith("dropcli_mc")):
+                continue
+            if anc is None:
+                anc = _ancestors(self.gm.graph)
+            a, b = n.args[1], n.args[2]
+            if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
+                continue
+            common = ((anc[a] | {a}) & (anc[b] | {b})) - {c for c in anc[n] if c.op == "get_attr"}
+            site = str(cond.target).rsplit(".", 1)[0]
+            # the input comes from outside the site: the latest common value whose descendants up
+            # to the select read nothing else from the graph (a trace may share values by both
+            # branches, e.g. DropConnect's x*x, which is then not the input)
+            order_ = {m: i for i, m in enumerate(self.gm.graph.nodes)}
+            # ... and never a value computed from the site's own tensors (e.g. Standout's W x + b,
+            # shared by both branches, of which the whole rest of the site is a function)
+            own: set[fx.Node] = set()
+            for m in self.gm.graph.nodes:
+                if m is n:
+                    break
+                if any((i.op == "get_attr" and str(i.target).startswith(site + ".")) or i in own for i in m.all_input_nodes):
+                    own.add(m)
+            common -= own
+            chosen = None
+            for c in sorted(common, key=order_.__getitem__, reverse=True):
+                region = {m for m in anc[n] if c in anc[m]} | {n}
+                if all(i is c or i in region or i.op == "get_attr" or _is_size(i) or not _reads_input(i, anc)
+                       for m in region for i in m.all_input_nodes):
+                    chosen = c
+                    break
+            if chosen is not None:
+                common = {c for c in common if order_[c] <= order_[chosen]}
+            if not common:
+                continue
+            x = max(common, key=order_.__getitem__)
+            internal = {m for m in anc[n] if m not in anc[x] and m is not x and m.op not in ("get_attr", "placeholder")}
+            # side-effect-only nodes (export's runtime dtype asserts) on the site's values
+            internal |= {u for m in internal for u in m.users if not u.users and u is not n}
+            out[n] = (site, x, internal)
+        return out
+
+    def _raw_info(self, n: fx.Node, params: dict[str, nn.Parameter]) -> tuple[str, str, str, int]:
+        if n.op == "placeholder":
+            return ("input", "input", "", 0)
+        if n.op == "call_module":
+            mod = self.gm.get_submodule(n.target)
+            op = type(mod).__name__
+            if op.endswith("GraphModuleImpl") or op == "GraphModule":
+                op = "GraphModule"
+            counted = not isinstance(mod, SiteModule) or isinstance(mod, LayerSite)
+            nparams = sum(p.numel() for p in _weights(mod).values()) if counted else 0
+            if isinstance(mod, SiteModule):
+                op = f"dropcli.{mod.spec.name}"
+                if isinstance(mod, LayerSite):
+                    op += f"({getattr(mod, 'replaced_name', mod.layer_cls)})"
+            return (op, canonical_kind(op), "", nparams)
+        tgt = n.target
+        if isinstance(tgt, torch._ops.OpOverload):
+            op = tgt._schema.name.split("::")[-1]
+        elif n.op == "call_method":
+            op = str(tgt)
+        else:
+            op = getattr(tgt, "__name__", str(tgt))
+        nparams = 0
+        for a in n.all_input_nodes:
+            if a.op == "get_attr" and a.target in params:
+                nparams += params[a.target].numel()
+        kind = canonical_kind(op.rstrip("_"))
+        if op == "getitem" and isinstance(n.args[0], fx.Node):
+            src_op = self._raw_info(n.args[0], params)
+            if src_op[1] in ("batchnorm", "layernorm", "groupnorm", "dropout", "pool"):
+                return (src_op[0], src_op[1], "", src_op[3])
+        return (op, kind, "", nparams)
+
+    def _output_region(self, info: dict[fx.Node, tuple]) -> set[fx.Node]:
+        out = next(n for n in self.gm.graph.nodes if n.op == "output")
+        region: set[fx.Node] = set()
+        stack = list(out.all_input_nodes)
+        while stack:
+            n = stack.pop()
+            if n in region or n.op in ("get_attr", "placeholder"):
+                continue
+            region.add(n)
+            if n in info and info[n][1] in WEIGHTED:
+                continue
+            stack.extend(n.all_input_nodes)
+        return region
+
+    def _mark_residuals(self, rows: list[Layer]) -> None:
+        adds = [r for r in rows if r.kind == "add"]
+        if not adds:
+            return
+        anc = _ancestors(self.gm.graph)
+        kinds = {r.ref: r.kind for r in rows}
+        for r in adds:
+            branch = residual_branch(r.ref, anc, kinds)
+            r.residual = branch is not None
+
+    # ------------------------------------------------------------------ rewriting
+    def _new_site(self, spec: VariantSpec, params: dict[str, Any]) -> tuple[str, SiteModule]:
+        name = f"{SITE_PREFIX}{self._site_count}"
+        self._site_count += 1
+        module = spec.torch_module(**params)
+        self.gm.add_submodule(name, module)
+        return name, module
+
+    def _call_site(self, value: fx.Node, name: str, where: fx.Node) -> fx.Node:
+        g = self.gm.graph
+        with g.inserting_after(where):
+            new = g.call_module(name, (value,))
+        if "val" in value.meta:
+            new.meta["val"] = value.meta["val"]
+        if "tensor_meta" in value.meta:
+            new.meta["tensor_meta"] = value.meta["tensor_meta"]
+        return new
+
+    def replaceable(self, spec: VariantSpec) -> list[Layer]:
+        """The layers a ``REPLACE`` variant can replace, as :class:`Layer` rows (ref = the fx node)."""
+        rep = spec.replacement
+        params = _weights(self.gm)
+        rows = []
+        for n in self.gm.graph.nodes:
+            kind = rep.torch_match(self.gm, n) if rep is not None else None
+            if kind:
+                name = str(n.target) if n.op == "call_module" else (_scope_path(n, params) or n.name)
+                op = type(self.gm.get_submodule(n.target)).__name__ if n.op == "call_module" else str(n.target)
+                rows.append(Layer(name=name, kind=kind, op=op, ref=n))
+        return rows
+
+    def insert(self, layer: Layer, spec: VariantSpec, params: dict[str, Any]) -> str:
+        """Put a site after ``layer`` (or on its residual branch / input, or in its place, by the spec)."""
+        from dropcli.variants.base import REPLACE, RESIDUAL
+
+        node: fx.Node = layer.ref
+        if spec.attaches == REPLACE:
+            if spec.replacement is not None:  # a variant with its own rewriter (the recurrent family)
+                name = f"{SITE_PREFIX}{self._site_count}"
+                self._site_count += 1
+                spec.replacement.torch_apply(self.gm, node, spec, params, name)
+                self._recompile()
+                return name
+            return self.replace_layer(layer, spec, params)
+        spec.check_rank(layer.rank, f"layer {layer.name}")
+        name, _ = self._new_site(spec, params)
+        if spec.attaches == RESIDUAL:
+            anc = _ancestors(self.gm.graph)
+            kinds = {r.ref: r.kind for r in self.layers()}
+            branch = residual_branch(node, anc, kinds)
+            if branch is None:
+                raise UsageError(f"{layer.name} is not a residual add", "droppath goes on residual adds (see `dropcli inspect`)")
+            new = self._call_site(branch, name, branch)
+            node.replace_input_with(branch, new)
+        else:
+            where = node
+            if node.op == "placeholder":
+                where = [n for n in self.gm.graph.nodes if n.op == "placeholder"][-1]
+            new = self._call_site(node, name, where)
+            node.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
+        self._recompile()
+        return name
+
+    def replace_dropout(self, layer: Layer, spec: VariantSpec | None, params: dict[str, Any]) -> str | None:
+        """Swap an existing dropout for ``spec`` (or remove it when ``spec`` is None).
+
+        A site that replaced a layer (a REPLACE variant's) first turns back into the stock
+        layer it was built from; ``spec`` then rewrites that layer (REPLACE) or goes after it.
+        """
+        restored = self._restore_layer_site(layer)
+        if restored is not None:
+            layer_node, last, label = restored
+            name = None
+            if spec is not None and spec.attaches == REPLACE:
+                name = self._replace_node(layer_node, spec, params, label)
+            elif spec is not None:
+                spec.check_rank(layer.rank, f"layer {layer.name}")
+                name, _ = self._new_site(spec, params)
+                new = self._call_site(last, name, last)
+                last.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
+            self._recompile()
+            return name
+        if spec is not None and spec.attaches == REPLACE:
+            raise UsageError(
+                f"{spec.name} rewrites {', '.join(spec.replaces)} layers; it can't take the place of the dropout layer {layer.name}",
+                f"inject it with `dropcli inject --variant {spec.name}` (it picks the layers; narrow with --layers)",
+            )
+        node: fx.Node = layer.ref
+        src = node
+        inlined = self.inlined_sites().get(node)
+        if node.op == "call_function" and node.target is operator.getitem:
+            src = node.args[0]
+        x = inlined[1] if inlined else (src.args[0] if src.args else src.kwargs.get("input"))
+        if not isinstance(x, fx.Node):
+            raise DropcliError(f"cannot find the input of dropout {layer.name}")
+        name = None
+        if spec is None:
+            node.replace_all_uses_with(x)
+        else:
+            spec.check_rank(layer.rank, f"layer {layer.name}")
+            name, _ = self._new_site(spec, params)
+            new = self._call_site(x, name, node)
+            node.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
+        g = self.gm.graph
+        g.erase_node(node)
+        if src is not node and not src.users:
+            g.erase_node(src)
+        if inlined:
+            # random ops count as impure for dead-code elimination: drop the old site's nodes here
+            for m in reversed(list(g.nodes)):
+                if m in inlined[2] and not m.users:
+                    g.erase_node(m)
+            self.site_meta.pop(inlined[0], None)
+        self._recompile()
+        return name
+
+    # ------------------------------------------------------------------ layer rewriting (REPLACE variants)
+    def _layer_node(self, n: fx.Node) -> fx.Node | None:
+        """The node that calls the layer a row stands for (a recurrent layer's row is the
+        getitem of its output sequence)."""
+        if n.op == "call_function" and n.target is operator.getitem and n.args and isinstance(n.args[0], fx.Node):
+            src = n.args[0]
+            if src.op == "call_function" and call_layer_class(src.target) and call_layer_class(src.target)[0] in ("lstm", "gru"):
+                return src
+            if src.op == "call_module" and isinstance(self.gm.get_submodule(src.target), (nn.LSTM, nn.GRU)):
+                return src
+            return None
+        if n.op in ("call_module", "call_function"):
+            return n
+        return None
+
+    def _fetch_const(self, a: Any) -> torch.Tensor | None:
+        if isinstance(a, fx.Node) and a.op == "get_attr":
+            with contextlib.suppress(AttributeError):
+                v = _fetch_attr(self.gm, a.target)
+                return v if isinstance(v, torch.Tensor) else None
+        return None
+
+    def layer_info(self, n: fx.Node) -> TorchLayer | None:
+        """The trained layer a node calls (None: not a layer dropcli rewrites)."""
+        if n.op == "call_module":
+            mod = self.gm.get_submodule(n.target)
+            if isinstance(mod, SiteModule):
+                return None
+            layer = describe_module(mod)
+            if layer is None or n.kwargs:
+                return None
+            args = list(n.args)
+            if layer.cls in ("lstm", "gru"):
+                inputs = _rnn_module_inputs(args)
+                if inputs is None:
+                    return None
+                layer.inputs = tuple(inputs)
+            else:
+                if len(args) != 1 or not isinstance(args[0], fx.Node):
+                    return None
+                layer.inputs = (args[0],)
+            return layer
+        if n.op != "call_function" or call_layer_class(n.target) is None:
+            return None
+        try:
+            na = n.normalized_arguments(self.gm, normalize_to_only_use_kwargs=True)
+        except Exception:  # noqa: BLE001
+            na = None
+        if na is None:
+            return None
+        kw = dict(na.kwargs)
+        layer = describe_call(n.target, kw, self._fetch_const)
+        if layer is None or not isinstance(kw.get("input"), fx.Node):
+            return None
+        if layer.cls in ("lstm", "gru"):
+            hx = kw.get("hx")
+            hx = list(hx) if isinstance(hx, (list, tuple)) else [hx]
+            if not all(isinstance(h, fx.Node) for h in hx):
+                return None
+            layer.inputs = (kw["input"], *hx)
+        else:
+            layer.inputs = (kw["input"],)
+        return layer
+
+    def _absorbed_activation(self, n: fx.Node, spec: VariantSpec) -> tuple[fx.Node | None, Any]:
+        """The activation that is the layer's only user, when the variant absorbs it."""
+        if not spec.absorbs or len(n.users) != 1:
+            return None, None
+        u = next(iter(n.users))
+        act = None
+        if u.op == "call_module":
+            mod = self.gm.get_submodule(u.target)
+            if len(u.args) == 1 and u.args[0] is n and not u.kwargs:
+                act = activation_of_module(mod)
+        elif u.op == "call_method":
+            if len(u.args) == 1 and u.args[0] is n and not u.kwargs:
+                act = activation_of_call(u.target, {}, method=True)
+        elif u.op == "call_function":
+            with contextlib.suppress(Exception):
+                na = u.normalized_arguments(self.gm, normalize_to_only_use_kwargs=True)
+                if na is not None and na.kwargs.get("input") is n:
+                    act = activation_of_call(u.target, dict(na.kwargs))
+        if act is None or act.kind not in spec.absorbs:
+            return None, None
+        return u, act
+
+    def replace_layer(self, layer: Layer, spec: VariantSpec, params: dict[str, Any]) -> str:
+        """Swap ``layer`` (and the activation right after it, when the variant absorbs it) for
+        a site built from the trained layer."""
+        node = self._layer_node(layer.ref)
+        if node is None:
+            raise UsageError(f"layer {layer.name} is not a layer {spec.name} can rewrite", "see `dropcli inspect`")
+        return self._replace_node(node, spec, params, layer.name)
+
+    def _replace_node(self, node: fx.Node, spec: VariantSpec, params: dict[str, Any], label: str) -> str:
+        info = self.layer_info(node)
+        if info is None or info.cls not in spec.replaces:
+            what = info.cls if info is not None else "an unsupported layer"
+            raise UsageError(f"{spec.name} rewrites {', '.join(spec.replaces)} layers, but {label} is {what}",
+                             "choose other layers with --layers/--after (see `dropcli inspect`)")
+        act_node, act = self._absorbed_activation(node, spec)
+        info.act = act
+        module = spec.torch_module(info, **params)  # the variant checks the layer (UsageError)
+        module.replaced_name = label
+        module.replaced_act_name = _node_label(act_node) if act_node is not None else ""
+        name = f"{SITE_PREFIX}{self._site_count}"
+        self._site_count += 1
+        self.gm.add_submodule(name, module)
+        g = self.gm.graph
+        last = act_node if act_node is not None else node
+        with g.inserting_before(node):
+            new = g.call_module(name, tuple(info.inputs))
+        for key in ("val", "tensor_meta"):
+            if key in last.meta:
+                new.meta[key] = last.meta[key]
+        last.replace_all_uses_with(new)
+        if act_node is not None:
+            g.erase_node(act_node)
+        g.erase_node(node)
+        self._drop_unused_attrs(info.weight_nodes)
+        self._recompile()
+        return name
+
+    def _drop_unused_attrs(self, nodes: Sequence[Any]) -> None:
+        """Erase get_attr nodes left without users and delete their tensors from the module
+        (the site holds them now), unless another get_attr still reads the same target."""
+        g = self.gm.graph
+        targets = set()
+        for n in nodes:
+            if isinstance(n, fx.Node) and n.op == "get_attr" and not n.users and n.graph is g:
+                targets.add(n.target)
+                g.erase_node(n)
+        still = {n.target for n in g.nodes if n.op == "get_attr"}
+        for t in targets - still:
+            owner_path, _, attr = t.rpartition(".")
+            with contextlib.suppress(AttributeError):
+                owner = self.gm.get_submodule(owner_path) if owner_path else self.gm
+                delattr(owner, attr)
+
+    def _restore_layer_site(self, layer: Layer) -> tuple[fx.Node, fx.Node, str] | None:
+        """Turn a REPLACE variant's site back into the stock layer (and activation) it was built
+        from; returns (layer node, last node, layer name), or None when the row is not such a site."""
+        node: fx.Node = layer.ref
+        g = self.gm.graph
+        inlined = self.inlined_sites().get(node)
+        if node.op == "call_module" and isinstance(self.gm.get_submodule(node.target), LayerSite):
+            site_mod = self.gm.get_submodule(node.target)
+            tl, inputs, site = site_mod.layer, tuple(node.args), node.target
+            label, act_label = getattr(site_mod, "replaced_name", ""), getattr(site_mod, "replaced_act_name", "")
+            internal: set[fx.Node] = set()
+        elif inlined is not None and isinstance(self.site_meta.get(inlined[0], {}).get("layer"), dict):
+            site, x, internal = inlined
+            rec = self.site_meta[site]["layer"]
+            where_nodes = [w for w, (s2, _, _) in self.inlined_sites().items() if s2 == site]
+            if len(where_nodes) != 1:
+                raise DropcliError(
+                    f"site {site} replaced a {rec.get('cls')} layer with several outputs; dropcli can't restore it from a "
+                    "saved TorchScript/.pt2 graph", "inject again from the original model")
+            try:
+                tensors = {t: _fetch_attr(self.gm, f"{site}.{t}") for t in rec.get("tensors", [])}
+            except AttributeError as e:
+                raise DropcliError(f"site {site}: the tensors of the layer it replaced are missing ({e})",
+                                   "inject again from the original model") from e
+            tl = TorchLayer.from_record(rec, tensors)
+            inputs, label, act_label = (x,), str(rec.get("name") or ""), str(rec.get("act_name") or "")
+        else:
+            return None
+        mod_name = _free_name(self.gm, label or f"{site}_layer")
+        self.gm.add_submodule(mod_name, stock_module(tl))
+        with g.inserting_before(node):
+            new = g.call_module(mod_name, inputs)
+        if tl.act is not None:
+            act_name = _free_name(self.gm, act_label or f"{mod_name}_act")
+            self.gm.add_submodule(act_name, tl.act.module())
+            with g.inserting_after(new):
+                out = g.call_module(act_name, (new,))
+        else:
+            out = new
+        for key in ("val", "tensor_meta"):
+            if key in node.meta:
+                out.meta[key] = node.meta[key]
+        node.replace_all_uses_with(out)
+        g.erase_node(node)
+        if internal:
+            for m in reversed(list(g.nodes)):
+                if m in internal and not m.users:
+                    g.erase_node(m)
+        self._drop_unused_attrs([n for n in g.nodes if n.op == "get_attr" and str(n.target).startswith(site + ".")])
+        self.site_meta.pop(site, None)
+        return new, out, mod_name
+
+    def _recompile(self) -> None:
+        g = self.gm.graph
+        g.eliminate_dead_code(is_impure_node=lambda n: n.op not in ("call_function", "call_method", "call_module") or _is_impure(n))
+        g.lint()
+        self.gm.delete_all_unused_submodules()
+        self.gm.recompile()
+
+    # ------------------------------------------------------------------ running
+    def __call__(self, *inputs: torch.Tensor) -> Any:
+        with torch.no_grad():
+            return self.gm(*inputs)
+
+    def site_modules(self) -> dict[str, SiteModule]:
+        return {n: m for n, m in self.gm.named_children() if isinstance(m, SiteModule)}
+
+    # ------------------------------------------------------------------ saving
+    def default_output_format(self) -> str:
+        return formats.TORCHSCRIPT if self.format == formats.STATE_DICT else self.format
+
+    def save(self, path: str | Path, fmt: str | None = None) -> str:
+        fmt = fmt or self.default_output_format()
+        if fmt == formats.PICKLE:
+            with atomic_path(path) as tmp:
+                torch.save(self.gm, tmp)
+            return fmt
+        if fmt == formats.STATE_DICT:
+            raise UsageError("--format state_dict can't hold the inserted sites", "choose torchscript, export, onnx or pickle")
+        example = self._require_example(fmt)
+        if fmt == formats.TORCHSCRIPT:
+            try:
+                with torch.no_grad(), _quiet():
+                    ts = torch.jit.trace(_traceable_sizes(self.gm), example, check_trace=False, strict=False)
+            except Exception as e:  # noqa: BLE001
+                raise DropcliError(f"cannot write TorchScript: {_short(e)}", "try --format export or --format onnx") from e
+            extra = {_TS_EXAMPLE_FILE: _example_record(example), _SITES_FILE: self._sites_record(), **self._model_extra()}
+            if _has_loop(ts):
+                # A scripted recurrence (the recurrent dropout family) traces to prim::Loop, which
+                # TorchScript -> torch.export conversion can't read: keep the program beside it.
+                extra[_PROGRAM_FILE] = self._program_bytes(example)
+            with atomic_path(path) as tmp:
+                # remember the example input, so dropcli can re-load the output without --input-shape
+                torch.jit.save(ts, str(tmp), _extra_files=extra)
+            return fmt
+        ep = self.to_exported(example)
+        if fmt == formats.EXPORT:
+            with atomic_path(path, ".pt2") as tmp:
+                torch.export.save(ep, str(tmp), extra_files={_SITES_FILE: self._sites_record(), **self._model_extra()})
+            return fmt
+        if fmt == formats.ONNX:
+            from dropcli.backends.onnx.model import export_torch_program
+
+            export_torch_program(ep, example, path, self._sites_meta(), self.model_meta)
+            return fmt
+        raise UsageError(f"unknown output format {fmt!r}", f"choose one of {', '.join(formats.ALL)}")
+
+    def _model_extra(self) -> dict[str, str]:
+        import json
+
+        return {_MODEL_FILE: json.dumps(self.model_meta, sort_keys=True)} if self.model_meta else {}
+
+    def _program_bytes(self, example: tuple) -> bytes:
+        import io
+
+        buf = io.BytesIO()
+        torch.export.save(self.to_exported(example), buf)
+        return buf.getvalue()
+
+    def _sites_meta(self) -> dict[str, dict[str, Any]]:
+        meta = dict(self.site_meta)
+        for name, m in self.site_modules().items():
+            has_p = any(q.name == "p" for q in m.spec.params)
+            meta[name] = {"variant": m.spec.name, **({"p": m.p} if has_p else {}), **m.params}
+            if isinstance(m, LayerSite):
+                meta[name]["layer"] = {**m.layer_record(), "name": getattr(m, "replaced_name", ""),
+                                       "act_name": getattr(m, "replaced_act_name", "")}
+        return meta
+
+    def _sites_record(self) -> str:
+        """Variant and parameters of every site, stored beside the graph (the graph alone
+        holds them only as constants)."""
+        import json
+
+        return json.dumps(self._sites_meta())
+
+    def _require_example(self, fmt: str) -> tuple:
+        if self.example_inputs is None:
+            raise UsageError(
+                f"writing {fmt} needs an example input, and dropcli cannot tell this model's input shape",
+                "pass --input-shape, for example --input-shape 1x3x32x32",
+            )
+        return self.example_inputs
+
+    def to_exported(self, example: tuple | None = None):
+        example = example or self._require_example(formats.EXPORT)
+        dyn = tuple({0: torch.export.Dim.AUTO} if t.dim() > 0 else None for t in example)
+        try:
+            with _quiet():
+                return torch.export.export(self.gm, example, dynamic_shapes=dyn, strict=False)
+        except Exception as e:  # noqa: BLE001
+            raise DropcliError(f"cannot capture the rewritten model with torch.export: {_short(e)}", "try --format torchscript") from e
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+_REWRITABLE_KINDS = {"linear", "conv", "pool", "lstm", "gru"}
+
+
+def _rnn_module_inputs(args: list[Any]) -> list[fx.Node] | None:
+    """nn.LSTM/GRU called as m(x), m(x, h0) or m(x, (h0, c0)): the tensors, flattened."""
+    if not args or not isinstance(args[0], fx.Node):
+        return None
+    out = [args[0]]
+    for a in args[1:]:
+        items = list(a) if isinstance(a, (list, tuple)) else [a]
+        if not all(isinstance(i, fx.Node) for i in items):
+            return None
+        out += items
+    return out
+
+
+def _node_label(n: fx.Node) -> str:
+    if n.op == "call_module":
+        return str(n.target)
+    stack = n.meta.get("nn_module_stack")
+    if stack:
+        path = _clean_path(list(stack.values())[-1][0])
+        if path:
+            return path
+    return n.name
+
+
+def _free_name(gm: nn.Module, base: str) -> str:
+    base = re.sub(r"[^0-9A-Za-z_.]", "_", base) or "layer"
+    name, k = base, 1
+    while True:
+        try:
+            gm.get_submodule(name)
+        except AttributeError:
+            if not hasattr(gm, name):
+                return name
+        name = f"{base}_{k}"
+        k += 1
+
+
+def _fetch_attr(gm: nn.Module, target: str) -> Any:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _weights(gm: nn.Module) -> dict[str, torch.Tensor]:
+    """Trainable weights by name. TorchScript conversion turns parameters into buffers,
+    so buffers count too, except running statistics and dropcli's switches."""
+    skip = ("running_mean", "running_var", "num_batches_tracked", "dropcli_mc")
+    out: dict[str, torch.Tensor] = dict(gm.named_parameters())
+    for name, b in gm.named_buffers():
+        if not name.endswith(skip) and b.is_floating_point():
+            out.setdefault(name, b)
+    return out
+
+
+def _short(e: BaseException) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return text[:300]
+
+
+def _strip_guards(gm: fx.GraphModule) -> fx.GraphModule:
+    """Drop export's input-constraint checks: they break tracing, and dropcli checks inputs itself."""
+    gm._forward_pre_hooks.clear()
+    g = gm.graph
+    for n in list(g.nodes):
+        if n.op == "call_module" and n.target in _SKIP_TARGETS:
+            g.erase_node(n)
+    with contextlib.suppress(Exception):
+        gm.delete_all_unused_submodules()
+    gm.recompile()
+    return gm
+
+
+def _traceable_sizes(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``gm`` in which dynamic sizes survive ``torch.jit.trace``.
+
+    Graphs from ``torch.export`` (and TorchScript via TS2EP) read sizes with
+    ``aten.sym_size.int`` and pass them to ``aten.<op>.<overload>`` calls. Under
+    ``torch.jit.trace`` both turn into constants, baking the example's batch size into the
+    TorchScript (an LSTM's zero state for batch 2 only: wrong results or a crash on other
+    batches). ``Tensor.size(d)`` and the public ``torch.<op>`` / ``Tensor.<op>`` calls are
+    traced as live values, so sizes and the ops that consume them are switched to those.
+    """
+    sizes = {
+        torch.ops.aten.sym_size.int: "size", torch.ops.aten.sym_size.default: "size",
+        torch.ops.aten.sym_numel.default: "numel",
+    }
+    if not any(n.op == "call_function" and n.target in sizes for n in gm.graph.nodes):
+        return gm
+    g = copy.deepcopy(gm.graph)
+    derived: set[fx.Node] = set()
+    for n in list(g.nodes):
+        if n.op != "call_function":
+            continue
+        if n.target in sizes:
+            with g.inserting_before(n):
+                new = g.call_method(sizes[n.target], n.args, n.kwargs)
+            new.meta = dict(n.meta)
+            n.replace_all_uses_with(new)
+            g.erase_node(n)
+            derived.add(new)
+        elif any(a in derived for a in n.all_input_nodes):
+            if isinstance(n.target, torch._ops.OpOverload):
+                name = n.target._schema.name.split("::")[-1]
+                fn = getattr(torch, name, None)
+                if callable(fn):
+                    n.target = fn
+                elif n.args and isinstance(n.args[0], fx.Node):
+                    n.op, n.target = "call_method", name
+            else:  # int arithmetic on sizes (operator.mul ...) stays live under tracing
+                derived.add(n)
+    return fx.GraphModule(gm, g)
+
+
+_TS_EXAMPLE_FILE = "dropcli_example_inputs.json"
+_SITES_FILE = "dropcli_sites.json"
+_MODEL_FILE = "dropcli_model.json"  # facts about the whole model (regression tau from finetune)
+_PROGRAM_FILE = "dropcli_program.pt2"  # a torch.export program of the same model (only where the trace holds a loop)
+
+
+def _has_loop(ts: torch.jit.ScriptModule) -> bool:
+    def walk(block) -> bool:
+        return any(n.kind() == "prim::Loop" or any(walk(b) for b in n.blocks()) for n in block.nodes())
+
+    return walk(ts.inlined_graph)
+
+
+def _stored_program(ts: torch.jit.ScriptModule, data: bytes, example: tuple | None, path: Path) -> tuple[fx.GraphModule, tuple]:
+    """The torch.export program dropcli stored in a TorchScript archive it wrote, checked against
+    the archive's own graph (inference mode, on the stored example) so that a TorchScript edited
+    since then is refused rather than silently replaced by the old program."""
+    import io
+
+    try:
+        with _quiet():
+            ep = torch.export.load(io.BytesIO(data))
+    except Exception as e:  # noqa: BLE001
+        raise DropcliError(f"cannot read the program stored in TorchScript archive {path}: {_short(e)}",
+                           "re-create the file with dropcli, or pass the .pt2 / ONNX output instead") from e
+    if example is None:
+        ex = getattr(ep, "example_inputs", None)
+        example = tuple(ex[0]) if ex else None
+    gm = ep.module()
+    if example is not None:
+        g = torch.Generator().manual_seed(0)
+        probe = tuple(torch.randn(t.shape, generator=g).to(t.dtype) if t.is_floating_point() else t for t in example)
+        with torch.no_grad(), _quiet():
+            a, b = ts(*probe), gm(*probe)
+        same = all(torch.allclose(x, y, rtol=1e-4, atol=1e-5)
+                   for x, y in zip(torch.utils._pytree.tree_leaves(a), torch.utils._pytree.tree_leaves(b)))
+        if not same:
+            raise DropcliError(f"TorchScript archive {path} no longer matches the program dropcli stored in it "
+                               "(its weights or graph were changed after dropcli wrote it)",
+                               "export the changed model again with torch.export (.pt2) or ONNX and pass that")
+    return gm, example
+
+
+def _json_or_empty(text: str | bytes) -> dict:
+    import json
+
+    with contextlib.suppress(Exception):
+        obj = json.loads(text) if text else {}
+        return obj if isinstance(obj, dict) else {}
+    return {}
+
+
+def _example_record(example: tuple) -> str:
+    import json
+
+    return json.dumps([{"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")} for t in example])
+
+
+def _stored_example(text: str | bytes) -> tuple | None:
+    """The example inputs that dropcli stored in a TorchScript archive it wrote (zeros of that shape)."""
+    import json
+
+    if not text:
+        return None
+    with contextlib.suppress(Exception):
+        return tuple(torch.zeros(e["shape"], dtype=getattr(torch, e["dtype"])) for e in json.loads(text))
+    return None
+
+
+def _traced_inputs(ts: torch.jit.ScriptModule) -> tuple | None:
+    with contextlib.suppress(Exception):
+        d = ts._c._retrieve_traced_inputs()
+        vals = d.get("forward")
+        if vals:
+            return tuple(vals)
+    return None
+
+
+def _ts_to_fx(ts: torch.jit.ScriptModule, example: tuple, path: Path) -> fx.GraphModule:
+    try:
+        from torch._export.converter import TS2EPConverter
+
+        with _quiet():
+            ep = TS2EPConverter(ts, example).convert()
+    except Exception as e:  # noqa: BLE001
+        raise DropcliError(
+            f"cannot convert TorchScript model {path} into a graph dropcli can rewrite: {_short(e)}",
+            "check --input-shape, or export the model with torch.export (.pt2) or ONNX instead",
+        ) from e
+    return ep.module()
+
+
+def _unpickle_module(path: Path) -> nn.Module:
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=False)  # user passed --trust-pickle
+    except (AttributeError, ModuleNotFoundError) as e:
+        msg = str(e)
+        m = re.search(r"Can't get attribute '([^']+)' on <module '([^']+)'", msg)
+        if m:
+            raise DropcliError(
+                f"the pickle references class {m.group(2)}.{m.group(1)}, which cannot be found",
+                "pass --import MODULE_OR_FILE that defines it",
+            ) from e
+        m = re.search(r"No module named '([^']+)'", msg)
+        if m:
+            raise DropcliError(
+                f"the pickle references module {m.group(1)}, which cannot be imported",
+                "pass --import MODULE_OR_FILE, or add it to PYTHONPATH",
+            ) from e
+        raise DropcliError(f"cannot unpickle {path}: {_short(e)}") from e
+    except Exception as e:  # noqa: BLE001
+        raise DropcliError(f"cannot unpickle {path}: {_short(e)}", "check that the file is complete") from e
+    if not isinstance(obj, nn.Module):
+        raise DropcliError(f"{path} holds a pickled {type(obj).__name__}, not an nn.Module")
+    return obj
+
+
+def _scope_path(n: fx.Node, params: dict[str, nn.Parameter]) -> str:
+    """The module path a node belongs to (from export metadata, or from the params it reads)."""
+    if n.op == "call_module":
+        return str(n.target)
+    stack = n.meta.get("nn_module_stack")
+    if stack:
+        path = _clean_path(list(stack.values())[-1][0])
+        if path:
+            return path
+    prefixes = {a.target.rsplit(".", 1)[0] for a in n.all_input_nodes if a.op == "get_attr" and "." in a.target}
+    if len(prefixes) == 1:
+        return prefixes.pop()
+    return ""
+
+
+def _clean_path(path: str) -> str:
+    # export records paths like "L['self'].features.0" in strict mode; keep the dotted tail
+    path = re.sub(r"^L\['self'\]\.?", "", path)
+    return path.replace("._modules['", ".").replace("']", "")
+
+
+def _leaf_type(n: fx.Node) -> str | None:
+    stack = n.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    typ = list(stack.values())[-1][1]
+    typ = typ.__name__ if isinstance(typ, type) else str(typ)
+    return typ.rsplit(".", 1)[-1]
+
+
+def _dropout_p(n: fx.Node, mod: nn.Module | None) -> float | None:
+    if mod is not None and hasattr(mod, "p"):
+        return float(mod.p)
+    src = n.args[0] if n.target is operator.getitem and n.args and isinstance(n.args[0], fx.Node) else n
+    if len(src.args) > 1 and isinstance(src.args[1], (int, float)):
+        return float(src.args[1])
+    if "p" in src.kwargs:
+        return float(src.kwargs["p"])
+    return None
+
+
+def _is_impure(n: fx.Node) -> bool:
+    with contextlib.suppress(Exception):
+        return n.is_impure()
+    return True
+
+
+def _reads_input(n: fx.Node, anc: dict[fx.Node, set[fx.Node]]) -> bool:
+    """Whether ``n`` is computed from a graph input (else from weights and constants alone)."""
+    return n.op == "placeholder" or any(a.op == "placeholder" for a in anc[n])
+
+
+def _is_size(n: fx.Node) -> bool:
+    """A node whose value is a size or other scalar (not data), e.g. ``sym_size``."""
+    return isinstance(n.meta.get("val"), (int, float, bool, torch.SymInt, torch.SymFloat, torch.SymBool))
+
+
+def _ancestors(g: fx.Graph) -> dict[fx.Node, set[fx.Node]]:
+    anc: dict[fx.Node, set[fx.Node]] = {}
+    for n in g.nodes:
+        s: set[fx.Node] = set()
+        for a in n.all_input_nodes:
+            if a.op == "get_attr":
+                continue
+            s.add(a)
+            s |= anc.get(a, set())
+        anc[n] = s
+    return anc
+
+
+def residual_branch(add: fx.Node, anc: dict[fx.Node, set[fx.Node]], kinds: dict[fx.Node, str]) -> fx.Node | None:
+    """For a residual ``add(skip, f(skip))`` return the branch operand ``f(skip)``.
+
+    Identity skips (one operand is an ancestor of the other) and projection skips (both
+    operands fork from one tensor; the branch is the side with more weighted layers) count.
+    """
+    ops = [a for a in add.args[:2] if isinstance(a, fx.Node) and a.op != "get_attr"]
+    if len(ops) != 2 or ops[0] is ops[1]:
+        return None
+    a, b = ops
+    if a in anc[b]:
+        return b
+    if b in anc[a]:
+        return a
+    common = (anc[a] | {a}) & (anc[b] | {b})
+    if not any(c.op != "get_attr" for c in common):
+        return None
+    wa = sum(1 for n in anc[a] - anc[b] | {a} if kinds.get(n) in WEIGHTED)
+    wb = sum(1 for n in anc[b] - anc[a] | {b} if kinds.get(n) in WEIGHTED)
+    if wa == wb:
+        return None
+    return a if wa > wb else b

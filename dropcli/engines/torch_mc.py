@@ -1,0 +1,289 @@
+"""Monte-Carlo dropout engine for torch models.
+
+Only the dropout sites are stochastic; every other layer stays in eval mode (the model
+is never put in train mode). The fx graph is split at the first stochastic node:
+
+* prefix: nodes that depend on no stochastic site, computed ONCE on the B examples;
+* suffix: everything else, computed on the B*T tiled rows (i-major, row = i*T + t).
+
+Sites are dropcli SiteModules, stock dropout (nn.Dropout* modules, aten/F.dropout calls,
+which run as standard inverted dropout with their own p) and the rand ops that dropcli
+writes into saved TorchScript/.pt2 models. All their noise comes from
+:class:`dropcli.noise.KeyedNoise`, keyed by (seed, call, example index).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import fx, nn
+
+from dropcli.errors import DropcliError
+from dropcli.engines.noise import KeyedNoise
+from dropcli.variants.base import SiteModule, apply_keep, keep_mask_like, noise_source, normal_like, set_mc, uniform_like
+
+MIN_ROWS = 32
+_DROPOUT_FUNCS = {torch.nn.functional.dropout, torch.dropout, torch.nn.functional.dropout1d,
+                  torch.nn.functional.dropout2d, torch.nn.functional.dropout3d, torch.nn.functional.alpha_dropout,
+                  torch.nn.functional.feature_alpha_dropout}
+_ATEN_DROPOUT = {"dropout", "feature_dropout", "alpha_dropout", "feature_alpha_dropout", "native_dropout"}
+_ATEN_RAND = {"rand_like": "uniform", "randn_like": "normal", "rand": "uniform", "randn": "normal", "bernoulli": "bernoulli"}
+_SIZE_FUNCS = {"sym_size", "size", "sym_numel", "sym_stride", "dim"}
+
+
+def _aten_name(target: Any) -> str | None:
+    if isinstance(target, torch._ops.OpOverload):
+        return target._schema.name.split("::")[-1]
+    return None
+
+
+def _is_tensor_like(v: Any) -> bool:
+    return isinstance(v, torch.Tensor)
+
+
+class TorchMC:
+    """Runs T stochastic passes per example over a torch fx GraphModule."""
+
+    def __init__(self, gm: fx.GraphModule, device: str | torch.device = "cpu"):
+        self.gm = gm
+        self.device = torch.device(device)
+        self.gm.to(self.device)
+        set_mc(self.gm, True)
+        self.nodes = list(gm.graph.nodes)
+        self.modules = dict(gm.named_modules())
+        self.site_nodes = [n for n in self.nodes if self._is_site(n)]
+        self.stochastic = self._stochastic_closure()
+        # values computed from the inputs (the others -- weights and what is derived from them
+        # alone, e.g. a sparse-VD site's masked weight -- are never tiled, whatever their shape)
+        self.input_dependent: set[fx.Node] = set()
+        for n in self.nodes:
+            if n.op == "placeholder" or any(a in self.input_dependent for a in n.all_input_nodes):
+                self.input_dependent.add(n)
+        # free each value after its last use, so memory holds only live tensors
+        pos = {n: i for i, n in enumerate(self.nodes)}
+        self.frees: dict[int, list[fx.Node]] = {}
+        for n in self.nodes:
+            if n.op in ("placeholder", "get_attr", "output"):
+                continue
+            last = max((pos[u] for u in n.users), default=pos[n])
+            self.frees.setdefault(last, []).append(n)
+
+    # ---------------------------------------------------------------- classification
+    def _is_site(self, n: fx.Node) -> bool:
+        if n.op == "call_module":
+            m = self.modules.get(n.target)
+            return isinstance(m, SiteModule) or isinstance(m, nn.modules.dropout._DropoutNd)
+        if n.op == "call_function":
+            if n.target in _DROPOUT_FUNCS:
+                return True
+            name = _aten_name(n.target)
+            return name in _ATEN_DROPOUT or name in _ATEN_RAND
+        return False
+
+    def _stochastic_closure(self) -> set[fx.Node]:
+        out: set[fx.Node] = set()
+        for n in self.nodes:
+            if n in self.site_nodes or any(a in out for a in n.all_input_nodes):
+                out.add(n)
+        return out
+
+    def _logical_sites(self) -> list[str]:
+        """Sites as a user counts them: a dropcli site saved to TorchScript/.pt2 is one site
+        (its where(<site>.dropcli_mc) nodes: one per output, e.g. a GRU site's sequence and state),
+        not its several random ops."""
+        names = []
+        for n in self.nodes:
+            if n.op == "call_function" and len(n.args) == 3 and isinstance(n.args[0], fx.Node) \
+                    and n.args[0].op == "get_attr" and str(n.args[0].target).endswith("dropcli_mc"):
+                names.append(str(n.args[0].target).rsplit(".", 1)[0])
+        raw_rand = [n for n in self.site_nodes if _aten_name(n.target) in _ATEN_RAND]
+        others = [n for n in self.site_nodes if n not in raw_rand]
+        names += [str(n.target) if n.op == "call_module" else n.name for n in others]
+        if not names:
+            names = [n.name for n in raw_rand]
+        return list(dict.fromkeys(names))
+
+    @property
+    def n_sites(self) -> int:
+        return len(self._logical_sites())
+
+    def describe_sites(self) -> list[str]:
+        return self._logical_sites()
+
+    # ---------------------------------------------------------------- execution
+    def _call(self, n: fx.Node, args: tuple, kwargs: dict, stochastic: bool) -> Any:
+        if n.op == "call_module":
+            m = self.modules[n.target]
+            if stochastic and isinstance(m, nn.modules.dropout._DropoutNd) and not isinstance(m, SiteModule):
+                return _inverted_dropout(args[0], float(m.p), feature=not isinstance(m, nn.Dropout))
+            return m(*args, **kwargs)
+        if n.op == "call_method":
+            return getattr(args[0], n.target)(*args[1:], **kwargs)
+        tgt = n.target
+        if stochastic:
+            name = _aten_name(tgt)
+            if tgt in _DROPOUT_FUNCS or name in _ATEN_DROPOUT:
+                p = args[1] if len(args) > 1 else kwargs.get("p", 0.5)
+                out = _inverted_dropout(args[0], float(p), feature=(name or getattr(tgt, "__name__", "")).startswith("feature") or "2d" in getattr(tgt, "__name__", ""))
+                return (out, torch.ones_like(out, dtype=torch.bool)) if name == "native_dropout" else out
+            if name in ("rand_like", "rand"):
+                return uniform_like(args[0] if name == "rand_like" else torch.empty(args[0], device=self.device))
+            if name in ("randn_like", "randn"):
+                return normal_like(args[0] if name == "randn_like" else torch.empty(args[0], device=self.device))
+            if name == "bernoulli":
+                x = args[0]
+                return (uniform_like(x) < x).to(x.dtype)
+        return tgt(*args, **kwargs)
+
+    def run(self, inputs: Sequence[torch.Tensor], indices: Sequence[int], seed: int, T: int,
+            t0: int = 0, capture: Sequence[fx.Node] = ()) -> torch.Tensor:
+        """Outputs of T samples for B examples: a tensor [B, T, ...] (first model output).
+
+        ``capture``: intermediate nodes whose values are kept in ``self.captured`` as [B, T, ...]
+        tensors (``dropcli analyze`` reads the units after each site this way)."""
+        B0 = inputs[0].shape[0]
+        if B0 < MIN_ROWS:
+            # BLAS takes other code paths for tiny matrices, which changes the last bits of a
+            # row's result; padding to MIN_ROWS rows keeps results independent of batch size.
+            pad = MIN_ROWS - B0
+            inputs = [torch.cat([x, x[:1].expand((pad,) + tuple(x.shape[1:]))]) for x in inputs]
+            indices = list(indices) + [-1 - k for k in range(pad)]
+        B = inputs[0].shape[0]
+        env_b: dict[fx.Node, Any] = {}
+        env_t: dict[fx.Node, Any] = {}
+        placeholders = [n for n in self.nodes if n.op == "placeholder"]
+        if len(placeholders) != len(inputs):
+            raise DropcliError(f"the model takes {len(placeholders)} inputs, got {len(inputs)}")
+        for n, x in zip(placeholders, inputs):
+            env_b[n] = x.to(self.device)
+
+        def get_b(a: fx.Node) -> Any:
+            return env_b[a]
+
+        def get_t(a: fx.Node) -> Any:
+            """A prefix value as the suffix sees it: batch tensors tiled, sizes recomputed."""
+            if a in env_t:
+                return env_t[a]
+            v = env_b[a]
+            if _is_tensor_like(v):
+                d = self._batch_dim(a)  # from export's symbolic shapes, when it knows
+                if d is None or d >= v.dim() or v.shape[d] != B:
+                    d = 0 if v.dim() > 0 and v.shape[0] == B else None
+                if d is not None and a in self.input_dependent:
+                    # the batch is not always dim 0: an RNN's zero state [layers, B, H] made before the first site
+                    v = v.repeat_interleave(T, dim=d)
+            elif a.op in ("call_function", "call_method", "call_module"):
+                v = self._eval_node(a, get_t, stochastic=False)
+            env_t[a] = v
+            return v
+
+        noise = KeyedNoise(seed, indices, t0, t0 + T, self.device)
+        want = set(capture)
+        self.captured: dict[fx.Node, torch.Tensor] = {}
+        with torch.no_grad(), noise_source(noise):
+            result = None
+            for k, n in enumerate(self.nodes):
+                if n.op == "placeholder":
+                    continue
+                if n.op == "get_attr":
+                    env_b[n] = _fetch_attr(self.gm, n.target)
+                    env_t[n] = env_b[n]
+                    continue
+                if n.op == "output":
+                    out = n.args[0]
+                    first = _first_output(out)
+                    result = get_t(first) if isinstance(first, fx.Node) else first
+                    break
+                if n in self.stochastic:
+                    env_t[n] = self._eval_node(n, get_t, stochastic=n in self.site_nodes)
+                else:
+                    env_b[n] = self._eval_node(n, get_b, stochastic=False)
+                if n in want:
+                    v = get_t(n)
+                    self.captured[n] = v.reshape((B, T) + tuple(v.shape[1:]))[:B0]
+                for dead in self.frees.get(k, ()):
+                    env_b.pop(dead, None)
+                    env_t.pop(dead, None)
+        if not _is_tensor_like(result):
+            raise DropcliError("the model's first output is not a tensor")
+        return result.reshape((B, T) + tuple(result.shape[1:]))[:B0]
+
+    def _batch_dim(self, n: fx.Node) -> int | None:
+        """The dim of ``n``'s value that is the batch, from export's symbolic shapes (None if unknown)."""
+        batch = getattr(self, "_batch_sym", False)
+        if batch is False:
+            batch = None
+            ph = next((p for p in self.nodes if p.op == "placeholder"), None)
+            val = ph.meta.get("val") if ph is not None else None
+            if isinstance(val, torch.Tensor) and val.dim() > 0 and isinstance(val.shape[0], torch.SymInt):
+                batch = val.shape[0].node.expr
+            self._batch_sym = batch
+        val = n.meta.get("val")
+        if batch is None or not isinstance(val, torch.Tensor):
+            return None
+        dims = [i for i, s in enumerate(val.shape) if isinstance(s, torch.SymInt) and s.node.expr == batch]
+        return dims[0] if len(dims) == 1 else None
+
+    def probe_row_bytes(self, inputs: Sequence[torch.Tensor]) -> int:
+        """Bytes per tiled row of all suffix values (run on one example, T=1)."""
+        sizes: list[int] = []
+        orig = self._call
+
+        def spy(n, args, kwargs, stochastic):
+            out = orig(n, args, kwargs, stochastic)
+            if n in self.stochastic and isinstance(out, torch.Tensor) and out.dim() > 0:
+                sizes.append(out[0].numel() * out.element_size())
+            return out
+
+        self._call = spy  # type: ignore[method-assign]
+        try:
+            self.run(inputs, [0], seed=0, T=1)
+        finally:
+            self._call = orig  # type: ignore[method-assign]
+        return max(1, sum(sizes))
+
+    def _eval_node(self, n: fx.Node, get: Callable[[fx.Node], Any], stochastic: bool) -> Any:
+        args = fx.node.map_arg(n.args, get)
+        kwargs = fx.node.map_arg(n.kwargs, get)
+        return self._call(n, args, kwargs, stochastic)
+
+    def run_eval(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The deterministic (inference-mode) pass."""
+        B0 = inputs[0].shape[0]
+        if B0 < MIN_ROWS:
+            inputs = [torch.cat([x, x[:1].expand((MIN_ROWS - B0,) + tuple(x.shape[1:]))]) for x in inputs]
+        set_mc(self.gm, False)
+        try:
+            with torch.no_grad():
+                out = self.gm(*[x.to(self.device) for x in inputs])
+        finally:
+            set_mc(self.gm, True)
+        return _first_output(out)[:B0]
+
+
+def _first_output(out: Any) -> Any:
+    while isinstance(out, (tuple, list)):
+        if not out:
+            return None
+        out = out[0]
+    if isinstance(out, dict):
+        return next(iter(out.values()))
+    return out
+
+
+def _fetch_attr(gm: nn.Module, target: str) -> Any:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _inverted_dropout(x: torch.Tensor, p: float, feature: bool = False) -> torch.Tensor:
+    q = 1.0 - p
+    if q <= 0:
+        return torch.zeros_like(x)
+    if feature and x.dim() > 2:  # one mask per (sample, channel)
+        keep = keep_mask_like(x[(slice(None), slice(None)) + (slice(0, 1),) * (x.dim() - 2)], q)
+        return torch.mul(x, keep).mul_(1.0 / q)
+    return apply_keep(x, q, 1.0 / q)

@@ -1,0 +1,340 @@
+"""Training data and the training loop shared by the commands that fine-tune a model
+(``dropcli prune``; meant for ``dropcli finetune`` too).
+
+* :func:`load_split` reads ``--data`` / ``--val`` (``.npz`` with ``x`` and ``y``, ``.pt``, ``.csv``
+  whose last column is the label) with the readers of :mod:`dropcli.data`, checks them against the
+  model's input and output, and holds out a seeded split when there is no ``--val``.
+* :func:`fit` is the epoch loop: seeded shuffling, Adam, a rich progress bar on stderr, and
+  Ctrl-C propagating as ``KeyboardInterrupt`` (the caller writes nothing).
+* :func:`evaluate` gives the loss (and accuracy for classification) in eval mode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dropcli.io.data import LABEL_KEYS, InputSpec, bind, read_arrays
+from dropcli.errors import DropcliError, UsageError
+
+TASKS = ("auto", "classification", "regression")
+
+
+@dataclass
+class Split:
+    x: torch.Tensor
+    y: torch.Tensor
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+
+def input_spec(example: tuple[torch.Tensor, ...]) -> InputSpec:
+    if len(example) != 1:
+        raise DropcliError(f"the model takes {len(example)} inputs; training supports single-input models only")
+    t = example[0]
+    return InputSpec("x", [None] + list(t.shape[1:]), np.dtype(str(t.dtype).removeprefix("torch.")))
+
+
+def _xy(path: str, spec: InputSpec) -> tuple[np.ndarray, np.ndarray]:
+    arrays = read_arrays(path)
+    ykey = next((k for k in LABEL_KEYS if k in arrays), None)
+    if ykey is None and _is_csv(path) and arrays["x"].ndim == 2 and arrays["x"].shape[1] >= 2:
+        # a CSV (or single array): the last column holds the label
+        full = arrays["x"]
+        arrays = {"x": full[:, :-1], "y": full[:, -1]}
+        ykey = "y"
+    if ykey is None:
+        raise DropcliError(f"{path} has no labels (arrays: {sorted(arrays)})",
+                           "save an .npz with arrays x and y, a .pt dict {'x': ..., 'y': ...}, or a CSV whose last column is the label")
+    y = np.asarray(arrays.pop(ykey))
+    (x,) = bind(arrays, [spec], path)
+    if len(y) != len(x):
+        raise DropcliError(f"{path}: {len(x)} inputs but {len(y)} labels", "give one label per example")
+    return x, y
+
+
+def _is_csv(path: str) -> bool:
+    if path == "-":
+        return False
+    with open(path, "rb") as fh:
+        head = fh.read(6)
+    return not (head.startswith(b"\x93NUMPY") or head.startswith(b"PK\x03\x04"))
+
+
+def resolve_task(task: str, y: np.ndarray, n_out: int) -> str:
+    if task not in TASKS:
+        raise UsageError(f"unknown --task {task!r}", f"choose one of {', '.join(TASKS)}")
+    if task != "auto":
+        return task
+    if y.dtype.kind in "biu":
+        return "classification"
+    if y.dtype.kind == "f" and n_out > 1 and y.ndim == 1 and np.all(y == np.round(y)):
+        return "classification"
+    return "regression"
+
+
+def _labels(y: np.ndarray, task: str, out_shape: tuple[int, ...], source: str) -> torch.Tensor:
+    if task == "classification":
+        if y.ndim == 2 and y.shape[1] == 1:
+            y = y[:, 0]
+        if y.ndim != 1 or (y.dtype.kind == "f" and not np.all(y == np.round(y))):
+            raise DropcliError(f"{source}: classification labels must be one integer class per example",
+                               "pass --task regression for real-valued targets")
+        n = out_shape[-1] if out_shape else 1
+        lo, hi = int(y.min()), int(y.max())
+        if lo < 0 or hi >= n:
+            raise DropcliError(f"{source}: labels out of range: they span {lo}..{hi}, but the model has {n} outputs (classes 0..{n - 1})",
+                               "check the labels, or pass --task regression")
+        return torch.from_numpy(y.astype(np.int64))
+    want = (len(y),) + tuple(out_shape)
+    yy = y.astype(np.float32)
+    if yy.size != int(np.prod(want)):
+        raise DropcliError(f"{source}: regression targets have shape {list(y.shape)}, the model outputs [N, {', '.join(map(str, out_shape))}]",
+                           "give one target per model output")
+    return torch.from_numpy(yy.reshape(want))
+
+
+def load_split(data: str, val: str | None, example: tuple[torch.Tensor, ...], out_shape: tuple[int, ...],
+               task: str = "auto", seed: int = 0, val_fraction: float = 0.2) -> tuple[Split, Split, str]:
+    """Training and validation data, checked against the model; returns (train, val, task)."""
+    spec = input_spec(example)
+    x, y = _xy(data, spec)
+    task = resolve_task(task, y, int(out_shape[-1]) if out_shape else 1)
+    yt = _labels(y, task, out_shape, data)
+    xt = torch.from_numpy(np.ascontiguousarray(x))
+    if val is not None:
+        vx, vy = _xy(val, spec)
+        return Split(xt, yt, data), Split(torch.from_numpy(np.ascontiguousarray(vx)), _labels(vy, task, out_shape, val), val), task
+    n = len(xt)
+    n_val = int(round(n * val_fraction))
+    if n < 5 or n_val < 1:
+        raise DropcliError(f"{data} has only {n} examples, too few to hold out a validation split", "pass --val VAL, or more data")
+    perm = torch.from_numpy(np.random.default_rng(seed).permutation(n))
+    vi, ti = perm[:n_val], perm[n_val:]
+    return (Split(xt[ti], yt[ti], data), Split(xt[vi], yt[vi], f"{data} (held-out {n_val} examples)"), task)
+
+
+def data_loss(out: torch.Tensor, y: torch.Tensor, task: str) -> torch.Tensor:
+    if task == "classification":
+        return F.cross_entropy(out, y)
+    return F.mse_loss(out, y)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, split: Split, task: str, batch_size: int = 512, device: str = "cpu") -> dict[str, float]:
+    was = [(m, m.training) for m in model.modules()]
+    model.eval()
+    total, correct, n = 0.0, 0, 0
+    try:
+        for i in range(0, len(split), batch_size):
+            xb, yb = split.x[i:i + batch_size].to(device), split.y[i:i + batch_size].to(device)
+            out = model(xb)
+            if task == "classification":
+                total += float(F.cross_entropy(out, yb, reduction="sum"))
+                correct += int((out.argmax(-1) == yb).sum())
+            else:
+                total += float(F.mse_loss(out, yb, reduction="sum")) / max(1, out[0].numel())
+            n += len(xb)
+    finally:
+        for m, t in was:
+            m.training = t
+    res = {"loss": total / max(n, 1)}
+    if task == "classification":
+        res["accuracy"] = correct / max(n, 1)
+    else:
+        res["rmse"] = math.sqrt(res["loss"])
+    return res
+
+
+def seed_all(seed: int) -> torch.Generator:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    return torch.Generator().manual_seed(seed)
+
+
+@contextlib.contextmanager
+def progress_bar(total: int, description: str, quiet: bool = False):
+    """A rich progress bar on stderr (hidden with --quiet or when stderr is not a terminal)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from dropcli.cli.common import err
+
+    prog = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TextColumn("{task.fields[info]}"), console=err, transient=True,
+                    disable=quiet or not err.is_terminal)
+    with prog:
+        tid = prog.add_task(description, total=total, info="")
+        yield lambda info="", advance=1: prog.update(tid, advance=advance, info=info)
+
+
+def fit(model: nn.Module, train: Split, task: str, *, params: Iterable[dict[str, Any]], epochs: int, batch_size: int,
+        seed: int, device: str = "cpu", regulariser: Callable[[float], tuple[torch.Tensor, dict[str, float]]] | None = None,
+        train_modules: Iterable[nn.Module] = (), describe: Callable[[], str] | None = None,
+        on_step: Callable[[int], None] | None = None, quiet: bool = False, label: str = "training",
+        decay_from: float | None = None) -> list[dict[str, float]]:
+    """Adam on ``data loss + regulariser(progress)`` for ``epochs`` epochs.
+
+    Only ``train_modules`` are put in training mode: everything else (BatchNorm, dropout)
+    stays in eval mode. ``regulariser(progress)`` gets the fraction of training done (0..1) and
+    returns the term to add and numbers for the progress bar. With ``decay_from`` (a fraction of
+    training) the learning rates fall linearly to 0 from that point on. Ctrl-C raises KeyboardInterrupt.
+    """
+    if epochs < 1:
+        raise UsageError("--epochs must be at least 1")
+    if batch_size < 1:
+        raise UsageError("--batch-size must be at least 1")
+    gen = seed_all(seed)
+    opt = torch.optim.Adam(list(params))
+    base_lrs = [g["lr"] for g in opt.param_groups]
+    model.eval()
+    train_modules = list(train_modules)
+    for m in train_modules:
+        m.train()
+    n = len(train)
+    steps = max(1, math.ceil(n / batch_size))
+    history = []
+    step = 0
+    try:
+        with progress_bar(epochs, label, quiet) as advance:
+            for epoch in range(epochs):
+                perm = torch.randperm(n, generator=gen)
+                tot, tot_reg, correct = 0.0, 0.0, 0
+                extra: dict[str, float] = {}
+                for k in range(steps):
+                    idx = perm[k * batch_size:(k + 1) * batch_size]
+                    if decay_from is not None:
+                        progress = (epoch * steps + k) / (epochs * steps)
+                        f = 1.0 if progress < decay_from else max(0.0, (1.0 - progress) / (1.0 - decay_from))
+                        for g, lr0 in zip(opt.param_groups, base_lrs):
+                            g["lr"] = lr0 * f
+                    xb, yb = train.x[idx].to(device), train.y[idx].to(device)
+                    out = model(xb)
+                    loss = data_loss(out, yb, task)
+                    total = loss
+                    if regulariser is not None:
+                        reg, extra = regulariser((epoch + k / steps) / epochs)
+                        total = loss + reg
+                        tot_reg += float(reg.detach()) * len(idx)
+                    opt.zero_grad(set_to_none=True)
+                    total.backward()
+                    opt.step()
+                    if not torch.isfinite(total):
+                        raise DropcliError("training diverged (the loss is not finite)", "lower --lr")
+                    tot += float(loss.detach()) * len(idx)
+                    if task == "classification":
+                        correct += int((out.argmax(-1) == yb).sum())
+                    step += 1
+                    if on_step is not None:
+                        on_step(step)
+                rec = {"epoch": epoch + 1, "loss": tot / n, "reg": tot_reg / n, **extra}
+                if task == "classification":
+                    rec["accuracy"] = correct / n
+                history.append(rec)
+                info = f"loss {rec['loss']:.4f}  reg {rec['reg']:.4f}"
+                if "accuracy" in rec:
+                    info += f"  acc {rec['accuracy']:.3f}"
+                if describe is not None:
+                    info += "  " + describe()
+                advance(info)
+    finally:
+        for m in train_modules:
+            m.eval()
+    return history
+
+
+# ---------------------------------------------------------------------------------------
+# Model I/O shared by the verbs that train a loaded model (prune, finetune); resolve_device serves every verb
+# ---------------------------------------------------------------------------------------
+
+
+def resolve_device(device: str) -> str:
+    """``--device``: cpu, cuda or auto (a clear error when CUDA was asked for and is missing)."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise DropcliError("--device cuda was asked for, but no CUDA GPU is available", "use --device cpu or auto")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise UsageError(f"unknown --device {device!r}", "choose cpu, cuda or auto")
+    return device
+
+
+def model_example(model: Any) -> tuple:
+    """Example inputs of a loaded model (torch or ONNX backend)."""
+    if model.backend == "onnx":
+        from dropcli.backends.torch.importer import onnx_example
+
+        return onnx_example(model.model)
+    if model.example_inputs is None:
+        raise UsageError("dropcli cannot tell this model's input shape", "pass --input-shape, for example --input-shape 1x3x32x32")
+    return tuple(model.example_inputs)
+
+
+def reference_output(model: Any, x: torch.Tensor) -> np.ndarray:
+    """The loaded model's own output (ONNX through onnxruntime), to check an import against."""
+    if model.backend == "onnx":
+        sess = model.session()
+        name = model.graph_inputs()[0].name
+        return sess.run(None, {name: x.numpy()})[0]
+    return model(x).detach().numpy()
+
+
+def check_import(model: Any, gm: nn.Module, x: torch.Tensor, tol: float = 1e-4) -> None:
+    """The importer must not change the function: compare on real inputs before training."""
+    with torch.no_grad():
+        diff = float(np.max(np.abs(gm(x).numpy() - reference_output(model, x))))
+    if not diff <= tol:
+        raise DropcliError(f"internal error: the imported model differs from the original by {diff:.3g}",
+                           "please report this model")
+
+
+def verify_saved(path: Any, fmt: str, trained: nn.Module, x: torch.Tensor) -> float:
+    """Run the written file with its stock loader (inference mode) and compare with ``trained``."""
+    from dropcli.model import formats
+
+    with torch.no_grad():
+        want = trained(x).numpy()
+    if fmt == formats.ONNX:
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])  # default optimisation level
+        got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    elif fmt == formats.TORCHSCRIPT:
+        got = torch.jit.load(str(path), map_location="cpu")(x).detach().numpy()
+    elif fmt == formats.EXPORT:
+        got = torch.export.load(str(path)).module()(x).detach().numpy()
+    else:
+        return 0.0
+    return float(np.max(np.abs(got - want))) if want.size else 0.0
+
+
+def save_like_input(gm: Any, model: Any, example: tuple, source: str, output: str, check_x: torch.Tensor,
+                    site_meta: dict | None = None, model_meta: dict | None = None) -> tuple[str, float]:
+    """Write a trained GraphModule atomically in the loaded model's format (ONNX stays ONNX),
+    checked with its stock loader before it lands. ``model_meta`` (default: the loaded model's)
+    is stored with it. Returns (format, max abs difference)."""
+    from pathlib import Path
+
+    from dropcli.model import formats
+    from dropcli.backends.torch.model import TorchModel
+    from dropcli.io.files import atomic_path
+
+    fmt = formats.ONNX if model.backend == "onnx" else model.default_output_format()
+    meta = model.model_meta if model_meta is None else model_meta
+    tm = TorchModel(gm, fmt, tuple(example), source, site_meta, meta)
+    with atomic_path(output, Path(output).suffix) as tmp:
+        tm.save(tmp, fmt)
+        err = verify_saved(tmp, fmt, gm, check_x)
+        if not err <= 1e-4:
+            raise DropcliError(f"internal error: the written {fmt} model differs from the trained model by {err:.3g}")
+    return fmt, err
