@@ -399,7 +399,7 @@ def test_moments_sigmoid_quadrature_matches_mc_and_integration(tmp_path):
     np.testing.assert_allclose(mean, m1 @ w2.T + b2, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(var, v1 @ (w2 * w2).T, rtol=1e-5, atol=1e-7)
     _assert_moments_match_mc(mean, var, _mc_samples(out, x, 20000), "sigmoid net")
-    from dropcli.backends.torch.layers import Activation
+    from dropcli.model.kinds import Activation
     from dropcli.variants.fast import gauss_moments
 
     mus = np.array([0.0, 0.3, 3.0, -50.0, 45.0] * 3)
@@ -480,7 +480,7 @@ def test_elu_rule_is_exact_over_extreme_moments_torch_and_onnx():
     from scipy.special import log_ndtr, ndtr
 
     from dropcli.backends.onnx.builder import OnnxBuilder, TensorInfo
-    from dropcli.backends.torch.layers import Activation
+    from dropcli.model.kinds import Activation
     from dropcli.variants.fast import MILLS_FROM, _onnx_expect, gauss_expect
 
     alpha = 0.7

@@ -22,7 +22,7 @@ from onnx import helper
 from torch import nn
 
 from dropcli.errors import UsageError
-from dropcli.backends.torch.layers import pool_windows
+from dropcli.model.pooling import pool_windows
 from dropcli.variants import get_variant
 from helpers import assert_moments_match, binom_tol, onnx_layer_model, onnx_replace, ort_session, repeat_rows, run_onnx, torch_layer_site
 

@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
+from dropcli.backends.torch.layers import TorchLayer, activation_forward, activation_of_module, describe_module, layer_forward
 from dropcli.errors import UsageError
 
 # ---------------------------------------------------------------------------------------
@@ -172,13 +173,13 @@ class VariantSpec:
     aliases: tuple[str, ...] = ()
     default_after: tuple[str, ...] = ("activation",)  # default --after selection
     notes: str = ""
-    # REPLACE variants: the layer classes they rewrite (dropcli.layers.LAYER_CLASSES) and the
-    # activations that, directly following such a layer, the site absorbs (dropcli.layers.ACT_KINDS)
+    # REPLACE variants: the layer classes they rewrite (dropcli.model.kinds.LAYER_CLASSES) and the
+    # activations that, directly following such a layer, the site absorbs (dropcli.model.kinds.ACT_KINDS)
     replaces: tuple[str, ...] = ()
     absorbs: tuple[str, ...] = ()
     # True when the test rule gives back the original model's function (identity at test time)
     identity_at_test: bool = True
-    # REPLACE variants whose rewrite the generic layer mechanism (dropcli.layers) cannot express
+    # REPLACE variants whose rewrite the generic layer mechanism (dropcli.backends.torch.layers) cannot express
     # (a recurrent layer becomes a loop with several outputs) bring their own finder/rewriter
     replacement: Replacement | None = None
 
@@ -336,7 +337,7 @@ def _where_tree(cond: torch.Tensor, a: Any, b: Any) -> Any:
 class LayerSite(SiteModule):
     """Base class of the sites of REPLACE variants: a trained layer rewritten.
 
-    Built from a :class:`dropcli.layers.TorchLayer` (the layer's class, attributes and
+    Built from a :class:`dropcli.backends.torch.layers.TorchLayer` (the layer's class, attributes and
     tensors, plus the activation it absorbs, if any). The tensors become this module's
     parameters under the layer's own names (``weight``, ``bias``, ``weight_hh_l0`` ...),
     sharing storage and dtype with the trained ones. :meth:`original` computes what the
@@ -360,8 +361,6 @@ class LayerSite(SiteModule):
     @classmethod
     def from_module(cls, module: nn.Module, act: nn.Module | None = None, **params: Any) -> "LayerSite":
         """A site from a stock layer module (and activation module), e.g. ``nn.Linear``."""
-        from dropcli.backends.torch.layers import activation_of_module, describe_module
-
         layer = describe_module(module)
         if layer is None:
             raise UsageError(f"{type(module).__name__} is not a layer dropcli rewrites")
@@ -377,8 +376,6 @@ class LayerSite(SiteModule):
 
     @property
     def layer(self) -> Any:
-        from dropcli.backends.torch.layers import TorchLayer
-
         return TorchLayer(self.layer_cls, self.nd, self.layer_attrs, {n: getattr(self, n) for n in self.tensor_names},
                           self.act, output_style=self.output_style)
 
@@ -387,12 +384,10 @@ class LayerSite(SiteModule):
 
     def pre(self, x: torch.Tensor, weight: torch.Tensor | None = None, bias: Any = True) -> torch.Tensor:
         """The layer's own op (no activation), with substituted weight/bias when given."""
-        from dropcli.backends.torch.layers import layer_forward
-
         return layer_forward(self.layer, x, weight, bias)
 
     def activate(self, h: torch.Tensor) -> torch.Tensor:
-        return self.act(h) if self.act is not None else h
+        return activation_forward(self.act, h) if self.act is not None else h
 
     def original(self, *inputs: torch.Tensor) -> Any:
         return self.activate(self.pre(inputs[0]))

@@ -56,7 +56,8 @@ import torch.nn.functional as F
 from dropcli.backends.onnx.builder import OnnxBuilder, TensorInfo
 from dropcli.backends.onnx.layers import OnnxLayer, emit_activation
 from dropcli.errors import UsageError
-from dropcli.backends.torch.layers import LINEAR, Activation
+from dropcli.backends.torch.layers import activation_forward
+from dropcli.model.kinds import LINEAR, Activation
 from dropcli.variants.base import REPLACE, LayerSite, VariantSpec, normal_like, register
 
 INV_SQRT2 = 1.0 / math.sqrt(2.0)
@@ -149,7 +150,7 @@ def _bounded_moments(act: Activation, mu: torch.Tensor, s: torch.Tensor) -> tupl
         mu_, s_, lo_, w_ = (t[a:a + 4096].unsqueeze(-1) for t in flat)
         x = lo_ + (gx + 1.0) * 0.5 * w_
         dens = torch.exp(-0.5 * ((x - mu_) / s_) ** 2) / (s_ * math.sqrt(2.0 * math.pi))
-        f = act(x)
+        f = activation_forward(act, x)
         wts = gw * 0.5 * w_ * dens
         m_out[a:a + 4096] = (f * wts).sum(-1)
         e2_out[a:a + 4096] = (f * f * wts).sum(-1)
@@ -158,7 +159,7 @@ def _bounded_moments(act: Activation, mu: torch.Tensor, s: torch.Tensor) -> tupl
     p_lo = 0.5 * torch.erfc((L + mu) / ss * INV_SQRT2)
     mean = mean + p_hi * hi_val + p_lo * lo_val
     second = second + p_hi * hi_val ** 2 + p_lo * lo_val ** 2
-    a0 = act(mu)
+    a0 = activation_forward(act, mu)
     mean = torch.where(pos, mean, a0)
     var = torch.where(pos, torch.clamp(second - mean * mean, min=0.0), torch.zeros_like(mu))
     return mean, var
@@ -193,7 +194,7 @@ def gauss_moments(act: Activation | None, mu: torch.Tensor, s2: torch.Tensor) ->
     t = torch.as_tensor(_GH_T, dtype=torch.float64, device=mu.device)
     w = torch.as_tensor(_GH_W / math.sqrt(math.pi), dtype=torch.float64, device=mu.device)
     pts = mu.double().unsqueeze(-1) + math.sqrt(2.0) * s.double().unsqueeze(-1) * t
-    f = act(pts)
+    f = activation_forward(act, pts)
     mean = (f * w).sum(-1)
     var = torch.clamp(((f - mean.unsqueeze(-1)) ** 2 * w).sum(-1), min=0.0)
     return mean.to(dt), var.to(dt), False

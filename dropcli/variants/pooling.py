@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from dropcli.backends.onnx.builder import OnnxBuilder
 from dropcli.backends.onnx.layers import OnnxLayer, check_static_window_input
 from dropcli.errors import UsageError
-from dropcli.backends.torch.layers import AVGPOOL, MAXPOOL, PoolWindows, pool_windows, weighted_pool_weights
+from dropcli.model.kinds import AVGPOOL, MAXPOOL
+from dropcli.model.pooling import PoolWindows, pool_windows, weighted_pool_weights
 from dropcli.variants.base import REPLACE, LayerSite, VariantSpec, apply_keep, keep_mask_like, register
 
 

@@ -37,7 +37,7 @@ from torch import nn
 from dropcli.backends.onnx.builder import OnnxBuilder
 from dropcli.backends.onnx.layers import OnnxLayer
 from dropcli.errors import UsageError
-from dropcli.backends.torch.layers import CONV, LINEAR
+from dropcli.model.kinds import CONV, LINEAR
 from dropcli.prune.layers import INIT_LOG_SIGMA2, LOG_ALPHA_RANGE, kl_sparse_vd
 from dropcli.variants.base import REPLACE, LayerSite, Param, VariantSpec, normal_like, register
 

@@ -38,7 +38,9 @@ import torch.nn.functional as F
 from dropcli.backends.onnx.builder import OnnxBuilder
 from dropcli.backends.onnx.layers import OnnxLayer, emit_activation
 from dropcli.errors import UsageError
-from dropcli.backends.torch.layers import ACT_KINDS, CONV, LINEAR, pool_windows
+from dropcli.backends.torch.layers import activation_forward
+from dropcli.model.kinds import ACT_KINDS, CONV, LINEAR
+from dropcli.model.pooling import pool_windows
 from dropcli.variants.base import P_PARAM, REPLACE, LayerSite, Param, VariantSpec, check_positive_int, keep_mask_like, normal_like, register, uniform_like
 
 EPS_SEED = 20130616  # fixed: the test rule's Z draws are part of the model
@@ -125,7 +127,7 @@ class DropConnect(_LinearOrConvSite):
         if self.act is None:
             return mu  # the Z-sample mean of an affine function of u is mu (antithetic draws)
         u = mu.unsqueeze(0) + var.sqrt().unsqueeze(0) * self._eps_view(mu)
-        return self.act(u).mean(0)
+        return activation_forward(self.act, u).mean(0)
 
     def sample(self, x: torch.Tensor) -> torch.Tensor:
         if self.mc_form == "mask":

@@ -25,7 +25,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from dropcli.errors import UsageError
-from dropcli.backends.torch.layers import AVGPOOL, CONV, GRU, LINEAR, LSTM, MAXPOOL, Activation
+from dropcli.model.kinds import AVGPOOL, CONV, GRU, LINEAR, LSTM, MAXPOOL, Activation
 from dropcli.backends.onnx.builder import OnnxBuilder, TensorInfo
 
 _ACT_OPS = {"Relu": "relu", "Sigmoid": "sigmoid", "Tanh": "tanh", "LeakyRelu": "leakyrelu", "Elu": "elu", "Gelu": "gelu"}

@@ -15,11 +15,10 @@ rebuilds the stock ``nn`` module when a site is removed again.
 The activation that directly follows a weighted layer (its only user) can be absorbed into
 the site: DropConnect's test rule averages ``a(u)`` over Gaussian draws of the
 pre-activation ``u``, and Standout's is ``g(pi x) * f(W x)``; neither can be written as a
-function of ``W x`` alone followed by the unchanged activation. :class:`Activation` covers the
-elementwise activations dropcli can evaluate in torch and build from stock ONNX ops.
-
-Pooling windows (:func:`pool_windows`) are computed once in numpy and shared by both
-backends: an index array that gathers every window of the padded, flattened input.
+function of ``W x`` alone followed by the unchanged activation. The layer classes and
+:class:`~dropcli.model.kinds.Activation` are backend-neutral data (:mod:`dropcli.model.kinds`);
+:func:`activation_forward` and :func:`activation_module` evaluate an activation in torch.
+Pooling windows live in :mod:`dropcli.model.pooling` (shared with the ONNX backend).
 """
 
 from __future__ import annotations
@@ -27,74 +26,44 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dropcli.errors import UsageError
-
-LINEAR, CONV, MAXPOOL, AVGPOOL, LSTM, GRU = "linear", "conv", "maxpool", "avgpool", "lstm", "gru"
-LAYER_CLASSES = (LINEAR, CONV, MAXPOOL, AVGPOOL, LSTM, GRU)
+from dropcli.model.kinds import AVGPOOL, CONV, GRU, LINEAR, LSTM, MAXPOOL, Activation
 
 # --------------------------------------------------------------------------------- activations
 
-ACT_KINDS = ("relu", "sigmoid", "tanh", "gelu", "silu", "elu", "leakyrelu")
+
+def activation_forward(act: Activation, x: torch.Tensor) -> torch.Tensor:
+    """``act(x)`` in torch."""
+    k, a = act.kind, act.params
+    if k == "relu":
+        return torch.relu(x)
+    if k == "sigmoid":
+        return torch.sigmoid(x)
+    if k == "tanh":
+        return torch.tanh(x)
+    if k == "gelu":
+        return F.gelu(x, approximate=a.get("approximate", "none"))
+    if k == "silu":
+        return F.silu(x)
+    if k == "elu":
+        return F.elu(x, alpha=float(a.get("alpha", 1.0)))
+    if k == "leakyrelu":
+        return F.leaky_relu(x, negative_slope=float(a.get("negative_slope", 0.01)))
+    raise ValueError(k)  # pragma: no cover - Activation.from_record/activation_of_* only make known kinds
 
 
-@dataclass(frozen=True)
-class Activation:
-    """An elementwise activation absorbed into a site: its kind plus its one parameter
-    (gelu: approximate, elu: alpha, leakyrelu: negative_slope)."""
-
-    kind: str
-    attrs: tuple[tuple[str, Any], ...] = ()
-
-    @property
-    def params(self) -> dict[str, Any]:
-        return dict(self.attrs)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        k, a = self.kind, self.params
-        if k == "relu":
-            return torch.relu(x)
-        if k == "sigmoid":
-            return torch.sigmoid(x)
-        if k == "tanh":
-            return torch.tanh(x)
-        if k == "gelu":
-            return F.gelu(x, approximate=a.get("approximate", "none"))
-        if k == "silu":
-            return F.silu(x)
-        if k == "elu":
-            return F.elu(x, alpha=float(a.get("alpha", 1.0)))
-        if k == "leakyrelu":
-            return F.leaky_relu(x, negative_slope=float(a.get("negative_slope", 0.01)))
-        raise ValueError(k)  # pragma: no cover - parse() only makes known kinds
-
-    def module(self) -> nn.Module:
-        k, a = self.kind, self.params
-        return {
-            "relu": lambda: nn.ReLU(), "sigmoid": lambda: nn.Sigmoid(), "tanh": lambda: nn.Tanh(),
-            "gelu": lambda: nn.GELU(approximate=a.get("approximate", "none")), "silu": lambda: nn.SiLU(),
-            "elu": lambda: nn.ELU(alpha=float(a.get("alpha", 1.0))),
-            "leakyrelu": lambda: nn.LeakyReLU(float(a.get("negative_slope", 0.01))),
-        }[k]()
-
-    def record(self) -> dict[str, Any]:
-        return {"kind": self.kind, **self.params}
-
-    @classmethod
-    def from_record(cls, rec: dict[str, Any] | None) -> "Activation | None":
-        if not rec:
-            return None
-        rec = dict(rec)
-        kind = rec.pop("kind")
-        return cls(kind, tuple(sorted(rec.items())))
-
-    def __str__(self) -> str:
-        extra = ",".join(f"{k}={v}" for k, v in self.attrs)
-        return f"{self.kind}({extra})" if extra else self.kind
+def activation_module(act: Activation) -> nn.Module:
+    """The stock ``nn`` module computing ``act``."""
+    k, a = act.kind, act.params
+    return {
+        "relu": lambda: nn.ReLU(), "sigmoid": lambda: nn.Sigmoid(), "tanh": lambda: nn.Tanh(),
+        "gelu": lambda: nn.GELU(approximate=a.get("approximate", "none")), "silu": lambda: nn.SiLU(),
+        "elu": lambda: nn.ELU(alpha=float(a.get("alpha", 1.0))),
+        "leakyrelu": lambda: nn.LeakyReLU(float(a.get("negative_slope", 0.01))),
+    }[k]()
 
 
 _ACT_MODULES = {nn.ReLU: "relu", nn.Sigmoid: "sigmoid", nn.Tanh: "tanh", nn.GELU: "gelu", nn.SiLU: "silu",
@@ -240,7 +209,7 @@ def _torch_pad(padding: list[int]) -> list[int]:
 
 def stock_module(layer: TorchLayer) -> nn.Module:
     """The stock ``nn`` module computing ``layer`` (without its absorbed activation: that is
-    ``layer.act.module()``), holding the same tensors: what a removed site turns back into."""
+    ``activation_module(layer.act)``), holding the same tensors: what a removed site turns back into."""
     a, t = layer.attrs, layer.tensors
     if layer.cls == LINEAR:
         w = t["weight"]
@@ -484,78 +453,3 @@ def describe_rnn_call(cls: str, kw: dict[str, Any], fetch: Callable[[Any], torch
              "bias": has_b, "batch_first": bool(kw["batch_first"]), "bidirectional": bidir,
              "dropout": float(kw.get("dropout", 0.0)), "proj_size": 0}
     return TorchLayer(cls, 0, attrs, t, weight_nodes=tuple(params), output_style="aten")
-
-
-# --------------------------------------------------------------------------------- pooling windows
-
-
-@dataclass(frozen=True)
-class PoolWindows:
-    """Every pooling window of an input with spatial sizes ``in_sizes``, as indices into the
-    flattened spatial dims of the input padded by ``pads_begin``/``pads_end`` (the padding
-    value is the caller's: -inf for max pooling)."""
-
-    in_sizes: tuple[int, ...]
-    out_sizes: tuple[int, ...]
-    pads_begin: tuple[int, ...]
-    pads_end: tuple[int, ...]
-    index: np.ndarray  # int64 [*out_sizes, K], K = prod(kernel)
-
-    @property
-    def padded_sizes(self) -> tuple[int, ...]:
-        return tuple(s + b + e for s, b, e in zip(self.in_sizes, self.pads_begin, self.pads_end))
-
-    @property
-    def window(self) -> int:
-        return int(self.index.shape[-1])
-
-
-def pool_out_size(size: int, k: int, s: int, pb: int, pe: int, d: int, ceil_mode: bool) -> int:
-    """torch's (and onnxruntime's) pooled length for begin/end padding ``pb``/``pe``, with the
-    ceil-mode rule that the last window must start inside the input or the begin padding."""
-    span = size + pb + pe - d * (k - 1) - 1
-    if ceil_mode:
-        out = -(-span // s) + 1
-        if (out - 1) * s >= size + pb:
-            out -= 1
-    else:
-        out = span // s + 1
-    return out
-
-
-def pool_windows(in_sizes: tuple[int, ...] | list[int], kernel: list[int], stride: list[int], pads_begin: list[int],
-                 pads_end: list[int], dilation: list[int], ceil_mode: bool) -> PoolWindows:
-    """The windows of a pooling layer (torch: ``pads_begin = pads_end = padding``)."""
-    nd = len(in_sizes)
-    outs, begins, ends, axes = [], [], [], []
-    for i in range(nd):
-        size, k, s, d = int(in_sizes[i]), int(kernel[i]), int(stride[i]), int(dilation[i])
-        pb, pe = int(pads_begin[i]), int(pads_end[i])
-        out = pool_out_size(size, k, s, pb, pe, d, ceil_mode)
-        if out < 1:
-            raise UsageError(f"a pooling window (kernel {list(kernel)}) does not fit an input of size {list(in_sizes)}")
-        need = (out - 1) * s + d * (k - 1) + 1  # padded length the windows reach
-        outs.append(out)
-        begins.append(pb)
-        ends.append(max(0, need - size - pb))
-        # per output position o and kernel tap j: padded coordinate o*s + j*d
-        axes.append(np.arange(out)[:, None] * s + np.arange(k)[None, :] * d)
-    padded = [s + b + e for s, b, e in zip(in_sizes, begins, ends)]
-    strides = [int(np.prod(padded[i + 1:])) for i in range(nd)]  # row-major strides of the padded input
-    grid = np.zeros([*outs, *[int(k) for k in kernel]], dtype=np.int64)
-    for i in range(nd):
-        shape = [1] * (2 * nd)
-        shape[i] = outs[i]
-        shape[nd + i] = int(kernel[i])
-        grid = grid + axes[i].reshape(shape) * strides[i]
-    idx = grid.reshape([*outs, -1])
-    return PoolWindows(tuple(int(s) for s in in_sizes), tuple(outs), tuple(begins), tuple(ends), idx)
-
-
-def weighted_pool_weights(k: int, p: float) -> np.ndarray:
-    """Wu & Gu's probabilistic weighted pooling weights for a window sorted DESCENDING:
-    the j-th largest (j = 1..k) gets ``q * p^(j-1)``; with ascending order a_1 <= ... <= a_n
-    that is ``q * p^(n-i)``. They sum to ``1 - p^k`` (the rest is the all-dropped case, 0)."""
-    q = 1.0 - p
-    return np.array([q * p ** j for j in range(k)], dtype=np.float64)
-

@@ -31,7 +31,9 @@ from dropcli.model import formats
 from dropcli.errors import DropcliError, UsageError
 from dropcli.io.files import atomic_path
 from dropcli.model.selection import KNOWN_KINDS, WEIGHTED, Layer, canonical_kind
-from dropcli.backends.torch.layers import LINEAR, TorchLayer, activation_of_call, activation_of_module, call_layer_class, describe_call, describe_module, stock_module
+from dropcli.backends.torch.layers import (TorchLayer, activation_module, activation_of_call, activation_of_module, call_layer_class,
+                                           describe_call, describe_module, stock_module)
+from dropcli.model.kinds import LINEAR
 from dropcli.variants.base import REPLACE, LayerSite, SiteModule, VariantSpec
 
 SITE_PREFIX = "dropcli_site_"
@@ -766,7 +768,7 @@ class TorchModel:
             new = g.call_module(mod_name, inputs)
         if tl.act is not None:
             act_name = _free_name(self.gm, act_label or f"{mod_name}_act")
-            self.gm.add_submodule(act_name, tl.act.module())
+            self.gm.add_submodule(act_name, activation_module(tl.act))
             with g.inserting_after(new):
                 out = g.call_module(act_name, (new,))
         else:
