@@ -20,7 +20,6 @@ import io
 import operator
 import re
 import sys
-import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -30,6 +29,7 @@ from torch import fx, nn
 from dropcli.model import formats
 from dropcli.errors import DropcliError, UsageError
 from dropcli.io.files import atomic_path
+from dropcli.model.quiet import quiet, short_error
 from dropcli.model.selection import KNOWN_KINDS, WEIGHTED, Layer, canonical_kind
 from dropcli.backends.torch.layers import (TorchLayer, activation_module, activation_of_call, activation_of_module, call_layer_class,
                                            describe_call, describe_module, stock_module)
@@ -38,27 +38,6 @@ from dropcli.variants.base import REPLACE, LayerSite, SiteModule, VariantSpec
 
 SITE_PREFIX = "dropcli_site_"
 _SKIP_TARGETS = {"_guards_fn"}
-
-
-@contextlib.contextmanager
-def _quiet():
-    """torch's exporters are chatty; keep stderr for dropcli's own messages."""
-    import logging
-
-    loggers = [logging.getLogger(n) for n in ("torch", "torch.export", "torch.onnx", "onnxscript")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        # CRITICAL, not ERROR: torch logs failed fake-tensor runs (a wrong --input-shape, say) at
-        # ERROR with a traceback; dropcli reports the exception itself in one line.
-        lg.setLevel(logging.CRITICAL)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with contextlib.redirect_stdout(io.StringIO()):
-                yield
-    finally:
-        for lg, lv in zip(loggers, levels):
-            lg.setLevel(lv)
 
 
 def parse_input_shape(text: str | None) -> list[tuple[int, ...]] | None:
@@ -181,10 +160,10 @@ class TorchModel:
         if fmt == formats.EXPORT:
             try:
                 extra = {_SITES_FILE: "", _MODEL_FILE: ""}
-                with _quiet(), open(path, "rb") as fh:
+                with quiet(), open(path, "rb") as fh:
                     ep = torch.export.load(fh, extra_files=extra)
             except Exception as e:  # noqa: BLE001
-                raise DropcliError(f"cannot load torch.export program {path}: {_short(e)}", "re-save it with torch.export.save") from e
+                raise DropcliError(f"cannot load torch.export program {path}: {short_error(e)}", "re-save it with torch.export.save") from e
             if example is None:
                 ex = getattr(ep, "example_inputs", None)
                 if ex:
@@ -197,7 +176,7 @@ class TorchModel:
             try:
                 ts = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
             except Exception as e:  # noqa: BLE001
-                raise DropcliError(f"cannot load TorchScript archive {path}: {_short(e)}", "re-save it with torch.jit.save") from e
+                raise DropcliError(f"cannot load TorchScript archive {path}: {short_error(e)}", "re-save it with torch.jit.save") from e
             ts.eval()
             if extra[_PROGRAM_FILE]:
                 gm, example = _stored_program(ts, extra[_PROGRAM_FILE], example, path)
@@ -230,13 +209,13 @@ class TorchModel:
             try:
                 sd = torch.load(str(path), map_location="cpu", weights_only=True)
             except Exception as e:  # noqa: BLE001
-                raise DropcliError(f"cannot read state_dict {path}: {_short(e)}", "re-save it with torch.save(model.state_dict())") from e
+                raise DropcliError(f"cannot read state_dict {path}: {short_error(e)}", "re-save it with torch.save(model.state_dict())") from e
             if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
                 sd = sd["state_dict"]
             try:
                 model.load_state_dict(sd)
             except Exception as e:  # noqa: BLE001
-                raise DropcliError(f"state_dict {path} does not fit --arch {arch}: {_short(e)}", "check that --arch builds the same model") from e
+                raise DropcliError(f"state_dict {path} does not fit --arch {arch}: {short_error(e)}", "check that --arch builds the same model") from e
         else:  # pragma: no cover
             raise DropcliError(f"unsupported torch format {fmt}")
         model.eval()
@@ -248,7 +227,7 @@ class TorchModel:
             gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
         except Exception as e:  # noqa: BLE001
             raise DropcliError(
-                f"cannot trace the model's forward ({_short(e)})",
+                f"cannot trace the model's forward ({short_error(e)})",
                 "data-dependent control flow can't be rewritten; export the model with torch.export (.pt2) and pass that",
             ) from e
         return cls(gm, fmt, example, str(path))
@@ -266,7 +245,7 @@ class TorchModel:
             from torch.fx.passes.shape_prop import ShapeProp
 
             # ShapeProp prints the traceback of a failed node itself: keep it off the user's stderr
-            with torch.no_grad(), _quiet(), contextlib.redirect_stderr(io.StringIO()):
+            with torch.no_grad(), quiet(), contextlib.redirect_stderr(io.StringIO()):
                 ShapeProp(self.gm).propagate(*self.example_inputs)
         except Exception:  # noqa: BLE001 - shapes are a nicety for inspect
             pass
@@ -816,10 +795,10 @@ class TorchModel:
         example = self._require_example(fmt)
         if fmt == formats.TORCHSCRIPT:
             try:
-                with torch.no_grad(), _quiet():
+                with torch.no_grad(), quiet():
                     ts = torch.jit.trace(_traceable_sizes(self.gm), example, check_trace=False, strict=False)
             except Exception as e:  # noqa: BLE001
-                raise DropcliError(f"cannot write TorchScript: {_short(e)}", "try --format export or --format onnx") from e
+                raise DropcliError(f"cannot write TorchScript: {short_error(e)}", "try --format export or --format onnx") from e
             extra = {_TS_EXAMPLE_FILE: _example_record(example), _SITES_FILE: self._sites_record(), **self._model_extra()}
             if _has_loop(ts):
                 # A scripted recurrence (the recurrent dropout family) traces to prim::Loop, which
@@ -835,7 +814,7 @@ class TorchModel:
                 torch.export.save(ep, str(tmp), extra_files={_SITES_FILE: self._sites_record(), **self._model_extra()})
             return fmt
         if fmt == formats.ONNX:
-            from dropcli.backends.onnx.model import export_torch_program
+            from dropcli.backends.export import export_torch_program
 
             export_torch_program(ep, example, path, self._sites_meta(), self.model_meta)
             return fmt
@@ -882,10 +861,10 @@ class TorchModel:
         example = example or self._require_example(formats.EXPORT)
         dyn = tuple({0: torch.export.Dim.AUTO} if t.dim() > 0 else None for t in example)
         try:
-            with _quiet():
+            with quiet():
                 return torch.export.export(self.gm, example, dynamic_shapes=dyn, strict=False)
         except Exception as e:  # noqa: BLE001
-            raise DropcliError(f"cannot capture the rewritten model with torch.export: {_short(e)}", "try --format torchscript") from e
+            raise DropcliError(f"cannot capture the rewritten model with torch.export: {short_error(e)}", "try --format torchscript") from e
 
 
 # ---------------------------------------------------------------------- helpers
@@ -947,11 +926,6 @@ def _weights(gm: nn.Module) -> dict[str, torch.Tensor]:
         if not name.endswith(skip) and b.is_floating_point():
             out.setdefault(name, b)
     return out
-
-
-def _short(e: BaseException) -> str:
-    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return text[:300]
 
 
 def _strip_guards(gm: fx.GraphModule) -> fx.GraphModule:
@@ -1028,10 +1002,10 @@ def _stored_program(ts: torch.jit.ScriptModule, data: bytes, example: tuple | No
     import io
 
     try:
-        with _quiet():
+        with quiet():
             ep = torch.export.load(io.BytesIO(data))
     except Exception as e:  # noqa: BLE001
-        raise DropcliError(f"cannot read the program stored in TorchScript archive {path}: {_short(e)}",
+        raise DropcliError(f"cannot read the program stored in TorchScript archive {path}: {short_error(e)}",
                            "re-create the file with dropcli, or pass the .pt2 / ONNX output instead") from e
     if example is None:
         ex = getattr(ep, "example_inputs", None)
@@ -1040,7 +1014,7 @@ def _stored_program(ts: torch.jit.ScriptModule, data: bytes, example: tuple | No
     if example is not None:
         g = torch.Generator().manual_seed(0)
         probe = tuple(torch.randn(t.shape, generator=g).to(t.dtype) if t.is_floating_point() else t for t in example)
-        with torch.no_grad(), _quiet():
+        with torch.no_grad(), quiet():
             a, b = ts(*probe), gm(*probe)
         same = all(torch.allclose(x, y, rtol=1e-4, atol=1e-5)
                    for x, y in zip(torch.utils._pytree.tree_leaves(a), torch.utils._pytree.tree_leaves(b)))
@@ -1090,11 +1064,11 @@ def _ts_to_fx(ts: torch.jit.ScriptModule, example: tuple, path: Path) -> fx.Grap
     try:
         from torch._export.converter import TS2EPConverter
 
-        with _quiet():
+        with quiet():
             ep = TS2EPConverter(ts, example).convert()
     except Exception as e:  # noqa: BLE001
         raise DropcliError(
-            f"cannot convert TorchScript model {path} into a graph dropcli can rewrite: {_short(e)}",
+            f"cannot convert TorchScript model {path} into a graph dropcli can rewrite: {short_error(e)}",
             "check --input-shape, or export the model with torch.export (.pt2) or ONNX instead",
         ) from e
     return ep.module()
@@ -1117,9 +1091,9 @@ def _unpickle_module(path: Path) -> nn.Module:
                 f"the pickle references module {m.group(1)}, which cannot be imported",
                 "pass --import MODULE_OR_FILE, or add it to PYTHONPATH",
             ) from e
-        raise DropcliError(f"cannot unpickle {path}: {_short(e)}") from e
+        raise DropcliError(f"cannot unpickle {path}: {short_error(e)}") from e
     except Exception as e:  # noqa: BLE001
-        raise DropcliError(f"cannot unpickle {path}: {_short(e)}", "check that the file is complete") from e
+        raise DropcliError(f"cannot unpickle {path}: {short_error(e)}", "check that the file is complete") from e
     if not isinstance(obj, nn.Module):
         raise DropcliError(f"{path} holds a pickled {type(obj).__name__}, not an nn.Module")
     return obj
