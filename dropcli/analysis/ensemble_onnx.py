@@ -16,9 +16,10 @@ import onnx
 from onnx import helper, numpy_helper
 
 from dropcli.analysis.ensemble import SiteUnits, assemble, var_delta
-from dropcli.backends.onnx.model import MC_INPUT, OnnxModel
+from dropcli.backends.onnx.model import OnnxModel
 from dropcli.backends.convert import convention_of
 from dropcli.errors import DropcliError
+from dropcli.model.naming import MC_INPUT, node_site, site_scope
 
 _PASS = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"}
 _LINEAR = {"MatMul", "Gemm", "Conv"}
@@ -52,7 +53,7 @@ class OnnxAnalyzer:
         g = self.model.model.graph
         if node.op_type == "Dropout":
             return node.input[0]
-        prefix = node.name.split("/")[0] + "/"
+        prefix = site_scope(node_site(node.name) or node.name.split("/")[0])
         block = [n for n in g.node if n.name.startswith(prefix)]
         made = {o for n in block for o in n.output}
         ext = {v for n in block for v in n.input if v and v not in made and v not in self.inits and v != MC_INPUT}

@@ -16,15 +16,17 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from dropcli.backends.onnx.model import MC_INPUT, save_onnx, set_model_record
+from dropcli.backends.onnx.model import save_onnx, set_model_record
 from dropcli.errors import DropcliError
+from dropcli.model import naming
+from dropcli.model.naming import MC_INPUT
 from dropcli.model.quiet import quiet, short_error
 
 
 def promote_mc_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
     """Merge the per-site ``*.dropcli_mc`` buffers of an exported torch model into one input."""
     g = model.graph
-    mc_inits = [t for t in g.initializer if t.name.split(".")[-1].endswith("dropcli_mc") and t.name != MC_INPUT]
+    mc_inits = [t for t in g.initializer if naming.reads_mc(t.name) and t.name != MC_INPUT]
     if not mc_inits:
         return model
     names = {t.name for t in mc_inits}
@@ -61,12 +63,12 @@ def label_exported_sites(model: onnx.ModelProto, sites: dict[str, dict[str, Any]
             if site is None:
                 continue
             if n.op_type == "Where" and n.input and n.input[0] == MC_INPUT:
-                n.name = f"{site}/select"
+                n.name = naming.select_name(site)
                 meta = sites[site]
-                n.doc_string = f"dropcli variant={meta.get('variant')} p={meta.get('p')}"
+                n.doc_string = naming.select_doc(meta.get("variant"), meta.get("p"))
                 done.add(site)
             else:
-                n.name = f"{site}/{n.name}"
+                n.name = naming.scoped(site, n.name)
     return len(done)
 
 

@@ -36,7 +36,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from dropcli.backends.onnx.model import MC_INPUT, OnnxModel
+from dropcli.backends.onnx.model import OnnxModel
+from dropcli.model.naming import MC_INPUT, node_site
 from dropcli.io.data import InputSpec
 from dropcli.errors import DropcliError
 from dropcli.engines.torch_mc import MIN_ROWS
@@ -208,19 +209,19 @@ class OnnxRunner:
         scopes: set[str] = set()
         for n in model.graph.node:
             if n.op_type == "Where" and n.input and n.input[0] == MC_INPUT:
-                nm = n.name.split("/")[0] if n.name.startswith("dropcli_site_") else (_scope(n.name) or n.name or n.output[0])
+                nm = node_site(n.name) or _scope(n.name) or n.name or n.output[0]
                 if nm in names:
                     continue  # a site with several outputs (a rewritten recurrent layer) is one site
                 names.append(nm)
-                if n.name.startswith("dropcli_site_"):
-                    scopes.add(n.name.split("/")[0])
+                if node_site(n.name):
+                    scopes.add(node_site(n.name))  # type: ignore[arg-type]
                 elif _scope(n.name):
                     scopes.add(_scope(n.name))  # type: ignore[arg-type]
         for n in model.graph.node:
             if n.op_type == "Dropout":
                 names.append(n.name or n.output[0])
             elif n.op_type in RANDOM_OPS:
-                s = n.name.split("/")[0] if n.name.startswith("dropcli_site_") else _scope(n.name)
+                s = node_site(n.name) or _scope(n.name)
                 if s is None or s not in scopes:
                     names.append(n.name or n.output[0])
         return names

@@ -21,6 +21,7 @@ from torch import fx, nn
 
 from dropcli.errors import DropcliError
 from dropcli.engines.noise import KeyedNoise
+from dropcli.model.naming import mc_owner, reads_mc
 from dropcli.variants.base import SiteModule, apply_keep, keep_mask_like, noise_source, normal_like, set_mc, uniform_like
 
 MIN_ROWS = 32
@@ -95,8 +96,8 @@ class TorchMC:
         names = []
         for n in self.nodes:
             if n.op == "call_function" and len(n.args) == 3 and isinstance(n.args[0], fx.Node) \
-                    and n.args[0].op == "get_attr" and str(n.args[0].target).endswith("dropcli_mc"):
-                names.append(str(n.args[0].target).rsplit(".", 1)[0])
+                    and n.args[0].op == "get_attr" and reads_mc(n.args[0].target):
+                names.append(mc_owner(n.args[0].target))
         raw_rand = [n for n in self.site_nodes if _aten_name(n.target) in _ATEN_RAND]
         others = [n for n in self.site_nodes if n not in raw_rand]
         names += [str(n.target) if n.op == "call_module" else n.name for n in others]

@@ -26,6 +26,7 @@ from onnx import numpy_helper
 from torch import fx, nn
 
 from dropcli.errors import DropcliError
+from dropcli.model import naming
 from dropcli.backends.torch.model import _fetch_attr as _fetch
 from dropcli.backends.torch.importer import _set_module, to_modules
 from dropcli.prune.layers import to_sparse_vd
@@ -133,11 +134,10 @@ def _onnx_sites(model: Any) -> list[tuple[str, np.ndarray, np.ndarray]]:
     inits = {t.name: t for t in g.initializer}
     found = []
     for node in list(g.node):
-        if not (node.op_type == "Where" and node.name.startswith("dropcli_site_") and node.name.endswith("/select")
-                and f"variant={VARIANT}" in node.doc_string.split()):
+        if not (node.op_type == "Where" and naming.is_select(node.name) and naming.doc_variant(node.doc_string) == VARIANT):
             continue
-        site = node.name.split("/")[0]
-        prefix = site + "/"
+        site = naming.node_site(node.name)
+        prefix = naming.site_scope(site)
         names = {x for n in g.node if n.name.startswith(prefix) for x in n.input}
         ls2_names = [x for x in names if x.startswith(prefix + "log_sigma2")]
         if len(ls2_names) != 1:
@@ -148,7 +148,7 @@ def _onnx_sites(model: Any) -> list[tuple[str, np.ndarray, np.ndarray]]:
             raise DropcliError(f"cannot find the weight of sparse-vd site {site}", "inject again from the original model")
         found.append((site, numpy_helper.to_array(inits[thetas[0]]), ls2))
     for site, _, _ in found:
-        sel = next(n for n in g.node if n.name == f"{site}/select")
+        sel = next(n for n in g.node if n.name == naming.select_name(site))
         if model._restore_layer_site(sel) is None:
             raise DropcliError(f"cannot turn sparse-vd site {site} back into its layer", "inject again from the original model")
     return found

@@ -20,6 +20,7 @@ from torch import nn
 
 from dropcli.backends.torch.layers import TorchLayer, activation_forward, activation_of_module, describe_module, layer_forward
 from dropcli.errors import UsageError
+from dropcli.model import naming
 
 # ---------------------------------------------------------------------------------------
 # Noise source. Variants draw all randomness through these helpers, so an engine can swap
@@ -288,7 +289,7 @@ class SiteModule(nn.Module):
         self.params = dict(params)
         for k, v in params.items():
             setattr(self, k, v)
-        self.register_buffer("dropcli_mc", torch.zeros((), dtype=torch.bool))
+        self.register_buffer(naming.MC_NAME, torch.zeros((), dtype=torch.bool))  # read below as self.dropcli_mc
 
     @property
     def q(self) -> float:
@@ -321,7 +322,7 @@ def set_mc(model: nn.Module, on: bool = True) -> int:
     """Switch every dropcli site (by buffer name, so loaded TorchScript/pt2 models work too)."""
     n = 0
     for name, buf in model.named_buffers():
-        if name.split(".")[-1] == "dropcli_mc":
+        if naming.is_mc_buffer(name):
             buf.fill_(bool(on))
             n += 1
     return n

@@ -47,6 +47,8 @@ from torch import nn
 
 from dropcli.backends.onnx.builder import OnnxBuilder, TensorInfo
 from dropcli.errors import DropcliError, UsageError
+from dropcli.model import naming
+from dropcli.model.naming import PASS_MARK
 from dropcli.backends.torch.rnn import GATES, GRU, LSTM, RecurrentLoop, StepMasks
 from dropcli.variants.base import P_PARAM, REPLACE, Param, Replacement, SiteModule, VariantSpec, _tracing, check_p, keep_mask_like, register
 
@@ -482,8 +484,6 @@ def _weightdrop_pass(b: OnnxBuilder, node: onnx.NodeProto, params: dict[str, Any
     """weightdrop --mask-per pass: the stock LSTM/GRU op again, on ``W``/``R`` inputs multiplied by
     one inverted mask for the whole batch (``RandomUniformLike`` on the weight). Its nodes carry
     ``dropcli_weightdrop_pass`` in their names (``dropcli uncertainty`` refuses such sites)."""
-    from dropcli.variants.weightdrop import PASS_MARK
-
     q = 1.0 - float(params.get("p", 0.5))
     which = params.get("weight", "hh")
     ins = list(node.input)
@@ -574,8 +574,7 @@ def replace_onnx_rnn(om: Any, node_index: int, spec: VariantSpec, params: dict[s
     g = om.model.graph
     node = g.node[node_index]
     check_onnx_rnn(node, spec.name)
-    name = f"dropcli_site_{om._site_count}"
-    om._site_count += 1
+    name = om.claim_site_name()
     mc = om._ensure_mc_input()
     b = OnnxBuilder(_opset(om.model), name, om._taken_names())
     stoch = build_onnx_rnn(b, node, spec.name, params, om.tensor_info(node.input[0]))
@@ -583,10 +582,10 @@ def replace_onnx_rnn(om: Any, node_index: int, spec: VariantSpec, params: dict[s
         if not s:
             continue
         orig = node.output[k]
-        det = f"{orig}__dropcli_det"
+        det = orig + naming.DET_SUFFIX
         node.output[k] = det
-        sel = helper.make_node("Where", [mc, s, det], [orig], name=f"{name}/select" if k == 0 else f"{name}/select_{k}")
-        sel.doc_string = f"dropcli variant={spec.name} p={params.get('p')}"
+        sel = helper.make_node("Where", [mc, s, det], [orig], name=naming.select_name(name, k))
+        sel.doc_string = naming.select_doc(spec.name, params.get("p"))
         b.nodes.append(sel)
     om.model.graph.initializer.extend(b.initializers)
     om._insert_nodes(node_index + 1, b.nodes)

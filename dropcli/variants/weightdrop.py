@@ -41,12 +41,12 @@ import torch
 from torch import nn
 
 from dropcli.errors import UsageError
+from dropcli.model.naming import PASS_MARK  # a buffer (torch) / node-name part (ONNX) marking --mask-per pass
 from dropcli.backends.torch.rnn import GATES, GRU, LSTM, StepMasks
 from dropcli.variants.base import P_PARAM, REPLACE, Param, VariantSpec, _tracing, keep_mask_like, register
 from dropcli.variants.recurrent import RecurrentSite, _replacement, build_onnx_rnn
 
 WEIGHT_FIELDS = {"hh": ("w_hh",), "ih": ("w_ih",), "both": ("w_ih", "w_hh")}
-PASS_MARK = "dropcli_weightdrop_pass"  # a buffer (torch) / node-name part (ONNX) marking --mask-per pass
 
 
 def _check_weight(v: str) -> str | None:

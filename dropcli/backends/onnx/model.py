@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -23,15 +22,13 @@ from onnx import TensorProto, helper, numpy_helper
 from dropcli.model import formats
 from dropcli.errors import DropcliError, UsageError
 from dropcli.io.files import atomic_dir, atomic_path
+from dropcli.model import naming
+from dropcli.model.naming import MC_INPUT, MODEL_META, SITES_META, join_scopes
 from dropcli.model.selection import WEIGHTED, Layer, canonical_kind
 from dropcli.variants.base import REPLACE, RESIDUAL, VariantSpec
 from dropcli.backends.onnx.builder import OnnxBuilder, TensorInfo
 from dropcli.backends.onnx.layers import OnnxLayer, absorbable_activation, const_value, describe_node
 
-SITES_META = "dropcli.sites"  # metadata_props key: JSON records of the sites that replaced layers
-MODEL_META = "dropcli.model"  # metadata_props key: JSON facts about the whole model (regression tau)
-
-MC_INPUT = "dropcli_mc"
 MIN_OPSET = 13
 # ops we describe as weighted layers when their weight is an initializer
 _MATMUL_LIKE = {"MatMul", "Gemm"}
@@ -52,8 +49,7 @@ class OnnxModel:
         self.model = model
         self.source = source
         self.external = external
-        nums = [int(m.group(1)) for n in model.graph.node if (m := re.match(r"dropcli_site_(\d+)/", n.name))]
-        self._site_count = max(nums, default=-1) + 1
+        self._site_count = naming.next_site_index(naming.node_sites(n.name for n in model.graph.node))
         self._infer()
 
     @property
@@ -135,7 +131,7 @@ class OnnxModel:
             nm = n.name or (n.output[0] if n.output else f"node{i}")
             parts = [p for p in nm.split("/") if p]
             if len(parts) >= 2 and parts[-1].split("_")[0] == n.op_type:
-                nm = _join_scopes(parts[:-1])
+                nm = join_scopes(parts[:-1])
             elif nm.startswith("/"):
                 nm = nm[1:]
             raw.append(nm)
@@ -163,13 +159,14 @@ class OnnxModel:
         for i, n in enumerate(g.node):
             if n.op_type == "Constant":
                 continue
-            if n.name.startswith("dropcli_site_"):
-                if n.op_type == "Where" and n.name.endswith("/select"):
-                    site = n.name.split("/")[0]
+            site = naming.node_site(n.name)
+            if site is not None:
+                if n.op_type == "Where" and naming.is_select(n.name):
                     rec = records.get(site, {}).get("layer")
                     op = f"dropcli({rec.get('name') or rec.get('cls')})" if isinstance(rec, dict) else "dropcli"
                     rows.append(Layer(site, "dropout", op, self.tensor_info(n.output[0]).shape,
-                                      dropout_p=_site_p(n), dropout_variant=_site_variant(n), ref=("node", i)))
+                                      dropout_p=naming.doc_p(n.doc_string), dropout_variant=naming.doc_variant(n.doc_string),
+                                      ref=("node", i)))
                 continue
             params = sum(int(np.prod(self._inits[x].dims)) for x in n.input if x in self._inits)
             kind = kinds[i]
@@ -278,6 +275,12 @@ class OnnxModel:
         return a if wa > wb else b
 
     # ------------------------------------------------------------------ rewriting
+    def claim_site_name(self) -> str:
+        """The next free ``dropcli_site_N`` (for a site about to be built)."""
+        name = naming.site_name(self._site_count)
+        self._site_count += 1
+        return name
+
     def _ensure_mc_input(self) -> str:
         g = self.model.graph
         if not any(i.name == MC_INPUT for i in g.input):
@@ -297,13 +300,12 @@ class OnnxModel:
         return names
 
     def _build_site(self, spec: VariantSpec, params: dict[str, Any], x: str, info: TensorInfo, out: str) -> list[onnx.NodeProto]:
-        name = self._last_site = f"dropcli_site_{self._site_count}"
-        self._site_count += 1
+        name = self._last_site = self.claim_site_name()
         mc = self._ensure_mc_input()
         b = OnnxBuilder(_opset(self.model), name, self._taken_names())
         stoch, det = spec.onnx_builder(b, x, info, **params)
-        sel = helper.make_node("Where", [mc, stoch, det], [out], name=f"{name}/select")
-        sel.doc_string = f"dropcli variant={spec.name} p={params.get('p')}"
+        sel = helper.make_node("Where", [mc, stoch, det], [out], name=naming.select_name(name))
+        sel.doc_string = naming.select_doc(spec.name, params.get("p"))
         b.nodes.append(sel)
         self.model.graph.initializer.extend(b.initializers)
         return b.nodes
@@ -322,7 +324,7 @@ class OnnxModel:
         rows = []
         for i, n in enumerate(self.model.graph.node):
             kind = rep.onnx_match(n) if rep is not None else None
-            if kind and not any(o.endswith("__dropcli_det") for o in n.output):
+            if kind and not any(o.endswith(naming.DET_SUFFIX) for o in n.output):
                 rows.append(Layer(names[i], kind, n.op_type, self.tensor_info(n.output[0]).shape if n.output else None,
                                   ref=("node", i)))
         return rows
@@ -390,8 +392,7 @@ class OnnxModel:
                              "choose other layers with --layers/--after (see `dropcli inspect`)")
         nodes, _, users, outs = ctx
         lay.act_node, lay.act = absorbable_activation(nodes, lay, users, outs, spec.absorbs)
-        name = self._last_site = f"dropcli_site_{self._site_count}"
-        self._site_count += 1
+        name = self._last_site = self.claim_site_name()
         mc = self._ensure_mc_input()
         b = OnnxBuilder(_opset(self.model), name, self._taken_names())
         stoch, det = spec.onnx_builder(b, lay, **params)
@@ -403,8 +404,8 @@ class OnnxModel:
         for k, (s_, d_, out) in enumerate(zip(stoch, det, finals)):
             if not out:
                 continue
-            sel = helper.make_node("Where", [mc, s_, d_], [out], name=f"{name}/select" + (f"_{k}" if k else ""))
-            sel.doc_string = f"dropcli variant={spec.name} p={params.get('p')}"
+            sel = helper.make_node("Where", [mc, s_, d_], [out], name=naming.select_name(name, k))
+            sel.doc_string = naming.select_doc(spec.name, params.get("p"))
             b.nodes.append(sel)
         replaced = lay.replaced_nodes
         rec = {"variant": spec.name, **params, "layer": {"cls": lay.cls, "name": label, "outputs": finals,
@@ -441,10 +442,10 @@ class OnnxModel:
                 f"inject it with `dropcli inject --variant {spec.name}` (it picks the layers; narrow with --layers)",
             )
         all_nodes = list(g.node)
-        if node.op_type == "Where" and node.name.startswith("dropcli_site_") and node.name.endswith("/select"):
+        if node.op_type == "Where" and naming.is_select(node.name):
             # one of dropcli's own sites: its nodes share the name prefix; its input is the one
             # value they read that none of them makes (besides constants and dropcli_mc)
-            prefix = node.name.split("/")[0] + "/"
+            prefix = naming.site_scope(naming.node_site(node.name))
             block = [j for j, n in enumerate(all_nodes) if n.name.startswith(prefix)]
             made = {o for j in block for o in all_nodes[j].output}
             consts = {t.name for t in g.initializer} | {MC_INPUT}
@@ -477,15 +478,15 @@ class OnnxModel:
         """A site that replaced a layer turns back into the layer's original nodes (kept in the
         model's metadata); returns the indices of the first and last restored node, or None
         when ``node`` is not such a site's select node."""
-        if not (node.op_type == "Where" and node.name.startswith("dropcli_site_") and "/select" in node.name):
+        if not (node.op_type == "Where" and naming.is_select(node.name, any_output=True)):
             return None
-        site = node.name.split("/")[0]
+        site = naming.node_site(node.name)
         records = site_records(self.model)
         rec = records.get(site, {}).get("layer")
         if not isinstance(rec, dict):
             return None
         g = self.model.graph
-        prefix = site + "/"
+        prefix = naming.site_scope(site)
         try:
             originals = [_node_from_b64(t) for t in rec["nodes"]]
         except Exception as e:  # noqa: BLE001
@@ -493,11 +494,11 @@ class OnnxModel:
                                "inject again from the original model") from e
         all_nodes = list(g.node)
         block = [j for j, n in enumerate(all_nodes) if n.name.startswith(prefix)]
-        selects = {n.name: n for n in all_nodes if n.name.startswith(prefix) and n.op_type == "Where" and "/select" in n.name}
+        selects = {n.name: n for n in all_nodes if n.name.startswith(prefix) and n.op_type == "Where" and naming.is_select(n.name, any_output=True)}
         # the outputs consumers read now (a later site may have renamed them)
         current = []
         for k, orig in enumerate(rec.get("outputs", [])):
-            sel = selects.get(f"{site}/select" + (f"_{k}" if k else ""))
+            sel = selects.get(naming.select_name(site, k))
             current.append(sel.output[0] if sel is not None else orig)
         rename = {o: c for o, c in zip(rec.get("outputs", []), current) if o != c}
         for n in originals:
@@ -626,27 +627,3 @@ def _node_from_b64(text: str) -> onnx.NodeProto:
     n = onnx.NodeProto()
     n.ParseFromString(base64.b64decode(text))
     return n
-
-
-def _join_scopes(parts: Sequence[str]) -> str:
-    """Exporter scopes to a module path: ``features/features.0`` -> ``features.0`` (a scope may
-    already be qualified by its parent), ``layer1/layer1.0/conv1`` -> ``layer1.0.conv1``."""
-    path = ""
-    for part in parts:
-        path = part if not path or part.startswith(path + ".") else f"{path}.{part}"
-    return path
-
-
-def _site_p(n: onnx.NodeProto) -> float | None:
-    for part in n.doc_string.split():
-        if part.startswith("p="):
-            with contextlib.suppress(ValueError):
-                return float(part[2:])
-    return None
-
-
-def _site_variant(n: onnx.NodeProto) -> str | None:
-    for part in n.doc_string.split():
-        if part.startswith("variant="):
-            return part[8:]
-    return None

@@ -27,6 +27,8 @@ import torch
 from torch import fx, nn
 
 from dropcli.errors import DropcliError
+from dropcli.model import naming
+from dropcli.model.naming import MC_INPUT, join_scopes
 
 aten = torch.ops.aten
 
@@ -338,13 +340,11 @@ class _OnnxImporter:
 
     def _name(self, node, op: str) -> str:
         """Exporter names like ``/features/features.0/Conv`` read as module path ``features.0``."""
-        from dropcli.backends.onnx.model import _join_scopes
-
         raw = node.name or (node.output[0] if node.output else op)
         parts = [p for p in raw.split("/") if p]
         if len(parts) >= 2 and parts[-1].split("_")[0] == op:
             parts = parts[:-1]
-        path = _join_scopes(parts) if parts else op.lower()
+        path = join_scopes(parts) if parts else op.lower()
         segs = [re.sub(r"[^A-Za-z0-9_]", "_", seg) or "m" for seg in path.split(".")]
         segs = [("m" + seg) if seg[0] == "_" else seg for seg in segs]
         base = ".".join(segs)
@@ -380,7 +380,6 @@ class _OnnxImporter:
         """dropcli's own ONNX sites (nodes named ``dropcli_site_N/...``, ending in ``.../select``):
         the node indices inside them, and per select node (site name, input, the site as a torch
         module). Only with ``keep_dropout`` (``dropcli finetune``)."""
-        from dropcli.backends.onnx.model import MC_INPUT, _site_p, _site_variant
         from dropcli.variants import get_variant
 
         g = self.model.graph
@@ -388,13 +387,13 @@ class _OnnxImporter:
         inside: set[int] = set()
         selects: dict[int, tuple[str, str, nn.Module]] = {}
         for i, n in enumerate(nodes):
-            if not (n.name.startswith("dropcli_site_") and n.op_type == "Where" and n.name.endswith("/select")):
+            if not (naming.is_select(n.name) and n.op_type == "Where"):
                 continue
-            site = n.name.split("/")[0]
-            block = [j for j, m in enumerate(nodes) if m.name.startswith(site + "/")]
+            site = naming.node_site(n.name)
+            block = [j for j, m in enumerate(nodes) if m.name.startswith(naming.site_scope(site))]
             made = {o for j in block for o in nodes[j].output}
             ext = {x for j in block for x in nodes[j].input if x and x not in made and x not in self.consts and x != MC_INPUT}
-            variant, p = _site_variant(n), _site_p(n)
+            variant, p = naming.doc_variant(n.doc_string), naming.doc_p(n.doc_string)
             if len(ext) != 1 or variant is None or p is None:
                 raise DropcliError(f"cannot read dropcli site {site} of this ONNX model",
                                    "remove the sites (dropcli inject --remove), then finetune with --after")
@@ -418,7 +417,7 @@ class _OnnxImporter:
         for inp in g.input:
             if inp.name in init_names:
                 continue
-            if inp.name == "dropcli_mc":
+            if inp.name == MC_INPUT:
                 if selects:
                     continue
                 raise DropcliError("this ONNX model contains dropcli dropout sites (input 'dropcli_mc')",

@@ -29,6 +29,8 @@ from torch import fx, nn
 from dropcli.model import formats
 from dropcli.errors import DropcliError, UsageError
 from dropcli.io.files import atomic_path
+from dropcli.model import naming
+from dropcli.model.naming import EXAMPLE_FILE, MODEL_FILE, PROGRAM_FILE, SITES_FILE
 from dropcli.model.quiet import quiet, short_error
 from dropcli.model.selection import KNOWN_KINDS, WEIGHTED, Layer, canonical_kind
 from dropcli.backends.torch.layers import (TorchLayer, activation_module, activation_of_call, activation_of_module, call_layer_class,
@@ -36,7 +38,6 @@ from dropcli.backends.torch.layers import (TorchLayer, activation_module, activa
 from dropcli.model.kinds import LINEAR
 from dropcli.variants.base import REPLACE, LayerSite, SiteModule, VariantSpec
 
-SITE_PREFIX = "dropcli_site_"
 _SKIP_TARGETS = {"_guards_fn"}
 
 
@@ -142,8 +143,7 @@ class TorchModel:
         self.site_meta: dict[str, dict[str, Any]] = dict(site_meta or {})
         names = [n for n, _ in gm.named_children()] + list(self.site_meta)
         names += [str(n.target).split(".")[0] for n in gm.graph.nodes if n.op == "get_attr"]
-        nums = [int(m.group(1)) for nm in names if (m := re.fullmatch(SITE_PREFIX + r"(\d+)", nm))]
-        self._site_count = max(nums, default=-1) + 1
+        self._site_count = naming.next_site_index(names)
         self._shapes_done = False
 
     # ------------------------------------------------------------------ loading
@@ -159,7 +159,7 @@ class TorchModel:
             _import_user(spec)
         if fmt == formats.EXPORT:
             try:
-                extra = {_SITES_FILE: "", _MODEL_FILE: ""}
+                extra = {SITES_FILE: "", MODEL_FILE: ""}
                 with quiet(), open(path, "rb") as fh:
                     ep = torch.export.load(fh, extra_files=extra)
             except Exception as e:  # noqa: BLE001
@@ -169,28 +169,28 @@ class TorchModel:
                 if ex:
                     example = tuple(ex[0])
             gm = ep.module()
-            return cls(_strip_guards(gm), fmt, example, str(path), _json_or_empty(extra[_SITES_FILE]),
-                       _json_or_empty(extra[_MODEL_FILE]))
+            return cls(_strip_guards(gm), fmt, example, str(path), _json_or_empty(extra[SITES_FILE]),
+                       _json_or_empty(extra[MODEL_FILE]))
         if fmt == formats.TORCHSCRIPT:
-            extra = {_TS_EXAMPLE_FILE: "", _SITES_FILE: "", _PROGRAM_FILE: "", _MODEL_FILE: ""}
+            extra = {EXAMPLE_FILE: "", SITES_FILE: "", PROGRAM_FILE: "", MODEL_FILE: ""}
             try:
                 ts = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
             except Exception as e:  # noqa: BLE001
                 raise DropcliError(f"cannot load TorchScript archive {path}: {short_error(e)}", "re-save it with torch.jit.save") from e
             ts.eval()
-            if extra[_PROGRAM_FILE]:
-                gm, example = _stored_program(ts, extra[_PROGRAM_FILE], example, path)
-                return cls(_strip_guards(gm), fmt, example, str(path), _json_or_empty(extra[_SITES_FILE]),
-                           _json_or_empty(extra[_MODEL_FILE]))
+            if extra[PROGRAM_FILE]:
+                gm, example = _stored_program(ts, extra[PROGRAM_FILE], example, path)
+                return cls(_strip_guards(gm), fmt, example, str(path), _json_or_empty(extra[SITES_FILE]),
+                           _json_or_empty(extra[MODEL_FILE]))
             if example is None:
-                example = _traced_inputs(ts) or _stored_example(extra[_TS_EXAMPLE_FILE]) or _example_from_modules(ts)
+                example = _traced_inputs(ts) or _stored_example(extra[EXAMPLE_FILE]) or _example_from_modules(ts)
             if example is None:
                 raise UsageError(
                     f"cannot tell the input shape of TorchScript model {path}",
                     "pass --input-shape, for example --input-shape 1x3x32x32",
                 )
             return cls(_strip_guards(_ts_to_fx(ts, example, path)), fmt, example, str(path),
-                       _json_or_empty(extra[_SITES_FILE]), _json_or_empty(extra[_MODEL_FILE]))
+                       _json_or_empty(extra[SITES_FILE]), _json_or_empty(extra[MODEL_FILE]))
         if fmt == formats.PICKLE:
             if not trust_pickle:
                 raise DropcliError(
@@ -361,7 +361,7 @@ class TorchModel:
             if not (n.op == "call_function" and len(n.args) == 3 and isinstance(n.args[0], fx.Node)):
                 continue
             cond = n.args[0]
-            if not (cond.op == "get_attr" and str(cond.target).endswith("dropcli_mc")):
+            if not (cond.op == "get_attr" and naming.reads_mc(cond.target)):
                 continue
             if anc is None:
                 anc = _ancestors(self.gm.graph)
@@ -369,7 +369,7 @@ class TorchModel:
             if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
                 continue
             common = ((anc[a] | {a}) & (anc[b] | {b})) - {c for c in anc[n] if c.op == "get_attr"}
-            site = str(cond.target).rsplit(".", 1)[0]
+            site = naming.mc_owner(cond.target)
             # the input comes from outside the site: the latest common value whose descendants up
             # to the select read nothing else from the graph (a trace may share values by both
             # branches, e.g. DropConnect's x*x, which is then not the input)
@@ -459,9 +459,14 @@ class TorchModel:
             r.residual = branch is not None
 
     # ------------------------------------------------------------------ rewriting
-    def _new_site(self, spec: VariantSpec, params: dict[str, Any]) -> tuple[str, SiteModule]:
-        name = f"{SITE_PREFIX}{self._site_count}"
+    def _claim_site_name(self) -> str:
+        """The next free ``dropcli_site_N``."""
+        name = naming.site_name(self._site_count)
         self._site_count += 1
+        return name
+
+    def _new_site(self, spec: VariantSpec, params: dict[str, Any]) -> tuple[str, SiteModule]:
+        name = self._claim_site_name()
         module = spec.torch_module(**params)
         self.gm.add_submodule(name, module)
         return name, module
@@ -496,8 +501,7 @@ class TorchModel:
         node: fx.Node = layer.ref
         if spec.attaches == REPLACE:
             if spec.replacement is not None:  # a variant with its own rewriter (the recurrent family)
-                name = f"{SITE_PREFIX}{self._site_count}"
-                self._site_count += 1
+                name = self._claim_site_name()
                 spec.replacement.torch_apply(self.gm, node, spec, params, name)
                 self._recompile()
                 return name
@@ -679,8 +683,7 @@ class TorchModel:
         module = spec.torch_module(info, **params)  # the variant checks the layer (UsageError)
         module.replaced_name = label
         module.replaced_act_name = _node_label(act_node) if act_node is not None else ""
-        name = f"{SITE_PREFIX}{self._site_count}"
-        self._site_count += 1
+        name = self._claim_site_name()
         self.gm.add_submodule(name, module)
         g = self.gm.graph
         last = act_node if act_node is not None else node
@@ -799,11 +802,11 @@ class TorchModel:
                     ts = torch.jit.trace(_traceable_sizes(self.gm), example, check_trace=False, strict=False)
             except Exception as e:  # noqa: BLE001
                 raise DropcliError(f"cannot write TorchScript: {short_error(e)}", "try --format export or --format onnx") from e
-            extra = {_TS_EXAMPLE_FILE: _example_record(example), _SITES_FILE: self._sites_record(), **self._model_extra()}
+            extra = {EXAMPLE_FILE: _example_record(example), SITES_FILE: self._sites_record(), **self._model_extra()}
             if _has_loop(ts):
                 # A scripted recurrence (the recurrent dropout family) traces to prim::Loop, which
                 # TorchScript -> torch.export conversion can't read: keep the program beside it.
-                extra[_PROGRAM_FILE] = self._program_bytes(example)
+                extra[PROGRAM_FILE] = self._program_bytes(example)
             with atomic_path(path) as tmp:
                 # remember the example input, so dropcli can re-load the output without --input-shape
                 torch.jit.save(ts, str(tmp), _extra_files=extra)
@@ -811,7 +814,7 @@ class TorchModel:
         ep = self.to_exported(example)
         if fmt == formats.EXPORT:
             with atomic_path(path, ".pt2") as tmp:
-                torch.export.save(ep, str(tmp), extra_files={_SITES_FILE: self._sites_record(), **self._model_extra()})
+                torch.export.save(ep, str(tmp), extra_files={SITES_FILE: self._sites_record(), **self._model_extra()})
             return fmt
         if fmt == formats.ONNX:
             from dropcli.backends.export import export_torch_program
@@ -823,7 +826,7 @@ class TorchModel:
     def _model_extra(self) -> dict[str, str]:
         import json
 
-        return {_MODEL_FILE: json.dumps(self.model_meta, sort_keys=True)} if self.model_meta else {}
+        return {MODEL_FILE: json.dumps(self.model_meta, sort_keys=True)} if self.model_meta else {}
 
     def _program_bytes(self, example: tuple) -> bytes:
         import io
@@ -920,7 +923,7 @@ def _fetch_attr(gm: nn.Module, target: str) -> Any:
 def _weights(gm: nn.Module) -> dict[str, torch.Tensor]:
     """Trainable weights by name. TorchScript conversion turns parameters into buffers,
     so buffers count too, except running statistics and dropcli's switches."""
-    skip = ("running_mean", "running_var", "num_batches_tracked", "dropcli_mc")
+    skip = ("running_mean", "running_var", "num_batches_tracked", naming.MC_NAME)
     out: dict[str, torch.Tensor] = dict(gm.named_parameters())
     for name, b in gm.named_buffers():
         if not name.endswith(skip) and b.is_floating_point():
@@ -982,10 +985,6 @@ def _traceable_sizes(gm: fx.GraphModule) -> fx.GraphModule:
     return fx.GraphModule(gm, g)
 
 
-_TS_EXAMPLE_FILE = "dropcli_example_inputs.json"
-_SITES_FILE = "dropcli_sites.json"
-_MODEL_FILE = "dropcli_model.json"  # facts about the whole model (regression tau from finetune)
-_PROGRAM_FILE = "dropcli_program.pt2"  # a torch.export program of the same model (only where the trace holds a loop)
 
 
 def _has_loop(ts: torch.jit.ScriptModule) -> bool:
