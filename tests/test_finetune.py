@@ -205,7 +205,7 @@ class _Net(nn.Module):
 
 
 def _learn(variant: str, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, epochs: int = 40):
-    from dropcli.backends.torch.importer import _set_module
+    from dropcli.backends.torch.fx import set_module as _set_module
     from dropcli.variants import get_variant
 
     net = _Net(x.shape[1])

@@ -11,31 +11,17 @@ from torch import fx, nn
 
 from dropcli.analysis.ensemble import SiteUnits, var_delta
 from dropcli.errors import DropcliError
-from dropcli.engines.torch_mc import _ATEN_DROPOUT, _DROPOUT_FUNCS, MIN_ROWS, TorchMC, _aten_name, _fetch_attr
+from dropcli.backends.torch.fx import ATEN_DROPOUT, DROPOUT_FUNCS, aten_name, fetch_attr, fname, is_linear, linear_input
+from dropcli.engines.torch_mc import MIN_ROWS, TorchMC
 from dropcli.variants.base import SiteModule, set_mc
 
 # ops that only move or reshape values (a dropout mask passes through them element for element)
 _PASS = {"view", "reshape", "flatten", "_unsafe_view", "clone", "contiguous", "alias", "detach"}
-_LINEAR_ATEN = {"linear", "addmm", "mm", "matmul", "conv1d", "conv2d", "conv3d", "convolution", "_convolution"}
 _ACTS = {"relu": "relu", "relu_": "relu", "sigmoid": "sigmoid", "tanh": "tanh", "gelu": "gelu", "silu": "silu",
          "elu": "elu", "leaky_relu": "leaky_relu", "softplus": "softplus", "hardtanh": "hardtanh",
          "softmax": "softmax", "_softmax": "softmax", "log_softmax": "log_softmax"}
 _ACT_MODULES = {nn.ReLU: "relu", nn.Sigmoid: "sigmoid", nn.Tanh: "tanh", nn.GELU: "gelu", nn.SiLU: "silu",
                 nn.ELU: "elu", nn.LeakyReLU: "leaky_relu", nn.Softplus: "softplus", nn.Softmax: "softmax"}
-
-
-def _fname(n: fx.Node) -> str | None:
-    if n.op == "call_function":
-        return _aten_name(n.target) or getattr(n.target, "__name__", None)
-    if n.op == "call_method":
-        return str(n.target)
-    return None
-
-
-def _is_linear(n: fx.Node, modules: dict) -> bool:
-    if n.op == "call_module":
-        return isinstance(modules.get(n.target), (nn.Linear, nn.modules.conv._ConvNd))
-    return _fname(n) in _LINEAR_ATEN
 
 
 def _act_kind(n: fx.Node, modules: dict) -> str | None:
@@ -45,14 +31,7 @@ def _act_kind(n: fx.Node, modules: dict) -> str | None:
             if isinstance(m, cls):
                 return k
         return None
-    return _ACTS.get(_fname(n) or "")
-
-
-def _linear_input(n: fx.Node) -> Any:
-    """The node a linear op reads its data from (addmm's second argument)."""
-    if n.op == "call_function" and _fname(n) == "addmm":
-        return n.args[1]
-    return n.args[0]
+    return _ACTS.get(fname(n) or "")
 
 
 def site_bernoulli(n: fx.Node, modules: dict) -> tuple[float, str] | None:
@@ -68,7 +47,7 @@ def site_bernoulli(n: fx.Node, modules: dict) -> tuple[float, str] | None:
             return 1.0 - float(m.p), "inverted"
         return None
     if n.op == "call_function":
-        name = _aten_name(n.target)
+        name = aten_name(n.target)
         if n.target in (F.dropout, torch.dropout) or name in ("dropout", "native_dropout"):
             p = n.args[1] if len(n.args) > 1 else n.kwargs.get("p", 0.5)
             return 1.0 - float(p), "inverted"
@@ -100,8 +79,8 @@ class TorchAnalyzer:
                 continue
             name = str(site.target) if site.op == "call_module" else site.name
             x = site.args[0] if site.args and isinstance(site.args[0], fx.Node) else None
-            skip = "a random op outside any known dropout site" if _aten_name(site.target) not in (None, *_ATEN_DROPOUT) \
-                and site.op == "call_function" and site.target not in _DROPOUT_FUNCS else None
+            skip = "a random op outside any known dropout site" if aten_name(site.target) not in (None, *ATEN_DROPOUT) \
+                and site.op == "call_function" and site.target not in DROPOUT_FUNCS else None
             sites.append((site, name, x, site_bernoulli(site, self.modules), skip))
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
         sites.sort(key=lambda s: order[s[0]])
@@ -122,12 +101,12 @@ class TorchAnalyzer:
             if len(users) != 1:
                 return None, None, "?", f"{n.name} feeds {len(users)} ops; no single layer follows the site"
             nxt = users[0]
-            if _is_linear(nxt, self.modules) and _linear_input(nxt) is n:
+            if is_linear(nxt, self.modules) and linear_input(nxt) is n:
                 break
-            if _fname(nxt) in _PASS or (nxt.op == "call_module" and isinstance(self.modules.get(nxt.target), nn.Flatten)):
+            if fname(nxt) in _PASS or (nxt.op == "call_module" and isinstance(self.modules.get(nxt.target), nn.Flatten)):
                 n = nxt
                 continue
-            what = _fname(nxt) or str(nxt.target)
+            what = fname(nxt) or str(nxt.target)
             return None, None, "?", f"the op after the site ({what}) is not a linear layer"
         S = nxt
         users = list(S.users)
@@ -204,7 +183,7 @@ class TorchAnalyzer:
 
     def _weight(self, a: Any) -> torch.Tensor:
         if isinstance(a, fx.Node) and a.op == "get_attr":
-            return _fetch_attr(self.gm, a.target)
+            return fetch_attr(self.gm, a.target)
         raise DropcliError("the layer after a site takes its weight from a computed value; Var(S) is not available")
 
     def _apply_sq(self, S: fx.Node, x: torch.Tensor) -> torch.Tensor:
@@ -215,7 +194,7 @@ class TorchAnalyzer:
             if isinstance(m, nn.Linear):
                 return F.linear(x, w2)
             return m._conv_forward(x, w2, None)
-        name = _fname(S)
+        name = fname(S)
         if name == "linear":
             return F.linear(x, self._weight(S.args[1]).double() ** 2)
         if name == "addmm":

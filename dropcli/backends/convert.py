@@ -56,8 +56,7 @@ def _torch_consumer(model: Any, start: Any) -> tuple[Any, Any, str]:
     import torch
     from torch import nn
 
-    from dropcli.analysis.ensemble_torch import _fname, _is_linear, _linear_input
-    from dropcli.engines.torch_mc import _fetch_attr
+    from dropcli.backends.torch.fx import fetch_attr, fname, is_linear, linear_input
 
     modules = dict(model.gm.named_modules())
     n = start
@@ -66,11 +65,11 @@ def _torch_consumer(model: Any, start: Any) -> tuple[Any, Any, str]:
         if len(users) != 1:
             raise DropcliError(f"the dropout output feeds {len(users)} ops; convert needs exactly one linear layer after it")
         nxt = users[0]
-        if _is_linear(nxt, modules):
-            if _linear_input(nxt) is not n:
+        if is_linear(nxt, modules):
+            if linear_input(nxt) is not n:
                 raise DropcliError(f"the dropout output is the weight operand of {nxt.name}; can't move q into it")
             break
-        name = _fname(nxt)
+        name = fname(nxt)
         mod = modules.get(nxt.target) if nxt.op == "call_module" else None
         if name in _T_PASS or isinstance(mod, (nn.Flatten, nn.Unflatten, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
                                                nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Identity)):
@@ -87,14 +86,14 @@ def _torch_consumer(model: Any, start: Any) -> tuple[Any, Any, str]:
         if len(shared) > 1:
             raise DropcliError(f"layer {nxt.target} is called {len(shared)} times; scaling its weight would change the other calls")
         return nxt, m.weight, f"{nxt.target}.weight"
-    name = _fname(nxt)
+    name = fname(nxt)
     w_node = nxt.args[2] if name == "addmm" else nxt.args[1]
     if not (hasattr(w_node, "op") and w_node.op == "get_attr"):
         raise DropcliError(f"the weight of {nxt.name} is computed, not a stored parameter; can't scale it")
     uses = [u for u in model.gm.graph.nodes if u.op == "get_attr" and u.target == w_node.target]
     if len(uses) != 1 or len(w_node.users) != 1:
         raise DropcliError(f"weight {w_node.target} is shared with other ops; scaling it would change them")
-    w = _fetch_attr(model.gm, w_node.target)
+    w = fetch_attr(model.gm, w_node.target)
     if not isinstance(w, torch.Tensor):
         raise DropcliError(f"the weight of {nxt.name} is not a tensor")
     return nxt, w, str(w_node.target)

@@ -189,7 +189,7 @@ def run(model_path: str, output: str, *, data: str, val: str | None, variant: st
     gm = tm.gm
     sites = [learned.LearnedSite(name=s, at=at, following="", start_p=sp) for s, (at, sp, _) in start.items()]
     # "before": the model with stock sites (the variant each had, new ones standard) at the starting rates
-    from dropcli.backends.torch.importer import _set_module
+    from dropcli.backends.torch.fx import set_module as _set_module
 
     for s in sites:
         _set_module(gm, s.name, get_variant(start[s.name][2]).torch_module(p=s.start_p))

@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from dropcli.backends.torch.fx import aten_name as _aten, fetch_attr as _fetch
 from dropcli.errors import UsageError
 from dropcli.backends.torch.layers import Activation, TorchLayer, activation_of_call, activation_of_module
 from dropcli.variants.base import SiteModule, set_mc
@@ -110,12 +111,6 @@ _MUL = {operator.mul, torch.mul, operator.imul}
 _DIV = {operator.truediv, torch.div}
 _SOFTMAX_FUNCS = {F.softmax, torch.softmax}
 _DROPOUT_FUNCS = {F.dropout, torch.dropout}
-
-
-def _aten(target: Any) -> str | None:
-    if isinstance(target, torch._ops.OpOverload):
-        return target._schema.name.split("::")[-1]
-    return None
 
 
 def _is_g(v: Any) -> bool:
@@ -408,13 +403,6 @@ def _act_how(act: Activation) -> str:
     if act.kind in ("sigmoid", "tanh"):
         return "by Gauss-Legendre integration (float64 precision)"
     return "by 64-node Gauss-Hermite quadrature"
-
-
-def _fetch(gm: nn.Module, target: str) -> Any:
-    obj: Any = gm
-    for part in str(target).split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def run_moments(model: Any, xs: Sequence[np.ndarray], batch_size: int,

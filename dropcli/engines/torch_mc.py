@@ -19,24 +19,15 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import fx, nn
 
+from dropcli.backends.torch.fx import ATEN_DROPOUT, DROPOUT_FUNCS, aten_name, fetch_attr
 from dropcli.errors import DropcliError
 from dropcli.engines.noise import KeyedNoise
 from dropcli.model.naming import mc_owner, reads_mc
 from dropcli.variants.base import SiteModule, apply_keep, keep_mask_like, noise_source, normal_like, set_mc, uniform_like
 
 MIN_ROWS = 32
-_DROPOUT_FUNCS = {torch.nn.functional.dropout, torch.dropout, torch.nn.functional.dropout1d,
-                  torch.nn.functional.dropout2d, torch.nn.functional.dropout3d, torch.nn.functional.alpha_dropout,
-                  torch.nn.functional.feature_alpha_dropout}
-_ATEN_DROPOUT = {"dropout", "feature_dropout", "alpha_dropout", "feature_alpha_dropout", "native_dropout"}
 _ATEN_RAND = {"rand_like": "uniform", "randn_like": "normal", "rand": "uniform", "randn": "normal", "bernoulli": "bernoulli"}
 _SIZE_FUNCS = {"sym_size", "size", "sym_numel", "sym_stride", "dim"}
-
-
-def _aten_name(target: Any) -> str | None:
-    if isinstance(target, torch._ops.OpOverload):
-        return target._schema.name.split("::")[-1]
-    return None
 
 
 def _is_tensor_like(v: Any) -> bool:
@@ -76,10 +67,10 @@ class TorchMC:
             m = self.modules.get(n.target)
             return isinstance(m, SiteModule) or isinstance(m, nn.modules.dropout._DropoutNd)
         if n.op == "call_function":
-            if n.target in _DROPOUT_FUNCS:
+            if n.target in DROPOUT_FUNCS:
                 return True
-            name = _aten_name(n.target)
-            return name in _ATEN_DROPOUT or name in _ATEN_RAND
+            name = aten_name(n.target)
+            return name in ATEN_DROPOUT or name in _ATEN_RAND
         return False
 
     def _stochastic_closure(self) -> set[fx.Node]:
@@ -98,7 +89,7 @@ class TorchMC:
             if n.op == "call_function" and len(n.args) == 3 and isinstance(n.args[0], fx.Node) \
                     and n.args[0].op == "get_attr" and reads_mc(n.args[0].target):
                 names.append(mc_owner(n.args[0].target))
-        raw_rand = [n for n in self.site_nodes if _aten_name(n.target) in _ATEN_RAND]
+        raw_rand = [n for n in self.site_nodes if aten_name(n.target) in _ATEN_RAND]
         others = [n for n in self.site_nodes if n not in raw_rand]
         names += [str(n.target) if n.op == "call_module" else n.name for n in others]
         if not names:
@@ -123,8 +114,8 @@ class TorchMC:
             return getattr(args[0], n.target)(*args[1:], **kwargs)
         tgt = n.target
         if stochastic:
-            name = _aten_name(tgt)
-            if tgt in _DROPOUT_FUNCS or name in _ATEN_DROPOUT:
+            name = aten_name(tgt)
+            if tgt in DROPOUT_FUNCS or name in ATEN_DROPOUT:
                 p = args[1] if len(args) > 1 else kwargs.get("p", 0.5)
                 out = _inverted_dropout(args[0], float(p), feature=(name or getattr(tgt, "__name__", "")).startswith("feature") or "2d" in getattr(tgt, "__name__", ""))
                 return (out, torch.ones_like(out, dtype=torch.bool)) if name == "native_dropout" else out
@@ -188,7 +179,7 @@ class TorchMC:
                 if n.op == "placeholder":
                     continue
                 if n.op == "get_attr":
-                    env_b[n] = _fetch_attr(self.gm, n.target)
+                    env_b[n] = fetch_attr(self.gm, n.target)
                     env_t[n] = env_b[n]
                     continue
                 if n.op == "output":
@@ -271,13 +262,6 @@ def _first_output(out: Any) -> Any:
     if isinstance(out, dict):
         return next(iter(out.values()))
     return out
-
-
-def _fetch_attr(gm: nn.Module, target: str) -> Any:
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _inverted_dropout(x: torch.Tensor, p: float, feature: bool = False) -> torch.Tensor:

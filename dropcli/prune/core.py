@@ -25,7 +25,7 @@ import torch
 from torch import fx, nn
 
 from dropcli.errors import DropcliError
-from dropcli.backends.torch.importer import _set_module
+from dropcli.backends.torch.fx import set_module as _set_module
 from dropcli.training.loop import Split, fit
 from dropcli.prune.layers import SBPNoise, _SparseVD, to_sparse_vd
 from dropcli.prune.shrink import ShrinkResult, output_layers, prunable_layers, shrink

@@ -27,8 +27,8 @@ from torch import fx, nn
 
 from dropcli.errors import DropcliError
 from dropcli.model import naming
-from dropcli.backends.torch.model import _fetch_attr as _fetch
-from dropcli.backends.torch.importer import _set_module, to_modules
+from dropcli.backends.torch.fx import fetch_attr, set_module
+from dropcli.backends.torch.importer import to_modules
 from dropcli.prune.layers import to_sparse_vd
 
 VARIANT = "sparse-vd"
@@ -36,7 +36,7 @@ VARIANT = "sparse-vd"
 
 def _has_attr(gm: nn.Module, target: str) -> bool:
     try:
-        _fetch(gm, target)
+        fetch_attr(gm, target)
         return True
     except AttributeError:
         return False
@@ -66,7 +66,7 @@ def _torch_sites(model: Any, threshold: float) -> int:
             ls2 = gm.get_submodule(node.target).log_sigma2.detach().clone()
         else:
             try:
-                ls2 = _fetch(gm, f"{site}.log_sigma2").detach().clone()
+                ls2 = fetch_attr(gm, f"{site}.log_sigma2").detach().clone()
             except AttributeError as e:
                 raise DropcliError(f"sparse-vd site {site} has no log_sigma2 tensor", "inject again from the original model") from e
         if layer.dropout_variant == VARIANT:
@@ -75,7 +75,7 @@ def _torch_sites(model: Any, threshold: float) -> int:
                 raise DropcliError(f"cannot turn sparse-vd site {layer.name} back into its layer",
                                    "inject again from the original model")
             mod_name = restored[2]
-            _set_module(gm, mod_name, _sparse_vd(gm.get_submodule(mod_name), ls2, threshold, layer.name))
+            set_module(gm, mod_name, _sparse_vd(gm.get_submodule(mod_name), ls2, threshold, layer.name))
         else:
             _restore_recordless(model, node, inlined[node], ls2, threshold)
         model._recompile()
@@ -174,7 +174,7 @@ def modules_with_sparse_vd(model: Any, threshold: float) -> tuple[fx.GraphModule
                 scores = ls2.T
             else:
                 continue
-            _set_module(gm, name, _sparse_vd(mod, torch.from_numpy(np.ascontiguousarray(scores)), threshold, site))
+            set_module(gm, name, _sparse_vd(mod, torch.from_numpy(np.ascontiguousarray(scores)), threshold, site))
             del left[k]
             break
     if left:

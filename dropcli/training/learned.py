@@ -236,7 +236,7 @@ def following_layer(gm: fx.GraphModule, site: str) -> tuple[str, nn.Module]:
 
 def attach(gm: fx.GraphModule, sites: list[LearnedSite], variant: str, per_weight: bool) -> None:
     """Swap each site's module (and with ``per_weight`` its following Linear) for a trainable one."""
-    from dropcli.backends.torch.importer import _set_module
+    from dropcli.backends.torch.fx import set_module as _set_module
 
     for s in sites:
         name, mod = following_layer(gm, s.name)
@@ -262,7 +262,7 @@ def attach(gm: fx.GraphModule, sites: list[LearnedSite], variant: str, per_weigh
 
 def finalize(gm: fx.GraphModule, sites: list[LearnedSite]) -> list[dict[str, Any]]:
     """Put dropcli's stock sites back with the learned rates; returns a report row per site."""
-    from dropcli.backends.torch.importer import _set_module
+    from dropcli.backends.torch.fx import set_module as _set_module
     from dropcli.variants import get_variant
 
     rows = []

@@ -49,6 +49,7 @@ from dropcli.backends.onnx.builder import OnnxBuilder, TensorInfo
 from dropcli.errors import DropcliError, UsageError
 from dropcli.model import naming
 from dropcli.model.naming import PASS_MARK
+from dropcli.backends.torch.fx import aten_name, fetch_attr
 from dropcli.backends.torch.rnn import GATES, GRU, LSTM, RecurrentLoop, StepMasks
 from dropcli.variants.base import P_PARAM, REPLACE, Param, Replacement, SiteModule, VariantSpec, _tracing, check_p, keep_mask_like, register
 
@@ -219,7 +220,7 @@ def fx_rnn_mode(gm: "torch.fx.GraphModule", n: "torch.fx.Node") -> str | None:
         m = gm.get_submodule(n.target)
         return LSTM if isinstance(m, nn.LSTM) else GRU if isinstance(m, nn.GRU) else None
     if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload):
-        name = n.target._schema.name.split("::")[-1]
+        name = aten_name(n.target)
         if name in _ATEN_RNN and n.target._overloadname == "input":
             return _ATEN_RNN[name]
     return None
@@ -249,10 +250,7 @@ def replace_in_fx(gm: "torch.fx.GraphModule", n: "torch.fx.Node", spec: VariantS
         for w in flat:
             if not (isinstance(w, fx.Node) and w.op == "get_attr"):
                 raise DropcliError(f"{n.name}: a weight of the {mode.upper()} is computed in the graph; dropcli needs stored weights")
-            obj: Any = gm
-            for part in str(w.target).split("."):
-                obj = getattr(obj, part)
-            weights.append(obj)
+            weights.append(fetch_attr(gm, w.target))
         loop = RecurrentLoop.from_flat(mode, weights, has_biases=bool(has_biases), num_layers=int(num_layers),
                                        bidirectional=bool(bidirectional), batch_first=bool(batch_first))
     if not loop.batch_first:

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import fx, nn
 
+from dropcli.backends.torch.fx import fetch_attr, set_module
 from dropcli.errors import DropcliError
 from dropcli.model import naming
 from dropcli.model.naming import MC_INPUT, join_scopes
@@ -35,19 +36,12 @@ aten = torch.ops.aten
 # ---------------------------------------------------------------------------------- fx graphs
 
 
-def _attr(gm: nn.Module, target: str) -> torch.Tensor:
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def _const(gm: fx.GraphModule, a: Any) -> torch.Tensor | None:
     """The tensor behind a ``get_attr`` node (None for None; error for a computed value)."""
     if a is None:
         return None
     if isinstance(a, fx.Node) and a.op == "get_attr":
-        return _attr(gm, a.target).detach()
+        return fetch_attr(gm, a.target).detach()
     raise _NotConst()
 
 
@@ -240,24 +234,10 @@ def modularize(gm: fx.GraphModule) -> fx.GraphModule:
             g.erase_node(n)
     _delete_unused_attrs(gm)
     for name, mod in new_modules.items():
-        _set_module(gm, name, mod)
+        set_module(gm, name, mod)
     g.lint()
     gm.recompile()
     return gm
-
-
-def _set_module(gm: nn.Module, name: str, mod: nn.Module) -> None:
-    parts = name.split(".")
-    parent = gm
-    for p in parts[:-1]:
-        if not hasattr(parent, p) or not isinstance(getattr(parent, p), nn.Module):
-            parent.add_module(p, nn.Module())
-        parent = getattr(parent, p)
-    if parts[-1] in parent._modules:
-        del parent._modules[parts[-1]]
-    for store in (parent._parameters, parent._buffers):
-        store.pop(parts[-1], None)
-    parent.add_module(parts[-1], mod)
 
 
 def _delete_unused_attrs(gm: fx.GraphModule) -> None:
@@ -357,7 +337,7 @@ class _OnnxImporter:
 
     def _add(self, node, op: str, mod: nn.Module, x: fx.Node) -> fx.Node:
         name = self._name(node, op)
-        _set_module(self.root, name, mod)
+        set_module(self.root, name, mod)
         return self.graph.call_module(name, (x,))
 
     def _val(self, name: str) -> fx.Node:
@@ -427,7 +407,7 @@ class _OnnxImporter:
         for i, node in enumerate(g.node):
             if i in selects:
                 site, x, mod = selects[i]
-                _set_module(self.root, site, mod)
+                set_module(self.root, site, mod)
                 self.env[node.output[0]] = self.graph.call_module(site, (self._val(x),))
             elif i not in inside:
                 self._node(node)

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dropcli.backends.torch.fx import aten_name
 from dropcli.model.kinds import AVGPOOL, CONV, GRU, LINEAR, LSTM, MAXPOOL, Activation
 
 # --------------------------------------------------------------------------------- activations
@@ -95,7 +96,7 @@ def activation_of_call(target: Any, kwargs: dict[str, Any], method: bool = False
     if method:
         kind = {"relu": "relu", "relu_": "relu", "sigmoid": "sigmoid", "tanh": "tanh"}.get(str(target))
     elif isinstance(target, torch._ops.OpOverload):
-        kind = _ATEN_ACTS.get(target._schema.name.split("::")[-1])
+        kind = _ATEN_ACTS.get(aten_name(target))
         if kind == "elu" and (float(kwargs.get("scale", 1.0)) != 1.0 or float(kwargs.get("input_scale", 1.0)) != 1.0):
             return None  # selu-like elu: not one of ours
     else:
@@ -353,7 +354,7 @@ _PY_LAYERS = {
 def call_layer_class(target: Any) -> tuple[str, int] | None:
     """(layer class, spatial rank) of an fx call target, or None."""
     if isinstance(target, torch._ops.OpOverload):
-        name = target._schema.name.split("::")[-1]
+        name = aten_name(target)
         overload = target._overloadname
         if name in ("lstm", "gru") and overload != "input":
             return None  # packed-sequence overloads

@@ -33,6 +33,7 @@ from dropcli.model import naming
 from dropcli.model.naming import EXAMPLE_FILE, MODEL_FILE, PROGRAM_FILE, SITES_FILE
 from dropcli.model.quiet import quiet, short_error
 from dropcli.model.selection import KNOWN_KINDS, WEIGHTED, Layer, canonical_kind
+from dropcli.backends.torch.fx import aten_name, fetch_attr
 from dropcli.backends.torch.layers import (TorchLayer, activation_module, activation_of_call, activation_of_module, call_layer_class,
                                            describe_call, describe_module, stock_module)
 from dropcli.model.kinds import LINEAR
@@ -418,7 +419,7 @@ class TorchModel:
             return (op, canonical_kind(op), "", nparams)
         tgt = n.target
         if isinstance(tgt, torch._ops.OpOverload):
-            op = tgt._schema.name.split("::")[-1]
+            op = aten_name(tgt)
         elif n.op == "call_method":
             op = str(tgt)
         else:
@@ -596,7 +597,7 @@ class TorchModel:
     def _fetch_const(self, a: Any) -> torch.Tensor | None:
         if isinstance(a, fx.Node) and a.op == "get_attr":
             with contextlib.suppress(AttributeError):
-                v = _fetch_attr(self.gm, a.target)
+                v = fetch_attr(self.gm, a.target)
                 return v if isinstance(v, torch.Tensor) else None
         return None
 
@@ -736,7 +737,7 @@ class TorchModel:
                     f"site {site} replaced a {rec.get('cls')} layer with several outputs; dropcli can't restore it from a "
                     "saved TorchScript/.pt2 graph", "inject again from the original model")
             try:
-                tensors = {t: _fetch_attr(self.gm, f"{site}.{t}") for t in rec.get("tensors", [])}
+                tensors = {t: fetch_attr(self.gm, f"{site}.{t}") for t in rec.get("tensors", [])}
             except AttributeError as e:
                 raise DropcliError(f"site {site}: the tensors of the layer it replaced are missing ({e})",
                                    "inject again from the original model") from e
@@ -913,13 +914,6 @@ def _free_name(gm: nn.Module, base: str) -> str:
         k += 1
 
 
-def _fetch_attr(gm: nn.Module, target: str) -> Any:
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def _weights(gm: nn.Module) -> dict[str, torch.Tensor]:
     """Trainable weights by name. TorchScript conversion turns parameters into buffers,
     so buffers count too, except running statistics and dropcli's switches."""
@@ -974,7 +968,7 @@ def _traceable_sizes(gm: fx.GraphModule) -> fx.GraphModule:
             derived.add(new)
         elif any(a in derived for a in n.all_input_nodes):
             if isinstance(n.target, torch._ops.OpOverload):
-                name = n.target._schema.name.split("::")[-1]
+                name = aten_name(n.target)
                 fn = getattr(torch, name, None)
                 if callable(fn):
                     n.target = fn
