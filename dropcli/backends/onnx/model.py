@@ -22,7 +22,7 @@ from onnx import TensorProto, helper, numpy_helper
 from dropcli.model import formats
 from dropcli.errors import DropcliError, UsageError
 from dropcli.io.files import atomic_dir, atomic_path
-from dropcli.model import naming
+from dropcli.model import naming, residual
 from dropcli.model.naming import MC_INPUT, MODEL_META, SITES_META, join_scopes
 from dropcli.model.selection import WEIGHTED, Layer, canonical_kind
 from dropcli.variants.base import REPLACE, RESIDUAL, VariantSpec
@@ -234,19 +234,25 @@ class OnnxModel:
             stack.extend(producers[x] for x in self.model.graph.node[i].input if x in producers)
         return region
 
-    def _ancestors(self, producers: dict[str, int]) -> list[set[int]]:
-        anc: list[set[int]] = []
-        for i, n in enumerate(self.model.graph.node):
-            s: set[int] = set()
-            for x in n.input:
+    def _ancestors(self, producers: dict[str, int]) -> dict[int | str, set[int | str]]:
+        """Every node's ancestors: node indices, and the graph inputs (by name) they read."""
+        nodes = self.model.graph.node
+
+        def inputs(i: int) -> list[int | str]:
+            out: list[int | str] = []
+            for x in nodes[i].input:
                 j = producers.get(x)
                 if j is not None and j < i:
-                    s.add(j)
-                    s |= anc[j]
-            anc.append(s)
-        return anc
+                    out.append(j)
+                elif x and j is None and not self._is_const(x):
+                    out.append(x)  # a graph input
+            return out
 
-    def _residual_branch(self, i: int, producers: dict[str, int], anc: list[set[int]], kinds: list[str]) -> str | None:
+        return residual.ancestors(range(len(nodes)), inputs)
+
+    def _residual_branch(self, i: int, producers: dict[str, int], anc: dict, kinds: list[str]) -> str | None:
+        """The branch operand of residual add ``nodes[i]`` (:func:`dropcli.model.residual.residual_branch`
+        on the node graph; graph inputs count for identity skips, not as fork points)."""
         n = self.model.graph.node[i]
         if n.op_type != "Add" or len(n.input) != 2:
             return None
@@ -254,25 +260,10 @@ class OnnxModel:
         if a == b or self._is_const(a) or self._is_const(b):
             return None
         pa, pb = producers.get(a), producers.get(b)
-        sa = (anc[pa] | {pa}) if pa is not None else set()
-        sb = (anc[pb] | {pb}) if pb is not None else set()
-        if pa is None and pb is not None:  # skip straight from a graph input
-            return b if a in {x for j in sb for x in self.model.graph.node[j].input} else None
-        if pb is None and pa is not None:
-            return a if b in {x for j in sa for x in self.model.graph.node[j].input} else None
-        if pa is None or pb is None:
-            return None
-        if pa in anc[pb]:
-            return b
-        if pb in anc[pa]:
-            return a
-        if not (sa & sb):
-            return None
-        wa = sum(1 for j in sa - sb if kinds[j] in WEIGHTED)
-        wb = sum(1 for j in sb - sa if kinds[j] in WEIGHTED)
-        if wa == wb:
-            return None
-        return a if wa > wb else b
+        k = residual.residual_branch(a if pa is None else pa, b if pb is None else pb, anc,
+                                     lambda j: isinstance(j, int) and kinds[j] in WEIGHTED,
+                                     is_source=lambda j: isinstance(j, str))
+        return None if k is None else (a, b)[k]
 
     # ------------------------------------------------------------------ rewriting
     def claim_site_name(self) -> str:

@@ -29,7 +29,7 @@ from torch import fx, nn
 from dropcli.model import formats
 from dropcli.errors import DropcliError, UsageError
 from dropcli.io.files import atomic_path
-from dropcli.model import naming
+from dropcli.model import naming, residual
 from dropcli.model.naming import EXAMPLE_FILE, MODEL_FILE, PROGRAM_FILE, SITES_FILE
 from dropcli.model.quiet import quiet, short_error
 from dropcli.model.selection import KNOWN_KINDS, WEIGHTED, Layer, canonical_kind
@@ -1150,37 +1150,15 @@ def _is_size(n: fx.Node) -> bool:
 
 
 def _ancestors(g: fx.Graph) -> dict[fx.Node, set[fx.Node]]:
-    anc: dict[fx.Node, set[fx.Node]] = {}
-    for n in g.nodes:
-        s: set[fx.Node] = set()
-        for a in n.all_input_nodes:
-            if a.op == "get_attr":
-                continue
-            s.add(a)
-            s |= anc.get(a, set())
-        anc[n] = s
-    return anc
+    """Every node's ancestors, weights (``get_attr``) left out."""
+    return residual.ancestors(g.nodes, lambda n: [a for a in n.all_input_nodes if a.op != "get_attr"])
 
 
 def residual_branch(add: fx.Node, anc: dict[fx.Node, set[fx.Node]], kinds: dict[fx.Node, str]) -> fx.Node | None:
-    """For a residual ``add(skip, f(skip))`` return the branch operand ``f(skip)``.
-
-    Identity skips (one operand is an ancestor of the other) and projection skips (both
-    operands fork from one tensor; the branch is the side with more weighted layers) count.
-    """
+    """For a residual ``add(skip, f(skip))`` return the branch operand ``f(skip)``
+    (:func:`dropcli.model.residual.residual_branch` on the fx graph)."""
     ops = [a for a in add.args[:2] if isinstance(a, fx.Node) and a.op != "get_attr"]
-    if len(ops) != 2 or ops[0] is ops[1]:
+    if len(ops) != 2:
         return None
-    a, b = ops
-    if a in anc[b]:
-        return b
-    if b in anc[a]:
-        return a
-    common = (anc[a] | {a}) & (anc[b] | {b})
-    if not any(c.op != "get_attr" for c in common):
-        return None
-    wa = sum(1 for n in anc[a] - anc[b] | {a} if kinds.get(n) in WEIGHTED)
-    wb = sum(1 for n in anc[b] - anc[a] | {b} if kinds.get(n) in WEIGHTED)
-    if wa == wb:
-        return None
-    return a if wa > wb else b
+    k = residual.residual_branch(ops[0], ops[1], anc, lambda n: kinds.get(n) in WEIGHTED)
+    return None if k is None else ops[k]
