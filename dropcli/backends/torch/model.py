@@ -1,133 +1,37 @@
-"""torch backend: every torch format becomes one ``torch.fx.GraphModule``.
-
-* TorchScript  -> ``TS2EPConverter`` -> ExportedProgram -> ``.module()``
-* ``.pt2``      -> ``torch.export.load(...).module()``
-* pickled module / state_dict + ``--arch`` -> ``torch.fx.symbolic_trace``
+"""The torch backend's model: one ``torch.fx.GraphModule`` (whatever the file format, see
+:mod:`dropcli.backends.torch.load`), described as :class:`~dropcli.model.selection.Layer` rows
+and edited in place.
 
 Rewrites are fx edits: a dropcli :class:`~dropcli.variants.base.SiteModule` is added as a
-submodule and called on the chosen value. Saving re-captures the edited graph
-(``torch.export`` / ``torch.jit.trace``), so TorchScript, ``.pt2`` and ONNX outputs contain
-only stock ops plus one bool buffer per site (``<site>.dropcli_mc``) that switches MC mode.
+submodule and called on the chosen value; a REPLACE variant's site takes the place of the
+layer it was built from (and turns back into it when removed). Sites saved into
+TorchScript/.pt2 come back inlined (``where(<site>.dropcli_mc, ...)``) and are recognised as
+such. Saving is :mod:`dropcli.backends.torch.save`; residual adds are found by
+:mod:`dropcli.model.residual`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
-import importlib
-import importlib.util
 import io
 import operator
 import re
-import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from torch import fx, nn
 
-from dropcli.model import formats
-from dropcli.errors import DropcliError, UsageError
-from dropcli.io.files import atomic_path
-from dropcli.model import naming, residual
-from dropcli.model.naming import EXAMPLE_FILE, MODEL_FILE, PROGRAM_FILE, SITES_FILE
-from dropcli.model.quiet import quiet, short_error
-from dropcli.model.selection import KNOWN_KINDS, WEIGHTED, Layer, canonical_kind
 from dropcli.backends.torch.fx import aten_name, fetch_attr
 from dropcli.backends.torch.layers import (TorchLayer, activation_module, activation_of_call, activation_of_module, call_layer_class,
                                            describe_call, describe_module, stock_module)
-from dropcli.model.kinds import LINEAR
+from dropcli.backends.torch.load import GUARD_TARGETS, load_graph
+from dropcli.backends.torch.save import require_example, save_graph, to_exported
+from dropcli.errors import DropcliError, UsageError
+from dropcli.model import formats, naming, residual
+from dropcli.model.quiet import quiet
+from dropcli.model.selection import KNOWN_KINDS, WEIGHTED, Layer, canonical_kind
 from dropcli.variants.base import REPLACE, LayerSite, SiteModule, VariantSpec
-
-_SKIP_TARGETS = {"_guards_fn"}
-
-
-def parse_input_shape(text: str | None) -> list[tuple[int, ...]] | None:
-    """``"1x64"`` or ``"1,3,32,32"``; several inputs separated by ``;``."""
-    if not text:
-        return None
-    shapes = []
-    for part in text.split(";"):
-        dims = [d for d in re.split(r"[x,\s]+", part.strip()) if d]
-        try:
-            shape = tuple(int(d) for d in dims)
-        except ValueError:
-            raise UsageError(f"--input-shape {text!r} is not a list of integers", "write it like 1x3x32x32") from None
-        if not shape or any(d <= 0 for d in shape):
-            raise UsageError(f"--input-shape {text!r} has an empty or non-positive dimension", "write it like 1x3x32x32")
-        shapes.append(shape)
-    return shapes
-
-
-def _import_user(spec: str) -> Any:
-    """Import ``package.module`` or a ``path/to/file.py`` and return the module."""
-    if spec.endswith(".py") or "/" in spec or Path(spec).exists():
-        p = Path(spec)
-        if not p.exists():
-            raise DropcliError(f"--import file {spec} does not exist", "check the path")
-        name = p.stem
-        loaded = sys.modules.get(name)
-        if loaded is not None and getattr(loaded, "__file__", None) and Path(loaded.__file__).resolve() == p.resolve():
-            return loaded  # already imported: re-running it would give its classes a second identity
-        mod_spec = importlib.util.spec_from_file_location(name, p)
-        if mod_spec is None or mod_spec.loader is None:
-            raise DropcliError(f"cannot import {spec}", "give a .py file or an importable module name")
-        module = importlib.util.module_from_spec(mod_spec)
-        sys.modules[name] = module
-        sys.path.insert(0, str(p.resolve().parent))
-        mod_spec.loader.exec_module(module)
-        return module
-    try:
-        return importlib.import_module(spec)
-    except ImportError as e:
-        raise DropcliError(f"cannot import {spec!r}: {e}", "check --import / --arch and PYTHONPATH") from e
-
-
-def _load_arch(arch: str) -> nn.Module:
-    if ":" not in arch:
-        raise UsageError(f"--arch {arch!r} must look like package.module:factory or file.py:factory")
-    mod_name, _, attr = arch.rpartition(":")
-    module = _import_user(mod_name)
-    factory = getattr(module, attr, None)
-    if factory is None:
-        raise DropcliError(f"--arch: {mod_name} has no attribute {attr!r}", "name a class or function that builds the model")
-    model = factory()
-    if not isinstance(model, nn.Module):
-        raise DropcliError(f"--arch {arch} returned {type(model).__name__}, not an nn.Module")
-    return model
-
-
-def _example_from_modules(model: nn.Module) -> tuple[torch.Tensor, ...] | None:
-    """Guess an example input from the first weighted layer (works for MLPs)."""
-    for m in model.modules():
-        if isinstance(m, nn.Linear):
-            return (torch.zeros(2, m.in_features),)
-        if isinstance(m, LayerSite):  # a dropcli site that replaced the layer (dropconnect, standout, ...)
-            return (torch.zeros(2, m.weight.shape[1]),) if m.layer_cls == LINEAR else None
-        if isinstance(m, nn.Embedding):
-            return (torch.zeros(2, 8, dtype=torch.long),)
-        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.LSTM, nn.GRU)):
-            return None
-        orig = getattr(m, "original_name", "")
-        if orig == "Linear" and hasattr(m, "weight"):
-            return (torch.zeros(2, m.weight.shape[1]),)
-        if orig in ("Conv1d", "Conv2d", "Conv3d", "LSTM", "GRU"):
-            return None
-    return None
-
-
-class _SiteAwareTracer(fx.Tracer):
-    """``symbolic_trace`` that keeps dropcli sites as modules.
-
-    Traced through, a site would be specialised on its ``dropcli_mc`` buffer's current value
-    (buffers are concrete during fx tracing): a re-loaded dropcli pickle would lose its MC
-    switch and its sites. dropcli's sparse-VD layers (``dropcli_leaf = True``) stay modules too,
-    so ``dropcli prune`` finds their learned variances.
-    """
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return (isinstance(m, SiteModule) or getattr(type(m), "dropcli_leaf", False)
-                or super().is_leaf_module(m, module_qualified_name))
 
 
 class TorchModel:
@@ -153,85 +57,9 @@ class TorchModel:
         cls, path: str | Path, fmt: str, *, trust_pickle: bool = False, imports: Sequence[str] = (),
         arch: str | None = None, input_shape: str | None = None, **_: Any,
     ) -> "TorchModel":
-        path = Path(path)
-        shapes = parse_input_shape(input_shape)
-        example = tuple(torch.zeros(s) for s in shapes) if shapes else None
-        for spec in imports:
-            _import_user(spec)
-        if fmt == formats.EXPORT:
-            try:
-                extra = {SITES_FILE: "", MODEL_FILE: ""}
-                with quiet(), open(path, "rb") as fh:
-                    ep = torch.export.load(fh, extra_files=extra)
-            except Exception as e:  # noqa: BLE001
-                raise DropcliError(f"cannot load torch.export program {path}: {short_error(e)}", "re-save it with torch.export.save") from e
-            if example is None:
-                ex = getattr(ep, "example_inputs", None)
-                if ex:
-                    example = tuple(ex[0])
-            gm = ep.module()
-            return cls(_strip_guards(gm), fmt, example, str(path), _json_or_empty(extra[SITES_FILE]),
-                       _json_or_empty(extra[MODEL_FILE]))
-        if fmt == formats.TORCHSCRIPT:
-            extra = {EXAMPLE_FILE: "", SITES_FILE: "", PROGRAM_FILE: "", MODEL_FILE: ""}
-            try:
-                ts = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
-            except Exception as e:  # noqa: BLE001
-                raise DropcliError(f"cannot load TorchScript archive {path}: {short_error(e)}", "re-save it with torch.jit.save") from e
-            ts.eval()
-            if extra[PROGRAM_FILE]:
-                gm, example = _stored_program(ts, extra[PROGRAM_FILE], example, path)
-                return cls(_strip_guards(gm), fmt, example, str(path), _json_or_empty(extra[SITES_FILE]),
-                           _json_or_empty(extra[MODEL_FILE]))
-            if example is None:
-                example = _traced_inputs(ts) or _stored_example(extra[EXAMPLE_FILE]) or _example_from_modules(ts)
-            if example is None:
-                raise UsageError(
-                    f"cannot tell the input shape of TorchScript model {path}",
-                    "pass --input-shape, for example --input-shape 1x3x32x32",
-                )
-            return cls(_strip_guards(_ts_to_fx(ts, example, path)), fmt, example, str(path),
-                       _json_or_empty(extra[SITES_FILE]), _json_or_empty(extra[MODEL_FILE]))
-        if fmt == formats.PICKLE:
-            if not trust_pickle:
-                raise DropcliError(
-                    f"{path} is a pickled nn.Module; unpickling runs arbitrary code from the file",
-                    "load it only if you trust its source, with --trust-pickle (plus --import for the model's classes), "
-                    "or re-save it as TorchScript, torch.export (.pt2) or ONNX",
-                )
-            model = _unpickle_module(path)
-        elif fmt == formats.STATE_DICT:
-            if not arch:
-                raise UsageError(
-                    f"{path} holds a state_dict (weights only) without the architecture",
-                    "pass --arch package.module:factory (or file.py:factory) that builds the model",
-                )
-            model = _load_arch(arch)
-            try:
-                sd = torch.load(str(path), map_location="cpu", weights_only=True)
-            except Exception as e:  # noqa: BLE001
-                raise DropcliError(f"cannot read state_dict {path}: {short_error(e)}", "re-save it with torch.save(model.state_dict())") from e
-            if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
-                sd = sd["state_dict"]
-            try:
-                model.load_state_dict(sd)
-            except Exception as e:  # noqa: BLE001
-                raise DropcliError(f"state_dict {path} does not fit --arch {arch}: {short_error(e)}", "check that --arch builds the same model") from e
-        else:  # pragma: no cover
-            raise DropcliError(f"unsupported torch format {fmt}")
-        model.eval()
-        if example is None:
-            example = _example_from_modules(model)
-        try:
-            tracer = _SiteAwareTracer()
-            graph = tracer.trace(model)
-            gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
-        except Exception as e:  # noqa: BLE001
-            raise DropcliError(
-                f"cannot trace the model's forward ({short_error(e)})",
-                "data-dependent control flow can't be rewritten; export the model with torch.export (.pt2) and pass that",
-            ) from e
-        return cls(gm, fmt, example, str(path))
+        """Load a torch format (see :mod:`dropcli.backends.torch.load`)."""
+        got = load_graph(path, fmt, trust_pickle=trust_pickle, imports=imports, arch=arch, input_shape=input_shape)
+        return cls(got.gm, fmt, got.example, str(Path(path)), got.site_meta, got.model_meta)
 
     # ------------------------------------------------------------------ description
     def _ensure_shapes(self) -> None:
@@ -274,7 +102,7 @@ class TorchModel:
         self._ensure_shapes()
         g = self.gm.graph
         nodes = [n for n in g.nodes if n.op in ("placeholder", "call_module", "call_function", "call_method")]
-        nodes = [n for n in nodes if not (n.op == "call_module" and n.target in _SKIP_TARGETS)]
+        nodes = [n for n in nodes if not (n.op == "call_module" and n.target in GUARD_TARGETS)]
         params = _weights(self.gm)
         inlined = self.inlined_sites()
         hidden = set().union(*(internal for _, _, internal in inlined.values())) if inlined else set()
@@ -789,54 +617,11 @@ class TorchModel:
         return formats.TORCHSCRIPT if self.format == formats.STATE_DICT else self.format
 
     def save(self, path: str | Path, fmt: str | None = None) -> str:
-        fmt = fmt or self.default_output_format()
-        if fmt == formats.PICKLE:
-            with atomic_path(path) as tmp:
-                torch.save(self.gm, tmp)
-            return fmt
-        if fmt == formats.STATE_DICT:
-            raise UsageError("--format state_dict can't hold the inserted sites", "choose torchscript, export, onnx or pickle")
-        example = self._require_example(fmt)
-        if fmt == formats.TORCHSCRIPT:
-            try:
-                with torch.no_grad(), quiet():
-                    ts = torch.jit.trace(_traceable_sizes(self.gm), example, check_trace=False, strict=False)
-            except Exception as e:  # noqa: BLE001
-                raise DropcliError(f"cannot write TorchScript: {short_error(e)}", "try --format export or --format onnx") from e
-            extra = {EXAMPLE_FILE: _example_record(example), SITES_FILE: self._sites_record(), **self._model_extra()}
-            if _has_loop(ts):
-                # A scripted recurrence (the recurrent dropout family) traces to prim::Loop, which
-                # TorchScript -> torch.export conversion can't read: keep the program beside it.
-                extra[PROGRAM_FILE] = self._program_bytes(example)
-            with atomic_path(path) as tmp:
-                # remember the example input, so dropcli can re-load the output without --input-shape
-                torch.jit.save(ts, str(tmp), _extra_files=extra)
-            return fmt
-        ep = self.to_exported(example)
-        if fmt == formats.EXPORT:
-            with atomic_path(path, ".pt2") as tmp:
-                torch.export.save(ep, str(tmp), extra_files={SITES_FILE: self._sites_record(), **self._model_extra()})
-            return fmt
-        if fmt == formats.ONNX:
-            from dropcli.backends.export import export_torch_program
+        """Write the model (see :mod:`dropcli.backends.torch.save`); returns the format written."""
+        return save_graph(self, path, fmt or self.default_output_format())
 
-            export_torch_program(ep, example, path, self._sites_meta(), self.model_meta)
-            return fmt
-        raise UsageError(f"unknown output format {fmt!r}", f"choose one of {', '.join(formats.ALL)}")
-
-    def _model_extra(self) -> dict[str, str]:
-        import json
-
-        return {MODEL_FILE: json.dumps(self.model_meta, sort_keys=True)} if self.model_meta else {}
-
-    def _program_bytes(self, example: tuple) -> bytes:
-        import io
-
-        buf = io.BytesIO()
-        torch.export.save(self.to_exported(example), buf)
-        return buf.getvalue()
-
-    def _sites_meta(self) -> dict[str, dict[str, Any]]:
+    def sites_meta(self) -> dict[str, dict[str, Any]]:
+        """Variant, parameters (and replaced layer) of every site: the record saved beside the graph."""
         meta = dict(self.site_meta)
         for name, m in self.site_modules().items():
             has_p = any(q.name == "p" for q in m.spec.params)
@@ -846,29 +631,9 @@ class TorchModel:
                                        "act_name": getattr(m, "replaced_act_name", "")}
         return meta
 
-    def _sites_record(self) -> str:
-        """Variant and parameters of every site, stored beside the graph (the graph alone
-        holds them only as constants)."""
-        import json
-
-        return json.dumps(self._sites_meta())
-
-    def _require_example(self, fmt: str) -> tuple:
-        if self.example_inputs is None:
-            raise UsageError(
-                f"writing {fmt} needs an example input, and dropcli cannot tell this model's input shape",
-                "pass --input-shape, for example --input-shape 1x3x32x32",
-            )
-        return self.example_inputs
-
     def to_exported(self, example: tuple | None = None):
-        example = example or self._require_example(formats.EXPORT)
-        dyn = tuple({0: torch.export.Dim.AUTO} if t.dim() > 0 else None for t in example)
-        try:
-            with quiet():
-                return torch.export.export(self.gm, example, dynamic_shapes=dyn, strict=False)
-        except Exception as e:  # noqa: BLE001
-            raise DropcliError(f"cannot capture the rewritten model with torch.export: {short_error(e)}", "try --format torchscript") from e
+        """The model captured with ``torch.export``."""
+        return to_exported(self.gm, example or require_example(self.example_inputs, formats.EXPORT))
 
 
 # ---------------------------------------------------------------------- helpers
@@ -923,173 +688,6 @@ def _weights(gm: nn.Module) -> dict[str, torch.Tensor]:
         if not name.endswith(skip) and b.is_floating_point():
             out.setdefault(name, b)
     return out
-
-
-def _strip_guards(gm: fx.GraphModule) -> fx.GraphModule:
-    """Drop export's input-constraint checks: they break tracing, and dropcli checks inputs itself."""
-    gm._forward_pre_hooks.clear()
-    g = gm.graph
-    for n in list(g.nodes):
-        if n.op == "call_module" and n.target in _SKIP_TARGETS:
-            g.erase_node(n)
-    with contextlib.suppress(Exception):
-        gm.delete_all_unused_submodules()
-    gm.recompile()
-    return gm
-
-
-def _traceable_sizes(gm: fx.GraphModule) -> fx.GraphModule:
-    """A copy of ``gm`` in which dynamic sizes survive ``torch.jit.trace``.
-
-    Graphs from ``torch.export`` (and TorchScript via TS2EP) read sizes with
-    ``aten.sym_size.int`` and pass them to ``aten.<op>.<overload>`` calls. Under
-    ``torch.jit.trace`` both turn into constants, baking the example's batch size into the
-    TorchScript (an LSTM's zero state for batch 2 only: wrong results or a crash on other
-    batches). ``Tensor.size(d)`` and the public ``torch.<op>`` / ``Tensor.<op>`` calls are
-    traced as live values, so sizes and the ops that consume them are switched to those.
-    """
-    sizes = {
-        torch.ops.aten.sym_size.int: "size", torch.ops.aten.sym_size.default: "size",
-        torch.ops.aten.sym_numel.default: "numel",
-    }
-    if not any(n.op == "call_function" and n.target in sizes for n in gm.graph.nodes):
-        return gm
-    g = copy.deepcopy(gm.graph)
-    derived: set[fx.Node] = set()
-    for n in list(g.nodes):
-        if n.op != "call_function":
-            continue
-        if n.target in sizes:
-            with g.inserting_before(n):
-                new = g.call_method(sizes[n.target], n.args, n.kwargs)
-            new.meta = dict(n.meta)
-            n.replace_all_uses_with(new)
-            g.erase_node(n)
-            derived.add(new)
-        elif any(a in derived for a in n.all_input_nodes):
-            if isinstance(n.target, torch._ops.OpOverload):
-                name = aten_name(n.target)
-                fn = getattr(torch, name, None)
-                if callable(fn):
-                    n.target = fn
-                elif n.args and isinstance(n.args[0], fx.Node):
-                    n.op, n.target = "call_method", name
-            else:  # int arithmetic on sizes (operator.mul ...) stays live under tracing
-                derived.add(n)
-    return fx.GraphModule(gm, g)
-
-
-
-
-def _has_loop(ts: torch.jit.ScriptModule) -> bool:
-    def walk(block) -> bool:
-        return any(n.kind() == "prim::Loop" or any(walk(b) for b in n.blocks()) for n in block.nodes())
-
-    return walk(ts.inlined_graph)
-
-
-def _stored_program(ts: torch.jit.ScriptModule, data: bytes, example: tuple | None, path: Path) -> tuple[fx.GraphModule, tuple]:
-    """The torch.export program dropcli stored in a TorchScript archive it wrote, checked against
-    the archive's own graph (inference mode, on the stored example) so that a TorchScript edited
-    since then is refused rather than silently replaced by the old program."""
-    import io
-
-    try:
-        with quiet():
-            ep = torch.export.load(io.BytesIO(data))
-    except Exception as e:  # noqa: BLE001
-        raise DropcliError(f"cannot read the program stored in TorchScript archive {path}: {short_error(e)}",
-                           "re-create the file with dropcli, or pass the .pt2 / ONNX output instead") from e
-    if example is None:
-        ex = getattr(ep, "example_inputs", None)
-        example = tuple(ex[0]) if ex else None
-    gm = ep.module()
-    if example is not None:
-        g = torch.Generator().manual_seed(0)
-        probe = tuple(torch.randn(t.shape, generator=g).to(t.dtype) if t.is_floating_point() else t for t in example)
-        with torch.no_grad(), quiet():
-            a, b = ts(*probe), gm(*probe)
-        same = all(torch.allclose(x, y, rtol=1e-4, atol=1e-5)
-                   for x, y in zip(torch.utils._pytree.tree_leaves(a), torch.utils._pytree.tree_leaves(b)))
-        if not same:
-            raise DropcliError(f"TorchScript archive {path} no longer matches the program dropcli stored in it "
-                               "(its weights or graph were changed after dropcli wrote it)",
-                               "export the changed model again with torch.export (.pt2) or ONNX and pass that")
-    return gm, example
-
-
-def _json_or_empty(text: str | bytes) -> dict:
-    import json
-
-    with contextlib.suppress(Exception):
-        obj = json.loads(text) if text else {}
-        return obj if isinstance(obj, dict) else {}
-    return {}
-
-
-def _example_record(example: tuple) -> str:
-    import json
-
-    return json.dumps([{"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")} for t in example])
-
-
-def _stored_example(text: str | bytes) -> tuple | None:
-    """The example inputs that dropcli stored in a TorchScript archive it wrote (zeros of that shape)."""
-    import json
-
-    if not text:
-        return None
-    with contextlib.suppress(Exception):
-        return tuple(torch.zeros(e["shape"], dtype=getattr(torch, e["dtype"])) for e in json.loads(text))
-    return None
-
-
-def _traced_inputs(ts: torch.jit.ScriptModule) -> tuple | None:
-    with contextlib.suppress(Exception):
-        d = ts._c._retrieve_traced_inputs()
-        vals = d.get("forward")
-        if vals:
-            return tuple(vals)
-    return None
-
-
-def _ts_to_fx(ts: torch.jit.ScriptModule, example: tuple, path: Path) -> fx.GraphModule:
-    try:
-        from torch._export.converter import TS2EPConverter
-
-        with quiet():
-            ep = TS2EPConverter(ts, example).convert()
-    except Exception as e:  # noqa: BLE001
-        raise DropcliError(
-            f"cannot convert TorchScript model {path} into a graph dropcli can rewrite: {short_error(e)}",
-            "check --input-shape, or export the model with torch.export (.pt2) or ONNX instead",
-        ) from e
-    return ep.module()
-
-
-def _unpickle_module(path: Path) -> nn.Module:
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=False)  # user passed --trust-pickle
-    except (AttributeError, ModuleNotFoundError) as e:
-        msg = str(e)
-        m = re.search(r"Can't get attribute '([^']+)' on <module '([^']+)'", msg)
-        if m:
-            raise DropcliError(
-                f"the pickle references class {m.group(2)}.{m.group(1)}, which cannot be found",
-                "pass --import MODULE_OR_FILE that defines it",
-            ) from e
-        m = re.search(r"No module named '([^']+)'", msg)
-        if m:
-            raise DropcliError(
-                f"the pickle references module {m.group(1)}, which cannot be imported",
-                "pass --import MODULE_OR_FILE, or add it to PYTHONPATH",
-            ) from e
-        raise DropcliError(f"cannot unpickle {path}: {short_error(e)}") from e
-    except Exception as e:  # noqa: BLE001
-        raise DropcliError(f"cannot unpickle {path}: {short_error(e)}", "check that the file is complete") from e
-    if not isinstance(obj, nn.Module):
-        raise DropcliError(f"{path} holds a pickled {type(obj).__name__}, not an nn.Module")
-    return obj
 
 
 def _scope_path(n: fx.Node, params: dict[str, nn.Parameter]) -> str:

@@ -1,0 +1,287 @@
+"""The five torch formats, each loaded as one ``torch.fx.GraphModule``.
+
+* TorchScript  -> ``TS2EPConverter`` -> ExportedProgram -> ``.module()`` (or, for a TorchScript
+  dropcli wrote around a loop, the torch.export program it stored beside the graph)
+* ``.pt2``      -> ``torch.export.load(...).module()``
+* pickled module / state_dict + ``--arch`` -> ``torch.fx.symbolic_trace`` (dropcli sites kept
+  as modules)
+
+Besides the graph, :func:`load_graph` gives an example input (from ``--input-shape``, the file,
+or the first layer) and the site and model records dropcli stored beside the graph.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import fx, nn
+
+from dropcli.backends.torch.userimport import import_user, load_arch
+from dropcli.errors import DropcliError, UsageError
+from dropcli.model import formats
+from dropcli.model.kinds import LINEAR
+from dropcli.model.naming import EXAMPLE_FILE, MODEL_FILE, PROGRAM_FILE, SITES_FILE
+from dropcli.model.quiet import quiet, short_error
+from dropcli.variants.base import LayerSite, SiteModule
+
+GUARD_TARGETS = {"_guards_fn"}  # torch.export's input-constraint checks (a call_module node)
+
+
+@dataclass
+class Loaded:
+    """What a torch file holds: the graph, an example input (None: unknown) and the records of
+    its sites and of the whole model that dropcli stored beside it."""
+
+    gm: fx.GraphModule
+    example: tuple | None
+    site_meta: dict[str, Any] = field(default_factory=dict)
+    model_meta: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_input_shape(text: str | None) -> list[tuple[int, ...]] | None:
+    """``"1x64"`` or ``"1,3,32,32"``; several inputs separated by ``;``."""
+    if not text:
+        return None
+    shapes = []
+    for part in text.split(";"):
+        dims = [d for d in re.split(r"[x,\s]+", part.strip()) if d]
+        try:
+            shape = tuple(int(d) for d in dims)
+        except ValueError:
+            raise UsageError(f"--input-shape {text!r} is not a list of integers", "write it like 1x3x32x32") from None
+        if not shape or any(d <= 0 for d in shape):
+            raise UsageError(f"--input-shape {text!r} has an empty or non-positive dimension", "write it like 1x3x32x32")
+        shapes.append(shape)
+    return shapes
+
+
+def load_graph(
+    path: str | Path, fmt: str, *, trust_pickle: bool = False, imports: Sequence[str] = (),
+    arch: str | None = None, input_shape: str | None = None,
+) -> Loaded:
+    """Load a torch format (:data:`dropcli.model.formats.TORCH_FORMATS`) as a GraphModule."""
+    path = Path(path)
+    shapes = parse_input_shape(input_shape)
+    example = tuple(torch.zeros(s) for s in shapes) if shapes else None
+    for spec in imports:
+        import_user(spec)
+    if fmt == formats.EXPORT:
+        try:
+            extra = {SITES_FILE: "", MODEL_FILE: ""}
+            with quiet(), open(path, "rb") as fh:
+                ep = torch.export.load(fh, extra_files=extra)
+        except Exception as e:  # noqa: BLE001
+            raise DropcliError(f"cannot load torch.export program {path}: {short_error(e)}", "re-save it with torch.export.save") from e
+        if example is None:
+            ex = getattr(ep, "example_inputs", None)
+            if ex:
+                example = tuple(ex[0])
+        gm = ep.module()
+        return Loaded(strip_guards(gm), example, json_or_empty(extra[SITES_FILE]), json_or_empty(extra[MODEL_FILE]))
+    if fmt == formats.TORCHSCRIPT:
+        extra = {EXAMPLE_FILE: "", SITES_FILE: "", PROGRAM_FILE: "", MODEL_FILE: ""}
+        try:
+            ts = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+        except Exception as e:  # noqa: BLE001
+            raise DropcliError(f"cannot load TorchScript archive {path}: {short_error(e)}", "re-save it with torch.jit.save") from e
+        ts.eval()
+        if extra[PROGRAM_FILE]:
+            gm, example = stored_program(ts, extra[PROGRAM_FILE], example, path)
+            return Loaded(strip_guards(gm), example, json_or_empty(extra[SITES_FILE]), json_or_empty(extra[MODEL_FILE]))
+        if example is None:
+            example = traced_inputs(ts) or stored_example(extra[EXAMPLE_FILE]) or example_from_modules(ts)
+        if example is None:
+            raise UsageError(
+                f"cannot tell the input shape of TorchScript model {path}",
+                "pass --input-shape, for example --input-shape 1x3x32x32",
+            )
+        return Loaded(strip_guards(ts_to_fx(ts, example, path)), example, json_or_empty(extra[SITES_FILE]), json_or_empty(extra[MODEL_FILE]))
+    if fmt == formats.PICKLE:
+        if not trust_pickle:
+            raise DropcliError(
+                f"{path} is a pickled nn.Module; unpickling runs arbitrary code from the file",
+                "load it only if you trust its source, with --trust-pickle (plus --import for the model's classes), "
+                "or re-save it as TorchScript, torch.export (.pt2) or ONNX",
+            )
+        model = unpickle_module(path)
+    elif fmt == formats.STATE_DICT:
+        if not arch:
+            raise UsageError(
+                f"{path} holds a state_dict (weights only) without the architecture",
+                "pass --arch package.module:factory (or file.py:factory) that builds the model",
+            )
+        model = load_arch(arch)
+        try:
+            sd = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001
+            raise DropcliError(f"cannot read state_dict {path}: {short_error(e)}", "re-save it with torch.save(model.state_dict())") from e
+        if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+            sd = sd["state_dict"]
+        try:
+            model.load_state_dict(sd)
+        except Exception as e:  # noqa: BLE001
+            raise DropcliError(f"state_dict {path} does not fit --arch {arch}: {short_error(e)}", "check that --arch builds the same model") from e
+    else:  # pragma: no cover
+        raise DropcliError(f"unsupported torch format {fmt}")
+    model.eval()
+    if example is None:
+        example = example_from_modules(model)
+    try:
+        tracer = SiteAwareTracer()
+        graph = tracer.trace(model)
+        gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    except Exception as e:  # noqa: BLE001
+        raise DropcliError(
+            f"cannot trace the model's forward ({short_error(e)})",
+            "data-dependent control flow can't be rewritten; export the model with torch.export (.pt2) and pass that",
+        ) from e
+    return Loaded(gm, example)
+
+
+def example_from_modules(model: nn.Module) -> tuple[torch.Tensor, ...] | None:
+    """Guess an example input from the first weighted layer (works for MLPs)."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            return (torch.zeros(2, m.in_features),)
+        if isinstance(m, LayerSite):  # a dropcli site that replaced the layer (dropconnect, standout, ...)
+            return (torch.zeros(2, m.weight.shape[1]),) if m.layer_cls == LINEAR else None
+        if isinstance(m, nn.Embedding):
+            return (torch.zeros(2, 8, dtype=torch.long),)
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.LSTM, nn.GRU)):
+            return None
+        orig = getattr(m, "original_name", "")
+        if orig == "Linear" and hasattr(m, "weight"):
+            return (torch.zeros(2, m.weight.shape[1]),)
+        if orig in ("Conv1d", "Conv2d", "Conv3d", "LSTM", "GRU"):
+            return None
+    return None
+
+
+class SiteAwareTracer(fx.Tracer):
+    """``symbolic_trace`` that keeps dropcli sites as modules.
+
+    Traced through, a site would be specialised on its ``dropcli_mc`` buffer's current value
+    (buffers are concrete during fx tracing): a re-loaded dropcli pickle would lose its MC
+    switch and its sites. dropcli's sparse-VD layers (``dropcli_leaf = True``) stay modules too,
+    so ``dropcli prune`` finds their learned variances.
+    """
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return (isinstance(m, SiteModule) or getattr(type(m), "dropcli_leaf", False)
+                or super().is_leaf_module(m, module_qualified_name))
+
+
+def strip_guards(gm: fx.GraphModule) -> fx.GraphModule:
+    """Drop export's input-constraint checks: they break tracing, and dropcli checks inputs itself."""
+    gm._forward_pre_hooks.clear()
+    g = gm.graph
+    for n in list(g.nodes):
+        if n.op == "call_module" and n.target in GUARD_TARGETS:
+            g.erase_node(n)
+    with contextlib.suppress(Exception):
+        gm.delete_all_unused_submodules()
+    gm.recompile()
+    return gm
+
+
+def stored_program(ts: torch.jit.ScriptModule, data: bytes, example: tuple | None, path: Path) -> tuple[fx.GraphModule, tuple]:
+    """The torch.export program dropcli stored in a TorchScript archive it wrote, checked against
+    the archive's own graph (inference mode, on the stored example) so that a TorchScript edited
+    since then is refused rather than silently replaced by the old program."""
+    import io
+
+    try:
+        with quiet():
+            ep = torch.export.load(io.BytesIO(data))
+    except Exception as e:  # noqa: BLE001
+        raise DropcliError(f"cannot read the program stored in TorchScript archive {path}: {short_error(e)}",
+                           "re-create the file with dropcli, or pass the .pt2 / ONNX output instead") from e
+    if example is None:
+        ex = getattr(ep, "example_inputs", None)
+        example = tuple(ex[0]) if ex else None
+    gm = ep.module()
+    if example is not None:
+        g = torch.Generator().manual_seed(0)
+        probe = tuple(torch.randn(t.shape, generator=g).to(t.dtype) if t.is_floating_point() else t for t in example)
+        with torch.no_grad(), quiet():
+            a, b = ts(*probe), gm(*probe)
+        same = all(torch.allclose(x, y, rtol=1e-4, atol=1e-5)
+                   for x, y in zip(torch.utils._pytree.tree_leaves(a), torch.utils._pytree.tree_leaves(b)))
+        if not same:
+            raise DropcliError(f"TorchScript archive {path} no longer matches the program dropcli stored in it "
+                               "(its weights or graph were changed after dropcli wrote it)",
+                               "export the changed model again with torch.export (.pt2) or ONNX and pass that")
+    return gm, example
+
+
+def json_or_empty(text: str | bytes) -> dict:
+    import json
+
+    with contextlib.suppress(Exception):
+        obj = json.loads(text) if text else {}
+        return obj if isinstance(obj, dict) else {}
+    return {}
+
+
+def stored_example(text: str | bytes) -> tuple | None:
+    """The example inputs that dropcli stored in a TorchScript archive it wrote (zeros of that shape)."""
+    import json
+
+    if not text:
+        return None
+    with contextlib.suppress(Exception):
+        return tuple(torch.zeros(e["shape"], dtype=getattr(torch, e["dtype"])) for e in json.loads(text))
+    return None
+
+
+def traced_inputs(ts: torch.jit.ScriptModule) -> tuple | None:
+    with contextlib.suppress(Exception):
+        d = ts._c._retrieve_traced_inputs()
+        vals = d.get("forward")
+        if vals:
+            return tuple(vals)
+    return None
+
+
+def ts_to_fx(ts: torch.jit.ScriptModule, example: tuple, path: Path) -> fx.GraphModule:
+    try:
+        from torch._export.converter import TS2EPConverter
+
+        with quiet():
+            ep = TS2EPConverter(ts, example).convert()
+    except Exception as e:  # noqa: BLE001
+        raise DropcliError(
+            f"cannot convert TorchScript model {path} into a graph dropcli can rewrite: {short_error(e)}",
+            "check --input-shape, or export the model with torch.export (.pt2) or ONNX instead",
+        ) from e
+    return ep.module()
+
+
+def unpickle_module(path: Path) -> nn.Module:
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=False)  # user passed --trust-pickle
+    except (AttributeError, ModuleNotFoundError) as e:
+        msg = str(e)
+        m = re.search(r"Can't get attribute '([^']+)' on <module '([^']+)'", msg)
+        if m:
+            raise DropcliError(
+                f"the pickle references class {m.group(2)}.{m.group(1)}, which cannot be found",
+                "pass --import MODULE_OR_FILE that defines it",
+            ) from e
+        m = re.search(r"No module named '([^']+)'", msg)
+        if m:
+            raise DropcliError(
+                f"the pickle references module {m.group(1)}, which cannot be imported",
+                "pass --import MODULE_OR_FILE, or add it to PYTHONPATH",
+            ) from e
+        raise DropcliError(f"cannot unpickle {path}: {short_error(e)}") from e
+    except Exception as e:  # noqa: BLE001
+        raise DropcliError(f"cannot unpickle {path}: {short_error(e)}", "check that the file is complete") from e
+    if not isinstance(obj, nn.Module):
+        raise DropcliError(f"{path} holds a pickled {type(obj).__name__}, not an nn.Module")
+    return obj

@@ -1,0 +1,159 @@
+"""Writing a (rewritten) torch graph: pickle, TorchScript, torch.export (.pt2), and ONNX through
+the bridge module :mod:`dropcli.backends.export`.
+
+Saving re-captures the edited graph (``torch.export`` / ``torch.jit.trace``), so TorchScript,
+``.pt2`` and ONNX outputs contain only stock ops plus one bool buffer per site
+(``<site>.dropcli_mc``) that switches MC mode. Beside the graph go the records of the sites and
+of the whole model (:data:`~dropcli.model.naming.SITES_FILE`, :data:`~dropcli.model.naming.MODEL_FILE`),
+and, for TorchScript, the example input and (where the trace holds a loop) a torch.export program.
+Every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import fx
+
+from dropcli.backends.torch.fx import aten_name
+from dropcli.errors import DropcliError, UsageError
+from dropcli.io.files import atomic_path
+from dropcli.model import formats
+from dropcli.model.naming import EXAMPLE_FILE, MODEL_FILE, PROGRAM_FILE, SITES_FILE
+from dropcli.model.quiet import quiet, short_error
+
+
+def save_graph(model: Any, path: str | Path, fmt: str) -> str:
+    """Write ``model`` (a :class:`~dropcli.backends.torch.model.TorchModel`: its ``gm``,
+    ``example_inputs``, ``model_meta`` and ``sites_meta()``) to ``path`` as ``fmt``."""
+    gm = model.gm
+    if fmt == formats.PICKLE:
+        with atomic_path(path) as tmp:
+            torch.save(gm, tmp)
+        return fmt
+    if fmt == formats.STATE_DICT:
+        raise UsageError("--format state_dict can't hold the inserted sites", "choose torchscript, export, onnx or pickle")
+    example = require_example(model.example_inputs, fmt)
+    if fmt == formats.TORCHSCRIPT:
+        try:
+            with torch.no_grad(), quiet():
+                ts = torch.jit.trace(traceable_sizes(gm), example, check_trace=False, strict=False)
+        except Exception as e:  # noqa: BLE001
+            raise DropcliError(f"cannot write TorchScript: {short_error(e)}", "try --format export or --format onnx") from e
+        extra = {EXAMPLE_FILE: example_record(example), SITES_FILE: _sites_record(model.sites_meta()),
+                 **_model_extra(model.model_meta)}
+        if has_loop(ts):
+            # A scripted recurrence (the recurrent dropout family) traces to prim::Loop, which
+            # TorchScript -> torch.export conversion can't read: keep the program beside it.
+            extra[PROGRAM_FILE] = _program_bytes(gm, example)
+        with atomic_path(path) as tmp:
+            # remember the example input, so dropcli can re-load the output without --input-shape
+            torch.jit.save(ts, str(tmp), _extra_files=extra)
+        return fmt
+    ep = to_exported(gm, example)
+    if fmt == formats.EXPORT:
+        with atomic_path(path, ".pt2") as tmp:
+            torch.export.save(ep, str(tmp), extra_files={SITES_FILE: _sites_record(model.sites_meta()),
+                                                         **_model_extra(model.model_meta)})
+        return fmt
+    if fmt == formats.ONNX:
+        from dropcli.backends.export import export_torch_program
+
+        export_torch_program(ep, example, path, model.sites_meta(), model.model_meta)
+        return fmt
+    raise UsageError(f"unknown output format {fmt!r}", f"choose one of {', '.join(formats.ALL)}")
+
+
+def require_example(example: tuple | None, fmt: str) -> tuple:
+    """The example input writing ``fmt`` needs (a UsageError when there is none)."""
+    if example is None:
+        raise UsageError(
+            f"writing {fmt} needs an example input, and dropcli cannot tell this model's input shape",
+            "pass --input-shape, for example --input-shape 1x3x32x32",
+        )
+    return example
+
+
+def to_exported(gm: fx.GraphModule, example: tuple):
+    """``gm`` captured with ``torch.export`` (batch dimension dynamic)."""
+    dyn = tuple({0: torch.export.Dim.AUTO} if t.dim() > 0 else None for t in example)
+    try:
+        with quiet():
+            return torch.export.export(gm, example, dynamic_shapes=dyn, strict=False)
+    except Exception as e:  # noqa: BLE001
+        raise DropcliError(f"cannot capture the rewritten model with torch.export: {short_error(e)}", "try --format torchscript") from e
+
+
+def _model_extra(model_meta: dict[str, Any]) -> dict[str, str]:
+    return {MODEL_FILE: json.dumps(model_meta, sort_keys=True)} if model_meta else {}
+
+
+def _program_bytes(gm: fx.GraphModule, example: tuple) -> bytes:
+    buf = io.BytesIO()
+    torch.export.save(to_exported(gm, example), buf)
+    return buf.getvalue()
+
+
+def _sites_record(sites_meta: dict[str, dict[str, Any]]) -> str:
+    """Variant and parameters of every site, stored beside the graph (the graph alone
+    holds them only as constants)."""
+    return json.dumps(sites_meta)
+
+
+def traceable_sizes(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``gm`` in which dynamic sizes survive ``torch.jit.trace``.
+
+    Graphs from ``torch.export`` (and TorchScript via TS2EP) read sizes with
+    ``aten.sym_size.int`` and pass them to ``aten.<op>.<overload>`` calls. Under
+    ``torch.jit.trace`` both turn into constants, baking the example's batch size into the
+    TorchScript (an LSTM's zero state for batch 2 only: wrong results or a crash on other
+    batches). ``Tensor.size(d)`` and the public ``torch.<op>`` / ``Tensor.<op>`` calls are
+    traced as live values, so sizes and the ops that consume them are switched to those.
+    """
+    sizes = {
+        torch.ops.aten.sym_size.int: "size", torch.ops.aten.sym_size.default: "size",
+        torch.ops.aten.sym_numel.default: "numel",
+    }
+    if not any(n.op == "call_function" and n.target in sizes for n in gm.graph.nodes):
+        return gm
+    g = copy.deepcopy(gm.graph)
+    derived: set[fx.Node] = set()
+    for n in list(g.nodes):
+        if n.op != "call_function":
+            continue
+        if n.target in sizes:
+            with g.inserting_before(n):
+                new = g.call_method(sizes[n.target], n.args, n.kwargs)
+            new.meta = dict(n.meta)
+            n.replace_all_uses_with(new)
+            g.erase_node(n)
+            derived.add(new)
+        elif any(a in derived for a in n.all_input_nodes):
+            if isinstance(n.target, torch._ops.OpOverload):
+                name = aten_name(n.target)
+                fn = getattr(torch, name, None)
+                if callable(fn):
+                    n.target = fn
+                elif n.args and isinstance(n.args[0], fx.Node):
+                    n.op, n.target = "call_method", name
+            else:  # int arithmetic on sizes (operator.mul ...) stays live under tracing
+                derived.add(n)
+    return fx.GraphModule(gm, g)
+
+
+def has_loop(ts: torch.jit.ScriptModule) -> bool:
+    def walk(block) -> bool:
+        return any(n.kind() == "prim::Loop" or any(walk(b) for b in n.blocks()) for n in block.nodes())
+
+    return walk(ts.inlined_graph)
+
+
+def example_record(example: tuple) -> str:
+    import json
+
+    return json.dumps([{"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")} for t in example])
