@@ -193,7 +193,7 @@ def plan_onnx(model: Any, drops: Sequence[Any], to: str) -> list[tuple[Any, Move
 def apply_onnx(model: Any, plans: list[tuple[Any, Move, str]]) -> list[Move]:
     from onnx import numpy_helper
 
-    from dropcli.backends.plan import _finalize, _ordered
+    from dropcli.backends.plan import finalize, ordered
     from dropcli.variants import get_variant
 
     g = model.model.graph
@@ -204,7 +204,7 @@ def apply_onnx(model: Any, plans: list[tuple[Any, Move, str]]) -> list[Move]:
         new = numpy_helper.from_array((arr.astype(np.float64) * mv.factor).astype(arr.dtype), wname)
         g.initializer[k].CopyFrom(new)
     by_layer = {id(l): mv for l, mv, _ in plans}
-    for layer in _ordered(model, [l for l, _, _ in plans]):
+    for layer in ordered(model, [l for l, _, _ in plans]):
         model.replace_dropout(layer, spec, {"p": by_layer[id(layer)].p})
-    _finalize(model)
+    finalize(model)
     return [mv for _, mv, _ in plans]

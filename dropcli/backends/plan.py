@@ -63,12 +63,12 @@ def apply_inject(model: Any, spec: VariantSpec, params: dict[str, Any], chosen: 
     done = []
     base = model._site_count
     position = {id(l): k for k, l in enumerate(chosen)}
-    for layer in _ordered(model, chosen):
+    for layer in ordered(model, chosen):
         model._site_count = base + position[id(layer)]  # number sites in model order, whatever the rewrite order
         site = model.insert(layer, spec, params)
         done.append({"site": site, "at": layer.name, "kind": layer.kind, "variant": spec.name, **params})
     model._site_count = base + len(chosen)
-    _finalize(model)
+    finalize(model)
     return list(reversed(done)) if model.backend == "onnx" else done
 
 
@@ -78,7 +78,7 @@ def apply_replace(
     """Swap (or remove, ``spec`` None) existing dropout. With ``inherit_p`` (no --p given) each
     new site keeps the drop probability of the dropout it replaces."""
     done = []
-    for layer in _ordered(model, chosen):
+    for layer in ordered(model, chosen):
         layer_params = params
         if spec is not None and inherit_p and layer.dropout_p is not None:
             p_param = next((p for p in spec.params if p.name == "p"), None)
@@ -87,11 +87,12 @@ def apply_replace(
         site = model.replace_dropout(layer, spec, layer_params)
         done.append({"site": site, "at": layer.name, "was_p": layer.dropout_p,
                      "variant": spec.name if spec else None, **(layer_params if spec else {})})
-    _finalize(model)
+    finalize(model)
     return list(reversed(done)) if model.backend == "onnx" else done
 
 
-def _ordered(model: Any, chosen: Sequence[Layer]) -> list[Layer]:
+def ordered(model: Any, chosen: Sequence[Layer]) -> list[Layer]:
+    """The order to rewrite ``chosen`` in (ONNX: from the back, so earlier node indices stay valid)."""
     if model.backend != "onnx":
         return list(chosen)
     # ONNX refs are node indices: rewrite from the back so earlier indices stay valid; inputs last.
@@ -102,7 +103,8 @@ def _ordered(model: Any, chosen: Sequence[Layer]) -> list[Layer]:
     return sorted(chosen, key=key, reverse=True)
 
 
-def _finalize(model: Any) -> None:
+def finalize(model: Any) -> None:
+    """Let the backend check and tidy the rewritten model (ONNX: drop an unused switch, check)."""
     fin = getattr(model, "finalize", None)
     if fin is not None:
         fin()

@@ -43,14 +43,14 @@ def noise_source(src: Any) -> Iterator[None]:
 
 def uniform_like(t: torch.Tensor) -> torch.Tensor:
     """U(0, 1) noise with the shape, dtype and device of ``t``."""
-    if _NOISE_OVERRIDE and not _tracing():
+    if _NOISE_OVERRIDE and not tracing():
         return _NOISE_OVERRIDE[-1].uniform_like(t)
     return torch.rand_like(t)
 
 
 def normal_like(t: torch.Tensor) -> torch.Tensor:
     """N(0, 1) noise with the shape, dtype and device of ``t``."""
-    if _NOISE_OVERRIDE and not _tracing():
+    if _NOISE_OVERRIDE and not tracing():
         return _NOISE_OVERRIDE[-1].normal_like(t)
     return torch.randn_like(t)
 
@@ -62,7 +62,7 @@ def keep_mask_like(t: torch.Tensor, q: float) -> torch.Tensor:
     draws it from 16-bit lanes of 64-bit random integers (4 masks per draw), which
     quantises q to a multiple of 1/65536.
     """
-    if _NOISE_OVERRIDE and not _tracing():
+    if _NOISE_OVERRIDE and not tracing():
         src = _NOISE_OVERRIDE[-1]
         if hasattr(src, "keep_mask_like"):
             return src.keep_mask_like(t, q)
@@ -76,7 +76,7 @@ def apply_keep(x: torch.Tensor, q: float, scale: float = 1.0) -> torch.Tensor:
     Exported/traced: ``x * (rand_like(x) < q) * scale``. In the MC engine the mask comes from
     :func:`keep_mask_like`'s cheap bits and is applied in place (no float mask is built).
     """
-    if _NOISE_OVERRIDE and not _tracing():
+    if _NOISE_OVERRIDE and not tracing():
         src = _NOISE_OVERRIDE[-1]
         if hasattr(src, "mask_like"):
             return x * src.mask_like(x, q, scale)
@@ -85,7 +85,8 @@ def apply_keep(x: torch.Tensor, q: float, scale: float = 1.0) -> torch.Tensor:
     return x * keep * scale if scale != 1.0 else x * keep
 
 
-def _tracing() -> bool:
+def tracing() -> bool:
+    """Whether torch is capturing a graph (jit trace, torch.export, torch.compile) right now."""
     return bool(torch.jit.is_tracing() or torch.compiler.is_exporting() or torch.compiler.is_compiling())
 
 
@@ -302,7 +303,7 @@ class SiteModule(nn.Module):
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _tracing():
+        if tracing():
             # Graph capture: keep both branches and select on the buffer at run time.
             return torch.where(self.dropcli_mc, self.sample(x), self.infer(x))
         if bool(self.dropcli_mc):
@@ -397,7 +398,7 @@ class LayerSite(SiteModule):
         return self.original(*inputs)
 
     def forward(self, *inputs: torch.Tensor) -> Any:  # type: ignore[override]
-        if _tracing():
+        if tracing():
             return _where_tree(self.dropcli_mc, self.sample(*inputs), self.infer(*inputs))
         if bool(self.dropcli_mc):
             return self.sample(*inputs)

@@ -45,13 +45,13 @@ import torch
 from onnx import TensorProto, helper
 from torch import nn
 
-from dropcli.backends.onnx.builder import OnnxBuilder, TensorInfo
+from dropcli.backends.onnx.builder import OnnxBuilder, TensorInfo, opset_of
 from dropcli.errors import DropcliError, UsageError
 from dropcli.model import naming
 from dropcli.model.naming import PASS_MARK
 from dropcli.backends.torch.fx import aten_name, fetch_attr
 from dropcli.backends.torch.rnn import GATES, GRU, LSTM, RecurrentLoop, StepMasks
-from dropcli.variants.base import P_PARAM, REPLACE, Param, Replacement, SiteModule, VariantSpec, _tracing, check_p, keep_mask_like, register
+from dropcli.variants.base import P_PARAM, REPLACE, Param, Replacement, SiteModule, VariantSpec, tracing, check_p, keep_mask_like, register
 
 
 
@@ -132,7 +132,7 @@ class RecurrentSite(SiteModule):
             # initial states handed over batch-first ([B, L*D, H]) so an MC engine that tiles dim 0
             # tiles them with the input; the fused op and the loop take [L*D, B, H]
             hx = tuple(h.transpose(0, 1).contiguous() for h in hx) if isinstance(hx, (tuple, list)) else hx.transpose(0, 1).contiguous()
-        if _tracing():
+        if tracing():
             s, i = self.sample(x, hx), self.infer(x, hx)
             mc = self.dropcli_mc
             if self.rnn.mode == LSTM:
@@ -567,14 +567,12 @@ def replace_onnx_rnn(om: Any, node_index: int, spec: VariantSpec, params: dict[s
     """Rewrite the LSTM/GRU node at ``node_index`` of an :class:`OnnxModel`: the node stays as the
     inference branch; a Scan subgraph is the stochastic branch; ``Where(dropcli_mc, ...)`` selects
     per output. Returns the site name."""
-    from dropcli.backends.onnx.model import _opset
-
     g = om.model.graph
     node = g.node[node_index]
     check_onnx_rnn(node, spec.name)
     name = om.claim_site_name()
     mc = om._ensure_mc_input()
-    b = OnnxBuilder(_opset(om.model), name, om._taken_names())
+    b = OnnxBuilder(opset_of(om.model), name, om._taken_names())
     stoch = build_onnx_rnn(b, node, spec.name, params, om.tensor_info(node.input[0]))
     for k, s in enumerate(stoch):
         if not s:
@@ -608,7 +606,8 @@ def _onnx_replace(om, index, spec, params):
     return replace_onnx_rnn(om, index, spec, params)
 
 
-def _replacement(kinds: tuple[str, ...]) -> Replacement:
+def rnn_replacement(kinds: tuple[str, ...]) -> Replacement:
+    """The finder/rewriter of a recurrent-family variant for the layer kinds ``kinds`` (lstm, gru)."""
     return Replacement(kinds=kinds, torch_match=lambda gm, n: fx_rnn_mode(gm, n) if fx_rnn_mode(gm, n) in kinds else None,
                        torch_apply=_torch_replace, onnx_match=lambda node: _onnx_rnn_kind(node) if _onnx_rnn_kind(node) in kinds else None,
                        onnx_apply=_onnx_replace)
@@ -625,7 +624,7 @@ RNNDROP = VariantSpec(
     formula="c_t = m * (f_t*c_{t-1} + i_t*g_t),  m ~ Bernoulli(q) once per sequence",
     test_rule="the plain LSTM (no mask)", attaches=REPLACE,
     paper="Moon et al. 2015, RNNDROP: a novel dropout for RNNs in ASR (ASRU)",
-    torch_module=RNNDropSite, onnx_builder=build_onnx_rnn, default_after=("lstm",), replaces=("lstm",), replacement=_replacement((LSTM,)),
+    torch_module=RNNDropSite, onnx_builder=build_onnx_rnn, default_after=("lstm",), replaces=("lstm",), replacement=rnn_replacement((LSTM,)),
     notes="LSTM only (a GRU has no cell state; use recurrent or variational). No 1/q inside the recurrence: "
           "it would compound as q^-t. The mask is on c_{t-1}'s update, not h_{t-1}.",
 )
@@ -635,7 +634,7 @@ RECURRENT = VariantSpec(
     test_rule="the plain LSTM/GRU", attaches=REPLACE,
     paper="Semeniuta et al. 2016, Recurrent Dropout without Memory Loss (COLING)",
     torch_module=SemeniutaSite, onnx_builder=build_onnx_rnn, params=(P_PARAM, MASK_PER), default_after=("lstm", "gru"),
-    replaces=("lstm", "gru"), replacement=_replacement((LSTM, GRU)),
+    replaces=("lstm", "gru"), replacement=rnn_replacement((LSTM, GRU)),
     aliases=("semeniuta",),
 )
 VARIATIONAL = VariantSpec(
@@ -646,7 +645,7 @@ VARIATIONAL = VariantSpec(
     torch_module=VariationalRNNSite, onnx_builder=build_onnx_rnn,
     params=(Param("p", float, 0.3, "drop probability of x_t and h_{t-1} (keep q = 1 - p); paper: 0.3", check_p),
             P_INPUT, P_HIDDEN, TIE),
-    default_after=("lstm", "gru"), aliases=("variational-rnn", "gal"), replaces=("lstm", "gru"), replacement=_replacement((LSTM, GRU)),
+    default_after=("lstm", "gru"), aliases=("variational-rnn", "gal"), replaces=("lstm", "gru"), replacement=rnn_replacement((LSTM, GRU)),
     notes="The bias is never scaled. Not nn.LSTM(dropout=), which drops only between stacked layers.",
 )
 

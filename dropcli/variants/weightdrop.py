@@ -43,8 +43,8 @@ from torch import nn
 from dropcli.errors import UsageError
 from dropcli.model.naming import PASS_MARK  # a buffer (torch) / node-name part (ONNX) marking --mask-per pass
 from dropcli.backends.torch.rnn import GATES, GRU, LSTM, StepMasks
-from dropcli.variants.base import P_PARAM, REPLACE, Param, VariantSpec, _tracing, keep_mask_like, register
-from dropcli.variants.recurrent import RecurrentSite, _replacement, build_onnx_rnn
+from dropcli.variants.base import P_PARAM, REPLACE, Param, VariantSpec, tracing, keep_mask_like, register
+from dropcli.variants.recurrent import RecurrentSite, build_onnx_rnn, rnn_replacement
 
 WEIGHT_FIELDS = {"hh": ("w_hh",), "ih": ("w_ih",), "both": ("w_ih", "w_hh")}
 
@@ -114,7 +114,7 @@ class WeightDropSite(RecurrentSite):
         if r.mode == LSTM:
             # eagerly, oneDNN's LSTM repacks freshly masked weights on every call (much slower on
             # small layers); the plain CPU kernel computes the same function
-            ctx = torch.backends.mkldnn.flags(enabled=False) if not _tracing() else contextlib.nullcontext()
+            ctx = torch.backends.mkldnn.flags(enabled=False) if not tracing() else contextlib.nullcontext()
             with ctx:
                 out, h, c = torch.lstm(x, tuple(hx), flat, r.has_biases, r.num_layers, 0.0, False, r.bidirectional,
                                        r.batch_first)
@@ -153,7 +153,7 @@ WEIGHTDROP = VariantSpec(
     test_rule="the unmasked weights (the plain LSTM/GRU)", attaches=REPLACE,
     paper="Merity et al. 2017, Regularizing and Optimizing LSTM Language Models (AWD-LSTM, ICLR 2018)",
     torch_module=WeightDropSite, onnx_builder=build_onnx_rnn, params=(P_PARAM, WEIGHT, MASK_PER),
-    default_after=(LSTM, GRU), aliases=("weight-drop", "awd"), replaces=(LSTM, GRU), replacement=_replacement((LSTM, GRU)),
+    default_after=(LSTM, GRU), aliases=("weight-drop", "awd"), replaces=(LSTM, GRU), replacement=rnn_replacement((LSTM, GRU)),
     notes="Biases are never masked. --mask-per row gives each batch row its own mask (per example and MC sample); "
           "--mask-per pass shares one mask across the batch and is refused by dropcli uncertainty.",
 )

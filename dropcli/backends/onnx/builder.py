@@ -15,6 +15,14 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 
+def opset_of(model: onnx.ModelProto) -> int:
+    """The model's default-domain (ai.onnx) opset version; 0 when it imports none."""
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return int(imp.version)
+    return 0
+
+
 @dataclass
 class TensorInfo:
     rank: int | None

@@ -26,19 +26,12 @@ from dropcli.model import naming, residual
 from dropcli.model.naming import MC_INPUT, MODEL_META, SITES_META, join_scopes
 from dropcli.model.selection import WEIGHTED, Layer, canonical_kind
 from dropcli.variants.base import REPLACE, RESIDUAL, VariantSpec
-from dropcli.backends.onnx.builder import OnnxBuilder, TensorInfo
+from dropcli.backends.onnx.builder import OnnxBuilder, TensorInfo, opset_of
 from dropcli.backends.onnx.layers import OnnxLayer, absorbable_activation, const_value, describe_node
 
 MIN_OPSET = 13
 # ops we describe as weighted layers when their weight is an initializer
 _MATMUL_LIKE = {"MatMul", "Gemm"}
-
-
-def _opset(model: onnx.ModelProto) -> int:
-    for imp in model.opset_import:
-        if imp.domain in ("", "ai.onnx"):
-            return int(imp.version)
-    return 0
 
 
 class OnnxModel:
@@ -77,7 +70,7 @@ class OnnxModel:
                     f"cannot read the external data of ONNX model {path}: {e}",
                     "keep the .data file(s) next to the model, as when it was saved",
                 ) from e
-        opset = _opset(model)
+        opset = opset_of(model)
         if opset < MIN_OPSET:
             raise DropcliError(
                 f"ONNX model {path} uses opset {opset}; dropcli needs opset {MIN_OPSET} or newer",
@@ -293,7 +286,7 @@ class OnnxModel:
     def _build_site(self, spec: VariantSpec, params: dict[str, Any], x: str, info: TensorInfo, out: str) -> list[onnx.NodeProto]:
         name = self._last_site = self.claim_site_name()
         mc = self._ensure_mc_input()
-        b = OnnxBuilder(_opset(self.model), name, self._taken_names())
+        b = OnnxBuilder(opset_of(self.model), name, self._taken_names())
         stoch, det = spec.onnx_builder(b, x, info, **params)
         sel = helper.make_node("Where", [mc, stoch, det], [out], name=naming.select_name(name))
         sel.doc_string = naming.select_doc(spec.name, params.get("p"))
@@ -385,7 +378,7 @@ class OnnxModel:
         lay.act_node, lay.act = absorbable_activation(nodes, lay, users, outs, spec.absorbs)
         name = self._last_site = self.claim_site_name()
         mc = self._ensure_mc_input()
-        b = OnnxBuilder(_opset(self.model), name, self._taken_names())
+        b = OnnxBuilder(opset_of(self.model), name, self._taken_names())
         stoch, det = spec.onnx_builder(b, lay, **params)
         stoch = [stoch] if isinstance(stoch, str) else list(stoch)
         det = [det] if isinstance(det, str) else list(det)
