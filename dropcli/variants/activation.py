@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from dropcli.backends.onnx.builder import OnnxBuilder, TensorInfo
-from dropcli.variants.base import AFTER, SiteModule, VariantSpec, apply_keep, register
+from dropcli.variants.base import AFTER, SiteModule, VariantSpec, apply_keep
+from dropcli.variants.registry import register
 
 
 class StandardDropout(SiteModule):

@@ -1,4 +1,5 @@
-"""The variant catalogue: specs, the torch site base class, and the registry.
+"""The variant catalogue's building blocks: parameters, specs and the torch site base classes
+(the registry of specs is :mod:`dropcli.variants.registry`).
 
 Convention (everywhere in dropcli): ``p`` is the DROP probability and ``q = 1 - p`` the
 KEEP probability; masks are ``m ~ Bernoulli(q)``.
@@ -231,35 +232,6 @@ class VariantSpec:
             "aliases": list(self.aliases),
             "notes": self.notes,
         }
-
-
-REGISTRY: dict[str, VariantSpec] = {}
-_ALIASES: dict[str, str] = {}
-
-
-def register(spec: VariantSpec) -> VariantSpec:
-    if spec.name in REGISTRY:
-        raise RuntimeError(f"variant {spec.name} registered twice")
-    REGISTRY[spec.name] = spec
-    for a in spec.aliases:
-        _ALIASES[a] = spec.name
-    if (spec.attaches == REPLACE) != bool(spec.replaces):
-        raise RuntimeError(f"variant {spec.name}: a REPLACE variant names the layer classes it replaces, others none")
-    if spec.attaches == REPLACE and spec.replacement is None and not issubclass(spec.torch_module, LayerSite):
-        raise RuntimeError(f"variant {spec.name}: a REPLACE variant's torch module is a LayerSite")
-    spec.torch_module.spec = spec
-    return spec
-
-
-def get_variant(name: str) -> VariantSpec:
-    from dropcli.variants import load_all  # noqa: F401  (import side effect: fills the registry)
-
-    load_all()
-    key = name.strip().lower()
-    key = _ALIASES.get(key, key)
-    if key not in REGISTRY:
-        raise UsageError(f"unknown variant {name!r}", f"known variants: {', '.join(sorted(REGISTRY))} (see `dropcli variants`)")
-    return REGISTRY[key]
 
 
 # ---------------------------------------------------------------------------------------

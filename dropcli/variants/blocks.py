@@ -20,7 +20,8 @@ from onnx import TensorProto
 
 from dropcli.backends.onnx.builder import OnnxBuilder, TensorInfo
 from dropcli.errors import UsageError
-from dropcli.variants.base import AFTER, INPUT, Param, SiteModule, VariantSpec, check_p, check_positive_int, register, uniform_like
+from dropcli.variants.base import AFTER, INPUT, Param, SiteModule, VariantSpec, check_p, check_positive_int, uniform_like
+from dropcli.variants.registry import register
 
 # ---------------------------------------------------------------------------------------
 # dropblock

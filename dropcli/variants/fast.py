@@ -58,7 +58,8 @@ from dropcli.backends.onnx.layers import OnnxLayer, emit_activation
 from dropcli.errors import UsageError
 from dropcli.backends.torch.layers import activation_forward
 from dropcli.model.kinds import LINEAR, Activation
-from dropcli.variants.base import REPLACE, LayerSite, VariantSpec, normal_like, register
+from dropcli.variants.base import REPLACE, LayerSite, VariantSpec, normal_like
+from dropcli.variants.registry import register
 
 INV_SQRT2 = 1.0 / math.sqrt(2.0)
 INV_SQRT2PI = 1.0 / math.sqrt(2.0 * math.pi)

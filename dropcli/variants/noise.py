@@ -18,7 +18,8 @@ import math
 import torch
 
 from dropcli.backends.onnx.builder import OnnxBuilder, TensorInfo
-from dropcli.variants.base import AFTER, SiteModule, VariantSpec, keep_mask_like, normal_like, register
+from dropcli.variants.base import AFTER, SiteModule, VariantSpec, keep_mask_like, normal_like
+from dropcli.variants.registry import register
 
 # SELU's saturation value -lambda*alpha, to the precision given in the variant catalogue
 # (torch uses -1.7580993408473766; the difference is far below any statistical tolerance).

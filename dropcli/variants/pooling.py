@@ -29,7 +29,8 @@ from dropcli.backends.onnx.layers import OnnxLayer, check_static_window_input
 from dropcli.errors import UsageError
 from dropcli.model.kinds import AVGPOOL, MAXPOOL
 from dropcli.model.pooling import PoolWindows, pool_windows, weighted_pool_weights
-from dropcli.variants.base import REPLACE, LayerSite, VariantSpec, apply_keep, keep_mask_like, register
+from dropcli.variants.base import REPLACE, LayerSite, VariantSpec, apply_keep, keep_mask_like
+from dropcli.variants.registry import register
 
 
 class MaxPoolDropout(LayerSite):

@@ -30,7 +30,8 @@ from onnx import helper
 
 from dropcli.backends.onnx.builder import OnnxBuilder, TensorInfo
 from dropcli.errors import UsageError
-from dropcli.variants.base import AFTER, SiteModule, VariantSpec, normal_like, register, uniform_like
+from dropcli.variants.base import AFTER, SiteModule, VariantSpec, normal_like, uniform_like
+from dropcli.variants.registry import register
 
 # Keys of non-positive units sit at this offset (plus Gumbel noise), far below any
 # log-weight of a positive unit.

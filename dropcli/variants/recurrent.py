@@ -51,7 +51,8 @@ from dropcli.model import naming
 from dropcli.model.naming import PASS_MARK
 from dropcli.backends.torch.fx import aten_name, fetch_attr
 from dropcli.backends.torch.rnn import GATES, GRU, LSTM, RecurrentLoop, StepMasks
-from dropcli.variants.base import P_PARAM, REPLACE, Param, Replacement, SiteModule, VariantSpec, tracing, check_p, keep_mask_like, register
+from dropcli.variants.base import P_PARAM, REPLACE, Param, Replacement, SiteModule, VariantSpec, tracing, check_p, keep_mask_like
+from dropcli.variants.registry import register
 
 
 

@@ -39,7 +39,8 @@ from dropcli.backends.onnx.layers import OnnxLayer
 from dropcli.errors import UsageError
 from dropcli.model.kinds import CONV, LINEAR
 from dropcli.prune.layers import INIT_LOG_SIGMA2, LOG_ALPHA_RANGE, kl_sparse_vd
-from dropcli.variants.base import REPLACE, LayerSite, Param, VariantSpec, normal_like, register
+from dropcli.variants.base import REPLACE, LayerSite, Param, VariantSpec, normal_like
+from dropcli.variants.registry import register
 
 LOG_SIGMA2_PARAM_NAME = "log_sigma2"
 

@@ -22,7 +22,8 @@ from onnx import TensorProto, helper
 
 from dropcli.backends.onnx.builder import OnnxBuilder, TensorInfo
 from dropcli.errors import UsageError
-from dropcli.variants.base import AFTER, RESIDUAL, SiteModule, VariantSpec, keep_mask_like, register
+from dropcli.variants.base import AFTER, RESIDUAL, SiteModule, VariantSpec, keep_mask_like
+from dropcli.variants.registry import register
 
 SPATIAL_RANKS = (3, 4, 5)
 

@@ -41,7 +41,8 @@ from dropcli.errors import UsageError
 from dropcli.backends.torch.layers import activation_forward
 from dropcli.model.kinds import ACT_KINDS, CONV, LINEAR
 from dropcli.model.pooling import pool_windows
-from dropcli.variants.base import P_PARAM, REPLACE, LayerSite, Param, VariantSpec, check_positive_int, keep_mask_like, normal_like, register, uniform_like
+from dropcli.variants.base import P_PARAM, REPLACE, LayerSite, Param, VariantSpec, check_positive_int, keep_mask_like, normal_like, uniform_like
+from dropcli.variants.registry import register
 
 EPS_SEED = 20130616  # fixed: the test rule's Z draws are part of the model
 

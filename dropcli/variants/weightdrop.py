@@ -43,7 +43,8 @@ from torch import nn
 from dropcli.errors import UsageError
 from dropcli.model.naming import PASS_MARK  # a buffer (torch) / node-name part (ONNX) marking --mask-per pass
 from dropcli.backends.torch.rnn import GATES, GRU, LSTM, StepMasks
-from dropcli.variants.base import P_PARAM, REPLACE, Param, VariantSpec, tracing, keep_mask_like, register
+from dropcli.variants.base import P_PARAM, REPLACE, Param, VariantSpec, tracing, keep_mask_like
+from dropcli.variants.registry import register
 from dropcli.variants.recurrent import RecurrentSite, build_onnx_rnn, rnn_replacement
 
 WEIGHT_FIELDS = {"hh": ("w_hh",), "ih": ("w_ih",), "both": ("w_ih", "w_hh")}
