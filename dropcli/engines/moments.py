@@ -49,7 +49,8 @@ from torch import fx, nn
 
 from dropcli.backends.torch.fx import aten_name as _aten, fetch_attr as _fetch
 from dropcli.errors import UsageError
-from dropcli.backends.torch.layers import Activation, TorchLayer, activation_of_call, activation_of_module
+from dropcli.backends.torch.layers import TorchLayer, activation_of_call, activation_of_module
+from dropcli.model.kinds import Activation
 from dropcli.variants.base import SiteModule, set_mc
 
 METHOD_NOTE = ("analytic moments (--method moments): no sampling; the MC mode's per-unit mean and variance "
