@@ -115,3 +115,79 @@ def test_onnx_unsupported_op_is_named(tmp_path):
     path = save_as(model, torch.randn(2, 5, 8), tmp_path / "lstm.onnx", "onnx")
     with pytest.raises(DropcliError, match=r"ONNX ops .*LSTM.* not supported"):
         to_modules(load_model(path))
+
+
+# ------------------------------------------------------------------ the op table (ONNX_HANDLERS)
+
+def _one_op_model(op: str) -> tuple[onnx.ModelProto, np.ndarray]:
+    """A model whose only real work is one ``op`` node (plus what it needs), and an input for it."""
+    rng = np.random.default_rng(1)
+    f = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    x4 = f(2, 3, 4, 4)
+    inits: list = []
+    shape_in, shape_out = [2, 3, 4, 4], [2, 3, 4, 4]
+    attrs: dict = {}
+    ins = ["x"]
+    if op == "Gemm":
+        inits, ins, attrs, shape_in, shape_out = [numpy_helper.from_array(f(5, 6), "w"), numpy_helper.from_array(f(5), "b")], \
+            ["x", "w", "b"], {"transB": 1}, [2, 6], [2, 5]
+    elif op == "MatMul":
+        inits, ins, shape_in, shape_out = [numpy_helper.from_array(f(6, 5), "w")], ["x", "w"], [2, 6], [2, 5]
+    elif op in ("Add", "Sub", "Mul", "Div"):
+        inits, ins = [numpy_helper.from_array(np.abs(f(4)) + 0.5, "c")], ["x", "c"]
+    elif op == "Conv":
+        inits, ins, attrs, shape_out = [numpy_helper.from_array(f(2, 3, 3, 3), "w")], ["x", "w"], {"pads": [1, 1, 1, 1]}, [2, 2, 4, 4]
+    elif op == "BatchNormalization":
+        inits = [numpy_helper.from_array(f(3), "s"), numpy_helper.from_array(f(3), "b"),
+                 numpy_helper.from_array(f(3), "m"), numpy_helper.from_array(np.abs(f(3)) + 0.5, "v")]
+        ins = ["x", "s", "b", "m", "v"]
+    elif op in ("Softmax", "LogSoftmax"):
+        attrs = {"axis": 1}
+    elif op == "LeakyRelu":
+        attrs = {"alpha": 0.2}
+    elif op == "Clip":
+        inits, ins = [numpy_helper.from_array(np.float32(-0.5), "lo"), numpy_helper.from_array(np.float32(0.5), "hi")], ["x", "lo", "hi"]
+    elif op in ("MaxPool", "AveragePool"):
+        attrs, shape_out = {"kernel_shape": [2, 2], "strides": [2, 2]}, [2, 3, 2, 2]
+    elif op == "GlobalAveragePool":
+        shape_out = [2, 3, 1, 1]
+    elif op == "Flatten":
+        shape_out = [2, 48]
+    elif op == "Reshape":
+        inits, ins, shape_out = [numpy_helper.from_array(np.array([0, -1], dtype=np.int64), "shape")], ["x", "shape"], [2, 48]
+    nodes = []
+    if op == "Constant":  # a Constant feeding an Add
+        nodes.append(helper.make_node("Constant", [], ["k"], value=numpy_helper.from_array(f(4), "k"), name="/k/Constant"))
+        nodes.append(helper.make_node("Add", ["x", "k"], ["y"], name="/add/Add"))
+    else:
+        nodes.append(helper.make_node(op, ins, ["y"], name=f"/layer/{op}", **attrs))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape_in)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape_out)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return model, (x4 if shape_in == [2, 3, 4, 4] else f(*shape_in))
+
+
+def test_every_onnx_op_in_the_table_has_a_handler_that_matches_onnxruntime():
+    from dropcli.backends.torch.importer import ONNX_HANDLERS, ONNX_OPS
+
+    assert ONNX_OPS == tuple(ONNX_HANDLERS) and len(set(ONNX_OPS)) == len(ONNX_OPS)
+    for op in ONNX_OPS:
+        assert callable(ONNX_HANDLERS[op]), op
+        model, x = _one_op_model(op)
+        _check_against_ort(model, x)  # the handler is reached (no "not supported") and computes the op
+
+
+def test_onnx_unsupported_op_error_lists_the_table():
+    from dropcli.backends.torch.importer import ONNX_OPS
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])
+    for node in (helper.make_node("Abs", ["x"], ["y"], name="abs"),
+                 helper.make_node("Relu", ["x"], ["y"], name="custom", domain="com.acme")):
+        model = helper.make_model(helper.make_graph([node], "g", [x], [y]),
+                                  opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.acme", 1)])
+        with pytest.raises(DropcliError) as info:
+            from_onnx(model)
+        assert info.value.message == f"ONNX op {node.op_type} is not supported by dropcli's ONNX importer"
+        assert info.value.hint == f"supported ops: {', '.join(ONNX_OPS)}; or pass the torch model instead"
+        assert "\n" not in info.value.one_line()

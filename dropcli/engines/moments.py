@@ -30,8 +30,10 @@ Gaussian). The rules (Gauss in; the MC mode's true per-unit moments out when "ex
   at ``softmax(m)``: ``Var p_k = p_k^2 (v_k (1 - 2 p_k) + sum_j p_j^2 v_j)`` (approximate).
   :func:`probs_from_logits` does the same for a model that outputs logits.
 
-Any other op on a random value stops the run with a one-line error naming it (use
-``--method mc``). :meth:`MomentPropagator.steps` lists every rule used, per node, with
+The rules are tables keyed by what a node calls (:data:`MODULE_RULES` by module class,
+:data:`ATEN_RULES` / :data:`FUNCTION_RULES` by aten op name or Python function,
+:data:`METHOD_RULES` by Tensor method), filled by :func:`moment_rule`. Any other op on a random
+value stops the run with a one-line error naming it (use ``--method mc``). :meth:`MomentPropagator.steps` lists every rule used, per node, with
 whether it was exact -- the report's "which layers it approximates".
 """
 
@@ -40,14 +42,14 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from dropcli.backends.torch.fx import aten_name as _aten, fetch_attr as _fetch
+from dropcli.backends.torch.fx import aten_name, fetch_attr
 from dropcli.errors import UsageError
 from dropcli.backends.torch.layers import TorchLayer, activation_of_call, activation_of_module
 from dropcli.model.kinds import Activation
@@ -114,6 +116,34 @@ _SOFTMAX_FUNCS = {F.softmax, torch.softmax}
 _DROPOUT_FUNCS = {F.dropout, torch.dropout}
 
 
+# ------------------------------------------------------------------------------ rule tables
+# What a random value (a Gauss) may pass through, keyed by what the fx node calls. Filled by
+# @moment_rule on MomentPropagator's rule methods: adding an op is one key. A rule returns the
+# node's value, or NotImplemented when its conditions don't hold (a one-line "no moment rule"
+# error). Elementwise activations are found by the layer primitives' classifiers
+# (activation_of_module / activation_of_call) when no table has the op.
+Rule = Callable[..., Any]
+MODULE_RULES: dict[type, Rule] = {}       # exact module class: rule(prop, node, module, x, label)
+MODULE_BASE_RULES: dict[type, Rule] = {}  # module base class (subclasses too): the same signature
+ATEN_RULES: dict[str, Rule] = {}          # aten op name: rule(prop, node, args, kwargs, label)
+FUNCTION_RULES: dict[Any, Rule] = {}      # Python callable (torch.*, F.*, operator.*): the same
+METHOD_RULES: dict[str, Rule] = {}        # Tensor method name: rule(prop, node, x, args, kwargs, label)
+
+
+def moment_rule(*, modules: Iterable[type] = (), module_bases: Iterable[type] = (), aten: Iterable[str] = (),
+                functions: Iterable[Any] = (), methods: Iterable[str] = ()) -> Callable[[Rule], Rule]:
+    """Register a :class:`MomentPropagator` method as the moment rule for these keys."""
+    def deco(fn: Rule) -> Rule:
+        for table, keys in ((MODULE_RULES, modules), (MODULE_BASE_RULES, module_bases), (ATEN_RULES, aten),
+                            (FUNCTION_RULES, functions), (METHOD_RULES, methods)):
+            for k in keys:
+                if k in table:
+                    raise RuntimeError(f"moment rule for {k!r} registered twice")
+                table[k] = fn
+        return fn
+    return deco
+
+
 def _is_g(v: Any) -> bool:
     return isinstance(v, Gauss)
 
@@ -148,7 +178,7 @@ class MomentPropagator:
             rec = meta.get(site, {})
             if rec.get("variant") == "fastdropout" and isinstance(rec.get("layer"), dict):
                 lay = rec["layer"]
-                tensors = {t: _fetch(self.gm, f"{site}.{t}") for t in lay.get("tensors", [])}
+                tensors = {t: fetch_attr(self.gm, f"{site}.{t}") for t in lay.get("tensors", [])}
                 mod = FastDropout(TorchLayer.from_record(lay, tensors), p=float(rec["p"]))
                 self.inlined[where] = (site, x, mod)
             else:
@@ -171,7 +201,7 @@ class MomentPropagator:
                 if n.op == "placeholder" or n in self.skip:
                     continue
                 if n.op == "get_attr":
-                    env[n] = _fetch(self.gm, n.target)
+                    env[n] = fetch_attr(self.gm, n.target)
                     continue
                 if n.op == "output":
                     out = n.args[0]
@@ -217,7 +247,7 @@ class MomentPropagator:
             return self._module(n, m, args, kwargs)
         if not _has_g(args) and not _has_g(kwargs):
             if n.op == "call_function":
-                name = _aten(n.target)
+                name = aten_name(n.target)
                 if n.target in _DROPOUT_FUNCS or name in ("dropout", "native_dropout", "feature_dropout", "alpha_dropout",
                                                           "rand_like", "randn_like", "rand", "randn", "bernoulli"):
                     if n.target in _DROPOUT_FUNCS or name == "dropout":
@@ -281,29 +311,6 @@ class MomentPropagator:
                   "" if x.indep else "covariances between input units ignored")
         return Gauss(m, v, False, x.gaussian and x.indep)
 
-    def _module(self, n: fx.Node, m: nn.Module, args: tuple, kwargs: dict) -> Any:
-        x = args[0]
-        name = f"{type(m).__name__} {n.target}"
-        if not _is_g(x) or len(args) != 1 or kwargs:
-            raise self._unsupported(n, name)
-        if type(m) is nn.Linear:
-            return self._linear_like(n, name, x, m, lambda v: F.linear(v, m.weight * m.weight))
-        if type(m) in (nn.Conv1d, nn.Conv2d, nn.Conv3d) and m.padding_mode == "zeros":
-            return self._linear_like(n, name, x, m, lambda v: m._conv_forward(v, m.weight * m.weight, None))
-        act = activation_of_module(m)
-        if act is not None:
-            return self._elementwise(n, act, x, name)
-        if type(m) in (nn.Identity, nn.Flatten, nn.Unflatten):
-            return x.map(m)
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.training and m.running_var is not None:
-            scale = (m.weight if m.affine else torch.ones_like(m.running_var)) / torch.sqrt(m.running_var + m.eps)
-            shape = [1, -1] + [1] * (x.mean.dim() - 2)
-            self._log(n, name, "affine (inference statistics)", True)
-            return Gauss(m(x.mean), x.var * (scale * scale).reshape(shape), x.indep, x.gaussian)
-        if type(m) is nn.Softmax:
-            return self._softmax(n, x, m.dim if m.dim is not None else -1, name)
-        raise self._unsupported(n, name)
-
     def _softmax(self, n: fx.Node, x: Gauss, dim: int, op: str) -> Gauss:
         if x.probs:
             raise self._unsupported(n, f"{op} of probabilities")
@@ -312,90 +319,208 @@ class MomentPropagator:
                   "approximation of E and Var of softmax of Gaussian logits")
         return Gauss(p, v, False, False, probs=True)
 
+    # ------------------------------------------------------------------ dispatch (tables above)
+    def _module(self, n: fx.Node, m: nn.Module, args: tuple, kwargs: dict) -> Any:
+        x = args[0]
+        name = f"{type(m).__name__} {n.target}"
+        if not _is_g(x) or len(args) != 1 or kwargs:
+            raise self._unsupported(n, name)
+        rule = MODULE_RULES.get(type(m))
+        if rule is None:
+            rule = next((r for base, r in MODULE_BASE_RULES.items() if isinstance(m, base)), None)
+        if rule is not None:
+            out = rule(self, n, m, x, name)
+        else:
+            act = activation_of_module(m)
+            out = NotImplemented if act is None else self._elementwise(n, act, x, name)
+        if out is NotImplemented:
+            raise self._unsupported(n, name)
+        return out
+
     def _method(self, n: fx.Node, args: tuple, kwargs: dict) -> Any:
         x = args[0]
         name = str(n.target)
-        if _is_g(x) and not _has_g(args[1:]) and not _has_g(kwargs):
-            if name in _SIZE_METHODS:
-                return getattr(x.mean, name)(*args[1:], **kwargs)
-            if name in _SHAPE_METHODS:
-                return x.map(lambda t: getattr(t, name)(*args[1:], **kwargs))
-            act = {"relu": Activation("relu"), "sigmoid": Activation("sigmoid"), "tanh": Activation("tanh")}.get(name)
-            if act is not None:
-                return self._elementwise(n, act, x, f"Tensor.{name}")
-            if name == "softmax":
-                return self._softmax(n, x, args[1] if len(args) > 1 else kwargs.get("dim", -1), "Tensor.softmax")
-        raise self._unsupported(n, f"Tensor.{name}")
+        rule = METHOD_RULES.get(name)
+        out = NotImplemented
+        if rule is not None and _is_g(x) and not _has_g(args[1:]) and not _has_g(kwargs):
+            out = rule(self, n, x, args, kwargs, name)
+        if out is NotImplemented:
+            raise self._unsupported(n, f"Tensor.{name}")
+        return out
 
     def _function(self, n: fx.Node, args: tuple, kwargs: dict) -> Any:
         tgt = n.target
-        name = _aten(tgt)
+        name = aten_name(tgt)
         label = f"aten.{name}" if name else getattr(tgt, "__name__", str(tgt))
-        x = args[0] if args else None
-        rest_random = _has_g(args[1:]) or _has_g(kwargs)
-        # sizes, shapes
-        if _is_g(x) and not rest_random:
-            if name in _SIZE_ATEN:
-                return tgt(x.mean, *args[1:], **kwargs)
-            if name in _SHAPE_ATEN or tgt in _SHAPE_FUNCS:
-                return x.map(lambda t: tgt(t, *args[1:], **kwargs))
-            if tgt in _DROPOUT_FUNCS or name == "dropout":
-                p = args[1] if len(args) > 1 else kwargs.get("p", 0.5)
-                return self._dropout(n, x, float(p), label)
-            # weighted layers with constant weights: weight at 1, bias at 2
-            if (name in _LIN_ATEN or tgt in _LIN_FUNCS) and len(args) >= 2 and isinstance(args[1], torch.Tensor):
-                w = args[1]
-                va = list(args)
-                va[0], va[1] = None, w * w
-                if len(va) > 2:
-                    va[2] = None
-                kw_v = dict(kwargs, bias=None) if "bias" in kwargs else kwargs
+        rule = ATEN_RULES.get(name) if name is not None else FUNCTION_RULES.get(tgt)
+        if rule is not None:
+            out = rule(self, n, args, kwargs, label)
+        else:
+            out = self._activation_call(n, args, kwargs, label)
+        if out is NotImplemented:
+            raise self._unsupported(n, f"the op {label}")
+        return out
 
-                def fvar(v, va=va, kw_v=kw_v):
-                    va[0] = v
-                    return tgt(*va, **kw_v)
+    # ------------------------------------------------------------------ module rules
+    @moment_rule(modules=(nn.Linear,))
+    def _linear_module(self, n: fx.Node, m: nn.Module, x: Gauss, name: str) -> Any:
+        return self._linear_like(n, name, x, m, lambda v: F.linear(v, m.weight * m.weight))
 
-                return self._linear_like(n, label, x, lambda t: tgt(t, *args[1:], **kwargs), fvar)
-            if (name in _MM_ATEN or tgt in (torch.matmul, operator.matmul)) and isinstance(args[1], torch.Tensor):
-                w = args[1]
-                return self._linear_like(n, label, x, lambda t: tgt(t, w), lambda v: tgt(v, w * w))
-            act = activation_of_call(tgt, kwargs)
-            if act is not None:
-                if act.kind == "leakyrelu" and len(args) > 1:
-                    act = Activation("leakyrelu", (("negative_slope", float(args[1])),))
-                return self._elementwise(n, act, x, label)
-            if tgt in _SOFTMAX_FUNCS or name in ("softmax", "_softmax"):
-                dim = args[1] if len(args) > 1 else kwargs.get("dim", -1)
-                return self._softmax(n, x, dim, label)
-        # addmm(bias, x, w)
-        if name == "addmm" and not _is_g(args[0]) and _is_g(args[1]) and isinstance(args[2], torch.Tensor) \
-                and kwargs.get("beta", 1) == 1 and kwargs.get("alpha", 1) == 1:
-            b, xg, w = args[0], args[1], args[2]
-            return self._linear_like(n, label, xg, lambda t: torch.addmm(b, t, w), lambda v: torch.mm(v, w * w))
-        # arithmetic with constants, and sums of random values
-        if tgt in _ADD | _SUB or name in ("add", "sub"):
-            sign = -1.0 if (tgt in _SUB or name == "sub") else 1.0
-            alpha = float(kwargs.get("alpha", 1.0))
-            a, b = args[0], args[1]
-            if _is_g(a) and _is_g(b):
-                self._log(n, label, "sum of random values: means add, variances add", False,
-                          "the two operands are taken as independent")
-                mean = a.mean + sign * alpha * b.mean
-                return Gauss(mean, a.var + alpha * alpha * b.var, a.indep and b.indep, False)
-            if _is_g(a):
-                return Gauss(a.mean + sign * alpha * b, a.var, a.indep, a.gaussian)
-            if _is_g(b):
-                return Gauss(a + sign * alpha * b.mean, alpha * alpha * b.var, b.indep, b.gaussian)
-        if tgt in _MUL or name == "mul":
-            a, b = args[0], args[1]
-            if _is_g(a) and not _is_g(b):
-                return Gauss(a.mean * b, a.var * b * b, a.indep, a.gaussian)
-            if _is_g(b) and not _is_g(a):
-                return Gauss(b.mean * a, b.var * a * a, b.indep, b.gaussian)
-        if (tgt in _DIV or name == "div") and _is_g(args[0]) and not _is_g(args[1]) and not kwargs:
-            a, b = args
-            return Gauss(a.mean / b, a.var / (b * b), a.indep, a.gaussian)
-        raise self._unsupported(n, f"the op {label}")
+    @moment_rule(modules=(nn.Conv1d, nn.Conv2d, nn.Conv3d))
+    def _conv_module(self, n: fx.Node, m: nn.Module, x: Gauss, name: str) -> Any:
+        if m.padding_mode != "zeros":
+            return NotImplemented
+        return self._linear_like(n, name, x, m, lambda v: m._conv_forward(v, m.weight * m.weight, None))
+
+    @moment_rule(modules=(nn.Identity, nn.Flatten, nn.Unflatten))
+    def _shape_module(self, n: fx.Node, m: nn.Module, x: Gauss, name: str) -> Any:
+        return x.map(m)
+
+    @moment_rule(module_bases=(nn.modules.batchnorm._BatchNorm,))
+    def _batchnorm_module(self, n: fx.Node, m: nn.Module, x: Gauss, name: str) -> Any:
+        if m.training or m.running_var is None:
+            return NotImplemented
+        scale = (m.weight if m.affine else torch.ones_like(m.running_var)) / torch.sqrt(m.running_var + m.eps)
+        shape = [1, -1] + [1] * (x.mean.dim() - 2)
+        self._log(n, name, "affine (inference statistics)", True)
+        return Gauss(m(x.mean), x.var * (scale * scale).reshape(shape), x.indep, x.gaussian)
+
+    @moment_rule(modules=(nn.Softmax,))
+    def _softmax_module(self, n: fx.Node, m: nn.Module, x: Gauss, name: str) -> Any:
+        return self._softmax(n, x, m.dim if m.dim is not None else -1, name)
+
+    # ------------------------------------------------------------------ Tensor method rules
+    # (called with a random ``x`` and no other random argument)
+    @moment_rule(methods=_SIZE_METHODS)
+    def _size_method(self, n: fx.Node, x: Gauss, args: tuple, kwargs: dict, name: str) -> Any:
+        return getattr(x.mean, name)(*args[1:], **kwargs)
+
+    @moment_rule(methods=_SHAPE_METHODS)
+    def _shape_method(self, n: fx.Node, x: Gauss, args: tuple, kwargs: dict, name: str) -> Any:
+        return x.map(lambda t: getattr(t, name)(*args[1:], **kwargs))
+
+    @moment_rule(methods=("relu", "sigmoid", "tanh"))
+    def _activation_method(self, n: fx.Node, x: Gauss, args: tuple, kwargs: dict, name: str) -> Any:
+        return self._elementwise(n, Activation(name), x, f"Tensor.{name}")
+
+    @moment_rule(methods=("softmax",))
+    def _softmax_method(self, n: fx.Node, x: Gauss, args: tuple, kwargs: dict, name: str) -> Any:
+        return self._softmax(n, x, args[1] if len(args) > 1 else kwargs.get("dim", -1), "Tensor.softmax")
+
+    # ------------------------------------------------------------------ function rules (aten or Python)
+    @staticmethod
+    def _unary(args: tuple, kwargs: dict) -> bool:
+        """The first argument is random, the others are not."""
+        return bool(args) and _is_g(args[0]) and not _has_g(args[1:]) and not _has_g(kwargs)
+
+    @moment_rule(aten=_SIZE_ATEN)
+    def _size_fn(self, n: fx.Node, args: tuple, kwargs: dict, label: str) -> Any:
+        if not self._unary(args, kwargs):
+            return NotImplemented
+        return n.target(args[0].mean, *args[1:], **kwargs)
+
+    @moment_rule(aten=_SHAPE_ATEN, functions=_SHAPE_FUNCS)
+    def _shape_fn(self, n: fx.Node, args: tuple, kwargs: dict, label: str) -> Any:
+        if not self._unary(args, kwargs):
+            return NotImplemented
+        tgt = n.target
+        return args[0].map(lambda t: tgt(t, *args[1:], **kwargs))
+
+    @moment_rule(aten=("dropout",), functions=_DROPOUT_FUNCS)
+    def _dropout_fn(self, n: fx.Node, args: tuple, kwargs: dict, label: str) -> Any:
+        if not self._unary(args, kwargs):
+            return NotImplemented
+        p = args[1] if len(args) > 1 else kwargs.get("p", 0.5)
+        return self._dropout(n, args[0], float(p), label)
+
+    @moment_rule(aten=_LIN_ATEN, functions=_LIN_FUNCS)
+    def _linear_fn(self, n: fx.Node, args: tuple, kwargs: dict, label: str) -> Any:
+        """Weighted layers with constant weights: weight at 1, bias at 2."""
+        if not (self._unary(args, kwargs) and len(args) >= 2 and isinstance(args[1], torch.Tensor)):
+            return NotImplemented
+        tgt, x, w = n.target, args[0], args[1]
+        va = list(args)
+        va[0], va[1] = None, w * w
+        if len(va) > 2:
+            va[2] = None
+        kw_v = dict(kwargs, bias=None) if "bias" in kwargs else kwargs
+
+        def fvar(v, va=va, kw_v=kw_v):
+            va[0] = v
+            return tgt(*va, **kw_v)
+
+        return self._linear_like(n, label, x, lambda t: tgt(t, *args[1:], **kwargs), fvar)
+
+    @moment_rule(aten=_MM_ATEN, functions=(torch.matmul, operator.matmul))
+    def _matmul_fn(self, n: fx.Node, args: tuple, kwargs: dict, label: str) -> Any:
+        if not (self._unary(args, kwargs) and isinstance(args[1], torch.Tensor)):
+            return NotImplemented
+        tgt, x, w = n.target, args[0], args[1]
+        return self._linear_like(n, label, x, lambda t: tgt(t, w), lambda v: tgt(v, w * w))
+
+    def _activation_call(self, n: fx.Node, args: tuple, kwargs: dict, label: str) -> Any:
+        """Elementwise activations (relu, sigmoid, tanh, gelu, silu, elu, leaky relu) as
+        :func:`activation_of_call` recognises them."""
+        if not self._unary(args, kwargs):
+            return NotImplemented
+        act = activation_of_call(n.target, kwargs)
+        if act is None:
+            return NotImplemented
+        if act.kind == "leakyrelu" and len(args) > 1:
+            act = Activation("leakyrelu", (("negative_slope", float(args[1])),))
+        return self._elementwise(n, act, args[0], label)
+
+    @moment_rule(aten=("softmax", "_softmax"), functions=_SOFTMAX_FUNCS)
+    def _softmax_fn(self, n: fx.Node, args: tuple, kwargs: dict, label: str) -> Any:
+        if not self._unary(args, kwargs):
+            return NotImplemented
+        dim = args[1] if len(args) > 1 else kwargs.get("dim", -1)
+        return self._softmax(n, args[0], dim, label)
+
+    @moment_rule(aten=("addmm",))
+    def _addmm_fn(self, n: fx.Node, args: tuple, kwargs: dict, label: str) -> Any:
+        """addmm(bias, x, w)"""
+        if not (not _is_g(args[0]) and _is_g(args[1]) and isinstance(args[2], torch.Tensor)
+                and kwargs.get("beta", 1) == 1 and kwargs.get("alpha", 1) == 1):
+            return NotImplemented
+        b, xg, w = args[0], args[1], args[2]
+        return self._linear_like(n, label, xg, lambda t: torch.addmm(b, t, w), lambda v: torch.mm(v, w * w))
+
+    @moment_rule(aten=("add", "sub"), functions=_ADD | _SUB)
+    def _add_fn(self, n: fx.Node, args: tuple, kwargs: dict, label: str) -> Any:
+        """Adding constants; the sum of two random values (taken as independent)."""
+        tgt, name = n.target, aten_name(n.target)
+        sign = -1.0 if (tgt in _SUB or name == "sub") else 1.0
+        alpha = float(kwargs.get("alpha", 1.0))
+        a, b = args[0], args[1]
+        if _is_g(a) and _is_g(b):
+            self._log(n, label, "sum of random values: means add, variances add", False,
+                      "the two operands are taken as independent")
+            mean = a.mean + sign * alpha * b.mean
+            return Gauss(mean, a.var + alpha * alpha * b.var, a.indep and b.indep, False)
+        if _is_g(a):
+            return Gauss(a.mean + sign * alpha * b, a.var, a.indep, a.gaussian)
+        if _is_g(b):
+            return Gauss(a + sign * alpha * b.mean, alpha * alpha * b.var, b.indep, b.gaussian)
+        return NotImplemented
+
+    @moment_rule(aten=("mul",), functions=_MUL)
+    def _mul_fn(self, n: fx.Node, args: tuple, kwargs: dict, label: str) -> Any:
+        """Multiplying by a constant."""
+        a, b = args[0], args[1]
+        if _is_g(a) and not _is_g(b):
+            return Gauss(a.mean * b, a.var * b * b, a.indep, a.gaussian)
+        if _is_g(b) and not _is_g(a):
+            return Gauss(b.mean * a, b.var * a * a, b.indep, b.gaussian)
+        return NotImplemented
+
+    @moment_rule(aten=("div",), functions=_DIV)
+    def _div_fn(self, n: fx.Node, args: tuple, kwargs: dict, label: str) -> Any:
+        """Dividing by a constant."""
+        if not (_is_g(args[0]) and not _is_g(args[1]) and not kwargs):
+            return NotImplemented
+        a, b = args
+        return Gauss(a.mean / b, a.var / (b * b), a.indep, a.gaussian)
 
 
 def _act_how(act: Activation) -> str:

@@ -266,11 +266,21 @@ def _delete_unused_attrs(gm: fx.GraphModule) -> None:
 
 # ---------------------------------------------------------------------------------- ONNX
 
-ONNX_OPS = (
-    "Gemm", "MatMul", "Add", "Sub", "Mul", "Div", "Conv", "BatchNormalization", "Relu", "LeakyRelu", "Sigmoid",
-    "Tanh", "Elu", "Selu", "Softplus", "Softmax", "LogSoftmax", "Clip", "MaxPool", "AveragePool",
-    "GlobalAveragePool", "Flatten", "Reshape", "Dropout", "Identity", "Constant",
-)
+# op type -> handler, filled in class-body order by @onnx_op below: adding an op is one decorated
+# method. ONNX_OPS (the supported ops named in errors and docs) is read from this table.
+ONNX_HANDLERS: dict[str, Callable[..., None]] = {}
+
+
+def onnx_op(*ops: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Register an :class:`_OnnxImporter` method as the handler of ONNX ``ops``; it is called as
+    ``handler(importer, node, attrs, inputs, output)`` and binds ``importer.env[output]``."""
+    def deco(fn: Callable[..., None]) -> Callable[..., None]:
+        for op in ops:
+            if op in ONNX_HANDLERS:
+                raise RuntimeError(f"ONNX op {op} registered twice")
+            ONNX_HANDLERS[op] = fn
+        return fn
+    return deco
 
 
 def _onnx_attrs(node) -> dict[str, Any]:
@@ -418,148 +428,173 @@ class _OnnxImporter:
         return gm
 
     def _node(self, node) -> None:
-        op = node.op_type
         a = _onnx_attrs(node)
-        ins = list(node.input)
-        out = node.output[0] if node.output else None
-        if node.domain not in ("", "ai.onnx"):
+        handler = ONNX_HANDLERS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+        if handler is None:
             raise self._unsupported(node)
-        if op == "Constant":
-            from onnx import numpy_helper
+        handler(self, node, a, list(node.input), node.output[0] if node.output else None)
 
-            if "value" not in a:
-                raise self._unsupported(node, "only Constant nodes with a tensor 'value' are supported")
-            self.consts[out] = numpy_helper.to_array(node.attribute[0].t)
-            return
-        if op in ("Dropout", "Identity"):
-            if len(node.output) > 1 and self.users.get(node.output[1]):
-                raise self._unsupported(node, "its mask output is used")
-            if op == "Dropout" and self.keep_dropout:
-                # an nn.Dropout (identity in eval mode) that keeps the site and its ratio
-                ratio = self._c(ins[1]) if len(ins) > 1 and ins[1] else a.get("ratio", 0.5)
-                if ratio is None:
-                    raise self._unsupported(node, "its ratio is not a constant")
-                self.env[out] = self._add(node, op, nn.Dropout(float(np.asarray(ratio))), self._val(ins[0]))
-                return
-            self.env[out] = self._val(ins[0])
-            return
-        if op == "Gemm":
-            w, c = self._c(ins[1]), self._c(ins[2]) if len(ins) > 2 else None
-            if w is None or a.get("transA", 0) or (len(ins) > 2 and ins[2] and c is None):
-                raise self._unsupported(node, "only Gemm with a constant B (and C) and transA=0 is supported")
-            w = w if a.get("transB", 0) else w.T
-            w = w * a.get("alpha", 1.0)
-            b = None if c is None else np.array(np.broadcast_to(c * a.get("beta", 1.0), (w.shape[0],)))
-            mod = _linear_module(torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)),
-                                 None if b is None else torch.from_numpy(np.ascontiguousarray(b, dtype=np.float32)))
-            self.env[out] = self._add(node, op, mod, self._val(ins[0]))
-            return
-        if op == "MatMul":
-            w = self._c(ins[1])
-            if w is None or w.ndim != 2:
-                raise self._unsupported(node, "only MatMul by a constant 2-d matrix is supported")
-            mod = _linear_module(torch.from_numpy(np.ascontiguousarray(w.T, dtype=np.float32)), None)
-            self.env[out] = self._add(node, "MatMul", mod, self._val(ins[0]))
-            return
-        if op in ("Add", "Sub", "Mul", "Div"):
-            x0, x1 = ins[0], ins[1]
-            # MatMul + Add(bias): fold into the Linear that MatMul became
-            if op == "Add":
-                for lin, bias in ((x0, x1), (x1, x0)):
-                    prod = self.env.get(lin)
-                    bv = self._c(bias)
-                    if (prod is not None and bv is not None and prod.op == "call_module"
-                            and self.users.get(lin, 0) == 1):
-                        m = self.root.get_submodule(prod.target)
-                        if isinstance(m, nn.Linear) and m.bias is None and bv.size == m.out_features and (bv.ndim <= 1 or bv.shape[-1] == bv.size):
-                            m.bias = nn.Parameter(torch.from_numpy(np.ascontiguousarray(bv.reshape(-1), dtype=np.float32)))
-                            self.env[out] = prod
-                            return
-            fn = {"Add": operator.add, "Sub": operator.sub, "Mul": operator.mul, "Div": operator.truediv}[op]
-            self.env[out] = self.graph.call_function(fn, (self._val(x0), self._val(x1)))
-            return
-        if op == "Conv":
-            w = self._c(ins[1])
-            b = self._c(ins[2]) if len(ins) > 2 and ins[2] else None
-            if w is None or (len(ins) > 2 and ins[2] and b is None):
-                raise self._unsupported(node, "only Conv with constant weights is supported")
-            if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
-                raise self._unsupported(node, "auto_pad is not supported; re-export with explicit pads")
-            nd = w.ndim - 2
-            if nd not in (1, 2):
-                raise self._unsupported(node, f"{nd}-d convolutions are not supported")
-            mod = _conv_module(torch.from_numpy(w.astype(np.float32)), None if b is None else torch.from_numpy(b.astype(np.float32)),
-                               a.get("strides", [1] * nd), _sym_pads(a.get("pads"), nd, "Conv"), a.get("dilations", [1] * nd),
-                               int(a.get("group", 1)))
-            self.env[out] = self._add(node, op, mod, self._val(ins[0]))
-            return
-        if op == "BatchNormalization":
-            if len(node.output) > 1 and any(self.users.get(o) for o in node.output[1:]):
-                raise self._unsupported(node, "training-mode outputs are used")
-            vals = [self._c(i) for i in ins[1:5]]
-            if any(v is None for v in vals):
-                raise self._unsupported(node, "only BatchNormalization with constant parameters is supported")
-            scale, bias, mean, var = (torch.from_numpy(v.astype(np.float32)) for v in vals)
-            mod = _bn_module(scale, bias, mean, var, a.get("epsilon", 1e-5), self.ranks.get(ins[0]))
-            self.env[out] = self._add(node, op, mod, self._val(ins[0]))
-            return
-        simple: dict[str, Callable[[], nn.Module]] = {
-            "Relu": nn.ReLU, "Sigmoid": nn.Sigmoid, "Tanh": nn.Tanh, "Selu": nn.SELU,
-            "LeakyRelu": lambda: nn.LeakyReLU(a.get("alpha", 0.01)),
-            "Elu": lambda: nn.ELU(a.get("alpha", 1.0)),
-            "Softplus": nn.Softplus,
-            "Softmax": lambda: nn.Softmax(dim=int(a.get("axis", -1))),
-            "LogSoftmax": lambda: nn.LogSoftmax(dim=int(a.get("axis", -1))),
-            "GlobalAveragePool": lambda: _global_pool(self.ranks.get(ins[0])),
-        }
+    # ---- one handler per ONNX op (or family); registration order is the order of ONNX_OPS
+
+    @onnx_op("Gemm")
+    def _gemm(self, node, a: dict[str, Any], ins: list[str], out: str | None) -> None:
+        w, c = self._c(ins[1]), self._c(ins[2]) if len(ins) > 2 else None
+        if w is None or a.get("transA", 0) or (len(ins) > 2 and ins[2] and c is None):
+            raise self._unsupported(node, "only Gemm with a constant B (and C) and transA=0 is supported")
+        w = w if a.get("transB", 0) else w.T
+        w = w * a.get("alpha", 1.0)
+        b = None if c is None else np.array(np.broadcast_to(c * a.get("beta", 1.0), (w.shape[0],)))
+        mod = _linear_module(torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)),
+                             None if b is None else torch.from_numpy(np.ascontiguousarray(b, dtype=np.float32)))
+        self.env[out] = self._add(node, "Gemm", mod, self._val(ins[0]))
+
+    @onnx_op("MatMul")
+    def _matmul(self, node, a: dict[str, Any], ins: list[str], out: str | None) -> None:
+        w = self._c(ins[1])
+        if w is None or w.ndim != 2:
+            raise self._unsupported(node, "only MatMul by a constant 2-d matrix is supported")
+        mod = _linear_module(torch.from_numpy(np.ascontiguousarray(w.T, dtype=np.float32)), None)
+        self.env[out] = self._add(node, "MatMul", mod, self._val(ins[0]))
+
+    _ARITH = {"Add": operator.add, "Sub": operator.sub, "Mul": operator.mul, "Div": operator.truediv}
+
+    @onnx_op(*_ARITH)
+    def _arith(self, node, a: dict[str, Any], ins: list[str], out: str | None) -> None:
+        op = node.op_type
+        x0, x1 = ins[0], ins[1]
+        # MatMul + Add(bias): fold into the Linear that MatMul became
+        if op == "Add":
+            for lin, bias in ((x0, x1), (x1, x0)):
+                prod = self.env.get(lin)
+                bv = self._c(bias)
+                if (prod is not None and bv is not None and prod.op == "call_module"
+                        and self.users.get(lin, 0) == 1):
+                    m = self.root.get_submodule(prod.target)
+                    if isinstance(m, nn.Linear) and m.bias is None and bv.size == m.out_features and (bv.ndim <= 1 or bv.shape[-1] == bv.size):
+                        m.bias = nn.Parameter(torch.from_numpy(np.ascontiguousarray(bv.reshape(-1), dtype=np.float32)))
+                        self.env[out] = prod
+                        return
+        self.env[out] = self.graph.call_function(self._ARITH[op], (self._val(x0), self._val(x1)))
+
+    @onnx_op("Conv")
+    def _conv(self, node, a: dict[str, Any], ins: list[str], out: str | None) -> None:
+        w = self._c(ins[1])
+        b = self._c(ins[2]) if len(ins) > 2 and ins[2] else None
+        if w is None or (len(ins) > 2 and ins[2] and b is None):
+            raise self._unsupported(node, "only Conv with constant weights is supported")
+        if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+            raise self._unsupported(node, "auto_pad is not supported; re-export with explicit pads")
+        nd = w.ndim - 2
+        if nd not in (1, 2):
+            raise self._unsupported(node, f"{nd}-d convolutions are not supported")
+        mod = _conv_module(torch.from_numpy(w.astype(np.float32)), None if b is None else torch.from_numpy(b.astype(np.float32)),
+                           a.get("strides", [1] * nd), _sym_pads(a.get("pads"), nd, "Conv"), a.get("dilations", [1] * nd),
+                           int(a.get("group", 1)))
+        self.env[out] = self._add(node, "Conv", mod, self._val(ins[0]))
+
+    @onnx_op("BatchNormalization")
+    def _batchnorm(self, node, a: dict[str, Any], ins: list[str], out: str | None) -> None:
+        if len(node.output) > 1 and any(self.users.get(o) for o in node.output[1:]):
+            raise self._unsupported(node, "training-mode outputs are used")
+        vals = [self._c(i) for i in ins[1:5]]
+        if any(v is None for v in vals):
+            raise self._unsupported(node, "only BatchNormalization with constant parameters is supported")
+        scale, bias, mean, var = (torch.from_numpy(v.astype(np.float32)) for v in vals)
+        mod = _bn_module(scale, bias, mean, var, a.get("epsilon", 1e-5), self.ranks.get(ins[0]))
+        self.env[out] = self._add(node, "BatchNormalization", mod, self._val(ins[0]))
+
+    # elementwise ops that become one parameter-free module, built from the node's attributes
+    _ACTIVATIONS: dict[str, Callable[[dict[str, Any]], nn.Module]] = {
+        "Relu": lambda a: nn.ReLU(),
+        "LeakyRelu": lambda a: nn.LeakyReLU(a.get("alpha", 0.01)),
+        "Sigmoid": lambda a: nn.Sigmoid(),
+        "Tanh": lambda a: nn.Tanh(),
+        "Elu": lambda a: nn.ELU(a.get("alpha", 1.0)),
+        "Selu": lambda a: nn.SELU(),
+        "Softplus": lambda a: nn.Softplus(),
+        "Softmax": lambda a: nn.Softmax(dim=int(a.get("axis", -1))),
+        "LogSoftmax": lambda a: nn.LogSoftmax(dim=int(a.get("axis", -1))),
+    }
+
+    @onnx_op(*_ACTIVATIONS)
+    def _activation(self, node, a: dict[str, Any], ins: list[str], out: str | None) -> None:
+        op = node.op_type
         if op == "Selu" and (abs(a.get("alpha", 1.67326319) - 1.6732632) > 1e-5 or abs(a.get("gamma", 1.05070102) - 1.0507010) > 1e-5):
             raise self._unsupported(node, "only SELU's standard constants are supported")
-        if op in simple:
-            self.env[out] = self._add(node, op, simple[op](), self._val(ins[0]))
-            return
-        if op == "Clip":
-            lo = self._c(ins[1]) if len(ins) > 1 and ins[1] else a.get("min")
-            hi = self._c(ins[2]) if len(ins) > 2 and ins[2] else a.get("max")
-            lo = float("-inf") if lo is None else float(np.asarray(lo))
-            hi = float("inf") if hi is None else float(np.asarray(hi))
-            mod = nn.ReLU() if lo == 0 and hi == float("inf") else nn.ReLU6() if (lo, hi) == (0.0, 6.0) else nn.Hardtanh(lo, hi)
-            self.env[out] = self._add(node, op, mod, self._val(ins[0]))
-            return
-        if op in ("MaxPool", "AveragePool"):
-            k = list(a["kernel_shape"])
-            nd = len(k)
-            if nd not in (1, 2) or a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
-                raise self._unsupported(node, "only 1-d/2-d pooling with explicit pads is supported")
-            if len(node.output) > 1 and self.users.get(node.output[1]):
-                raise self._unsupported(node, "its indices output is used")
-            kw = dict(kernel_size=tuple(k), stride=tuple(a.get("strides", [1] * nd)),
-                      padding=_sym_pads(a.get("pads"), nd, op), ceil_mode=bool(a.get("ceil_mode", 0)))
-            if op == "MaxPool":
-                mod = (nn.MaxPool1d if nd == 1 else nn.MaxPool2d)(dilation=tuple(a.get("dilations", [1] * nd)), **kw)
+        self.env[out] = self._add(node, op, self._ACTIVATIONS[op](a), self._val(ins[0]))
+
+    @onnx_op("Clip")
+    def _clip(self, node, a: dict[str, Any], ins: list[str], out: str | None) -> None:
+        lo = self._c(ins[1]) if len(ins) > 1 and ins[1] else a.get("min")
+        hi = self._c(ins[2]) if len(ins) > 2 and ins[2] else a.get("max")
+        lo = float("-inf") if lo is None else float(np.asarray(lo))
+        hi = float("inf") if hi is None else float(np.asarray(hi))
+        mod = nn.ReLU() if lo == 0 and hi == float("inf") else nn.ReLU6() if (lo, hi) == (0.0, 6.0) else nn.Hardtanh(lo, hi)
+        self.env[out] = self._add(node, "Clip", mod, self._val(ins[0]))
+
+    @onnx_op("MaxPool", "AveragePool")
+    def _pool(self, node, a: dict[str, Any], ins: list[str], out: str | None) -> None:
+        op = node.op_type
+        k = list(a["kernel_shape"])
+        nd = len(k)
+        if nd not in (1, 2) or a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+            raise self._unsupported(node, "only 1-d/2-d pooling with explicit pads is supported")
+        if len(node.output) > 1 and self.users.get(node.output[1]):
+            raise self._unsupported(node, "its indices output is used")
+        kw = dict(kernel_size=tuple(k), stride=tuple(a.get("strides", [1] * nd)),
+                  padding=_sym_pads(a.get("pads"), nd, op), ceil_mode=bool(a.get("ceil_mode", 0)))
+        if op == "MaxPool":
+            mod = (nn.MaxPool1d if nd == 1 else nn.MaxPool2d)(dilation=tuple(a.get("dilations", [1] * nd)), **kw)
+        else:
+            mod = (nn.AvgPool1d if nd == 1 else nn.AvgPool2d)(count_include_pad=bool(a.get("count_include_pad", 0)), **kw)
+        self.env[out] = self._add(node, op, mod, self._val(ins[0]))
+
+    @onnx_op("GlobalAveragePool")
+    def _global_average_pool(self, node, a: dict[str, Any], ins: list[str], out: str | None) -> None:
+        self.env[out] = self._add(node, "GlobalAveragePool", _global_pool(self.ranks.get(ins[0])), self._val(ins[0]))
+
+    @onnx_op("Flatten")
+    def _flatten(self, node, a: dict[str, Any], ins: list[str], out: str | None) -> None:
+        axis = int(a.get("axis", 1))
+        if axis != 1:
+            raise self._unsupported(node, "only Flatten with axis=1 is supported")
+        self.env[out] = self._add(node, "Flatten", nn.Flatten(1), self._val(ins[0]))
+
+    @onnx_op("Reshape")
+    def _reshape(self, node, a: dict[str, Any], ins: list[str], out: str | None) -> None:
+        shape = self._c(ins[1])
+        if shape is None:
+            raise self._unsupported(node, "only Reshape to a constant shape is supported")
+        x = self._val(ins[0])
+        dims: list[Any] = []
+        for i, d in enumerate(int(v) for v in shape.reshape(-1)):
+            if d == 0 and not a.get("allowzero", 0):
+                dims.append(self.graph.call_method("size", (x, i)))
             else:
-                mod = (nn.AvgPool1d if nd == 1 else nn.AvgPool2d)(count_include_pad=bool(a.get("count_include_pad", 0)), **kw)
-            self.env[out] = self._add(node, op, mod, self._val(ins[0]))
+                dims.append(d)
+        self.env[out] = self.graph.call_function(torch.reshape, (x, tuple(dims)))
+
+    @onnx_op("Dropout", "Identity")
+    def _dropout(self, node, a: dict[str, Any], ins: list[str], out: str | None) -> None:
+        op = node.op_type
+        if len(node.output) > 1 and self.users.get(node.output[1]):
+            raise self._unsupported(node, "its mask output is used")
+        if op == "Dropout" and self.keep_dropout:
+            # an nn.Dropout (identity in eval mode) that keeps the site and its ratio
+            ratio = self._c(ins[1]) if len(ins) > 1 and ins[1] else a.get("ratio", 0.5)
+            if ratio is None:
+                raise self._unsupported(node, "its ratio is not a constant")
+            self.env[out] = self._add(node, op, nn.Dropout(float(np.asarray(ratio))), self._val(ins[0]))
             return
-        if op == "Flatten":
-            axis = int(a.get("axis", 1))
-            if axis != 1:
-                raise self._unsupported(node, "only Flatten with axis=1 is supported")
-            self.env[out] = self._add(node, op, nn.Flatten(1), self._val(ins[0]))
-            return
-        if op == "Reshape":
-            shape = self._c(ins[1])
-            if shape is None:
-                raise self._unsupported(node, "only Reshape to a constant shape is supported")
-            x = self._val(ins[0])
-            dims: list[Any] = []
-            for i, d in enumerate(int(v) for v in shape.reshape(-1)):
-                if d == 0 and not a.get("allowzero", 0):
-                    dims.append(self.graph.call_method("size", (x, i)))
-                else:
-                    dims.append(d)
-            self.env[out] = self.graph.call_function(torch.reshape, (x, tuple(dims)))
-            return
-        raise self._unsupported(node)
+        self.env[out] = self._val(ins[0])
+
+    @onnx_op("Constant")
+    def _constant(self, node, a: dict[str, Any], ins: list[str], out: str | None) -> None:
+        from onnx import numpy_helper
+
+        if "value" not in a:
+            raise self._unsupported(node, "only Constant nodes with a tensor 'value' are supported")
+        self.consts[out] = numpy_helper.to_array(node.attribute[0].t)
 
     def _unsupported(self, node, why: str | None = None) -> DropcliError:
         label = f"ONNX op {node.op_type}" + (f" (node {node.name})" if node.name else "")
@@ -567,6 +602,10 @@ class _OnnxImporter:
             return DropcliError(f"{label} can't be imported: {why}", "re-export the model, or pass the torch model instead")
         return DropcliError(f"{label} is not supported by dropcli's ONNX importer",
                             f"supported ops: {', '.join(ONNX_OPS)}; or pass the torch model instead")
+
+
+# the supported ONNX ops, in registration order (named in errors; listed in docs/onnx.md)
+ONNX_OPS: tuple[str, ...] = tuple(ONNX_HANDLERS)
 
 
 def _global_pool(rank: int | None) -> nn.Module:
