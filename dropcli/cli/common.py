@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 from pathlib import Path
 import sys
@@ -38,10 +39,17 @@ def fail(message: str, code: int = EXIT_ERROR) -> None:
 
 
 def handle_errors(fn: Callable) -> Callable:
-    """Turn exceptions into one-line messages and exit codes (tracebacks only with --debug)."""
+    """Turn exceptions into one-line messages and exit codes (tracebacks only with --debug).
+
+    It also gives the command the global ``--quiet/-q`` and ``--debug`` options, so that they
+    work after the verb (``dropcli inspect m.pt -q``) as well as before it."""
 
     @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+    def wrapper(*args: Any, dropcli_quiet: bool = False, dropcli_debug: bool = False, **kwargs: Any) -> Any:
+        if dropcli_quiet:
+            STATE.quiet = True
+        if dropcli_debug:
+            STATE.debug = True
         try:
             return fn(*args, **kwargs)
         except typer.Exit:
@@ -65,6 +73,15 @@ def handle_errors(fn: Callable) -> Callable:
             reset_stdio()
             out.file = None  # back to stdout (model_output may have sent reports to stderr)
 
+    sig = inspect.signature(fn)
+    extra = [
+        inspect.Parameter("dropcli_quiet", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+                          default=typer.Option(False, "--quiet", "-q", help="No progress or log lines on stderr.")),
+        inspect.Parameter("dropcli_debug", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+                          default=typer.Option(False, "--debug", help="Show tracebacks on errors.")),
+    ]
+    wrapper.__signature__ = sig.replace(parameters=[*sig.parameters.values(), *extra])  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {**getattr(fn, "__annotations__", {}), "dropcli_quiet": bool, "dropcli_debug": bool}
     return wrapper
 
 
