@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Any, Callable, List, Optional
 
 import typer
-from rich.console import Console
 
 from dropcli.errors import EXIT_ERROR, EXIT_INTERRUPTED, DropcliError, UsageError
 
@@ -23,9 +22,34 @@ class State:
     quiet: bool = False
 
 
+class LazyConsole:
+    """A rich Console made on first use: `dropcli --help` does not import rich."""
+
+    def __init__(self, make: Callable[[], Any]):
+        object.__setattr__(self, "_make", make)
+        object.__setattr__(self, "_console", None)
+
+    def real(self) -> Any:
+        if self._console is None:
+            object.__setattr__(self, "_console", self._make())
+        return self._console
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real(), name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self.real(), name, value)
+
+
+def _console(**kw: Any) -> Any:
+    from rich.console import Console
+
+    return Console(**kw)
+
+
 STATE = State()
-out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)  # reports: stdout
-err = Console(stderr=True, soft_wrap=True)  # progress and logs: stderr
+out = LazyConsole(lambda: _console(soft_wrap=True, width=None if sys.stdout.isatty() else 160))  # reports: stdout
+err = LazyConsole(lambda: _console(stderr=True, soft_wrap=True))  # progress and logs: stderr
 
 
 def log(msg: str) -> None:

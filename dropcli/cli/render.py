@@ -21,7 +21,7 @@ def progress(what: str, total: int) -> Iterator[Callable[..., None]]:
 
     show = not STATE.quiet and err.is_terminal
     with Progress(TextColumn(f"[bold]{escape(what)}[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TextColumn("{task.fields[info]}"), console=err, transient=True, disable=not show) as prog:
+                  TextColumn("{task.fields[info]}"), console=err.real(), transient=True, disable=not show) as prog:
         task_id = prog.add_task(what, total=total, info="")
 
         def advance(k: int = 1, info: str | None = None) -> None:
