@@ -219,3 +219,19 @@ def test_ray_engine_takes_a_model_path(digits):
     pytest.importorskip("ray")
     with pytest.raises(UsageError, match="engine='ray'"):
         dropcli.uncertainty(dropcli.load(MLP_PT), digits["x"], T=5, engine="ray")
+
+
+def test_readme_python_api_section_runs(tmp_path):
+    """The README's "Python API" example runs as written (in a copy of examples/)."""
+    import shutil
+
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Python API"):]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    shutil.copytree(EX, tmp_path / "examples", ignore=shutil.ignore_patterns("*.py", "__pycache__"))
+    r = subprocess.run([sys.executable, "-W", "ignore", "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "has no dropout sites" in r.stdout
+    for name in ("digits_mlp_mc.onnx", "digits_mlp_small.pt", "digits_mlp_learned.onnx"):
+        assert (tmp_path / name).exists(), name
