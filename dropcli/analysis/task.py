@@ -31,6 +31,11 @@ What the three rules it replaces did, and the cases that changed:
   Integer labels of shape [N, M>1] were classification (and failed with "must be one integer
   class per example"); they are now regression targets.
 
+:func:`class_labels` (``uncertainty``, ``analyze``) now also reads [N, 1] labels as [N] (it
+refused them before, also with ``--task classification``), as ``prune``/``finetune`` did. An
+unknown ``--task`` reads "choose auto, classification or regression" everywhere (``finetune``
+said "choose one of auto, classification, regression").
+
 No case that the test suite covers changed.
 """
 

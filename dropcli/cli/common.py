@@ -183,7 +183,3 @@ Layers = typer.Option(None, "--layers", help="Select sites by name glob, e.g. 'f
 Exclude = typer.Option(None, "--exclude", help="Drop sites whose name matches these globs.")
 AllowOutput = typer.Option(False, "--allow-output", help="Allow a site after the output layer (off by default).")
 Json = typer.Option(False, "--json", help="Machine-readable JSON on stdout.")
-
-
-def load_opts(trust_pickle: bool, imports: Optional[List[str]], arch: Optional[str], input_shape: Optional[str]) -> dict:
-    return {"trust_pickle": trust_pickle, "imports": list(imports or []), "arch": arch, "input_shape": input_shape}
