@@ -17,7 +17,7 @@ from torch import nn
 
 from dropcli.backends import load_model
 from dropcli.engines.runner import run_mc
-from dropcli.cli.uncertainty import make_runner
+from dropcli.engines.factory import make_runner
 from helpers import cli
 from models import MLP, save_as
 

@@ -93,7 +93,8 @@ def models(tmp_path_factory):
     cli("--quiet", "inject", reg, "--p", 0.2, "--after", "relu", "-o", d / "reg_mc.pt2")
     mixed = save_as(Mixed(), torch.randn(2, 8), d / "mixed.pt2", "export")
     cli("--quiet", "inject", mixed, "--p", 0.3, "--after", "relu", "-o", d / "mixed_mc.pt2")
-    return {"mlp": d / "mlp_mc.pt2", "onnx": d / "mlp_mc.onnx", "reg": d / "reg_mc.pt2", "mixed": d / "mixed_mc.pt2"}
+    return {"mlp": d / "mlp_mc.pt2", "onnx": d / "mlp_mc.onnx", "reg": d / "reg_mc.pt2", "mixed": d / "mixed_mc.pt2",
+            "plain": d / "mlp.pt2", "onnx_plain": d / "mlp.onnx"}
 
 
 @pytest.fixture(scope="module")
@@ -282,11 +283,27 @@ def test_probability_decision_is_over_all_examples(ray_local, models, tmp_path):
     assert ray_json(models["mixed"], d, "--workers", 2) == base
 
 
+def crash_once_at(row: int, marker: str):
+    """A unit hook (dropcli.engines.ray.UNIT_HOOKS) that kills the actor process holding ``row``
+    of the input, the first time only (the marker file, written before it dies, says so). A
+    closure, so Ray pickles it by value: the actors need not import this test module."""
+
+    def hook(src: int, start: int, stop: int) -> None:
+        if src == 0 and start <= row < stop and not os.path.exists(marker):
+            Path(marker).write_text(str(os.getpid()))
+            os._exit(17)  # the worker dies mid-run; the next attempt finds the marker
+
+    return hook
+
+
 def test_worker_killed_mid_run_is_retried(ray_local, models, data, tmp_path, monkeypatch):
     """An actor exits (os._exit) while it holds the unit with row 95; Ray restarts it and
-    re-runs the unit; each example is reported once and the report equals the local one."""
+    re-runs the unit; each example is reported once and the report equals the local one.
+    The fault comes from the test: a hook registered in dropcli.engines.ray.UNIT_HOOKS."""
+    from dropcli.engines import ray as ray_engine
+
     marker = tmp_path / "crashed"
-    monkeypatch.setenv("DROPCLI_RAY_TEST_CRASH", f"95:{marker}")
+    monkeypatch.setattr(ray_engine, "UNIT_HOOKS", [crash_once_at(95, str(marker))])
     local_file = tmp_path / "local.jsonl"
     cli("--quiet", "uncertainty", models["mlp"], "--input", data["all"], "-T", 20, "--output", local_file)
     out = tmp_path / "out"
@@ -297,6 +314,21 @@ def test_worker_killed_mid_run_is_retried(ray_local, models, data, tmp_path, mon
     idx = [json.loads(line)["index"] for line in text.decode().splitlines()]
     assert sorted(idx) == idx == list(range(N))
     assert text == local_file.read_bytes()
+
+
+@pytest.mark.parametrize("which", ["plain", "onnx_plain"])
+@pytest.mark.parametrize("quiet", [True, False])
+def test_inject_on_the_fly_in_the_actors(ray_local, models, data, which, quiet):
+    """--inject with --engine ray: every actor injects the same sites into its copy of the
+    model (it used to fail with UnboundLocalError in each actor); the report is the local
+    engine's, byte for byte, with and without --quiet."""
+    inj = ("--inject", "standard", "--p", 0.25, "--after", "relu")
+    q = ("--quiet",) if quiet else ()
+    base = cli(*q, "uncertainty", models[which], "--input", data["all"], "-T", 20, "--json", *inj).stdout_bytes
+    got = cli(*q, "uncertainty", models[which], "--input", data["dir"] / "npz", "-T", 20, "--json", "--engine", "ray",
+              "--workers", 2, *inj).stdout_bytes
+    assert got == base
+    assert json.loads(got)["summary"]["sites"] == 2
 
 
 def test_unreadable_shard_in_a_worker_is_one_line(ray_local, models, data, tmp_path):

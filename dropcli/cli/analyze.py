@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 from typing import List, Optional
 
-import numpy as np
 import typer
-from rich.table import Table
 
-from dropcli.io import data as D
-from dropcli.errors import DropcliError, UsageError
 from dropcli.cli.common import (
-    After, Arch, Exclude, Imports, InputShape, Layers, ModelArg, STATE, TrustPickle, err, handle_errors, load_opts, log,
-    out, print_json,
+    After, Arch, Exclude, Imports, InputShape, Layers, ModelArg, TrustPickle, handle_errors, out, print_json,
 )
 
 HELP = """Ensemble vs weight scaling (Baldi & Sadowski 2013) on your own inputs.
@@ -62,78 +56,16 @@ def register(app: typer.Typer) -> None:
         arch: Optional[str] = Arch,
         input_shape: Optional[str] = InputShape,
     ) -> None:
-        if samples < 2:
-            raise UsageError(f"--samples must be >= 2 (variances need two masks), got {samples}")
-        if batch_size < 1:
-            raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
-        if task not in ("auto", "classification", "regression"):
-            raise UsageError(f"unknown --task {task!r}", "choose auto, classification or regression")
-        from dropcli.backends import load_model
-        from dropcli.training.loop import resolve_device
-        from dropcli.cli.uncertainty import _class_labels, make_runner
+        from dropcli.api.analyze import analyze
+        from dropcli.cli.render import log_dim, progress
 
-        dev = resolve_device(device)
-        model = load_model(model_path, **load_opts(trust_pickle, imports, arch, input_shape))
-        runner = make_runner(model, dev)
-        if runner.n_sites == 0:
-            raise DropcliError(f"{model_path} has no stochastic dropout sites, so there is no ensemble to analyse",
-                               "inject some first, e.g. `dropcli inject MODEL --variant standard --p 0.2 -o OUT`")
-        specs = runner.input_specs()
-        arrays = D.read_arrays(input_path)
-        xs = D.bind(arrays, specs, "stdin" if input_path == "-" else input_path)
-        n = len(xs[0])
-        labels = D.read_labels(labels_path) if labels_path else next(
-            (np.asarray(arrays[k]) for k in D.LABEL_KEYS if k in arrays and len(arrays) > 1), None)
-        if labels is not None and len(labels) != n:
-            raise DropcliError(f"labels have {len(labels)} rows but the input has {n} examples", "give one label per example")
-        K = int(np.prod(runner.run_eval([x[:1] for x in xs]).shape[1:]))
-        if task == "auto":
-            task = "classification" if K >= 2 and (labels is None or labels.ndim == 1) else "regression"
-        if labels is not None and task == "classification":
-            labels = _class_labels(labels, K)
-        if model.backend == "onnx":
-            from dropcli.analysis.ensemble_onnx import analyze_onnx as analyze_fn
-        else:
-            from dropcli.analysis.ensemble_torch import analyze_torch as analyze_fn
-
-        sel_names = _selected(model, after, layers, exclude)
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
-        show = not STATE.quiet and sys.stderr.isatty()
-        with Progress(TextColumn("[bold]analyze[/]"), BarColumn(), MofNCompleteColumn(), console=err, transient=True,
-                      disable=not show) as prog:
-            tid = prog.add_task("analyze", total=n)
-            rep = analyze_fn(model, xs, labels if task == "classification" else None, samples, seed, batch_size, dev,
-                                task == "classification", progress=lambda k: prog.advance(tid, k))
-        rep.pop("_samples", None)
-        if sel_names is not None:
-            rep["sites"] = [s for s in rep["sites"] if sel_names(s["site"])]
-            if not rep["sites"]:
-                raise DropcliError("no dropout site matches the selection", "run `dropcli inspect MODEL` to see the site names")
-        rep = {"model": model_path, "backend": model.backend, "n": n, "samples": samples, "seed": seed, "task": task, **rep}
-        log(f"[dim]{model_path}: {len(rep['sites'])} site(s), {n} examples x T={samples}[/]")
+        rep = analyze(model_path, input_path, labels_path, T=samples, seed=seed, device=device, batch_size=batch_size,
+                      task=task, after=after, layers=layers, exclude=exclude, trust_pickle=trust_pickle, imports=imports,
+                      arch=arch, input_shape=input_shape, progress=progress, log=log_dim)
         if json_out:
             print_json(rep)
         else:
             _print(rep)
-
-
-def _selected(model, after, layers, exclude):
-    """A predicate on site names from --layers/--exclude globs (None: all sites)."""
-    if not (after or layers or exclude):
-        return None
-    import fnmatch
-
-    pats = [p for v in (layers or []) for p in v.split(",") if p]
-    ex = [p for v in (exclude or []) for p in v.split(",") if p]
-    if after:
-        raise UsageError("--after selects where to inject; analyze selects existing sites with --layers/--exclude")
-
-    def keep(name: str) -> bool:
-        ok = not pats or any(fnmatch.fnmatch(name, p) for p in pats)
-        return ok and not any(fnmatch.fnmatch(name, p) for p in ex)
-
-    return keep
 
 
 def _fmt(d: dict | None, key: str = "mean") -> str:
@@ -141,6 +73,8 @@ def _fmt(d: dict | None, key: str = "mean") -> str:
 
 
 def _print(rep: dict) -> None:
+    from rich.table import Table
+
     cols = ["E", "O*", "Std(O)", "|E-O*|", "G", "G'", "NWGM", "|E-NWGM|", "|E-G-V|"]
     t = Table(title=f"Ensemble vs deterministic pass: {rep['n']} examples, T={rep['samples']} (means over units and examples)")
     t.add_column("site")

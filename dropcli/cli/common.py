@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 from pathlib import Path
 import sys
@@ -11,7 +12,6 @@ from dataclasses import dataclass
 from typing import Any, Callable, List, Optional
 
 import typer
-from rich.console import Console
 
 from dropcli.errors import EXIT_ERROR, EXIT_INTERRUPTED, DropcliError, UsageError
 
@@ -22,9 +22,34 @@ class State:
     quiet: bool = False
 
 
+class LazyConsole:
+    """A rich Console made on first use: `dropcli --help` does not import rich."""
+
+    def __init__(self, make: Callable[[], Any]):
+        object.__setattr__(self, "_make", make)
+        object.__setattr__(self, "_console", None)
+
+    def real(self) -> Any:
+        if self._console is None:
+            object.__setattr__(self, "_console", self._make())
+        return self._console
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real(), name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self.real(), name, value)
+
+
+def _console(**kw: Any) -> Any:
+    from rich.console import Console
+
+    return Console(**kw)
+
+
 STATE = State()
-out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)  # reports: stdout
-err = Console(stderr=True, soft_wrap=True)  # progress and logs: stderr
+out = LazyConsole(lambda: _console(soft_wrap=True, width=None if sys.stdout.isatty() else 160))  # reports: stdout
+err = LazyConsole(lambda: _console(stderr=True, soft_wrap=True))  # progress and logs: stderr
 
 
 def log(msg: str) -> None:
@@ -38,10 +63,17 @@ def fail(message: str, code: int = EXIT_ERROR) -> None:
 
 
 def handle_errors(fn: Callable) -> Callable:
-    """Turn exceptions into one-line messages and exit codes (tracebacks only with --debug)."""
+    """Turn exceptions into one-line messages and exit codes (tracebacks only with --debug).
+
+    It also gives the command the global ``--quiet/-q`` and ``--debug`` options, so that they
+    work after the verb (``dropcli inspect m.pt -q``) as well as before it."""
 
     @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+    def wrapper(*args: Any, dropcli_quiet: bool = False, dropcli_debug: bool = False, **kwargs: Any) -> Any:
+        if dropcli_quiet:
+            STATE.quiet = True
+        if dropcli_debug:
+            STATE.debug = True
         try:
             return fn(*args, **kwargs)
         except typer.Exit:
@@ -65,6 +97,15 @@ def handle_errors(fn: Callable) -> Callable:
             reset_stdio()
             out.file = None  # back to stdout (model_output may have sent reports to stderr)
 
+    sig = inspect.signature(fn)
+    extra = [
+        inspect.Parameter("dropcli_quiet", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+                          default=typer.Option(False, "--quiet", "-q", help="No progress or log lines on stderr.")),
+        inspect.Parameter("dropcli_debug", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+                          default=typer.Option(False, "--debug", help="Show tracebacks on errors.")),
+    ]
+    wrapper.__signature__ = sig.replace(parameters=[*sig.parameters.values(), *extra])  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {**getattr(fn, "__annotations__", {}), "dropcli_quiet": bool, "dropcli_debug": bool}
     return wrapper
 
 
@@ -142,7 +183,3 @@ Layers = typer.Option(None, "--layers", help="Select sites by name glob, e.g. 'f
 Exclude = typer.Option(None, "--exclude", help="Drop sites whose name matches these globs.")
 AllowOutput = typer.Option(False, "--allow-output", help="Allow a site after the output layer (off by default).")
 Json = typer.Option(False, "--json", help="Machine-readable JSON on stdout.")
-
-
-def load_opts(trust_pickle: bool, imports: Optional[List[str]], arch: Optional[str], input_shape: Optional[str]) -> dict:
-    return {"trust_pickle": trust_pickle, "imports": list(imports or []), "arch": arch, "input_shape": input_shape}

@@ -5,12 +5,10 @@ from __future__ import annotations
 from typing import List, Optional
 
 import typer
-from rich.table import Table
 
 from dropcli.model import formats
-from dropcli.errors import DropcliError, UsageError
-from dropcli.cli.common import (Arch, Exclude, Imports, InputShape, Json, Layers, ModelArg, TrustPickle, handle_errors, load_opts, log,
-                     model_output, out, print_json, shown)
+from dropcli.cli.common import (Arch, Exclude, Imports, InputShape, Json, Layers, ModelArg, TrustPickle, handle_errors, log,
+                                model_output, out, print_json, shown)
 
 HELP = """Convert dropout sites between the inverted and the vanilla convention.
 
@@ -54,35 +52,20 @@ def register(app: typer.Typer) -> None:
         arch: Optional[str] = Arch,
         input_shape: Optional[str] = InputShape,
     ) -> None:
-        from dropcli.backends import load_model
-        from dropcli.backends.convert import apply_onnx, apply_torch, plan_onnx, plan_torch
-        from dropcli.backends.plan import plan_existing
-        from dropcli.model.selection import Selection
+        from dropcli.api.models import check_convert_args, convert_sites, load, save
 
-        if to not in ("inverted", "vanilla"):
-            raise UsageError(f"unknown --to {to!r}", "choose inverted or vanilla")
-        if out_format is not None and out_format not in formats.ALL:
-            raise UsageError(f"unknown --format {out_format!r}", f"choose one of {', '.join(formats.ALL)}")
+        check_convert_args(to, out_format)
         model_output(output, [model_path], force=force, json_out=json_out)
-        model = load_model(model_path, **load_opts(trust_pickle, imports, arch, input_shape))
-        sel = Selection.from_options(None, layers, exclude, True)
-        try:
-            drops = plan_existing(model, sel)
-        except UsageError as e:
-            raise DropcliError(f"{model_path} has no dropout sites to convert", "`dropcli inspect` shows what is there") from e
-        if model.backend == "onnx":
-            plans = plan_onnx(model, drops, to)
-            done = apply_onnx(model, plans)
-        else:
-            plans = plan_torch(model, drops, to)
-            done = apply_torch(model, plans)
-        if not done:
+        model = load(model_path, trust_pickle=trust_pickle, imports=imports, arch=arch, input_shape=input_shape)
+        rows = convert_sites(model, to, layers=layers, exclude=exclude, name=model_path)
+        if not rows:
             log(f"every selected site already uses the {to} convention; writing an unchanged copy")
-        written = model.save(output, out_format)
-        rows = [{"site": d.site, "weight": d.layer, "p": d.p, "from": d.frm, "to": d.to, "weight_factor": d.factor} for d in done]
+        written = save(model, output, out_format)
         if json_out:
             print_json({"input": model_path, "output": output, "format": written, "backend": model.backend, "converted": rows})
             return
+        from rich.table import Table
+
         t = Table(title=f"convert to {to}: {len(rows)} site(s) -> {shown(output)} ({written})")
         for c in ("site", "weight", "p", "from", "to", "weight x"):
             t.add_column(c)

@@ -5,17 +5,11 @@ from __future__ import annotations
 from typing import List, Optional
 
 import typer
-from rich.table import Table
 
 from dropcli.model import formats
-from dropcli.backends import load_model
-from dropcli.errors import UsageError
-from dropcli.backends.plan import apply_inject, apply_replace, plan_existing, plan_inject
-from dropcli.model.selection import Selection
-from dropcli.variants import get_variant
 from dropcli.cli.common import (
     After, AllowOutput, Arch, Exclude, Imports, InputShape, Json, Layers, ModelArg, TrustPickle,
-    handle_errors, load_opts, log, model_output, out, print_json, shown,
+    handle_errors, log, model_output, out, print_json, shown,
 )
 
 HELP = """Insert a dropout variant after chosen layers, or --replace / --remove the dropout already there.
@@ -76,35 +70,24 @@ def register(app: typer.Typer) -> None:
         arch: Optional[str] = Arch,
         input_shape: Optional[str] = InputShape,
     ) -> None:
-        if replace and remove:
-            raise UsageError("--replace and --remove exclude each other", "choose one")
-        if out_format is not None and out_format not in formats.ALL:
-            raise UsageError(f"unknown --format {out_format!r}", f"choose one of {', '.join(formats.ALL)}")
-        spec = None if remove else get_variant(variant)
-        given = {"p": p, "block_size": block_size, "hole_size": hole_size, "holes": holes,
-                 "mask_per": mask_per, "weight": weight, "tie": tie, "p_input": p_input, "p_hidden": p_hidden,
-                 "threshold": threshold, "log_sigma2": log_sigma2, "samples_z": samples_z, "mc_form": mc_form,
-                 "alpha": alpha, "beta": beta}
-        params = spec.resolve_params(given) if spec else {}
-        if remove and any(v is not None for v in given.values()):
-            raise UsageError("--remove takes no variant parameters")
+        from dropcli.api.models import check_inject_args, inject_sites, load, save
+
+        given = {"block_size": block_size, "hole_size": hole_size, "holes": holes, "mask_per": mask_per, "weight": weight,
+                 "tie": tie, "p_input": p_input, "p_hidden": p_hidden, "threshold": threshold, "log_sigma2": log_sigma2,
+                 "samples_z": samples_z, "mc_form": mc_form, "alpha": alpha, "beta": beta}
+        edit = dict(p=p, replace=replace, remove=remove, **given)
+        check_inject_args(variant, format=out_format, **edit)
         model_output(output, [model_path], force=force, json_out=json_out)
-        model = load_model(model_path, **load_opts(trust_pickle, imports, arch, input_shape))
-        sel = Selection.from_options(after, layers, exclude, allow_output)
-        if replace or remove:
-            if sel.after:
-                raise UsageError("--after does not apply with --replace/--remove", "narrow the dropout layers with --layers/--exclude")
-            chosen = plan_existing(model, sel)
-            done = apply_replace(model, spec, params, chosen, inherit_p=replace and p is None)
-        else:
-            chosen = plan_inject(model, spec, sel)
-            done = apply_inject(model, spec, params, chosen)
-        written = model.save(output, out_format)
+        model = load(model_path, trust_pickle=trust_pickle, imports=imports, arch=arch, input_shape=input_shape)
+        done = inject_sites(model, variant, after=after, layers=layers, exclude=exclude, allow_output=allow_output, **edit)
+        written = save(model, output, out_format)
         result = {"input": model_path, "output": output, "format": written, "backend": model.backend,
                   "action": "remove" if remove else "replace" if replace else "inject", "sites": done}
         if json_out:
             print_json(result)
             return
+        from rich.table import Table
+
         t = Table(title=f"{result['action']}: {len(done)} site(s) -> {shown(output)} ({written})")
         t.add_column("site")
         t.add_column("at")

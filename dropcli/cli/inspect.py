@@ -5,41 +5,8 @@ from __future__ import annotations
 from typing import List, Optional
 
 import typer
-from rich.table import Table
 
-from dropcli.backends import load_model
-from dropcli.cli.common import Arch, Imports, InputShape, Json, ModelArg, TrustPickle, handle_errors, load_opts, out, print_json
-
-
-def _sites(layer) -> str:
-    tags = []
-    if layer.is_input:
-        tags.append("input")
-    elif layer.kind != "dropout" and not layer.is_output:
-        tags.append("after")
-    if layer.residual:
-        tags.append("residual")
-    if layer.kind == "dropout":
-        tags.append("replace")
-    if layer.layer_class:  # a layer that layer-rewriting variants (dropconnect, pooling dropout...) can replace
-        tags.append(f"rewrite:{layer.layer_class}")
-    return ",".join(tags)
-
-
-def describe(model) -> dict:
-    from dropcli.backends.convert import convention_of
-
-    layers = model.layers()
-    return {
-        "model": model.source,
-        "backend": model.backend,
-        "format": model.format,
-        "parameters": sum(l.params for l in layers),
-        "model_meta": dict(model.model_meta),  # e.g. the regression tau finetune learned
-        "layers": [{**l.as_dict(), "sites": _sites(l).split(",") if _sites(l) else [],
-                    **({"convention": convention_of(l.dropout_variant, l.op) or "n/a"} if l.kind == "dropout" else {})}
-                   for l in layers],
-    }
+from dropcli.cli.common import Arch, Imports, InputShape, Json, ModelArg, TrustPickle, handle_errors, out, print_json
 
 
 def register(app: typer.Typer) -> None:
@@ -60,11 +27,14 @@ Examples:
         arch: Optional[str] = Arch,
         input_shape: Optional[str] = InputShape,
     ) -> None:
-        model = load_model(model_path, **load_opts(trust_pickle, imports, arch, input_shape))
-        info = describe(model)
+        from dropcli.api.models import inspect
+
+        info = inspect(model_path, trust_pickle=trust_pickle, imports=imports, arch=arch, input_shape=input_shape)
         if json_out:
             print_json(info)
             return
+        from rich.table import Table
+
         facts = "".join(f", {k} {v:.6g}" if isinstance(v, float) else f", {k} {v}" for k, v in info["model_meta"].items())
         t = Table(title=f"{model_path}  ({info['backend']}, {info['format']}, {info['parameters']:,} parameters{facts})")
         for col in ("name", "kind", "op", "output shape", "params", "dropout", "sites"):

@@ -17,6 +17,11 @@ CLI computes the summary over the whole dataset with the local engine's code.
 Faults: Ray restarts a dead actor (``max_restarts=-1``) and re-runs its unit
 (``max_task_retries=-1``); a unit's result is only returned when it is complete, so every
 example is reported exactly once.
+
+:class:`RayEngine` is the engine interface of :mod:`dropcli.engines.local` on top of
+:func:`run`. ``UNIT_HOOKS`` is a registry of callables ``hook(src, start, stop)`` that every
+actor calls before it runs a unit (they travel to the actors with the pool's constructor
+arguments, so they must pickle): instrumentation, and the fault injection of the tests.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import json
 import logging
 import os
 import socket
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -36,8 +42,8 @@ import numpy as np
 from dropcli.errors import DropcliError, UsageError
 
 INSTALL = 'pip install "dropcli[ray]"'
-CRASH_ENV = "DROPCLI_RAY_TEST_CRASH"  # test hook: "ROW:MARKER" makes the actor that gets ROW exit once
 MAX_UNIT_ROWS = 65536
+UNIT_HOOKS: list[Callable[[int, int, int], None]] = []  # hook(src, start, stop), called in the actor before each unit
 
 
 def require_ray():
@@ -167,12 +173,12 @@ def unit_rows(n: int, workers: int, batch_size: int) -> int:
 class MCWorker:
     """One actor of the pool: loads the model once, then runs units of rows."""
 
-    def __init__(self, model: dict, sources: list[dict], mc: dict, threads: int, crash: str | None = None):
+    def __init__(self, model: dict, sources: list[dict], mc: dict, threads: int, hooks: list | None = None):
         import ray
         import torch
 
         torch.set_num_threads(max(1, int(threads)))
-        from dropcli.cli.uncertainty import build_runner
+        from dropcli.engines.factory import build_runner
         from dropcli.io.shards import Source
 
         blob = ray.get(model["ref"][0])
@@ -187,7 +193,7 @@ class MCWorker:
             arrays = ray.get(src["arrays_ref"][0]) if src.get("arrays_ref") else None
             self.sources.append(Source(src["name"], specs, shards=src["shards"], arrays=arrays))
         self.mc = mc
-        self.crash = crash
+        self.hooks = list(hooks or [])
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         try:
@@ -200,11 +206,8 @@ class MCWorker:
         return {c: np.concatenate([p[c] for p in parts]) for c in parts[0]}
 
     def _unit(self, src: int, shard: int, start: int, stop: int) -> dict[str, np.ndarray]:
-        if self.crash:
-            row, _, marker = self.crash.partition(":")
-            if src == 0 and start <= int(row) < stop and not os.path.exists(marker):
-                Path(marker).write_text(str(os.getpid()))
-                os._exit(17)  # the test's worker death: the next attempt finds the marker
+        for hook in self.hooks:
+            hook(src, start, stop)
         xs = self.sources[src].read(shard, start, stop)
         cols = unit_columns(self.runner, xs, start, self.mc)
         cols["src"] = np.full(len(cols["index"]), src, dtype=np.int16)
@@ -255,7 +258,6 @@ def run(sources: list[Any], model: dict, mc: dict, workers: int, threads: int, p
     if units is None:
         units = [dict(u, src=i) for i, source in enumerate(sources)
                  for u in source.units(unit_rows(source.n, workers, mc["batch_size"]))]
-    crash = os.environ.get(CRASH_ENV) or None
     ctx = ray.data.DataContext.get_current()
     saved = (ctx.enable_progress_bars, ctx.execution_options.preserve_order, getattr(ctx, "print_on_execution_start", None))
     ctx.enable_progress_bars = False
@@ -277,7 +279,7 @@ def run(sources: list[Any], model: dict, mc: dict, workers: int, threads: int, p
             ds = ds.map_batches(
                 MCWorker, batch_size=1, batch_format="numpy",
                 compute=ray.data.ActorPoolStrategy(size=workers),
-                fn_constructor_kwargs={"model": model, "sources": srcs, "mc": mc, "threads": threads, "crash": crash},
+                fn_constructor_kwargs={"model": model, "sources": srcs, "mc": mc, "threads": threads, "hooks": list(UNIT_HOOKS)},
                 num_cpus=threads, **remote,
             )
             for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
@@ -355,3 +357,86 @@ def model_payload(model_path: str, load_opts: dict, inject: dict | None) -> dict
             opts["arch"] = f"{Path(mod).resolve()}:{fn}"
     return {"ref": [ray.put(blob)], "name": model_path, "load_opts": opts, "inject": inject}
 
+
+
+# ------------------------------------------------------------------------------ the engine
+
+
+class RayEngine:
+    """A Ray Data actor pool; the statistics come back per example (the engine interface of
+    :mod:`dropcli.engines.local`). ``log(text)`` hears about the pool's size."""
+
+    def __init__(self, session, runner, model_path, load_kw, inject_opts, dev, T, seed, batch_size, budget, tau,
+                 keep_samples, workers, address, progress: Callable | None = None, log: Callable[[str], None] | None = None):
+        from dropcli.engines.runner import no_progress
+
+        self.session, self.runner = session, runner
+        self.model_path, self.load_kw, self.inject_opts, self.dev = model_path, load_kw, inject_opts, dev
+        self.mc = {"T": T, "seed": seed, "batch_size": batch_size, "budget": budget, "device": dev, "tau": tau,
+                   "keep_samples": keep_samples}
+        self.workers, self.address = workers, address
+        self.progress = progress or no_progress
+        self.log = log or (lambda text: None)
+
+    def __enter__(self):
+        info = self.session.__enter__()
+        try:
+            self.actors, self.threads = plan_workers(self.workers, info["cluster_cpus"], not self.address)
+            if self.actors < self.workers:
+                self.log(f"--workers {self.workers}: this machine has {info['cluster_cpus']} CPU(s), using {self.actors} worker(s)")
+            if self.mc["budget"] is None and not self.address:
+                # the actors of a local run share this machine's memory (results do not depend on it)
+                from dropcli.engines.runner import default_budget
+
+                self.mc["budget"] = max(64 << 20, default_budget(self.dev) // self.actors)
+            self.model = model_payload(self.model_path, self.load_kw, self.inject_opts)
+        except BaseException:
+            self.session.__exit__(*sys.exc_info())
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        self.model = None
+        return self.session.__exit__(*exc)
+
+    def n_outputs(self, source) -> int:
+        """K from the deterministic pass on the first row, read and run on the driver."""
+        k, a, _ = source.ranges()[0]
+        ev = self.runner.run_eval(source.read(k, a, a + 1))
+        return int(np.prod(ev.shape[1:]))
+
+    def _unit_rows(self, source) -> int:
+        return unit_rows(source.n, self.actors, self.mc["batch_size"])
+
+    def run_all(self, sources, task, tau) -> list:
+        """Every source on one actor pool (the model is loaded once per actor for all of them)."""
+        from dropcli.engines.local import EngineResult
+        from dropcli.engines.runner import check_degenerate_examples
+
+        mc = dict(self.mc, task=task, as_probs=None)
+        total = sum(src.n for src in sources)
+        with self.progress("MC dropout" if len(sources) == 1 else "MC dropout (input + OOD)", total) as advance:
+            results = run(sources, self.model, mc, self.actors, self.threads, advance)
+        out = []
+        for i, (source, cols) in enumerate(zip(sources, results)):
+            check_degenerate_examples(cols["degenerate"], self.mc["T"])
+            if task == "classification":
+                # to_probs decides over ALL samples (an AND over examples): redo the units that decided otherwise alone
+                flags = cols["as_probs"]
+                decision = bool(flags.all())
+                redo = [dict(u, src=0) for u in source.units(self._unit_rows(source))
+                        if bool(flags[u["start"]]) != decision]
+                if redo:
+                    again = run([source], self.model, dict(mc, as_probs=decision), self.actors, self.threads,
+                                lambda k: None, redo)[0]
+                    rows = again["index"]
+                    for c in cols:
+                        cols[c][rows] = again[c]
+            per = {k[4:]: v for k, v in cols.items() if k.startswith("per_")}
+            samples = np.ascontiguousarray(np.swapaxes(cols["samples"], 0, 1)) if "samples" in cols else None
+            out.append(EngineResult(per, cols["eval"], samples))
+        self.n_units = sum(len(src.units(self._unit_rows(src))) for src in sources)
+        return out
+
+    def describe(self) -> str:
+        return f"Ray: {self.actors} worker(s) x {self.threads} CPU(s), {self.n_units} unit(s)"

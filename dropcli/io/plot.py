@@ -23,7 +23,7 @@ CLASSIFICATION_MEASURES = (
 )
 
 
-def _import_pyplot():
+def import_pyplot():
     try:
         import matplotlib
 
@@ -95,7 +95,7 @@ def _risk_coverage(ax, per: dict[str, np.ndarray], labels: np.ndarray) -> None:
 
 def write_plot(path: str, task: str, per: dict[str, np.ndarray], labels: np.ndarray | None, summary: dict[str, Any]) -> None:
     """Write the PNG to ``path`` atomically (nothing is left behind on failure)."""
-    plt = _import_pyplot()
+    plt = import_pyplot()
     colors = ("tab:purple", "tab:orange", "tab:cyan", "tab:olive")
     n = len(per["mean"])
     how = f"T={summary['samples']}" if summary.get("samples") else "analytic moments"
@@ -135,7 +135,7 @@ def write_plot(path: str, task: str, per: dict[str, np.ndarray], labels: np.ndar
 
 def write_log_alpha_plot(path: str, values: dict[str, np.ndarray], threshold: float, what: str = "log alpha") -> None:
     """`dropcli prune --plot`: one histogram of ``what`` per layer, with the pruning threshold."""
-    plt = _import_pyplot()
+    plt = import_pyplot()
     names = list(values)
     if not names:
         raise DropcliError("--plot: there are no per-layer scores to plot")

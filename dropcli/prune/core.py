@@ -25,7 +25,7 @@ import torch
 from torch import fx, nn
 
 from dropcli.errors import DropcliError
-from dropcli.backends.torch.fx import set_module as _set_module
+from dropcli.backends.torch.fx import set_module
 from dropcli.training.loop import Split, fit
 from dropcli.prune.layers import SBPNoise, _SparseVD, to_sparse_vd
 from dropcli.prune.shrink import ShrinkResult, output_layers, prunable_layers, shrink
@@ -50,6 +50,7 @@ class PruneConfig:
     device: str = "cpu"
     quiet: bool = False
     retrain_epochs: int = DEFAULTS["retrain_epochs"]
+    progress: Any = None  # progress(label, total) -> advance(k, info): see dropcli.training.loop.fit
 
 
 @dataclass
@@ -74,7 +75,7 @@ def attach_sparse_vd(gm: fx.GraphModule, threshold: float) -> dict[str, _SparseV
     out = {}
     for name, m in layers.items():
         svd = to_sparse_vd(m, threshold)
-        _set_module(gm, name, svd)
+        set_module(gm, name, svd)
         out[name] = svd
     return out
 
@@ -102,7 +103,7 @@ def finalize_sparse_vd(gm: fx.GraphModule, svd: dict[str, _SparseVD]) -> dict[st
     log_alpha = {}
     for name, m in svd.items():
         log_alpha[name] = m.log_alpha().detach().cpu().numpy().ravel()
-        _set_module(gm, name, m.to_plain())
+        set_module(gm, name, m.to_plain())
     return log_alpha
 
 
@@ -208,7 +209,7 @@ def prune(gm: fx.GraphModule, example: tuple, train: Split | None, task: str, cf
                 return f"units removed {1 - kept / tot:.3f}"
 
         history = fit(gm, train, task, params=groups, epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed,
-                      device=cfg.device, regulariser=reg, train_modules=ms, describe=describe, quiet=cfg.quiet,
+                      device=cfg.device, regulariser=reg, train_modules=ms, describe=describe, quiet=cfg.quiet, progress=cfg.progress,
                       label=f"prune ({cfg.method})", decay_from=DECAY_FROM)
         if cfg.method == "sparse-vd":
             log_alpha = finalize_sparse_vd(gm, mods)
@@ -251,7 +252,7 @@ def retrain(gm: fx.GraphModule, train: Split, task: str, cfg: PruneConfig) -> li
     try:
         params = [{"params": [p for p in gm.parameters() if p.requires_grad], "lr": cfg.lr * DEFAULTS["retrain_lr_scale"]}]
         return fit(gm, train, task, params=params, epochs=cfg.retrain_epochs, batch_size=cfg.batch_size, seed=cfg.seed + 1,
-                   device=cfg.device, quiet=cfg.quiet, label="retrain kept weights", decay_from=0.0)
+                   device=cfg.device, quiet=cfg.quiet, progress=cfg.progress, label="retrain kept weights", decay_from=0.0)
     finally:
         for h in hooks:
             h.remove()

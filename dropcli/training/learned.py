@@ -236,7 +236,7 @@ def following_layer(gm: fx.GraphModule, site: str) -> tuple[str, nn.Module]:
 
 def attach(gm: fx.GraphModule, sites: list[LearnedSite], variant: str, per_weight: bool) -> None:
     """Swap each site's module (and with ``per_weight`` its following Linear) for a trainable one."""
-    from dropcli.backends.torch.fx import set_module as _set_module
+    from dropcli.backends.torch.fx import set_module
 
     for s in sites:
         name, mod = following_layer(gm, s.name)
@@ -244,7 +244,7 @@ def attach(gm: fx.GraphModule, sites: list[LearnedSite], variant: str, per_weigh
         if variant == "concrete":
             s.k = int(mod.in_features if isinstance(mod, nn.Linear) else mod.in_channels)
             s.module = ConcreteSite(s.start_p, s.k, mod)
-            _set_module(gm, s.name, s.module)
+            set_module(gm, s.name, s.module)
             continue
         if not isinstance(mod, nn.Linear):
             raise DropcliError(f"dropout site {s.name} is followed by a {type(mod).__name__}; variational rates are learned "
@@ -252,17 +252,17 @@ def attach(gm: fx.GraphModule, sites: list[LearnedSite], variant: str, per_weigh
         s.k = int(mod.in_features)
         if per_weight:
             s.module = VariationalLinear(mod, s.start_p)
-            _set_module(gm, s.name, nn.Identity())
-            _set_module(gm, name, s.module)
+            set_module(gm, s.name, nn.Identity())
+            set_module(gm, name, s.module)
         else:
             s.module = VariationalSite(s.start_p, mod.in_features, mod.out_features)
-            _set_module(gm, s.name, s.module)
+            set_module(gm, s.name, s.module)
     gm.recompile()
 
 
 def finalize(gm: fx.GraphModule, sites: list[LearnedSite]) -> list[dict[str, Any]]:
     """Put dropcli's stock sites back with the learned rates; returns a report row per site."""
-    from dropcli.backends.torch.fx import set_module as _set_module
+    from dropcli.backends.torch.fx import set_module
     from dropcli.variants import get_variant
 
     rows = []
@@ -271,17 +271,17 @@ def finalize(gm: fx.GraphModule, sites: list[LearnedSite]) -> list[dict[str, Any
         row = {"site": s.name, "at": s.at, "following": s.following, "k": s.k, "start_p": s.start_p}
         if isinstance(m, ConcreteSite):
             p = min(m.rate(), 1 - 1e-6)
-            _set_module(gm, s.name, get_variant("standard").torch_module(p=p))
+            set_module(gm, s.name, get_variant("standard").torch_module(p=p))
             row.update(variant="standard", learned_p=p)
         else:
             alpha = m.unit_alpha().cpu().double().numpy()
             if isinstance(m, VariationalLinear):
-                _set_module(gm, s.following, m.linear)
+                set_module(gm, s.following, m.linear)
                 row["per_weight"] = True
                 a_w = m.alpha().detach().cpu().double().numpy()
                 row["alpha_per_weight"] = {"mean": float(a_w.mean()), "min": float(a_w.min()), "max": float(a_w.max())}
             site = get_variant("gaussian").torch_module(alpha=[float(a) for a in alpha])
-            _set_module(gm, s.name, site)
+            set_module(gm, s.name, site)
             row.update(variant="gaussian", learned_p=site.p, start_alpha=s.start_p / (1 - s.start_p),
                        alpha_mean=float(alpha.mean()), alpha_min=float(alpha.min()), alpha_max=float(alpha.max()),
                        alpha=[float(a) for a in alpha])

@@ -1,11 +1,12 @@
 """Training data and the training loop shared by the commands that fine-tune a model
-(``dropcli prune``; meant for ``dropcli finetune`` too).
+(``dropcli prune``, ``dropcli finetune``).
 
 * :func:`load_split` reads ``--data`` / ``--val`` (``.npz`` with ``x`` and ``y``, ``.pt``, ``.csv``
   whose last column is the label) with the readers of :mod:`dropcli.data`, checks them against the
   model's input and output, and holds out a seeded split when there is no ``--val``.
-* :func:`fit` is the epoch loop: seeded shuffling, Adam, a rich progress bar on stderr, and
-  Ctrl-C propagating as ``KeyboardInterrupt`` (the caller writes nothing).
+* :func:`fit` is the epoch loop: seeded shuffling, Adam, progress reported through a callback
+  (the CLI draws it as a bar on stderr), and Ctrl-C propagating as ``KeyboardInterrupt`` (the
+  caller writes nothing).
 * :func:`evaluate` gives the loss (and accuracy for classification) in eval mode.
 """
 
@@ -21,10 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dropcli.analysis.task import infer_task
 from dropcli.io.data import LABEL_KEYS, InputSpec, bind, read_arrays
 from dropcli.errors import DropcliError, UsageError
-
-TASKS = ("auto", "classification", "regression")
 
 
 @dataclass
@@ -70,18 +70,6 @@ def _is_csv(path: str) -> bool:
     return not (head.startswith(b"\x93NUMPY") or head.startswith(b"PK\x03\x04"))
 
 
-def resolve_task(task: str, y: np.ndarray, n_out: int) -> str:
-    if task not in TASKS:
-        raise UsageError(f"unknown --task {task!r}", f"choose one of {', '.join(TASKS)}")
-    if task != "auto":
-        return task
-    if y.dtype.kind in "biu":
-        return "classification"
-    if y.dtype.kind == "f" and n_out > 1 and y.ndim == 1 and np.all(y == np.round(y)):
-        return "classification"
-    return "regression"
-
-
 def _labels(y: np.ndarray, task: str, out_shape: tuple[int, ...], source: str) -> torch.Tensor:
     if task == "classification":
         if y.ndim == 2 and y.shape[1] == 1:
@@ -108,7 +96,7 @@ def load_split(data: str, val: str | None, example: tuple[torch.Tensor, ...], ou
     """Training and validation data, checked against the model; returns (train, val, task)."""
     spec = input_spec(example)
     x, y = _xy(data, spec)
-    task = resolve_task(task, y, int(out_shape[-1]) if out_shape else 1)
+    task = infer_task(task, y, int(out_shape[-1]) if out_shape else 1)
     yt = _labels(y, task, out_shape, data)
     xt = torch.from_numpy(np.ascontiguousarray(x))
     if val is not None:
@@ -162,31 +150,24 @@ def seed_all(seed: int) -> torch.Generator:
 
 
 @contextlib.contextmanager
-def progress_bar(total: int, description: str, quiet: bool = False):
-    """A rich progress bar on stderr (hidden with --quiet or when stderr is not a terminal)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from dropcli.cli.common import err
-
-    prog = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TextColumn("{task.fields[info]}"), console=err, transient=True,
-                    disable=quiet or not err.is_terminal)
-    with prog:
-        tid = prog.add_task(description, total=total, info="")
-        yield lambda info="", advance=1: prog.update(tid, advance=advance, info=info)
+def _no_progress(what: str, total: int):
+    yield lambda k=1, info="": None
 
 
 def fit(model: nn.Module, train: Split, task: str, *, params: Iterable[dict[str, Any]], epochs: int, batch_size: int,
         seed: int, device: str = "cpu", regulariser: Callable[[float], tuple[torch.Tensor, dict[str, float]]] | None = None,
         train_modules: Iterable[nn.Module] = (), describe: Callable[[], str] | None = None,
         on_step: Callable[[int], None] | None = None, quiet: bool = False, label: str = "training",
-        decay_from: float | None = None) -> list[dict[str, float]]:
+        decay_from: float | None = None, progress: Callable | None = None) -> list[dict[str, float]]:
     """Adam on ``data loss + regulariser(progress)`` for ``epochs`` epochs.
 
     Only ``train_modules`` are put in training mode: everything else (BatchNorm, dropout)
     stays in eval mode. ``regulariser(progress)`` gets the fraction of training done (0..1) and
     returns the term to add and numbers for the progress bar. With ``decay_from`` (a fraction of
     training) the learning rates fall linearly to 0 from that point on. Ctrl-C raises KeyboardInterrupt.
+
+    ``progress(label, epochs)`` is a context manager yielding ``advance(k, info)``, called once per
+    epoch with the epoch's numbers (``quiet`` or no ``progress``: nothing is reported).
     """
     if epochs < 1:
         raise UsageError("--epochs must be at least 1")
@@ -204,7 +185,7 @@ def fit(model: nn.Module, train: Split, task: str, *, params: Iterable[dict[str,
     history = []
     step = 0
     try:
-        with progress_bar(epochs, label, quiet) as advance:
+        with (_no_progress if quiet or progress is None else progress)(label, epochs) as advance:
             for epoch in range(epochs):
                 perm = torch.randperm(n, generator=gen)
                 tot, tot_reg, correct = 0.0, 0.0, 0
@@ -244,7 +225,7 @@ def fit(model: nn.Module, train: Split, task: str, *, params: Iterable[dict[str,
                     info += f"  acc {rec['accuracy']:.3f}"
                 if describe is not None:
                     info += "  " + describe()
-                advance(info)
+                advance(1, info)
     finally:
         for m in train_modules:
             m.eval()

@@ -1,0 +1,221 @@
+"""MC-dropout uncertainty: ``dropcli.uncertainty`` (and `dropcli uncertainty`, which renders it)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+from dropcli.api.common import Log, is_path, load_opts, no_log, no_progress, open_input, read_labels
+
+Names = Optional[Sequence[str] | str]
+
+
+@dataclass
+class UncertaintyResult:
+    """What `dropcli uncertainty` reports, as arrays.
+
+    ``per``: per-example statistics, each an array over the N examples: ``mean`` and ``var`` /
+    ``std`` [N, K] (of the probabilities for classification), and for classification ``pred``,
+    ``confidence``, ``entropy`` (of the predictive mean), ``expected_entropy``, ``mutual_info``
+    (BALD), ``variation_ratio``. They are also attributes: ``r.mean``, ``r.mutual_info``...
+    ``summary``: the statistics the CLI reports (``--json``'s ``summary``). ``eval``: the
+    deterministic pass [N, K]; ``samples``: the raw [T, N, K] outputs (local engine, or
+    ``keep_samples``); ``columns``: the per-example columns the CLI writes; ``ood``: the
+    per-example statistics of the ``ood`` input."""
+
+    task: str
+    summary: dict
+    per: dict
+    eval: Any
+    samples: Any = None
+    labels: Any = None
+    columns: dict = field(default_factory=dict)
+    ood: Optional[dict] = None
+    source: Any = field(default=None, repr=False)
+
+    def __getattr__(self, name: str) -> Any:
+        per = self.__dict__.get("per")
+        if not name.startswith("_") and per is not None and name in per:
+            return per[name]
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+    @property
+    def n(self) -> int:
+        return len(self.per["mean"])
+
+    @property
+    def tripped(self) -> bool:
+        """Whether the ``fail_above`` gate tripped (False without one)."""
+        return bool(self.summary.get("gate", {}).get("tripped", False))
+
+    def to_json(self, examples: bool = True) -> dict:
+        """The report of `dropcli uncertainty --json`: ``{"summary": ..., "examples": [...]}``
+        (JSON types: NaN is None); ``examples=False``: the summary only."""
+        from dropcli.io import report
+
+        return json.loads(report.to_json(self.summary, self.columns if examples else {}))
+
+
+def check_uncertainty_args(*, T: int = 50, batch_size: int = 256, task: str = "auto", tau: Optional[float] = None,
+                           engine: str = "local", method: str = "mc", keep_samples: bool = False,
+                           address: Optional[str] = None, workers: int = 1, fail_above: Any = None, **_: Any):
+    """The option checks of `dropcli uncertainty` (UsageError); the parsed ``fail_above`` gate."""
+    from dropcli.analysis.summary import parse_gate
+    from dropcli.analysis.task import check_task
+    from dropcli.errors import UsageError
+
+    if T < 1:
+        raise UsageError(f"--samples must be >= 1, got {T}")
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
+    check_task(task)
+    if tau is not None and not tau > 0:
+        raise UsageError("--tau must be positive")
+    if engine not in ("local", "ray"):
+        raise UsageError(f"unknown --engine {engine!r}", "choose local or ray")
+    if method not in ("mc", "moments"):
+        raise UsageError(f"unknown --method {method!r}", "choose mc or moments")
+    if method == "moments" and (engine != "local" or keep_samples):
+        raise UsageError("--method moments draws no samples: it runs with --engine local and without --keep-samples")
+    if engine == "local" and (address or workers != 1):
+        raise UsageError("--address and --workers apply only with --engine ray")
+    if workers < 1:
+        raise UsageError(f"--workers must be >= 1, got {workers}")
+    return parse_gate(fail_above)
+
+
+def uncertainty(model: Any, x: Any, *, labels: Any = None, T: int = 50, method: str = "mc", seed: int = 0,
+                device: str = "cpu", batch_size: int = 256, max_memory: Optional[str | int] = None, task: str = "auto",
+                tau: Optional[float] = None, ood: Any = None, fail_above: Any = None, inject: Optional[str] = None,
+                p: Optional[float] = None, after: Names = None, layers: Names = None, exclude: Names = None,
+                allow_output: bool = False, engine: str = "local", address: Optional[str] = None, workers: int = 1,
+                keep_samples: bool = False, trust_pickle: bool = False, imports: Optional[Sequence[str]] = None,
+                arch: Optional[str] = None, input_shape: Optional[str] = None, debug: bool = False,
+                progress: Callable | None = None, log: Log | None = None) -> UncertaintyResult:
+    """Monte-Carlo dropout: ``T`` stochastic passes per example of ``x``, and the per-example
+    predictive mean, variance, entropy, mutual information... with the summary `dropcli
+    uncertainty` reports (accuracy, NLL, Brier, ECE, risk-coverage, AUROC with labels).
+
+    ``model``: a path or a loaded model (``dropcli.load``) with dropout sites, or without them
+    and ``inject="standard", p=0.1, after="relu"`` (sites on the fly, on a copy). ``x``: a path
+    (file, folder or glob of shards, ``-``), an array, a list of arrays (one per model input) or
+    a dict of named arrays (a ``y`` array holds the labels). ``labels``: a path or an array.
+    ``method="moments"``: analytic moments through fastdropout sites (torch). ``engine="ray"``
+    (a model path) runs on a Ray actor pool with the same results. ``progress(label, total)`` is
+    a context manager yielding ``advance(k)``; ``log(text)`` gets the CLI's log lines.
+    Raises :class:`dropcli.errors.DropcliError` (``UsageError`` for bad arguments)."""
+    import numpy as np
+
+    from dropcli.analysis import stats
+    from dropcli.analysis import summary as S
+    from dropcli.analysis.task import class_labels, infer_task
+    from dropcli.errors import DropcliError, UsageError
+    from dropcli.io import report
+
+    log = log or no_log
+    progress = progress or no_progress
+    gate = check_uncertainty_args(T=T, batch_size=batch_size, task=task, tau=tau, engine=engine, method=method,
+                                  keep_samples=keep_samples, address=address, workers=workers, fail_above=fail_above)
+    from dropcli.training.loop import resolve_device
+
+    dev = resolve_device(device)
+    budget = None
+    if max_memory:
+        from dropcli.engines.runner import parse_size
+
+        budget = max_memory if isinstance(max_memory, int) else parse_size(max_memory)
+    if engine == "ray":
+        from dropcli.engines.ray import require_ray
+
+        require_ray()
+        if not is_path(model):
+            raise UsageError("engine='ray' sends the model file to its workers: give the model as a path")
+    if not inject and (p is not None or after or layers):
+        raise UsageError("--p/--after/--layers apply only with --inject")
+
+    from dropcli.engines.factory import build_runner
+
+    load_kw = load_opts(trust_pickle, imports, arch, input_shape)
+    inject_opts = {"variant": inject, "p": p, "after": after, "layers": layers, "exclude": exclude,
+                   "allow_output": allow_output} if inject else None
+
+    def injected(name: str, params: dict, done: list) -> None:
+        shown = ", ".join(f"{k}={v}" for k, v in params.items())
+        log(f"injected {name} ({shown}) at {len(done)} site(s), not saved")
+
+    if is_path(model):
+        model_name = str(model)
+    else:
+        from dropcli.api.common import copy_model, resolve_model
+
+        model, model_name = resolve_model(model, load_kw)
+        if inject_opts:
+            model = copy_model(model)  # the caller's model keeps no on-the-fly sites
+    runner = build_runner(model if not is_path(model) else str(model), load_kw, dev, inject_opts, on_inject=injected)
+    mdl = runner.model
+    if method == "moments" and mdl.backend != "torch":
+        raise UsageError("--method moments propagates moments through torch graphs; this is an ONNX model",
+                         "use --method mc, or run --method moments on the torch model it was exported from")
+    if runner.n_sites == 0:
+        raise DropcliError(
+            f"{model_name} has no dropout sites, so MC dropout has nothing to sample",
+            "inject some on the fly with --inject standard --p 0.1 (or save one with `dropcli inject`)",
+        )
+    tau_from = "--tau"
+    if tau is None and mdl.model_meta.get("tau"):
+        tau, tau_from = float(mdl.model_meta["tau"]), "the model (dropcli finetune)"  # regression only
+    specs = runner.input_specs()
+    source = open_input(x, specs)
+    n = source.n
+    labels = read_labels(labels) if labels is not None else source.labels
+    if labels is not None and len(labels) != n:
+        raise DropcliError(f"labels have {len(labels)} rows but the input has {n} examples", "give one label per example")
+    ood_source = open_input(ood, specs, "OOD input") if (ood if is_path(ood) else ood is not None) else None
+
+    if method == "moments":
+        from dropcli.engines.local import MomentsEngine
+
+        eng = MomentsEngine(runner, batch_size, progress)
+    elif engine == "local":
+        from dropcli.engines.local import LocalEngine
+
+        eng = LocalEngine(runner, T, seed, batch_size, budget, progress)
+    else:
+        from dropcli.engines.ray import RayEngine, session
+
+        eng = RayEngine(session(address, workers, debug), runner, str(model), load_kw, inject_opts, dev, T, seed,
+                        batch_size, budget, tau, keep_samples, workers, address, progress=progress, log=log)
+    with eng:
+        K = eng.n_outputs(source)
+        task = infer_task(task, labels, K)
+        with_ood = ood_source is not None and task == "classification"
+        results = eng.run_all([source, ood_source] if with_ood else [source], task, tau)
+        res, ood_res = results[0], (results[1] if with_ood else None)
+    log(f"{model_name}: {mdl.backend}/{mdl.format}, {runner.n_sites} dropout site(s); "
+        f"{n} examples x {'analytic moments' if method == 'moments' else f'T={T}'} on {dev}, {eng.describe()}")
+    per, eval_out = res.per, res.eval
+    summary: dict = {"model": model_name, "backend": mdl.backend, "task": task, "method": method,
+                     "samples": T if method == "mc" else None, "seed": seed if method == "mc" else None,
+                     "sites": runner.n_sites, "device": dev}
+    if method == "moments":
+        summary["moments"] = eng.report(task)
+    if task == "classification":
+        if labels is not None:
+            labels = class_labels(labels, K)
+        eval_probs = stats.to_probs(eval_out[None])[0]
+        summary.update(stats.summary(per, labels, eval_probs=eval_probs, ood_per=ood_res.per if ood_res else None))
+        cols = report.columns(task, per, labels, eval_probs)
+    else:
+        summary["variance"] = (f"sample variance over passes + 1/tau, tau = {tau:.6g} from {tau_from}" if tau else
+                               "sample variance over passes (no --tau: model precision not included)")
+        summary["tau"] = tau
+        summary["distribution"] = {"std": stats.distribution(per["std"].mean(-1))}
+        if labels is not None:
+            summary.update(S.regression_metrics(per, eval_out, labels, K))
+        cols = report.columns(task, per, labels, eval_out)
+    if gate:
+        summary["gate"] = S.gate(per, gate, task, method)
+    return UncertaintyResult(task=task, summary=summary, per=per, eval=eval_out,
+                             samples=res.samples, labels=labels, columns=cols,
+                             ood=ood_res.per if ood_res else None, source=source)

@@ -1,0 +1,54 @@
+"""The MC runner for a model: the backend's runner, after an optional on-the-fly inject.
+
+Every engine (this process, each Ray actor) builds its runner here, so they all sample the
+same sites with the same code.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence
+
+
+def make_runner(model: Any, device: str):
+    """The MC runner of a loaded model (torch: :class:`TorchRunner`; ONNX: ``OnnxRunner``)."""
+    if model.backend == "onnx":
+        from dropcli.engines.onnx_mc import OnnxRunner
+
+        return OnnxRunner(model, device)
+    from dropcli.engines.runner import TorchRunner
+
+    return TorchRunner(model, device)
+
+
+def inject_on_the_fly(model: Any, variant: str, p: Optional[float] = None, after: Sequence[str] | str | None = None,
+                      layers: Sequence[str] | str | None = None, exclude: Sequence[str] | str | None = None,
+                      allow_output: bool = False) -> tuple[str, dict, list[dict]]:
+    """Insert ``variant`` sites into ``model`` in place (nothing is saved); (variant name, params, sites)."""
+    from dropcli.backends.plan import apply_inject, plan_inject
+    from dropcli.model.selection import Selection
+    from dropcli.variants import get_variant
+
+    spec = get_variant(variant)
+    params = spec.resolve_params({"p": p})
+    sel = Selection.from_options(after, layers, exclude, allow_output)
+    done = apply_inject(model, spec, params, plan_inject(model, spec, sel))
+    return spec.name, params, done
+
+
+def build_runner(model: Any, load_kw: dict | None, dev: str, inject_opts: dict | None,
+                 on_inject: Callable[[str, dict, list[dict]], None] | None = None):
+    """Load a model (a path, or an already loaded model) and its MC runner, injecting sites on
+    the fly if asked (``inject_opts``: the keyword arguments of :func:`inject_on_the_fly`);
+    ``on_inject(variant, params, sites)`` hears about the injection."""
+    from dropcli.variants.weightdrop import refuse_per_pass
+
+    if isinstance(model, str):
+        from dropcli.backends import load_model
+
+        model = load_model(model, **(load_kw or {}))
+    if inject_opts:
+        done = inject_on_the_fly(model, **inject_opts)
+        if on_inject is not None:
+            on_inject(*done)
+    refuse_per_pass(model)
+    return make_runner(model, dev)
