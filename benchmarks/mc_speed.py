@@ -3,7 +3,7 @@
     python benchmarks/mc_speed.py            # 10 interleaved repetitions per path
     python benchmarks/mc_speed.py --quick    # 3 repetitions (about a minute)
 
-The job (shared/docs/perf-notes.md): T = 50 samples, a batch of 256, 2 threads.
+The job: T = 50 samples, a batch of 256, 2 threads.
 Models: MLP 784-512-512-10 with Dropout(0.5) after each hidden ReLU; a small CNN
 (3x32x32, two conv(8, 16 channels)-BN-ReLU-pool blocks with Dropout2d(0.2), dropout before the linear head).
 

@@ -76,7 +76,7 @@ def test_nwgm_bound_holds_for_small_noise():
             E = m["E"]
             assert abs(E - m["NWGM"]) <= 2 * E * (1 - E) * abs(1 - 2 * E) + 1e-12
             # the second-order expansion (G ~ E - V/(2E), G' ~ 1-E - V/(2(1-E))) gives
-            # E - NWGM ~ V(1-2E)/(2E(1-E)); it is accurate here to 25% plus a third-order term (5% of V). (variants.md's
+            # E - NWGM ~ V(1-2E)/(2E(1-E)); it is accurate here to 25% plus a third-order term (5% of V). (docs/analysis.md's
             # V|1-2E|/(1-2V) is smaller by the factor 2E(1-E)/(1-2V) and is not: see the report.)
             approx = m["V"] * (1 - 2 * E) / (2 * E * (1 - E))
             assert abs((E - m["NWGM"]) - approx) <= 0.25 * abs(approx) + 0.05 * m["V"]

@@ -1,16 +1,12 @@
-"""The shared helpers of the backends and the model layer, and the import rules they obey.
+"""The shared helpers of the backends and the model layer (the import rules: test_layering.py).
 
 * dropcli.model.naming: the one owner of the names dropcli writes into models (a file format:
   the literals below are what models already written contain);
 * dropcli.model.residual: the residual-add rule both backends use;
 * dropcli.backends.torch.fx: the torch fx helpers;
-* the import rules for backends/, variants/ and model/ (a static read of the sources).
 """
 
 from __future__ import annotations
-
-import ast
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,9 +14,6 @@ from torch import fx, nn
 
 from dropcli.backends.torch.fx import aten_name, fetch_attr, fname, is_linear, linear_input, set_module
 from dropcli.model import naming, residual
-
-PKG = Path(__file__).resolve().parent.parent / "dropcli"
-
 
 # ---------------------------------------------------------------------------------- naming
 
@@ -149,78 +142,3 @@ def test_fx_helpers():
     assert isinstance(gm.get_submodule("new.deep.layer"), nn.Identity)
     set_module(gm, "w", nn.Identity())  # replaces a parameter of the same name
     assert "w" not in dict(gm.named_parameters()) and isinstance(gm.w, nn.Identity)
-
-
-# ---------------------------------------------------------------------------------- import rules
-
-
-def _imports(path: Path) -> list[tuple[str, str | None]]:
-    """(module, imported name) for every import in a file, nested ones included."""
-    out = []
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module:
-            out += [(node.module, a.name) for a in node.names]
-        elif isinstance(node, ast.Import):
-            out += [(a.name, None) for a in node.names]
-    return out
-
-
-def _module_name(path: Path) -> str:
-    rel = path.relative_to(PKG.parent).with_suffix("")
-    parts = list(rel.parts)
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-
-
-OWN = [p for sub in ("backends", "variants", "model") for p in sorted((PKG / sub).rglob("*.py"))]
-
-
-def test_backends_never_import_each_other():
-    for path in OWN:
-        mod = _module_name(path)
-        for target, _ in _imports(path):
-            if mod.startswith("dropcli.backends.torch"):
-                assert not target.startswith("dropcli.backends.onnx"), f"{mod} imports {target}"
-            if mod.startswith("dropcli.backends.onnx"):
-                assert not target.startswith("dropcli.backends.torch"), f"{mod} imports {target}"
-
-
-def test_model_layer_is_neutral():
-    for path in sorted((PKG / "model").rglob("*.py")):
-        mod = _module_name(path)
-        top = ast.parse(path.read_text()).body  # module level only: formats.py parses ONNX lazily
-        for node in top:
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
-            for name in names:
-                assert not name.startswith(("torch", "onnx")), f"{mod} imports {name} at import time"
-                if name.startswith("dropcli"):
-                    assert name.startswith(("dropcli.model", "dropcli.errors")), f"{mod} imports {name}"
-
-
-def test_no_private_imports_and_no_cycles():
-    graph: dict[str, set[str]] = {}
-    mods = {_module_name(p) for p in OWN}
-    for path in OWN:
-        mod = _module_name(path)
-        graph[mod] = set()
-        for target, name in _imports(path):
-            if not target.startswith("dropcli"):
-                continue
-            assert not (name and name.startswith("_") and not name.startswith("__")), f"{mod} imports {target}.{name}"
-            full = f"{target}.{name}" if name else target
-            dep = full if full in mods else target
-            if dep in mods and dep != mod:
-                graph[mod].add(dep)
-    seen: dict[str, int] = {}
-
-    def visit(m: str, stack: list[str]) -> None:
-        seen[m] = 1
-        for d in graph[m]:
-            assert seen.get(d) != 1, "import cycle: " + " -> ".join(stack[stack.index(d):] + [d]) if d in stack else d
-            if d not in seen:
-                visit(d, stack + [d])
-        seen[m] = 2
-
-    for m in sorted(graph):
-        if m not in seen:
-            visit(m, [m])

@@ -2,7 +2,7 @@
 
 - the loop reproduces the fused nn.LSTM/nn.GRU to 1e-5 (all layers, bidirectional,
   batch_first, projections, given/zero initial states); inference mode is the fused op, bitwise;
-- each variant's masks sit where variants.md puts them: checked against an independent
+- each variant's masks sit where docs/variants.md puts them: checked against an independent
   step-by-step reference fed the same masks;
 - masks are per sequence where they should be, per step where asked; drop rates and moments on
   large tensors with fixed seeds, tolerances of Z = 6 standard errors from the formulas;
@@ -124,7 +124,7 @@ def test_rnndrop_refuses_gru_and_bad_options():
 
 
 def _reference(mode, m, x, masks: StepMasks):
-    """Single-layer, forward, batch_first; the rules of variants.md, written out gate by gate
+    """Single-layer, forward, batch_first; the rules of docs/variants.md, written out gate by gate
     in torch's gate order (LSTM i, f, g, o; GRU r, z, n)."""
     G = 4 if mode == "lstm" else 3
     H = m.hidden_size

@@ -1,4 +1,4 @@
-"""The `sparse-vd` inject variant (variants.md part (c)) and `dropcli prune` on its output.
+"""The `sparse-vd` inject variant (docs/learned.md) and `dropcli prune` on its output.
 
 - MC mode is the local reparameterisation trick: per example and unit, y ~ N(Wx + b, (x*x) s2);
   moments checked in both backends on a large tiled batch, with tolerances from the variance.

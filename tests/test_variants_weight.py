@@ -2,7 +2,7 @@
 
 With inverted masks (W~ = M*W/q, b~ = m*b/q, M, m ~ Bernoulli(q) per example) a unit's
 pre-activation u has mean mu = W x + b and variance s2 = (p/q)((W*W)(x*x) + b*b) exactly
-(variants.md's vanilla form, mu = q W v and s2 = q(1-q)(W*W)(v*v), with W -> W/q). Both MC forms
+(docs/variants.md's vanilla form, mu = q W v and s2 = q(1-q)(W*W)(v*v), with W -> W/q). Both MC forms
 (`gaussian`: u ~ N(mu, s2); `mask`: the Bernoulli masks themselves) must give these moments, per
 row of a tiled batch with no mask shared between rows; the test rule is Algorithm 2,
 mean_z a(mu + sqrt(s2) eps_z). Tolerances: K standard errors from the formulas.

@@ -1,6 +1,6 @@
 """`dropcli analyze`: ensemble vs weight scaling (Baldi & Sadowski 2013), on the user's inputs.
 
-Math (shared/docs/variants.md, part d). For the units after a dropout site, over MC masks:
+Math: docs/analysis.md (Ensemble vs weight scaling). For the units after a dropout site, over MC masks:
 
 * ``E = mean(O)``, ``V = Var(O)``, ``G = exp(mean log O)``, ``G' = exp(mean log(1-O))``,
   ``NWGM = G / (G + G')``; ``O*`` is the deterministic pass.
@@ -68,7 +68,7 @@ def unit_moments(O: np.ndarray, weights: np.ndarray | None = None, logO: np.ndar
 
 
 def bound_checks(m: dict[str, np.ndarray], tol: float = 1e-9) -> dict[str, np.ndarray]:
-    """Boolean violation arrays for the bounds of variants.md (d)."""
+    """Boolean violation arrays for the bounds of docs/analysis.md."""
     E, V, G, nw = m["E"], m["V"], m["G"], m["NWGM"]
     return {
         "V <= E(1-E)": V > E * (1 - E) + tol,
@@ -188,11 +188,11 @@ def summarise_site(u: SiteUnits, S: np.ndarray | None, S_star: np.ndarray | None
         q["E-G"] = distribution(m["E"] - m["G"])
         q["|E-G-V|"] = distribution(np.abs(m["E"] - m["G"] - m["V"]))
         # second-order expansion of E[log O] around E: E - G ~= V / (2E); exact enumeration
-        # follows this more closely than the E - G ~= V of variants.md (reported side by side)
+        # follows this more closely than the E - G ~= V of docs/analysis.md (reported side by side)
         q["V/(2E)"] = distribution(m["V"] / (2 * np.maximum(m["E"], EPS)))
         q["V|1-2E|/(1-2V)"] = distribution(m["V"] * np.abs(1 - 2 * m["E"]) / (1 - 2 * m["V"]))
         # second-order expansion: E - NWGM ~ V(1-2E)/(2E(1-E)) (tests/test_analyze.py checks it
-        # against exact enumeration; variants.md's form above differs by 2E(1-E)/(1-2V))
+        # against exact enumeration; docs/analysis.md's form above differs by 2E(1-E)/(1-2V))
         E_ = np.clip(m["E"], EPS, 1 - EPS)
         q["V|1-2E|/(2E(1-E))"] = distribution(m["V"] * np.abs(1 - 2 * E_) / (2 * E_ * (1 - E_)))
         for k, bad in bound_checks(m).items():

@@ -2,7 +2,7 @@
 
 Shapes: ``samples`` is ``[T, N, K]`` (T stochastic passes, N examples, K outputs).
 For classification the samples are per-pass class probabilities; :func:`to_probs`
-turns logits into them. Definitions follow shared docs variants.md part (d):
+turns logits into them. Definitions follow docs/analysis.md:
 
 - predictive entropy  H[mean_t p_t]                (total)
 - expected entropy    mean_t H[p_t]                (aleatoric)

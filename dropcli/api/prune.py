@@ -43,7 +43,7 @@ def check_prune_args(*, method: str = "sparse-vd", epochs: Optional[int] = None,
         raise UsageError(f"unknown --task {task!r}", "choose auto, classification or regression")
     dev = resolve_device(device)
     if plot:
-        from dropcli.io.plot import import_pyplot
+        from dropcli.analysis.plot import import_pyplot
 
         import_pyplot()  # fail before training when matplotlib is missing
     return {"epochs": epochs, "lr": lr, "batch_size": batch_size, "retrain_epochs": retrain_epochs, "device": dev}
@@ -145,7 +145,7 @@ def prune(model: Any, data: Any, output: str, *, val: Optional[str] = None, meth
                 summary[f"val_{k}_{key}"] = v
     report = {"summary": summary, "layers": result.layers}
     if plot:
-        from dropcli.io.plot import write_log_alpha_plot
+        from dropcli.analysis.plot import write_log_alpha_plot
 
         write_log_alpha_plot(plot, result.log_alpha, threshold if method == "sparse-vd" else 0.0,
                              "log alpha" if method == "sparse-vd" else "log SNR")

@@ -105,8 +105,6 @@ def uncertainty(model: Any, x: Any, *, labels: Any = None, T: int = 50, method: 
     (a model path) runs on a Ray actor pool with the same results. ``progress(label, total)`` is
     a context manager yielding ``advance(k)``; ``log(text)`` gets the CLI's log lines.
     Raises :class:`dropcli.errors.DropcliError` (``UsageError`` for bad arguments)."""
-    import numpy as np
-
     from dropcli.analysis import stats
     from dropcli.analysis import summary as S
     from dropcli.analysis.task import class_labels, infer_task

@@ -1,5 +1,5 @@
 """`dropcli convert`: move the keep probability q between a dropout site and the weights of
-the linear layer after it (variants.md, Conventions).
+the linear layer after it (docs/variants.md, Conventions).
 
 * inverted: ``y = x m / q`` in training (MC), identity at test;
 * vanilla: ``y = x m`` in training, ``y = q x`` at test.

@@ -9,7 +9,7 @@ from pathlib import Path
 import sys
 import traceback
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, Optional
 
 import typer
 

@@ -139,7 +139,7 @@ def register(app: typer.Typer) -> None:
         summary, per, task = r.summary, r.per, r.task
         n = r.n
         if plot:
-            from dropcli.io.plot import write_plot
+            from dropcli.analysis.plot import write_plot
 
             write_plot(plot, task, per, r.labels, summary)
         if out_dir:

@@ -27,7 +27,7 @@ from torch import fx, nn
 from dropcli.errors import DropcliError
 from dropcli.backends.torch.fx import set_module
 from dropcli.training.loop import Split, fit
-from dropcli.prune.layers import SBPNoise, _SparseVD, to_sparse_vd
+from dropcli.prune.layers import SBPNoise, SparseVD, to_sparse_vd
 from dropcli.prune.shrink import ShrinkResult, output_layers, prunable_layers, shrink
 
 METHODS = ("sparse-vd", "sbp")
@@ -66,11 +66,11 @@ def beta_at(progress: float, kl_weight: float) -> float:
     return kl_weight * min(1.0, progress / RAMP)
 
 
-def _svd_modules(gm: nn.Module) -> dict[str, _SparseVD]:
-    return {n: m for n, m in gm.named_modules() if isinstance(m, _SparseVD)}
+def _svd_modules(gm: nn.Module) -> dict[str, SparseVD]:
+    return {n: m for n, m in gm.named_modules() if isinstance(m, SparseVD)}
 
 
-def attach_sparse_vd(gm: fx.GraphModule, threshold: float) -> dict[str, _SparseVD]:
+def attach_sparse_vd(gm: fx.GraphModule, threshold: float) -> dict[str, SparseVD]:
     layers = prunable_layers(gm)
     out = {}
     for name, m in layers.items():
@@ -99,7 +99,7 @@ def attach_sbp(gm: fx.GraphModule, protected: set[str]) -> dict[str, SBPNoise]:
     return out
 
 
-def finalize_sparse_vd(gm: fx.GraphModule, svd: dict[str, _SparseVD]) -> dict[str, np.ndarray]:
+def finalize_sparse_vd(gm: fx.GraphModule, svd: dict[str, SparseVD]) -> dict[str, np.ndarray]:
     log_alpha = {}
     for name, m in svd.items():
         log_alpha[name] = m.log_alpha().detach().cpu().numpy().ravel()

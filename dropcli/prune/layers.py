@@ -1,4 +1,4 @@
-"""Sparse variational dropout and structured Bayesian pruning layers (variants.md, part c).
+"""Sparse variational dropout and structured Bayesian pruning layers (docs/learned.md).
 
 * :class:`LinearSVD` / :class:`ConvSVD` -- sparse variational dropout (Molchanov, Ashukha &
   Vetrov 2017, "Variational Dropout Sparsifies Deep Neural Networks", ICML). Per weight
@@ -35,7 +35,7 @@ def kl_sparse_vd(log_alpha: torch.Tensor) -> torch.Tensor:
     return K1 * torch.sigmoid(-(K2 + K3 * log_alpha)) + 0.5 * F.softplus(-log_alpha)
 
 
-class _SparseVD(nn.Module):
+class SparseVD(nn.Module):
     """Shared parts of the sparse-VD layers. ``weight`` holds theta."""
 
     dropcli_leaf = True  # kept as a module when dropcli traces a pickled model
@@ -75,7 +75,7 @@ class _SparseVD(nn.Module):
         return f"{tuple(self.weight.shape)}, threshold={self.threshold}"
 
 
-class LinearSVD(_SparseVD):
+class LinearSVD(SparseVD):
     """Sparse variational dropout for a Linear layer (Molchanov et al. 2017)."""
 
     @classmethod
@@ -94,7 +94,7 @@ class LinearSVD(_SparseVD):
         return m
 
 
-class ConvSVD(_SparseVD):
+class ConvSVD(SparseVD):
     """Sparse variational dropout for Conv1d/Conv2d (Molchanov et al. 2017):
     ``mu = conv(x, theta)``, ``var = conv(x^2, sigma^2)``."""
 
@@ -125,7 +125,7 @@ class ConvSVD(_SparseVD):
         return m
 
 
-def to_sparse_vd(layer: nn.Module, threshold: float) -> _SparseVD:
+def to_sparse_vd(layer: nn.Module, threshold: float) -> SparseVD:
     if isinstance(layer, nn.Linear):
         return LinearSVD.from_layer(layer, threshold)
     return ConvSVD.from_layer(layer, threshold)

@@ -1,9 +1,9 @@
-"""Learned dropout rates for ``dropcli finetune`` (math: shared/docs/variants.md part (c)).
+"""Learned dropout rates for ``dropcli finetune`` (math: docs/learned.md).
 
 * **concrete** (Gal, Hron & Kendall 2017): a relaxed Bernoulli drop mask
   ``z = sigmoid((log p - log q + log u - log(1-u)) / t)``, ``u ~ U(0,1)``, ``t = 0.1``, and
   ``x <- x * (1 - z) / q``, with one learned ``p`` per site. Regulariser per site, as in
-  variants.md: ``wr * ||W||^2 / q + dr * K * (p log p + q log q)`` with ``W`` the weights (and
+  docs/learned.md (concrete dropout): ``wr * ||W||^2 / q + dr * K * (p log p + q log q)`` with ``W`` the weights (and
   bias) of the layer that FOLLOWS the site, ``K`` its input dimension (Linear: in_features, Conv:
   in_channels), ``wr = l^2 / (tau N)``, ``dr = 2 / (tau N)``, ``N`` the training-set size, ``l``
   ``--length-scale``, ``tau`` the model precision.
@@ -67,7 +67,7 @@ def concrete_kl(p: torch.Tensor, weight_sq: torch.Tensor | float, k: int, length
 
 def concrete_regulariser(p: torch.Tensor, weight_sq: torch.Tensor | float, k: int, n: int,
                          length_scale: float, tau: float = 1.0) -> torch.Tensor:
-    """variants.md's form: ``wr * ||W||^2 / q + dr * K * (p log p + q log q)``, ``wr = l^2/(tau N)``,
+    """The reference form (docs/learned.md, concrete dropout): ``wr * ||W||^2 / q + dr * K * (p log p + q log q)``, ``wr = l^2/(tau N)``,
     ``dr = 2/(tau N)``; that is ``2/(tau N)`` times :func:`concrete_kl`. It pairs with a data term of
     ``(2/tau)`` times the mean NLL (the mean squared error of a regression with precision ``tau``)."""
     return kl_weight("regression", n, tau) * concrete_kl(p, weight_sq, k, length_scale)
@@ -77,7 +77,7 @@ def kl_weight(task: str, n: int, tau: float = 1.0) -> float:
     """The weight of the summed KL next to the mean data loss, so that the objective is the
     negative ELBO per example (times a constant). Classification's data loss is the mean
     cross-entropy, the NLL itself: weight ``1/N``. Regression's is the mean squared error, which is
-    ``2/tau`` times the Gaussian NLL at precision ``tau``: weight ``2/(tau N)``, variants.md's ``dr``."""
+    ``2/tau`` times the Gaussian NLL at precision ``tau``: weight ``2/(tau N)``, the reference's ``dr``."""
     return 1.0 / n if task == "classification" else 2.0 / (tau * n)
 
 
@@ -122,7 +122,7 @@ class ConcreteSite(nn.Module):
         return concrete_kl(self.p, wsq, self.k, length_scale)
 
     def regulariser(self, n: int, length_scale: float, tau: float = 1.0) -> torch.Tensor:
-        """variants.md's regulariser (for a mean-squared-error data term at precision tau)."""
+        """The reference regulariser (docs/learned.md) (for a mean-squared-error data term at precision tau)."""
         return kl_weight("regression", n, tau) * self.kl(length_scale)
 
     def rate(self) -> float:

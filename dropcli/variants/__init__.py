@@ -1,4 +1,4 @@
-"""The catalogue of dropout variants (see shared docs, variants.md).
+"""The catalogue of dropout variants (the math: docs/variants.md).
 
 Each family module registers its specs on import (:mod:`dropcli.variants.registry`);
 :func:`load_all` imports them all.

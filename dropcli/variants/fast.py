@@ -1,7 +1,7 @@
 """Fast dropout (Wang & Manning 2013, "Fast dropout training", ICML): a Linear layer whose
 dropped-out pre-activation is replaced by its Gaussian approximation.
 
-Shared docs variants.md (b), vanilla convention: ``S = sum_i m_i w_i x_i`` with
+docs/variants.md (fastdropout), vanilla convention: ``S = sum_i m_i w_i x_i`` with
 ``m_i ~ Bernoulli(q)`` is taken as ``N(mu, s2)``, ``mu = q w^T x``,
 ``s2 = q(1-q) sum_i w_i^2 x_i^2``. dropcli keeps the trained layer's function, so it works
 in the inverted form (weights ``W/q``, the bias not dropped), which is the same statement

@@ -1,4 +1,4 @@
-"""The recurrent dropout family (variants.md part (b)): masks inside an LSTM/GRU recurrence.
+"""The recurrent dropout family (docs/variants.md, recurrent variants): masks inside an LSTM/GRU recurrence.
 
 These variants *replace* an ``nn.LSTM`` / ``nn.GRU`` (a fused op) with a cell-level loop on
 the same trained weights (:class:`dropcli.rnn.RecurrentLoop`). Inference mode runs the fused
@@ -9,7 +9,7 @@ op on those weights, so it is exactly the original layer; MC mode runs the loop 
   ``c_t = m * (f_t*c_{t-1} + i_t*g_t)``, one mask ``m ~ Bern(q)`` per sequence (per example,
   layer and direction) reused at every step, applied to the cell state ``c_{t-1}``'s update
   (not ``h_{t-1}``), and **not rescaled** inside the recurrence (a ``1/q`` would compound as
-  ``q^-t``). LSTM only: variants.md defines it on the cell state and gives no GRU rule, and
+  ``q^-t``). LSTM only: docs/variants.md defines it on the cell state and gives no GRU rule, and
   a GRU has no cell state, so a GRU is refused with a pointer to ``recurrent``/``variational``.
 - **recurrent** (Semeniuta et al. 2016, "Recurrent dropout without memory loss"):
   ``c_t = f_t*c_{t-1} + i_t*d(g_t)`` with inverted dropout ``d(g) = g*m/q`` on the candidate

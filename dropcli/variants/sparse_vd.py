@@ -2,7 +2,7 @@
 
 ``dropcli inject --variant sparse-vd`` rewrites Linear and Conv layers into sparse-VD layers
 that the user trains with their own loop, and that ``dropcli prune`` later prunes by their own
-scores, without ``--data`` (issue: prune). The math is variants.md part (c), shared with
+scores, without ``--data`` (issue: prune). The math is in docs/learned.md (sparse variational dropout), shared with
 :mod:`dropcli.prune.layers` (one KL, one log-alpha rule):
 
 - per weight ``w ~ N(theta, sigma^2)``; ``theta`` is the trained weight (kept exactly, same
@@ -133,7 +133,7 @@ register(VariantSpec(
     torch_module=SparseVD, onnx_builder=sparse_vd_onnx, params=(THRESHOLD, LOG_SIGMA2),
     aliases=("sparsevd", "svd"),
     notes="Adds a log sigma^2 parameter per weight (<site>.log_sigma2) beside the trained weight (<site>.weight). Train "
-          "with the MC switch on and loss + sum KL (variants.md (c): k1*sigmoid(-(k2 + k3*log alpha)) + "
+          "with the MC switch on and loss + sum KL (docs/learned.md: k1*sigmoid(-(k2 + k3*log alpha)) + "
           "0.5*softplus(-log alpha)); then `dropcli prune OUT -o SMALL` prunes by these scores without --data. At inject "
           "time only weights with |theta| < exp((log_sigma2 - threshold)/2) are already masked.",
 ))

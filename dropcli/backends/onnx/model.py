@@ -2,7 +2,7 @@
 
 Sites are built from random ops (RandomUniformLike, RandomNormalLike), never from
 ``Dropout(training_mode=True)``: onnxruntime's EliminateDropout rule deletes Dropout nodes
-even in training mode (shared/docs/onnx-notes.md, section 1).
+even in training mode (docs/onnx.md).
 
 Every rewritten model gets one bool graph input ``dropcli_mc`` whose default (an
 initializer of the same name) is ``False``: inference behaviour. Feed ``True`` to sample.
