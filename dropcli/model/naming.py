@@ -45,6 +45,11 @@ def site_name(index: int) -> str:
     return f"{SITE_PREFIX}{index}"
 
 
+def short_name(name: str) -> str:
+    """``3`` for ``dropcli_site_3`` (progress lines); any other name as it is."""
+    return name.removeprefix(SITE_PREFIX)
+
+
 def site_index(name: str | None) -> int | None:
     """N for a name that is exactly ``dropcli_site_N``, else None."""
     m = _SITE_RE.fullmatch(name or "")

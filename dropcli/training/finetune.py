@@ -15,6 +15,7 @@ import torch
 
 from dropcli.backends import load_model
 from dropcli.errors import DropcliError, UsageError
+from dropcli.model import naming
 
 DEFAULTS = {"epochs": 20, "lr": 1e-3, "rate_lr_scale": 10.0, "batch_size": 64, "length_scale": 1e-2, "samples": 30,
             "start_p": 0.1}
@@ -147,7 +148,7 @@ def run(model_path: str, output: str, *, data: str, val: str | None, variant: st
         return kl_w * sum(m.kl() for m in mods), {}
 
     def describe() -> str:
-        return " ".join(f"{s.name.removeprefix('dropcli_site_')}:{s.describe()}" for s in sites[:6])
+        return " ".join(f"{naming.short_name(s.name)}:{s.describe()}" for s in sites[:6])
 
     def on_step(_step: int) -> None:
         for m in mods:
