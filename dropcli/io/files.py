@@ -98,32 +98,67 @@ def check_output_path(out: str | os.PathLike, inputs: list[str | os.PathLike], f
     return out_p
 
 
+_shown_as: dict[str, str] = {}  # a temporary path -> the output it stands for (nested atomic writes)
+
+
+def shown_path(path: str | os.PathLike) -> str:
+    """The output a path stands for: a temporary file of :func:`atomic_path` names its target."""
+    return _shown_as.get(str(path), str(path))
+
+
+@contextlib.contextmanager
+def write_errors(target: str | os.PathLike) -> Iterator[None]:
+    """Turn an operating-system error while writing ``target`` (a full disk, a quota, a file-size
+    limit, a read-only or vanished folder) into a one-line error that names the output."""
+    try:
+        yield
+    except OSError as e:
+        cause = e.strerror or str(e) or type(e).__name__
+        raise DropcliError(f"cannot write {shown_path(target)}: {cause}",
+                           "free some space or choose another output path; nothing was written there") from e
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` (a temporary file of :func:`atomic_path`), errors as one line.
+
+    Serialise to memory first and write with this: torch's own file writers abort the whole
+    process (SIGABRT) when the disk fills up, where Python's raise an ``OSError``."""
+    with write_errors(path):
+        Path(path).write_bytes(data)
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path in the target's folder; rename it onto the target on success.
 
     On any exception (KeyboardInterrupt included) the temporary file is removed and the
-    target is left as it was.
+    target is left as it was. An ``OSError`` on the way (a full disk...) becomes a one-line
+    :class:`DropcliError` naming the target.
     """
     if str(target) == STDIO:
         with _stdout_path(suffix) as tmp:
             yield tmp
         return
     target = Path(target)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp" + suffix, dir=target.resolve().parent)
+    with write_errors(target):
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp" + suffix, dir=target.resolve().parent)
     os.close(fd)
     tmp_p = Path(tmp)
+    _shown_as[tmp] = shown_path(target)
     try:
-        yield tmp_p
-        # mkstemp creates 0600 files; give the output the permissions a plain open() would
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_p, 0o666 & ~umask)
-        os.replace(tmp_p, target)
+        with write_errors(target):
+            yield tmp_p
+            # mkstemp creates 0600 files; give the output the permissions a plain open() would
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp_p, 0o666 & ~umask)
+            os.replace(tmp_p, target)
     except BaseException:
         with contextlib.suppress(OSError):
             tmp_p.unlink()
         raise
+    finally:
+        _shown_as.pop(tmp, None)
 
 
 @contextlib.contextmanager

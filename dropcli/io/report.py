@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from dropcli.errors import UsageError
-from dropcli.io.files import atomic_path
+from dropcli.io.files import atomic_path, write_errors
 
 FORMATS = ("table", "json", "jsonl", "csv", "npz")
 SHARD_FORMATS = ("jsonl", "parquet")  # --engine ray --output DIR
@@ -180,25 +180,27 @@ def write_shards(target: str, fmt: str, summary: dict[str, Any], cols: dict[str,
 
     t = Path(target).resolve()
     pieces = [(s, min(b, s + SHARD_ROWS)) for a, b in ranges for s in range(a, b, SHARD_ROWS)]
-    tmp = Path(tempfile.mkdtemp(prefix=f".{t.name}.", suffix=".tmp", dir=t.parent))
+    with write_errors(target):
+        tmp = Path(tempfile.mkdtemp(prefix=f".{t.name}.", suffix=".tmp", dir=t.parent))
     try:
-        for k, (a, b) in enumerate(pieces):
-            part = {c: v[a:b] for c, v in cols.items()}
-            dest = tmp / f"part-{k:05d}.{fmt}"
-            if fmt == "jsonl":
-                dest.write_text(records_jsonl(part))
-            else:
-                import pyarrow as pa
-                import pyarrow.parquet as pq
+        with write_errors(target):
+            for k, (a, b) in enumerate(pieces):
+                part = {c: v[a:b] for c, v in cols.items()}
+                dest = tmp / f"part-{k:05d}.{fmt}"
+                if fmt == "jsonl":
+                    dest.write_text(records_jsonl(part))
+                else:
+                    import pyarrow as pa
+                    import pyarrow.parquet as pq
 
-                pq.write_table(pa.table({c: pa.array(v) for c, v in part.items()}), dest)
-        (tmp / "summary.json").write_text(json.dumps(_clean(summary), indent=1) + "\n")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)
-        if t.is_dir():
-            t.rmdir()  # empty (checked before the run)
-        os.replace(tmp, t)
+                    pq.write_table(pa.table({c: pa.array(v) for c, v in part.items()}), dest)
+            (tmp / "summary.json").write_text(json.dumps(_clean(summary), indent=1) + "\n")
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o777 & ~umask)
+            if t.is_dir():
+                t.rmdir()  # empty (checked before the run)
+            os.replace(tmp, t)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -21,7 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from dropcli.model import formats
 from dropcli.errors import DropcliError, UsageError
-from dropcli.io.files import atomic_dir, atomic_path
+from dropcli.io.files import atomic_dir, atomic_path, write_errors
 from dropcli.model import naming, residual
 from dropcli.model.naming import MC_INPUT, MODEL_META, SITES_META, join_scopes
 from dropcli.model.selection import WEIGHTED, Layer, canonical_kind
@@ -550,7 +550,7 @@ def save_onnx(model: onnx.ModelProto, path: str | Path, external: bool = False) 
         raise DropcliError("this ONNX model keeps its weights in an external .data file (or is over 2 GB), "
                            "which can't go to stdout", "give -o a file path")
     data_name = path.name + ".data"
-    with atomic_dir(path.resolve().parent) as tmpdir:
+    with write_errors(path), atomic_dir(path.resolve().parent) as tmpdir:
         m = onnx.ModelProto()
         m.CopyFrom(model)
         onnx.save(m, str(tmpdir / path.name), save_as_external_data=True, all_tensors_to_one_file=True,

@@ -22,7 +22,7 @@ from torch import fx
 
 from dropcli.backends.torch.fx import aten_name
 from dropcli.errors import DropcliError, UsageError
-from dropcli.io.files import atomic_path
+from dropcli.io.files import atomic_path, write_bytes
 from dropcli.model import formats
 from dropcli.model.naming import EXAMPLE_FILE, MODEL_FILE, PROGRAM_FILE, SITES_FILE
 from dropcli.model.quiet import quiet, short_error
@@ -33,8 +33,10 @@ def save_graph(model: Any, path: str | Path, fmt: str) -> str:
     ``example_inputs``, ``model_meta`` and ``sites_meta()``) to ``path`` as ``fmt``."""
     gm = model.gm
     if fmt == formats.PICKLE:
+        buf = io.BytesIO()
+        torch.save(gm, buf)
         with atomic_path(path) as tmp:
-            torch.save(gm, tmp)
+            write_bytes(tmp, buf.getvalue())
         return fmt
     if fmt == formats.STATE_DICT:
         raise UsageError("--format state_dict can't hold the inserted sites", "choose torchscript, export, onnx or pickle")
@@ -51,15 +53,20 @@ def save_graph(model: Any, path: str | Path, fmt: str) -> str:
             # A scripted recurrence (the recurrent dropout family) traces to prim::Loop, which
             # TorchScript -> torch.export conversion can't read: keep the program beside it.
             extra[PROGRAM_FILE] = _program_bytes(gm, example)
+        # remember the example input, so dropcli can re-load the output without --input-shape;
+        # serialised in memory: torch's file writer aborts the process on a full disk
+        buf = io.BytesIO()
+        torch.jit.save(ts, buf, _extra_files=extra)
         with atomic_path(path) as tmp:
-            # remember the example input, so dropcli can re-load the output without --input-shape
-            torch.jit.save(ts, str(tmp), _extra_files=extra)
+            write_bytes(tmp, buf.getvalue())
         return fmt
     ep = to_exported(gm, example)
     if fmt == formats.EXPORT:
+        buf = io.BytesIO()
+        torch.export.save(ep, buf, extra_files={SITES_FILE: _sites_record(model.sites_meta()),
+                                                **_model_extra(model.model_meta)})
         with atomic_path(path, ".pt2") as tmp:
-            torch.export.save(ep, str(tmp), extra_files={SITES_FILE: _sites_record(model.sites_meta()),
-                                                         **_model_extra(model.model_meta)})
+            write_bytes(tmp, buf.getvalue())
         return fmt
     if fmt == formats.ONNX:
         from dropcli.backends.export import export_torch_program
