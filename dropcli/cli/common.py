@@ -13,6 +13,7 @@ from typing import Any, Callable, Optional
 
 import typer
 
+from dropcli.model.quiet import known_warnings_silenced
 from dropcli.errors import EXIT_ERROR, EXIT_INTERRUPTED, DropcliError, UsageError
 
 
@@ -75,7 +76,8 @@ def handle_errors(fn: Callable) -> Callable:
         if dropcli_debug:
             STATE.debug = True
         try:
-            return fn(*args, **kwargs)
+            with known_warnings_silenced(show=STATE.debug):
+                return fn(*args, **kwargs)
         except typer.Exit:
             raise
         except DropcliError as e:

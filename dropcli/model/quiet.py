@@ -35,6 +35,24 @@ def quiet() -> Iterator[None]:
             lg.setLevel(lv)
 
 
+# Library warnings known to be harmless for what dropcli does with the library: (category, message
+# regex). torch 2.13 warns on every deepcopy of an exported program's tree spec (prune and finetune
+# copy the model), a deprecation inside torch itself, not in anything dropcli calls.
+KNOWN_WARNINGS = (
+    (FutureWarning, r"`isinstance\(treespec, LeafSpec\)` is deprecated"),
+)
+
+
+@contextlib.contextmanager
+def known_warnings_silenced(show: bool = False) -> Iterator[None]:
+    """Hide :data:`KNOWN_WARNINGS` (all of them shown with ``show``, i.e. under ``--debug``)."""
+    with warnings.catch_warnings():
+        if not show:
+            for category, message in KNOWN_WARNINGS:
+                warnings.filterwarnings("ignore", message=message, category=category)
+        yield
+
+
 def short_error(e: BaseException) -> str:
     """The first line of an exception's text (at most 300 characters), or its type's name."""
     text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
