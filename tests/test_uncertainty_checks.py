@@ -1,0 +1,133 @@
+"""`dropcli uncertainty`: what can be known before the MC run is checked before it (labels
+against the model's K outputs, sites that cannot vary), and the honest messages around it
+(T = 1, ambiguous .npz inputs)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from dropcli.cli.main import app
+from models import MLP, save_as
+
+runner = CliRunner()
+N = 12
+
+
+def cli(*args, code: int = 0, input=None):
+    res = runner.invoke(app, [str(a) for a in args], input=input)
+    assert res.exit_code == code, f"exit {res.exit_code} (want {code}): {res.stderr}{res.exception!r}"
+    assert "Traceback" not in res.stderr
+    return res
+
+
+def cli_err(*args, code: int = 1, contains: tuple[str, ...] = ()):
+    """Exit ``code`` with exactly one line on stderr (--quiet), nothing on stdout."""
+    res = cli("--quiet", *args, code=code)
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("error: "), res.stderr
+    assert res.stdout == ""
+    for c in contains:
+        assert c.lower() in res.stderr.lower(), res.stderr
+    return res
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    d = tmp_path_factory.mktemp("chk_models")
+    torch.manual_seed(0)
+    plain = save_as(MLP(), torch.randn(2, 64), d / "mlp.pt2", "export")
+    reg_plain = save_as(MLP(d_out=1), torch.randn(2, 64), d / "reg.pt2", "export")
+    out = {"plain": plain}
+    for name, src, p in (("mlp", plain, 0.3), ("mlp_p0", plain, 0.0), ("reg", reg_plain, 0.2)):
+        dst = d / f"{name}_mc.pt2"
+        cli("--quiet", "inject", src, "--p", p, "--after", "relu", "-o", dst)
+        out[name] = dst
+    return out
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("chk_data")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((N, 64)).astype(np.float32)
+    np.save(d / "x.npy", x)
+    return d, x
+
+
+@pytest.fixture
+def no_mc_run(monkeypatch):
+    """Any MC run over the whole input fails the test: the error must come before it."""
+    from dropcli.engines import local
+
+    def started(*a, **k):
+        raise AssertionError("the MC run started")
+
+    monkeypatch.setattr(local, "run_source", started)
+
+
+def _save(d, name, arr):
+    np.save(d / name, arr)
+    return d / name
+
+
+@pytest.mark.parametrize("labels,task,contains", [
+    (np.arange(N) % 12, "auto", ("range", "10 classes")),  # classes 10, 11 for a 10-class model
+    (np.full(N, -1), "auto", ("range",)),
+    (np.linspace(0, 1, N), "classification", ("integers",)),
+    (np.arange(N - 2) % 10, "auto", ("rows", "one label per example")),
+])
+def test_bad_labels_are_refused_before_the_run(models, data, no_mc_run, labels, task, contains):
+    d, _ = data
+    y = _save(d, "bad_y.npy", labels)
+    cli_err("uncertainty", models["mlp"], "--input", d / "x.npy", "--labels", y, "--task", task, "-T", 5,
+            contains=contains)
+
+
+def test_regression_label_columns_are_checked_before_the_run(models, data, no_mc_run):
+    d, _ = data
+    y = _save(d, "reg_y.npy", np.zeros((N, 3), np.float32))
+    cli_err("uncertainty", models["reg"], "--input", d / "x.npy", "--labels", y, "-T", 5,
+            contains=("3 columns", "1 outputs"))
+
+
+def test_labels_in_an_npz_are_checked_before_the_run(models, data, no_mc_run):
+    d, x = data
+    np.savez(d / "xy_bad.npz", x=x, y=np.arange(N) + 5)
+    cli_err("uncertainty", models["mlp"], "--input", d / "xy_bad.npz", "-T", 5, contains=("range",))
+
+
+def test_inject_p0_is_refused_before_the_run(models, data, no_mc_run):
+    d, _ = data
+    cli_err("uncertainty", models["plain"], "--input", d / "x.npy", "--inject", "standard", "--p", 0, "--after", "relu",
+            "-T", 5, contains=("degenerate", "--p 0"))
+
+
+def test_sites_that_cannot_vary_are_refused_before_the_run(models, data, no_mc_run):
+    d, _ = data
+    cli_err("uncertainty", models["mlp_p0"], "--input", d / "x.npy", "-T", 5, contains=("degenerate",))
+
+
+def test_good_labels_still_run(models, data):
+    d, _ = data
+    y = _save(d, "good_y.npy", np.arange(N) % 10)
+    rep = json.loads(cli("--quiet", "uncertainty", models["mlp"], "--input", d / "x.npy", "--labels", y, "-T", 5,
+                         "--json").stdout)
+    assert rep["summary"]["task"] == "classification" and "mc" in rep["summary"]
+
+
+def test_t1_warns_that_there_is_no_spread(models, data):
+    d, _ = data
+    res = cli("uncertainty", models["mlp"], "--input", d / "x.npy", "-T", 1, "--json")
+    warns = [ln for ln in res.stderr.splitlines() if ln.startswith("warning:")]
+    assert len(warns) == 1 and "-T 1" in warns[0] and "spread" in warns[0], res.stderr
+    assert json.loads(res.stdout)["summary"]["samples"] == 1
+    res = cli("uncertainty", models["mlp"], "--input", d / "x.npy", "-T", 2, "--json")
+    assert "warning:" not in res.stderr
+    res = cli("--quiet", "uncertainty", models["mlp"], "--input", d / "x.npy", "-T", 1, "--json")
+    assert res.stderr == ""
