@@ -131,3 +131,42 @@ def test_t1_warns_that_there_is_no_spread(models, data):
     assert "warning:" not in res.stderr
     res = cli("--quiet", "uncertainty", models["mlp"], "--input", d / "x.npy", "-T", 1, "--json")
     assert res.stderr == ""
+
+
+def test_ambiguous_npz_is_refused_with_its_array_names(models, data):
+    d, x = data
+    np.savez(d / "two.npz", feat=x, other=x[:, :8], y=np.arange(N) % 10)
+    res = cli_err("uncertainty", models["mlp"], "--input", d / "two.npz", "-T", 2, contains=("feat", "other", "ambiguous"))
+    assert "feat fits" in res.stderr and "x=d['feat']" in res.stderr, res.stderr
+    # also as a shard folder
+    (d / "shards").mkdir(exist_ok=True)
+    np.savez(d / "shards" / "part-0.npz", feat=x, other=x)
+    cli_err("uncertainty", models["mlp"], "--input", d / "shards", "-T", 2, contains=("feat", "other", "'x'"))
+
+
+def test_npz_x_that_does_not_fit_names_the_array_that_does(models, data):
+    d, x = data
+    np.savez(d / "ximg.npz", x=x[:, :8].reshape(N, 1, 2, 4), x_flat=x, y=np.arange(N) % 10)
+    cli_err("uncertainty", models["mlp"], "--input", d / "ximg.npz", "-T", 2, contains=("x_flat fits", "x=d['x_flat']"))
+
+
+def test_npz_accepted_cases_still_work(models, data):
+    d, x = data
+    y = np.arange(N) % 10
+    ref = json.loads(cli("--quiet", "uncertainty", models["mlp"], "--input", d / "x.npy", "-T", 3, "--json").stdout)
+    for name, arrays in (("one.npz", {"features": x}), ("lab.npz", {"features": x, "labels": y}),
+                         ("xy.npz", {"x": x, "y": y}), ("conv.npz", {"x": x, "x_img": x.reshape(N, 1, 8, 8), "y": y})):
+        np.savez(d / name, **arrays)
+        got = json.loads(cli("--quiet", "uncertainty", models["mlp"], "--input", d / name, "-T", 3, "--json").stdout)
+        for k in ("pred", "mutual_info", "entropy"):
+            assert [e[k] for e in got["examples"]] == [e[k] for e in ref["examples"]], name
+
+
+def test_readme_digits_example_still_binds_x():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    res = cli("--quiet", "uncertainty", root / "examples" / "digits_mlp.pt", "--input", root / "examples" / "digits_test.npz",
+              "-T", 2, "--json")
+    rep = json.loads(res.stdout)
+    assert len(rep["examples"]) == 360 and "mc" in rep["summary"]  # y bound as the labels
