@@ -170,3 +170,29 @@ def test_readme_digits_example_still_binds_x():
               "-T", 2, "--json")
     rep = json.loads(res.stdout)
     assert len(rep["examples"]) == 360 and "mc" in rep["summary"]  # y bound as the labels
+
+
+def test_plain_progress_lines_off_a_terminal(models, data, monkeypatch):
+    from dropcli.cli import render
+
+    assert render.PLAIN_INTERVAL == 10.0
+    monkeypatch.setattr(render, "PLAIN_INTERVAL", 0.0)
+    d, _ = data
+    res = cli("uncertainty", models["mlp"], "--input", d / "x.npy", "-T", 3, "--batch-size", 4, "--json")
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("MC dropout: ")]
+    assert [ln.split(",")[0] for ln in lines] == ["MC dropout: 4/12 (33%)", "MC dropout: 8/12 (66%)"], res.stderr
+    assert all("/s, ETA " in ln for ln in lines), lines
+    json.loads(res.stdout)  # stdout untouched
+    res = cli("--quiet", "uncertainty", models["mlp"], "--input", d / "x.npy", "-T", 3, "--batch-size", 4, "--json")
+    assert res.stderr == ""
+    monkeypatch.setattr(render, "PLAIN_INTERVAL", 10.0)
+    res = cli("uncertainty", models["mlp"], "--input", d / "x.npy", "-T", 3, "--batch-size", 4, "--json")
+    assert "MC dropout: " not in res.stderr  # a short run: no line
+
+
+def test_plain_line_format():
+    from dropcli.cli.render import plain_line
+
+    assert plain_line("MC dropout", 1200, 5000, 4.0) == "MC dropout: 1200/5000 (24%), 300/s, ETA 0:00:13"
+    assert plain_line("finetune", 0, 10, 0.0, "loss 0.5") == "finetune: 0/10 (0%), 0/s, ETA ?, loss 0.5"
+    assert plain_line("x", 1, 7201, 1.0).endswith("ETA 2:00:00")
