@@ -104,3 +104,19 @@ def class_labels(labels: Any, n_classes: int):
     if lab.min() < 0 or lab.max() >= n_classes:
         raise DropcliError(f"labels range over [{lab.min()}, {lab.max()}] but the model has {n_classes} classes")
     return lab
+
+
+def check_labels(labels: Any, task: str, n_outputs: int) -> None:
+    """The labels against the model's K outputs, before a run: one class index in [0, K) per
+    example (classification, :func:`class_labels`), or K columns per example (regression)."""
+    import numpy as np
+
+    from dropcli.errors import DropcliError
+
+    if infer_task(task, labels, n_outputs) == "classification":
+        class_labels(labels, n_outputs)
+        return
+    lab = np.asarray(labels)
+    cols = int(np.prod(lab.shape[1:])) if lab.ndim > 1 else 1
+    if cols != n_outputs:
+        raise DropcliError(f"labels have {cols} columns but the model has {n_outputs} outputs")

@@ -85,6 +85,37 @@ def check_uncertainty_args(*, T: int = 50, batch_size: int = 256, task: str = "a
     return parse_gate(fail_above)
 
 
+def _check_before_run(runner: Any, source: Any, labels: Any, task: str, method: str, T: int, seed: int,
+                      batch_size: int, budget: Optional[int], inject_opts: Optional[dict]) -> None:
+    """What one example tells before the MC run over all of them: K (the labels are checked
+    against it) and, with T > 1, whether the sites vary at all. Example 0's T samples are
+    those of the full run (seeded by example and pass), so an error here is the one the run
+    would end with."""
+    import numpy as np
+
+    from dropcli.analysis.task import check_labels
+    from dropcli.errors import DropcliError
+
+    k, a, _ = source.ranges()[0]
+    first = source.read(k, a, a + 1)
+    if method == "mc" and T > 1:
+        from dropcli.engines.runner import degenerate_examples, run_mc
+
+        res = run_mc(runner, first, T, seed, batch_size, budget, check_degenerate=False)
+        if degenerate_examples(res.samples)[0]:
+            p0 = bool(inject_opts) and inject_opts.get("p") == 0
+            raise DropcliError(
+                f"degenerate sampling: the {T} samples of example 0 are identical; the sites produce no randomness "
+                "(p = 0, or a deterministic variant such as maxdrop), so MC dropout would measure nothing",
+                "--p 0 drops nothing: give --p > 0" if p0 else "use p > 0 or another variant")
+        n_out = res.samples.shape[-1]
+    else:
+        ev = runner.run_eval(first)
+        n_out = int(np.prod(ev.shape[1:]))
+    if labels is not None:
+        check_labels(labels, task, n_out)
+
+
 def uncertainty(model: Any, x: Any, *, labels: Any = None, T: int = 50, method: str = "mc", seed: int = 0,
                 device: str = "cpu", batch_size: int = 256, max_memory: Optional[str | int] = None, task: str = "auto",
                 tau: Optional[float] = None, ood: Any = None, fail_above: Any = None, inject: Optional[str] = None,
@@ -170,6 +201,7 @@ def uncertainty(model: Any, x: Any, *, labels: Any = None, T: int = 50, method: 
     if labels is not None and len(labels) != n:
         raise DropcliError(f"labels have {len(labels)} rows but the input has {n} examples", "give one label per example")
     ood_source = open_input(ood, specs, "OOD input") if (ood if is_path(ood) else ood is not None) else None
+    _check_before_run(runner, source, labels, task, method, T, seed, batch_size, budget, inject_opts)
 
     if method == "moments":
         from dropcli.engines.local import MomentsEngine

@@ -131,6 +131,17 @@ def model_output(output: str, inputs: list, *, force: bool = False, json_out: bo
     check_output_path(output, inputs, force=force)
 
 
+def report_output(path: Optional[str], json_out: bool = False) -> None:
+    """``--report -``: the JSON report owns stdout, so the human tables go to stderr (as with
+    ``-o -``); with ``--json`` both would write the report to stdout."""
+    if path != "-":
+        return
+    if json_out:
+        raise UsageError("--report - and --json would both write the report to stdout",
+                         "use --json alone, or --report FILE")
+    out.file = sys.stderr
+
+
 def shown(path: Optional[str], std: str = "stdout") -> str:
     """A path as reports print it: ``-`` is ``std`` (stdout for outputs, stdin for inputs)."""
     return std if path == "-" else str(path)

@@ -7,7 +7,8 @@ from typing import List, Optional
 import typer
 
 from dropcli.cli.common import (After, Arch, Exclude, Imports, InputShape, Json, Layers, ModelArg, TrustPickle, handle_errors,
-                                model_output, out, print_json, shown, write_report)
+                                model_output, out, print_json, report_output, shown,
+                                write_report)
 
 HELP = """Learn dropout rates on data, and write the model back with them.
 
@@ -90,6 +91,7 @@ def register(app: typer.Typer) -> None:
                             device=device)
         inputs = [model_path] + [x for x in (data, val) if x]
         model_output(output, inputs, force=force, json_out=json_out, others={"--report": report_path})
+        report_output(report_path, json_out)
         if report_path and report_path != "-":
             check_output_path(report_path, inputs + [output])
         report = finetune(model_path, data, output, variant=variant, val=val, after=after, layers=layers,

@@ -7,7 +7,7 @@ from typing import List, Optional
 import typer
 
 from dropcli.cli.common import (Arch, Imports, InputShape, Json, ModelArg, TrustPickle, handle_errors, model_output, out,
-                                print_json, shown, write_report)
+                                print_json, report_output, shown, write_report)
 
 HELP = """Prune a trained model with sparse variational dropout (default) or structured Bayesian pruning,
 then remove dead neurons and channels for real.
@@ -69,6 +69,7 @@ def register(app: typer.Typer) -> None:
                          batch_size=batch_size, retrain_epochs=retrain_epochs, task=task, device=device, plot=plot)
         inputs = [model_path] + [p for p in (data, val) if p]
         model_output(output, inputs, force=force, json_out=json_out, others={"--report": report_path, "--plot": plot})
+        report_output(report_path, json_out)
         for extra in (report_path, plot):
             if extra and extra != "-":
                 check_output_path(extra, inputs + [output])

@@ -97,6 +97,9 @@ def register(app: typer.Typer) -> None:
 
         check_uncertainty_args(T=samples, batch_size=batch_size, task=task, tau=tau, engine=engine, method=method,
                                keep_samples=keep_samples, address=address, workers=workers, fail_above=fail_above)
+        if samples == 1 and method == "mc":
+            log("[yellow]warning:[/] -T 1 is one pass per example, so there is no spread over passes: mutual "
+                "information, variation ratio and std come out 0 (use -T 2 or more)")
         out_dir = None  # --engine ray: a folder of per-example shards
         if engine == "ray" and output and output != "-" and not report.format_from_path(output):
             out_dir, output = output, None

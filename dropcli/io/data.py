@@ -122,20 +122,44 @@ def read_labels(path: str) -> np.ndarray:
     return y
 
 
-def input_keys(names: Sequence[str], specs: Sequence[InputSpec], source: str) -> list[str]:
-    """Which of the named arrays feed the model's inputs, in input order."""
+def _fits(shape: Sequence[int] | None, spec: InputSpec) -> bool:
+    """Whether an array of this shape can feed the input (rank and fixed dims; unknown: yes)."""
+    if shape is None or spec.shape is None:
+        return True
+    return len(shape) == len(spec.shape) and all(e is None or e == d for e, d in zip(spec.shape[1:], shape[1:]))
+
+
+def _want(spec: InputSpec) -> str:
+    return "[N, " + ", ".join("?" if e is None else str(e) for e in (spec.shape or [None, None])[1:]) + "]"
+
+
+def input_keys(names: Sequence[str], specs: Sequence[InputSpec], source: str,
+               shapes: dict[str, Sequence[int]] | None = None) -> list[str]:
+    """Which of the named arrays feed the model's inputs, in input order.
+
+    One input: the array named after it, else ``x`` (the README's convention), else the only
+    array that is not a label. Several candidates and none of those names: refused, listing
+    them. ``shapes`` (name -> shape), when known, lets the errors say which arrays fit, and
+    refuses ``x`` among several arrays when it does not fit the input but another one does."""
     names = list(names)
     if len(specs) == 1:
         s = specs[0]
-        if s.name in names:
-            return [s.name]
-        if "x" in names:
-            return ["x"]
         cands = [k for k in names if k not in LABEL_KEYS]
-        if len(cands) != 1:
-            raise DropcliError(f"{source} has arrays {sorted(names)}; which one is the input?",
-                               f"name it 'x' or '{s.name}'")
-        return cands
+        fit = [k for k in cands if _fits(shapes.get(k), s)] if shapes is not None else []
+        eg = f"e.g. np.savez(path, x=d['{fit[0]}'])" if len(fit) == 1 else "e.g. np.savez(path, x=..., y=...)"
+        key = s.name if s.name in names else "x" if "x" in names else None
+        if key is None:
+            if len(cands) == 1:
+                return cands
+            fits = f"; {', '.join(fit)} {'fits' if len(fit) == 1 else 'fit'} its shape {_want(s)}" if fit else ""
+            raise DropcliError(f"{source} has arrays {sorted(names)} and none is named 'x' or after the model input "
+                               f"'{s.name}', so the input is ambiguous{fits}",
+                               f"save the array to use as 'x' (or '{s.name}'), {eg}")
+        if shapes is not None and len(cands) > 1 and not _fits(shapes.get(key), s) and fit:
+            raise DropcliError(f"{source}: array {key} has shape {list(shapes[key])}, the model expects {_want(s)}; "
+                               f"{' and '.join(fit)} {'fits' if len(fit) == 1 else 'fit'}",
+                               f"save the array to use as '{key}', {eg}")
+        return [key]
     missing = [s.name for s in specs if s.name not in names]
     if missing:
         raise DropcliError(f"{source} lacks arrays for the model inputs {missing} (it has {sorted(names)})",
@@ -154,7 +178,8 @@ def label_key(names: Sequence[str], used: Sequence[str] = ()) -> str | None:
 
 def bind(arrays: dict[str, np.ndarray], specs: Sequence[InputSpec], source: str) -> list[np.ndarray]:
     """Pick and check the arrays that feed the model's inputs."""
-    xs = [arrays[k] for k in input_keys(list(arrays), specs, source)]
+    shapes = {k: np.shape(v) for k, v in arrays.items()}
+    xs = [arrays[k] for k in input_keys(list(arrays), specs, source, shapes)]
     out = []
     n = None
     for s, x in zip(specs, xs):

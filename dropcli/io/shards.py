@@ -233,7 +233,7 @@ def _open_shard(path: str, specs: list, offset: int) -> Shard:
     for name, (shape, dtype) in heads.items():
         if dtype.hasobject:
             raise DropcliError(f"input shard {path}: array {name} holds Python objects", "save numeric arrays")
-    keys = D.input_keys(list(heads), specs, path)
+    keys = D.input_keys(list(heads), specs, path, {k: h[0] for k, h in heads.items()})
     rows = None
     for k, s in zip(keys, specs):
         shape, dtype = heads[k]
