@@ -40,6 +40,31 @@ def cli(*args: Any, code: int = 0):
     return res
 
 
+def cli_split(*args: Any, code: int = 0, input=None):
+    """:func:`cli` for tests that read stdout and stderr apart (``res.stdout``, ``res.stderr``)."""
+    global _RUNNER
+    if _RUNNER is None:
+        from typer.testing import CliRunner
+
+        _RUNNER = CliRunner()
+    res = _RUNNER.invoke(app, [str(a) for a in args], input=input)
+    assert res.exit_code == code, f"exit {res.exit_code} (want {code}): {res.stderr}{res.exception!r}"
+    assert "Traceback" not in res.stderr
+    return res
+
+
+def cli_err(*args: Any, code: int = 1, contains: tuple[str, ...] = (), input=None):
+    """Exit ``code`` with exactly one line on stderr (--quiet: no log lines), nothing on stdout."""
+    res = cli_split("--quiet", *args, code=code, input=input)
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("error: "), res.stderr
+    assert res.stdout == ""
+    for c in contains:
+        assert c.lower() in res.stderr.lower(), res.stderr
+    return res
+
+
 def tol(sigma: float, n: int, z: float = Z) -> float:
     """Allowed deviation of a mean of n draws with std sigma."""
     return z * sigma / math.sqrt(n)

@@ -17,37 +17,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from dropcli.analysis import stats
-from dropcli.cli.main import app
+from helpers import cli_err
+from helpers import cli_split as cli
 from models import CNN, MLP, randomise_bn, save_as
 
-runner = CliRunner()
 HAS_MPL = importlib.util.find_spec("matplotlib") is not None
 N = 24
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def cli(*args, code: int = 0, input=None):
-    res = runner.invoke(app, [str(a) for a in args], input=input)
-    assert res.exit_code == code, f"exit {res.exit_code} (want {code}): {res.stderr}{res.exception!r}"
-    assert "Traceback" not in res.stderr
-    return res
-
-
-def cli_err(*args, code: int = 1, contains: tuple[str, ...] = (), input=None):
-    """Exit ``code`` with exactly one line on stderr (--quiet: no log lines), nothing on stdout."""
-    res = cli("--quiet", *args, code=code, input=input)
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1, res.stderr
-    assert lines[0].startswith("error: "), res.stderr
-    assert res.stdout == ""
-    for c in contains:
-        assert c.lower() in res.stderr.lower(), res.stderr
-    return res
 
 
 def unc(model, inp, *extra, code: int = 0, input=None):

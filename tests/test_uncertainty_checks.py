@@ -9,32 +9,12 @@ import json
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from dropcli.cli.main import app
+from helpers import cli_err
+from helpers import cli_split as cli
 from models import MLP, save_as
 
-runner = CliRunner()
 N = 12
-
-
-def cli(*args, code: int = 0, input=None):
-    res = runner.invoke(app, [str(a) for a in args], input=input)
-    assert res.exit_code == code, f"exit {res.exit_code} (want {code}): {res.stderr}{res.exception!r}"
-    assert "Traceback" not in res.stderr
-    return res
-
-
-def cli_err(*args, code: int = 1, contains: tuple[str, ...] = ()):
-    """Exit ``code`` with exactly one line on stderr (--quiet), nothing on stdout."""
-    res = cli("--quiet", *args, code=code)
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1, res.stderr
-    assert lines[0].startswith("error: "), res.stderr
-    assert res.stdout == ""
-    for c in contains:
-        assert c.lower() in res.stderr.lower(), res.stderr
-    return res
 
 
 @pytest.fixture(scope="module")
