@@ -53,10 +53,11 @@ def cli_split(*args: Any, code: int = 0, input=None):
     return res
 
 
-def cli_err(*args: Any, code: int = 1, contains: tuple[str, ...] = (), input=None):
-    """Exit ``code`` with exactly one line on stderr (--quiet: no log lines), nothing on stdout."""
+def cli_err(*args: Any, code: int = 1, contains: tuple[str, ...] = (), input=None, ignore: tuple[str, ...] = ()):
+    """Exit ``code`` with exactly one line on stderr (--quiet: no log lines), nothing on stdout.
+    ``ignore``: stderr lines containing any of these are not dropcli's (Ray's own notices)."""
     res = cli_split("--quiet", *args, code=code, input=input)
-    lines = res.stderr.strip().splitlines()
+    lines = [ln for ln in res.stderr.strip().splitlines() if not any(i in ln for i in ignore)]
     assert len(lines) == 1, res.stderr
     assert lines[0].startswith("error: "), res.stderr
     assert res.stdout == ""

@@ -25,6 +25,7 @@ from typer.testing import CliRunner
 
 from dropcli.analysis import stats
 from dropcli.cli.main import app
+import helpers
 from helpers import cli
 from models import MLP, save_as
 
@@ -35,14 +36,7 @@ CUTS = [0, 37, 38, 90, 91, 150]  # uneven shards, two of them a single row
 
 
 def cli_err(*args, code: int = 1, contains: tuple[str, ...] = ()):
-    res = cli("--quiet", *args, code=code)
-    lines = [ln for ln in res.stderr.strip().splitlines() if "RAY_BACKEND_LOG_LEVEL" not in ln]
-    assert len(lines) == 1, res.stderr
-    assert lines[0].startswith("error: "), res.stderr
-    assert res.stdout == ""
-    for c in contains:
-        assert c.lower() in res.stderr.lower(), res.stderr
-    return res
+    return helpers.cli_err(*args, code=code, contains=contains, ignore=("RAY_BACKEND_LOG_LEVEL",))
 
 
 # ----------------------------------------------------------------------------- fixtures
