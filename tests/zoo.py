@@ -1,0 +1,316 @@
+"""The zoo: small versions of the architectures users hold, saved the ways users save them.
+
+Each entry builds a tiny model (transformers models from small configs: nothing is downloaded)
+and example inputs; :func:`save` writes it in one format. The zoo test tier
+(``tests/test_zoo.py``) and the README table generator (``scripts/zoo_table.py``) share it.
+
+Formats (cell names):
+
+* ``onnx17``: ``torch.onnx.export(dynamo=False, opset_version=17)``, dynamic batch (and sequence);
+* ``onnx18``: ``torch.onnx.export(dynamo=True, opset_version=18)``, dynamic batch;
+* ``pt2kw``: ``torch.export.export(m, (), kwargs=inputs)``, dynamic batch;
+* ``pt2``: ``torch.export.export(m, args)``, dynamic batch;
+* ``ts``: ``torch.jit.trace`` (transformers models with ``torchscript=True``, as its docs say);
+* ``pickle``: ``torch.save(model)``; ``state_dict``: ``torch.save(model.state_dict())`` plus
+  ``--arch tests.zoo:build_NAME``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+FORMATS = ("onnx17", "onnx18", "pt2kw", "pt2", "ts", "pickle", "state_dict")
+SUFFIX = {"onnx17": ".onnx", "onnx18": ".onnx", "pt2kw": ".pt2", "pt2": ".pt2", "ts": ".pt",
+          "pickle": ".pt", "state_dict": ".pt"}
+BATCH = 2  # the batch size every file is exported at; checks run at another one
+SEQ = 8
+VOCAB = 100
+CLASSES = 3
+
+
+@dataclass
+class Entry:
+    name: str
+    build: Callable[[], nn.Module]
+    inputs: Callable[[int], dict[str, torch.Tensor]]  # batch size -> keyword inputs, in forward order
+    output: str  # "class" (one row of logits), "token" ([N, S, V] logits), "embedding", "regression"
+    formats: tuple[str, ...] = FORMATS
+    why_not: dict[str, str] = field(default_factory=dict)  # format -> reason the cell cannot work
+    hf: bool = False
+
+
+def _tokens(n: int, seq: int = SEQ) -> torch.Tensor:
+    g = torch.Generator().manual_seed(n)
+    return torch.randint(1, VOCAB, (n, seq), generator=g)
+
+
+def _image(n: int, c: int = 3, size: int = 16) -> torch.Tensor:
+    g = torch.Generator().manual_seed(n)
+    return torch.randn(n, c, size, size, generator=g)
+
+
+def _seeded(fn: Callable[[], nn.Module]) -> nn.Module:
+    torch.manual_seed(0)
+    return fn().eval()
+
+
+# ---------------------------------------------------------------- transformers (tiny configs)
+
+def _bert_cfg(**kw):
+    from transformers import BertConfig
+
+    return BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      intermediate_size=64, max_position_embeddings=64, num_labels=CLASSES, **kw)
+
+
+def build_bert(torchscript: bool = False) -> nn.Module:
+    from transformers import BertForSequenceClassification
+
+    return _seeded(lambda: BertForSequenceClassification(_bert_cfg(torchscript=torchscript, return_dict=not torchscript)))
+
+
+def build_distilbert(torchscript: bool = False) -> nn.Module:
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    cfg = DistilBertConfig(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=2, hidden_dim=64,
+                           max_position_embeddings=64, num_labels=CLASSES, torchscript=torchscript, return_dict=not torchscript)
+    return _seeded(lambda: DistilBertForSequenceClassification(cfg))
+
+
+def build_gpt2(torchscript: bool = False) -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=64,
+                     use_cache=False, torchscript=False)
+    return _seeded(lambda: GPT2LMHeadModel(cfg))
+
+
+def build_vit(torchscript: bool = False) -> nn.Module:
+    from transformers import ViTConfig, ViTForImageClassification
+
+    cfg = ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2,
+                    num_attention_heads=2, intermediate_size=64, num_labels=CLASSES, torchscript=False)
+    return _seeded(lambda: ViTForImageClassification(cfg))
+
+
+def build_resnet(torchscript: bool = False) -> nn.Module:
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    cfg = ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+                       layer_type="basic", num_labels=CLASSES, torchscript=torchscript, return_dict=not torchscript)
+    return _seeded(lambda: ResNetForImageClassification(cfg))
+
+
+def build_convnext(torchscript: bool = False) -> nn.Module:
+    from transformers import ConvNextConfig, ConvNextForImageClassification
+
+    cfg = ConvNextConfig(num_channels=3, hidden_sizes=[8, 16], depths=[1, 1], num_stages=2, patch_size=2,
+                         num_labels=CLASSES, torchscript=False)
+    return _seeded(lambda: ConvNextForImageClassification(cfg))
+
+
+def build_mobilenetv2(torchscript: bool = False) -> nn.Module:
+    from transformers import MobileNetV2Config, MobileNetV2ForImageClassification
+
+    cfg = MobileNetV2Config(num_channels=3, image_size=16, depth_multiplier=0.25, min_depth=4,
+                            num_labels=CLASSES, torchscript=torchscript, return_dict=not torchscript)
+    return _seeded(lambda: MobileNetV2ForImageClassification(cfg))
+
+
+class SentenceEmbedder(nn.Module):
+    """all-MiniLM-L6-v2's shape (a BERT encoder, mean pooling, L2 norm), at a tiny size."""
+
+    def __init__(self, torchscript: bool = False):
+        super().__init__()
+        from transformers import BertModel
+
+        self.encoder = BertModel(_bert_cfg(torchscript=torchscript, return_dict=not torchscript), add_pooling_layer=False)
+
+    def forward(self, input_ids, attention_mask):
+        h = self.encoder(input_ids=input_ids, attention_mask=attention_mask)[0]
+        m = attention_mask.unsqueeze(-1).to(h.dtype)
+        e = (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
+        return nn.functional.normalize(e, dim=-1)
+
+
+def build_minilm(torchscript: bool = False) -> nn.Module:
+    return _seeded(lambda: SentenceEmbedder(torchscript))
+
+
+# ---------------------------------------------------------------- plain torch models people save
+
+class EncoderClassifier(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 32)
+        layer = nn.TransformerEncoderLayer(32, 2, 64, dropout=0.1, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(32, CLASSES)
+
+    def forward(self, input_ids):
+        return self.head(self.encoder(self.embed(input_ids)).mean(1))
+
+
+class RNNClassifier(nn.Module):
+    def __init__(self, cell: str = "lstm"):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 16)
+        self.rnn = (nn.LSTM if cell == "lstm" else nn.GRU)(16, 24, batch_first=True)
+        self.head = nn.Linear(24, CLASSES)
+
+    def forward(self, input_ids):
+        out, _ = self.rnn(self.embed(input_ids))
+        return self.head(out[:, -1])
+
+
+class AudioNet(nn.Module):
+    """A Conv1d keyword-spotting net over raw waveforms [N, 1, 256]."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv1d(1, 8, 9, stride=2, padding=4), nn.BatchNorm1d(8), nn.ReLU(),
+            nn.Conv1d(8, 16, 9, stride=2, padding=4), nn.BatchNorm1d(16), nn.ReLU(),
+            nn.MaxPool1d(2),
+            nn.Conv1d(16, 16, 5, padding=2), nn.BatchNorm1d(16), nn.ReLU(),
+            nn.AdaptiveAvgPool1d(1),
+        )
+        self.head = nn.Linear(16, CLASSES)
+
+    def forward(self, x):
+        return self.head(self.features(x).flatten(1))
+
+
+def build_encoder(torchscript: bool = False) -> nn.Module:
+    return _seeded(EncoderClassifier)
+
+
+def build_lstm(torchscript: bool = False) -> nn.Module:
+    return _seeded(lambda: RNNClassifier("lstm"))
+
+
+def build_gru(torchscript: bool = False) -> nn.Module:
+    return _seeded(lambda: RNNClassifier("gru"))
+
+
+def build_audio(torchscript: bool = False) -> nn.Module:
+    return _seeded(AudioNet)
+
+
+def _ids(n):
+    return {"input_ids": _tokens(n)}
+
+
+def _ids_mask(n):
+    t = _tokens(n)
+    mask = torch.ones_like(t)
+    mask[:, -2:] = 0  # padding at the end of every row
+    return {"input_ids": t, "attention_mask": mask}
+
+
+ZOO: dict[str, Entry] = {e.name: e for e in [
+    Entry("bert", build_bert, _ids_mask, "class", hf=True),
+    Entry("distilbert", build_distilbert, _ids_mask, "class", hf=True),
+    Entry("gpt2", build_gpt2, _ids, "token", hf=True,
+          why_not={"onnx17": "torch's legacy exporter cannot export aten::diff (transformers' mask code) at opset 17"}),
+    Entry("vit", build_vit, lambda n: {"pixel_values": _image(n)}, "class", hf=True),
+    Entry("resnet", build_resnet, lambda n: {"pixel_values": _image(n)}, "class", hf=True),
+    Entry("convnext", build_convnext, lambda n: {"pixel_values": _image(n)}, "class", hf=True),
+    Entry("mobilenetv2", build_mobilenetv2, lambda n: {"pixel_values": _image(n)}, "class", hf=True),
+    Entry("minilm", build_minilm, _ids_mask, "embedding", hf=True),
+    Entry("encoder", build_encoder, _ids, "class"),
+    Entry("lstm", build_lstm, _ids, "class"),
+    Entry("gru", build_gru, _ids, "class"),
+    Entry("audio", build_audio, lambda n: {"x": torch.randn(n, 1, 256, generator=torch.Generator().manual_seed(n))},
+          "class"),
+]}
+
+
+def first_output(out):
+    """The tensor a user reads: logits of a ModelOutput / first element of a tuple."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "to_tuple"):
+        return out.to_tuple()[0]
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    raise TypeError(type(out))
+
+
+def reference(entry: Entry, n: int) -> torch.Tensor:
+    """The original model's output on ``entry.inputs(n)`` in inference mode."""
+    model = entry.build()
+    with torch.no_grad():
+        return first_output(model(**entry.inputs(n)))
+
+
+@contextlib.contextmanager
+def _quiet():
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _dynamic(entry: Entry, inputs: dict[str, torch.Tensor]):
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    return {k: {0: batch} for k in inputs}
+
+
+def save(entry: Entry, fmt: str, directory: Path) -> Path:
+    """Write ``entry`` in format ``fmt`` under ``directory``; returns the file (``.npz`` data beside
+    it is the caller's business)."""
+    path = Path(directory) / f"{entry.name}_{fmt}{SUFFIX[fmt]}"
+    inputs = entry.inputs(BATCH)
+    args = tuple(inputs.values())
+    with _quiet():
+        if fmt in ("ts",):
+            model = entry.build(torchscript=True)
+            # transformers' return_dict=False path is broken on some models (GPT-2, ViT, ConvNeXt in 5.x):
+            # those are traced as users do then, with strict=False and a dict output
+            ts = torch.jit.trace(model, args, check_trace=False, strict=False)
+            torch.jit.save(ts, str(path))
+        elif fmt == "pt2kw":
+            ep = torch.export.export(entry.build(), (), kwargs=inputs, dynamic_shapes=_dynamic(entry, inputs))
+            torch.export.save(ep, str(path))
+        elif fmt == "pt2":
+            ep = torch.export.export(entry.build(), args, dynamic_shapes=tuple(_dynamic(entry, inputs).values()))
+            torch.export.save(ep, str(path))
+        elif fmt == "onnx17":
+            names = list(inputs)
+            axes = {k: {0: "batch"} for k in names}
+            axes["out"] = {0: "batch"}
+            torch.onnx.export(entry.build(torchscript=True), args, str(path), dynamo=False, opset_version=17,
+                              input_names=names, output_names=["out"], dynamic_axes=axes)
+        elif fmt == "onnx18":
+            names = list(inputs)
+            prog = torch.onnx.export(entry.build(), (), kwargs=inputs, dynamo=True, opset_version=18,
+                                     input_names=names, dynamic_shapes=_dynamic(entry, inputs), verbose=False)
+            prog.save(str(path))
+        elif fmt == "pickle":
+            torch.save(entry.build(), str(path))
+        elif fmt == "state_dict":
+            torch.save(entry.build().state_dict(), str(path))
+        else:
+            raise ValueError(fmt)
+    return path
+
+
+def save_inputs(entry: Entry, n: int, path: Path, labels: bool = True) -> Path:
+    """An ``.npz`` with the entry's inputs (named as the model's inputs) and, for classifiers,
+    labels ``y`` (the original model's argmax: what a well-fitted model would be scored on)."""
+    import numpy as np
+
+    inputs = entry.inputs(n)
+    arrays = {k: v.numpy() for k, v in inputs.items()}
+    if labels and entry.output == "class":
+        arrays["y"] = reference(entry, n).argmax(-1).numpy()
+    np.savez(path, **arrays)
+    return Path(path)
