@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from dropcli.engines.noise import stream_seed
 from dropcli.engines.runner import no_progress
 
 
@@ -65,8 +66,8 @@ class LocalEngine:
             if source is self._src:
                 res = self._res
             else:
-                res = run_source(self.runner, source.read_all(), self.T, self.seed, self.batch_size, self.budget, source.n,
-                                 "OOD" if i else "MC dropout", self.progress)
+                res = run_source(self.runner, source.read_all(), self.T, stream_seed(self.seed, i), self.batch_size,
+                                 self.budget, source.n, "OOD" if i else "MC dropout", self.progress)
             self.chunks += res.chunks
             out.append(EngineResult(stats.per_example(res.samples, task, tau), res.eval, res.samples))
         return out

@@ -209,7 +209,10 @@ class MCWorker:
         for hook in self.hooks:
             hook(src, start, stop)
         xs = self.sources[src].read(shard, start, stop)
-        cols = unit_columns(self.runner, xs, start, self.mc)
+        from dropcli.engines.noise import stream_seed
+
+        mc = self.mc if src == 0 else dict(self.mc, seed=stream_seed(self.mc["seed"], src))  # the OOD input's own stream
+        cols = unit_columns(self.runner, xs, start, mc)
         cols["src"] = np.full(len(cols["index"]), src, dtype=np.int16)
         return cols
 
@@ -411,6 +414,7 @@ class RayEngine:
     def run_all(self, sources, task, tau) -> list:
         """Every source on one actor pool (the model is loaded once per actor for all of them)."""
         from dropcli.engines.local import EngineResult
+        from dropcli.engines.noise import stream_seed
         from dropcli.engines.runner import check_degenerate_examples
 
         mc = dict(self.mc, task=task, as_probs=None)
@@ -427,7 +431,8 @@ class RayEngine:
                 redo = [dict(u, src=0) for u in source.units(self._unit_rows(source))
                         if bool(flags[u["start"]]) != decision]
                 if redo:
-                    again = run([source], self.model, dict(mc, as_probs=decision), self.actors, self.threads,
+                    again = run([source], self.model, dict(mc, as_probs=decision, seed=stream_seed(mc["seed"], i)),
+                                self.actors, self.threads,
                                 lambda k: None, redo)[0]
                     rows = again["index"]
                     for c in cols:
