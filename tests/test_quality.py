@@ -40,3 +40,32 @@ def test_ood_input_draws_its_own_noise_stream(digits):
     alone = dropcli.uncertainty(MLP_PT, x, T=8, seed=stream_seed(3, 1))
     assert np.array_equal(alone.per["mean"], r.ood["mean"])
     assert stream_seed(3, 0) == 3  # the main input's stream is unchanged
+
+
+# ----------------------------------------------------------------------------- temperature
+
+
+def test_temperature_divides_each_pass_logits():
+    """to_probs(z, T) = softmax(z / T), whether the samples are logits or already probabilities."""
+    from dropcli.analysis import stats
+
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(5, 7, 4)) * 3
+    want = np.exp(z / 2.5) / np.exp(z / 2.5).sum(-1, keepdims=True)
+    assert np.allclose(stats.to_probs(z, temperature=2.5), want, atol=1e-12)
+    assert np.allclose(stats.to_probs(stats.to_probs(z), temperature=2.5), want, atol=1e-12)
+    assert np.array_equal(stats.to_probs(z, temperature=1.0), stats.to_probs(z))
+
+
+def test_uncertainty_applies_temperature_and_says_so(digits):
+    x, y = digits["x"][:40], digits["y"][:40]
+    raw = dropcli.uncertainty(MLP_PT, x, labels=y, T=6, seed=1, keep_samples=True)
+    hot = dropcli.uncertainty(MLP_PT, x, labels=y, T=6, seed=1, temperature=2.0)
+    z = raw.samples.astype(np.float64) / 2.0
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    assert np.allclose(hot.per["mean"], p.mean(0), atol=1e-9)
+    assert hot.summary["calibration"]["temperature"] == 2.0 and "calibration" not in raw.summary
+    assert hot.summary["eval"] == raw.summary["eval"]  # the deterministic pass is the untouched comparator
+    with pytest.raises(dropcli.errors.UsageError):
+        dropcli.uncertainty(MLP_PT, x, T=2, temperature=2.0, calibration=False)
