@@ -537,7 +537,7 @@ def test_regression_tau_travels_with_the_model(tmp_path, fmt, ext):
         _insert_onnx_dropout(src, 0.2)
     out = tmp_path / f"ft.{ext}"
     r = _run("finetune", src, "--data", tmp_path / "d.npz", "--task", "regression", "--variant", "concrete",
-             "--epochs", 1, "--samples", 4, "-o", out, "--json")
+             "--epochs", 1, "--samples", 4, "--select", "elbo", "-o", out, "--json")
     assert r.exit_code == 0, r.output
     tau = json.loads(r.stdout)["summary"]["tau"]
     assert tau > 0

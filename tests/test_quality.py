@@ -4,6 +4,7 @@ the held-out rate scan, and variational rates that land on a known answer."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -67,5 +68,96 @@ def test_uncertainty_applies_temperature_and_says_so(digits):
     assert np.allclose(hot.per["mean"], p.mean(0), atol=1e-9)
     assert hot.summary["calibration"]["temperature"] == 2.0 and "calibration" not in raw.summary
     assert hot.summary["eval"] == raw.summary["eval"]  # the deterministic pass is the untouched comparator
-    with pytest.raises(dropcli.errors.UsageError):
+    from dropcli.errors import UsageError
+
+    with pytest.raises(UsageError):
         dropcli.uncertainty(MLP_PT, x, T=2, temperature=2.0, calibration=False)
+
+
+
+# ----------------------------------------------------------------------------- finetune --calibrate
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """A digits MLP without dropout, trained on train.npz, in every format dropcli writes, plus a
+    validation file it never saw."""
+    import torch
+    from sklearn.datasets import load_digits
+    from torch import nn
+
+    from models import save_as
+
+    root = tmp_path_factory.mktemp("cal")
+    x, y = load_digits(return_X_y=True)
+    x = (x / 16).astype(np.float32)
+    y = y.astype(np.int64)
+    np.savez(root / "train.npz", x=x[:500], y=y[:500])
+    np.savez(root / "val.npz", x=x[500:900], y=y[500:900])
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10))  # pickles with no class of ours
+    opt = torch.optim.Adam(m.parameters(), 1e-2)
+    X, Y = torch.from_numpy(x[:500]), torch.from_numpy(y[:500])
+    for _ in range(80):
+        opt.zero_grad()
+        nn.functional.cross_entropy(m(X), Y).backward()
+        opt.step()
+    ex = torch.zeros(2, 64)
+    paths = {fmt: save_as(m, ex, root / f"m.{ext}", fmt)
+             for fmt, ext in (("torchscript", "pt"), ("export", "pt2"), ("onnx", "onnx"), ("pickle", "pkl"))}
+    return root, paths
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "export", "onnx", "pickle"])
+def test_calibrate_stores_the_temperature_and_uncertainty_uses_it(small, fmt, tmp_path):
+    """finetune --calibrate fits T on --val (NLL no worse than T = 1 on the same passes), stores it
+    in the written model (every format), and uncertainty applies it unless --no-calibration."""
+    from helpers import cli
+
+    root, paths = small
+    trust = ["--trust-pickle"] if fmt == "pickle" else []
+    out = tmp_path / f"cal{paths[fmt].suffix}"
+    rep = json.loads(cli("-q", "finetune", paths[fmt], "--data", root / "train.npz", "--val", root / "val.npz",
+                         "--variant", "concrete", "--after", "relu", "--p", 0.2, "--epochs", 1, "--samples", 8,
+                         "--calibrate", "-o", out, "--json", *trust).stdout)
+    s = rep["summary"]
+    t = s["temperature"]
+    assert t is not None and 0.05 < t < 20
+    assert s["val_nll_after"] <= s["val_nll_uncalibrated"] + 1e-9
+    assert s["validation_origin"] == "--val" and len(rep["selection"]) == 13
+    assert json.loads(cli("-q", "inspect", out, "--json", *trust).stdout)["model_meta"]["temperature"] == pytest.approx(t, rel=1e-12)
+    on = json.loads(cli("-q", "uncertainty", out, "-i", root / "val.npz", "-T", 16, "--json", *trust).stdout)["summary"]
+    off = json.loads(cli("-q", "uncertainty", out, "-i", root / "val.npz", "-T", 16, "--json", "--no-calibration", *trust).stdout)["summary"]
+    assert on["calibration"]["temperature"] == pytest.approx(t, rel=1e-12) and "calibration" not in off
+    assert on["mc"]["nll"] != off["mc"]["nll"] and on["eval"] == off["eval"]
+
+
+def test_finetune_warns_when_the_held_out_split_is_training_data(small, tmp_path):
+    """No --val: the split held out of the model's own training data has (almost) no errors, and
+    finetune says so; with a --val the model never saw, it does not."""
+    from helpers import cli
+
+    root, paths = small
+    args = ["-q", "finetune", paths["export"], "--data", root / "train.npz", "--variant", "concrete", "--after", "relu",
+            "--p", 0.2, "--epochs", 1, "--samples", 4, "--json"]
+    s = json.loads(cli(*args, "-o", tmp_path / "a.pt2").stdout)["summary"]
+    assert s["validation_origin"].startswith("a seeded 20% split")
+    assert any("looks like training data" in n and "--val" in n for n in s["notes"]), s["notes"]
+    s = json.loads(cli(*args, "--val", root / "val.npz", "-o", tmp_path / "b.pt2").stdout)["summary"]
+    assert not any("training data" in n for n in s["notes"]), s["notes"]
+
+
+def test_calibrate_is_for_classification(small, tmp_path):
+    from helpers import cli_err
+
+    root, _ = small
+    import torch
+
+    from models import MLP, save_as
+
+    g = np.random.default_rng(0)
+    np.savez(tmp_path / "r.npz", x=g.normal(size=(50, 4)).astype(np.float32), y=g.normal(size=(50, 1)).astype(np.float32))
+    src = save_as(MLP(d_in=4, hidden=8, d_out=1, p=0.2), torch.zeros(2, 4), tmp_path / "r.pt2", "export")
+    cli_err("finetune", src, "--data", tmp_path / "r.npz", "--task", "regression", "--variant", "concrete",
+            "--calibrate", "-o", tmp_path / "o.pt2", code=2, contains=("--calibrate",))
+    assert not (tmp_path / "o.pt2").exists()

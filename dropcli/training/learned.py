@@ -301,12 +301,11 @@ def finalize(gm: fx.GraphModule, sites: list[LearnedSite]) -> list[dict[str, Any
 # ------------------------------------------------------------------------------- MC evaluation
 
 @torch.no_grad()
-def mc_metrics(gm: nn.Module, split: Any, task: str, samples: int, seed: int, batch_size: int = 512,
-               noise_var: float = 0.0, device: str = "cpu") -> dict[str, float]:
-    """Validation MC metrics with the sites (dropcli SiteModules) in MC mode and every other layer
-    in eval mode: classification NLL of the mean softmax, accuracy, ECE; regression Gaussian NLL
-    with variance ``noise_var + var_t`` and RMSE of the MC mean."""
-    from dropcli.analysis import stats
+def mc_samples(gm: nn.Module, split: Any, samples: int, seed: int, batch_size: int = 512,
+               device: str = "cpu") -> np.ndarray:
+    """[T, N, K] outputs over ``samples`` passes with the sites (dropcli SiteModules) in MC mode and
+    every other layer in eval mode; the noise is seeded by ``seed`` (the same draws for every
+    call with the same rates: the rate scan compares rates on common random numbers)."""
     from dropcli.variants.base import set_mc
 
     gm.eval()
@@ -319,12 +318,23 @@ def mc_metrics(gm: nn.Module, split: Any, task: str, samples: int, seed: int, ba
             for i in range(0, len(split), batch_size):
                 chunk.append(gm(split.x[i:i + batch_size].to(device)).float().cpu())
             outs.append(torch.cat(chunk))
-        s = torch.stack(outs).double().numpy()
+        return torch.stack(outs).double().numpy()
     finally:
         set_mc(gm, False)
+
+
+def mc_metrics(gm: nn.Module, split: Any, task: str, samples: int, seed: int, batch_size: int = 512,
+               noise_var: float = 0.0, device: str = "cpu", temperature: float | None = None,
+               outputs: np.ndarray | None = None) -> dict[str, float]:
+    """Validation MC metrics (:func:`mc_samples`, or the given ``outputs``): classification NLL of
+    the mean softmax (each pass's logits divided by ``temperature``), accuracy, ECE; regression
+    Gaussian NLL with variance ``noise_var + var_t`` and RMSE of the MC mean."""
+    from dropcli.analysis import stats
+
+    s = mc_samples(gm, split, samples, seed, batch_size, device) if outputs is None else outputs
     y = split.y.numpy()
     if task == "classification":
-        probs = stats.to_probs(s, as_probs=False).mean(0)
+        probs = stats.to_probs(s, as_probs=False, temperature=temperature).mean(0)
         correct = probs.argmax(-1) == y
         ece, _ = stats.ece_mce(probs.max(-1), correct)
         return {"nll": stats.nll(probs, y), "accuracy": float(correct.mean()), "ece": ece}
@@ -334,3 +344,67 @@ def mc_metrics(gm: nn.Module, split: Any, task: str, samples: int, seed: int, ba
     yy = y.reshape(mean.shape)
     nll = float(np.mean(0.5 * np.log(2 * np.pi * var) + (yy - mean) ** 2 / (2 * var)))
     return {"nll": nll, "rmse": float(np.sqrt(np.mean((yy - mean) ** 2))), "noise_var": noise_var}
+
+
+# ------------------------------------------------------------------------------- held-out selection
+
+SCALES = tuple(round(2 ** (k / 2), 4) for k in range(-8, 5))  # 1/16 .. 4 in factors of sqrt(2) around the ELBO's answer
+
+
+def scaled_rows(rows: list[dict[str, Any]], scale: float) -> list[dict[str, Any]]:
+    """The sites' rates with every noise variance times ``scale``: a Bernoulli site's variance
+    is ``alpha = p / q``, so ``p -> s alpha / (1 + s alpha)``; a gaussian site's ``alpha -> s alpha``.
+    Scale 1 is the rows as they are (the ELBO's answer)."""
+    out = []
+    for r in rows:
+        r = dict(r)
+        if r["variant"] == "standard":
+            a = scale * r["learned_p"] / (1 - r["learned_p"])
+            r["learned_p"] = min(a / (1 + a), 1 - 1e-6)
+        else:
+            r["alpha"] = [scale * a for a in r["alpha"]]
+            for k in ("alpha_mean", "alpha_min", "alpha_max"):
+                r[k] *= scale
+            mean = r["alpha_mean"]
+            r["learned_p"] = mean / (1 + mean)
+        out.append(r)
+    return out
+
+
+def set_rates(gm: fx.GraphModule, rows: list[dict[str, Any]]) -> None:
+    """Put stock sites at the rates of ``rows`` (as :func:`finalize` wrote them)."""
+    from dropcli.backends.torch.fx import set_module
+    from dropcli.variants import get_variant
+
+    for r in rows:
+        site = (get_variant("standard").torch_module(p=r["learned_p"]) if r["variant"] == "standard"
+                else get_variant("gaussian").torch_module(alpha=r["alpha"]))
+        set_module(gm, r["site"], site)
+    gm.recompile()
+
+
+def fit_temperature(outputs: np.ndarray, labels: np.ndarray, lo: float = 0.05, hi: float = 20.0) -> tuple[float, float]:
+    """The temperature minimising the NLL of the MC predictive ``mean_t softmax(z_t / T)`` on
+    ``outputs`` [T, N, K] (logits) with ``labels``: golden-section search over log T in
+    [log lo, log hi] (the NLL of a temperature-scaled predictive is unimodal in practice; a
+    minimum at an end of the range is reported as such). Returns (T, NLL)."""
+    from dropcli.analysis import stats
+
+    def nll(log_t: float) -> float:
+        return stats.nll(stats.to_probs(outputs, as_probs=False, temperature=math.exp(log_t)).mean(0), labels)
+
+    a, b = math.log(lo), math.log(hi)
+    g = (math.sqrt(5) - 1) / 2
+    c, d = b - g * (b - a), a + g * (b - a)
+    fc, fd = nll(c), nll(d)
+    while b - a > 1e-4:
+        if fc <= fd:
+            b, d, fd = d, c, fc
+            c = b - g * (b - a)
+            fc = nll(c)
+        else:
+            a, c, fc = c, d, fd
+            d = a + g * (b - a)
+            fd = nll(d)
+    t = math.exp((a + b) / 2)
+    return t, nll(math.log(t))
