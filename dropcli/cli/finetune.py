@@ -39,8 +39,8 @@ noise and sharper probabilities whatever new data would say. finetune says which
 
 Rates for held-out quality (--select val, the default): after the ELBO fit, every site's noise variance
 (alpha = p/q for Bernoulli sites, alpha for gaussian ones) is scaled by each factor in
-1/16 .. 4 (steps of sqrt 2), and the factor with the lowest validation MC NLL is kept; the report
-gives the whole curve. --select elbo keeps the ELBO's rates.
+1/16 .. 4 (steps of sqrt 2), and the factor with the lowest validation MC NLL is kept (with --calibrate,
+the lowest NLL after each factor's own temperature); the report gives the whole curve. --select elbo keeps the ELBO's rates.
 
 Calibration (--calibrate, classification): a temperature T is fitted on the validation MC predictive
 by NLL (each pass's logits divided by T before the softmax) and stored in the written model;
@@ -147,10 +147,11 @@ def _print(report: dict) -> None:
         title += f"; regression NLL with noise variance 1/tau, tau = {s['tau']:.6g} (stored in the model for `dropcli uncertainty`)"
     if "selection" in report:
         c = Table(title=f"validation curve: the ELBO's noise variances x scale (chosen: x{s['chosen_scale']:g})")
-        keys = [k for k in ("nll", "accuracy", "rmse", "ece") if k in report["selection"][0]]
+        keys = [k for k in ("nll", "accuracy", "rmse", "ece", "temperature", "nll_calibrated") if k in report["selection"][0]]
         c.add_column("scale", justify="right")
         for k in keys:
-            c.add_column(f"val {k.upper() if k != 'accuracy' else k}", justify="right")
+            c.add_column({"nll_calibrated": "val NLL, calibrated", "temperature": "temperature"}.get(
+                k, f"val {k.upper() if k != 'accuracy' else k}"), justify="right")
         for r in report["selection"]:
             mark = " *" if r["scale"] == s["chosen_scale"] else ""
             c.add_row(f"{r['scale']:g}{mark}", *(f"{r[k]:.4f}" for k in keys))

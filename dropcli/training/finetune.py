@@ -137,7 +137,13 @@ def run(model_path: str, output: str, *, data: str, val: str | None, variant: st
     gm.recompile()
     tau = precision(gm, vsplit, task, tau)
     noise_var = 1.0 / tau if task == "regression" else 0.0
-    before = learned.mc_metrics(gm, vsplit, task, samples, seed, noise_var=noise_var)
+    before_outs = learned.mc_samples(gm, vsplit, samples, seed)
+    before = learned.mc_metrics(gm, vsplit, task, samples, seed, noise_var=noise_var, outputs=before_outs)
+    if calibrate and learned.mc_errors(before_outs, vsplit.y.numpy()) < MIN_VAL_ERRORS:
+        calibrate = False
+        notes.append(f"--calibrate: the validation MC predictive misclassifies {learned.mc_errors(before_outs, vsplit.y.numpy())} "
+                     f"of {len(vsplit)} examples, fewer than {MIN_VAL_ERRORS}: too few to fit a temperature by NLL (with none "
+                     "it falls without bound as T -> 0), so none was fitted or stored. Pass a larger --val")
     work = copy.deepcopy(gm)
     learned.attach(work, sites, variant, per_weight)
     n = len(train)
@@ -177,11 +183,18 @@ def run(model_path: str, output: str, *, data: str, val: str | None, variant: st
     curve = None
     if select == "val":
         # the ELBO's rates, every noise variance scaled by factors around 1, scored by validation MC NLL
-        curve = []
+        # (with --calibrate each scale is scored after its own temperature: rates and temperature are chosen together)
+        # chosen by the one-standard-error rule: the scale nearest 1 within one paired SE of the best
+        curve, per = [], []
         for sc in learned.SCALES:
             learned.set_rates(work, learned.scaled_rows(rows, sc))
-            curve.append({"scale": sc, **learned.mc_metrics(work, vsplit, task, samples, seed, noise_var=noise_var)})
-        best = min(curve, key=lambda r: r["nll"])
+            outs = learned.mc_samples(work, vsplit, samples, seed)
+            row = {"scale": sc, **learned.mc_metrics(work, vsplit, task, samples, seed, noise_var=noise_var, outputs=outs)}
+            if calibrate:
+                row["temperature"], row["nll_calibrated"] = learned.fit_temperature(outs, vsplit.y.numpy())
+            per.append(learned.example_nll(outs, vsplit, task, noise_var, row.get("temperature")))
+            curve.append(row)
+        best = curve[learned.one_se_choice(learned.SCALES, per)]
         if best["scale"] in (learned.SCALES[0], learned.SCALES[-1]):
             notes.append(f"the best rate scale on validation, x{best['scale']:g}, is at the end of the scanned range "
                          f"({learned.SCALES[0]:g} .. {learned.SCALES[-1]:g}): start from other rates (--p), or check the validation data")

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -371,6 +371,39 @@ def scaled_rows(rows: list[dict[str, Any]], scale: float) -> list[dict[str, Any]
     return out
 
 
+def example_nll(outputs: np.ndarray, split: Any, task: str, noise_var: float = 0.0,
+                temperature: float | None = None) -> np.ndarray:
+    """Per-example NLL of the MC predictive of ``outputs`` [T, N, K] (the terms whose mean
+    :func:`mc_metrics` reports as ``nll``)."""
+    from dropcli.analysis import stats
+
+    y = split.y.numpy()
+    if task == "classification":
+        probs = stats.to_probs(outputs, as_probs=False, temperature=temperature).mean(0)
+        return -np.log(np.maximum(probs[np.arange(len(y)), y], stats.EPS))
+    mean = outputs.mean(0)
+    var = np.maximum(outputs.var(0) + noise_var, 1e-12)
+    yy = y.reshape(mean.shape)
+    per = 0.5 * np.log(2 * np.pi * var) + (yy - mean) ** 2 / (2 * var)
+    return per.reshape(len(per), -1).mean(-1)
+
+
+def one_se_choice(scales: Sequence[float], nll: Sequence[np.ndarray]) -> int:
+    """The one-standard-error rule (Breiman et al. 1984) on a curve of per-example validation
+    NLLs: among the scales whose mean NLL is within one standard error of the paired difference
+    from the best one, the nearest to 1 (the ELBO's answer). A flat, noisy curve then keeps the
+    ELBO's rates instead of whichever end the noise favours. Returns the index chosen."""
+    means = [float(v.mean()) for v in nll]
+    b = int(np.argmin(means))
+    ok = []
+    for i, v in enumerate(nll):
+        d = v - nll[b]
+        se = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else 0.0
+        if means[i] - means[b] <= se:
+            ok.append(i)
+    return min(ok, key=lambda i: (abs(math.log(scales[i])), scales[i]))
+
+
 def set_rates(gm: fx.GraphModule, rows: list[dict[str, Any]]) -> None:
     """Put stock sites at the rates of ``rows`` (as :func:`finalize` wrote them)."""
     from dropcli.backends.torch.fx import set_module
@@ -384,14 +417,21 @@ def set_rates(gm: fx.GraphModule, rows: list[dict[str, Any]]) -> None:
 
 
 def fit_temperature(outputs: np.ndarray, labels: np.ndarray, lo: float = 0.05, hi: float = 20.0) -> tuple[float, float]:
-    """The temperature minimising the NLL of the MC predictive ``mean_t softmax(z_t / T)`` on
-    ``outputs`` [T, N, K] (logits) with ``labels``: golden-section search over log T in
-    [log lo, log hi] (the NLL of a temperature-scaled predictive is unimodal in practice; a
-    minimum at an end of the range is reported as such). Returns (T, NLL)."""
+    """The temperature of the MC predictive ``mean_t softmax(z_t / T)`` on ``outputs`` [T, N, K]
+    (logits) with ``labels``. First the NLL minimiser T* (golden-section search over log T in
+    [log lo, log hi]); then, by the one-standard-error rule, the temperature nearest 1 on the way
+    from 1 to T* whose NLL is within one paired standard error of T*'s: a noisy validation set
+    shrinks the correction towards none instead of overfitting it. Returns (T, NLL)."""
     from dropcli.analysis import stats
 
+    y = np.asarray(labels)
+
+    def per(log_t: float) -> np.ndarray:
+        probs = stats.to_probs(outputs, as_probs=False, temperature=math.exp(log_t)).mean(0)
+        return -np.log(np.maximum(probs[np.arange(len(y)), y], stats.EPS))
+
     def nll(log_t: float) -> float:
-        return stats.nll(stats.to_probs(outputs, as_probs=False, temperature=math.exp(log_t)).mean(0), labels)
+        return float(per(log_t).mean())
 
     a, b = math.log(lo), math.log(hi)
     g = (math.sqrt(5) - 1) / 2
@@ -406,5 +446,18 @@ def fit_temperature(outputs: np.ndarray, labels: np.ndarray, lo: float = 0.05, h
             a, c, fc = c, d, fd
             d = a + g * (b - a)
             fd = nll(d)
-    t = math.exp((a + b) / 2)
-    return t, nll(math.log(t))
+    best_lt = (a + b) / 2
+    best = per(best_lt)
+    for lt in np.linspace(0.0, best_lt, 41):
+        diff = per(float(lt)) - best
+        se = float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else 0.0
+        if float(diff.mean()) <= se:
+            return math.exp(float(lt)), nll(float(lt))
+    return math.exp(best_lt), float(best.mean())
+
+
+def mc_errors(outputs: np.ndarray, labels: np.ndarray) -> int:
+    """Misclassified examples of the MC predictive (mean softmax) of ``outputs`` [T, N, K]."""
+    from dropcli.analysis import stats
+
+    return int((stats.to_probs(outputs, as_probs=False).mean(0).argmax(-1) != np.asarray(labels)).sum())
