@@ -161,3 +161,49 @@ def test_calibrate_is_for_classification(small, tmp_path):
     cli_err("finetune", src, "--data", tmp_path / "r.npz", "--task", "regression", "--variant", "concrete",
             "--calibrate", "-o", tmp_path / "o.pt2", code=2, contains=("--calibrate",))
     assert not (tmp_path / "o.pt2").exists()
+
+
+# ----------------------------------------------------------------------------- selection rules
+
+
+def _tempered_labels(rng, n: int, k: int, t0: float, passes: int = 4):
+    z = rng.normal(scale=3.0, size=(n, k))
+    outs = z[None] + 0.05 * rng.normal(size=(passes, n, k))  # MC passes that barely differ
+    p = np.exp(z / t0)
+    p /= p.sum(-1, keepdims=True)
+    y = np.array([rng.choice(k, p=row) for row in p])
+    return outs, y
+
+
+def test_fit_temperature_recovers_a_known_temperature():
+    """Labels drawn from softmax(z / T0), N = 4000: the fitted T lands near T0 (the MLE's sd is
+    about 3% in log T; the one-SE rule shrinks it towards 1 by about one more; the bound allows
+    15%) and its NLL is no worse than T = 1's. On 150 examples drawn at T0 = 1, T stays near 1."""
+    from dropcli.analysis import stats
+    from dropcli.training import learned
+
+    rng = np.random.default_rng(0)
+    for t0 in (0.5, 2.0):
+        outs, y = _tempered_labels(rng, 4000, 5, t0)
+        t, nll = learned.fit_temperature(outs, y)
+        assert abs(np.log(t / t0)) < 0.15 and abs(np.log(t)) <= abs(np.log(t0)) + 0.02, (t, t0)
+        assert nll <= stats.nll(stats.to_probs(outs).mean(0), y) + 1e-12
+    outs, y = _tempered_labels(rng, 150, 5, 1.0)
+    t, _ = learned.fit_temperature(outs, y)
+    assert abs(np.log(t)) < 0.2, t
+
+
+def test_one_se_rule_keeps_the_elbo_answer_on_a_flat_curve():
+    from dropcli.training import learned
+
+    rng = np.random.default_rng(1)
+    scales = learned.SCALES
+    base = rng.exponential(0.1, size=300)
+    noisy = [base + 0.02 * rng.normal(size=300) for _ in scales]
+    flat = [v - v.mean() + base.mean() for v in noisy]  # equal means, per-example noise
+    assert scales[learned.one_se_choice(scales, flat)] == 1.0
+    se = 0.02 * np.sqrt(2) / np.sqrt(300)
+    flat[0] = flat[0] - 0.5 * se  # the smallest scale better by half a standard error: not enough
+    assert scales[learned.one_se_choice(scales, flat)] == 1.0
+    dip = [base + (0.0 if s == 0.25 else 0.05) for s in scales]  # a clear minimum at 0.25
+    assert scales[learned.one_se_choice(scales, dip)] == 0.25
