@@ -246,6 +246,8 @@ def main(argv=None) -> int:
     ap.add_argument("--holdout", action="store_true", help="run the held-out models (not used to choose any default)")
     ap.add_argument("--json", help="also write every per-seed number here")
     a = ap.parse_args(argv)
+    warnings.filterwarnings("ignore", category=FutureWarning)  # torch.export's pytree notices
+    warnings.filterwarnings("ignore", message=".*link_approx.*")  # laplace-torch: marglik does not use the link
     torch.set_num_threads(max(1, torch.get_num_threads()))
     try:
         import laplace  # noqa: F401
@@ -267,7 +269,8 @@ def main(argv=None) -> int:
                 allres[name].append(run_one(name, specs[name], seed, Path(tmp), have_laplace))
                 ft = allres[name][-1]["_ft"]
                 print(f"# {name} seed {seed}: {time.perf_counter() - t1:.0f}s; finetune chose scale x{ft['scale']}, "
-                      f"p {ft['p']}, temperature {ft['temperature']:.3f}", file=sys.stderr)
+                      f"p {ft['p']}, temperature {'none' if ft['temperature'] is None else format(ft['temperature'], '.3f')}"
+                      + (f"; notes: {ft['notes']}" if ft["notes"] else ""), file=sys.stderr)
     print(f"\n## Test-set quality, mean ± sd over {a.seeds} seed(s) (digits; train/val/test 60/20/20; "
           f"MC T={T}); {time.perf_counter() - t0:.0f}s in all\n")
     for name in names:

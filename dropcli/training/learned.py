@@ -421,7 +421,10 @@ def fit_temperature(outputs: np.ndarray, labels: np.ndarray, lo: float = 0.05, h
     (logits) with ``labels``. First the NLL minimiser T* (golden-section search over log T in
     [log lo, log hi]); then, by the one-standard-error rule, the temperature nearest 1 on the way
     from 1 to T* whose NLL is within one paired standard error of T*'s: a noisy validation set
-    shrinks the correction towards none instead of overfitting it. Returns (T, NLL)."""
+    shrinks the correction towards none instead of overfitting it. A minimiser at an end of the
+    range is no fit: as T -> 0 the predictive tends to the vote fractions of the passes, which a
+    finite validation set can favour and new data punishes (a class no pass voted for gets
+    probability 0); then T = 1. Returns (T, NLL)."""
     from dropcli.analysis import stats
 
     y = np.asarray(labels)
@@ -447,6 +450,8 @@ def fit_temperature(outputs: np.ndarray, labels: np.ndarray, lo: float = 0.05, h
             d = a + g * (b - a)
             fd = nll(d)
     best_lt = (a + b) / 2
+    if min(best_lt - math.log(lo), math.log(hi) - best_lt) < 1e-2:
+        return 1.0, nll(0.0)
     best = per(best_lt)
     for lt in np.linspace(0.0, best_lt, 41):
         diff = per(float(lt)) - best
