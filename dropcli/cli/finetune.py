@@ -39,12 +39,16 @@ noise and sharper probabilities whatever new data would say. finetune says which
 
 Rates for held-out quality (--select val, the default): after the ELBO fit, every site's noise variance
 (alpha = p/q for Bernoulli sites, alpha for gaussian ones) is scaled by each factor in
-1/16 .. 4 (steps of sqrt 2), and the factor with the lowest validation MC NLL is kept (with --calibrate,
-the lowest NLL after each factor's own temperature); the report gives the whole curve. --select elbo keeps the ELBO's rates.
+1/16 .. 4 (steps of sqrt 2) and scored by validation MC NLL (with --calibrate, after each factor's
+own temperature). Kept: the factor nearest 1 whose NLL is within one standard error of the best
+(the one-standard-error rule: a flat, noisy curve keeps the ELBO's rates). The report gives the
+whole curve. --select elbo keeps the ELBO's rates.
 
-Calibration (--calibrate, classification): a temperature T is fitted on the validation MC predictive
-by NLL (each pass's logits divided by T before the softmax) and stored in the written model;
-`dropcli uncertainty` applies it by default (--no-calibration switches it off).
+Calibration (--calibrate, classification): a temperature T on the validation MC predictive (each
+pass's logits divided by T before the softmax): the NLL minimiser, shrunk towards 1 by the same
+rule; none when the validation predictive has fewer than 5 errors or the minimiser is at the end
+of [0.05, 20]. It is stored in the written model, and `dropcli uncertainty` applies it by default
+(--no-calibration switches it off).
 
 Sites: the model's dropout (nn.Dropout, F.dropout, ONNX Dropout, dropcli standard/gaussian sites),
 narrowed by --layers/--exclude; with --after, new sites after those layers. Each starts at its current p
