@@ -245,7 +245,8 @@ def uncertainty(model: Any, x: Any, *, labels: Any = None, T: int = 50, method: 
         summary["moments"] = eng.report(task)
     if temperature is not None:
         summary["calibration"] = {"temperature": temperature, "from": temp_from,
-                                  "applied": "each pass's logits divided by the temperature before the softmax"}
+                                  "applied": ("the Gaussian logits divided by it (mean / T, variance / T^2)" if method == "moments"
+                                              else "each pass's logits divided by it before the softmax")}
         log(f"calibrated predictive: logits / {temperature:.4g} (temperature from {temp_from}; "
             "--no-calibration switches it off)")
     if task == "classification":
