@@ -28,15 +28,23 @@ def looks_like_probs(x: np.ndarray, atol: float = 1e-4) -> bool:
     return bool(np.all(x >= -atol) and np.all(x <= 1 + atol) and np.allclose(x.sum(-1), 1.0, atol=atol))
 
 
-def to_probs(samples: np.ndarray, as_probs: bool | None = None) -> np.ndarray:
+def to_probs(samples: np.ndarray, as_probs: bool | None = None, temperature: float | None = None) -> np.ndarray:
     """Softmax over the last axis unless the samples already are probabilities.
 
     ``as_probs`` forces the decision (None: decide by :func:`looks_like_probs` on these
     samples). An engine that sees the samples in parts decides over all of them: the
-    check is an elementwise AND, so it is the AND of the parts' checks."""
+    check is an elementwise AND, so it is the AND of the parts' checks.
+
+    ``temperature`` (post-hoc calibration, `dropcli finetune --calibrate`): each sample's logits
+    are divided by it before the softmax, ``softmax(z / T)``; probabilities become
+    ``softmax(log p / T)``, the same thing. None or 1: unchanged."""
     s = np.asarray(samples, dtype=np.float64)
     if looks_like_probs(s) if as_probs is None else as_probs:
-        return np.clip(s, 0.0, 1.0)
+        if temperature is None or temperature == 1.0:
+            return np.clip(s, 0.0, 1.0)
+        s = np.log(np.clip(s, 1e-300, 1.0))
+    if temperature is not None and temperature != 1.0:
+        s = s / float(temperature)
     z = s - s.max(-1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(-1, keepdims=True)
@@ -78,7 +86,8 @@ def regression(samples: np.ndarray, tau: float | None = None) -> dict[str, np.nd
     return {"mean": mean, "var": var, "std": np.sqrt(var)}
 
 
-def per_example(samples: np.ndarray, task: str, tau: float | None = None, as_probs: bool | None = None) -> dict[str, np.ndarray]:
+def per_example(samples: np.ndarray, task: str, tau: float | None = None, as_probs: bool | None = None,
+                temperature: float | None = None) -> dict[str, np.ndarray]:
     """The per-example statistics of ``[T, N, K]`` samples, for both engines.
 
     Every value of example i depends only on ``samples[:, i]``, bit for bit: the reductions
@@ -86,14 +95,15 @@ def per_example(samples: np.ndarray, task: str, tau: float | None = None, as_pro
     single example (and K = 1, or the [T, N] entropies) the reduction over T becomes a
     contiguous one and numpy switches to pairwise summation, which rounds differently; so a
     single example is computed beside a copy of itself. Engines may therefore compute the
-    statistics on any split of the examples and concatenate them.
+    statistics on any split of the examples and concatenate them. ``temperature``: see
+    :func:`to_probs` (classification only).
     """
     s = np.asarray(samples)
     if s.shape[1] == 1:
-        full = per_example(np.concatenate([s, s], axis=1), task, tau, as_probs)
+        full = per_example(np.concatenate([s, s], axis=1), task, tau, as_probs, temperature)
         return {k: v[:1] for k, v in full.items()}
     if task == "classification":
-        return classification(to_probs(s, as_probs))
+        return classification(to_probs(s, as_probs, temperature))
     return regression(s, tau)
 
 

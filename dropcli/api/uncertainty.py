@@ -59,7 +59,8 @@ class UncertaintyResult:
 
 def check_uncertainty_args(*, T: int = 50, batch_size: int = 256, task: str = "auto", tau: Optional[float] = None,
                            engine: str = "local", method: str = "mc", keep_samples: bool = False,
-                           address: Optional[str] = None, workers: int = 1, fail_above: Any = None, **_: Any):
+                           address: Optional[str] = None, workers: int = 1, fail_above: Any = None,
+                           temperature: Optional[float] = None, calibration: bool = True, **_: Any):
     """The option checks of `dropcli uncertainty` (UsageError); the parsed ``fail_above`` gate."""
     from dropcli.analysis.summary import parse_gate
     from dropcli.analysis.task import check_task
@@ -72,6 +73,10 @@ def check_uncertainty_args(*, T: int = 50, batch_size: int = 256, task: str = "a
     check_task(task)
     if tau is not None and not tau > 0:
         raise UsageError("--tau must be positive")
+    if temperature is not None and not (temperature > 0 and temperature < float("inf")):
+        raise UsageError(f"--temperature must be a positive number, got {temperature}")
+    if temperature is not None and not calibration:
+        raise UsageError("--temperature and --no-calibration contradict each other", "pass one of them")
     if engine not in ("local", "ray"):
         raise UsageError(f"unknown --engine {engine!r}", "choose local or ray")
     if method not in ("mc", "moments"):
@@ -118,7 +123,7 @@ def _check_before_run(runner: Any, source: Any, labels: Any, task: str, method: 
 
 def uncertainty(model: Any, x: Any, *, labels: Any = None, T: int = 50, method: str = "mc", seed: int = 0,
                 device: str = "cpu", batch_size: int = 256, max_memory: Optional[str | int] = None, task: str = "auto",
-                tau: Optional[float] = None, ood: Any = None, fail_above: Any = None, inject: Optional[str] = None,
+                tau: Optional[float] = None, temperature: Optional[float] = None, calibration: bool = True, ood: Any = None, fail_above: Any = None, inject: Optional[str] = None,
                 p: Optional[float] = None, after: Names = None, layers: Names = None, exclude: Names = None,
                 allow_output: bool = False, engine: str = "local", address: Optional[str] = None, workers: int = 1,
                 keep_samples: bool = False, trust_pickle: bool = False, imports: Optional[Sequence[str]] = None,
@@ -135,6 +140,8 @@ def uncertainty(model: Any, x: Any, *, labels: Any = None, T: int = 50, method: 
     ``method="moments"``: analytic moments through fastdropout sites (torch). ``engine="ray"``
     (a model path) runs on a Ray actor pool with the same results. ``progress(label, total)`` is
     a context manager yielding ``advance(k)``; ``log(text)`` gets the CLI's log lines.
+    Classification: each pass's logits are divided by ``temperature``, by default the one
+    `dropcli finetune --calibrate` stored in the model (``calibration=False``: none).
     Raises :class:`dropcli.errors.DropcliError` (``UsageError`` for bad arguments)."""
     from dropcli.analysis import stats
     from dropcli.analysis import summary as S
@@ -145,7 +152,8 @@ def uncertainty(model: Any, x: Any, *, labels: Any = None, T: int = 50, method: 
     log = log or no_log
     progress = progress or no_progress
     gate = check_uncertainty_args(T=T, batch_size=batch_size, task=task, tau=tau, engine=engine, method=method,
-                                  keep_samples=keep_samples, address=address, workers=workers, fail_above=fail_above)
+                                  keep_samples=keep_samples, address=address, workers=workers, fail_above=fail_above,
+                                  temperature=temperature, calibration=calibration)
     from dropcli.training.loop import resolve_device
 
     dev = resolve_device(device)
@@ -194,6 +202,9 @@ def uncertainty(model: Any, x: Any, *, labels: Any = None, T: int = 50, method: 
     tau_from = "--tau"
     if tau is None and mdl.model_meta.get("tau"):
         tau, tau_from = float(mdl.model_meta["tau"]), "the model (dropcli finetune)"  # regression only
+    temp_from = "--temperature"
+    if temperature is None and calibration and mdl.model_meta.get("temperature"):
+        temperature, temp_from = float(mdl.model_meta["temperature"]), "the model (dropcli finetune --calibrate)"
     specs = runner.input_specs()
     source = open_input(x, specs)
     n = source.n
@@ -220,7 +231,9 @@ def uncertainty(model: Any, x: Any, *, labels: Any = None, T: int = 50, method: 
         K = eng.n_outputs(source)
         task = infer_task(task, labels, K)
         with_ood = ood_source is not None and task == "classification"
-        results = eng.run_all([source, ood_source] if with_ood else [source], task, tau)
+        if task != "classification" or (method == "moments" and getattr(eng, "probs", False)):
+            temperature = None  # classification logits only (a model that outputs probabilities has none for moments)
+        results = eng.run_all([source, ood_source] if with_ood else [source], task, tau, temperature)
         res, ood_res = results[0], (results[1] if with_ood else None)
     log(f"{model_name}: {mdl.backend}/{mdl.format}, {runner.n_sites} dropout site(s); "
         f"{n} examples x {'analytic moments' if method == 'moments' else f'T={T}'} on {dev}, {eng.describe()}")
@@ -230,6 +243,12 @@ def uncertainty(model: Any, x: Any, *, labels: Any = None, T: int = 50, method: 
                      "sites": runner.n_sites, "device": dev}
     if method == "moments":
         summary["moments"] = eng.report(task)
+    if temperature is not None:
+        summary["calibration"] = {"temperature": temperature, "from": temp_from,
+                                  "applied": ("the Gaussian logits divided by it (mean / T, variance / T^2)" if method == "moments"
+                                              else "each pass's logits divided by it before the softmax")}
+        log(f"calibrated predictive: logits / {temperature:.4g} (temperature from {temp_from}; "
+            "--no-calibration switches it off)")
     if task == "classification":
         if labels is not None:
             labels = class_labels(labels, K)

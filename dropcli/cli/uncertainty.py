@@ -74,6 +74,8 @@ def register(app: typer.Typer) -> None:
         keep_samples: bool = typer.Option(False, "--keep-samples", help="With npz: include the raw [T, N, K] samples."),
         plot: Optional[str] = typer.Option(None, "--plot", help="Write a PNG: uncertainty histograms, reliability diagram, risk-coverage."),
         tau: Optional[float] = typer.Option(None, "--tau", help="Regression: model precision; adds 1/tau to the variance (default: the tau `dropcli finetune` stored in the model, if any)."),
+        temperature: Optional[float] = typer.Option(None, "--temperature", help="Classification: divide each pass's logits by this before the softmax (default: the temperature `dropcli finetune --calibrate` stored in the model, if any)."),
+        calibration: bool = typer.Option(True, "--calibration/--no-calibration", help="Use the temperature stored in the model (--no-calibration: the raw MC predictive)."),
         ood: Optional[str] = typer.Option(None, "--ood", help="Out-of-distribution inputs: adds AUROC and FPR95 per measure."),
         fail_above: Optional[str] = typer.Option(None, "--fail-above", help=f"METRIC=VALUE: exit {EXIT_GATE} when the mean of METRIC exceeds VALUE."),
         inject: Optional[str] = typer.Option(None, "--inject", help="Inject this variant on the fly (not saved) when the model has no dropout."),
@@ -96,7 +98,8 @@ def register(app: typer.Typer) -> None:
         from dropcli.io.files import check_output_path
 
         check_uncertainty_args(T=samples, batch_size=batch_size, task=task, tau=tau, engine=engine, method=method,
-                               keep_samples=keep_samples, address=address, workers=workers, fail_above=fail_above)
+                               keep_samples=keep_samples, address=address, workers=workers, fail_above=fail_above,
+                               temperature=temperature, calibration=calibration)
         if samples == 1 and method == "mc":
             log("[yellow]warning:[/] -T 1 is one pass per example, so there is no spread over passes: mutual "
                 "information, variation ratio and std come out 0 (use -T 2 or more)")
@@ -134,7 +137,8 @@ def register(app: typer.Typer) -> None:
         from dropcli.cli.render import log_dim, progress
 
         r = uncertainty(model_path, input_path, labels=labels_path, T=samples, method=method, seed=seed, device=device,
-                        batch_size=batch_size, max_memory=max_memory, task=task, tau=tau, ood=ood or None,
+                        batch_size=batch_size, max_memory=max_memory, task=task, tau=tau, temperature=temperature,
+                        calibration=calibration, ood=ood or None,
                         fail_above=fail_above, inject=inject, p=p, after=after, layers=layers, exclude=exclude,
                         allow_output=allow_output, engine=engine, address=address, workers=workers,
                         keep_samples=keep_samples, trust_pickle=trust_pickle, imports=imports, arch=arch,
@@ -192,6 +196,9 @@ def _print_table(summary: dict, per: dict, task: str) -> None:
             t.add_column(c, justify="right")
         for m, d in summary["distribution"].items():
             t.add_row(m, *(f"{d[c]:.4f}" for c in ("mean", "std", "median", "p95", "max")))
+        if "calibration" in summary:
+            cal = summary["calibration"]
+            t.caption = f"calibrated: logits / {cal['temperature']:.4g} (temperature from {cal['from']})"
         out.print(t)
         if "mc" in summary:
             mc_name = "MC" if summary.get("samples") else "moments"

@@ -1,7 +1,7 @@
 """The engines of `dropcli uncertainty` that run in this process.
 
 An *engine* turns inputs into per-example statistics: ``n_outputs(source)`` (K, from the
-first input), ``run_all(sources, task, tau) -> [EngineResult]`` (one per source: the input,
+first input), ``run_all(sources, task, tau, temperature) -> [EngineResult]`` (one per source: the input,
 then the ``--ood`` input), ``describe()`` for the log line; it is a context manager. The
 engines are :class:`LocalEngine` (MC sampling here), :class:`MomentsEngine` (analytic
 moments, no sampling) and ``dropcli.engines.ray.RayEngine`` (MC on a Ray actor pool).
@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from dropcli.engines.noise import stream_seed
 from dropcli.engines.runner import no_progress
 
 
@@ -57,7 +58,7 @@ class LocalEngine:
         self._src = source
         return self._res.samples.shape[-1]
 
-    def run_all(self, sources, task, tau) -> list[EngineResult]:
+    def run_all(self, sources, task, tau, temperature=None) -> list[EngineResult]:
         from dropcli.analysis import stats
 
         out = []
@@ -65,10 +66,10 @@ class LocalEngine:
             if source is self._src:
                 res = self._res
             else:
-                res = run_source(self.runner, source.read_all(), self.T, self.seed, self.batch_size, self.budget, source.n,
-                                 "OOD" if i else "MC dropout", self.progress)
+                res = run_source(self.runner, source.read_all(), self.T, stream_seed(self.seed, i), self.batch_size,
+                                 self.budget, source.n, "OOD" if i else "MC dropout", self.progress)
             self.chunks += res.chunks
-            out.append(EngineResult(stats.per_example(res.samples, task, tau), res.eval, res.samples))
+            out.append(EngineResult(stats.per_example(res.samples, task, tau, temperature=temperature), res.eval, res.samples))
         return out
 
     def describe(self) -> str:
@@ -105,13 +106,13 @@ class MomentsEngine:
         self._first = (source, self._moments(source))
         return self._first[1][0].shape[-1]
 
-    def run_all(self, sources, task, tau) -> list[EngineResult]:
+    def run_all(self, sources, task, tau, temperature=None) -> list[EngineResult]:
         from dropcli.engines.moments import per_example
 
         out = []
         for source in sources:
             mean, var, probs, ev = self._first[1] if source is self._first[0] else self._moments(source)
-            out.append(EngineResult(per_example(mean, var, probs, task, tau), ev, None))
+            out.append(EngineResult(per_example(mean, var, probs, task, tau, temperature), ev, None))
         return out
 
     def describe(self) -> str:

@@ -556,20 +556,25 @@ def run_moments(model: Any, xs: Sequence[np.ndarray], batch_size: int,
     return np.concatenate(means), np.concatenate(vars_), probs, steps
 
 
-def per_example(mean: np.ndarray, var: np.ndarray, probs: bool, task: str, tau: float | None = None) -> dict[str, np.ndarray]:
+def per_example(mean: np.ndarray, var: np.ndarray, probs: bool, task: str, tau: float | None = None,
+                temperature: float | None = None) -> dict[str, np.ndarray]:
     """Per-example statistics from analytic moments (the MC path's keys where they exist).
 
     Classification: predictive probabilities and their variance (from the logits by
     :func:`probs_from_logits` unless the model already outputs probabilities); entropy is
     H[mean]. Expected entropy, mutual information and the variation ratio need the
     distribution of the probabilities, not two moments: they are left out (the variance of
-    the probabilities, ``var``/``std``, is the epistemic measure reported instead)."""
+    the probabilities, ``var``/``std``, is the epistemic measure reported instead).
+    ``temperature`` divides Gaussian logits (mean / T, var / T^2: exact); a model that outputs
+    probabilities has no logits to divide: the API passes no temperature then."""
     from dropcli.analysis import stats
 
     if task == "classification":
         if probs:
             pm, pv = mean, var
         else:
+            if temperature is not None and temperature != 1.0:
+                mean, var = mean / temperature, var / temperature ** 2
             t_p, t_v = probs_from_logits(torch.from_numpy(mean), torch.from_numpy(var))
             pm, pv = t_p.numpy(), t_v.numpy()
         pm = np.clip(pm, 0.0, 1.0)

@@ -7,6 +7,10 @@ fixed-size group of samples. So an example's samples do not depend on the batch 
 which other examples share its batch, on memory chunking (chunks split at block
 boundaries), on the number of workers, or on the backend: torch and ONNX draw the same
 noise for the same seed.
+
+Each input of a run draws its own stream: :func:`stream_seed` turns the run's seed into the seed
+of input ``stream`` (0: the input itself, unchanged; 1: the ``--ood`` input), so OOD row i does
+not reuse the masks of input row i, and both stay reproducible from ``--seed``.
 """
 
 from __future__ import annotations
@@ -36,6 +40,15 @@ def _bit_table(scale: float, dtype: torch.dtype) -> torch.Tensor:
 def _key(*parts: int) -> int:
     h = hashlib.blake2b(struct.pack(f"<{len(parts)}q", *parts), digest_size=8).digest()
     return int.from_bytes(h, "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+STREAM_SALT = 0x00D5_7EA3  # keys the streams of the inputs after the first (see stream_seed)
+
+
+def stream_seed(seed: int, stream: int) -> int:
+    """The noise seed of input ``stream`` of a run seeded ``seed``: the seed itself for stream 0
+    (results of the main input do not change), a hash of (seed, stream) for the others."""
+    return int(seed) if stream == 0 else _key(int(seed), STREAM_SALT, int(stream))
 
 
 class KeyedNoise:

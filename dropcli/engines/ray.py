@@ -209,7 +209,10 @@ class MCWorker:
         for hook in self.hooks:
             hook(src, start, stop)
         xs = self.sources[src].read(shard, start, stop)
-        cols = unit_columns(self.runner, xs, start, self.mc)
+        from dropcli.engines.noise import stream_seed
+
+        mc = self.mc if src == 0 else dict(self.mc, seed=stream_seed(self.mc["seed"], src))  # the OOD input's own stream
+        cols = unit_columns(self.runner, xs, start, mc)
         cols["src"] = np.full(len(cols["index"]), src, dtype=np.int16)
         return cols
 
@@ -225,7 +228,7 @@ def unit_columns(runner: Any, xs: list[np.ndarray], offset: int, mc: dict) -> di
     flag = None
     if mc["task"] == "classification":
         flag = stats.looks_like_probs(np.asarray(res.samples, dtype=np.float64)) if mc["as_probs"] is None else mc["as_probs"]
-    per = stats.per_example(res.samples, mc["task"], mc["tau"], flag)
+    per = stats.per_example(res.samples, mc["task"], mc["tau"], flag, mc.get("temperature"))
     cols: dict[str, np.ndarray] = {"index": np.arange(offset, offset + n, dtype=np.int64), "eval": res.eval,
                                    "degenerate": degenerate_examples(res.samples),
                                    "as_probs": np.full(n, bool(flag))}
@@ -408,12 +411,13 @@ class RayEngine:
     def _unit_rows(self, source) -> int:
         return unit_rows(source.n, self.actors, self.mc["batch_size"])
 
-    def run_all(self, sources, task, tau) -> list:
+    def run_all(self, sources, task, tau, temperature=None) -> list:
         """Every source on one actor pool (the model is loaded once per actor for all of them)."""
         from dropcli.engines.local import EngineResult
+        from dropcli.engines.noise import stream_seed
         from dropcli.engines.runner import check_degenerate_examples
 
-        mc = dict(self.mc, task=task, as_probs=None)
+        mc = dict(self.mc, task=task, as_probs=None, temperature=temperature)
         total = sum(src.n for src in sources)
         with self.progress("MC dropout" if len(sources) == 1 else "MC dropout (input + OOD)", total) as advance:
             results = run(sources, self.model, mc, self.actors, self.threads, advance)
@@ -427,7 +431,8 @@ class RayEngine:
                 redo = [dict(u, src=0) for u in source.units(self._unit_rows(source))
                         if bool(flags[u["start"]]) != decision]
                 if redo:
-                    again = run([source], self.model, dict(mc, as_probs=decision), self.actors, self.threads,
+                    again = run([source], self.model, dict(mc, as_probs=decision, seed=stream_seed(mc["seed"], i)),
+                                self.actors, self.threads,
                                 lambda k: None, redo)[0]
                     rows = again["index"]
                     for c in cols:

@@ -28,6 +28,7 @@ MODEL_META = "dropcli.model"  # ONNX metadata_props key: JSON facts about the wh
 EXAMPLE_FILE = "dropcli_example_inputs.json"
 SITES_FILE = "dropcli_sites.json"
 MODEL_FILE = "dropcli_model.json"  # facts about the whole model (regression tau from finetune)
+MODEL_ATTR = "dropcli_model_json"  # pickle: the MODEL_FILE record, as an attribute of the pickled module
 PROGRAM_FILE = "dropcli_program.pt2"  # a torch.export program of the same model (only where the trace holds a loop)
 
 DET_SUFFIX = "__dropcli_det"  # ONNX: a rewritten recurrent node's own outputs, renamed (the inference branch)

@@ -18,19 +18,27 @@ from dropcli.errors import DropcliError, UsageError
 from dropcli.model import naming
 
 DEFAULTS = {"epochs": 20, "lr": 1e-3, "rate_lr_scale": 10.0, "batch_size": 64, "length_scale": 1e-2, "samples": 30,
-            "start_p": 0.1}
+            "start_p": 0.1, "select": "val"}
+SELECT = ("val", "elbo")
+# Fewer misclassified validation examples than this and validation NLL cannot choose rates or a
+# temperature: with none, NLL falls monotonically as the predictive sharpens (p -> 0, T -> 0), so
+# its minimiser is degenerate; with a handful it is decided by those few points. A split held out
+# of the model's own training data is in this state (the issue-18 digits MLPs: accuracy 1.0 on it).
+MIN_VAL_ERRORS = 5
 FINETUNABLE = {"concrete": ("dropout", "standard"), "variational": ("dropout", "standard", "gaussian")}
 
 
 def check_args(*, variant: str, train_what: str = "rates", per_weight: bool = False, epochs: int = DEFAULTS["epochs"],
                batch_size: int = DEFAULTS["batch_size"], samples: int = DEFAULTS["samples"], lr: float = DEFAULTS["lr"],
                length_scale: float = DEFAULTS["length_scale"], tau: Optional[float] = None, p: Optional[float] = None,
-               **_: Any) -> None:
+               select: str = DEFAULTS["select"], **_: Any) -> None:
     """The option checks of `dropcli finetune` (UsageError), before any file is read."""
     from dropcli.variants.base import check_p
 
     if variant not in ("concrete", "variational"):
         raise UsageError(f"unknown --variant {variant!r}", "choose concrete or variational")
+    if select not in SELECT:
+        raise UsageError(f"unknown --select {select!r}", "choose val (scan the rates on validation MC NLL) or elbo")
     if train_what not in ("rates", "all"):
         raise UsageError(f"unknown --train {train_what!r}", "choose rates or all")
     if per_weight and variant != "variational":
@@ -55,7 +63,8 @@ def run(model_path: str, output: str, *, data: str, val: str | None, variant: st
         p: float | None = None, train_what: str = "rates", per_weight: bool = False, epochs: int = DEFAULTS["epochs"],
         lr: float = DEFAULTS["lr"], length_scale: float = DEFAULTS["length_scale"], tau: float | None = None, batch_size: int = DEFAULTS["batch_size"],
         task: str = "auto", samples: int = DEFAULTS["samples"], device: str = "cpu", seed: int = 0, quiet: bool = True,
-        load: dict | None = None, progress: Callable | None = None) -> dict:
+        load: dict | None = None, progress: Callable | None = None, select: str = DEFAULTS["select"],
+        calibrate: bool = False) -> dict:
     """The whole flow (load, choose sites, train, evaluate, write); returns the report.
     ``model_path``: a path, or a model already loaded (``dropcli.load``); the report names it
     by its source. ``progress``: see :func:`dropcli.training.loop.fit`."""
@@ -81,7 +90,11 @@ def run(model_path: str, output: str, *, data: str, val: str | None, variant: st
     if not isinstance(ref, torch.Tensor):
         raise DropcliError("the model returns several outputs; dropcli finetune needs a model with one output")
     train, vsplit, task = load_split(data, val, example, tuple(ref.shape[1:]), task, seed)
+    if calibrate and task != "classification":
+        raise UsageError("--calibrate fits a softmax temperature, for classification only",
+                         "leave it out: for regression the stored tau already sets the predictive variance")
     check_import(model, gm, vsplit.x[:64])
+    notes = validation_notes(gm, vsplit, task, val)
     tm = TorchModel(gm, model.format, tuple(example), model_path, getattr(model, "site_meta", None))
     standard = get_variant("standard")
     sel = Selection.from_options(after, layers, exclude, False)
@@ -124,7 +137,13 @@ def run(model_path: str, output: str, *, data: str, val: str | None, variant: st
     gm.recompile()
     tau = precision(gm, vsplit, task, tau)
     noise_var = 1.0 / tau if task == "regression" else 0.0
-    before = learned.mc_metrics(gm, vsplit, task, samples, seed, noise_var=noise_var)
+    before_outs = learned.mc_samples(gm, vsplit, samples, seed)
+    before = learned.mc_metrics(gm, vsplit, task, samples, seed, noise_var=noise_var, outputs=before_outs)
+    if calibrate and learned.mc_errors(before_outs, vsplit.y.numpy()) < MIN_VAL_ERRORS:
+        calibrate = False
+        notes.append(f"--calibrate: the validation MC predictive misclassifies {learned.mc_errors(before_outs, vsplit.y.numpy())} "
+                     f"of {len(vsplit)} examples, fewer than {MIN_VAL_ERRORS}: too few to fit a temperature by NLL (with none "
+                     "it falls without bound as T -> 0), so none was fitted or stored. Pass a larger --val")
     work = copy.deepcopy(gm)
     learned.attach(work, sites, variant, per_weight)
     n = len(train)
@@ -161,21 +180,81 @@ def run(model_path: str, output: str, *, data: str, val: str | None, variant: st
                   label=f"finetune ({variant})", progress=progress)
     work.to("cpu")
     rows = learned.finalize(work, sites)
-    after_m = learned.mc_metrics(work, vsplit, task, samples, seed, noise_var=noise_var)
+    curve = None
+    if select == "val":
+        # the ELBO's rates, every noise variance scaled by factors around 1, scored by validation MC NLL
+        # (with --calibrate each scale is scored after its own temperature: rates and temperature are chosen together)
+        # chosen by the one-standard-error rule: the scale nearest 1 within one paired SE of the best
+        curve, per = [], []
+        for sc in learned.SCALES:
+            learned.set_rates(work, learned.scaled_rows(rows, sc))
+            outs = learned.mc_samples(work, vsplit, samples, seed)
+            row = {"scale": sc, **learned.mc_metrics(work, vsplit, task, samples, seed, noise_var=noise_var, outputs=outs)}
+            if calibrate:
+                row["temperature"], row["nll_calibrated"] = learned.fit_temperature(outs, vsplit.y.numpy())
+            per.append(learned.example_nll(outs, vsplit, task, noise_var, row.get("temperature")))
+            curve.append(row)
+        best = curve[learned.one_se_choice(learned.SCALES, per)]
+        if best["scale"] in (learned.SCALES[0], learned.SCALES[-1]):
+            notes.append(f"the best rate scale on validation, x{best['scale']:g}, is at the end of the scanned range "
+                         f"({learned.SCALES[0]:g} .. {learned.SCALES[-1]:g}): start from other rates (--p), or check the validation data")
+        chosen = learned.scaled_rows(rows, best["scale"])
+        for c, r in zip(chosen, rows):
+            c["elbo_p"] = r["learned_p"]
+        rows = chosen
+        learned.set_rates(work, rows)
+    outs = learned.mc_samples(work, vsplit, samples, seed)
+    after_m = learned.mc_metrics(work, vsplit, task, samples, seed, noise_var=noise_var, outputs=outs)
     meta = dict(model.model_meta)
     if task == "regression":
         meta["tau"] = tau  # `dropcli uncertainty` adds 1/tau to the predictive variance by default
+    temperature = None
+    if meta.pop("temperature", None) is not None and not calibrate:
+        notes.append("the input model's stored temperature was dropped: it was fitted for its old rates "
+                     "(pass --calibrate to fit one for the new rates)")
+    uncal = None
+    if calibrate:
+        temperature, _ = learned.fit_temperature(outs, vsplit.y.numpy())
+        uncal = after_m
+        after_m = learned.mc_metrics(work, vsplit, task, samples, seed, temperature=temperature, outputs=outs)
+        meta["temperature"] = temperature  # `dropcli uncertainty` divides each pass's logits by it by default
     fmt, err = save_like_input(work, model, example, model_path, output, vsplit.x[:64], model_meta=meta)
     summary = {"input": model_path, "output": output, "format": fmt, "variant": variant, "task": task, "train": train_what,
                "per_weight": per_weight, "epochs": epochs, "lr": lr, "rate_lr": lr * DEFAULTS["rate_lr_scale"],
                "length_scale": length_scale, "tau": tau if task == "regression" else None, "kl_weight": kl_w,
                "batch_size": batch_size, "samples": samples, "seed": seed, "device": device,
-               "n_train": n, "validation": vsplit.source, "max_abs_diff_saved": err,
+               "n_train": n, "validation": vsplit.source,
+               "validation_origin": "--val" if val else "a seeded 20% split held out of --data",
+               "notes": notes, "select": select, "temperature": temperature, "max_abs_diff_saved": err,
                "final_loss": history[-1]["loss"], "final_reg": history[-1]["reg"]}
-    for key, m in (("before", before), ("after", after_m)):
+    for key, m in (("before", before), ("after", after_m), ("uncalibrated", uncal or {})):
         for k, v in m.items():
             summary[f"val_{k}_{key}"] = v
-    return {"summary": summary, "sites": rows}
+    report = {"summary": summary, "sites": rows}
+    if curve is not None:
+        summary["chosen_scale"] = best["scale"]
+        report["selection"] = curve
+    return report
+
+
+def validation_notes(gm: torch.nn.Module, vsplit, task: str, val: str | None) -> list[str]:
+    """Warnings about the validation data (classification): fewer than MIN_VAL_ERRORS
+    misclassified examples by the starting model's deterministic pass. For the split held out of
+    --data this is the sign that --data is the model's training data."""
+    if task != "classification":
+        return []
+    from dropcli.training.loop import evaluate
+
+    ev = evaluate(gm, vsplit, task)
+    n_val = len(vsplit)
+    errors = n_val - int(round(ev["accuracy"] * n_val))
+    if errors >= MIN_VAL_ERRORS:
+        return []
+    facts = f"the model misclassifies {errors} of its {n_val} examples (NLL {ev['loss']:.4f})"
+    if val is None:
+        return [f"the validation split held out of --data looks like training data: {facts}; rates and a temperature "
+                "chosen on it do not carry to new data. Pass --val with data the model never saw"]
+    return [f"--val {val} has too few errors to choose rates or a temperature by NLL: {facts}. Pass a larger --val"]
 
 
 def precision(gm: torch.nn.Module, vsplit, task: str, tau: float | None) -> float:

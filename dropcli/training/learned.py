@@ -8,12 +8,15 @@
   in_channels), ``wr = l^2 / (tau N)``, ``dr = 2 / (tau N)``, ``N`` the training-set size, ``l``
   ``--length-scale``, ``tau`` the model precision.
 * **variational** (Kingma, Salimans & Welling 2015): multiplicative noise ``N(1, alpha)``
-  with learned ``alpha <= 1``, per unit (one alpha per feature the following Linear reads), or
+  with learned ``alpha``, per unit (one alpha per feature the following Linear reads), or
   with ``per_weight`` one alpha per weight of the following Linear through the local
-  reparameterisation ``b ~ N(x W^T + bias, (x^2)(alpha * W^2)^T)``. KL with
-  ``-KL ~ 0.5 log alpha + c1 alpha + c2 alpha^2 + c3 alpha^3`` (a constant left out) summed
-  over weights: a per-unit alpha is shared by the ``out_features`` weights that read the unit,
-  so its KL counts ``out_features`` times.
+  reparameterisation ``b ~ N(x W^T + bias, (x^2)(alpha * W^2)^T)``. KL to the log-uniform prior
+  by Molchanov et al. (2017)'s approximation, which holds for every alpha (Kingma et al.'s cubic
+  holds for ``alpha <= 1`` only, and the old cap there was where every unit ended up: that KL
+  falls monotonically in alpha, so whenever the data term's pull is weaker than the KL's the
+  optimum lies past 1), summed over weights: a per-unit alpha is shared by the ``out_features``
+  weights that read the unit, so its KL counts ``out_features`` times. ``log alpha`` is clamped
+  to ``[-10, 8]``, the range of dropcli's sparse VD.
 
 The objective is the negative ELBO per training example: the mean data loss plus
 :func:`kl_weight` times the summed KL. The page's ``wr`` and ``dr`` are the regression case, whose
@@ -32,7 +35,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -43,9 +46,8 @@ from dropcli.errors import DropcliError
 from dropcli.variants.base import uniform_like
 
 TEMPERATURE = 0.1
-KL_C1, KL_C2, KL_C3 = 1.16145124, -1.50204118, 0.58629921
 LOG_ALPHA_MIN = -10.0  # alpha >= 4.5e-5 (keeps log alpha finite)
-LOG_ALPHA_MAX = 0.0  # alpha <= 1, where the KL approximation holds
+LOG_ALPHA_MAX = 8.0  # alpha <= 2981 (equivalent drop rate 0.9997): the sparse-VD range; the KL holds throughout
 EPS = 1e-7
 VARIANTS = ("concrete", "variational")
 
@@ -82,10 +84,14 @@ def kl_weight(task: str, n: int, tau: float = 1.0) -> float:
 
 
 def neg_kl(log_alpha: torch.Tensor) -> torch.Tensor:
-    """Kingma et al.'s approximation of ``-KL(q(w) || p(w))`` (log-uniform prior) up to a
-    constant, valid for ``alpha <= 1``."""
-    a = torch.exp(log_alpha)
-    return 0.5 * log_alpha + KL_C1 * a + KL_C2 * a * a + KL_C3 * a * a * a
+    """``-KL(q(w) || p(w))`` per weight, log-uniform prior, ``q = N(theta, alpha theta^2)``:
+    Molchanov et al. (2017)'s approximation ``k1 sigmoid(k2 + k3 log alpha) - 0.5 log(1 + 1/alpha) - k1``
+    (``dropcli.prune.layers.kl_sparse_vd``), exact up to a constant to within 0.005 for alpha in
+    [1e-3, 1e3]. It rises monotonically in alpha: the prior always asks for more noise, and the
+    data term decides where that stops."""
+    from dropcli.prune.layers import kl_sparse_vd
+
+    return -kl_sparse_vd(log_alpha)
 
 
 def p_to_log_alpha(p: float) -> float:
@@ -295,12 +301,11 @@ def finalize(gm: fx.GraphModule, sites: list[LearnedSite]) -> list[dict[str, Any
 # ------------------------------------------------------------------------------- MC evaluation
 
 @torch.no_grad()
-def mc_metrics(gm: nn.Module, split: Any, task: str, samples: int, seed: int, batch_size: int = 512,
-               noise_var: float = 0.0, device: str = "cpu") -> dict[str, float]:
-    """Validation MC metrics with the sites (dropcli SiteModules) in MC mode and every other layer
-    in eval mode: classification NLL of the mean softmax, accuracy, ECE; regression Gaussian NLL
-    with variance ``noise_var + var_t`` and RMSE of the MC mean."""
-    from dropcli.analysis import stats
+def mc_samples(gm: nn.Module, split: Any, samples: int, seed: int, batch_size: int = 512,
+               device: str = "cpu") -> np.ndarray:
+    """[T, N, K] outputs over ``samples`` passes with the sites (dropcli SiteModules) in MC mode and
+    every other layer in eval mode; the noise is seeded by ``seed`` (the same draws for every
+    call with the same rates: the rate scan compares rates on common random numbers)."""
     from dropcli.variants.base import set_mc
 
     gm.eval()
@@ -313,12 +318,23 @@ def mc_metrics(gm: nn.Module, split: Any, task: str, samples: int, seed: int, ba
             for i in range(0, len(split), batch_size):
                 chunk.append(gm(split.x[i:i + batch_size].to(device)).float().cpu())
             outs.append(torch.cat(chunk))
-        s = torch.stack(outs).double().numpy()
+        return torch.stack(outs).double().numpy()
     finally:
         set_mc(gm, False)
+
+
+def mc_metrics(gm: nn.Module, split: Any, task: str, samples: int, seed: int, batch_size: int = 512,
+               noise_var: float = 0.0, device: str = "cpu", temperature: float | None = None,
+               outputs: np.ndarray | None = None) -> dict[str, float]:
+    """Validation MC metrics (:func:`mc_samples`, or the given ``outputs``): classification NLL of
+    the mean softmax (each pass's logits divided by ``temperature``), accuracy, ECE; regression
+    Gaussian NLL with variance ``noise_var + var_t`` and RMSE of the MC mean."""
+    from dropcli.analysis import stats
+
+    s = mc_samples(gm, split, samples, seed, batch_size, device) if outputs is None else outputs
     y = split.y.numpy()
     if task == "classification":
-        probs = stats.to_probs(s, as_probs=False).mean(0)
+        probs = stats.to_probs(s, as_probs=False, temperature=temperature).mean(0)
         correct = probs.argmax(-1) == y
         ece, _ = stats.ece_mce(probs.max(-1), correct)
         return {"nll": stats.nll(probs, y), "accuracy": float(correct.mean()), "ece": ece}
@@ -328,3 +344,125 @@ def mc_metrics(gm: nn.Module, split: Any, task: str, samples: int, seed: int, ba
     yy = y.reshape(mean.shape)
     nll = float(np.mean(0.5 * np.log(2 * np.pi * var) + (yy - mean) ** 2 / (2 * var)))
     return {"nll": nll, "rmse": float(np.sqrt(np.mean((yy - mean) ** 2))), "noise_var": noise_var}
+
+
+# ------------------------------------------------------------------------------- held-out selection
+
+SCALES = tuple(round(2 ** (k / 2), 4) for k in range(-8, 5))  # 1/16 .. 4 in factors of sqrt(2) around the ELBO's answer
+
+
+def scaled_rows(rows: list[dict[str, Any]], scale: float) -> list[dict[str, Any]]:
+    """The sites' rates with every noise variance times ``scale``: a Bernoulli site's variance
+    is ``alpha = p / q``, so ``p -> s alpha / (1 + s alpha)``; a gaussian site's ``alpha -> s alpha``.
+    Scale 1 is the rows as they are (the ELBO's answer)."""
+    out = []
+    for r in rows:
+        r = dict(r)
+        if r["variant"] == "standard":
+            a = scale * r["learned_p"] / (1 - r["learned_p"])
+            r["learned_p"] = min(a / (1 + a), 1 - 1e-6)
+        else:
+            r["alpha"] = [scale * a for a in r["alpha"]]
+            for k in ("alpha_mean", "alpha_min", "alpha_max"):
+                r[k] *= scale
+            mean = r["alpha_mean"]
+            r["learned_p"] = mean / (1 + mean)
+        out.append(r)
+    return out
+
+
+def example_nll(outputs: np.ndarray, split: Any, task: str, noise_var: float = 0.0,
+                temperature: float | None = None) -> np.ndarray:
+    """Per-example NLL of the MC predictive of ``outputs`` [T, N, K] (the terms whose mean
+    :func:`mc_metrics` reports as ``nll``)."""
+    from dropcli.analysis import stats
+
+    y = split.y.numpy()
+    if task == "classification":
+        probs = stats.to_probs(outputs, as_probs=False, temperature=temperature).mean(0)
+        return -np.log(np.maximum(probs[np.arange(len(y)), y], stats.EPS))
+    mean = outputs.mean(0)
+    var = np.maximum(outputs.var(0) + noise_var, 1e-12)
+    yy = y.reshape(mean.shape)
+    per = 0.5 * np.log(2 * np.pi * var) + (yy - mean) ** 2 / (2 * var)
+    return per.reshape(len(per), -1).mean(-1)
+
+
+def one_se_choice(scales: Sequence[float], nll: Sequence[np.ndarray]) -> int:
+    """The one-standard-error rule (Breiman et al. 1984) on a curve of per-example validation
+    NLLs: among the scales whose mean NLL is within one standard error of the paired difference
+    from the best one, the nearest to 1 (the ELBO's answer). A flat, noisy curve then keeps the
+    ELBO's rates instead of whichever end the noise favours. Returns the index chosen."""
+    means = [float(v.mean()) for v in nll]
+    b = int(np.argmin(means))
+    ok = []
+    for i, v in enumerate(nll):
+        d = v - nll[b]
+        se = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else 0.0
+        if means[i] - means[b] <= se:
+            ok.append(i)
+    return min(ok, key=lambda i: (abs(math.log(scales[i])), scales[i]))
+
+
+def set_rates(gm: fx.GraphModule, rows: list[dict[str, Any]]) -> None:
+    """Put stock sites at the rates of ``rows`` (as :func:`finalize` wrote them)."""
+    from dropcli.backends.torch.fx import set_module
+    from dropcli.variants import get_variant
+
+    for r in rows:
+        site = (get_variant("standard").torch_module(p=r["learned_p"]) if r["variant"] == "standard"
+                else get_variant("gaussian").torch_module(alpha=r["alpha"]))
+        set_module(gm, r["site"], site)
+    gm.recompile()
+
+
+def fit_temperature(outputs: np.ndarray, labels: np.ndarray, lo: float = 0.05, hi: float = 20.0) -> tuple[float, float]:
+    """The temperature of the MC predictive ``mean_t softmax(z_t / T)`` on ``outputs`` [T, N, K]
+    (logits) with ``labels``. First the NLL minimiser T* (golden-section search over log T in
+    [log lo, log hi]); then, by the one-standard-error rule, the temperature nearest 1 on the way
+    from 1 to T* whose NLL is within one paired standard error of T*'s: a noisy validation set
+    shrinks the correction towards none instead of overfitting it. A minimiser at an end of the
+    range is no fit: as T -> 0 the predictive tends to the vote fractions of the passes, which a
+    finite validation set can favour and new data punishes (a class no pass voted for gets
+    probability 0); then T = 1. Returns (T, NLL)."""
+    from dropcli.analysis import stats
+
+    y = np.asarray(labels)
+
+    def per(log_t: float) -> np.ndarray:
+        probs = stats.to_probs(outputs, as_probs=False, temperature=math.exp(log_t)).mean(0)
+        return -np.log(np.maximum(probs[np.arange(len(y)), y], stats.EPS))
+
+    def nll(log_t: float) -> float:
+        return float(per(log_t).mean())
+
+    a, b = math.log(lo), math.log(hi)
+    g = (math.sqrt(5) - 1) / 2
+    c, d = b - g * (b - a), a + g * (b - a)
+    fc, fd = nll(c), nll(d)
+    while b - a > 1e-4:
+        if fc <= fd:
+            b, d, fd = d, c, fc
+            c = b - g * (b - a)
+            fc = nll(c)
+        else:
+            a, c, fc = c, d, fd
+            d = a + g * (b - a)
+            fd = nll(d)
+    best_lt = (a + b) / 2
+    if min(best_lt - math.log(lo), math.log(hi) - best_lt) < 1e-2:
+        return 1.0, nll(0.0)
+    best = per(best_lt)
+    for lt in np.linspace(0.0, best_lt, 41):
+        diff = per(float(lt)) - best
+        se = float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else 0.0
+        if float(diff.mean()) <= se:
+            return math.exp(float(lt)), nll(float(lt))
+    return math.exp(best_lt), float(best.mean())
+
+
+def mc_errors(outputs: np.ndarray, labels: np.ndarray) -> int:
+    """Misclassified examples of the MC predictive (mean softmax) of ``outputs`` [T, N, K]."""
+    from dropcli.analysis import stats
+
+    return int((stats.to_probs(outputs, as_probs=False).mean(0).argmax(-1) != np.asarray(labels)).sum())

@@ -25,7 +25,7 @@ from dropcli.backends.torch.userimport import import_user, load_arch
 from dropcli.errors import DropcliError, UsageError
 from dropcli.model import formats
 from dropcli.model.kinds import LINEAR
-from dropcli.model.naming import EXAMPLE_FILE, MODEL_FILE, PROGRAM_FILE, SITES_FILE
+from dropcli.model.naming import EXAMPLE_FILE, MODEL_ATTR, MODEL_FILE, PROGRAM_FILE, SITES_FILE
 from dropcli.model.quiet import quiet, short_error
 from dropcli.variants.base import LayerSite, SiteModule
 
@@ -70,6 +70,7 @@ def load_graph(
     example = tuple(torch.zeros(s) for s in shapes) if shapes else None
     for spec in imports:
         import_user(spec)
+    model_meta: dict[str, Any] = {}
     if fmt == formats.EXPORT:
         try:
             extra = {SITES_FILE: "", MODEL_FILE: ""}
@@ -109,6 +110,7 @@ def load_graph(
                 "or re-save it as TorchScript, torch.export (.pt2) or ONNX",
             )
         model = unpickle_module(path)
+        model_meta = json_or_empty(getattr(model, MODEL_ATTR, "") or "")  # dropcli's own pickles (finetune's tau, temperature)
     elif fmt == formats.STATE_DICT:
         if not arch:
             raise UsageError(
@@ -140,7 +142,7 @@ def load_graph(
             f"cannot trace the model's forward ({short_error(e)})",
             "data-dependent control flow can't be rewritten; export the model with torch.export (.pt2) and pass that",
         ) from e
-    return Loaded(gm, example)
+    return Loaded(gm, example, model_meta=model_meta)
 
 
 def example_from_modules(model: nn.Module) -> tuple[torch.Tensor, ...] | None:

@@ -24,7 +24,7 @@ from dropcli.backends.torch.fx import aten_name
 from dropcli.errors import DropcliError, UsageError
 from dropcli.io.files import atomic_path, write_bytes
 from dropcli.model import formats
-from dropcli.model.naming import EXAMPLE_FILE, MODEL_FILE, PROGRAM_FILE, SITES_FILE
+from dropcli.model.naming import EXAMPLE_FILE, MODEL_ATTR, MODEL_FILE, PROGRAM_FILE, SITES_FILE
 from dropcli.model.quiet import quiet, short_error
 
 
@@ -34,7 +34,12 @@ def save_graph(model: Any, path: str | Path, fmt: str) -> str:
     gm = model.gm
     if fmt == formats.PICKLE:
         buf = io.BytesIO()
-        torch.save(gm, buf)
+        if model.model_meta:  # the facts about the whole model travel as an attribute of the pickled module
+            setattr(gm, MODEL_ATTR, json.dumps(model.model_meta, sort_keys=True))
+        try:
+            torch.save(gm, buf)
+        finally:
+            gm.__dict__.pop(MODEL_ATTR, None)
         with atomic_path(path) as tmp:
             write_bytes(tmp, buf.getvalue())
         return fmt
