@@ -6,7 +6,7 @@ from typing import List, Optional
 
 import typer
 
-from dropcli.cli.common import (Arch, Imports, InputShape, Json, ModelArg, TrustPickle, handle_errors, model_output, out,
+from dropcli.cli.common import (Arch, Imports, InputShape, Json, ModelArg, TrustPickle, handle_errors, log, model_output, out,
                                 print_json, report_output, shown, write_report)
 
 HELP = """Prune a trained model with sparse variational dropout (default) or structured Bayesian pruning,
@@ -22,11 +22,22 @@ where that is exact) or no live outputs is removed, with Torch-Pruning's depende
 layers around it. The output is a plain model (nn.Linear / nn.Conv, no dropcli classes) in the input's
 format. Accuracy before/after comes from --val, or from a seeded 20% held-out split of --data.
 
+Accuracy budget: --max-drop PTS bounds what the pruned model may lose on that validation data
+(accuracy points for classification, percent of the validation loss for regression). Without
+--threshold, prune then cuts the trained log alphas at a sweep of thresholds, scores each cut on
+validation, retrains the best few and keeps the most compressive one within the budget. The report
+(--json, --plot) carries the trade-off curve it walked.
+
+Exit codes: 0 written, 1 error, 2 usage error, 4 nothing written because no pruned model stays within
+--max-drop or the pruned model would not be smaller than the input (on disk and in parameters),
+130 interrupted. With 4, --json and --report still carry what was measured; --allow-larger writes a
+model that is not smaller anyway.
+
 Data: .npz with x and y, a .pt dict / tuple (x, y), or a .csv whose last column is the label.
 
 Examples:
 
-  dropcli prune mlp.pt --data train.npz --val val.npz -o mlp_pruned.pt
+  dropcli prune mlp.pt --data train.npz --val val.npz --max-drop 1 -o mlp_pruned.pt
 
   dropcli prune cnn.onnx --data train.npz --method sbp -o cnn_pruned.onnx --json
 
@@ -44,7 +55,8 @@ def register(app: typer.Typer) -> None:
         val: Optional[str] = typer.Option(None, "--val", help="Validation data (default: a seeded 20% split held out of --data)."),
         method: str = typer.Option("sparse-vd", "--method", help="sparse-vd (per weight) or sbp (per neuron / channel)."),
         epochs: Optional[int] = typer.Option(None, "--epochs", help="Fine-tuning epochs (default 100)."),
-        threshold: float = typer.Option(3.0, "--threshold", help="sparse-vd: zero weights with log alpha above this (3 = drop rate 0.95)."),
+        max_drop: Optional[float] = typer.Option(None, "--max-drop", help="Most validation accuracy the pruned model may lose, in points (regression: % of the loss); prune picks the most compressive cut within it. Exit 4 when nothing fits."),
+        threshold: Optional[float] = typer.Option(None, "--threshold", help="sparse-vd: zero weights with log alpha above this (3 = drop rate 0.95). Default: chosen within --max-drop, else 3. Not with sbp."),
         kl_weight: float = typer.Option(1.0, "--kl-weight", help="Final KL weight beta (ramped up from 0 over the first half of training)."),
         lr: Optional[float] = typer.Option(None, "--lr", help="Adam learning rate for the weights (the noise parameters get 10x). Default 3e-3."),
         batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Training batch size (default 64)."),
@@ -55,6 +67,7 @@ def register(app: typer.Typer) -> None:
         report_path: Optional[str] = typer.Option(None, "--report", help="Also write the report as JSON to this file."),
         plot: Optional[str] = typer.Option(None, "--plot", help="Write a PNG histogram of log alpha (sbp: log SNR) per layer."),
         force: bool = typer.Option(False, "--force", help="Allow -o to be the input path (overwrites it)."),
+        allow_larger: bool = typer.Option(False, "--allow-larger", help="Write the pruned model even when it is not smaller than the input (exit 0, with a warning) instead of exit 4."),
         json_out: bool = Json,
         trust_pickle: bool = TrustPickle,
         imports: Optional[List[str]] = Imports,
@@ -65,19 +78,34 @@ def register(app: typer.Typer) -> None:
         from dropcli.cli.render import progress
         from dropcli.io.files import check_output_path
 
+        from dropcli.errors import NotMet
+
         check_prune_args(method=method, epochs=epochs, threshold=threshold, kl_weight=kl_weight, lr=lr,
-                         batch_size=batch_size, retrain_epochs=retrain_epochs, task=task, device=device, plot=plot)
+                         batch_size=batch_size, retrain_epochs=retrain_epochs, task=task, device=device, plot=plot,
+                         max_drop=max_drop)
         inputs = [model_path] + [p for p in (data, val) if p]
         model_output(output, inputs, force=force, json_out=json_out, others={"--report": report_path, "--plot": plot})
         report_output(report_path, json_out)
         for extra in (report_path, plot):
             if extra and extra != "-":
                 check_output_path(extra, inputs + [output])
-        report = prune(model_path, data, output, val=val, method=method, epochs=epochs, threshold=threshold,
-                       kl_weight=kl_weight, lr=lr, batch_size=batch_size, retrain_epochs=retrain_epochs, task=task,
-                       device=device, seed=seed, plot=plot, force=force, trust_pickle=trust_pickle, imports=imports,
-                       arch=arch, input_shape=input_shape, progress=progress)
+        try:
+            report = prune(model_path, data, output, val=val, method=method, epochs=epochs, threshold=threshold,
+                           max_drop=max_drop, kl_weight=kl_weight, lr=lr, batch_size=batch_size, retrain_epochs=retrain_epochs,
+                           task=task, device=device, seed=seed, plot=plot, force=force, allow_larger=allow_larger, trust_pickle=trust_pickle,
+                           imports=imports, arch=arch, input_shape=input_shape, progress=progress)
+        except NotMet as e:
+            # exit 4 with the one-line reason; the report still says what was measured
+            if e.report is not None:
+                write_report(e.report, report_path)
+                if json_out:
+                    print_json(e.report)
+                else:
+                    _print(e.report)
+            raise
         write_report(report, report_path)
+        for w in report["summary"].get("warnings", []):
+            log(f"[yellow]warning:[/] {w}")
         if json_out:
             print_json(report)
             return
@@ -88,6 +116,9 @@ def _print(report: dict) -> None:
     from rich.table import Table
 
     s = report["summary"]
+    _print_curve(report.get("curve") or [], s)
+    if not report["layers"]:
+        return
     t = Table(title=f"prune ({s['method']}): {shown(s['input'], 'stdin')} -> {shown(s['output'])} ({s['format']})")
     for c in ("layer", "type", "shape before", "shape after", "weights kept", "sparsity", "units removed"):
         t.add_column(c, justify="left" if c in ("layer", "type") else "right")
@@ -97,7 +128,8 @@ def _print(report: dict) -> None:
                   f"{r['weights_kept']}/{r['weights_before']}", f"{r['sparsity']:.1%}",
                   f"{r['units_removed']}/{r['units_before']}")
     out.print(t)
-    tot = Table(title="totals", show_header=True)
+    note = {"not_smaller": " (NOT WRITTEN: not smaller than the input)", "written_not_smaller": " (written: not smaller than the input)"}
+    tot = Table(title="totals" + note.get(s["outcome"], ""), show_header=True)
     tot.add_column("")
     tot.add_column("before", justify="right")
     tot.add_column("after", justify="right")
@@ -114,3 +146,32 @@ def _print(report: dict) -> None:
     tot.add_row(f"CPU latency, batch {s['latency_batch']} (ms)", f"{s['latency_ms_before']:.3f}", f"{s['latency_ms_after']:.3f}",
                 f"{s['latency_ms_before'] / max(s['latency_ms_after'], 1e-9):.2f}x")
     out.print(tot)
+    thr = f"log alpha > {s['threshold']:g} removed" if s.get("threshold") is not None else "units with SNR <= 1 removed"
+    out.print(f"{thr} ({s['threshold_chosen_by']}); saved model checked by {s['saved_check']}"
+              + (f" (max abs diff {s['max_abs_diff_saved']:.2g})" if s.get("max_abs_diff_saved") is not None else ""),
+              highlight=False)
+
+
+def _print_curve(curve: list, s: dict) -> None:
+    """The trade-off curve prune walked: compression against validation drop, before and after retraining."""
+    if not curve:
+        return
+    from rich.table import Table
+
+    unit = "pt" if s["task"] == "classification" else "% loss"
+    budget = f", --max-drop {s['max_drop']:g}" if s.get("max_drop") is not None else ""
+    t = Table(title=f"trade-off walked (validation: {shown(s['validation'] or '-', 'stdin')}{budget})")
+    for c in ("log alpha cut", "weights kept", "compression", f"drop ({unit})", f"retrained: drop ({unit})", ""):
+        t.add_column(c, justify="right")
+    for p in curve:
+        r = p.get("retrained")
+        if not isinstance(r, dict):
+            rtxt = "yes" if r else ""
+        elif r.get("drop") is not None:
+            rtxt = f"{r['drop']:+.2f}"
+        else:
+            rtxt = r.get("note") or ""
+        t.add_row("-" if p["threshold"] is None else f"{p['threshold']:g}", str(p["weights_kept"]), f"{p['compression']:.1f}x",
+                  p.get("note") or (f"{p['drop']:+.2f}" if p.get("drop") is not None else "-"), rtxt,
+                  "chosen" if p.get("chosen") else "")
+    out.print(t)
