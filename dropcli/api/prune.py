@@ -12,11 +12,11 @@ from dropcli.api.common import is_path, load_opts, resolve_model
 
 
 def check_prune_args(*, method: str = "sparse-vd", epochs: Optional[int] = None, threshold: Optional[float] = None,
-                     kl_weight: float = 1.0, lr: Optional[float] = None, batch_size: Optional[int] = None,
+                     kl_weight: Optional[float] = None, lr: Optional[float] = None, batch_size: Optional[int] = None,
                      retrain_epochs: Optional[int] = None, task: str = "auto", device: str = "cpu",
                      plot: Optional[str] = None, max_drop: Optional[float] = None, **_: Any) -> dict:
     """The option checks of `dropcli prune` (UsageError; a missing matplotlib with ``plot``); the
-    settings with their defaults filled in (epochs, lr, batch_size, retrain_epochs, device)."""
+    settings with their defaults filled in (epochs, lr, batch_size, retrain_epochs, device, kl_weight)."""
     import numpy as np
 
     from dropcli.errors import UsageError
@@ -26,6 +26,7 @@ def check_prune_args(*, method: str = "sparse-vd", epochs: Optional[int] = None,
     if method not in METHODS:
         raise UsageError(f"unknown --method {method!r}", f"choose one of {', '.join(METHODS)}")
     epochs = DEFAULTS["epochs"] if epochs is None else epochs
+    kl_weight = DEFAULTS["kl_weight"] if kl_weight is None else kl_weight
     lr = DEFAULTS["lr"] if lr is None else lr
     batch_size = DEFAULTS["batch_size"] if batch_size is None else batch_size
     retrain_epochs = DEFAULTS["retrain_epochs"] if retrain_epochs is None else retrain_epochs
@@ -54,7 +55,8 @@ def check_prune_args(*, method: str = "sparse-vd", epochs: Optional[int] = None,
         from dropcli.analysis.plot import import_pyplot
 
         import_pyplot()  # fail before training when matplotlib is missing
-    return {"epochs": epochs, "lr": lr, "batch_size": batch_size, "retrain_epochs": retrain_epochs, "device": dev}
+    return {"epochs": epochs, "lr": lr, "batch_size": batch_size, "retrain_epochs": retrain_epochs, "device": dev,
+            "kl_weight": kl_weight}
 
 
 def latency(models: dict, x: Any, repeats: int = 30) -> dict[str, float]:
@@ -76,7 +78,7 @@ def latency(models: dict, x: Any, repeats: int = 30) -> dict[str, float]:
 
 def prune(model: Any, data: Any, output: str, *, val: Optional[str] = None, method: str = "sparse-vd",
           epochs: Optional[int] = None, threshold: Optional[float] = None, max_drop: Optional[float] = None,
-          kl_weight: float = 1.0, lr: Optional[float] = None,
+          kl_weight: Optional[float] = None, lr: Optional[float] = None,
           batch_size: Optional[int] = None, retrain_epochs: Optional[int] = None, task: str = "auto",
           device: str = "cpu", seed: int = 0, plot: Optional[str] = None, force: bool = False, allow_larger: bool = False,
           trust_pickle: bool = False, imports: Optional[Sequence[str]] = None, arch: Optional[str] = None,
@@ -105,7 +107,7 @@ def prune(model: Any, data: Any, output: str, *, val: Optional[str] = None, meth
                                 max_drop=max_drop)
     if max_drop is not None and data is None:
         raise UsageError("--max-drop needs validation data", "pass --data TRAIN (and --val VAL)")
-    epochs, lr, batch_size = cfg_args["epochs"], cfg_args["lr"], cfg_args["batch_size"]
+    epochs, lr, batch_size, kl_weight = cfg_args["epochs"], cfg_args["lr"], cfg_args["batch_size"], cfg_args["kl_weight"]
     retrain_epochs, dev = cfg_args["retrain_epochs"], cfg_args["device"]
     inputs = [str(model) if is_path(model) else getattr(model, "source", None)] + [p for p in (data, val) if p]
     check_output_path(output, inputs, force=force)
@@ -155,7 +157,9 @@ def prune(model: Any, data: Any, output: str, *, val: Optional[str] = None, meth
     w_before = sum(r["weights_before"] for r in result.layers)
     w_after = sum(r["weights_kept"] for r in result.layers)
     summary = {
-        **settings, "threshold": result.threshold, "threshold_chosen_by": _chosen_by(method, threshold, max_drop, has_svd and train is None),
+        **settings, "kl_weight": result.kl_weight, "rounds": max([p.get("round", 1) for p in result.curve] or [1]),
+        "threshold": result.threshold, "threshold_chosen_by": _chosen_by(method, threshold, max_drop, has_svd and train is None),
+        "chosen_retrained": next((p.get("chosen_retrained") for p in result.curve if p.get("chosen") and "chosen_retrained" in p), None),
         "outcome": "written", "weights_before": w_before, "weights_after": w_after,
         "compression": w_before / max(w_after, 1),
         "params_before": p_before, "params_after": p_after, "nonzero_params_before": nz_before,

@@ -14,7 +14,7 @@ then remove dead neurons and channels for real.
 
 sparse-vd (Molchanov et al. 2017): every Linear / Conv1d / Conv2d gets a learned per-weight noise
 variance (log sigma^2 starts at -10); fine-tuning minimises  mean loss + beta * sum KL / N  with beta
-ramped from 0 to --kl-weight over the first half of the epochs; weights with log alpha > --threshold
+ramped from 0 to --kl-weight (default 0.5) over the first half of the epochs; weights with log alpha > --threshold
 become 0, and the kept weights are fine-tuned without noise for --retrain-epochs (pruned ones stay 0). sbp (Neklyudov et al. 2017): log-normal noise per neuron / channel; units with SNR <= 1 go.
 
 Then every hidden unit with no live inputs (its constant output is folded into the next layer's bias
@@ -57,7 +57,7 @@ def register(app: typer.Typer) -> None:
         epochs: Optional[int] = typer.Option(None, "--epochs", help="Fine-tuning epochs (default 100)."),
         max_drop: Optional[float] = typer.Option(None, "--max-drop", help="Most validation accuracy the pruned model may lose, in points (regression: % of the loss); prune picks the most compressive cut within it. Exit 4 when nothing fits."),
         threshold: Optional[float] = typer.Option(None, "--threshold", help="sparse-vd: zero weights with log alpha above this (3 = drop rate 0.95). Default: chosen within --max-drop, else 3. Not with sbp."),
-        kl_weight: float = typer.Option(1.0, "--kl-weight", help="Final KL weight beta (ramped up from 0 over the first half of training)."),
+        kl_weight: Optional[float] = typer.Option(None, "--kl-weight", help="Final KL weight beta (ramped up from 0 over the first half of training). Default 0.5."),
         lr: Optional[float] = typer.Option(None, "--lr", help="Adam learning rate for the weights (the noise parameters get 10x). Default 3e-3."),
         batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Training batch size (default 64)."),
         retrain_epochs: Optional[int] = typer.Option(None, "--retrain-epochs", help="Then fine-tune only the kept weights, without noise, for this many epochs (default 10; 0 skips)."),
@@ -161,6 +161,9 @@ def _print_curve(curve: list, s: dict) -> None:
     unit = "pt" if s["task"] == "classification" else "% loss"
     budget = f", --max-drop {s['max_drop']:g}" if s.get("max_drop") is not None else ""
     t = Table(title=f"trade-off walked (validation: {shown(s['validation'] or '-', 'stdin')}{budget})")
+    rounds = max(p.get("round", 1) for p in curve) > 1
+    if rounds:
+        t.add_column("round (--kl-weight)", justify="right")
     for c in ("log alpha cut", "weights kept", "compression", f"drop ({unit})", f"retrained: drop ({unit})", ""):
         t.add_column(c, justify="right")
     for p in curve:
@@ -171,7 +174,7 @@ def _print_curve(curve: list, s: dict) -> None:
             rtxt = f"{r['drop']:+.2f}"
         else:
             rtxt = r.get("note") or ""
-        t.add_row("-" if p["threshold"] is None else f"{p['threshold']:g}", str(p["weights_kept"]), f"{p['compression']:.1f}x",
+        t.add_row(*([f"{p['round']} ({p['kl_weight']:g})"] if rounds else []), "-" if p["threshold"] is None else f"{p['threshold']:g}", str(p["weights_kept"]), f"{p['compression']:.1f}x",
                   p.get("note") or (f"{p['drop']:+.2f}" if p.get("drop") is not None else "-"), rtxt,
-                  "chosen" if p.get("chosen") else "")
+                  ("chosen" + {True: " (retrained)", False: " (as cut)"}.get(p.get("chosen_retrained"), "")) if p.get("chosen") else "")
     out.print(t)
