@@ -175,6 +175,7 @@ def prune(model: Any, data: Any, output: str, *, val: Optional[str] = None, meth
     if before_metrics is not None and after_metrics is not None:
         summary["val_drop"] = budget_drop(before_metrics, after_metrics, task)
         summary["val_drop_unit"] = "accuracy points" if task == "classification" else "% of the validation loss"
+        summary["val_drop_se"] = result.drop_se
     report = {"summary": summary, "layers": result.layers, "curve": result.curve}
     # write: the input's format (ONNX stays ONNX), staged, re-loaded with its stock loader and
     # compared, and only then (when it is smaller than the input) copied atomically to `output`

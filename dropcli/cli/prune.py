@@ -164,17 +164,21 @@ def _print_curve(curve: list, s: dict) -> None:
     rounds = max(p.get("round", 1) for p in curve) > 1
     if rounds:
         t.add_column("round (--kl-weight)", justify="right")
-    for c in ("log alpha cut", "weights kept", "compression", f"drop ({unit})", f"retrained: drop ({unit})", ""):
+    for c in ("log alpha cut", "weights kept", "compression", f"drop ± se ({unit})", f"retrained: drop ± se ({unit})", ""):
         t.add_column(c, justify="right")
     for p in curve:
         r = p.get("retrained")
         if not isinstance(r, dict):
             rtxt = "yes" if r else ""
         elif r.get("drop") is not None:
-            rtxt = f"{r['drop']:+.2f}"
+            rtxt = _pm(r)
         else:
             rtxt = r.get("note") or ""
         t.add_row(*([f"{p['round']} ({p['kl_weight']:g})"] if rounds else []), "-" if p["threshold"] is None else f"{p['threshold']:g}", str(p["weights_kept"]), f"{p['compression']:.1f}x",
-                  p.get("note") or (f"{p['drop']:+.2f}" if p.get("drop") is not None else "-"), rtxt,
+                  p.get("note") or (_pm(p) if p.get("drop") is not None else "-"), rtxt,
                   ("chosen" + {True: " (retrained)", False: " (as cut)"}.get(p.get("chosen_retrained"), "")) if p.get("chosen") else "")
     out.print(t)
+
+
+def _pm(p: dict) -> str:
+    return f"{p['drop']:+.2f}" + (f" ± {p['drop_se']:.2f}" if p.get("drop_se") is not None else "")

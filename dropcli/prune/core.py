@@ -39,7 +39,7 @@ from torch import fx, nn
 
 from dropcli.errors import DropcliError, NotMet
 from dropcli.backends.torch.fx import set_module
-from dropcli.training.loop import Split, evaluate, fit
+from dropcli.training.loop import Split, fit
 from dropcli.prune.layers import SBPNoise, SparseVD, to_sparse_vd
 from dropcli.prune.shrink import ShrinkResult, output_layers, prunable_layers, shrink
 
@@ -51,6 +51,10 @@ DEFAULTS = {"epochs": 100, "lr": 3e-3, "batch_size": 64, "threshold": 3.0, "kl_w
 # most retrains it spends on the cuts around the best pre-retrain one
 SWEEP = tuple(float(t) for t in np.arange(-2.0, 8.01, 0.5))
 MAX_TRIES = 6
+# a model fits the budget when its validation drop plus Z_BUDGET standard errors (paired over the
+# validation examples) is within --max-drop: the drop is measured on finite data, and the walk picks
+# the cut at the budget's edge, where noise in its favour would otherwise decide
+Z_BUDGET = 1.0
 SECOND_ROUND_KL = 0.5  # when no cut fits, one more training round at this fraction of the KL weight
 RAMP = 0.5  # fraction of training over which beta goes from 0 to --kl-weight
 DECAY_FROM = None  # fraction of training after which the learning rate decays linearly to 0
@@ -83,6 +87,54 @@ class PruneResult:
     curve: list[dict[str, Any]] = field(default_factory=list)  # the trade-off curve walked
     metrics: dict[str, float] | None = None  # validation metrics of the returned model
     kl_weight: float | None = None  # the KL weight of the training round the model came from
+    drop_se: float | None = None  # standard error of the validation drop (paired over examples)
+
+
+@torch.no_grad()
+def score(model: nn.Module, split: Split, task: str, device: str = "cpu", batch_size: int = 512) -> dict[str, Any]:
+    """:func:`~dropcli.training.loop.evaluate`'s metrics, plus ``per_example``: 1/0 correct
+    (classification) or the loss (regression) of every example, for :func:`drop_se`."""
+    was = [(m, m.training) for m in model.modules()]
+    model.eval()
+    losses, correct = [], []
+    try:
+        for i in range(0, len(split), batch_size):
+            xb, yb = split.x[i:i + batch_size].to(device), split.y[i:i + batch_size].to(device)
+            out = model(xb)
+            if task == "classification":
+                losses.append(torch.nn.functional.cross_entropy(out, yb, reduction="none").double().cpu())
+                correct.append((out.argmax(-1) == yb).double().cpu())
+            else:
+                losses.append(((out - yb) ** 2).reshape(len(xb), -1).mean(1).double().cpu())
+    finally:
+        for m, t in was:
+            m.training = t
+    loss = torch.cat(losses).numpy()
+    res: dict[str, Any] = {"loss": float(loss.mean())}
+    if task == "classification":
+        per = torch.cat(correct).numpy()
+        res["accuracy"] = float(per.mean())
+    else:
+        per = loss
+        res["rmse"] = math.sqrt(res["loss"])
+    res["per_example"] = per
+    return res
+
+
+def drop_se(before: dict[str, Any], after: dict[str, Any], task: str) -> float | None:
+    """The standard error of :func:`budget_drop`, paired over the validation examples."""
+    a, b = before.get("per_example"), after.get("per_example")
+    if a is None or b is None or len(a) < 2:
+        return None
+    if task == "classification":
+        d = 100.0 * (a - b)
+    else:
+        d = 100.0 * (b - a) / max(float(np.mean(a)), 1e-12)
+    return float(np.std(d, ddof=1) / math.sqrt(len(d)))
+
+
+def _public(metrics: dict[str, Any] | None) -> dict[str, float] | None:
+    return None if metrics is None else {k: v for k, v in metrics.items() if k != "per_example"}
 
 
 def budget_drop(before: dict[str, float], after: dict[str, float], task: str) -> float:
@@ -198,6 +250,8 @@ def prune(gm: fx.GraphModule, example: tuple, train: Split | None, task: str, cf
     if cfg.max_drop is not None and (val is None or reference is None):
         raise DropcliError("--max-drop needs validation data", "pass --data TRAIN (and --val VAL)")
     gm = copy.deepcopy(gm).eval()
+    if val is not None and reference is not None:
+        reference = {**reference, "per_example": score(gm, val, task, cfg.device)["per_example"]}
     existing = _svd_modules(gm)
     before = layer_stats(gm, include_svd=True)
     if not before:
@@ -320,7 +374,7 @@ def sweep(gm: nn.Module, mods: dict[str, SparseVD], val: Split, task: str, refer
                 empties = any(int((la < t).sum()) == 0 for la in las.values())
                 for m in mods.values():
                     m.threshold = t
-                metrics = None if empties else evaluate(gm, val, task, device=device)
+                metrics = None if empties else score(gm, val, task, device=device)
                 points.append(_point(t, kept, total, metrics, reference, task))
     finally:
         for k, m in mods.items():
@@ -332,17 +386,23 @@ def _point(t: float | None, kept: int, total: int, metrics: dict[str, float] | N
            reference: dict[str, float] | None, task: str) -> dict[str, Any]:
     p: dict[str, Any] = {"threshold": t, "weights_kept": kept, "compression": total / max(kept, 1)}
     if metrics is None:
-        p.update({"val": None, "drop": None, "note": "empties a layer"})
+        p.update({"val": None, "drop": None, "drop_se": None, "note": "empties a layer"})
     else:
-        p["val"] = dict(metrics)
+        p["val"] = _public(metrics)
         p["drop"] = budget_drop(reference, metrics, task) if reference is not None else None
+        p["drop_se"] = drop_se(reference, metrics, task) if reference is not None else None
     p["retrained"] = None  # the same cut after retraining, where the walk tried it
     p["chosen"] = False
     return p
 
 
-def _fits(drop: float | None, cfg: PruneConfig) -> bool:
-    return drop is not None and (cfg.max_drop is None or drop <= cfg.max_drop + 1e-9)
+def _fits(drop: float | None, cfg: PruneConfig, se: float | None = None) -> bool:
+    return drop is not None and (cfg.max_drop is None or drop + Z_BUDGET * (se or 0.0) <= cfg.max_drop + 1e-9)
+
+
+def _cand_fits(cand: dict[str, Any], reference: dict[str, Any], task: str, cfg: PruneConfig) -> bool:
+    m = cand["metrics"]
+    return _fits(budget_drop(reference, m, task), cfg, drop_se(reference, m, task))
 
 
 def _mark(curve: list[dict[str, Any]], threshold: float, cand: dict[str, Any] | None, reference, task, cfg,
@@ -358,8 +418,9 @@ def _mark(curve: list[dict[str, Any]], threshold: float, cand: dict[str, Any] | 
         return
     rec: dict[str, Any] = {"weights_kept": cand["kept"], "compression": cand["total"] / max(cand["kept"], 1)}
     if cand["metrics"] is not None:
-        rec["val"] = dict(cand["metrics"])
+        rec["val"] = _public(cand["metrics"])
         rec["drop"] = budget_drop(reference, cand["metrics"], task) if reference is not None else None
+        rec["drop_se"] = drop_se(reference, cand["metrics"], task) if reference is not None else None
     p["retrained"] = rec
 
 
@@ -367,7 +428,7 @@ def _walk(gm: fx.GraphModule, curve: list[dict[str, Any]], train: Split, val: Sp
           example: tuple, protected: set[str], reference: dict[str, float]) -> dict[str, Any]:
     """The most compressive retrained cut within the budget (see the module docstring)."""
     pts = [p for p in curve if p["threshold"] is not None]
-    fit_pre = [i for i, p in enumerate(pts) if _fits(p["drop"], cfg)]
+    fit_pre = [i for i, p in enumerate(pts) if _fits(p["drop"], cfg, p["drop_se"])]
     i0 = fit_pre[0] if fit_pre else len(pts) - 1
     tried: dict[int, dict[str, Any] | None] = {}
 
@@ -382,7 +443,7 @@ def _walk(gm: fx.GraphModule, curve: list[dict[str, Any]], train: Split, val: Sp
         cand["threshold"] = t
         _mark(curve, t, cand, reference, task, cfg)
         tried[i] = cand
-        return cand if _fits(budget_drop(reference, cand["metrics"], task), cfg) else None
+        return cand if _cand_fits(cand, reference, task, cfg) else None
 
     # bisection on the retrained cuts, between a known-bad index (more compressive, or -1) and a
     # known-good one (or len(pts)): the retrained drop grows with compression, near enough
@@ -410,15 +471,16 @@ def _walk(gm: fx.GraphModule, curve: list[dict[str, Any]], train: Split, val: Sp
     if fit_pre and (best is None or fit_pre[0] < good):
         t = pts[fit_pre[0]]["threshold"]
         plain = _candidate(gm, t, train, val, task, cfg, example, protected, retrain_epochs=0)
-        if _fits(budget_drop(reference, plain["metrics"], task), cfg):
+        if _cand_fits(plain, reference, task, cfg):
             best = plain
             best["threshold"] = t
     if best is None:
         def fmt(c):
-            return f"{budget_drop(reference, c['metrics'], task):.2f}" if c else "-"
+            return f"{budget_drop(reference, c['metrics'], task):.2f} ± {drop_se(reference, c['metrics'], task) or 0:.2f}" if c else "-"
         tried_s = ", ".join(f"t={pts[k]['threshold']:g}: {fmt(c)}" for k, c in sorted(tried.items()))
         unit = "points" if task == "classification" else "% of the validation loss"
-        err = NotMet(f"no pruned model stays within --max-drop {cfg.max_drop:g} ({unit}; retrained cuts tried: {tried_s})",
+        err = NotMet(f"no pruned model stays within --max-drop {cfg.max_drop:g} ({unit}, at {Z_BUDGET:g} standard error; "
+                     f"retrained cuts tried: {tried_s})",
                      "allow more with --max-drop, train longer with --epochs, or lower --kl-weight")
         err.curve = curve
         raise err
@@ -460,7 +522,7 @@ def _finish(gm: fx.GraphModule, example: tuple, protected: set[str], val: Split 
     total = sum(st["weights"] for st in mid.values())
     res = shrink(gm, example, protected)
     gm = _clean(gm)
-    metrics = evaluate(gm, val, task) if val is not None else None
+    metrics = score(gm, val, task) if val is not None else None
     return {"model": gm, "shrink": res, "kept": kept, "total": total, "metrics": metrics, "history": []}
 
 
@@ -470,10 +532,12 @@ def _result(cand: dict[str, Any], before: dict[str, dict[str, Any]], log_alpha: 
     gm, res = cand["model"], cand["shrink"]
     if cfg.max_drop is not None and cand["metrics"] is not None and reference is not None:
         drop = budget_drop(reference, cand["metrics"], task)
-        if not _fits(drop, cfg):
+        se = drop_se(reference, cand["metrics"], task)
+        if not _fits(drop, cfg, se):
             unit = "points" if task == "classification" else "% of the validation loss"
             what = f"--threshold {threshold:g}" if threshold is not None else f"--method {cfg.method}"
-            err = NotMet(f"the pruned model loses {drop:.2f} {unit} on validation, more than --max-drop {cfg.max_drop:g} allows ({what})",
+            err = NotMet(f"the pruned model loses {drop:.2f} {unit} on validation (standard error {se or 0:.2f}), more than "
+                         f"--max-drop {cfg.max_drop:g} allows at {Z_BUDGET:g} standard error ({what})",
                          "leave out --threshold to let prune choose it, allow more with --max-drop, or lower --kl-weight"
                          if cfg.method == "sparse-vd" else "allow more with --max-drop, or lower --kl-weight")
             err.curve = curve
@@ -495,7 +559,8 @@ def _result(cand: dict[str, Any], before: dict[str, dict[str, Any]], log_alpha: 
             "units_before": b["units"], "units_removed": res.removed.get(name, 0),
         })
     return PruneResult(gm, rows, log_alpha if log_alpha is not None else cand.get("log_alpha", {}), history, res,
-                       threshold, curve, cand["metrics"], cfg.kl_weight if kl_weight is None else kl_weight)
+                       threshold, curve, _public(cand["metrics"]), cfg.kl_weight if kl_weight is None else kl_weight,
+                       drop_se(reference, cand["metrics"], task) if reference is not None and cand["metrics"] is not None else None)
 
 
 def retrain(gm: fx.GraphModule, train: Split, task: str, cfg: PruneConfig) -> list[dict[str, float]]:
