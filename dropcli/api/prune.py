@@ -186,7 +186,9 @@ def prune(model: Any, data: Any, output: str, *, val: Optional[str] = None, meth
             diff = strip_onnx_debug(staged, pruned, xlat[:64])
         check = check_saved(fmt, diff)
         summary.update({"format": fmt, "size_after": staged.stat().st_size, **check})
-        not_smaller = summary["size_after"] >= summary["size_before"] or p_after >= p_before
+        # parameters as stored: a model with sparse-VD sites also holds their variances
+        stored_before = sum(p.numel() for p in gm.parameters())
+        not_smaller = summary["size_after"] >= summary["size_before"] or p_after >= stored_before
         if not_smaller and allow_larger:
             summary["outcome"] = "written_not_smaller"
             summary.setdefault("warnings", []).append(
@@ -194,7 +196,7 @@ def prune(model: Any, data: Any, output: str, *, val: Optional[str] = None, meth
         elif not_smaller:
             summary["outcome"] = "not_smaller"
             raise NotMet(f"the pruned model would not be smaller than the input ({summary['size_before']:,} -> "
-                         f"{summary['size_after']:,} bytes on disk, {p_before:,} -> {p_after:,} parameters), so nothing was written",
+                         f"{summary['size_after']:,} bytes on disk, {stored_before:,} -> {p_after:,} parameters), so nothing was written",
                          "pruned weights only shrink the file when whole neurons or channels go: train longer (--epochs), "
                          "raise --kl-weight or --max-drop, or try --method sbp (--allow-larger writes it anyway)", report=report)
         extra = [f for f in Path(td).iterdir() if f != staged]  # an ONNX model's external weights (<name>.data)
