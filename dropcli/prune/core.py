@@ -251,7 +251,7 @@ def prune(gm: fx.GraphModule, example: tuple, train: Split | None, task: str, cf
         raise DropcliError("--max-drop needs validation data", "pass --data TRAIN (and --val VAL)")
     gm = copy.deepcopy(gm).eval()
     if val is not None and reference is not None:
-        reference = {**reference, "per_example": score(gm, val, task, cfg.device)["per_example"]}
+        reference = {**reference, "per_example": score(gm, val, task)["per_example"]}  # gm is on the CPU here
     existing = _svd_modules(gm)
     before = layer_stats(gm, include_svd=True)
     if not before:
