@@ -192,3 +192,14 @@ def test_pickle_output_is_reloaded_and_compared(tmp_path, monkeypatch):
     monkeypatch.setattr(save_mod.torch, "save", bad_save)
     cli_err(*args, "-o", tmp_path / "bad.pkl", contains=("differs from the",))
     assert not (tmp_path / "bad.pkl").exists()
+
+
+def test_a_large_loss_without_a_budget_is_warned_about(digits, tmp_path):
+    """No --max-drop: the model is written, but a validation loss over a point is not silent."""
+    res = cli_split("prune", MLP_PT, "--data", digits / "train.npz", "--val", digits / "val.npz", "--epochs", 3,
+                    "--lr", 0.05, "--retrain-epochs", 0, "--allow-larger", "-o", tmp_path / "w.pt", "--json")
+    s = json.loads(res.stdout)["summary"]
+    assert s["val_drop"] > 1.0 and s["max_drop"] is None
+    assert any("bound it with --max-drop" in w for w in s["warnings"])
+    assert f"warning: validation accuracy fell by {s['val_drop']:.2f} accuracy points" in " ".join(res.stderr.split())
+    assert (tmp_path / "w.pt").exists()
