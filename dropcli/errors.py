@@ -9,6 +9,8 @@ from __future__ import annotations
 EXIT_OK = 0
 EXIT_ERROR = 1  # bad input, unsupported model, failed check
 EXIT_USAGE = 2  # bad option values or combinations
+# 3: uncertainty --fail-above tripped (dropcli/cli/uncertainty.py)
+EXIT_NOT_MET = 4  # prune: nothing within --max-drop, or the output would not be smaller; nothing written
 EXIT_INTERRUPTED = 130
 
 
@@ -37,3 +39,14 @@ class UsageError(DropcliError):
     """A bad option value or combination (exit code 2)."""
 
     exit_code = EXIT_USAGE
+
+
+class NotMet(DropcliError):
+    """``dropcli prune`` found no model that meets its goal (within ``--max-drop``, smaller than
+    the input): exit code 4, nothing written. ``report`` holds what was measured, when known."""
+
+    exit_code = EXIT_NOT_MET
+
+    def __init__(self, message: str, hint: str | None = None, report: dict | None = None):
+        super().__init__(message, hint)
+        self.report = report

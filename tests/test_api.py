@@ -175,8 +175,9 @@ def outputs(tmp_path, name):
 def test_prune_equals_the_cli_json(tmp_path):
     via_cli, via_api = outputs(tmp_path, "small.pt")
     want = cli_json("prune", MLP_PT, "--data", DATA, "--epochs", 2, "--retrain-epochs", 1, "--kl-weight", 0.1,
-                    "-o", via_cli)
-    got = dropcli.prune(str(MLP_PT), str(DATA), str(via_api), epochs=2, retrain_epochs=1, kl_weight=0.1, seed=0)
+                    "--allow-larger", "-o", via_cli)
+    got = dropcli.prune(str(MLP_PT), str(DATA), str(via_api), epochs=2, retrain_epochs=1, kl_weight=0.1, seed=0,
+                         allow_larger=True)
     for rep in (want, got):
         for k in SLOW_KEYS:
             rep["summary"].pop(k)

@@ -107,7 +107,7 @@ def test_training_commands_write_to_stdout(tmp_path):
     out.write_bytes(res.stdout_bytes)
     rows = json.loads(cli("inspect", out, "--json").stdout)["layers"]
     assert sum(1 for r in rows if r["dropout"]) == 2
-    res = _pipe(["prune", "-", "--data", EXAMPLES / "digits_test.npz", "--epochs", 1, "--retrain-epochs", 0, "-o", "-"],
+    res = _pipe(["prune", "-", "--data", EXAMPLES / "digits_test.npz", "--epochs", 1, "--retrain-epochs", 0, "--allow-larger", "-o", "-"],
                 (EXAMPLES / "digits_mlp.onnx").read_bytes())
     assert res.exit_code == 0, res.output
     pruned = tmp_path / "pruned.onnx"

@@ -246,7 +246,7 @@ def test_end_to_end_onnx_in_and_out(tmp_path, digits):
 def test_end_to_end_torchscript_cnn_units_gone(tmp_path, digits):
     out = tmp_path / "cnn.pt2"
     r = _run("prune", EXAMPLES / "digits_cnn.pt2", "--data", digits / "img.npz", "--epochs", 6, "--kl-weight", 0.05,
-             "--threshold", 0.0, "-o", out, "--json", "--plot", tmp_path / "la.png", "--report", tmp_path / "r.json")
+             "--threshold", 0.0, "--allow-larger", "-o", out, "--json", "--plot", tmp_path / "la.png", "--report", tmp_path / "r.json")
     assert r.exit_code == 0, r.output
     rep = json.loads(r.stdout)
     assert json.loads((tmp_path / "r.json").read_text()) == rep
@@ -281,7 +281,7 @@ def test_seed_gives_identical_results(tmp_path, digits):
     for k in range(2):
         out = tmp_path / f"s{k}.pt"
         r = _run("prune", EXAMPLES / "digits_mlp.pt", "--data", digits / "train.npz", "--epochs", 3, "--seed", 7,
-                 "--kl-weight", 0.05, "-o", out, "--json")
+                 "--kl-weight", 0.05, "--allow-larger", "-o", out, "--json")
         assert r.exit_code == 0, r.output
         rep = json.loads(r.stdout)
         outs.append((rep["layers"], torch.jit.load(str(out)).state_dict()))
@@ -354,7 +354,7 @@ def test_regression_from_csv_and_classification_from_pt(tmp_path):
         y = reg(torch.from_numpy(x))[:, 0].numpy() + 0.01
     rows = "\n".join(",".join(f"{v:.6f}" for v in list(xi) + [yi]) for xi, yi in zip(x, y))
     (tmp_path / "reg.csv").write_text("a,b,c,d,e,f,g,h,target\n" + rows + "\n")
-    r = _run("prune", path, "--data", tmp_path / "reg.csv", "--epochs", 3, "--kl-weight", 0.01, "-o", tmp_path / "r_out.pt", "--json")
+    r = _run("prune", path, "--data", tmp_path / "reg.csv", "--epochs", 3, "--kl-weight", 0.01, "--allow-larger", "-o", tmp_path / "r_out.pt", "--json")
     assert r.exit_code == 0, r.output
     s = json.loads(r.stdout)["summary"]
     assert s["task"] == "regression" and "val_rmse_before" in s and "val_rmse_after" in s
@@ -363,7 +363,7 @@ def test_regression_from_csv_and_classification_from_pt(tmp_path):
     cls = MLP(d_in=8, hidden=16, d_out=3).eval()
     path = save_as(cls, torch.zeros(2, 8), tmp_path / "cls.pt2", "export")
     torch.save({"x": torch.from_numpy(x), "y": torch.from_numpy((x[:, 0] > 0).astype(np.int64))}, tmp_path / "d.pt")
-    r = _run("prune", path, "--data", tmp_path / "d.pt", "--epochs", 2, "--kl-weight", 0.01, "-o", tmp_path / "c_out.pt2", "--json")
+    r = _run("prune", path, "--data", tmp_path / "d.pt", "--epochs", 2, "--kl-weight", 0.01, "--allow-larger", "-o", tmp_path / "c_out.pt2", "--json")
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["summary"]["task"] == "classification"
 

@@ -32,7 +32,7 @@ def train(tmp_path_factory):
 
 
 VERBS = {
-    "prune": ("--epochs", 1, "--retrain-epochs", 0),
+    "prune": ("--epochs", 1, "--retrain-epochs", 0, "--allow-larger"),
     "finetune": ("--variant", "concrete", "--epochs", 1, "--samples", 2),
 }
 

@@ -133,14 +133,19 @@ def write_plot(path: str, task: str, per: dict[str, np.ndarray], labels: np.ndar
         plt.close(fig)
 
 
-def write_log_alpha_plot(path: str, values: dict[str, np.ndarray], threshold: float, what: str = "log alpha") -> None:
-    """`dropcli prune --plot`: one histogram of ``what`` per layer, with the pruning threshold."""
+def write_log_alpha_plot(path: str, values: dict[str, np.ndarray], threshold: float, what: str = "log alpha",
+                         curve: list[dict[str, Any]] | None = None, unit: str | None = None,
+                         budget: float | None = None) -> None:
+    """`dropcli prune --plot`: one histogram of ``what`` per layer, with the pruning threshold;
+    with ``curve`` (the trade-off curve prune walked) a last panel of validation loss against
+    compression, before and after retraining, the budget and the chosen cut marked."""
     plt = import_pyplot()
     names = list(values)
-    if not names:
+    if not names and not curve:
         raise DropcliError("--plot: there are no per-layer scores to plot")
-    cols = min(3, len(names))
-    rows = (len(names) + cols - 1) // cols
+    panels = len(names) + (1 if curve else 0)
+    cols = min(3, panels)
+    rows = (panels + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
     for ax, name in zip(axes.ravel(), names):
         v = np.asarray(values[name], dtype=np.float64).ravel()
@@ -152,6 +157,9 @@ def write_log_alpha_plot(path: str, values: dict[str, np.ndarray], threshold: fl
         ax.set_xlabel(what, fontsize=8)
         ax.tick_params(labelsize=8)
         ax.legend(fontsize=7, frameon=False)
+    if curve:
+        _tradeoff(axes.ravel()[len(names)], curve, unit or "drop", budget)
+        names = names + ["curve"]
     for ax in axes.ravel()[len(names):]:
         ax.axis("off")
     fig.tight_layout()
@@ -160,3 +168,27 @@ def write_log_alpha_plot(path: str, values: dict[str, np.ndarray], threshold: fl
             fig.savefig(tmp, format="png", dpi=100)
     finally:
         plt.close(fig)
+
+
+def _tradeoff(ax, curve: list[dict[str, Any]], unit: str, budget: float | None) -> None:
+    """Validation drop against nonzero-weight compression along prune's walk."""
+    pre = [(p["compression"], p["drop"]) for p in curve if p.get("drop") is not None]
+    post = [(p["retrained"]["compression"], p["retrained"]["drop"]) for p in curve
+            if isinstance(p.get("retrained"), dict) and p["retrained"].get("drop") is not None]
+    if pre:
+        ax.plot(*zip(*pre), "o-", color="tab:blue", markersize=3, linewidth=1, label="cut (no retraining)")
+    if post:
+        ax.plot(*zip(*post), "s", color="tab:green", markersize=5, label="cut, retrained")
+    chosen = [p for p in curve if p.get("chosen")]
+    for p in chosen:
+        r = p["retrained"] if isinstance(p.get("retrained"), dict) and p["retrained"].get("drop") is not None else p
+        if r.get("drop") is not None:
+            ax.plot([r["compression"]], [r["drop"]], "*", color="tab:red", markersize=11, label="chosen")
+    if budget is not None:
+        ax.axhline(budget, color="tab:red", linestyle="--", linewidth=1, label=f"--max-drop {budget:g}")
+    ax.set_xscale("log")
+    ax.set_xlabel("nonzero-weight compression (x)", fontsize=8)
+    ax.set_ylabel(f"validation drop ({unit})", fontsize=8)
+    ax.set_title("trade-off walked", fontsize=10)
+    ax.tick_params(labelsize=8)
+    ax.legend(fontsize=7, frameon=False)

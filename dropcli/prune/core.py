@@ -12,11 +12,24 @@ The pipeline, on a GraphModule of real modules (:func:`dropcli.importer.to_modul
    units with ``SNR <= 1`` get a zero row, the others their ``E[theta]`` folded into the weights.
    Then :func:`retrain` fine-tunes the kept weights without noise (``--retrain-epochs``).
 4. :func:`~.shrink.shrink` removes dead units for real.
+
+With an accuracy budget (``--max-drop``, :func:`budget_drop`) and no fixed ``--threshold``, step 3
+is a walk along the trade-off curve (:func:`sweep`): the trained ``log alpha`` values are cut at
+every threshold of :data:`SWEEP` and each cut is scored on the validation split (cheap: no
+training). Retraining the kept weights (step 3) wins back accuracy, so the walk then retrains
+cuts and bisects between the most compressive retrained cut known to break the budget and the least
+compressive one known to keep it, starting from the most compressive cut that fits before
+retraining (when none does: from the cut that loses least, then the least compressive), for at most :data:`MAX_TRIES`
+retrains. The most compressive model within the budget wins, a retrained cut or a cut as it is
+(retraining can also fit the training split harder and lose on validation); nothing within it is
+a :class:`~dropcli.errors.NotMet`, after one more round: the whole fine-tune again with half the
+KL weight (less pruning pressure), walked the same way.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,16 +37,25 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from dropcli.errors import DropcliError
+from dropcli.errors import DropcliError, NotMet
 from dropcli.backends.torch.fx import set_module
 from dropcli.training.loop import Split, fit
 from dropcli.prune.layers import SBPNoise, SparseVD, to_sparse_vd
 from dropcli.prune.shrink import ShrinkResult, output_layers, prunable_layers, shrink
 
 METHODS = ("sparse-vd", "sbp")
-# defaults chosen with benchmarks/prune_digits.py
-DEFAULTS = {"epochs": 100, "lr": 3e-3, "batch_size": 64, "threshold": 3.0, "kl_weight": 1.0, "var_lr_scale": 10.0,
+# defaults chosen with benchmarks/prune_digits.py --tune, on validation only (docs/prune.md)
+DEFAULTS = {"epochs": 100, "lr": 3e-3, "batch_size": 64, "threshold": 3.0, "kl_weight": 0.5, "var_lr_scale": 10.0,
             "retrain_epochs": 10, "retrain_lr_scale": 0.1}
+# --max-drop: the log-alpha thresholds the walk scores (log alpha is clamped to [-8, 8]), and the
+# most retrains it spends on the cuts around the best pre-retrain one
+SWEEP = tuple(float(t) for t in np.arange(-2.0, 8.01, 0.5))
+MAX_TRIES = 6
+# a model fits the budget when its validation drop plus Z_BUDGET standard errors (paired over the
+# validation examples) is within --max-drop: the drop is measured on finite data, and the walk picks
+# the cut at the budget's edge, where noise in its favour would otherwise decide
+Z_BUDGET = 1.0
+SECOND_ROUND_KL = 0.5  # when no cut fits, one more training round at this fraction of the KL weight
 RAMP = 0.5  # fraction of training over which beta goes from 0 to --kl-weight
 DECAY_FROM = None  # fraction of training after which the learning rate decays linearly to 0
 
@@ -42,7 +64,8 @@ DECAY_FROM = None  # fraction of training after which the learning rate decays l
 class PruneConfig:
     method: str = "sparse-vd"
     epochs: int = DEFAULTS["epochs"]
-    threshold: float = DEFAULTS["threshold"]
+    threshold: float | None = DEFAULTS["threshold"]  # None: chosen by the walk (needs max_drop)
+    max_drop: float | None = None  # accuracy points (classification) / % of the loss (regression)
     kl_weight: float = DEFAULTS["kl_weight"]
     lr: float = DEFAULTS["lr"]
     batch_size: int = DEFAULTS["batch_size"]
@@ -60,6 +83,66 @@ class PruneResult:
     log_alpha: dict[str, np.ndarray] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)
     shrink: ShrinkResult | None = None
+    threshold: float | None = None  # the threshold used (sparse-vd)
+    curve: list[dict[str, Any]] = field(default_factory=list)  # the trade-off curve walked
+    metrics: dict[str, float] | None = None  # validation metrics of the returned model
+    kl_weight: float | None = None  # the KL weight of the training round the model came from
+    drop_se: float | None = None  # standard error of the validation drop (paired over examples)
+
+
+@torch.no_grad()
+def score(model: nn.Module, split: Split, task: str, device: str = "cpu", batch_size: int = 512) -> dict[str, Any]:
+    """:func:`~dropcli.training.loop.evaluate`'s metrics, plus ``per_example``: 1/0 correct
+    (classification) or the loss (regression) of every example, for :func:`drop_se`."""
+    was = [(m, m.training) for m in model.modules()]
+    model.eval()
+    losses, correct = [], []
+    try:
+        for i in range(0, len(split), batch_size):
+            xb, yb = split.x[i:i + batch_size].to(device), split.y[i:i + batch_size].to(device)
+            out = model(xb)
+            if task == "classification":
+                losses.append(torch.nn.functional.cross_entropy(out, yb, reduction="none").double().cpu())
+                correct.append((out.argmax(-1) == yb).double().cpu())
+            else:
+                losses.append(((out - yb) ** 2).reshape(len(xb), -1).mean(1).double().cpu())
+    finally:
+        for m, t in was:
+            m.training = t
+    loss = torch.cat(losses).numpy()
+    res: dict[str, Any] = {"loss": float(loss.mean())}
+    if task == "classification":
+        per = torch.cat(correct).numpy()
+        res["accuracy"] = float(per.mean())
+    else:
+        per = loss
+        res["rmse"] = math.sqrt(res["loss"])
+    res["per_example"] = per
+    return res
+
+
+def drop_se(before: dict[str, Any], after: dict[str, Any], task: str) -> float | None:
+    """The standard error of :func:`budget_drop`, paired over the validation examples."""
+    a, b = before.get("per_example"), after.get("per_example")
+    if a is None or b is None or len(a) < 2:
+        return None
+    if task == "classification":
+        d = 100.0 * (a - b)
+    else:
+        d = 100.0 * (b - a) / max(float(np.mean(a)), 1e-12)
+    return float(np.std(d, ddof=1) / math.sqrt(len(d)))
+
+
+def _public(metrics: dict[str, Any] | None) -> dict[str, float] | None:
+    return None if metrics is None else {k: v for k, v in metrics.items() if k != "per_example"}
+
+
+def budget_drop(before: dict[str, float], after: dict[str, float], task: str) -> float:
+    """What ``--max-drop`` bounds: accuracy points lost (classification), or the validation loss's
+    rise in percent of the dense model's (regression)."""
+    if task == "classification":
+        return 100.0 * (before["accuracy"] - after["accuracy"])
+    return 100.0 * (after["loss"] - before["loss"]) / max(before["loss"], 1e-12)
 
 
 def beta_at(progress: float, kl_weight: float) -> float:
@@ -154,78 +237,316 @@ def count_params(gm: nn.Module) -> tuple[int, int]:
     return total, nz
 
 
-def prune(gm: fx.GraphModule, example: tuple, train: Split | None, task: str, cfg: PruneConfig) -> PruneResult:
-    """Prune a GraphModule of real modules; returns a new plain GraphModule and per-layer rows."""
+def prune(gm: fx.GraphModule, example: tuple, train: Split | None, task: str, cfg: PruneConfig,
+          val: Split | None = None, reference: dict[str, float] | None = None) -> PruneResult:
+    """Prune a GraphModule of real modules; returns a new plain GraphModule and per-layer rows.
+
+    ``val`` and ``reference`` (the dense model's metrics on it) score the trade-off curve and
+    the budget ``cfg.max_drop``; :class:`~dropcli.errors.NotMet` when nothing fits it."""
     if cfg.method not in METHODS:
         from dropcli.errors import UsageError
 
         raise UsageError(f"unknown --method {cfg.method!r}", f"choose one of {', '.join(METHODS)}")
+    if cfg.max_drop is not None and (val is None or reference is None):
+        raise DropcliError("--max-drop needs validation data", "pass --data TRAIN (and --val VAL)")
     gm = copy.deepcopy(gm).eval()
+    if val is not None and reference is not None:
+        reference = {**reference, "per_example": score(gm, val, task)["per_example"]}  # gm is on the CPU here
     existing = _svd_modules(gm)
     before = layer_stats(gm, include_svd=True)
     if not before:
         raise DropcliError("the model has no prunable layers (Linear, Conv1d or Conv2d with stored weights)",
                            "dropcli prune works on models built from Linear / Conv layers")
     protected = output_layers(gm)
-    log_alpha: dict[str, np.ndarray] = {}
-    history: list[dict[str, float]] = []
     if existing:
         # already sparse-VD layers (trained by the user): prune by their own scores
+        threshold = DEFAULTS["threshold"] if cfg.threshold is None else cfg.threshold
+        curve = sweep(gm, existing, val, task, reference, cfg.device) if val is not None else []
         for m in existing.values():
-            m.threshold = cfg.threshold
+            m.threshold = threshold
         log_alpha = finalize_sparse_vd(gm, existing)
-    else:
-        if train is None:
-            raise DropcliError("pruning needs training data", "pass --data TRAIN (.npz with x and y, .pt or .csv)")
-        n = len(train)
-        gm.to(cfg.device)
-        if cfg.method == "sparse-vd":
-            mods = attach_sparse_vd(gm, cfg.threshold)
-            var_params = [m.log_sigma2 for m in mods.values()]
-        else:
-            mods = attach_sbp(gm, protected)
-            if not mods:
-                raise DropcliError("the model has no hidden Linear / Conv layer whose units SBP could remove",
-                                   "use --method sparse-vd")
-            var_params = [p for m in mods.values() for p in (m.mu, m.log_sigma)]
-        var_ids = {id(p) for p in var_params}
-        weights = [p for p in gm.parameters() if id(p) not in var_ids]
-        groups = [{"params": weights, "lr": cfg.lr}, {"params": var_params, "lr": cfg.lr * DEFAULTS["var_lr_scale"]}]
-        ms = list(mods.values())
-
-        def reg(progress: float):
-            kl = sum(m.kl() for m in ms)
-            beta = beta_at(progress, cfg.kl_weight)
-            return beta * kl / n, {"kl": float(kl.detach()) / n, "beta": beta}
-
-        def describe() -> str:
-            with torch.no_grad():
-                if cfg.method == "sparse-vd":
-                    kept = sum(int(m.keep_mask().sum()) for m in ms)
-                    tot = sum(m.weight.numel() for m in ms)
-                    return f"sparsity {1 - kept / tot:.3f}"
-                kept = sum(int((m.snr() > 1).sum()) for m in ms)
-                tot = sum(m.mu.numel() for m in ms)
-                return f"units removed {1 - kept / tot:.3f}"
-
-        history = fit(gm, train, task, params=groups, epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed,
-                      device=cfg.device, regulariser=reg, train_modules=ms, describe=describe, quiet=cfg.quiet, progress=cfg.progress,
-                      label=f"prune ({cfg.method})", decay_from=DECAY_FROM)
-        if cfg.method == "sparse-vd":
-            log_alpha = finalize_sparse_vd(gm, mods)
-        else:
-            log_alpha = {k: np.log(np.maximum(v, 1e-30)) for k, v in finalize_sbp(gm, mods).items()}
+        cand = _finish(gm, example, protected, val, task, cfg)
+        return _result(cand, before, log_alpha, [], threshold, curve, reference, task, cfg)
+    if train is None:
+        raise DropcliError("pruning needs training data", "pass --data TRAIN (.npz with x and y, .pt or .csv)")
+    if cfg.method == "sbp":
+        gm, mods, history = _train(gm, train, task, cfg, cfg.kl_weight, protected)
+        log_alpha = {k: np.log(np.maximum(v, 1e-30)) for k, v in finalize_sbp(gm, mods).items()}
         if cfg.retrain_epochs > 0:
             history += retrain(gm, train, task, cfg)
         gm.to("cpu")
+        cand = _finish(gm, example, protected, val, task, cfg)
+        curve = [_point(None, cand["kept"], cand["total"], cand["metrics"], reference, task)] if val is not None else []
+        if curve:
+            curve[0]["retrained"] = cfg.retrain_epochs > 0
+        return _result(cand, before, log_alpha, history, None, curve, reference, task, cfg)
+
+    walk = cfg.threshold is None and cfg.max_drop is not None
+    # a walk that finds nothing within the budget trains once more, with half the KL weight
+    # (less pruning pressure, so the cuts lose less)
+    rounds = [cfg.kl_weight] + ([cfg.kl_weight * SECOND_ROUND_KL] if walk and cfg.kl_weight > 0 else [])
+    curve: list[dict[str, Any]] = []
+    history: list[dict[str, float]] = []
+    for r, kl_weight in enumerate(rounds):
+        trained, mods, hist = _train(copy.deepcopy(gm) if r < len(rounds) - 1 else gm, train, task, cfg, kl_weight, protected,
+                                     label="" if r == 0 else f", round {r + 1}: --kl-weight {kl_weight:g}")
+        history += hist
+        points = sweep(trained, mods, val, task, reference, cfg.device) if val is not None else []
+        for p in points:
+            p["round"], p["kl_weight"] = r + 1, kl_weight
+        curve += points
+        if not walk:
+            threshold = DEFAULTS["threshold"] if cfg.threshold is None else cfg.threshold
+            cand = _candidate(trained, threshold, train, val, task, cfg, example, protected)
+            _mark(points, threshold, cand, reference, task, cfg)
+            return _result(cand, before, None, history + cand["history"], threshold, curve, reference, task, cfg, kl_weight)
+        try:
+            cand = _walk(trained, points, train, val, task, cfg, example, protected, reference)
+        except NotMet as e:
+            if r == len(rounds) - 1:
+                if len(rounds) > 1:
+                    e.message = e.message.replace("no pruned model stays", f"after {len(rounds)} training rounds "
+                                                  f"(--kl-weight {' then '.join(f'{k:g}' for k in rounds)}), no pruned model stays")
+                e.curve = curve
+                raise
+            continue
+        return _result(cand, before, None, history + cand["history"], cand["threshold"], curve, reference, task, cfg, kl_weight)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _train(gm: fx.GraphModule, train: Split, task: str, cfg: PruneConfig, kl_weight: float, protected: set[str],
+           label: str = "") -> tuple[fx.GraphModule, dict[str, nn.Module], list[dict[str, float]]]:
+    """The variational fine-tune (step 2), in place on ``gm``: returns (gm, noise layers, history)."""
+    n = len(train)
+    gm.to(cfg.device)
+    if cfg.method == "sparse-vd":
+        mods: dict[str, nn.Module] = dict(attach_sparse_vd(gm, DEFAULTS["threshold"] if cfg.threshold is None else cfg.threshold))
+        var_params = [m.log_sigma2 for m in mods.values()]
+    else:
+        mods = dict(attach_sbp(gm, protected))
+        if not mods:
+            raise DropcliError("the model has no hidden Linear / Conv layer whose units SBP could remove",
+                               "use --method sparse-vd")
+        var_params = [p for m in mods.values() for p in (m.mu, m.log_sigma)]
+    var_ids = {id(p) for p in var_params}
+    weights = [p for p in gm.parameters() if id(p) not in var_ids]
+    groups = [{"params": weights, "lr": cfg.lr}, {"params": var_params, "lr": cfg.lr * DEFAULTS["var_lr_scale"]}]
+    ms = list(mods.values())
+
+    def reg(progress: float):
+        kl = sum(m.kl() for m in ms)
+        beta = beta_at(progress, kl_weight)
+        return beta * kl / n, {"kl": float(kl.detach()) / n, "beta": beta}
+
+    def describe() -> str:
+        with torch.no_grad():
+            if cfg.method == "sparse-vd":
+                kept = sum(int(m.keep_mask().sum()) for m in ms)
+                tot = sum(m.weight.numel() for m in ms)
+                return f"sparsity {1 - kept / tot:.3f}"
+            kept = sum(int((m.snr() > 1).sum()) for m in ms)
+            tot = sum(m.mu.numel() for m in ms)
+            return f"units removed {1 - kept / tot:.3f}"
+
+    history = fit(gm, train, task, params=groups, epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed,
+                  device=cfg.device, regulariser=reg, train_modules=ms, describe=describe, quiet=cfg.quiet, progress=cfg.progress,
+                  label=f"prune ({cfg.method}{label})", decay_from=DECAY_FROM)
+    return gm, mods, history
+
+
+def sweep(gm: nn.Module, mods: dict[str, SparseVD], val: Split, task: str, reference: dict[str, float] | None,
+          device: str = "cpu") -> list[dict[str, Any]]:
+    """The trade-off curve of the trained log alphas: one point per threshold of :data:`SWEEP`
+    that gives a different set of kept weights, scored on ``val`` (no retraining). Ordered from
+    the most compressive to the least. The layers' thresholds are put back afterwards."""
+    saved = {k: m.threshold for k, m in mods.items()}
+    total = sum(m.weight.numel() for m in mods.values())
+    points: list[dict[str, Any]] = []
+    seen: set[int] = set()
+    try:
+        with torch.no_grad():
+            las = {k: m.log_alpha() for k, m in mods.items()}
+            for t in SWEEP:
+                kept = sum(int((la < t).sum()) for la in las.values())
+                if kept in seen:
+                    continue
+                seen.add(kept)
+                empties = any(int((la < t).sum()) == 0 for la in las.values())
+                for m in mods.values():
+                    m.threshold = t
+                metrics = None if empties else score(gm, val, task, device=device)
+                points.append(_point(t, kept, total, metrics, reference, task))
+    finally:
+        for k, m in mods.items():
+            m.threshold = saved[k]
+    return points
+
+
+def _point(t: float | None, kept: int, total: int, metrics: dict[str, float] | None,
+           reference: dict[str, float] | None, task: str) -> dict[str, Any]:
+    p: dict[str, Any] = {"threshold": t, "weights_kept": kept, "compression": total / max(kept, 1)}
+    if metrics is None:
+        p.update({"val": None, "drop": None, "drop_se": None, "note": "empties a layer"})
+    else:
+        p["val"] = _public(metrics)
+        p["drop"] = budget_drop(reference, metrics, task) if reference is not None else None
+        p["drop_se"] = drop_se(reference, metrics, task) if reference is not None else None
+    p["retrained"] = None  # the same cut after retraining, where the walk tried it
+    p["chosen"] = False
+    return p
+
+
+def _fits(drop: float | None, cfg: PruneConfig, se: float | None = None) -> bool:
+    return drop is not None and (cfg.max_drop is None or drop + Z_BUDGET * (se or 0.0) <= cfg.max_drop + 1e-9)
+
+
+def _cand_fits(cand: dict[str, Any], reference: dict[str, Any], task: str, cfg: PruneConfig) -> bool:
+    m = cand["metrics"]
+    return _fits(budget_drop(reference, m, task), cfg, drop_se(reference, m, task))
+
+
+def _mark(curve: list[dict[str, Any]], threshold: float, cand: dict[str, Any] | None, reference, task, cfg,
+          note: str | None = None) -> None:
+    """Record the retrained result of the cut at ``threshold`` on its curve point."""
+    for p in curve:
+        if p["threshold"] is not None and math.isclose(p["threshold"], threshold):
+            break
+    else:
+        return
+    if cand is None:
+        p["retrained"] = {"note": note}
+        return
+    rec: dict[str, Any] = {"weights_kept": cand["kept"], "compression": cand["total"] / max(cand["kept"], 1)}
+    if cand["metrics"] is not None:
+        rec["val"] = _public(cand["metrics"])
+        rec["drop"] = budget_drop(reference, cand["metrics"], task) if reference is not None else None
+        rec["drop_se"] = drop_se(reference, cand["metrics"], task) if reference is not None else None
+    p["retrained"] = rec
+
+
+def _walk(gm: fx.GraphModule, curve: list[dict[str, Any]], train: Split, val: Split, task: str, cfg: PruneConfig,
+          example: tuple, protected: set[str], reference: dict[str, float]) -> dict[str, Any]:
+    """The most compressive retrained cut within the budget (see the module docstring)."""
+    pts = [p for p in curve if p["threshold"] is not None]
+    fit_pre = [i for i, p in enumerate(pts) if _fits(p["drop"], cfg, p["drop_se"])]
+    i0 = fit_pre[0] if fit_pre else len(pts) - 1
+    tried: dict[int, dict[str, Any] | None] = {}
+
+    def attempt(i: int) -> dict[str, Any] | None:
+        t = pts[i]["threshold"]
+        try:
+            cand = _candidate(gm, t, train, val, task, cfg, example, protected)
+        except DropcliError as e:  # the cut empties a layer: not a candidate
+            _mark(curve, t, None, reference, task, cfg, note=e.message)
+            tried[i] = None
+            return None
+        cand["threshold"] = t
+        _mark(curve, t, cand, reference, task, cfg)
+        tried[i] = cand
+        return cand if _cand_fits(cand, reference, task, cfg) else None
+
+    # bisection on the retrained cuts, between a known-bad index (more compressive, or -1) and a
+    # known-good one (or len(pts)): the retrained drop grows with compression, near enough
+    n = len(pts)
+    bad, good = -1, n
+    # no cut fits before retraining: start from the one that loses least (the most compressive of
+    # equals), then the least compressive; small validation sets make the drops noisy
+    first = i0 if fit_pre else min(range(n), key=lambda i: (math.inf if pts[i]["drop"] is None else pts[i]["drop"], i))
+    if attempt(first) is not None:
+        good = first
+    else:
+        bad = first
+        if first < n - 1 and attempt(n - 1) is not None:
+            good = n - 1
+    if good < n:
+        while good - bad > 1 and len(tried) < MAX_TRIES:
+            mid = (bad + good) // 2
+            if attempt(mid) is not None:
+                good = mid
+            else:
+                bad = mid
+    best = tried.get(good) if good < n else None
+    # retraining does not always help (it can fit the training split harder): a cut that fits the
+    # budget as it is, and is more compressive than the best retrained one, wins without retraining
+    if fit_pre and (best is None or fit_pre[0] < good):
+        t = pts[fit_pre[0]]["threshold"]
+        plain = _candidate(gm, t, train, val, task, cfg, example, protected, retrain_epochs=0)
+        if _cand_fits(plain, reference, task, cfg):
+            best = plain
+            best["threshold"] = t
+    if best is None:
+        def fmt(c):
+            return f"{budget_drop(reference, c['metrics'], task):.2f} ± {drop_se(reference, c['metrics'], task) or 0:.2f}" if c else "-"
+        tried_s = ", ".join(f"t={pts[k]['threshold']:g}: {fmt(c)}" for k, c in sorted(tried.items()))
+        unit = "points" if task == "classification" else "% of the validation loss"
+        err = NotMet(f"no pruned model stays within --max-drop {cfg.max_drop:g} ({unit}, at {Z_BUDGET:g} standard error; "
+                     f"retrained cuts tried: {tried_s})",
+                     "allow more with --max-drop, train longer with --epochs, or lower --kl-weight")
+        err.curve = curve
+        raise err
+    for p in curve:
+        p["chosen"] = p["threshold"] is not None and math.isclose(p["threshold"], best["threshold"])
+        if p["chosen"]:
+            p["chosen_retrained"] = bool(best["history"])
+    return best
+
+
+def _candidate(trained: fx.GraphModule, threshold: float, train: Split, val: Split | None, task: str, cfg: PruneConfig,
+               example: tuple, protected: set[str], retrain_epochs: int | None = None) -> dict[str, Any]:
+    """A copy of the trained sparse-VD model cut at ``threshold``, its kept weights retrained,
+    shrunk and scored on ``val``."""
+    gm = copy.deepcopy(trained)
+    mods = _svd_modules(gm)
+    for m in mods.values():
+        m.threshold = threshold
+    log_alpha = finalize_sparse_vd(gm, mods)
+    epochs = cfg.retrain_epochs if retrain_epochs is None else retrain_epochs
+    history = retrain(gm, train, task, cfg) if epochs > 0 else []
+    gm.to("cpu")
+    cand = _finish(gm, example, protected, val, task, cfg)
+    cand["history"] = history
+    cand["log_alpha"] = log_alpha
+    return cand
+
+
+def _finish(gm: fx.GraphModule, example: tuple, protected: set[str], val: Split | None, task: str,
+            cfg: PruneConfig) -> dict[str, Any]:
+    """Check that no layer lost every weight, shrink, and score on ``val``."""
     gm = _clean(gm)
     mid = layer_stats(gm)
     for name, st in mid.items():
         if st["nonzero"] == 0:
             raise DropcliError(f"the threshold removes every weight of layer {name}",
                                "prune less: raise --threshold, lower --kl-weight or use fewer --epochs")
+    kept = sum(st["nonzero"] for st in mid.values())
+    total = sum(st["weights"] for st in mid.values())
     res = shrink(gm, example, protected)
     gm = _clean(gm)
+    metrics = score(gm, val, task) if val is not None else None
+    return {"model": gm, "shrink": res, "kept": kept, "total": total, "metrics": metrics, "history": []}
+
+
+def _result(cand: dict[str, Any], before: dict[str, dict[str, Any]], log_alpha: dict[str, np.ndarray] | None,
+            history: list[dict[str, float]], threshold: float | None, curve: list[dict[str, Any]],
+            reference: dict[str, float] | None, task: str, cfg: PruneConfig, kl_weight: float | None = None) -> PruneResult:
+    gm, res = cand["model"], cand["shrink"]
+    if cfg.max_drop is not None and cand["metrics"] is not None and reference is not None:
+        drop = budget_drop(reference, cand["metrics"], task)
+        se = drop_se(reference, cand["metrics"], task)
+        if not _fits(drop, cfg, se):
+            unit = "points" if task == "classification" else "% of the validation loss"
+            what = f"--threshold {threshold:g}" if threshold is not None else f"--method {cfg.method}"
+            err = NotMet(f"the pruned model loses {drop:.2f} {unit} on validation (standard error {se or 0:.2f}), more than "
+                         f"--max-drop {cfg.max_drop:g} allows at {Z_BUDGET:g} standard error ({what})",
+                         "leave out --threshold to let prune choose it, allow more with --max-drop, or lower --kl-weight"
+                         if cfg.method == "sparse-vd" else "allow more with --max-drop, or lower --kl-weight")
+            err.curve = curve
+            raise err
+    if threshold is not None and curve and not any(p["chosen"] for p in curve):
+        for p in curve:
+            p["chosen"] = p["threshold"] is not None and math.isclose(p["threshold"], threshold)
+    elif threshold is None and curve:
+        curve[0]["chosen"] = True
     after = layer_stats(gm)
     rows = []
     for name, b in before.items():
@@ -237,7 +558,9 @@ def prune(gm: fx.GraphModule, example: tuple, train: Split | None, task: str, cf
             "sparsity": 1 - nz / b["weights"] if b["weights"] else 0.0,
             "units_before": b["units"], "units_removed": res.removed.get(name, 0),
         })
-    return PruneResult(gm, rows, log_alpha, history, res)
+    return PruneResult(gm, rows, log_alpha if log_alpha is not None else cand.get("log_alpha", {}), history, res,
+                       threshold, curve, _public(cand["metrics"]), cfg.kl_weight if kl_weight is None else kl_weight,
+                       drop_se(reference, cand["metrics"], task) if reference is not None and cand["metrics"] is not None else None)
 
 
 def retrain(gm: fx.GraphModule, train: Split, task: str, cfg: PruneConfig) -> list[dict[str, float]]:
