@@ -314,3 +314,196 @@ def save_inputs(entry: Entry, n: int, path: Path, labels: bool = True) -> Path:
         arrays["y"] = reference(entry, n).argmax(-1).numpy()
     np.savez(path, **arrays)
     return Path(path)
+
+
+# ---------------------------------------------------------------- the checks each cell runs
+
+VERBS = ("inspect", "inject", "exact", "mc", "uncertainty", "prune")
+PRUNE = {"resnet", "mobilenetv2", "audio"}  # the convolutional nets issue 15 asks to prune from every format
+CHECK_BATCH = 3  # != BATCH: outputs must run at a batch size other than the export's
+
+
+def load_options(entry: Entry, fmt: str, shape: bool = True) -> dict:
+    """What a user passes to load ``entry`` saved as ``fmt`` on a verb without data: the classes'
+    file for a pickle, the factory for a state_dict, and ``--input-shape`` for a TorchScript model
+    of float inputs (token models must do without: dropcli reads the shape from their Embedding)."""
+    here = str(Path(__file__).resolve())
+    ex = entry.inputs(1)
+    if fmt == "ts" and shape and all(v.is_floating_point() for v in ex.values()):
+        return {"input_shape": ";".join("x".join(str(d) for d in v.shape) for v in ex.values())}
+    if fmt == "pickle":
+        return {"trust_pickle": True, "imports": [here]}
+    if fmt == "state_dict":
+        return {"arch": f"{here}:build_{entry.name}"}
+    return {}
+
+
+def _stock_run(path: Path, entry: Entry, inputs: dict[str, torch.Tensor], mc: bool, repeat: int = 1) -> list:
+    """Run a written model with its format's stock loader (not dropcli's), MC mode on or off."""
+    import numpy as np
+
+    from dropcli.model import formats
+
+    fmt = formats.detect(str(path))
+    if fmt == formats.ONNX:
+        import onnxruntime as ort
+
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        names = {i.name for i in sess.get_inputs()} | {i.name for i in sess.get_overridable_initializers()}
+        feed = {k: v.numpy() for k, v in inputs.items() if k in names}
+        if "dropcli_mc" in names:
+            feed["dropcli_mc"] = np.array(mc)
+        elif mc:
+            raise AssertionError("the ONNX output has no dropcli_mc input")
+        return [torch.from_numpy(sess.run(None, feed)[0]) for _ in range(repeat)]
+    if fmt == formats.EXPORT:
+        model = torch.export.load(str(path)).module()
+    elif fmt == formats.TORCHSCRIPT:
+        model = torch.jit.load(str(path))
+    else:
+        model = torch.load(str(path), weights_only=False)  # the tier's own file
+    n = 0
+    for name, buf in model.named_buffers():
+        if name.endswith("dropcli_mc"):
+            buf.fill_(mc)
+            n += 1
+    if mc and not n:
+        raise AssertionError("the torch output has no dropcli_mc buffers")
+    outs = []
+    with torch.no_grad():
+        for _ in range(repeat):
+            try:
+                out = model(**inputs)
+            except (TypeError, ValueError):  # a positional-only program (TorchScript, positional .pt2)
+                out = model(*inputs.values())
+            outs.append(first_output(out))
+    return outs
+
+
+def check_cell(entry: Entry, fmt: str, src: Path, work: Path, data: Path) -> dict[str, str]:
+    """Run every verb on one saved model; ``{verb: "ok" | "n/a" | error text}``. ``src`` is the
+    saved model, ``work`` a scratch folder, ``data`` the entry's ``.npz`` inputs (with labels)."""
+    import dropcli
+
+    res: dict[str, str] = {}
+    opts = load_options(entry, fmt)
+
+    def step(verb, fn):
+        if any(v != "ok" and v != "n/a" for v in res.values()):
+            res[verb] = "not reached"
+            return
+        try:
+            fn()
+            res[verb] = "ok"
+        except Exception as e:  # noqa: BLE001  (the cell records it; the test asserts on it)
+            res[verb] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+
+    state: dict = {}
+
+    def inspect():
+        info = dropcli.inspect(str(src), **opts)
+        state["layers"] = info["layers"]
+        assert len(info["layers"]) >= 3, f"only {len(info['layers'])} layers seen"
+
+    def inject():
+        m = dropcli.load(str(src), **opts)
+        from dropcli.api.models import inject_sites
+
+        sites = inject_sites(m, "standard", p=0.2)
+        assert len(sites) >= 2, f"{len(sites)} site(s): the body got none"
+        out = work / f"{entry.name}_{fmt}_mc{Path(src).suffix if fmt not in ('state_dict',) else '.pt'}"
+        dropcli.save(m, str(out))
+        state["out"] = out
+
+    def exact():
+        ref = reference(entry, CHECK_BATCH)
+        got = _stock_run(state["out"], entry, entry.inputs(CHECK_BATCH), mc=False)[0]
+        assert got.shape == ref.shape, f"shape {tuple(got.shape)} != {tuple(ref.shape)}"
+        err = (got.float() - ref.float()).abs().max().item()
+        assert err <= 1e-4 * (1 + ref.abs().max().item()), f"inference mode differs from the original by {err:.3g}"
+
+    def mc():
+        a, b = _stock_run(state["out"], entry, entry.inputs(CHECK_BATCH), mc=True, repeat=2)
+        assert not torch.equal(a, b), "MC mode does not sample"
+
+    def uncertainty():
+        r = dropcli.uncertainty(str(state["out"]), str(data), T=4, seed=0, **load_options(entry, fmt) if fmt == "pickle" else {})
+        check_task(entry, r)
+
+    def prune():
+        if entry.name not in PRUNE:
+            res["prune"] = "n/a"
+            return
+        out = work / f"{entry.name}_{fmt}_pruned{Path(src).suffix}"
+        dropcli.prune(str(src), str(data), str(out), epochs=1, allow_larger=True,
+                      **load_options(entry, fmt, shape=False))  # prune has data: no --input-shape
+
+    for verb, fn in [("inspect", inspect), ("inject", inject), ("exact", exact), ("mc", mc),
+                     ("uncertainty", uncertainty), ("prune", prune)]:
+        if verb in res:
+            continue
+        step(verb, fn)
+    return res
+
+
+def check_task(entry: Entry, r) -> None:
+    """The output kind uncertainty chose fits the model: one class per row, per token, or not logits."""
+    if entry.output == "class":
+        assert r.task == "classification", f"task {r.task!r}"
+        assert r.per["mean"].shape[-1] == CLASSES
+    elif entry.output == "token":
+        assert r.per["entropy"].ndim == 2, "per-token statistics expected [N, S]"
+    else:
+        assert r.task != "classification", "sentence embeddings soft-maxed as class scores"
+
+
+# ---------------------------------------------------------------- the README table
+
+TABLE_BEGIN = "<!-- zoo-table: generated by scripts/zoo_table.py from the zoo test tier; do not edit -->"
+TABLE_END = "<!-- /zoo-table -->"
+MARK = {"ok": "✓", "n/a": "·"}
+
+
+def cell_text(res: dict[str, str] | None, reason: str = "") -> str:
+    if res is None:
+        return f"— ({reason})"
+    return " ".join(MARK.get(res[v], "✗") for v in VERBS)
+
+
+def render_table(results: dict[tuple[str, str], dict[str, str] | None]) -> str:
+    """Architectures x formats; each cell lists the verbs in :data:`VERBS` order (✓ works,
+    · does not apply, ✗ fails, — the format cannot hold the model, with the reason)."""
+    head = "| model | " + " | ".join(FORMATS) + " |"
+    rows = [head, "|" + "---|" * (len(FORMATS) + 1)]
+    for name, entry in ZOO.items():
+        cells = [cell_text(results.get((name, f)), entry.why_not.get(f, "")) for f in FORMATS]
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def readme_cells(readme: str) -> dict[tuple[str, str], str]:
+    """The table's cells as the README has them."""
+    block = readme.split(TABLE_BEGIN, 1)[1].split(TABLE_END, 1)[0]
+    out = {}
+    for line in block.strip().splitlines()[2:]:
+        parts = [p.strip() for p in line.strip().strip("|").split("|")]
+        for fmt, text in zip(FORMATS, parts[1:]):
+            out[(parts[0], fmt)] = text
+    return out
+
+
+def run_model(entry: Entry, directory: Path) -> dict[tuple[str, str], dict[str, str] | None]:
+    """Save ``entry`` in every format and check every cell (what the test tier and the table share)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    data = save_inputs(entry, 5, directory / f"{entry.name}.npz")
+    results = {}
+    for fmt in FORMATS:
+        if fmt in entry.why_not:
+            results[(entry.name, fmt)] = None
+            continue
+        src = save(entry, fmt, directory)
+        work = directory / fmt
+        work.mkdir(exist_ok=True)
+        results[(entry.name, fmt)] = check_cell(entry, fmt, src, work, data)
+    return results
