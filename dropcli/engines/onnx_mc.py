@@ -40,8 +40,7 @@ from dropcli.backends.onnx.model import OnnxModel
 from dropcli.model.naming import MC_INPUT, node_site
 from dropcli.io.data import InputSpec
 from dropcli.errors import DropcliError
-from dropcli.engines.torch_mc import MIN_ROWS
-from dropcli.engines.noise import KeyedNoise
+from dropcli.engines.keyed import MIN_ROWS, keep_masks
 
 T_INPUT = "dropcli_T"
 NOISE_PREFIX = "dropcli_noise_"
@@ -648,18 +647,8 @@ class OnnxRunner:
         B = len(xs[0])
         feeds = self._feeds(xs)
         feeds[T_INPUT] = np.array([T], dtype=np.int64)
-        noise = KeyedNoise(seed, idx, t0, t0 + T)
         rows = B * T
-        import torch
-
-        for f in self.noise_feeds:  # in call order, like the torch engine
-            noise.call = f.call
-            if f.kind == "keep":
-                feeds[f.name] = noise.keep_mask_like(torch.empty((rows,) + f.rest), f.q).numpy()
-            elif f.kind == "uniform":
-                feeds[f.name] = noise.uniform_np(f.rest)
-            else:
-                feeds[f.name] = noise.normal_np(f.rest)
+        feeds.update(self._noise(seed, idx, t0, T))
         sess = self._mc_sess(seed, idx, t0)
         self.session_runs += 1
         out = sess.run([self.mc_model.graph.output[0].name], feeds)[0]
@@ -667,6 +656,33 @@ class OnnxRunner:
         if out.shape[0] != rows:
             raise DropcliError(f"internal error: the MC graph returned {out.shape[0]} rows, expected {B}x{T}")
         return out.reshape((B, T) + out.shape[1:])[:B0].astype(np.float32, copy=False)
+
+    def _noise(self, seed: int, idx: Sequence[int], t0: int, T: int) -> dict[str, np.ndarray]:
+        """The noise inputs of one chunk: the same draws as the torch engine's KeyedNoise. Keep-masks
+        come from dropcli.engines.keyed (numpy, all of a chunk's generators in one pass); torch is
+        imported only for uniform or normal noise (the noise variants) or a keep-mask that torch
+        draws as uniforms."""
+        out: dict[str, np.ndarray] = {}
+        keeps = [f for f in self.noise_feeds if f.kind == "keep"]
+        masks = keep_masks(seed, idx, t0, t0 + T, [(f.call, f.rest, f.q) for f in keeps])
+        rest = [f for f, m in zip(keeps, masks) if m is None]
+        out.update({f.name: m for f, m in zip(keeps, masks) if m is not None})
+        rest += [f for f in self.noise_feeds if f.kind != "keep"]
+        if rest:
+            import torch
+
+            from dropcli.engines.noise import KeyedNoise
+
+            noise = KeyedNoise(seed, idx, t0, t0 + T)
+            for f in rest:
+                noise.call = f.call
+                if f.kind == "keep":
+                    out[f.name] = noise.keep_mask_like(torch.empty((len(idx) * T,) + f.rest), f.q).numpy()
+                elif f.kind == "uniform":
+                    out[f.name] = noise.uniform_np(f.rest)
+                else:
+                    out[f.name] = noise.normal_np(f.rest)
+        return out
 
     def _mc_sess(self, seed: int, idx: Sequence[int], t0: int):
         assert self.mc_model is not None

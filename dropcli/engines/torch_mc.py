@@ -21,11 +21,11 @@ from torch import fx, nn
 
 from dropcli.backends.torch.fx import ATEN_DROPOUT, DROPOUT_FUNCS, aten_name, fetch_attr
 from dropcli.errors import DropcliError
+from dropcli.engines.keyed import MIN_ROWS
 from dropcli.engines.noise import KeyedNoise
 from dropcli.model.naming import mc_owner, reads_mc
 from dropcli.variants.base import SiteModule, apply_keep, keep_mask_like, noise_source, normal_like, set_mc, uniform_like
 
-MIN_ROWS = 32
 _ATEN_RAND = {"rand_like": "uniform", "randn_like": "normal", "rand": "uniform", "randn": "normal", "bernoulli": "bernoulli"}
 _SIZE_FUNCS = {"sym_size", "size", "sym_numel", "sym_stride", "dim"}
 

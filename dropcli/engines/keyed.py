@@ -1,0 +1,184 @@
+"""Keyed random words in numpy, bit for bit those of :class:`dropcli.engines.noise.KeyedNoise`
+(no torch: the ONNX engine draws its keep-masks here, so an ONNX run never imports torch).
+
+Every (seed, call, example index, sample block) keys one generator: torch's CPU generator,
+MT19937 seeded with the low 32 bits of the key (``torch.Generator.manual_seed``), whose 64-bit
+draws ``torch.randint(-2**63, 2**63 - 1, dtype=torch.int64)`` become the mask bits. Here the
+same MT19937 streams are computed for all the generators of a chunk at once: the seeding
+recurrence, the state twist and the tempering run as numpy operations across generators
+(one Python step per state word, not per generator), which is also faster than seeding torch
+generators one by one. :func:`raw_words` equals ``KeyedNoise._raw_words``, which uses it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from typing import Sequence
+
+import numpy as np
+
+SAMPLE_BLOCK = 32  # samples drawn from one generator; chunking over T happens at multiples of this
+LANES = 1 << 16
+MIN_ROWS = 32  # both engines pad smaller batches to this many rows (BLAS takes other paths below it)
+
+_N, _M = 624, 397
+_MATRIX_A = np.uint32(0x9908B0DF)
+_UPPER = np.uint32(0x80000000)
+_LOWER = np.uint32(0x7FFFFFFF)
+_TOP = np.uint64(1 << 63)
+_ALL = np.uint64((1 << 64) - 1)
+
+
+def key(*parts: int) -> int:
+    """The 63-bit key of a generator: a hash of (seed, call, example index, block)."""
+    h = hashlib.blake2b(struct.pack(f"<{len(parts)}q", *parts), digest_size=8).digest()
+    return int.from_bytes(h, "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def _seeded(seeds: np.ndarray) -> np.ndarray:
+    """MT19937 states [624, G] (one column per generator), init_genrand(seed & 0xffffffff)."""
+    s = np.empty((_N, len(seeds)), dtype=np.uint32)
+    s[0] = seeds.astype(np.uint64) & np.uint64(0xFFFFFFFF)
+    tmp = np.empty(len(seeds), dtype=np.uint32)
+    mul = np.uint32(1812433253)
+    for j in range(1, _N):
+        prev = s[j - 1]
+        np.right_shift(prev, 30, out=tmp)
+        np.bitwise_xor(prev, tmp, out=tmp)
+        np.multiply(tmp, mul, out=tmp)
+        np.add(tmp, np.uint32(j), out=s[j])
+    return s
+
+
+def _mix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    y = (a & _UPPER) | (b & _LOWER)
+    y >>= np.uint32(1)
+    y ^= (b & np.uint32(1)) * _MATRIX_A
+    return y
+
+
+def _twist(s: np.ndarray) -> None:
+    """The MT19937 state update, in place on [624, G] (vectorised in slices whose inputs are ready)."""
+    k = _N - _M  # 227
+    s[:k] = s[_M:] ^ _mix(s[:k], s[1:k + 1])
+    for lo in range(k, _N - 1, k):  # [227, 454), [454, 623): each reads rows the slice before wrote
+        hi = min(lo + k, _N - 1)
+        s[lo:hi] = s[lo - k:hi - k] ^ _mix(s[lo:hi], s[lo + 1:hi + 1])
+    s[_N - 1] = s[_M - 1] ^ _mix(s[_N - 1], s[0])
+
+
+def _temper(y: np.ndarray) -> np.ndarray:
+    y = y ^ (y >> np.uint32(11))
+    y ^= (y << np.uint32(7)) & np.uint32(0x9D2C5680)
+    y ^= (y << np.uint32(15)) & np.uint32(0xEFC60000)
+    y ^= y >> np.uint32(18)
+    return y
+
+
+def mt_words(seeds: np.ndarray, count: int) -> np.ndarray:
+    """[G, count] uint64: the first ``count`` draws of ``torch.randint(-2**63, 2**63 - 1)`` (int64,
+    seen as unsigned) of G CPU generators seeded with ``seeds``."""
+    seeds = np.asarray(seeds, dtype=np.uint64)
+    s = _seeded(seeds)
+    need = 2 * count  # two 32-bit outputs per 64-bit draw: (first << 32) | second
+    out32 = np.empty((len(seeds), need), dtype=np.uint32)
+    done = 0
+    while done < need:
+        _twist(s)
+        take = min(_N, need - done)  # even: need and _N are
+        y = _temper(s[:take])
+        # little-endian uint64 = low word first: the second output goes first
+        out32[:, done:done + take:2] = y[1::2].T
+        out32[:, done + 1:done + take:2] = y[0::2].T
+        done += take
+    r = out32.view(np.uint64)
+    r[r == _ALL] = 0  # r % (2**64 - 1)
+    r ^= _TOP  # + (-2**63): flips the top bit
+    return r
+
+
+def raw_words_many(seed: int, indices: Sequence[int], t0: int, t1: int,
+                   requests: Sequence[tuple[int, int, int]]) -> list[np.ndarray | None]:
+    """For each request (call, rest, per_word): the random 64-bit words (int64), ``per_word``
+    masks each, of a [len(indices) * (t1 - t0), rest] draw laid out example-major (row = i*T + t),
+    or None when a block's mask count is not a multiple of ``per_word``. All the generators of
+    all the requests are seeded and run in one vectorised pass."""
+    blocks = [(b0, min(b0 + SAMPLE_BLOCK, t1) - b0) for b0 in range(t0, t1, SAMPLE_BLOCK)]
+    B = len(indices)
+    seeds: list[int] = []
+    plans: list[list[tuple[int, int]] | None] = []
+    most = 0
+    for call, rest, per_word in requests:
+        if any((n * rest) % per_word for _, n in blocks):
+            plans.append(None)
+            continue
+        plan = []
+        for b0, n in blocks:
+            plan.append((len(seeds), n * rest // per_word))
+            seeds.extend(key(seed, call, int(i), b0 // SAMPLE_BLOCK) for i in indices)
+            most = max(most, plan[-1][1])
+        plans.append(plan)
+    words = mt_words(np.array(seeds, dtype=np.uint64), most) if seeds else None
+    out: list[np.ndarray | None] = []
+    for plan in plans:
+        if plan is None:
+            out.append(None)
+            continue
+        assert words is not None
+        if len(plan) == 1 and plan[0][1] == most:
+            res = words[plan[0][0]:plan[0][0] + B]
+        else:
+            res = np.empty((B, sum(c for _, c in plan)), dtype=np.uint64)
+            pos = 0
+            for off, cnt in plan:
+                res[:, pos:pos + cnt] = words[off:off + B, :cnt]
+                pos += cnt
+        out.append(np.ascontiguousarray(res).view(np.int64).reshape(-1))
+    return out
+
+
+def raw_words(seed: int, call: int, indices: Sequence[int], t0: int, t1: int, rest: int, per_word: int) -> np.ndarray | None:
+    """One request of :func:`raw_words_many`."""
+    return raw_words_many(seed, indices, t0, t1, [(call, rest, per_word)])[0]
+
+
+def keep_masks(seed: int, indices: Sequence[int], t0: int, t1: int,
+               requests: Sequence[tuple[int, tuple[int, ...], float]]) -> list[np.ndarray | None]:
+    """For each request (call, rest shape, q): the bool keep-mask [len(indices) * (t1 - t0), *rest]
+    that ``KeyedNoise.keep_mask_like`` draws for that call (same bits: 1 bit per mask at q = 1/2,
+    8-bit lanes when q is a multiple of 1/256, else 16-bit lanes), or None where that one falls
+    back to uniform draws (a block not word-aligned). All requests share one generator pass."""
+    rows = len(indices) * (t1 - t0)
+    out: list[np.ndarray | None] = [None] * len(requests)
+    asks: list[tuple[int, int, int]] = []
+    how: list[tuple[int, tuple[int, ...], str, int]] = []  # (request, shape, kind, threshold)
+    for r, (call, rest, q) in enumerate(requests):
+        shape = (rows,) + tuple(int(d) for d in rest)
+        if q >= 1.0 or q <= 0.0:
+            out[r] = np.full(shape, q >= 1.0, dtype=bool)
+            continue
+        n = int(np.prod(shape[1:], dtype=np.int64))
+        per_word, kind, thr = 4, "16", max(1, min(LANES - 1, int(round(q * LANES)))) - LANES // 2
+        if q == 0.5 and raw_words_fit(t0, t1, n, 64):
+            per_word, kind, thr = 64, "bits", 0
+        elif q * 256 == int(q * 256) and raw_words_fit(t0, t1, n, 8):
+            per_word, kind, thr = 8, "8", int(q * 256)
+        if not raw_words_fit(t0, t1, n, per_word):
+            continue
+        asks.append((call, n, per_word))
+        how.append((r, shape, kind, thr))
+    for (r, shape, kind, thr), raw in zip(how, raw_words_many(seed, indices, t0, t1, asks)):
+        assert raw is not None
+        if kind == "bits":
+            out[r] = np.unpackbits(raw.view(np.uint8), bitorder="little").view(bool).reshape(shape)
+        elif kind == "8":
+            out[r] = (raw.view(np.uint8) < thr).reshape(shape)
+        else:
+            out[r] = (raw.view(np.int16) < thr).reshape(shape)
+    return out
+
+
+def raw_words_fit(t0: int, t1: int, rest: int, per_word: int) -> bool:
+    """Whether every sample block's mask count is a multiple of ``per_word``."""
+    return not any((min(b0 + SAMPLE_BLOCK, t1) - b0) * rest % per_word for b0 in range(t0, t1, SAMPLE_BLOCK))
