@@ -75,6 +75,11 @@ def test_keep_masks_are_the_torch_engines_and_have_rate_q(q):
     n = got.size
     se = np.sqrt(q * (1 - q) / n)
     assert abs(got.mean() - q) <= 5 * se + 1e-12  # the realised keep rate (q quantised to 1/65536)
+    # as a float mask {0, 1/q} (what the ONNX engine feeds to one Mul): the same draws
+    scale = 1.0 / q if q > 0 else 1.0
+    (f,) = keep_masks(5, idx, 0, 64, [(2, rest, q)], [scale])
+    assert f.dtype == np.float32
+    np.testing.assert_array_equal(f, np.where(ref, np.float32(scale), np.float32(0)))
 
 
 def test_onnx_uncertainty_imports_no_torch(tmp_path):
@@ -90,6 +95,15 @@ def test_onnx_uncertainty_imports_no_torch(tmp_path):
     apply_inject(m, spec, spec.resolve_params({"p": 0.5}), plan_inject(m, spec, Selection.from_options("relu", None, None, False)))
     mc = tmp_path / "mc.onnx"
     m.save(str(mc))
+    # each standard site is one Mul by a fed float mask {0, 1/q}: no Cast or second Mul per pass
+    from dropcli.engines.onnx_mc import OnnxRunner
+
+    r = OnnxRunner(load_model(str(mc)))
+    assert len(r.noise_feeds) == 2
+    for feed in r.noise_feeds:
+        assert feed.scale == 2.0
+        readers = [n for n in r.mc_model.graph.node if feed.name in n.input]
+        assert [n.op_type for n in readers] == ["Mul"]
     x = tmp_path / "x.npy"
     np.save(x, np.random.default_rng(0).standard_normal((40, 64)).astype(np.float32))
     probe = (

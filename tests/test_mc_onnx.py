@@ -280,12 +280,7 @@ def test_one_session_run_per_chunk_and_prefix_runs_on_B_rows(files):
     m.CopyFrom(r.mc_model)
     m.graph.output.append(helper.make_empty_tensor_value_info(first_conv.output[0]))
     feeds = {"x": x[:40], "dropcli_T": np.array([10], dtype=np.int64)}
-    import torch as _t
-
-    from dropcli.engines.noise import KeyedNoise
-    noise = KeyedNoise(0, list(range(40)), 0, 10)
-    for f in r.noise_feeds:
-        feeds[f.name] = noise.keep_mask_like(_t.empty((400,) + f.rest), f.q).numpy()
+    feeds.update(r.draw_noise(0, list(range(40)), 0, 10))
     outs = ort_session(m).run(None, feeds)
     assert outs[0].shape[0] == 400 and outs[1].shape[0] == 40
 

@@ -7,7 +7,7 @@ draws ``torch.randint(-2**63, 2**63 - 1, dtype=torch.int64)`` become the mask bi
 same MT19937 streams are computed for all the generators of a chunk at once: the seeding
 recurrence, the state twist and the tempering run as numpy operations across generators
 (one Python step per state word, not per generator), which is also faster than seeding torch
-generators one by one. :func:`raw_words` equals ``KeyedNoise._raw_words``, which uses it.
+generators one by one. ``KeyedNoise`` (the torch engine's noise source) draws its masks here too.
 """
 
 from __future__ import annotations
@@ -144,12 +144,16 @@ def raw_words(seed: int, call: int, indices: Sequence[int], t0: int, t1: int, re
 
 
 def keep_masks(seed: int, indices: Sequence[int], t0: int, t1: int,
-               requests: Sequence[tuple[int, tuple[int, ...], float]]) -> list[np.ndarray | None]:
+               requests: Sequence[tuple[int, tuple[int, ...], float]],
+               scales: Sequence[float | None] | None = None) -> list[np.ndarray | None]:
     """For each request (call, rest shape, q): the bool keep-mask [len(indices) * (t1 - t0), *rest]
     that ``KeyedNoise.keep_mask_like`` draws for that call (same bits: 1 bit per mask at q = 1/2,
     8-bit lanes when q is a multiple of 1/256, else 16-bit lanes), or None where that one falls
-    back to uniform draws (a block not word-aligned). All requests share one generator pass."""
+    back to uniform draws (a block not word-aligned). All requests share one generator pass.
+    ``scales[r]`` (not None): that mask as float32 {0, scale} instead (at q = 1/2 each random
+    byte becomes 8 values through one table lookup)."""
     rows = len(indices) * (t1 - t0)
+    scales = list(scales) if scales is not None else [None] * len(requests)
     out: list[np.ndarray | None] = [None] * len(requests)
     asks: list[tuple[int, int, int]] = []
     how: list[tuple[int, tuple[int, ...], str, int]] = []  # (request, shape, kind, threshold)
@@ -157,6 +161,8 @@ def keep_masks(seed: int, indices: Sequence[int], t0: int, t1: int,
         shape = (rows,) + tuple(int(d) for d in rest)
         if q >= 1.0 or q <= 0.0:
             out[r] = np.full(shape, q >= 1.0, dtype=bool)
+            if scales[r] is not None:
+                out[r] = np.where(out[r], np.float32(scales[r]), np.float32(0))
             continue
         n = int(np.prod(shape[1:], dtype=np.int64))
         per_word, kind, thr = 4, "16", max(1, min(LANES - 1, int(round(q * LANES)))) - LANES // 2
@@ -170,13 +176,30 @@ def keep_masks(seed: int, indices: Sequence[int], t0: int, t1: int,
         how.append((r, shape, kind, thr))
     for (r, shape, kind, thr), raw in zip(how, raw_words_many(seed, indices, t0, t1, asks)):
         assert raw is not None
+        scale = scales[r]
+        if kind == "bits" and scale is not None:
+            out[r] = np.take(_bit_table(scale), raw.view(np.uint8), axis=0).reshape(shape)
+            continue
         if kind == "bits":
-            out[r] = np.unpackbits(raw.view(np.uint8), bitorder="little").view(bool).reshape(shape)
+            keep = np.unpackbits(raw.view(np.uint8), bitorder="little").view(bool)
         elif kind == "8":
-            out[r] = (raw.view(np.uint8) < thr).reshape(shape)
+            keep = raw.view(np.uint8) < thr
         else:
-            out[r] = (raw.view(np.int16) < thr).reshape(shape)
+            keep = raw.view(np.int16) < thr
+        keep = keep.reshape(shape)
+        out[r] = keep if scale is None else np.where(keep, np.float32(scale), np.float32(0))
     return out
+
+
+_TABLES: dict[float, np.ndarray] = {}
+
+
+def _bit_table(scale: float) -> np.ndarray:
+    """[256, 8] float32: row b holds the 8 bits of b (least significant first) times ``scale``."""
+    if scale not in _TABLES:
+        bits = (np.arange(256)[:, None] >> np.arange(8)) & 1
+        _TABLES[scale] = (bits * np.float32(scale)).astype(np.float32)
+    return _TABLES[scale]
 
 
 def raw_words_fit(t0: int, t1: int, rest: int, per_word: int) -> bool:

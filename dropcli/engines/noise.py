@@ -16,18 +16,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from dropcli.engines.keyed import SAMPLE_BLOCK, keep_masks, key as _key, raw_words
-
-_TABLES: dict[tuple[float, torch.dtype], torch.Tensor] = {}
-
-
-def _bit_table(scale: float, dtype: torch.dtype) -> torch.Tensor:
-    """[256, 8]: row b holds the 8 bits of b (least significant first) times ``scale``."""
-    key = (scale, dtype)
-    if key not in _TABLES:
-        bits = (torch.arange(256).unsqueeze(-1) >> torch.arange(8)) & 1
-        _TABLES[key] = bits.to(dtype) * scale
-    return _TABLES[key]
+from dropcli.engines.keyed import SAMPLE_BLOCK, keep_masks, key as _key
 
 
 class KeyedNoise:
@@ -63,27 +52,18 @@ class KeyedNoise:
         return torch.from_numpy(mask).to(t.device)
 
     def mask_like(self, t: torch.Tensor, q: float, scale: float) -> torch.Tensor:
-        """A float Bernoulli(q) mask with values {0, scale}; at q = 1/2 each random byte becomes
-        8 mask values through one table lookup (no bool intermediate, no extra scaling pass)."""
-        if q == 0.5:
+        """A float Bernoulli(q) mask with values {0, scale} (a new tensor, which the caller may
+        multiply in place); float32 masks come from :func:`dropcli.engines.keyed.keep_masks`
+        (at q = 1/2 each random byte becomes 8 mask values through one table lookup)."""
+        if t.dtype == torch.float32 and 0.0 < q < 1.0:
             call = self._next_call()
-            raw = self._raw_words(t, call, 64)
-            if raw is not None:
-                table = _bit_table(float(scale), t.dtype)
-                return torch.nn.functional.embedding(raw.view(torch.uint8).long(), table).reshape(t.shape)
+            self._check_rows(t.shape[0])
+            mask = keep_masks(self.seed, self.indices, self.t0, self.t1, [(call, tuple(t.shape[1:]), q)], [scale])[0]
+            if mask is not None:
+                return torch.from_numpy(mask).to(t.device)
             self.call = call
         keep = self.keep_mask_like(t, q)
         return keep.to(t.dtype).mul_(scale)
-
-    def _raw_words(self, t: torch.Tensor, call: int, per_word: int) -> torch.Tensor | None:
-        """Random 64-bit words, ``per_word`` masks each, laid out like ``t``'s rows; None when a
-        block's mask count is not a multiple of ``per_word``."""
-        self._check_rows(t.shape[0])
-        rest = 1
-        for d in t.shape[1:]:
-            rest *= int(d)
-        raw = raw_words(self.seed, call, self.indices, self.t0, self.t1, rest, per_word)  # dropcli.engines.keyed
-        return None if raw is None else torch.from_numpy(raw)
 
     def _check_rows(self, rows: int) -> None:
         B = len(self.indices)

@@ -60,6 +60,7 @@ class NoiseFeed:
     call: int
     q: float = 1.0  # keep probability, for kind "keep"
     site: str = ""
+    scale: float | None = None  # kind "keep": fed as a float32 mask {0, scale} instead of bool
 
 
 # --------------------------------------------------------------------------------- helpers
@@ -330,7 +331,19 @@ class OnnxRunner:
                 lo, hi = float(_attr(n, "low", 0.0)), float(_attr(n, "high", 1.0))
                 if len(qs) == 1 and None not in qs and lo == 0.0 and hi == 1.0:
                     q = qs.pop()
-            if q is not None:
+            fused = self._scaled_keep(users.get(out, []), nodes, users, graph_out, init_map, consts) if q is not None else None
+            if fused is not None:
+                # Less -> Cast -> Mul(x, .) -> Mul(., 1/q): one Mul by a fed float mask {0, 1/q}
+                (cast_j, mul_j, scale_j), x_in, scale = fused
+                self.noise_feeds.append(NoiseFeed(noise, "keep", rest, call, q=q, site=site, scale=scale))
+                g.input.append(helper.make_tensor_value_info(noise, TensorProto.FLOAT, ["dropcli_rows", *rest]))
+                new_nodes[i] = []
+                less_j = users[out][0]
+                replaced_less[less_j] = []
+                new_nodes[cast_j] = new_nodes[mul_j] = []
+                sn = nodes[scale_j]
+                new_nodes[scale_j] = [helper.make_node("Mul", [x_in, noise], [sn.output[0]], name=fresh(f"{sn.name}/dropcli_keep"))]
+            elif q is not None:
                 self.noise_feeds.append(NoiseFeed(noise, "keep", rest, call, q=q, site=site))
                 g.input.append(helper.make_tensor_value_info(noise, TensorProto.BOOL, ["dropcli_rows", *rest]))
                 new_nodes[i] = []
@@ -362,6 +375,36 @@ class OnnxRunner:
         return m
 
     @staticmethod
+    def _scaled_keep(less_js: list[int], nodes, users, graph_out, init_map, consts):
+        """An inverted-dropout pattern on a keep mask: ``Less -> Cast(float) -> Mul(x, mask) ->
+        Mul(., c)`` with a scalar constant c, each value read once. ((cast, mul, scale) node
+        indices, x, c), or None. Fed as one float mask {0, c}: x * (m * c) is bitwise x * m * c
+        (m is 0 or 1), one pass over the tiled rows instead of three."""
+        def only_user(name: str) -> int | None:
+            us = users.get(name, [])
+            return us[0] if len(us) == 1 and name not in graph_out else None
+
+        if len(less_js) != 1:
+            return None
+        cast_j = only_user(nodes[less_js[0]].output[0])
+        if cast_j is None or nodes[cast_j].op_type != "Cast" or _attr(nodes[cast_j], "to") != TensorProto.FLOAT:
+            return None
+        m = nodes[cast_j].output[0]
+        mul_j = only_user(m)
+        if mul_j is None or nodes[mul_j].op_type != "Mul" or list(nodes[mul_j].input).count(m) != 1:
+            return None
+        x_in = [v for v in nodes[mul_j].input if v != m][0]
+        scale_j = only_user(nodes[mul_j].output[0])
+        if scale_j is None or nodes[scale_j].op_type != "Mul":
+            return None
+        a, b = nodes[scale_j].input
+        c_name = b if a == nodes[mul_j].output[0] else a if b == nodes[mul_j].output[0] else None
+        c = _const_value(c_name, init_map, consts) if c_name and c_name != nodes[mul_j].output[0] else None
+        if c is None or c.size != 1 or c.dtype != np.float32:
+            return None
+        return (cast_j, mul_j, scale_j), x_in, float(c.reshape(()))
+
+    @staticmethod
     def _input_dependence(nodes: Sequence[onnx.NodeProto], inputs: set[str]) -> set[str]:
         dep = set(inputs)
         for n in nodes:
@@ -388,10 +431,16 @@ class OnnxRunner:
         rest = tuple(int(d) for d in dims[1:])  # type: ignore[arg-type]
         et = et or TensorProto.FLOAT
         noise = fresh(f"{NOISE_PREFIX}{len(self.noise_feeds)}")
-        self.noise_feeds.append(NoiseFeed(noise, "keep", rest, call, q=q, site=n.name or y))
+        nm = n.name or y
+        if et == TensorProto.FLOAT and q > 0.0:  # one Mul by a fed float mask {0, 1/q}
+            scale = float(np.float32(1.0 / q))
+            self.noise_feeds.append(NoiseFeed(noise, "keep", rest, call, q=q, site=nm, scale=scale))
+            self._pending_inputs.append(helper.make_tensor_value_info(noise, TensorProto.FLOAT, ["dropcli_rows", *rest]))
+            roots.add(noise)
+            return [helper.make_node("Mul", [x, noise], [y], name=fresh(f"{nm}/dropcli_keep"))]
+        self.noise_feeds.append(NoiseFeed(noise, "keep", rest, call, q=q, site=nm))
         self._pending_inputs.append(helper.make_tensor_value_info(noise, TensorProto.BOOL, ["dropcli_rows", *rest]))
         roots.add(noise)
-        nm = n.name or y
         if q <= 0.0:
             return [helper.make_node("Mul", [x, self._scalar(0.0, et, fresh)], [y], name=fresh(f"{nm}/dropcli_zero"))]
         mask = fresh(f"{nm}/dropcli_mask")
@@ -648,7 +697,7 @@ class OnnxRunner:
         feeds = self._feeds(xs)
         feeds[T_INPUT] = np.array([T], dtype=np.int64)
         rows = B * T
-        feeds.update(self._noise(seed, idx, t0, T))
+        feeds.update(self.draw_noise(seed, idx, t0, T))
         sess = self._mc_sess(seed, idx, t0)
         self.session_runs += 1
         out = sess.run([self.mc_model.graph.output[0].name], feeds)[0]
@@ -657,14 +706,14 @@ class OnnxRunner:
             raise DropcliError(f"internal error: the MC graph returned {out.shape[0]} rows, expected {B}x{T}")
         return out.reshape((B, T) + out.shape[1:])[:B0].astype(np.float32, copy=False)
 
-    def _noise(self, seed: int, idx: Sequence[int], t0: int, T: int) -> dict[str, np.ndarray]:
+    def draw_noise(self, seed: int, idx: Sequence[int], t0: int, T: int) -> dict[str, np.ndarray]:
         """The noise inputs of one chunk: the same draws as the torch engine's KeyedNoise. Keep-masks
         come from dropcli.engines.keyed (numpy, all of a chunk's generators in one pass); torch is
         imported only for uniform or normal noise (the noise variants) or a keep-mask that torch
         draws as uniforms."""
         out: dict[str, np.ndarray] = {}
         keeps = [f for f in self.noise_feeds if f.kind == "keep"]
-        masks = keep_masks(seed, idx, t0, t0 + T, [(f.call, f.rest, f.q) for f in keeps])
+        masks = keep_masks(seed, idx, t0, t0 + T, [(f.call, f.rest, f.q) for f in keeps], [f.scale for f in keeps])
         rest = [f for f, m in zip(keeps, masks) if m is None]
         out.update({f.name: m for f, m in zip(keeps, masks) if m is not None})
         rest += [f for f in self.noise_feeds if f.kind != "keep"]
@@ -677,7 +726,8 @@ class OnnxRunner:
             for f in rest:
                 noise.call = f.call
                 if f.kind == "keep":
-                    out[f.name] = noise.keep_mask_like(torch.empty((len(idx) * T,) + f.rest), f.q).numpy()
+                    m = noise.keep_mask_like(torch.empty((len(idx) * T,) + f.rest), f.q).numpy()
+                    out[f.name] = m if f.scale is None else np.where(m, np.float32(f.scale), np.float32(0))
                 elif f.kind == "uniform":
                     out[f.name] = noise.uniform_np(f.rest)
                 else:

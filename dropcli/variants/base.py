@@ -81,7 +81,7 @@ def apply_keep(x: torch.Tensor, q: float, scale: float = 1.0) -> torch.Tensor:
     if _NOISE_OVERRIDE and not tracing():
         src = _NOISE_OVERRIDE[-1]
         if hasattr(src, "mask_like"):
-            return x * src.mask_like(x, q, scale)
+            return src.mask_like(x, q, scale).mul_(x)  # a fresh mask: multiplied in place (m * x is x * m)
         return x * (src.uniform_like(x) < q).to(x.dtype) * scale
     keep = (torch.rand_like(x) < q).to(x.dtype)
     return x * keep * scale if scale != 1.0 else x * keep
