@@ -92,7 +92,7 @@ def peer_worker(tool: str, state: str, x_path: str, out_path: str) -> None:
     import torch
 
     torch.set_num_threads(THREADS)
-    torch.manual_seed(0)
+    torch.manual_seed(0 if tool == "baal" else 1)  # two independent MC runs: their gap is the sampling noise
     model = _mlp()
     model.load_state_dict(torch.load(state, weights_only=True))
     model.eval()
@@ -162,9 +162,10 @@ def make_job(d: Path, rows: int) -> dict[str, Path]:
     centers = rng.standard_normal((K, D)).astype(np.float32) * 0.12
 
     def sample(n):
+        # half the examples from one class, half between two (mixed 30-70%): confident and ambiguous
         y = rng.integers(0, K, n)
-        mix = rng.uniform(0.0, 1.0, (n, 1)).astype(np.float32)  # some examples between two classes
         other = rng.integers(0, K, n)
+        mix = np.where(rng.uniform(size=(n, 1)) < 0.5, 1.0, rng.uniform(0.3, 0.7, (n, 1))).astype(np.float32)
         x = mix * centers[y] + (1 - mix) * centers[other] + rng.standard_normal((n, D)).astype(np.float32)
         return x.astype(np.float32), np.where(mix[:, 0] >= 0.5, y, other)
 
@@ -173,7 +174,7 @@ def make_job(d: Path, rows: int) -> dict[str, Path]:
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     xt, yt = torch.from_numpy(xtr), torch.from_numpy(ytr)
     model.train()
-    for _ in range(3):
+    for _ in range(4):
         perm = torch.randperm(len(xt))
         for i in range(0, len(xt), 128):
             b = perm[i:i + 128]
@@ -227,13 +228,18 @@ def commands(peer_py: str, paths: dict[str, Path]) -> dict[str, callable]:
             "dropcli ONNX": dropcli(paths["onnx"])}
 
 
-def run_once(argv: list[str]) -> float:
+def run_once(argv: list[str]) -> tuple[float, float]:
+    """(wall-clock seconds, CPU seconds: user + system of the process and its threads)."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     r = subprocess.run(argv, env=_env(), capture_output=True, text=True)
     dt = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if r.returncode != 0:
         raise SystemExit(f"failed ({r.returncode}): {' '.join(argv)}\n{r.stderr[-2000:]}")
-    return dt
+    return dt, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 # ------------------------------------------------------------------------- statistics
@@ -282,31 +288,39 @@ def main() -> int:
         names = list(cmds)
         jobs = [(k, size) for k in names for size in ("large", "small")]
         times: dict[tuple[str, str], list[float]] = {j: [] for j in jobs}
+        cpu: dict[tuple[str, str], list[float]] = {j: [] for j in jobs}
         for r in range(args.reps):
             order = jobs[(2 * r) % len(jobs):] + jobs[:(2 * r) % len(jobs)]
             for k, size in order:
                 x = paths["x"] if size == "large" else paths["x_small"]
                 out = d / f"out_{k.replace(' ', '_').replace('.', '')}_{size}.npz"
-                dt = run_once(cmds[k](x, out))
+                dt, ct = run_once(cmds[k](x, out))
                 times[(k, size)].append(dt)
-                print(f"  rep {r + 1}/{args.reps}  {k:<20} {size:<5} {dt:6.2f} s", file=sys.stderr, flush=True)
+                cpu[(k, size)].append(ct)
+                print(f"  rep {r + 1}/{args.reps}  {k:<20} {size:<5} {dt:6.2f} s  (CPU {ct:6.2f} s)", file=sys.stderr,
+                      flush=True)
         stats = {k: read_stats(d / f"out_{k.replace(' ', '_').replace('.', '')}_large.npz") for k in names}
 
     med = {j: statistics.median(ts) for j, ts in times.items()}
     marginal = {k: med[(k, "large")] - med[(k, "small")] for k in names}
+    cmed = {j: statistics.median(ts) for j, ts in cpu.items()}
+    cmarginal = {k: cmed[(k, "large")] - cmed[(k, "small")] for k in names}
     peers = [k for k in names if not k.startswith("dropcli")]
     best = min(marginal[k] for k in peers)
+    cbest = min(cmarginal[k] for k in peers)
     print(f"\nMC dropout end to end: MLP 784-512-512-10, dropout 0.5, T={T}, batch {BATCH}, {THREADS} threads; "
           f"{args.rows} rows vs {SMALL} rows; medians of {args.reps} interleaved runs (whole processes)")
     print(f"peers: baal {versions['baal']}, torch-uncertainty {versions['torch-uncertainty']} (torch {versions['torch']})\n")
-    print(f"| {'tool':<24} | {'whole run (s)':>13} | {f'{SMALL} rows (s)':>13} | {'marginal (s)':>12} | "
-          f"{'marginal vs best peer':>21} |")
-    print(f"|{'-' * 26}|{'-' * 15}|{'-' * 15}|{'-' * 14}|{'-' * 23}|")
+    print(f"| {'tool':<36} | {'whole run (s)':>13} | {f'{SMALL} rows (s)':>13} | {'marginal (s)':>12} | "
+          f"{'marginal vs best peer':>21} | {'CPU marginal (s)':>16} | {'CPU vs best peer':>16} |")
+    print(f"|{'-' * 38}|{'-' * 15}|{'-' * 15}|{'-' * 14}|{'-' * 23}|{'-' * 18}|{'-' * 18}|")
     label = {"baal": f"baal {versions['baal']} (MCDropoutModule)",
-             "torch-uncertainty": f"torch-uncertainty {versions['torch-uncertainty']}"}
+             "torch-uncertainty": f"torch-uncertainty {versions['torch-uncertainty']} (mc_dropout)"}
     for k in names:
-        print(f"| {label.get(k, k + ' model'):<24} | {med[(k, 'large')]:13.2f} | {med[(k, 'small')]:13.2f} | "
-              f"{marginal[k]:12.2f} | {best / marginal[k]:20.2f}x |")
+        print(f"| {label.get(k, k + ' model'):<36} | {med[(k, 'large')]:13.2f} | {med[(k, 'small')]:13.2f} | "
+              f"{marginal[k]:12.2f} | {best / marginal[k]:20.2f}x | {cmarginal[k]:16.2f} | "
+              f"{cbest / cmarginal[k]:15.2f}x |")
+    print("(wall-clock medians; CPU = user + system seconds of the process, all threads: steadier on a busy machine)")
 
     ok = True
     print(f"\nstatistics vs baal on the {args.rows} rows (mean |diff| of per-example mean probabilities <= {MEAN_TOL}; "

@@ -95,15 +95,20 @@ def test_onnx_uncertainty_imports_no_torch(tmp_path):
     apply_inject(m, spec, spec.resolve_params({"p": 0.5}), plan_inject(m, spec, Selection.from_options("relu", None, None, False)))
     mc = tmp_path / "mc.onnx"
     m.save(str(mc))
-    # each standard site is one Mul by a fed float mask {0, 1/q}: no Cast or second Mul per pass
+    # each standard site is one Mul by a fed float mask {0, 1/q}: no Cast or second Mul per pass; the
+    # first site multiplies the untiled value [B, 1, H] by the mask seen as [B, T, H] (no Expand)
     from dropcli.engines.onnx_mc import OnnxRunner
 
     r = OnnxRunner(load_model(str(mc)))
-    assert len(r.noise_feeds) == 2
+    nodes = r.mc_model.graph.node
+    assert len(r.noise_feeds) == 2 and not any(n.op_type == "Expand" for n in nodes)
     for feed in r.noise_feeds:
         assert feed.scale == 2.0
-        readers = [n for n in r.mc_model.graph.node if feed.name in n.input]
-        assert [n.op_type for n in readers] == ["Mul"]
+        (reader,) = [n for n in nodes if feed.name in n.input]
+        if reader.op_type == "Reshape":  # the first site: mask as [B, T, H]
+            (reader,) = [n for n in nodes if reader.output[0] in n.input]
+            assert any(x.endswith("__dropcli_unsq") for x in reader.input)
+        assert reader.op_type == "Mul"
     x = tmp_path / "x.npy"
     np.save(x, np.random.default_rng(0).standard_normal((40, 64)).astype(np.float32))
     probe = (
