@@ -166,6 +166,21 @@ def _providers(device: str) -> list[Any]:
     return ["CPUExecutionProvider"]
 
 
+def intra_op_threads() -> int:
+    """onnxruntime's intra-op threads: OMP_NUM_THREADS when set (as torch reads it), else the CPUs
+    this process may run on. onnxruntime's own default ran a chunk 1.6x slower on a 2-CPU machine
+    than 2 threads set explicitly (benchmarks/peers.py's job)."""
+    import os
+
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
 # --------------------------------------------------------------------------------- runner
 class OnnxRunner:
     """MC dropout over an :class:`OnnxModel`, with the interface of ``dropcli.mc.TorchRunner``."""
@@ -680,6 +695,10 @@ class OnnxRunner:
 
         so = ort.SessionOptions()
         so.log_severity_level = 3
+        so.intra_op_num_threads = intra_op_threads()
+        # no busy-waiting after a run: the next thing is this process's own work (the next chunk's
+        # noise, the other session), which spinning pool threads would slow down
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         kwargs: dict[str, Any] = {}
         if any(n.op_type == "Dropout" for n in model.graph.node):
             kwargs["disabled_optimizers"] = ["EliminateDropout"]
