@@ -38,10 +38,11 @@ def _reference_raw(seed, call, indices, t0, t1, rest, per_word):
     return torch.cat(out).numpy()
 
 
+@pytest.mark.parametrize("how", ["vector", "numpy", "torch"])
 @pytest.mark.parametrize("n", [1, 311, 312, 700, 1900])  # within one state, at its end, over several twists
-def test_mt_words_are_torch_randint(n):
+def test_mt_words_are_torch_randint(n, how):
     seeds = [0, 1, 5489, 2**32 + 7, 2**63 - 1, 987654321987]  # the generator keeps the low 32 bits
-    got = mt_words(np.array(seeds, dtype=np.uint64), n)
+    got = mt_words(np.array(seeds, dtype=np.uint64), n, how)
     assert got.shape == (len(seeds), n)
     for k, s in enumerate(seeds):
         np.testing.assert_array_equal(got[k], _torch_words(s, n), err_msg=f"seed {s}")
@@ -52,6 +53,7 @@ def test_mt_words_are_torch_randint(n):
     ([7, 9], 32, 50, 64, 8),  # a chunk starting at the second block
     ([3], 0, 20, 12, 4),
     ([1, 2], 0, 33, 5, 64),  # not word-aligned: None
+    ([0, 5, -1], 0, 40, 256, 4),  # long streams (2048 words a generator): one generator after the other
 ])
 def test_raw_words_match_one_torch_generator_per_example_and_block(indices, t0, t1, rest, per_word):
     got = raw_words(11, 3, indices, t0, t1, rest, per_word)

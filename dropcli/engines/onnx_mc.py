@@ -563,7 +563,7 @@ class OnnxRunner:
         minus1 = fresh("dropcli_minus1")
         g.initializer.append(numpy_helper.from_array(np.array([-1], dtype=np.int64), minus1))
 
-        tiles: dict[str, tuple[str, str, str, int, int]] = {}
+        tiles: dict[str, tuple[str, str, str, str, int, int]] = {}
 
         def tile(v: str) -> str:
             s = fresh(f"{v}__dropcli_shape")
@@ -585,7 +585,7 @@ class OnnxRunner:
                 helper.make_node("Reshape", [e, rs], [out], name=fresh(f"{v}/dropcli_tile_reshape")),
             ])
             self.tiled_values.append(v)
-            tiles[out] = (u, bt, rs, len(mid) - 3, len(mid) - 1)  # the Expand and Reshape that fusing can drop
+            tiles[out] = (v, u, bt, rs, len(mid) - 3, len(mid) - 1)  # the Expand and Reshape that fusing can drop
             return out
 
         def as_suffix(v: str, recompute: bool = False) -> str:
@@ -652,18 +652,19 @@ class OnnxRunner:
             new_out = fresh(f"{out_name}__dropcli_out")
             mid.append(helper.make_node("Identity", [as_suffix(out_name)], [new_out], name=fresh("dropcli_out")))
             g.output[0].name = new_out
-        new_suffix = self._fuse_tile_and_mask(new_suffix, mid, tiles, g, fresh)
+        new_suffix = self._fuse_tile_and_mask(new_suffix, mid, tiles, g, fresh, vi)
         self.prefix_nodes = [n.name for n in prefix]
         self.suffix_nodes = [n.name for n in new_suffix]
         return prefix + mid + new_suffix
 
     def _fuse_tile_and_mask(self, suffix: list[onnx.NodeProto], mid: list[onnx.NodeProto],
-                            tiles: dict[str, tuple[str, str, str, int, int]], g: onnx.GraphProto,
-                            fresh: _Names) -> list[onnx.NodeProto]:
-        """A site right after the prefix multiplies the tiled value by its fed float mask: make
-        that ``Mul(Unsqueeze(v, 1) [B, 1, ...], mask as [B, T, ...])``, so the T copies of v are
-        never written out (the same products, one pass fewer over the B*T rows)."""
-        scaled = {f.name for f in self.noise_feeds if f.kind == "keep" and f.scale is not None}
+                            tiles: dict[str, tuple[str, str, str, str, int, int]], g: onnx.GraphProto,
+                            fresh: _Names, vi: dict[str, onnx.ValueInfoProto]) -> list[onnx.NodeProto]:
+        """A site right after the prefix multiplies the tiled value by its fed float mask of the
+        same shape: make that ``Mul(Unsqueeze(v, 1) [B, 1, ...], mask as [B, T, ...])``, so the T
+        copies of v are never written out (the same products, one pass fewer over the B*T rows).
+        Masks that broadcast (one per channel, one per example) keep the tiled path."""
+        scaled = {f.name: f.rest for f in self.noise_feeds if f.kind == "keep" and f.scale is not None}
         readers: dict[str, int] = {}
         for n in mid + suffix:
             for x in _reads(n):
@@ -673,11 +674,14 @@ class OnnxRunner:
         res = []
         for n in suffix:
             ins = list(n.input)
-            if n.op_type == "Mul" and len(ins) == 2 and len(set(ins) & scaled) == 1:
+            if n.op_type == "Mul" and len(ins) == 2 and len(set(ins) & set(scaled)) == 1:
                 mask = ins[0] if ins[0] in scaled else ins[1]
                 tiled = ins[1] if mask == ins[0] else ins[0]
-                if tiled in tiles and readers.get(tiled) == 1 and tiled not in outs:
-                    u, bt, rs, expand_at, reshape_at = tiles[tiled]
+                v = tiles[tiled][0] if tiled in tiles else None
+                _, dims = _shape_of(vi.get(v)) if v else (None, None)
+                if v and readers.get(tiled) == 1 and tiled not in outs and dims is not None \
+                        and list(dims[1:]) == list(scaled[mask]):
+                    _, u, bt, rs, expand_at, reshape_at = tiles[tiled]
                     m3, p3 = fresh(f"{mask}__dropcli_btk"), fresh(f"{n.output[0]}__dropcli_btk")
                     res += [helper.make_node("Reshape", [mask, bt], [m3], name=fresh(f"{n.name}/dropcli_mask_bt")),
                             helper.make_node("Mul", [u, m3], [p3], name=fresh(f"{n.name}/dropcli_tile_mul")),
