@@ -39,21 +39,28 @@ def to_probs(samples: np.ndarray, as_probs: bool | None = None, temperature: flo
     are divided by it before the softmax, ``softmax(z / T)``; probabilities become
     ``softmax(log p / T)``, the same thing. None or 1: unchanged."""
     s = np.asarray(samples, dtype=np.float64)
-    if looks_like_probs(s) if as_probs is None else as_probs:
+    if as_probs is None:  # logits usually fail on the first example already: skip the full check then
+        as_probs = looks_like_probs(s[:, :1] if s.ndim > 1 else s[:1]) and looks_like_probs(s)
+    if as_probs:
         if temperature is None or temperature == 1.0:
             return np.clip(s, 0.0, 1.0)
         s = np.log(np.clip(s, 1e-300, 1.0))
     if temperature is not None and temperature != 1.0:
         s = s / float(temperature)
-    z = s - s.max(-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(-1, keepdims=True)
+    e = s - s.max(-1, keepdims=True)  # a new array: exp and the division run in place on it
+    np.exp(e, out=e)
+    e /= e.sum(-1, keepdims=True)
+    return e
 
 
 def entropy(p: np.ndarray, axis: int = -1) -> np.ndarray:
     """Shannon entropy in nats; 0 log 0 = 0."""
     p = np.asarray(p, dtype=np.float64)
-    return -np.sum(np.where(p > 0, p * np.log(np.maximum(p, EPS)), 0.0), axis=axis)
+    t = np.maximum(p, EPS)  # p log p, where p > 0, else 0 (one temporary, updated in place)
+    np.log(t, out=t)
+    t *= p
+    t[~(p > 0)] = 0.0
+    return -np.sum(t, axis=axis)
 
 
 def classification(probs: np.ndarray) -> dict[str, np.ndarray]:
@@ -67,8 +74,7 @@ def classification(probs: np.ndarray) -> dict[str, np.ndarray]:
     aleatoric = entropy(probs).mean(0)
     mi = np.maximum(total - aleatoric, 0.0)  # >= 0 by Jensen; clamp float round-off
     votes = probs.argmax(-1)  # [T, N]
-    counts = np.zeros((N, K), dtype=np.int64)
-    np.add.at(counts, (np.broadcast_to(np.arange(N), (T, N)), votes), 1)
+    counts = np.bincount((np.arange(N) * K + votes).ravel(), minlength=N * K).reshape(N, K)
     variation_ratio = 1.0 - counts.max(-1) / T
     return {
         "mean": mean, "var": var, "std": np.sqrt(var), "pred": pred, "confidence": mean.max(-1),

@@ -57,7 +57,7 @@ def analyze(model: Any, x: Any, labels: Any = None, *, T: int = 100, seed: int =
     from dropcli.engines.factory import make_runner
     from dropcli.errors import DropcliError
     from dropcli.io import data as D
-    from dropcli.training.loop import resolve_device
+    from dropcli.api.common import resolve_device
 
     log = log or no_log
     progress = progress or no_progress

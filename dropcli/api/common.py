@@ -25,6 +25,24 @@ def load_opts(trust_pickle: bool = False, imports: Optional[Sequence[str]] = Non
     return {"trust_pickle": trust_pickle, "imports": list(imports or []), "arch": arch, "input_shape": input_shape}
 
 
+def resolve_device(device: str) -> str:
+    """``--device``: cpu, cuda or auto (a clear error when CUDA was asked for and is missing).
+    torch is imported only to look for a GPU: an ONNX model on the CPU never loads it."""
+    from dropcli.errors import DropcliError, UsageError
+
+    if device == "cpu":
+        return device
+    if device != "auto" and not device.startswith("cuda"):
+        raise UsageError(f"unknown --device {device!r}", "choose cpu, cuda or auto")
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if not torch.cuda.is_available():
+        raise DropcliError("--device cuda was asked for, but no CUDA GPU is available", "use --device cpu or auto")
+    return device
+
+
 def is_path(obj: Any) -> bool:
     return isinstance(obj, (str, Path))
 

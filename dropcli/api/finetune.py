@@ -12,7 +12,7 @@ Names = Optional[Sequence[str] | str]
 def check_finetune_args(**kw: Any) -> str:
     """The option checks of `dropcli finetune` (UsageError); the resolved ``device``."""
     from dropcli.training.finetune import check_args
-    from dropcli.training.loop import resolve_device
+    from dropcli.api.common import resolve_device
 
     check_args(**kw)
     return resolve_device(kw.get("device", "cpu"))

@@ -21,7 +21,7 @@ def check_prune_args(*, method: str = "sparse-vd", epochs: Optional[int] = None,
 
     from dropcli.errors import UsageError
     from dropcli.prune.core import DEFAULTS, METHODS
-    from dropcli.training.loop import resolve_device
+    from dropcli.api.common import resolve_device
 
     if method not in METHODS:
         raise UsageError(f"unknown --method {method!r}", f"choose one of {', '.join(METHODS)}")

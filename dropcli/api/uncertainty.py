@@ -154,7 +154,7 @@ def uncertainty(model: Any, x: Any, *, labels: Any = None, T: int = 50, method: 
     gate = check_uncertainty_args(T=T, batch_size=batch_size, task=task, tau=tau, engine=engine, method=method,
                                   keep_samples=keep_samples, address=address, workers=workers, fail_above=fail_above,
                                   temperature=temperature, calibration=calibration)
-    from dropcli.training.loop import resolve_device
+    from dropcli.api.common import resolve_device
 
     dev = resolve_device(device)
     budget = None

@@ -35,13 +35,32 @@ def inject_on_the_fly(model: Any, variant: str, p: Optional[float] = None, after
     return spec.name, params, done
 
 
+def refuse_per_pass(model: Any) -> None:
+    """``dropcli uncertainty`` on a model with ``--mask-per pass`` weightdrop sites: a one-line
+    error. Per-pass masks are one draw for a whole (tiled) batch: they cannot be keyed per example,
+    and all T samples of an example in one chunk would share the mask."""
+    from dropcli.errors import UsageError
+    from dropcli.model.naming import PASS_MARK
+
+    found = False
+    if getattr(model, "backend", None) == "onnx":
+        g = model.model.graph
+        found = any(PASS_MARK in n.name for n in g.node) or any(PASS_MARK in i.name for i in g.initializer)
+    else:
+        gm = getattr(model, "gm", None)
+        if gm is not None:
+            found = any(name.split(".")[-1] == PASS_MARK for name, _ in gm.named_buffers())
+    if found:
+        raise UsageError("this model's weightdrop sites draw one mask per forward pass (--mask-per pass), which MC "
+                         "sampling cannot key per example (every sample of a chunk would share it)",
+                         "re-inject with --variant weightdrop --mask-per row (the default) for dropcli uncertainty")
+
+
 def build_runner(model: Any, load_kw: dict | None, dev: str, inject_opts: dict | None,
                  on_inject: Callable[[str, dict, list[dict]], None] | None = None):
     """Load a model (a path, or an already loaded model) and its MC runner, injecting sites on
     the fly if asked (``inject_opts``: the keyword arguments of :func:`inject_on_the_fly`);
     ``on_inject(variant, params, sites)`` hears about the injection."""
-    from dropcli.variants.weightdrop import refuse_per_pass
-
     if isinstance(model, str):
         from dropcli.backends import load_model
 

@@ -15,31 +15,12 @@ not reuse the masks of input row i, and both stay reproducible from ``--seed``.
 
 from __future__ import annotations
 
-import hashlib
-import struct
 from typing import Sequence
 
 import numpy as np
 import torch
 
-SAMPLE_BLOCK = 32
-LANES = 1 << 16
-_SHIFTS = torch.arange(8, dtype=torch.uint8)
-_TABLES: dict[tuple[float, torch.dtype], torch.Tensor] = {}
-
-
-def _bit_table(scale: float, dtype: torch.dtype) -> torch.Tensor:
-    """[256, 8]: row b holds the 8 bits of b (least significant first) times ``scale``."""
-    key = (scale, dtype)
-    if key not in _TABLES:
-        bits = (torch.arange(256).unsqueeze(-1) >> torch.arange(8)) & 1
-        _TABLES[key] = bits.to(dtype) * scale
-    return _TABLES[key]  # samples drawn from one generator; chunking over T happens at multiples of this
-
-
-def _key(*parts: int) -> int:
-    h = hashlib.blake2b(struct.pack(f"<{len(parts)}q", *parts), digest_size=8).digest()
-    return int.from_bytes(h, "little") & 0x7FFF_FFFF_FFFF_FFFF
+from dropcli.engines.keyed import SAMPLE_BLOCK, keep_masks, key as _key
 
 
 STREAM_SALT = 0x00D5_7EA3  # keys the streams of the inputs after the first (see stream_seed)
@@ -76,60 +57,33 @@ class KeyedNoise:
         call = self._next_call()
         if q >= 1.0 or q <= 0.0:
             return torch.full(t.shape, q >= 1.0, dtype=torch.bool, device=t.device)
-        k8 = q * 256
-        if q == 0.5:
-            raw = self._raw_words(t, call, 64)
-            if raw is not None:
-                bits = torch.bitwise_and(raw.view(torch.uint8).unsqueeze(-1) >> _SHIFTS, 1)
-                return bits.view(torch.bool).reshape(t.shape).to(t.device)
-        if k8 == int(k8):
-            raw = self._raw_words(t, call, 8)
-            if raw is not None:
-                return (raw.view(torch.uint8) < int(k8)).reshape(t.shape).to(t.device)
-        k = max(1, min(LANES - 1, int(round(q * LANES))))
-        raw = self._raw_words(t, call, 4)
-        if raw is not None:
-            return (raw.view(torch.int16) < (k - LANES // 2)).reshape(t.shape).to(t.device)
-        self.call = call  # not word-aligned: fall back to uniform draws under the same call number
-        return self._fill(t, "uniform") < q
+        self._check_rows(t.shape[0])
+        mask = keep_masks(self.seed, self.indices, self.t0, self.t1, [(call, tuple(t.shape[1:]), q)])[0]
+        if mask is None:
+            self.call = call  # not word-aligned: fall back to uniform draws under the same call number
+            return self._fill(t, "uniform") < q
+        return torch.from_numpy(mask).to(t.device)
 
     def mask_like(self, t: torch.Tensor, q: float, scale: float) -> torch.Tensor:
-        """A float Bernoulli(q) mask with values {0, scale}; at q = 1/2 each random byte becomes
-        8 mask values through one table lookup (no bool intermediate, no extra scaling pass)."""
-        if q == 0.5:
+        """A float Bernoulli(q) mask with values {0, scale} (a new tensor, which the caller may
+        multiply in place); float32 masks come from :func:`dropcli.engines.keyed.keep_masks`
+        (at q = 1/2 each random byte becomes 8 mask values through one table lookup)."""
+        if t.dtype == torch.float32 and 0.0 < q < 1.0:
             call = self._next_call()
-            raw = self._raw_words(t, call, 64)
-            if raw is not None:
-                table = _bit_table(float(scale), t.dtype)
-                return torch.nn.functional.embedding(raw.view(torch.uint8).long(), table).reshape(t.shape)
+            self._check_rows(t.shape[0])
+            mask = keep_masks(self.seed, self.indices, self.t0, self.t1, [(call, tuple(t.shape[1:]), q)], [scale])[0]
+            if mask is not None:
+                return torch.from_numpy(mask).to(t.device)
             self.call = call
         keep = self.keep_mask_like(t, q)
         return keep.to(t.dtype).mul_(scale)
 
-    def _raw_words(self, t: torch.Tensor, call: int, per_word: int) -> torch.Tensor | None:
-        """Random 64-bit words, ``per_word`` masks each, laid out like ``t``'s rows; None when a
-        block's mask count is not a multiple of ``per_word``."""
+    def _check_rows(self, rows: int) -> None:
         B = len(self.indices)
-        if t.shape[0] != B * self.T:
+        if rows != B * self.T:
             raise RuntimeError(
-                f"a dropout site drew noise for {t.shape[0]} rows, expected {B}x{self.T}: the model mixes examples across the batch"
+                f"a dropout site drew noise for {rows} rows, expected {B}x{self.T}: the model mixes examples across the batch"
             )
-        rest = 1
-        for d in t.shape[1:]:
-            rest *= int(d)
-        blocks = [(b0, min(b0 + SAMPLE_BLOCK, self.t1) - b0) for b0 in range(self.t0, self.t1, SAMPLE_BLOCK)]
-        if any((n * rest) % per_word for _, n in blocks):
-            return None
-        raw = torch.empty(B * self.T * rest // per_word, dtype=torch.int64)
-        g = self._gen
-        off = 0
-        for idx in self.indices:
-            for b0, n in blocks:
-                cnt = n * rest // per_word
-                g.manual_seed(_key(self.seed, call, idx, b0 // SAMPLE_BLOCK))
-                torch.randint(-(2**63), 2**63 - 1, (cnt,), dtype=torch.int64, generator=g, out=raw[off:off + cnt])
-                off += cnt
-        return raw
 
     def _next_call(self) -> int:
         call = self.call
@@ -137,12 +91,8 @@ class KeyedNoise:
         return call
 
     def _fill(self, t: torch.Tensor, kind: str) -> torch.Tensor:
-        rows = t.shape[0]
+        self._check_rows(t.shape[0])
         B = len(self.indices)
-        if rows != B * self.T:
-            raise RuntimeError(
-                f"a dropout site drew noise for {rows} rows, expected {B}x{self.T}: the model mixes examples across the batch"
-            )
         call = self._next_call()
         rest = tuple(t.shape[1:])
         dtype = t.dtype if t.dtype.is_floating_point else torch.float32

@@ -40,8 +40,7 @@ from dropcli.backends.onnx.model import OnnxModel
 from dropcli.model.naming import MC_INPUT, node_site
 from dropcli.io.data import InputSpec
 from dropcli.errors import DropcliError
-from dropcli.engines.torch_mc import MIN_ROWS
-from dropcli.engines.noise import KeyedNoise
+from dropcli.engines.keyed import MIN_ROWS, keep_masks
 
 T_INPUT = "dropcli_T"
 NOISE_PREFIX = "dropcli_noise_"
@@ -61,6 +60,7 @@ class NoiseFeed:
     call: int
     q: float = 1.0  # keep probability, for kind "keep"
     site: str = ""
+    scale: float | None = None  # kind "keep": fed as a float32 mask {0, scale} instead of bool
 
 
 # --------------------------------------------------------------------------------- helpers
@@ -164,6 +164,21 @@ def _providers(device: str) -> list[Any]:
         dev_id = int(device.split(":", 1)[1]) if ":" in device else 0
         return [("CUDAExecutionProvider", {"device_id": dev_id}), "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
+
+
+def intra_op_threads() -> int:
+    """onnxruntime's intra-op threads: OMP_NUM_THREADS when set (as torch reads it), else the CPUs
+    this process may run on. onnxruntime's own default ran a chunk 1.6x slower on a 2-CPU machine
+    than 2 threads set explicitly (benchmarks/peers.py's job)."""
+    import os
+
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
 
 
 # --------------------------------------------------------------------------------- runner
@@ -331,7 +346,19 @@ class OnnxRunner:
                 lo, hi = float(_attr(n, "low", 0.0)), float(_attr(n, "high", 1.0))
                 if len(qs) == 1 and None not in qs and lo == 0.0 and hi == 1.0:
                     q = qs.pop()
-            if q is not None:
+            fused = self._scaled_keep(users.get(out, []), nodes, users, graph_out, init_map, consts) if q is not None else None
+            if fused is not None:
+                # Less -> Cast -> Mul(x, .) -> Mul(., 1/q): one Mul by a fed float mask {0, 1/q}
+                (cast_j, mul_j, scale_j), x_in, scale = fused
+                self.noise_feeds.append(NoiseFeed(noise, "keep", rest, call, q=q, site=site, scale=scale))
+                g.input.append(helper.make_tensor_value_info(noise, TensorProto.FLOAT, ["dropcli_rows", *rest]))
+                new_nodes[i] = []
+                less_j = users[out][0]
+                replaced_less[less_j] = []
+                new_nodes[cast_j] = new_nodes[mul_j] = []
+                sn = nodes[scale_j]
+                new_nodes[scale_j] = [helper.make_node("Mul", [x_in, noise], [sn.output[0]], name=fresh(f"{sn.name}/dropcli_keep"))]
+            elif q is not None:
                 self.noise_feeds.append(NoiseFeed(noise, "keep", rest, call, q=q, site=site))
                 g.input.append(helper.make_tensor_value_info(noise, TensorProto.BOOL, ["dropcli_rows", *rest]))
                 new_nodes[i] = []
@@ -363,6 +390,36 @@ class OnnxRunner:
         return m
 
     @staticmethod
+    def _scaled_keep(less_js: list[int], nodes, users, graph_out, init_map, consts):
+        """An inverted-dropout pattern on a keep mask: ``Less -> Cast(float) -> Mul(x, mask) ->
+        Mul(., c)`` with a scalar constant c, each value read once. ((cast, mul, scale) node
+        indices, x, c), or None. Fed as one float mask {0, c}: x * (m * c) is bitwise x * m * c
+        (m is 0 or 1), one pass over the tiled rows instead of three."""
+        def only_user(name: str) -> int | None:
+            us = users.get(name, [])
+            return us[0] if len(us) == 1 and name not in graph_out else None
+
+        if len(less_js) != 1:
+            return None
+        cast_j = only_user(nodes[less_js[0]].output[0])
+        if cast_j is None or nodes[cast_j].op_type != "Cast" or _attr(nodes[cast_j], "to") != TensorProto.FLOAT:
+            return None
+        m = nodes[cast_j].output[0]
+        mul_j = only_user(m)
+        if mul_j is None or nodes[mul_j].op_type != "Mul" or list(nodes[mul_j].input).count(m) != 1:
+            return None
+        x_in = [v for v in nodes[mul_j].input if v != m][0]
+        scale_j = only_user(nodes[mul_j].output[0])
+        if scale_j is None or nodes[scale_j].op_type != "Mul":
+            return None
+        a, b = nodes[scale_j].input
+        c_name = b if a == nodes[mul_j].output[0] else a if b == nodes[mul_j].output[0] else None
+        c = _const_value(c_name, init_map, consts) if c_name and c_name != nodes[mul_j].output[0] else None
+        if c is None or c.size != 1 or c.dtype != np.float32:
+            return None
+        return (cast_j, mul_j, scale_j), x_in, float(c.reshape(()))
+
+    @staticmethod
     def _input_dependence(nodes: Sequence[onnx.NodeProto], inputs: set[str]) -> set[str]:
         dep = set(inputs)
         for n in nodes:
@@ -389,10 +446,16 @@ class OnnxRunner:
         rest = tuple(int(d) for d in dims[1:])  # type: ignore[arg-type]
         et = et or TensorProto.FLOAT
         noise = fresh(f"{NOISE_PREFIX}{len(self.noise_feeds)}")
-        self.noise_feeds.append(NoiseFeed(noise, "keep", rest, call, q=q, site=n.name or y))
+        nm = n.name or y
+        if et == TensorProto.FLOAT and q > 0.0:  # one Mul by a fed float mask {0, 1/q}
+            scale = float(np.float32(1.0 / q))
+            self.noise_feeds.append(NoiseFeed(noise, "keep", rest, call, q=q, site=nm, scale=scale))
+            self._pending_inputs.append(helper.make_tensor_value_info(noise, TensorProto.FLOAT, ["dropcli_rows", *rest]))
+            roots.add(noise)
+            return [helper.make_node("Mul", [x, noise], [y], name=fresh(f"{nm}/dropcli_keep"))]
+        self.noise_feeds.append(NoiseFeed(noise, "keep", rest, call, q=q, site=nm))
         self._pending_inputs.append(helper.make_tensor_value_info(noise, TensorProto.BOOL, ["dropcli_rows", *rest]))
         roots.add(noise)
-        nm = n.name or y
         if q <= 0.0:
             return [helper.make_node("Mul", [x, self._scalar(0.0, et, fresh)], [y], name=fresh(f"{nm}/dropcli_zero"))]
         mask = fresh(f"{nm}/dropcli_mask")
@@ -500,6 +563,8 @@ class OnnxRunner:
         minus1 = fresh("dropcli_minus1")
         g.initializer.append(numpy_helper.from_array(np.array([-1], dtype=np.int64), minus1))
 
+        tiles: dict[str, tuple[str, str, str, str, int, int]] = {}
+
         def tile(v: str) -> str:
             s = fresh(f"{v}__dropcli_shape")
             head = fresh(f"{v}__dropcli_b")
@@ -520,6 +585,7 @@ class OnnxRunner:
                 helper.make_node("Reshape", [e, rs], [out], name=fresh(f"{v}/dropcli_tile_reshape")),
             ])
             self.tiled_values.append(v)
+            tiles[out] = (v, u, bt, rs, len(mid) - 3, len(mid) - 1)  # the Expand and Reshape that fusing can drop
             return out
 
         def as_suffix(v: str, recompute: bool = False) -> str:
@@ -586,9 +652,46 @@ class OnnxRunner:
             new_out = fresh(f"{out_name}__dropcli_out")
             mid.append(helper.make_node("Identity", [as_suffix(out_name)], [new_out], name=fresh("dropcli_out")))
             g.output[0].name = new_out
+        new_suffix = self._fuse_tile_and_mask(new_suffix, mid, tiles, g, fresh, vi)
         self.prefix_nodes = [n.name for n in prefix]
         self.suffix_nodes = [n.name for n in new_suffix]
         return prefix + mid + new_suffix
+
+    def _fuse_tile_and_mask(self, suffix: list[onnx.NodeProto], mid: list[onnx.NodeProto],
+                            tiles: dict[str, tuple[str, str, str, str, int, int]], g: onnx.GraphProto,
+                            fresh: _Names, vi: dict[str, onnx.ValueInfoProto]) -> list[onnx.NodeProto]:
+        """A site right after the prefix multiplies the tiled value by its fed float mask of the
+        same shape: make that ``Mul(Unsqueeze(v, 1) [B, 1, ...], mask as [B, T, ...])``, so the T
+        copies of v are never written out (the same products, one pass fewer over the B*T rows).
+        Masks that broadcast (one per channel, one per example) keep the tiled path."""
+        scaled = {f.name: f.rest for f in self.noise_feeds if f.kind == "keep" and f.scale is not None}
+        readers: dict[str, int] = {}
+        for n in mid + suffix:
+            for x in _reads(n):
+                readers[x] = readers.get(x, 0) + 1
+        outs = {o.name for o in g.output}
+        drop: set[int] = set()
+        res = []
+        for n in suffix:
+            ins = list(n.input)
+            if n.op_type == "Mul" and len(ins) == 2 and len(set(ins) & set(scaled)) == 1:
+                mask = ins[0] if ins[0] in scaled else ins[1]
+                tiled = ins[1] if mask == ins[0] else ins[0]
+                v = tiles[tiled][0] if tiled in tiles else None
+                _, dims = _shape_of(vi.get(v)) if v else (None, None)
+                if v and readers.get(tiled) == 1 and tiled not in outs and dims is not None \
+                        and list(dims[1:]) == list(scaled[mask]):
+                    _, u, bt, rs, expand_at, reshape_at = tiles[tiled]
+                    m3, p3 = fresh(f"{mask}__dropcli_btk"), fresh(f"{n.output[0]}__dropcli_btk")
+                    res += [helper.make_node("Reshape", [mask, bt], [m3], name=fresh(f"{n.name}/dropcli_mask_bt")),
+                            helper.make_node("Mul", [u, m3], [p3], name=fresh(f"{n.name}/dropcli_tile_mul")),
+                            helper.make_node("Reshape", [p3, rs], [n.output[0]], name=fresh(f"{n.name}/dropcli_rows"))]
+                    drop.update((expand_at, reshape_at))
+                    continue
+            res.append(n)
+        if drop:
+            mid[:] = [n for k, n in enumerate(mid) if k not in drop]
+        return res
 
     # ------------------------------------------------------------------ sessions
     def _session(self, model: onnx.ModelProto):
@@ -596,6 +699,10 @@ class OnnxRunner:
 
         so = ort.SessionOptions()
         so.log_severity_level = 3
+        so.intra_op_num_threads = intra_op_threads()
+        # no busy-waiting after a run: the next thing is this process's own work (the next chunk's
+        # noise, the other session), which spinning pool threads would slow down
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         kwargs: dict[str, Any] = {}
         if any(n.op_type == "Dropout" for n in model.graph.node):
             kwargs["disabled_optimizers"] = ["EliminateDropout"]
@@ -648,18 +755,8 @@ class OnnxRunner:
         B = len(xs[0])
         feeds = self._feeds(xs)
         feeds[T_INPUT] = np.array([T], dtype=np.int64)
-        noise = KeyedNoise(seed, idx, t0, t0 + T)
         rows = B * T
-        import torch
-
-        for f in self.noise_feeds:  # in call order, like the torch engine
-            noise.call = f.call
-            if f.kind == "keep":
-                feeds[f.name] = noise.keep_mask_like(torch.empty((rows,) + f.rest), f.q).numpy()
-            elif f.kind == "uniform":
-                feeds[f.name] = noise.uniform_np(f.rest)
-            else:
-                feeds[f.name] = noise.normal_np(f.rest)
+        feeds.update(self.draw_noise(seed, idx, t0, T))
         sess = self._mc_sess(seed, idx, t0)
         self.session_runs += 1
         out = sess.run([self.mc_model.graph.output[0].name], feeds)[0]
@@ -667,6 +764,34 @@ class OnnxRunner:
         if out.shape[0] != rows:
             raise DropcliError(f"internal error: the MC graph returned {out.shape[0]} rows, expected {B}x{T}")
         return out.reshape((B, T) + out.shape[1:])[:B0].astype(np.float32, copy=False)
+
+    def draw_noise(self, seed: int, idx: Sequence[int], t0: int, T: int) -> dict[str, np.ndarray]:
+        """The noise inputs of one chunk: the same draws as the torch engine's KeyedNoise. Keep-masks
+        come from dropcli.engines.keyed (numpy, all of a chunk's generators in one pass); torch is
+        imported only for uniform or normal noise (the noise variants) or a keep-mask that torch
+        draws as uniforms."""
+        out: dict[str, np.ndarray] = {}
+        keeps = [f for f in self.noise_feeds if f.kind == "keep"]
+        masks = keep_masks(seed, idx, t0, t0 + T, [(f.call, f.rest, f.q) for f in keeps], [f.scale for f in keeps])
+        rest = [f for f, m in zip(keeps, masks) if m is None]
+        out.update({f.name: m for f, m in zip(keeps, masks) if m is not None})
+        rest += [f for f in self.noise_feeds if f.kind != "keep"]
+        if rest:
+            import torch
+
+            from dropcli.engines.noise import KeyedNoise
+
+            noise = KeyedNoise(seed, idx, t0, t0 + T)
+            for f in rest:
+                noise.call = f.call
+                if f.kind == "keep":
+                    m = noise.keep_mask_like(torch.empty((len(idx) * T,) + f.rest), f.q).numpy()
+                    out[f.name] = m if f.scale is None else np.where(m, np.float32(f.scale), np.float32(0))
+                elif f.kind == "uniform":
+                    out[f.name] = noise.uniform_np(f.rest)
+                else:
+                    out[f.name] = noise.normal_np(f.rest)
+        return out
 
     def _mc_sess(self, seed: int, idx: Sequence[int], t0: int):
         assert self.mc_model is not None

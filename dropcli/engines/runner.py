@@ -18,7 +18,7 @@ import numpy as np
 
 from dropcli.io.data import InputSpec
 from dropcli.errors import DropcliError, UsageError
-from dropcli.engines.noise import SAMPLE_BLOCK
+from dropcli.engines.keyed import SAMPLE_BLOCK
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mb": 1 << 20, "mib": 1 << 20,
           "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30, "t": 1 << 40, "tb": 1 << 40, "tib": 1 << 40}

@@ -21,11 +21,11 @@ from torch import fx, nn
 
 from dropcli.backends.torch.fx import ATEN_DROPOUT, DROPOUT_FUNCS, aten_name, fetch_attr
 from dropcli.errors import DropcliError
+from dropcli.engines.keyed import MIN_ROWS
 from dropcli.engines.noise import KeyedNoise
 from dropcli.model.naming import mc_owner, reads_mc
 from dropcli.variants.base import SiteModule, apply_keep, keep_mask_like, noise_source, normal_like, set_mc, uniform_like
 
-MIN_ROWS = 32
 _ATEN_RAND = {"rand_like": "uniform", "randn_like": "normal", "rand": "uniform", "randn": "normal", "bernoulli": "bernoulli"}
 _SIZE_FUNCS = {"sym_size", "size", "sym_numel", "sym_stride", "dim"}
 
@@ -188,7 +188,8 @@ class TorchMC:
                     result = get_t(first) if isinstance(first, fx.Node) else first
                     break
                 if n in self.stochastic:
-                    env_t[n] = self._eval_node(n, get_t, stochastic=n in self.site_nodes)
+                    fused = self._site_on_untiled(n, env_b, B, T, noise) if n in self.site_nodes else None
+                    env_t[n] = fused if fused is not None else self._eval_node(n, get_t, stochastic=n in self.site_nodes)
                 else:
                     env_b[n] = self._eval_node(n, get_b, stochastic=False)
                 if n in want:
@@ -200,6 +201,34 @@ class TorchMC:
         if not _is_tensor_like(result):
             raise DropcliError("the model's first output is not a tensor")
         return result.reshape((B, T) + tuple(result.shape[1:]))[:B0]
+
+    def _plain_dropout_p(self, n: fx.Node) -> float | None:
+        """p of a stock elementwise dropout node (nn.Dropout, F.dropout, aten.dropout), else None."""
+        if n.op == "call_module":
+            m = self.modules.get(n.target)
+            return float(m.p) if type(m) is nn.Dropout else None
+        if n.op == "call_function" and (n.target is torch.nn.functional.dropout or aten_name(n.target) == "dropout"):
+            p = n.args[1] if len(n.args) > 1 else n.kwargs.get("p", 0.5)
+            return float(p) if isinstance(p, (int, float)) else None
+        return None
+
+    def _site_on_untiled(self, n: fx.Node, env_b: dict, B: int, T: int, noise: KeyedNoise) -> torch.Tensor | None:
+        """Stock dropout right after the prefix, on a value [B, ...] that nothing else reads: the
+        mask [B*T, ...] is multiplied in place by the value seen as [B, 1, ...], so the T copies of
+        the value are never written (the same products and the same draw as the tiled path)."""
+        p = self._plain_dropout_p(n)
+        a = n.args[0] if n.args else None
+        if p is None or not 0.0 < p < 1.0 or not isinstance(a, fx.Node) or a not in env_b or len(a.users) != 1:
+            return None
+        v = env_b[a]
+        if not _is_tensor_like(v) or a not in self.input_dependent or v.dim() < 1 or v.shape[0] != B \
+                or self._batch_dim(a) not in (None, 0) or not v.is_floating_point():
+            return None
+        q = 1.0 - p
+        rest = tuple(v.shape[1:])
+        mask = noise.mask_like(torch.empty((B * T,) + rest, dtype=v.dtype, device=v.device), q, 1.0 / q)
+        mask.view((B, T) + rest).mul_(v.unsqueeze(1))
+        return mask
 
     def _batch_dim(self, n: fx.Node) -> int | None:
         """The dim of ``n``'s value that is the batch, from export's symbolic shapes (None if unknown)."""

@@ -45,3 +45,10 @@ class Activation:
     def __str__(self) -> str:
         extra = ",".join(f"{k}={v}" for k, v in self.attrs)
         return f"{self.kind}({extra})" if extra else self.kind
+
+
+# Where a variant attaches (VariantSpec.attaches). The backends turn these into candidate sites.
+AFTER = "after"  # after a layer or activation: y = site(x), all consumers rewired
+RESIDUAL = "residual"  # on the branch operand of a residual add
+INPUT = "input"  # on a model input
+REPLACE = "replace"  # replaces a trained layer (Linear, Conv, pooling, LSTM/GRU) by a site built from it

@@ -233,19 +233,8 @@ def fit(model: nn.Module, train: Split, task: str, *, params: Iterable[dict[str,
 
 
 # ---------------------------------------------------------------------------------------
-# Model I/O shared by the verbs that train a loaded model (prune, finetune); resolve_device serves every verb
+# Model I/O shared by the verbs that train a loaded model (prune, finetune)
 # ---------------------------------------------------------------------------------------
-
-
-def resolve_device(device: str) -> str:
-    """``--device``: cpu, cuda or auto (a clear error when CUDA was asked for and is missing)."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise DropcliError("--device cuda was asked for, but no CUDA GPU is available", "use --device cpu or auto")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise UsageError(f"unknown --device {device!r}", "choose cpu, cuda or auto")
-    return device
 
 
 def model_example(model: Any) -> tuple:

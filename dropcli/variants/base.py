@@ -22,6 +22,7 @@ from torch import nn
 from dropcli.backends.torch.layers import TorchLayer, activation_forward, activation_of_module, describe_module, layer_forward
 from dropcli.errors import UsageError
 from dropcli.model import naming
+from dropcli.model.kinds import AFTER, INPUT, REPLACE, RESIDUAL  # noqa: F401  (re-exported: the variants' attach modes)
 
 # ---------------------------------------------------------------------------------------
 # Noise source. Variants draw all randomness through these helpers, so an engine can swap
@@ -80,7 +81,7 @@ def apply_keep(x: torch.Tensor, q: float, scale: float = 1.0) -> torch.Tensor:
     if _NOISE_OVERRIDE and not tracing():
         src = _NOISE_OVERRIDE[-1]
         if hasattr(src, "mask_like"):
-            return x * src.mask_like(x, q, scale)
+            return src.mask_like(x, q, scale).mul_(x)  # a fresh mask: multiplied in place (m * x is x * m)
         return x * (src.uniform_like(x) < q).to(x.dtype) * scale
     keep = (torch.rand_like(x) < q).to(x.dtype)
     return x * keep * scale if scale != 1.0 else x * keep
@@ -135,11 +136,8 @@ def check_positive_int(v: int) -> str | None:
 P_PARAM = Param("p", float, 0.5, "drop probability p (keep q = 1 - p)", check_p)
 
 
-# Where a variant attaches. The backends turn these into candidate sites.
-AFTER = "after"  # after a layer or activation: y = site(x), all consumers rewired
-RESIDUAL = "residual"  # on the branch operand of a residual add
-INPUT = "input"  # on a model input
-REPLACE = "replace"  # replaces a trained layer (Linear, Conv, pooling, LSTM/GRU) by a site built from it
+# Where a variant attaches (AFTER, RESIDUAL, INPUT, REPLACE): defined in dropcli.model.kinds, torch-free,
+# so that the ONNX backend reads them without importing torch.
 
 
 @dataclass(frozen=True)

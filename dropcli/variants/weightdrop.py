@@ -40,7 +40,6 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from dropcli.errors import UsageError
 from dropcli.model.naming import PASS_MARK  # a buffer (torch) / node-name part (ONNX) marking --mask-per pass
 from dropcli.backends.torch.rnn import GATES, GRU, LSTM, StepMasks
 from dropcli.variants.base import P_PARAM, REPLACE, Param, VariantSpec, tracing, keep_mask_like
@@ -101,7 +100,7 @@ class WeightDropSite(RecurrentSite):
         """The fused op's flat weights with the chosen ones masked (one mask each, per pass)."""
         r = self.rnn
         # the (always True) marker is read in the graph so that it survives TorchScript/.pt2/ONNX
-        # saving, where `dropcli uncertainty` looks for it (refuse_per_pass)
+        # saving, where `dropcli uncertainty` looks for it (engines.factory.refuse_per_pass)
         mark = getattr(self, PASS_MARK)
         return [torch.where(mark, self.drop(w), w) if name.split("_l")[0] in self.fields else w
                 for name, w in zip(r._names, r.flat_weights())]
@@ -122,24 +121,6 @@ class WeightDropSite(RecurrentSite):
             return out, (h, c)
         out, h = torch.gru(x, hx, flat, r.has_biases, r.num_layers, 0.0, False, r.bidirectional, r.batch_first)
         return out, h
-
-
-def refuse_per_pass(model: Any) -> None:
-    """``dropcli uncertainty`` on a model with ``--mask-per pass`` weightdrop sites: a one-line
-    error. Per-pass masks are one draw for a whole (tiled) batch: they cannot be keyed per example,
-    and all T samples of an example in one chunk would share the mask."""
-    found = False
-    if getattr(model, "backend", None) == "onnx":
-        g = model.model.graph
-        found = any(PASS_MARK in n.name for n in g.node) or any(PASS_MARK in i.name for i in g.initializer)
-    else:
-        gm = getattr(model, "gm", None)
-        if gm is not None:
-            found = any(name.split(".")[-1] == PASS_MARK for name, _ in gm.named_buffers())
-    if found:
-        raise UsageError("this model's weightdrop sites draw one mask per forward pass (--mask-per pass), which MC "
-                         "sampling cannot key per example (every sample of a chunk would share it)",
-                         "re-inject with --variant weightdrop --mask-per row (the default) for dropcli uncertainty")
 
 
 WEIGHT = Param("weight", str, "hh", "weightdrop: which weight to mask: hh (W_hh, the paper's), ih (W_ih) or both",

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import onnx
@@ -25,9 +25,12 @@ from dropcli.io.files import atomic_dir, atomic_path, write_errors
 from dropcli.model import naming, residual
 from dropcli.model.naming import MC_INPUT, MODEL_META, SITES_META, join_scopes
 from dropcli.model.selection import WEIGHTED, Layer, canonical_kind
-from dropcli.variants.base import REPLACE, RESIDUAL, VariantSpec
+from dropcli.model.kinds import REPLACE, RESIDUAL
 from dropcli.backends.onnx.builder import OnnxBuilder, TensorInfo, opset_of
 from dropcli.backends.onnx.layers import OnnxLayer, absorbable_activation, const_value, describe_node
+
+if TYPE_CHECKING:  # the variants' module imports torch; loading an ONNX model must not
+    from dropcli.variants.base import VariantSpec
 
 MIN_OPSET = 13
 # ops we describe as weighted layers when their weight is an initializer
