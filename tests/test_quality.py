@@ -31,7 +31,7 @@ def test_ood_input_draws_its_own_noise_stream(digits):
     """OOD row i used to reuse input row i's masks (noise keyed by example index, same seed).
     With the OOD input equal to the input, the two sets of statistics now differ; the OOD stream
     is exactly the run at seed stream_seed(seed, 1), so it stays reproducible from --seed."""
-    from dropcli.engines.noise import stream_seed
+    from dropcli.engines.keyed import stream_seed
 
     x = digits["x"][:24]
     r = dropcli.uncertainty(MLP_PT, x, ood=x, T=8, seed=3)

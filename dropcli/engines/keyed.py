@@ -267,3 +267,12 @@ def _bit_table(scale: float) -> np.ndarray:
 def raw_words_fit(t0: int, t1: int, rest: int, per_word: int) -> bool:
     """Whether every sample block's mask count is a multiple of ``per_word``."""
     return not any((min(b0 + SAMPLE_BLOCK, t1) - b0) * rest % per_word for b0 in range(t0, t1, SAMPLE_BLOCK))
+
+
+STREAM_SALT = 0x00D5_7EA3  # keys the streams of the inputs after the first (see stream_seed)
+
+
+def stream_seed(seed: int, stream: int) -> int:
+    """The noise seed of input ``stream`` of a run seeded ``seed``: the seed itself for stream 0
+    (results of the main input do not change), a hash of (seed, stream) for the others."""
+    return int(seed) if stream == 0 else key(int(seed), STREAM_SALT, int(stream))

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from dropcli.engines.noise import stream_seed
+from dropcli.engines.keyed import stream_seed
 from dropcli.engines.runner import no_progress
 
 

@@ -23,13 +23,6 @@ import torch
 from dropcli.engines.keyed import SAMPLE_BLOCK, keep_masks, key as _key
 
 
-STREAM_SALT = 0x00D5_7EA3  # keys the streams of the inputs after the first (see stream_seed)
-
-
-def stream_seed(seed: int, stream: int) -> int:
-    """The noise seed of input ``stream`` of a run seeded ``seed``: the seed itself for stream 0
-    (results of the main input do not change), a hash of (seed, stream) for the others."""
-    return int(seed) if stream == 0 else _key(int(seed), STREAM_SALT, int(stream))
 
 
 class KeyedNoise:

@@ -209,7 +209,7 @@ class MCWorker:
         for hook in self.hooks:
             hook(src, start, stop)
         xs = self.sources[src].read(shard, start, stop)
-        from dropcli.engines.noise import stream_seed
+        from dropcli.engines.keyed import stream_seed
 
         mc = self.mc if src == 0 else dict(self.mc, seed=stream_seed(self.mc["seed"], src))  # the OOD input's own stream
         cols = unit_columns(self.runner, xs, start, mc)
@@ -414,7 +414,7 @@ class RayEngine:
     def run_all(self, sources, task, tau, temperature=None) -> list:
         """Every source on one actor pool (the model is loaded once per actor for all of them)."""
         from dropcli.engines.local import EngineResult
-        from dropcli.engines.noise import stream_seed
+        from dropcli.engines.keyed import stream_seed
         from dropcli.engines.runner import check_degenerate_examples
 
         mc = dict(self.mc, task=task, as_probs=None, temperature=temperature)
