@@ -48,13 +48,34 @@ def regression_metrics(per: dict, eval_out: np.ndarray, labels: np.ndarray, n_ou
             "eval": {"rmse": float(np.sqrt(np.mean(err_ev ** 2))), "mae": float(np.mean(np.abs(err_ev)))}}
 
 
-def gate(per: dict, gate_spec: tuple[str, float], task: str, method: str) -> dict[str, Any]:
-    """The ``--fail-above`` record: the mean of the metric over the examples against the limit."""
-    name, limit = gate_spec
-    vals = per.get(name)
-    if vals is None and method == "moments" and task == "classification":
+def gate_metrics(task: str, method: str) -> tuple[str, ...]:
+    """The ``--fail-above`` metrics a run of this task and method reports."""
+    if task == "regression":
+        return ("var", "std")
+    if method == "moments":
+        return ("entropy", "confidence", "var", "std")
+    return GATE_METRICS
+
+
+def check_gate(gate_spec: tuple[str, float] | None, task: str, method: str) -> None:
+    """Refuse, before the run, a ``--fail-above`` metric the run will not have."""
+    if not gate_spec:
+        return
+    name = gate_spec[0]
+    if name in gate_metrics(task, method):
+        return
+    if method == "moments" and task != "regression":
         raise UsageError(f"--fail-above {name} needs samples; --method moments has no {name}",
                          "gate on entropy, confidence, var or std, or use --method mc")
+    raise UsageError(f"--fail-above {name} does not apply to a {task} task", f"choose from {', '.join(gate_metrics(task, method))}")
+
+
+def gate(per: dict, gate_spec: tuple[str, float], task: str, method: str) -> dict[str, Any]:
+    """The ``--fail-above`` record: the mean of the metric over the examples (over every
+    position of every example for per-position classification) against the limit."""
+    name, limit = gate_spec
+    check_gate(gate_spec, task, method)
+    vals = per.get(name)
     if vals is None:
         raise UsageError(f"--fail-above {name} does not apply to a {task} task", f"choose from {', '.join(k for k in GATE_METRICS if k in per)}")
     mean_val = float(np.mean(vals))

@@ -53,7 +53,7 @@ def analyze(model: Any, x: Any, labels: Any = None, *, T: int = 100, seed: int =
     report of `dropcli analyze --json`; ``layers``/``exclude`` narrow the sites reported."""
     import numpy as np
 
-    from dropcli.analysis.task import class_labels, infer_task
+    from dropcli.analysis.task import check_labels, class_labels, infer_task
     from dropcli.engines.factory import make_runner
     from dropcli.errors import DropcliError
     from dropcli.io import data as D
@@ -82,8 +82,10 @@ def analyze(model: Any, x: Any, labels: Any = None, *, T: int = 100, seed: int =
         raise DropcliError(f"labels have {len(labels)} rows but the input has {n} examples", "give one label per example")
     K = int(np.prod(runner.run_eval([x[:1] for x in xs]).shape[1:]))
     task = infer_task(task, labels, K)
-    if labels is not None and task == "classification":
-        labels = class_labels(labels, K)
+    if labels is not None:  # before the MC run: range, integers, one class (or K columns) per example
+        check_labels(labels, task, K)
+        if task == "classification":
+            labels = class_labels(labels, K)
     if mdl.backend == "onnx":
         from dropcli.analysis.ensemble_onnx import analyze_onnx as analyze_fn
     else:

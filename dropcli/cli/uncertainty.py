@@ -52,6 +52,15 @@ by name (numbers as numbers); an example's index is its position in that order. 
 --engine ray, --output DIR writes a folder of shards (--format jsonl or parquet) plus
 summary.json; the results are bitwise identical to --engine local.
 
+Output kinds (--task auto; the report's "output" says which and why): a vector of K logits
+per example is one classification per example. Outputs [N, S, V] (a language model's logits)
+are classified per position: a softmax over the last axis, statistics per position, summaries
+per sequence (mean and max entropy, mutual information... over its positions); labels [N, S]
+with -100 at positions not scored. JSON/JSONL write per-position fields as lists, NPZ as
+[N, S] arrays, CSV one row per position. Feature vectors (rows of unit L2 norm such as sentence
+embeddings, or a LayerNorm's output) are not soft-maxed: they are reported per dimension as
+regression, with a warning (--task classification forces a softmax).
+
 Exit codes: 0 ok, 1 error, 2 usage error, {EXIT_GATE} --fail-above tripped, 130 interrupted.
 """
 
@@ -68,7 +77,7 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto."),
         batch_size: int = typer.Option(256, "--batch-size", help="Examples per chunk (results do not depend on it)."),
         max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Memory budget for one chunk, e.g. 512M (default: a quarter of free RAM)."),
-        task: str = typer.Option("auto", "--task", help="auto, classification or regression."),
+        task: str = typer.Option("auto", "--task", help="auto, classification, token-classification ([N, S, V] outputs: a softmax over the last axis per position) or regression. auto decides from the output's shape, the layer that makes it and its values (see the output kinds below)."),
         output: Optional[str] = typer.Option(None, "--output", "-o", help="Write per-example results here ('-' = stdout)."),
         fmt: Optional[str] = typer.Option(None, "--format", help="table, json, jsonl, csv or npz (default: from --output's extension)."),
         keep_samples: bool = typer.Option(False, "--keep-samples", help="With npz: include the raw [T, N, K] samples."),
@@ -190,8 +199,10 @@ def _print_table(summary: dict, per: dict, task: str) -> None:
     t = Table(title=f"{'MC dropout' if summary.get('samples') else 'Fast dropout'}: "
                     f"{summary['n'] if 'n' in summary else len(per['mean'])} examples, {how}, "
                     f"{summary['sites']} site(s), task={task}")
-    if task == "classification":
-        t.add_column("measure")
+    if task == "token-classification":
+        t.title += f"; per position: {summary['positions_per_example']} positions x {summary['output']['shape'][1]} classes"
+    if task in ("classification", "token-classification"):
+        t.add_column("measure" if task == "classification" else f"measure (per position, {summary['n_positions']} scored)")
         for c in ("mean", "std", "median", "p95", "max"):
             t.add_column(c, justify="right")
         for m, d in summary["distribution"].items():
@@ -200,6 +211,14 @@ def _print_table(summary: dict, per: dict, task: str) -> None:
             cal = summary["calibration"]
             t.caption = f"calibrated: logits / {cal['temperature']:.4g} (temperature from {cal['from']})"
         out.print(t)
+        if "sequence_distribution" in summary:
+            q = Table(title="per sequence: over its scored positions")
+            q.add_column("measure")
+            for c in ("mean", "std", "median", "p95", "max"):
+                q.add_column(c, justify="right")
+            for m, d in summary["sequence_distribution"].items():
+                q.add_row(m, *(f"{d[c]:.4f}" for c in ("mean", "std", "median", "p95", "max")))
+            out.print(q)
         if "mc" in summary:
             mc_name = "MC" if summary.get("samples") else "moments"
             c = Table(title=f"with labels: {mc_name} vs deterministic pass")

@@ -56,6 +56,7 @@ class LocalEngine:
         self._res = run_source(self.runner, source.read_all(), self.T, self.seed, self.batch_size, self.budget, source.n,
                                "MC dropout", self.progress)
         self._src = source
+        self.out_shape = self._res.out_shape
         return self._res.samples.shape[-1]
 
     def run_all(self, sources, task, tau, temperature=None) -> list[EngineResult]:
@@ -69,7 +70,8 @@ class LocalEngine:
                 res = run_source(self.runner, source.read_all(), self.T, stream_seed(self.seed, i), self.batch_size,
                                  self.budget, source.n, "OOD" if i else "MC dropout", self.progress)
             self.chunks += res.chunks
-            out.append(EngineResult(stats.per_example(res.samples, task, tau, temperature=temperature), res.eval, res.samples))
+            per = stats.per_example(res.samples, task, tau, temperature=temperature, shape=self.out_shape)
+            out.append(EngineResult(per, res.eval, res.samples))
         return out
 
     def describe(self) -> str:

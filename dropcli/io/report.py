@@ -51,7 +51,37 @@ def columns(task: str, per: dict[str, np.ndarray], labels: np.ndarray | None, ev
     return cols
 
 
+def token_columns(per: dict[str, np.ndarray], seq: dict[str, np.ndarray], labels: np.ndarray | None,
+                  eval_probs: np.ndarray, ignore_index: int = -100) -> dict[str, np.ndarray]:
+    """Per-example columns of a per-position classification run: per-sequence summaries as
+    scalars (``mean_entropy``, ``mean_mutual_info``, ... over the scored positions, ``max_*``),
+    ``seq``, from ``dropcli.analysis.stats.sequence_means``),
+    then per-position fields as ``[N, S]`` arrays (``pred``, ``confidence``, the measures,
+    ``eval_pred``; with labels ``label`` and ``correct``, -1 at ignored positions). JSON/JSONL
+    write them as lists, NPZ as arrays, CSV one row per position. The class probabilities
+    ([N, S, V]) are not written per example: ``dropcli.uncertainty`` returns them (``mean``)."""
+    N, S = per["pred"].shape
+    cols: dict[str, np.ndarray] = {"index": np.arange(N)}
+    scored = None if labels is None else labels != ignore_index
+    cols.update(seq)
+    if labels is not None:
+        correct = (per["pred"] == labels)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            cols["accuracy"] = np.where(scored.any(1), (correct & scored).sum(1) / np.maximum(scored.sum(1), 1), np.nan)
+    cols["pred"] = per["pred"]
+    for k in ("confidence", "entropy", "expected_entropy", "mutual_info", "variation_ratio"):
+        if k in per:
+            cols[k] = per[k]
+    cols["eval_pred"] = eval_probs.argmax(-1)
+    if labels is not None:
+        cols["label"] = labels
+        cols["correct"] = np.where(scored, correct.astype(np.int64), -1)
+    return cols
+
+
 def _fmt(v: Any) -> str:
+    if isinstance(v, list):
+        return "[" + ", ".join(_fmt(x) for x in v) + "]"
     if isinstance(v, (float, np.floating)):
         f = float(v)
         return "null" if not math.isfinite(f) else repr(f)
@@ -68,8 +98,24 @@ def records_jsonl(cols: dict[str, np.ndarray]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def long_rows(cols: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Columns with per-position ``[N, S]`` fields as one row per (example, position): scalar
+    columns repeated S times, and a ``position`` column after ``index``."""
+    wide = [k for k, v in cols.items() if v.ndim == 2]
+    if not wide:
+        return cols
+    N, S = cols[wide[0]].shape
+    out: dict[str, np.ndarray] = {}
+    for k, v in cols.items():
+        out[k] = v.reshape(-1) if v.ndim == 2 else np.repeat(v, S)
+        if k == "index":
+            out["position"] = np.tile(np.arange(S), N)
+    return out
+
+
 def to_csv(cols: dict[str, np.ndarray]) -> str:
     buf = io.StringIO()
+    cols = long_rows(cols)
     names = list(cols)
     data = np.column_stack([cols[k].astype(np.float64) for k in names])
     fmt = ["%d" if np.issubdtype(cols[k].dtype, np.integer) else "%.9g" for k in names]
@@ -193,7 +239,7 @@ def write_shards(target: str, fmt: str, summary: dict[str, Any], cols: dict[str,
                     import pyarrow as pa
                     import pyarrow.parquet as pq
 
-                    pq.write_table(pa.table({c: pa.array(v) for c, v in part.items()}), dest)
+                    pq.write_table(pa.table({c: pa.array(list(v) if v.ndim > 1 else v) for c, v in part.items()}), dest)
             (tmp / "summary.json").write_text(json.dumps(_clean(summary), indent=1) + "\n")
             umask = os.umask(0)
             os.umask(umask)
