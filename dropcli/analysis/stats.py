@@ -253,8 +253,13 @@ UNCERTAINTY_MEASURES = ("entropy", "expected_entropy", "mutual_info", "variation
 
 
 def summary(per: dict[str, np.ndarray], labels: np.ndarray | None = None, eval_probs: np.ndarray | None = None,
-            ood_per: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
-    """Summary of a classification run (see `dropcli uncertainty`)."""
+            ood_per: dict[str, np.ndarray] | None = None, scores: dict | None = None) -> dict[str, Any]:
+    """Summary of a classification run (see `dropcli uncertainty`).
+
+    ``scores`` (a streamed run, :class:`dropcli.analysis.summary.Accumulator`): the per-example
+    statistics hold no [N, K] ``mean``; NLL and Brier of the MC predictive and of the
+    deterministic pass come as ``{"nll", "brier", "eval": {"correct", "confidence", "nll",
+    "brier"}}`` (sums over the examples, divided here), ``eval_probs`` is then unused."""
     # measures the per-example statistics hold (--method moments has no MI/expected entropy/variation ratio)
     names = [m for m in UNCERTAINTY_MEASURES if m == "neg_confidence" or m in per]
     measures = {m: (-per["confidence"] if m == "neg_confidence" else per[m]) for m in names}
@@ -263,11 +268,18 @@ def summary(per: dict[str, np.ndarray], labels: np.ndarray | None = None, eval_p
         labels = np.asarray(labels).astype(np.int64)
         correct = per["pred"] == labels
         ece, mce = ece_mce(per["confidence"], correct)
-        out["mc"] = {"accuracy": float(correct.mean()), "nll": nll(per["mean"], labels), "brier": brier(per["mean"], labels),
-                     "ece": ece, "mce": mce}
+        n = len(labels)
+        mc_nll, mc_brier = ((scores["nll"] / n, scores["brier"] / n) if scores else
+                            (nll(per["mean"], labels), brier(per["mean"], labels)))
+        out["mc"] = {"accuracy": float(correct.mean()), "nll": float(mc_nll), "brier": float(mc_brier), "ece": ece, "mce": mce}
         out["accuracy_at_coverage"] = accuracy_at_coverage(measures["entropy"], correct)
         out["error_auroc"] = {m: auroc(v, ~correct) for m, v in measures.items()}
-        if eval_probs is not None:
+        if scores:
+            ev = scores["eval"]
+            e_ece, e_mce = ece_mce(ev["confidence"], ev["correct"])
+            out["eval"] = {"accuracy": float(ev["correct"].mean()), "nll": float(ev["nll"] / n),
+                           "brier": float(ev["brier"] / n), "ece": e_ece, "mce": e_mce}
+        elif eval_probs is not None:
             ep = np.asarray(eval_probs, dtype=np.float64)
             ec = ep.argmax(-1) == labels
             e_ece, e_mce = ece_mce(ep.max(-1), ec)

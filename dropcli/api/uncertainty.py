@@ -40,9 +40,11 @@ class UncertaintyResult:
             return per[name]
         raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
 
+    streamed: bool = False
+
     @property
     def n(self) -> int:
-        return len(self.per["mean"])
+        return len(next(iter(self.per.values())))
 
     @property
     def tripped(self) -> bool:
@@ -134,7 +136,8 @@ def uncertainty(model: Any, x: Any, *, labels: Any = None, T: int = 50, method: 
                 allow_output: bool = False, engine: str = "local", address: Optional[str] = None, workers: int = 1,
                 keep_samples: bool = False, trust_pickle: bool = False, imports: Optional[Sequence[str]] = None,
                 arch: Optional[str] = None, input_shape: Optional[str] = None, debug: bool = False,
-                progress: Callable | None = None, log: Log | None = None) -> UncertaintyResult:
+                progress: Callable | None = None, log: Log | None = None, output: Optional[str] = None,
+                output_format: Optional[str] = None) -> UncertaintyResult:
     """Monte-Carlo dropout: ``T`` stochastic passes per example of ``x``, and the per-example
     predictive mean, variance, entropy, mutual information... with the summary `dropcli
     uncertainty` reports (accuracy, NLL, Brier, ECE, risk-coverage, AUROC with labels).
@@ -148,6 +151,11 @@ def uncertainty(model: Any, x: Any, *, labels: Any = None, T: int = 50, method: 
     a context manager yielding ``advance(k)``; ``log(text)`` gets the CLI's log lines.
     Classification: each pass's logits are divided by ``temperature``, by default the one
     `dropcli finetune --calibrate` stored in the model (``calibration=False``: none).
+    ``output`` (a path or ``-``) with ``output_format`` ``jsonl`` or ``csv``: per-example records
+    are written there as they are computed (MC, local engine, one class or regression per
+    example), so memory stays within ``max_memory`` whatever N; the result's ``per`` then holds
+    only the per-example numbers the summary needs (no [N, K] ``mean``), ``columns`` is empty
+    and ``streamed`` is True.
     Raises :class:`dropcli.errors.DropcliError` (``UsageError`` for bad arguments)."""
     from dropcli.analysis import stats
     from dropcli.analysis import summary as S
@@ -227,6 +235,10 @@ def uncertainty(model: Any, x: Any, *, labels: Any = None, T: int = 50, method: 
     elif kind.task == "token-classification":
         log(f"output: {kind.kind}, {kind.why}")
 
+    if (output is not None and output_format in report.STREAM_FORMATS and method == "mc" and engine == "local"
+            and not keep_samples and kind.task != "token-classification"):
+        return _streamed(runner, mdl, model_name, source, ood_source, labels, kind, output, output_format, T, seed,
+                         batch_size, budget, tau, tau_from, temperature, temp_from, gate, dev, progress, log)
     if method == "moments":
         from dropcli.engines.local import MomentsEngine
 
@@ -290,3 +302,76 @@ def uncertainty(model: Any, x: Any, *, labels: Any = None, T: int = 50, method: 
     return UncertaintyResult(task=task, summary=summary, per=per, eval=eval_out,
                              samples=res.samples, labels=labels, columns=cols,
                              ood=ood_res.per if ood_res else None, source=source)
+
+
+def _streamed(runner, mdl, model_name, source, ood_source, labels, kind, output, fmt, T, seed, batch_size, budget, tau,
+              tau_from, temperature, temp_from, gate, dev, progress, log) -> UncertaintyResult:
+    """`uncertainty` with per-example records written as they are computed (see ``output``):
+    memory is the budget's, whatever the number of examples."""
+    import numpy as np
+
+    from dropcli.analysis import stats
+    from dropcli.analysis import summary as S
+    from dropcli.analysis.task import class_labels
+    from dropcli.engines.local import stream_blocks
+    from dropcli.engines.noise import stream_seed
+    from dropcli.engines.runner import default_budget
+    from dropcli.io import report
+
+    task, n = kind.task, source.n
+    K = int(np.prod(kind.shape))
+    if task == "regression":
+        temperature = None
+    lab = None if labels is None else (class_labels(labels, K) if task == "classification" else np.asarray(labels))
+    with_ood = ood_source is not None and task == "classification"
+    bud = budget or default_budget(dev)
+    keep = (n + (ood_source.n if with_ood else 0)) * S.Accumulator.ROW_BYTES
+    acc = S.Accumulator(n, task, lab, K, gate[0] if gate else None)
+    writer = report.RowWriter(output, fmt)
+
+    def on_block(a: int, per: dict, ev: np.ndarray) -> None:
+        b = a + len(ev)
+        probs = stats.to_probs(ev[None])[0] if task == "classification" else None
+        acc.add(a, per, ev, probs)
+        cols = report.columns(task, per, None if lab is None else lab[a:b], probs if probs is not None else ev)
+        cols["index"] = cols["index"] + a
+        writer.write(cols)
+
+    try:
+        chunks = stream_blocks(runner, source, T, seed, batch_size, bud, keep, task, tau, temperature, kind.shape,
+                               on_block, progress)
+        ood_per = None
+        if with_ood:
+            acc_o = S.Accumulator(ood_source.n, task, None, K)
+            chunks += stream_blocks(runner, ood_source, T, stream_seed(seed, 1), batch_size, bud, keep, task, tau,
+                                    temperature, kind.shape, lambda a, per, ev: acc_o.add(a, per, ev), progress, "OOD")
+            ood_per = acc_o.per()
+        log(f"{model_name}: {mdl.backend}/{mdl.format}, {runner.n_sites} dropout site(s); {n} examples x T={T} on {dev}, "
+            f"{chunks} chunk(s), records streamed to {output}")
+        per = acc.per()
+        summary: dict = {"model": model_name, "backend": mdl.backend, "task": task, "method": "mc", "samples": T,
+                         "seed": seed, "sites": runner.n_sites, "device": dev, "output": kind.record(),
+                         "memory": {"budget_bytes": int(bud), "streamed": True,
+                                    "kept_per_example_bytes": S.Accumulator.ROW_BYTES}}
+        if temperature is not None:
+            summary["calibration"] = {"temperature": temperature, "from": temp_from,
+                                      "applied": "each pass's logits divided by it before the softmax"}
+            log(f"calibrated predictive: logits / {temperature:.4g} (temperature from {temp_from}; "
+                "--no-calibration switches it off)")
+        if task == "classification":
+            summary.update(stats.summary(per, lab, ood_per=ood_per, scores=acc.scores()))
+        else:
+            summary["variance"] = (f"sample variance over passes + 1/tau, tau = {tau:.6g} from {tau_from}" if tau else
+                                   "sample variance over passes (no --tau: model precision not included)")
+            summary["tau"] = tau
+            summary["distribution"] = {"std": stats.distribution(per["std_mean"])}
+            if lab is not None:
+                summary.update(acc.regression_metrics())
+        if gate:
+            summary["gate"] = S.gate_from_mean(gate, acc.gate_mean())
+    except BaseException as e:
+        writer.abort(e)
+        raise
+    writer.close()
+    return UncertaintyResult(task=task, summary=summary, per=per, eval=None, samples=None, labels=lab, columns={},
+                             ood=ood_per, source=source, streamed=True)

@@ -76,7 +76,7 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, "--seed", help="Random seed (bitwise reproducible on CPU)."),
         device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto."),
         batch_size: int = typer.Option(256, "--batch-size", help="Examples per chunk (results do not depend on it)."),
-        max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Memory budget for one chunk, e.g. 512M (default: a quarter of free RAM)."),
+        max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Memory budget, e.g. 512M (default: a quarter of free RAM). With --format jsonl or csv to a file or '-', records are written as computed and the peak RSS stays within the model's baseline + this budget + 10%, whatever the number of examples; other formats hold all results in memory."),
         task: str = typer.Option("auto", "--task", help="auto, classification, token-classification ([N, S, V] outputs: a softmax over the last axis per position) or regression. auto decides from the output's shape, the layer that makes it and its values (see the output kinds below)."),
         output: Optional[str] = typer.Option(None, "--output", "-o", help="Write per-example results here ('-' = stdout)."),
         fmt: Optional[str] = typer.Option(None, "--format", help="table, json, jsonl, csv or npz (default: from --output's extension)."),
@@ -151,7 +151,8 @@ def register(app: typer.Typer) -> None:
                         fail_above=fail_above, inject=inject, p=p, after=after, layers=layers, exclude=exclude,
                         allow_output=allow_output, engine=engine, address=address, workers=workers,
                         keep_samples=keep_samples, trust_pickle=trust_pickle, imports=imports, arch=arch,
-                        input_shape=input_shape, debug=STATE.debug, progress=progress, log=log_dim)
+                        input_shape=input_shape, debug=STATE.debug, progress=progress, log=log_dim,
+                        output=None if plot or out_dir else output, output_format=fmt)
         summary, per, task = r.summary, r.per, r.task
         n = r.n
         if plot:
@@ -167,6 +168,9 @@ def register(app: typer.Typer) -> None:
                 _print_moments(summary["moments"])
         elif out_dir:
             sys.stdout.write(json.dumps({"summary": r.to_json(examples=False)["summary"]}, indent=1) + "\n")
+        elif r.streamed:
+            if output != "-":
+                log(f"wrote {fmt} records for {n} examples to {output} (streamed as computed)")
         else:
             report.write(output, fmt, summary, r.columns, {"samples": r.samples} if keep_samples else {})
             if output != "-":

@@ -171,6 +171,61 @@ def write(target: str, fmt: str, summary: dict[str, Any], cols: dict[str, np.nda
         Path(tmp).write_text(text)
 
 
+STREAM_FORMATS = ("jsonl", "csv")  # per-example records written as they are computed
+
+
+class RowWriter:
+    """Per-example records appended block by block (``write(cols)``) to a temporary file beside
+    ``target`` that :meth:`close` renames onto it (``-``: stdout, once complete); on an error
+    :meth:`abort` removes it. Memory holds one block's text at a time."""
+
+    def __init__(self, target: str, fmt: str):
+        if fmt not in STREAM_FORMATS:
+            raise UsageError(f"--format {fmt} cannot be streamed", f"choose {' or '.join(STREAM_FORMATS)}")
+        self.fmt = fmt
+        self._ctx = atomic_path(target)
+        self.path = self._ctx.__enter__()
+        self._target = target
+        self._fh = None
+        self.rows = 0
+
+    def write(self, cols: dict[str, np.ndarray]) -> None:
+        from dropcli.io.files import write_errors
+
+        with write_errors(self._target):
+            if self._fh is None:
+                self._fh = open(self.path, "w")
+            if self.fmt == "jsonl":
+                text = records_jsonl(cols)
+            else:
+                text = to_csv(cols)
+                if self.rows:
+                    text = text.split("\n", 1)[1]  # the header once
+            self._fh.write(text)
+        self.rows += len(next(iter(cols.values())))
+
+    def close(self) -> None:
+        from dropcli.io.files import write_errors
+
+        try:
+            with write_errors(self._target):
+                if self._fh is None:
+                    self._fh = open(self.path, "w")
+                self._fh.close()
+        except BaseException as e:
+            self._ctx.__exit__(type(e), e, e.__traceback__)
+            raise
+        self._ctx.__exit__(None, None, None)
+
+    def abort(self, exc: BaseException) -> None:
+        if self._fh is not None:
+            self._fh.close()
+        try:
+            self._ctx.__exit__(type(exc), exc, exc.__traceback__)
+        except BaseException:  # noqa: BLE001 - atomic_path re-raises the cause; the caller raises it
+            pass
+
+
 def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     """A compressed .npz whose bytes depend only on the arrays (np.savez stamps the time)."""
     import zipfile
