@@ -202,7 +202,8 @@ def _print_table(summary: dict, per: dict, task: str) -> None:
     how = f"T={summary['samples']}" if summary.get("samples") else "analytic moments"
     t = Table(title=f"{'MC dropout' if summary.get('samples') else 'Fast dropout'}: "
                     f"{summary['n'] if 'n' in summary else len(per['mean'])} examples, {how}, "
-                    f"{summary['sites']} site(s), task={task}")
+                    f"{summary['sites']} site(s), task={task}"
+                    + (" (output: embedding)" if summary.get("output", {}).get("kind") == "embedding" else ""))
     if task == "token-classification":
         t.title += f"; per position: {summary['positions_per_example']} positions x {summary['output']['shape'][1]} classes"
     if task in ("classification", "token-classification"):
