@@ -6,7 +6,7 @@ the budget is --max-memory. Per-example results are streamed to the output file 
 so memory does not grow with N beyond the few numbers per row the summary keeps.
 
 Each case runs `dropcli uncertainty` as a whole process (a tiny 4-16-3 MLP with dropout, labels,
---format jsonl/csv to a file) and reads the child's peak RSS from getrusage. Prints a table.
+--format jsonl/csv/parquet to a file) and reads the child's peak RSS from getrusage. Prints a table.
 
     python benchmarks/memory.py                 # 1,000,000 rows, T = 20, --max-memory 256M
     python benchmarks/memory.py --rows 200000 --samples 100 --budget 64M
@@ -61,7 +61,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, nargs="+", default=[100_000, 1_000_000])
     ap.add_argument("--samples", "-T", type=int, default=20)
     ap.add_argument("--budget", default="256M")
-    ap.add_argument("--format", default="jsonl", choices=["jsonl", "csv"])
+    ap.add_argument("--format", default="jsonl", choices=["jsonl", "csv", "parquet"])
     args = ap.parse_args()
     from dropcli.engines.runner import parse_size
 
@@ -75,7 +75,12 @@ def main() -> None:
             cmd = [sys.executable, "-m", "dropcli.cli.main", "--quiet", "uncertainty", str(model), "--input",
                    str(d / f"x{n}.npz"), "-T", str(args.samples), "--max-memory", args.budget, "-o", str(out)]
             res = peak_rss(cmd)
-            lines = sum(1 for _ in open(out)) - (args.format == "csv")
+            if args.format == "parquet":
+                import pyarrow.parquet as pq
+
+                lines = pq.ParquetFile(out).metadata.num_rows
+            else:
+                lines = sum(1 for _ in open(out)) - (args.format == "csv")
             assert lines == n, (lines, n)
             out.unlink()
             return res

@@ -73,6 +73,11 @@ def test_streamed_equals_in_memory(setup, what):
     uncertainty(str(model), str(data), max_memory="6M", output=str(csv), output_format="csv", **kw)
     lines = csv.read_text().splitlines()
     assert len(lines) == 1 + len(rows) and lines[0].startswith("index,")
+    pq = pytest.importorskip("pyarrow.parquet")  # Parquet needs the optional pyarrow
+    par = d / f"{what}.parquet"
+    uncertainty(str(model), str(data), max_memory="6M", output=str(par), output_format="parquet", **kw)
+    assert pq.ParquetFile(par).metadata.num_row_groups > 1  # written block by block
+    assert pq.read_table(par).to_pylist() == rows
 
 
 def test_budget_too_small_is_refused_and_leaves_nothing(setup):

@@ -79,7 +79,7 @@ def register(app: typer.Typer) -> None:
         max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Memory budget, e.g. 512M (default: a quarter of free RAM). With --format jsonl or csv to a file or '-', records are written as computed and the peak RSS stays within the model's baseline + this budget + 10%, whatever the number of examples; other formats hold all results in memory."),
         task: str = typer.Option("auto", "--task", help="auto, classification, token-classification ([N, S, V] outputs: a softmax over the last axis per position) or regression. auto decides from the output's shape, the layer that makes it and its values (see the output kinds below)."),
         output: Optional[str] = typer.Option(None, "--output", "-o", help="Write per-example results here ('-' = stdout)."),
-        fmt: Optional[str] = typer.Option(None, "--format", help="table, json, jsonl, csv or npz (default: from --output's extension)."),
+        fmt: Optional[str] = typer.Option(None, "--format", help="table, json, jsonl, csv, npz or parquet (default: from --output's extension). jsonl, csv and parquet are written as computed (see --max-memory)."),
         keep_samples: bool = typer.Option(False, "--keep-samples", help="With npz: include the raw [T, N, K] samples."),
         plot: Optional[str] = typer.Option(None, "--plot", help="Write a PNG: uncertainty histograms, reliability diagram, risk-coverage."),
         tau: Optional[float] = typer.Option(None, "--tau", help="Regression: model precision; adds 1/tau to the variance (default: the tau `dropcli finetune` stored in the model, if any)."),
@@ -127,12 +127,14 @@ def register(app: typer.Typer) -> None:
                 fmt, output = "json", output or "-"
             fmt = fmt or report.format_from_path(output) or ("table" if not output else None)
             if fmt is None:
-                raise UsageError(f"can't tell the format of --output {output}", "pass --format json|jsonl|csv|npz")
+                raise UsageError(f"can't tell the format of --output {output}", "pass --format json|jsonl|csv|npz|parquet")
             if fmt not in report.FORMATS:
-                hint = " (parquet: with --engine ray and --output DIR)" if fmt == "parquet" else ""
-                raise UsageError(f"unknown --format {fmt!r}{hint}", f"choose one of {', '.join(report.FORMATS)}")
+                raise UsageError(f"unknown --format {fmt!r}", f"choose one of {', '.join(report.FORMATS)}")
             if fmt != "table" and not output:
                 output = "-"
+            if fmt == "parquet" and output == "-":
+                raise UsageError("--format parquet is written to a file, not to stdout",
+                                 "give --output FILE.parquet, or use --format jsonl or csv for a stream")
             if fmt == "table" and output:
                 raise UsageError("--format table goes to the terminal", "use json, jsonl, csv or npz with --output")
             if keep_samples and fmt != "npz":

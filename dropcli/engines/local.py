@@ -96,11 +96,13 @@ def stream_blocks(runner, source, T: int, seed: int, batch_size: int, budget: in
     K = int(np.prod(shape))
     # a block's [T, B, K] float32 samples, float64 probabilities and the statistics' temporaries
     per_row = T * K * 72 + K * 64
-    if free < 2 * per_row or free < (4 << 20):
-        need = keep_bytes + max(2 * per_row, 4 << 20)
-        raise DropcliError(f"--max-memory {budget / 2**20:.0f} MiB is too small for {source.n} examples at T={T}: the summary "
-                           f"keeps {keep_bytes / 2**20:.0f} MiB for them and a block needs {2 * per_row / 2**20:.1f} MiB more",
-                           f"give at least {need / 2**20:.0f} MiB, or split the input")
+    floor = max(2 * per_row, 4 << 20)  # the MC chunks and one block of rows
+    if free < floor:
+        import math
+
+        raise DropcliError(f"--max-memory {budget / 2**20:.3g} MiB is too small for {source.n} examples at T={T}: the summary "
+                           f"keeps {keep_bytes / 2**20:.3g} MiB for them and the MC blocks need {floor / 2**20:.3g} MiB more",
+                           f"give at least {math.ceil((keep_bytes + floor) / 2**20)}M, or split the input")
     block = max(1, min(source.n, (free // 2) // per_row))
     chunks = 0
     as_probs = None

@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from dropcli.errors import UsageError
+from dropcli.errors import DropcliError, UsageError
 from dropcli.io.files import atomic_path, write_errors
 
-FORMATS = ("table", "json", "jsonl", "csv", "npz")
+FORMATS = ("table", "json", "jsonl", "csv", "npz", "parquet")
 SHARD_FORMATS = ("jsonl", "parquet")  # --engine ray --output DIR
 
 
@@ -149,7 +149,14 @@ def write(target: str, fmt: str, summary: dict[str, Any], cols: dict[str, np.nda
           arrays: dict[str, np.ndarray] | None = None) -> None:
     """Write a report to a path (atomically) or to stdout ('-')."""
     if fmt not in FORMATS or fmt == "table":
-        raise UsageError(f"unknown output format {fmt!r}", "choose json, jsonl, csv or npz")
+        raise UsageError(f"unknown output format {fmt!r}", "choose json, jsonl, csv, npz or parquet")
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        table = arrow_table(cols)
+        with atomic_path(target, ".parquet") as tmp:
+            pq.write_table(table, str(tmp))
+        return
     if fmt == "npz":
         payload = {k: np.asarray(v) for k, v in cols.items()}
         payload.update(arrays or {})
@@ -171,7 +178,16 @@ def write(target: str, fmt: str, summary: dict[str, Any], cols: dict[str, np.nda
         Path(tmp).write_text(text)
 
 
-STREAM_FORMATS = ("jsonl", "csv")  # per-example records written as they are computed
+STREAM_FORMATS = ("jsonl", "csv", "parquet")  # per-example records written as they are computed
+
+
+def arrow_table(cols: dict[str, np.ndarray]):
+    """Columns as a pyarrow table (per-position ``[N, S]`` fields as list columns)."""
+    try:
+        import pyarrow as pa
+    except ImportError as e:
+        raise UsageError("--format parquet needs pyarrow, which is not installed", 'install it with: pip install "dropcli[ray]"') from e
+    return pa.table({c: pa.array(list(v) if v.ndim > 1 else v) for c, v in cols.items()})
 
 
 class RowWriter:
@@ -193,6 +209,15 @@ class RowWriter:
         from dropcli.io.files import write_errors
 
         with write_errors(self._target):
+            if self.fmt == "parquet":
+                import pyarrow.parquet as pq
+
+                table = arrow_table(cols)
+                if self._fh is None:
+                    self._fh = pq.ParquetWriter(str(self.path), table.schema)
+                self._fh.write_table(table)
+                self.rows += table.num_rows
+                return
             if self._fh is None:
                 self._fh = open(self.path, "w")
             if self.fmt == "jsonl":
@@ -210,7 +235,7 @@ class RowWriter:
         try:
             with write_errors(self._target):
                 if self._fh is None:
-                    self._fh = open(self.path, "w")
+                    raise DropcliError(f"no records were written to {self._target}")
                 self._fh.close()
         except BaseException as e:
             self._ctx.__exit__(type(e), e, e.__traceback__)
