@@ -218,3 +218,44 @@ def test_checks_come_before_the_run(files):
     x = np.load(d / "emb.npz")["x"]
     with pytest.raises(DropcliError, match="columns"):
         analyze(str(d / "emb.pt2"), x, labels=np.zeros((N, 3)), T=4, progress=_must_not_run)
+
+
+# ------------------------------------------------------------------------------ the zoo's models
+
+
+@pytest.fixture(scope="module")
+def zoo_files(tmp_path_factory):
+    pytest.importorskip("transformers")
+    import zoo
+
+    d = tmp_path_factory.mktemp("zoo_kinds")
+    out = {}
+    for name, fmt in (("gpt2", "onnx18"), ("minilm", "onnx17")):
+        entry = zoo.ZOO[name]
+        out[name] = (zoo.save(entry, fmt, d), zoo.save_inputs(entry, 3, d / f"{name}.npz"), entry)
+    return out
+
+
+def test_zoo_gpt2_is_classified_per_token(zoo_files):
+    """GPT-2's [N, 8, 100] logits (the dynamo ONNX export): a softmax per position, not over 800."""
+    from dropcli.api.uncertainty import uncertainty
+
+    import zoo
+
+    model, data, entry = zoo_files["gpt2"]
+    r = uncertainty(str(model), str(data), T=6, inject="standard", p=0.1)
+    assert r.task == "token-classification" and r.summary["output"]["shape"] == [zoo.SEQ, zoo.VOCAB]
+    assert r.entropy.shape == (3, zoo.SEQ) and r.mean.shape == (3, zoo.SEQ, zoo.VOCAB)
+    assert np.all(r.entropy <= math.log(zoo.VOCAB) + 1e-9)
+    ref = zoo.reference(entry, 3).numpy()  # the original model's logits: the eval pass agrees
+    np.testing.assert_allclose(r.eval.reshape(ref.shape), ref, atol=1e-4)
+
+
+def test_zoo_sentence_embedding_is_not_softmaxed(zoo_files):
+    from dropcli.api.uncertainty import uncertainty
+
+    model, data, _ = zoo_files["minilm"]
+    lines = []
+    r = uncertainty(str(model), str(data), T=6, inject="standard", p=0.1, after="linear", log=lines.append)
+    assert r.task == "regression" and r.summary["output"]["kind"] == "embedding"
+    assert any("feature vector" in ln for ln in lines)
