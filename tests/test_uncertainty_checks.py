@@ -49,6 +49,7 @@ def no_mc_run(monkeypatch):
         raise AssertionError("the MC run started")
 
     monkeypatch.setattr(local, "run_source", started)
+    monkeypatch.setattr(local, "stream_blocks", started)  # --format jsonl/csv: records streamed
 
 
 def _save(d, name, arr):
@@ -176,3 +177,37 @@ def test_plain_line_format():
     assert plain_line("MC dropout", 1200, 5000, 4.0) == "MC dropout: 1200/5000 (24%), 300/s, ETA 0:00:13"
     assert plain_line("finetune", 0, 10, 0.0, "loss 0.5") == "finetune: 0/10 (0%), 0/s, ETA ?, loss 0.5"
     assert plain_line("x", 1, 7201, 1.0).endswith("ETA 2:00:00")
+
+
+@pytest.fixture
+def no_analysis_run(monkeypatch):
+    """`analyze`'s MC run over the whole input fails the test."""
+    from dropcli.analysis import ensemble_torch
+
+    def started(*a, **k):
+        raise AssertionError("the analysis run started")
+
+    monkeypatch.setattr(ensemble_torch, "analyze_torch", started)
+
+
+@pytest.mark.parametrize("labels,contains", [
+    (np.arange(N) % 12, ("range", "10 classes")),
+    (np.zeros((N, 3), np.float32) + 0.5, ("3 columns", "10 outputs")),
+])
+def test_analyze_checks_labels_before_the_run(models, data, no_analysis_run, labels, contains):
+    d, _ = data
+    y = _save(d, "an_y.npy", labels)
+    cli_err("analyze", models["mlp"], "--input", d / "x.npy", "--labels", y, "-T", 5, contains=contains)
+
+
+def test_analyze_refuses_sites_that_cannot_vary_before_the_run(models, data, no_analysis_run):
+    d, _ = data
+    cli_err("analyze", models["mlp_p0"], "--input", d / "x.npy", "-T", 5, contains=("degenerate",))
+
+
+def test_streamed_output_checks_come_first(models, data, no_mc_run, tmp_path):
+    d, _ = data
+    y = _save(d, "bad_y2.npy", np.arange(N) % 12)
+    cli_err("uncertainty", models["mlp"], "--input", d / "x.npy", "--labels", y, "-T", 5, "-o", tmp_path / "r.jsonl",
+            contains=("range",))
+    assert not (tmp_path / "r.jsonl").exists()

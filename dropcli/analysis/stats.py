@@ -93,7 +93,7 @@ def regression(samples: np.ndarray, tau: float | None = None) -> dict[str, np.nd
 
 
 def per_example(samples: np.ndarray, task: str, tau: float | None = None, as_probs: bool | None = None,
-                temperature: float | None = None) -> dict[str, np.ndarray]:
+                temperature: float | None = None, shape: tuple | None = None) -> dict[str, np.ndarray]:
     """The per-example statistics of ``[T, N, K]`` samples, for both engines.
 
     Every value of example i depends only on ``samples[:, i]``, bit for bit: the reductions
@@ -103,8 +103,17 @@ def per_example(samples: np.ndarray, task: str, tau: float | None = None, as_pro
     single example is computed beside a copy of itself. Engines may therefore compute the
     statistics on any split of the examples and concatenate them. ``temperature``: see
     :func:`to_probs` (classification only).
+
+    ``task="token-classification"``: ``shape`` is the per-example output shape ``(S, V)``; the
+    samples ``[T, N, S*V]`` are V-class probabilities at each of S positions, and every
+    statistic gains a position axis: ``[N, S]`` (``mean``/``var``/``std``: ``[N, S, V]``).
     """
     s = np.asarray(samples)
+    if task == "token-classification":
+        S, V = shape
+        T, N = s.shape[:2]
+        flat = per_example(s.reshape(T, N * S, V), "classification", tau, as_probs, temperature)
+        return {k: v.reshape((N, S) + v.shape[1:]) for k, v in flat.items()}
     if s.shape[1] == 1:
         full = per_example(np.concatenate([s, s], axis=1), task, tau, as_probs, temperature)
         return {k: v[:1] for k, v in full.items()}
@@ -200,12 +209,63 @@ def distribution(values: np.ndarray) -> dict[str, float]:
             "p25": float(q[1]), "median": float(q[2]), "p75": float(q[3]), "p95": float(q[4]), "max": float(v.max())}
 
 
+TOKEN_MEASURES = ("entropy", "expected_entropy", "mutual_info", "variation_ratio", "confidence")
+
+
+def sequence_means(per: dict[str, np.ndarray], scored: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Per-sequence summaries of per-position statistics ``[N, S]``: ``mean_<measure>`` over
+    the scored positions (``scored`` bool [N, S]; None: all), ``max_entropy`` and
+    ``max_mutual_info`` (the least certain position). A sequence with no scored position: NaN."""
+    first = next(v for k, v in per.items() if k in TOKEN_MEASURES)
+    w = np.ones(first.shape, dtype=np.float64) if scored is None else scored.astype(np.float64)
+    count = w.sum(1)
+    out = {}
+    with np.errstate(invalid="ignore", divide="ignore"):
+        for m in TOKEN_MEASURES:
+            if m in per:
+                out[f"mean_{m}"] = np.where(count > 0, (per[m] * w).sum(1) / np.maximum(count, 1), np.nan)
+        for m in ("entropy", "mutual_info"):
+            if m in per:
+                out[f"max_{m}"] = np.where(count > 0, np.where(w > 0, per[m], -np.inf).max(1), np.nan)
+    return out
+
+
+def token_summary(per: dict[str, np.ndarray], labels: np.ndarray | None = None, eval_probs: np.ndarray | None = None,
+                  ood_per: dict[str, np.ndarray] | None = None, ignore_index: int = -100) -> dict[str, Any]:
+    """Summary of a per-position classification run: :func:`summary` over the scored positions
+    (every position without labels; those whose label is not ``ignore_index`` with them), plus
+    the distribution of the per-sequence means (:func:`sequence_means`). OOD detection scores
+    each sequence by its mean over positions."""
+    N, S = per["pred"].shape
+    scored = np.ones((N, S), bool) if labels is None else np.asarray(labels) != ignore_index
+    flat = {k: v[scored] for k, v in per.items()}
+    out = summary(flat, None if labels is None else np.asarray(labels)[scored],
+                  eval_probs=None if eval_probs is None else eval_probs[scored])
+    out = {"unit": "position", "n_positions": out.pop("n"), "n": N, "positions_per_example": S, **out}
+    seq = sequence_means(per, scored)
+    out["sequence_distribution"] = {k: distribution(v[np.isfinite(v)]) for k, v in seq.items() if np.isfinite(v).any()}
+    if ood_per is not None:
+        ood_seq = sequence_means(ood_per)
+        out["ood"] = {}
+        for k in ("mean_entropy", "mean_expected_entropy", "mean_mutual_info", "mean_variation_ratio"):
+            if k in seq:
+                a, b = seq[k][np.isfinite(seq[k])], ood_seq[k]
+                out["ood"][k] = {"auroc": auroc(np.r_[a, b], np.r_[np.zeros(len(a), bool), np.ones(len(b), bool)]),
+                                 "fpr95": fpr_at_95_tpr(a, b)}
+    return out
+
+
 UNCERTAINTY_MEASURES = ("entropy", "expected_entropy", "mutual_info", "variation_ratio", "neg_confidence")
 
 
 def summary(per: dict[str, np.ndarray], labels: np.ndarray | None = None, eval_probs: np.ndarray | None = None,
-            ood_per: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
-    """Summary of a classification run (see `dropcli uncertainty`)."""
+            ood_per: dict[str, np.ndarray] | None = None, scores: dict | None = None) -> dict[str, Any]:
+    """Summary of a classification run (see `dropcli uncertainty`).
+
+    ``scores`` (a streamed run, :class:`dropcli.analysis.summary.Accumulator`): the per-example
+    statistics hold no [N, K] ``mean``; NLL and Brier of the MC predictive and of the
+    deterministic pass come as ``{"nll", "brier", "eval": {"correct", "confidence", "nll",
+    "brier"}}`` (sums over the examples, divided here), ``eval_probs`` is then unused."""
     # measures the per-example statistics hold (--method moments has no MI/expected entropy/variation ratio)
     names = [m for m in UNCERTAINTY_MEASURES if m == "neg_confidence" or m in per]
     measures = {m: (-per["confidence"] if m == "neg_confidence" else per[m]) for m in names}
@@ -214,11 +274,18 @@ def summary(per: dict[str, np.ndarray], labels: np.ndarray | None = None, eval_p
         labels = np.asarray(labels).astype(np.int64)
         correct = per["pred"] == labels
         ece, mce = ece_mce(per["confidence"], correct)
-        out["mc"] = {"accuracy": float(correct.mean()), "nll": nll(per["mean"], labels), "brier": brier(per["mean"], labels),
-                     "ece": ece, "mce": mce}
+        n = len(labels)
+        mc_nll, mc_brier = ((scores["nll"] / n, scores["brier"] / n) if scores else
+                            (nll(per["mean"], labels), brier(per["mean"], labels)))
+        out["mc"] = {"accuracy": float(correct.mean()), "nll": float(mc_nll), "brier": float(mc_brier), "ece": ece, "mce": mce}
         out["accuracy_at_coverage"] = accuracy_at_coverage(measures["entropy"], correct)
         out["error_auroc"] = {m: auroc(v, ~correct) for m, v in measures.items()}
-        if eval_probs is not None:
+        if scores:
+            ev = scores["eval"]
+            e_ece, e_mce = ece_mce(ev["confidence"], ev["correct"])
+            out["eval"] = {"accuracy": float(ev["correct"].mean()), "nll": float(ev["nll"] / n),
+                           "brier": float(ev["brier"] / n), "ece": e_ece, "mce": e_mce}
+        elif eval_probs is not None:
             ep = np.asarray(eval_probs, dtype=np.float64)
             ec = ep.argmax(-1) == labels
             e_ece, e_mce = ece_mce(ep.max(-1), ec)

@@ -37,20 +37,43 @@ unknown ``--task`` reads "choose auto, classification or regression" everywhere 
 said "choose one of auto, classification, regression").
 
 No case that the test suite covers changed.
+
+Output kinds (`uncertainty`, :func:`output_kind`): the rule above assumes one vector of K
+outputs per example. What the output *is* is decided first, from its per-example shape, the
+layer that makes it and its values, so a language model's ``[N, S, V]`` logits are not one
+softmax over S*V "classes" and a sentence embedding is not soft-maxed over its dimensions:
+
+* per-example shape ``[S, V]`` (V >= 2), made by a layer that is not a normalisation
+  -> ``token-classification``: a softmax over the last axis, statistics per position,
+  summaries per sequence; labels ``[N, S]`` with :data:`IGNORE_INDEX` (-100) marking
+  positions that are not scored (padding, the prompt), as in PyTorch's cross-entropy.
+* a feature vector rather than logits: rows of unit L2 norm (``F.normalize``, a sentence
+  embedding), or made by a LayerNorm -> ``regression`` of each dimension, with a warning
+  that says so (a softmax over embedding dimensions means nothing; the spread of each
+  dimension over the passes does). ``--task classification`` forces the softmax.
+* per-example shapes of three or more axes (feature maps) -> ``regression`` of each value,
+  with a warning (there is no rule for which axis holds classes).
+* otherwise the rule above.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Optional
 
 TASKS = ("auto", "classification", "regression")
+# `uncertainty` also takes per-position classification ([N, S, V] outputs)
+OUTPUT_TASKS = TASKS + ("token-classification",)
+IGNORE_INDEX = -100  # a label that is not scored (PyTorch's cross-entropy default)
+# layers whose output is a feature vector, not logits (torch aten names and ONNX op types)
+FEATURE_OPS = {"layer_norm", "native_layer_norm", "LayerNormalization", "normalize"}
 
 
-def check_task(task: str) -> str:
+def check_task(task: str, allowed: tuple = TASKS) -> str:
     from dropcli.errors import UsageError
 
-    if task not in TASKS:
-        raise UsageError(f"unknown --task {task!r}", "choose auto, classification or regression")
+    if task not in allowed:
+        raise UsageError(f"unknown --task {task!r}", f"choose {', '.join(allowed[:-1])} or {allowed[-1]}")
     return task
 
 
@@ -120,3 +143,127 @@ def check_labels(labels: Any, task: str, n_outputs: int) -> None:
     cols = int(np.prod(lab.shape[1:])) if lab.ndim > 1 else 1
     if cols != n_outputs:
         raise DropcliError(f"labels have {cols} columns but the model has {n_outputs} outputs")
+
+
+# ------------------------------------------------------------------------------ output kinds
+
+
+@dataclass
+class OutputKind:
+    """What a model's output is, for `uncertainty`: ``task`` (classification,
+    token-classification or regression), ``kind`` (the words the report uses), the per-example
+    ``shape``, why it was chosen, and a warning for the user (None: nothing to say)."""
+
+    task: str
+    kind: str
+    shape: tuple
+    why: str
+    warning: Optional[str] = None
+
+    def record(self) -> dict:
+        return {"kind": self.kind, "shape": list(self.shape), "why": self.why}
+
+
+def _unit_norm_rows(values: Any) -> bool:
+    """Rows (last axis) of L2 norm 1 that are not probability vectors: a normalised embedding."""
+    import numpy as np
+
+    v = np.asarray(values, dtype=np.float64)
+    if v.size == 0 or v.shape[-1] < 2:
+        return False
+    norms = np.linalg.norm(v, axis=-1)
+    probs = bool(np.all(v >= 0) and np.allclose(v.sum(-1), 1.0, atol=1e-4))
+    return bool(np.allclose(norms, 1.0, atol=1e-3)) and not probs
+
+
+def is_token_labels(labels: Any, seq: int) -> bool:
+    """Labels [N, S] (or [N, S, 1]) of whole numbers: one class per position."""
+    import numpy as np
+
+    lab = np.asarray(labels)
+    if lab.ndim == 3 and lab.shape[2] == 1:
+        lab = lab[..., 0]
+    return lab.ndim == 2 and lab.shape[1] == seq and _whole_numbers(lab)
+
+
+def output_kind(task: str, labels: Any, shape: tuple, final_op: Optional[str] = None, values: Any = None) -> OutputKind:
+    """The kind of a model output of per-example ``shape`` (the rule in the module docstring).
+    ``final_op``: the op that makes the output (aten name or ONNX op type), if known;
+    ``values``: the output for a few examples (deterministic pass), to recognise embeddings."""
+    import numpy as np
+
+    from dropcli.errors import UsageError
+
+    check_task(task, OUTPUT_TASKS)
+    shape = tuple(int(d) for d in shape) or (1,)
+    K = int(np.prod(shape))
+    feature = final_op in FEATURE_OPS or (values is not None and _unit_norm_rows(values))
+    made = f" (made by {final_op})" if final_op else ""
+    if task == "token-classification" or (task in ("auto", "classification") and len(shape) == 2 and shape[1] >= 2
+                                          and not (task == "auto" and feature)):
+        if len(shape) != 2 or shape[1] < 2:
+            raise UsageError(f"--task token-classification needs an output of shape [N, S, V] (V >= 2 classes), "
+                             f"this one is [N, {', '.join(map(str, shape))}]", "use --task classification or regression")
+        if task == "auto" and labels is not None and not is_token_labels(labels, shape[0]):
+            return OutputKind("regression", "regression", shape, f"[N, {shape[0]}, {shape[1]}] outputs with labels that "
+                              "are not one class per position", None)
+        return OutputKind("token-classification", "per-position classification", shape,
+                          f"output [N, {shape[0]}, {shape[1]}]{made}: a softmax over the last axis ({shape[1]} classes) "
+                          f"at each of {shape[0]} positions")
+    if task == "regression":
+        return OutputKind("regression", "regression", shape, "--task regression")
+    if task == "classification":
+        return OutputKind("classification", "one class per example", shape,
+                          "--task classification" + (f": a softmax over all {K} outputs" if len(shape) > 1 else ""))
+    if K < 2:
+        return OutputKind("regression", "regression", shape, "one output per example")
+    if feature:
+        what = "rows of unit L2 norm" if values is not None and _unit_norm_rows(values) else f"made by {final_op}"
+        return OutputKind("regression", "embedding", shape, f"a feature vector ({what}), not logits",
+                          f"the output [N, {', '.join(map(str, shape))}] is a feature vector ({what}), not class "
+                          "logits: reported per dimension as regression (mean and spread over passes), not soft-maxed; "
+                          "pass --task classification to force a softmax")
+    if len(shape) >= 3:
+        return OutputKind("regression", "regression", shape, f"an output of {len(shape)} axes per example",
+                          f"the output [N, {', '.join(map(str, shape))}] has no axis known to hold classes: reported "
+                          "per value as regression; pass --task classification for one softmax over all of them")
+    t = infer_task("auto", labels, K)
+    if t == "classification":
+        return OutputKind(t, "one class per example", shape, f"{K} outputs{made}" + ("" if labels is None else " and one class label per example"))
+    return OutputKind(t, "regression", shape, f"labels that are not one class per example")
+
+
+def token_labels(labels: Any, seq: int, n_classes: int):
+    """Per-position labels as int64 [N, S], checked: a class in [0, V) or IGNORE_INDEX."""
+    import numpy as np
+
+    from dropcli.errors import DropcliError
+
+    lab = np.asarray(labels)
+    if lab.ndim == 3 and lab.shape[2] == 1:
+        lab = lab[..., 0]
+    if lab.ndim != 2 or lab.shape[1] != seq:
+        raise DropcliError(f"per-position labels must have shape [N, {seq}] (one class per position, "
+                           f"{IGNORE_INDEX} for positions not scored), got {list(lab.shape)}")
+    if not _whole_numbers(lab):
+        raise DropcliError("per-position labels must be integers", f"use {IGNORE_INDEX} for positions not scored")
+    lab = lab.astype(np.int64)
+    scored = lab != IGNORE_INDEX
+    if not scored.any():
+        raise DropcliError(f"every label is {IGNORE_INDEX} (ignored): there is nothing to score", "give some real labels")
+    bad = scored & ((lab < 0) | (lab >= n_classes))
+    if bad.any():
+        v = lab[bad]
+        raise DropcliError(f"labels range over [{v.min()}, {v.max()}] (besides {IGNORE_INDEX}) but the model has "
+                           f"{n_classes} classes per position")
+    return lab
+
+
+def check_output_labels(labels: Any, kind: OutputKind) -> None:
+    """:func:`check_labels` for an output kind (per-position labels for token-classification)."""
+    if kind.task == "token-classification":
+        token_labels(labels, kind.shape[0], kind.shape[1])
+    else:
+        import numpy as np
+
+        check_labels(labels, kind.task, int(np.prod(kind.shape)))

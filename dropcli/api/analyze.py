@@ -53,7 +53,7 @@ def analyze(model: Any, x: Any, labels: Any = None, *, T: int = 100, seed: int =
     report of `dropcli analyze --json`; ``layers``/``exclude`` narrow the sites reported."""
     import numpy as np
 
-    from dropcli.analysis.task import class_labels, infer_task
+    from dropcli.analysis.task import check_labels, class_labels, infer_task
     from dropcli.engines.factory import make_runner
     from dropcli.errors import DropcliError
     from dropcli.io import data as D
@@ -82,8 +82,11 @@ def analyze(model: Any, x: Any, labels: Any = None, *, T: int = 100, seed: int =
         raise DropcliError(f"labels have {len(labels)} rows but the input has {n} examples", "give one label per example")
     K = int(np.prod(runner.run_eval([x[:1] for x in xs]).shape[1:]))
     task = infer_task(task, labels, K)
-    if labels is not None and task == "classification":
-        labels = class_labels(labels, K)
+    if labels is not None:  # before the MC run: range, integers, one class (or K columns) per example
+        check_labels(labels, task, K)
+        if task == "classification":
+            labels = class_labels(labels, K)
+    _check_sites_vary(runner, xs, T, seed, batch_size)
     if mdl.backend == "onnx":
         from dropcli.analysis.ensemble_onnx import analyze_onnx as analyze_fn
     else:
@@ -101,3 +104,16 @@ def analyze(model: Any, x: Any, labels: Any = None, *, T: int = 100, seed: int =
     rep = {"model": name, "backend": mdl.backend, "n": n, "samples": T, "seed": seed, "task": task, **rep}
     log(f"{name}: {len(rep['sites'])} site(s), {n} examples x T={T}")
     return rep
+
+
+def _check_sites_vary(runner, xs, T: int, seed: int, batch_size: int) -> None:
+    """Before the MC run: T masks of example 0 that all give the same output mean sites that
+    produce no randomness (p = 0, a deterministic variant): the analysis would measure nothing."""
+    from dropcli.engines.runner import degenerate_examples, run_mc
+    from dropcli.errors import DropcliError
+
+    res = run_mc(runner, [x[:1] for x in xs], T, seed, batch_size, check_degenerate=False)
+    if degenerate_examples(res.samples)[0]:
+        raise DropcliError(f"degenerate sampling: the {T} masks of example 0 give identical outputs; the sites produce no "
+                           "randomness (p = 0, or a deterministic variant such as maxdrop), so there is no ensemble to analyse",
+                           "use p > 0 or another variant")

@@ -40,9 +40,11 @@ class UncertaintyResult:
             return per[name]
         raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
 
+    streamed: bool = False
+
     @property
     def n(self) -> int:
-        return len(self.per["mean"])
+        return len(next(iter(self.per.values())))
 
     @property
     def tripped(self) -> bool:
@@ -63,14 +65,14 @@ def check_uncertainty_args(*, T: int = 50, batch_size: int = 256, task: str = "a
                            temperature: Optional[float] = None, calibration: bool = True, **_: Any):
     """The option checks of `dropcli uncertainty` (UsageError); the parsed ``fail_above`` gate."""
     from dropcli.analysis.summary import parse_gate
-    from dropcli.analysis.task import check_task
+    from dropcli.analysis.task import OUTPUT_TASKS, check_task
     from dropcli.errors import UsageError
 
     if T < 1:
         raise UsageError(f"--samples must be >= 1, got {T}")
     if batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
-    check_task(task)
+    check_task(task, OUTPUT_TASKS)
     if tau is not None and not tau > 0:
         raise UsageError("--tau must be positive")
     if temperature is not None and not (temperature > 0 and temperature < float("inf")):
@@ -91,14 +93,17 @@ def check_uncertainty_args(*, T: int = 50, batch_size: int = 256, task: str = "a
 
 
 def _check_before_run(runner: Any, source: Any, labels: Any, task: str, method: str, T: int, seed: int,
-                      batch_size: int, budget: Optional[int], inject_opts: Optional[dict]) -> None:
-    """What one example tells before the MC run over all of them: K (the labels are checked
-    against it) and, with T > 1, whether the sites vary at all. Example 0's T samples are
-    those of the full run (seeded by example and pass), so an error here is the one the run
-    would end with."""
+                      batch_size: int, budget: Optional[int], inject_opts: Optional[dict], gate: Any = None):
+    """What one example tells before the MC run over all of them: the output's shape and kind
+    (:func:`dropcli.analysis.task.output_kind`; the labels and the ``--fail-above`` metric are
+    checked against it) and, with T > 1, whether the sites vary at all. Example 0's T samples
+    are those of the full run (seeded by example and pass), so an error here is the one the run
+    would end with. Returns the output kind."""
     import numpy as np
 
-    from dropcli.analysis.task import check_labels
+    from dropcli.analysis.summary import check_gate
+    from dropcli.analysis.task import check_output_labels, output_kind
+    from dropcli.engines.runner import final_op
     from dropcli.errors import DropcliError
 
     k, a, _ = source.ranges()[0]
@@ -113,12 +118,15 @@ def _check_before_run(runner: Any, source: Any, labels: Any, task: str, method: 
                 f"degenerate sampling: the {T} samples of example 0 are identical; the sites produce no randomness "
                 "(p = 0, or a deterministic variant such as maxdrop), so MC dropout would measure nothing",
                 "--p 0 drops nothing: give --p > 0" if p0 else "use p > 0 or another variant")
-        n_out = res.samples.shape[-1]
+        shape, ev = res.out_shape, res.eval
     else:
-        ev = runner.run_eval(first)
-        n_out = int(np.prod(ev.shape[1:]))
+        ev = np.asarray(runner.run_eval(first))
+        shape = tuple(ev.shape[1:]) or (1,)
+    kind = output_kind(task, labels, shape, final_op(runner), np.asarray(ev).reshape((len(ev),) + tuple(shape)))
     if labels is not None:
-        check_labels(labels, task, n_out)
+        check_output_labels(labels, kind)
+    check_gate(gate, kind.task, method)
+    return kind
 
 
 def uncertainty(model: Any, x: Any, *, labels: Any = None, T: int = 50, method: str = "mc", seed: int = 0,
@@ -128,7 +136,8 @@ def uncertainty(model: Any, x: Any, *, labels: Any = None, T: int = 50, method: 
                 allow_output: bool = False, engine: str = "local", address: Optional[str] = None, workers: int = 1,
                 keep_samples: bool = False, trust_pickle: bool = False, imports: Optional[Sequence[str]] = None,
                 arch: Optional[str] = None, input_shape: Optional[str] = None, debug: bool = False,
-                progress: Callable | None = None, log: Log | None = None) -> UncertaintyResult:
+                progress: Callable | None = None, log: Log | None = None, output: Optional[str] = None,
+                output_format: Optional[str] = None) -> UncertaintyResult:
     """Monte-Carlo dropout: ``T`` stochastic passes per example of ``x``, and the per-example
     predictive mean, variance, entropy, mutual information... with the summary `dropcli
     uncertainty` reports (accuracy, NLL, Brier, ECE, risk-coverage, AUROC with labels).
@@ -142,10 +151,15 @@ def uncertainty(model: Any, x: Any, *, labels: Any = None, T: int = 50, method: 
     a context manager yielding ``advance(k)``; ``log(text)`` gets the CLI's log lines.
     Classification: each pass's logits are divided by ``temperature``, by default the one
     `dropcli finetune --calibrate` stored in the model (``calibration=False``: none).
+    ``output`` (a path or ``-``) with ``output_format`` ``jsonl`` or ``csv``: per-example records
+    are written there as they are computed (MC, local engine, one class or regression per
+    example), so memory stays within ``max_memory`` whatever N; the result's ``per`` then holds
+    only the per-example numbers the summary needs (no [N, K] ``mean``), ``columns`` is empty
+    and ``streamed`` is True.
     Raises :class:`dropcli.errors.DropcliError` (``UsageError`` for bad arguments)."""
     from dropcli.analysis import stats
     from dropcli.analysis import summary as S
-    from dropcli.analysis.task import class_labels, infer_task
+    from dropcli.analysis.task import IGNORE_INDEX, class_labels, token_labels
     from dropcli.errors import DropcliError, UsageError
     from dropcli.io import report
 
@@ -212,8 +226,19 @@ def uncertainty(model: Any, x: Any, *, labels: Any = None, T: int = 50, method: 
     if labels is not None and len(labels) != n:
         raise DropcliError(f"labels have {len(labels)} rows but the input has {n} examples", "give one label per example")
     ood_source = open_input(ood, specs, "OOD input") if (ood if is_path(ood) else ood is not None) else None
-    _check_before_run(runner, source, labels, task, method, T, seed, batch_size, budget, inject_opts)
+    kind = _check_before_run(runner, source, labels, task, method, T, seed, batch_size, budget, inject_opts, gate)
+    if kind.task == "token-classification" and (method != "mc" or engine != "local"):
+        raise UsageError(f"per-position outputs ({kind.why}) run with --method mc --engine local",
+                         "drop --method moments / --engine ray, or pass --task regression")
+    if kind.warning:
+        log(f"warning: {kind.warning}")
+    elif kind.task == "token-classification":
+        log(f"output: {kind.kind}, {kind.why}")
 
+    if (output is not None and output_format in report.STREAM_FORMATS and method == "mc" and engine == "local"
+            and not keep_samples and kind.task != "token-classification"):
+        return _streamed(runner, mdl, model_name, source, ood_source, labels, kind, output, output_format, T, seed,
+                         batch_size, budget, tau, tau_from, temperature, temp_from, gate, dev, progress, log)
     if method == "moments":
         from dropcli.engines.local import MomentsEngine
 
@@ -229,9 +254,9 @@ def uncertainty(model: Any, x: Any, *, labels: Any = None, T: int = 50, method: 
                         batch_size, budget, tau, keep_samples, workers, address, progress=progress, log=log)
     with eng:
         K = eng.n_outputs(source)
-        task = infer_task(task, labels, K)
-        with_ood = ood_source is not None and task == "classification"
-        if task != "classification" or (method == "moments" and getattr(eng, "probs", False)):
+        task = kind.task
+        with_ood = ood_source is not None and task != "regression"
+        if task == "regression" or (method == "moments" and getattr(eng, "probs", False)):
             temperature = None  # classification logits only (a model that outputs probabilities has none for moments)
         results = eng.run_all([source, ood_source] if with_ood else [source], task, tau, temperature)
         res, ood_res = results[0], (results[1] if with_ood else None)
@@ -240,7 +265,7 @@ def uncertainty(model: Any, x: Any, *, labels: Any = None, T: int = 50, method: 
     per, eval_out = res.per, res.eval
     summary: dict = {"model": model_name, "backend": mdl.backend, "task": task, "method": method,
                      "samples": T if method == "mc" else None, "seed": seed if method == "mc" else None,
-                     "sites": runner.n_sites, "device": dev}
+                     "sites": runner.n_sites, "device": dev, "output": kind.record()}
     if method == "moments":
         summary["moments"] = eng.report(task)
     if temperature is not None:
@@ -249,7 +274,16 @@ def uncertainty(model: Any, x: Any, *, labels: Any = None, T: int = 50, method: 
                                               else "each pass's logits divided by it before the softmax")}
         log(f"calibrated predictive: logits / {temperature:.4g} (temperature from {temp_from}; "
             "--no-calibration switches it off)")
-    if task == "classification":
+    if task == "token-classification":
+        S, V = kind.shape
+        if labels is not None:
+            labels = token_labels(labels, S, V)
+        eval_probs = stats.to_probs(eval_out.reshape(1, n * S, V))[0].reshape(n, S, V)
+        summary.update(stats.token_summary(per, labels, eval_probs, ood_per=ood_res.per if ood_res else None,
+                                           ignore_index=IGNORE_INDEX))
+        seq = stats.sequence_means(per, None if labels is None else labels != IGNORE_INDEX)
+        cols = report.token_columns(per, seq, labels, eval_probs, IGNORE_INDEX)
+    elif task == "classification":
         if labels is not None:
             labels = class_labels(labels, K)
         eval_probs = stats.to_probs(eval_out[None])[0]
@@ -268,3 +302,76 @@ def uncertainty(model: Any, x: Any, *, labels: Any = None, T: int = 50, method: 
     return UncertaintyResult(task=task, summary=summary, per=per, eval=eval_out,
                              samples=res.samples, labels=labels, columns=cols,
                              ood=ood_res.per if ood_res else None, source=source)
+
+
+def _streamed(runner, mdl, model_name, source, ood_source, labels, kind, output, fmt, T, seed, batch_size, budget, tau,
+              tau_from, temperature, temp_from, gate, dev, progress, log) -> UncertaintyResult:
+    """`uncertainty` with per-example records written as they are computed (see ``output``):
+    memory is the budget's, whatever the number of examples."""
+    import numpy as np
+
+    from dropcli.analysis import stats
+    from dropcli.analysis import summary as S
+    from dropcli.analysis.task import class_labels
+    from dropcli.engines.local import stream_blocks
+    from dropcli.engines.noise import stream_seed
+    from dropcli.engines.runner import default_budget
+    from dropcli.io import report
+
+    task, n = kind.task, source.n
+    K = int(np.prod(kind.shape))
+    if task == "regression":
+        temperature = None
+    lab = None if labels is None else (class_labels(labels, K) if task == "classification" else np.asarray(labels))
+    with_ood = ood_source is not None and task == "classification"
+    bud = budget or default_budget(dev)
+    keep = (n + (ood_source.n if with_ood else 0)) * S.Accumulator.ROW_BYTES
+    acc = S.Accumulator(n, task, lab, K, gate[0] if gate else None)
+    writer = report.RowWriter(output, fmt)
+
+    def on_block(a: int, per: dict, ev: np.ndarray) -> None:
+        b = a + len(ev)
+        probs = stats.to_probs(ev[None])[0] if task == "classification" else None
+        acc.add(a, per, ev, probs)
+        cols = report.columns(task, per, None if lab is None else lab[a:b], probs if probs is not None else ev)
+        cols["index"] = cols["index"] + a
+        writer.write(cols)
+
+    try:
+        chunks = stream_blocks(runner, source, T, seed, batch_size, bud, keep, task, tau, temperature, kind.shape,
+                               on_block, progress)
+        ood_per = None
+        if with_ood:
+            acc_o = S.Accumulator(ood_source.n, task, None, K)
+            chunks += stream_blocks(runner, ood_source, T, stream_seed(seed, 1), batch_size, bud, keep, task, tau,
+                                    temperature, kind.shape, lambda a, per, ev: acc_o.add(a, per, ev), progress, "OOD")
+            ood_per = acc_o.per()
+        log(f"{model_name}: {mdl.backend}/{mdl.format}, {runner.n_sites} dropout site(s); {n} examples x T={T} on {dev}, "
+            f"{chunks} chunk(s), records streamed to {output}")
+        per = acc.per()
+        summary: dict = {"model": model_name, "backend": mdl.backend, "task": task, "method": "mc", "samples": T,
+                         "seed": seed, "sites": runner.n_sites, "device": dev, "output": kind.record(),
+                         "memory": {"budget_bytes": int(bud), "streamed": True,
+                                    "kept_per_example_bytes": S.Accumulator.ROW_BYTES}}
+        if temperature is not None:
+            summary["calibration"] = {"temperature": temperature, "from": temp_from,
+                                      "applied": "each pass's logits divided by it before the softmax"}
+            log(f"calibrated predictive: logits / {temperature:.4g} (temperature from {temp_from}; "
+                "--no-calibration switches it off)")
+        if task == "classification":
+            summary.update(stats.summary(per, lab, ood_per=ood_per, scores=acc.scores()))
+        else:
+            summary["variance"] = (f"sample variance over passes + 1/tau, tau = {tau:.6g} from {tau_from}" if tau else
+                                   "sample variance over passes (no --tau: model precision not included)")
+            summary["tau"] = tau
+            summary["distribution"] = {"std": stats.distribution(per["std_mean"])}
+            if lab is not None:
+                summary.update(acc.regression_metrics())
+        if gate:
+            summary["gate"] = S.gate_from_mean(gate, acc.gate_mean())
+    except BaseException as e:
+        writer.abort(e)
+        raise
+    writer.close()
+    return UncertaintyResult(task=task, summary=summary, per=per, eval=None, samples=None, labels=lab, columns={},
+                             ood=ood_per, source=source, streamed=True)

@@ -52,6 +52,15 @@ by name (numbers as numbers); an example's index is its position in that order. 
 --engine ray, --output DIR writes a folder of shards (--format jsonl or parquet) plus
 summary.json; the results are bitwise identical to --engine local.
 
+Output kinds (--task auto; the report's "output" says which and why): a vector of K logits
+per example is one classification per example. Outputs [N, S, V] (a language model's logits)
+are classified per position: a softmax over the last axis, statistics per position, summaries
+per sequence (mean and max entropy, mutual information... over its positions); labels [N, S]
+with -100 at positions not scored. JSON/JSONL write per-position fields as lists, NPZ as
+[N, S] arrays, CSV one row per position. Feature vectors (rows of unit L2 norm such as sentence
+embeddings, or a LayerNorm's output) are not soft-maxed: they are reported per dimension as
+regression, with a warning (--task classification forces a softmax).
+
 Exit codes: 0 ok, 1 error, 2 usage error, {EXIT_GATE} --fail-above tripped, 130 interrupted.
 """
 
@@ -67,10 +76,10 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, "--seed", help="Random seed (bitwise reproducible on CPU)."),
         device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto."),
         batch_size: int = typer.Option(256, "--batch-size", help="Examples per chunk (results do not depend on it)."),
-        max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Memory budget for one chunk, e.g. 512M (default: a quarter of free RAM)."),
-        task: str = typer.Option("auto", "--task", help="auto, classification or regression."),
+        max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Memory budget, e.g. 512M (default: a quarter of free RAM). With --format jsonl or csv to a file or '-', records are written as computed and the peak RSS stays within the model's baseline + this budget + 10%, whatever the number of examples; other formats hold all results in memory."),
+        task: str = typer.Option("auto", "--task", help="auto, classification, token-classification ([N, S, V] outputs: a softmax over the last axis per position) or regression. auto decides from the output's shape, the layer that makes it and its values (see the output kinds below)."),
         output: Optional[str] = typer.Option(None, "--output", "-o", help="Write per-example results here ('-' = stdout)."),
-        fmt: Optional[str] = typer.Option(None, "--format", help="table, json, jsonl, csv or npz (default: from --output's extension)."),
+        fmt: Optional[str] = typer.Option(None, "--format", help="table, json, jsonl, csv, npz or parquet (default: from --output's extension). jsonl, csv and parquet are written as computed (see --max-memory)."),
         keep_samples: bool = typer.Option(False, "--keep-samples", help="With npz: include the raw [T, N, K] samples."),
         plot: Optional[str] = typer.Option(None, "--plot", help="Write a PNG: uncertainty histograms, reliability diagram, risk-coverage."),
         tau: Optional[float] = typer.Option(None, "--tau", help="Regression: model precision; adds 1/tau to the variance (default: the tau `dropcli finetune` stored in the model, if any)."),
@@ -118,12 +127,14 @@ def register(app: typer.Typer) -> None:
                 fmt, output = "json", output or "-"
             fmt = fmt or report.format_from_path(output) or ("table" if not output else None)
             if fmt is None:
-                raise UsageError(f"can't tell the format of --output {output}", "pass --format json|jsonl|csv|npz")
+                raise UsageError(f"can't tell the format of --output {output}", "pass --format json|jsonl|csv|npz|parquet")
             if fmt not in report.FORMATS:
-                hint = " (parquet: with --engine ray and --output DIR)" if fmt == "parquet" else ""
-                raise UsageError(f"unknown --format {fmt!r}{hint}", f"choose one of {', '.join(report.FORMATS)}")
+                raise UsageError(f"unknown --format {fmt!r}", f"choose one of {', '.join(report.FORMATS)}")
             if fmt != "table" and not output:
                 output = "-"
+            if fmt == "parquet" and output == "-":
+                raise UsageError("--format parquet is written to a file, not to stdout",
+                                 "give --output FILE.parquet, or use --format jsonl or csv for a stream")
             if fmt == "table" and output:
                 raise UsageError("--format table goes to the terminal", "use json, jsonl, csv or npz with --output")
             if keep_samples and fmt != "npz":
@@ -142,7 +153,8 @@ def register(app: typer.Typer) -> None:
                         fail_above=fail_above, inject=inject, p=p, after=after, layers=layers, exclude=exclude,
                         allow_output=allow_output, engine=engine, address=address, workers=workers,
                         keep_samples=keep_samples, trust_pickle=trust_pickle, imports=imports, arch=arch,
-                        input_shape=input_shape, debug=STATE.debug, progress=progress, log=log_dim)
+                        input_shape=input_shape, debug=STATE.debug, progress=progress, log=log_dim,
+                        output=None if plot or out_dir else output, output_format=fmt)
         summary, per, task = r.summary, r.per, r.task
         n = r.n
         if plot:
@@ -158,6 +170,9 @@ def register(app: typer.Typer) -> None:
                 _print_moments(summary["moments"])
         elif out_dir:
             sys.stdout.write(json.dumps({"summary": r.to_json(examples=False)["summary"]}, indent=1) + "\n")
+        elif r.streamed:
+            if output != "-":
+                log(f"wrote {fmt} records for {n} examples to {output} (streamed as computed)")
         else:
             report.write(output, fmt, summary, r.columns, {"samples": r.samples} if keep_samples else {})
             if output != "-":
@@ -189,9 +204,12 @@ def _print_table(summary: dict, per: dict, task: str) -> None:
     how = f"T={summary['samples']}" if summary.get("samples") else "analytic moments"
     t = Table(title=f"{'MC dropout' if summary.get('samples') else 'Fast dropout'}: "
                     f"{summary['n'] if 'n' in summary else len(per['mean'])} examples, {how}, "
-                    f"{summary['sites']} site(s), task={task}")
-    if task == "classification":
-        t.add_column("measure")
+                    f"{summary['sites']} site(s), task={task}"
+                    + (" (output: embedding)" if summary.get("output", {}).get("kind") == "embedding" else ""))
+    if task == "token-classification":
+        t.title += f"; per position: {summary['positions_per_example']} positions x {summary['output']['shape'][1]} classes"
+    if task in ("classification", "token-classification"):
+        t.add_column("measure" if task == "classification" else f"measure (per position, {summary['n_positions']} scored)")
         for c in ("mean", "std", "median", "p95", "max"):
             t.add_column(c, justify="right")
         for m, d in summary["distribution"].items():
@@ -200,6 +218,14 @@ def _print_table(summary: dict, per: dict, task: str) -> None:
             cal = summary["calibration"]
             t.caption = f"calibrated: logits / {cal['temperature']:.4g} (temperature from {cal['from']})"
         out.print(t)
+        if "sequence_distribution" in summary:
+            q = Table(title="per sequence: over its scored positions")
+            q.add_column("measure")
+            for c in ("mean", "std", "median", "p95", "max"):
+                q.add_column(c, justify="right")
+            for m, d in summary["sequence_distribution"].items():
+                q.add_row(m, *(f"{d[c]:.4f}" for c in ("mean", "std", "median", "p95", "max")))
+            out.print(q)
         if "mc" in summary:
             mc_name = "MC" if summary.get("samples") else "moments"
             c = Table(title=f"with labels: {mc_name} vs deterministic pass")

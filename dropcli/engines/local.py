@@ -56,6 +56,7 @@ class LocalEngine:
         self._res = run_source(self.runner, source.read_all(), self.T, self.seed, self.batch_size, self.budget, source.n,
                                "MC dropout", self.progress)
         self._src = source
+        self.out_shape = self._res.out_shape
         return self._res.samples.shape[-1]
 
     def run_all(self, sources, task, tau, temperature=None) -> list[EngineResult]:
@@ -69,11 +70,60 @@ class LocalEngine:
                 res = run_source(self.runner, source.read_all(), self.T, stream_seed(self.seed, i), self.batch_size,
                                  self.budget, source.n, "OOD" if i else "MC dropout", self.progress)
             self.chunks += res.chunks
-            out.append(EngineResult(stats.per_example(res.samples, task, tau, temperature=temperature), res.eval, res.samples))
+            per = stats.per_example(res.samples, task, tau, temperature=temperature, shape=self.out_shape)
+            out.append(EngineResult(per, res.eval, res.samples))
         return out
 
     def describe(self) -> str:
         return f"{self.chunks} chunk(s)"
+
+
+def stream_blocks(runner, source, T: int, seed: int, batch_size: int, budget: int, keep_bytes: int, task: str,
+                  tau, temperature, shape: tuple, on_block: Callable, progress: Callable = no_progress,
+                  what: str = "MC dropout") -> int:
+    """MC dropout over ``source`` in blocks of rows, with a memory budget that holds: each
+    block's samples are turned into per-example statistics and handed to
+    ``on_block(start_row, per, eval)`` (which writes them out and keeps what a summary needs),
+    then dropped. ``keep_bytes``: what the caller keeps for the whole input (the summary's
+    numbers per row); the rest of ``budget`` goes half to the MC chunks (run_mc) and half to a
+    block's samples and their statistics. Results are bitwise those of one run over all rows
+    (the noise is keyed by the global row index). Returns the number of MC chunks."""
+    from dropcli.analysis import stats
+    from dropcli.engines.runner import check_degenerate_examples, degenerate_examples, run_mc
+    from dropcli.errors import DropcliError
+
+    free = budget - keep_bytes
+    K = int(np.prod(shape))
+    # a block's [T, B, K] float32 samples, float64 probabilities and the statistics' temporaries
+    per_row = T * K * 72 + K * 64
+    floor = max(2 * per_row, 4 << 20)  # the MC chunks and one block of rows
+    if free < floor:
+        import math
+
+        raise DropcliError(f"--max-memory {budget / 2**20:.3g} MiB is too small for {source.n} examples at T={T}: the summary "
+                           f"keeps {keep_bytes / 2**20:.3g} MiB for them and the MC blocks need {floor / 2**20:.3g} MiB more",
+                           f"give at least {math.ceil((keep_bytes + floor) / 2**20)}M, or split the input")
+    block = max(1, min(source.n, (free // 2) // per_row))
+    chunks = 0
+    as_probs = None
+    with progress(what, source.n) as advance:
+        for k, a, b in source.ranges():
+            for s in range(a, b, block):
+                e = min(b, s + block)
+                res = run_mc(runner, source.read(k, s, e), T, seed, batch_size, free // 2, progress=advance,
+                             index_offset=s, check_degenerate=False)
+                check_degenerate_examples(degenerate_examples(res.samples), T, s)
+                flag = stats.looks_like_probs(res.samples) if task != "regression" else None
+                if as_probs is None:
+                    as_probs = flag
+                elif flag != as_probs:
+                    raise DropcliError("the model's outputs look like probabilities on some examples and not on others",
+                                       "pass --task regression, or make the model end in logits or in a softmax")
+                per = stats.per_example(res.samples, task, tau, as_probs=as_probs, temperature=temperature, shape=shape)
+                chunks += res.chunks
+                on_block(s, per, res.eval)
+                del res, per
+    return chunks
 
 
 class MomentsEngine:

@@ -69,6 +69,7 @@ class MCResult:
     eval: np.ndarray  # [N, K]
     chunks: int
     examples_per_chunk: int
+    out_shape: tuple = ()  # the per-example output shape before flattening to K
 
 
 def plan_chunks(n: int, T: int, row_bytes: int, budget: int, batch_size: int) -> tuple[int, int]:
@@ -109,6 +110,7 @@ def run_mc(runner: Any, inputs: Sequence[np.ndarray], T: int, seed: int, batch_s
             progress(i1 - i0)
     assert samples is not None
     ev = np.concatenate(evals, axis=0)
+    out_shape = tuple(samples.shape[2:]) or (1,)
     if samples.ndim == 2:
         samples = samples[..., None]
         ev = ev[..., None]
@@ -117,7 +119,47 @@ def run_mc(runner: Any, inputs: Sequence[np.ndarray], T: int, seed: int, batch_s
         ev = ev.reshape(ev.shape[0], -1)
     if check_degenerate:
         check_degenerate_examples(degenerate_examples(samples), T, index_offset)
-    return MCResult(samples, ev, chunks, per_chunk)
+    return MCResult(samples, ev, chunks, per_chunk, out_shape)
+
+
+def final_op(runner: Any) -> str | None:
+    """The op that makes the model's (first) output: an aten name (torch) or an ONNX op type;
+    None when it cannot be told. Reshapes and casts are looked through."""
+    passthrough = {"view", "reshape", "_unsafe_view", "clone", "contiguous", "to", "_to_copy", "alias", "detach",
+                   "Reshape", "Identity", "Cast", "Flatten", "getitem"}
+    model = getattr(runner, "model", None)
+    gm = getattr(model, "gm", None)
+    try:
+        if gm is not None:
+            from dropcli.backends.torch.fx import fname
+
+            out = next(n for n in gm.graph.nodes if n.op == "output")
+            node = out.args[0]
+            while isinstance(node, (tuple, list)) and node:
+                node = node[0]
+            for _ in range(20):
+                if not hasattr(node, "op") or node.op not in ("call_function", "call_method", "call_module"):
+                    return None
+                name = fname(node) if node.op != "call_module" else type(gm.get_submodule(node.target)).__name__
+                if name not in passthrough or not node.args:
+                    return name
+                node = node.args[0]
+            return None
+        graph = getattr(getattr(model, "model", None), "graph", None)
+        if graph is None or not graph.output:
+            return None
+        producers = {o: n for n in graph.node for o in n.output}
+        name = graph.output[0].name
+        for _ in range(20):
+            node = producers.get(name)
+            if node is None:
+                return None
+            if node.op_type not in passthrough or not node.input:
+                return node.op_type
+            name = node.input[0]
+    except Exception:  # noqa: BLE001 - a hint only
+        return None
+    return None
 
 
 def degenerate_examples(samples: np.ndarray) -> np.ndarray:

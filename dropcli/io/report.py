@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from dropcli.errors import UsageError
+from dropcli.errors import DropcliError, UsageError
 from dropcli.io.files import atomic_path, write_errors
 
-FORMATS = ("table", "json", "jsonl", "csv", "npz")
+FORMATS = ("table", "json", "jsonl", "csv", "npz", "parquet")
 SHARD_FORMATS = ("jsonl", "parquet")  # --engine ray --output DIR
 
 
@@ -51,7 +51,37 @@ def columns(task: str, per: dict[str, np.ndarray], labels: np.ndarray | None, ev
     return cols
 
 
+def token_columns(per: dict[str, np.ndarray], seq: dict[str, np.ndarray], labels: np.ndarray | None,
+                  eval_probs: np.ndarray, ignore_index: int = -100) -> dict[str, np.ndarray]:
+    """Per-example columns of a per-position classification run: per-sequence summaries as
+    scalars (``mean_entropy``, ``mean_mutual_info``, ... over the scored positions, ``max_*``),
+    ``seq``, from ``dropcli.analysis.stats.sequence_means``),
+    then per-position fields as ``[N, S]`` arrays (``pred``, ``confidence``, the measures,
+    ``eval_pred``; with labels ``label`` and ``correct``, -1 at ignored positions). JSON/JSONL
+    write them as lists, NPZ as arrays, CSV one row per position. The class probabilities
+    ([N, S, V]) are not written per example: ``dropcli.uncertainty`` returns them (``mean``)."""
+    N, S = per["pred"].shape
+    cols: dict[str, np.ndarray] = {"index": np.arange(N)}
+    scored = None if labels is None else labels != ignore_index
+    cols.update(seq)
+    if labels is not None:
+        correct = (per["pred"] == labels)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            cols["accuracy"] = np.where(scored.any(1), (correct & scored).sum(1) / np.maximum(scored.sum(1), 1), np.nan)
+    cols["pred"] = per["pred"]
+    for k in ("confidence", "entropy", "expected_entropy", "mutual_info", "variation_ratio"):
+        if k in per:
+            cols[k] = per[k]
+    cols["eval_pred"] = eval_probs.argmax(-1)
+    if labels is not None:
+        cols["label"] = labels
+        cols["correct"] = np.where(scored, correct.astype(np.int64), -1)
+    return cols
+
+
 def _fmt(v: Any) -> str:
+    if isinstance(v, list):
+        return "[" + ", ".join(_fmt(x) for x in v) + "]"
     if isinstance(v, (float, np.floating)):
         f = float(v)
         return "null" if not math.isfinite(f) else repr(f)
@@ -68,8 +98,24 @@ def records_jsonl(cols: dict[str, np.ndarray]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def long_rows(cols: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Columns with per-position ``[N, S]`` fields as one row per (example, position): scalar
+    columns repeated S times, and a ``position`` column after ``index``."""
+    wide = [k for k, v in cols.items() if v.ndim == 2]
+    if not wide:
+        return cols
+    N, S = cols[wide[0]].shape
+    out: dict[str, np.ndarray] = {}
+    for k, v in cols.items():
+        out[k] = v.reshape(-1) if v.ndim == 2 else np.repeat(v, S)
+        if k == "index":
+            out["position"] = np.tile(np.arange(S), N)
+    return out
+
+
 def to_csv(cols: dict[str, np.ndarray]) -> str:
     buf = io.StringIO()
+    cols = long_rows(cols)
     names = list(cols)
     data = np.column_stack([cols[k].astype(np.float64) for k in names])
     fmt = ["%d" if np.issubdtype(cols[k].dtype, np.integer) else "%.9g" for k in names]
@@ -103,7 +149,14 @@ def write(target: str, fmt: str, summary: dict[str, Any], cols: dict[str, np.nda
           arrays: dict[str, np.ndarray] | None = None) -> None:
     """Write a report to a path (atomically) or to stdout ('-')."""
     if fmt not in FORMATS or fmt == "table":
-        raise UsageError(f"unknown output format {fmt!r}", "choose json, jsonl, csv or npz")
+        raise UsageError(f"unknown output format {fmt!r}", "choose json, jsonl, csv, npz or parquet")
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        table = arrow_table(cols)
+        with atomic_path(target, ".parquet") as tmp:
+            pq.write_table(table, str(tmp))
+        return
     if fmt == "npz":
         payload = {k: np.asarray(v) for k, v in cols.items()}
         payload.update(arrays or {})
@@ -123,6 +176,79 @@ def write(target: str, fmt: str, summary: dict[str, Any], cols: dict[str, np.nda
         return
     with atomic_path(target) as tmp:
         Path(tmp).write_text(text)
+
+
+STREAM_FORMATS = ("jsonl", "csv", "parquet")  # per-example records written as they are computed
+
+
+def arrow_table(cols: dict[str, np.ndarray]):
+    """Columns as a pyarrow table (per-position ``[N, S]`` fields as list columns)."""
+    try:
+        import pyarrow as pa
+    except ImportError as e:
+        raise UsageError("--format parquet needs pyarrow, which is not installed", 'install it with: pip install "dropcli[ray]"') from e
+    return pa.table({c: pa.array(list(v) if v.ndim > 1 else v) for c, v in cols.items()})
+
+
+class RowWriter:
+    """Per-example records appended block by block (``write(cols)``) to a temporary file beside
+    ``target`` that :meth:`close` renames onto it (``-``: stdout, once complete); on an error
+    :meth:`abort` removes it. Memory holds one block's text at a time."""
+
+    def __init__(self, target: str, fmt: str):
+        if fmt not in STREAM_FORMATS:
+            raise UsageError(f"--format {fmt} cannot be streamed", f"choose {' or '.join(STREAM_FORMATS)}")
+        self.fmt = fmt
+        self._ctx = atomic_path(target)
+        self.path = self._ctx.__enter__()
+        self._target = target
+        self._fh = None
+        self.rows = 0
+
+    def write(self, cols: dict[str, np.ndarray]) -> None:
+        from dropcli.io.files import write_errors
+
+        with write_errors(self._target):
+            if self.fmt == "parquet":
+                import pyarrow.parquet as pq
+
+                table = arrow_table(cols)
+                if self._fh is None:
+                    self._fh = pq.ParquetWriter(str(self.path), table.schema)
+                self._fh.write_table(table)
+                self.rows += table.num_rows
+                return
+            if self._fh is None:
+                self._fh = open(self.path, "w")
+            if self.fmt == "jsonl":
+                text = records_jsonl(cols)
+            else:
+                text = to_csv(cols)
+                if self.rows:
+                    text = text.split("\n", 1)[1]  # the header once
+            self._fh.write(text)
+        self.rows += len(next(iter(cols.values())))
+
+    def close(self) -> None:
+        from dropcli.io.files import write_errors
+
+        try:
+            with write_errors(self._target):
+                if self._fh is None:
+                    raise DropcliError(f"no records were written to {self._target}")
+                self._fh.close()
+        except BaseException as e:
+            self._ctx.__exit__(type(e), e, e.__traceback__)
+            raise
+        self._ctx.__exit__(None, None, None)
+
+    def abort(self, exc: BaseException) -> None:
+        if self._fh is not None:
+            self._fh.close()
+        try:
+            self._ctx.__exit__(type(exc), exc, exc.__traceback__)
+        except BaseException:  # noqa: BLE001 - atomic_path re-raises the cause; the caller raises it
+            pass
 
 
 def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
@@ -193,7 +319,7 @@ def write_shards(target: str, fmt: str, summary: dict[str, Any], cols: dict[str,
                     import pyarrow as pa
                     import pyarrow.parquet as pq
 
-                    pq.write_table(pa.table({c: pa.array(v) for c, v in part.items()}), dest)
+                    pq.write_table(pa.table({c: pa.array(list(v) if v.ndim > 1 else v) for c, v in part.items()}), dest)
             (tmp / "summary.json").write_text(json.dumps(_clean(summary), indent=1) + "\n")
             umask = os.umask(0)
             os.umask(umask)
