@@ -21,7 +21,9 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Any, Hashable, Iterable, Protocol, Sequence
+from typing import Any, Callable, Hashable, Iterable, Protocol, Sequence
+
+import numpy as np
 
 
 class GraphView(Protocol):
@@ -268,3 +270,66 @@ def find_patterns(view: GraphView, values: Iterable[Any], patterns: Sequence[Pat
             break
     found.reverse()
     return found
+
+
+_PATTERN_OPS = {"Mul": "mul", "Div": "div", "Add": "add", "Sub": "sub", "Erf": "erf", "Tanh": "tanh", "Pow": "pow",
+                "Sigmoid": "sigmoid", "Clip": "clip", "HardSigmoid": "hardsigmoid"}
+
+
+class OnnxPatternView:
+    """An ONNX graph (its ``NodeProto`` list; ``const`` gives a constant tensor as a numpy array) seen by :func:`dropcli.model.patterns.find_patterns`: values are tensor names."""
+
+    def __init__(self, nodes: Sequence[Any], const: Callable[[str], Any], graph_outputs: set[str]):
+        self.nodes = nodes
+        self._const = const
+        self.outputs = graph_outputs
+        self.made = {o: n for n in nodes for o in n.output[:1] if o}
+        self.users: dict[str, list[str]] = {}
+        for n in nodes:
+            for x in n.input:
+                if x and n.output:
+                    self.users.setdefault(x, []).append(n.output[0])
+
+    def producer(self, v: Any) -> tuple[str, list[Any]] | None:
+        n = self.made.get(v)
+        if n is None or n.domain not in ("", "ai.onnx"):
+            return None
+        if n.op_type == "Constant":
+            return None
+        op = _PATTERN_OPS.get(n.op_type)
+        if op is None or len(n.output) != 1:
+            return None
+        ins: list[Any] = list(n.input)
+        if op == "clip":
+            a = _onnx_attrs(n)
+            if "min" in a or "max" in a:  # opset < 11
+                ins = [n.input[0], float(a.get("min", -np.inf)), float(a.get("max", np.inf))]
+            else:
+                ins = ins + [""] * (3 - len(ins))
+                ins = [ins[0], ins[1] if ins[1] else -np.inf, ins[2] if ins[2] else np.inf]
+        elif op == "hardsigmoid":
+            a = _onnx_attrs(n)
+            if abs(float(a.get("alpha", 0.2)) - 1 / 6) > 1e-4 or abs(float(a.get("beta", 0.5)) - 0.5) > 1e-4:
+                return None
+        return op, ins
+
+    def const(self, v: Any) -> float | None:
+        if not isinstance(v, str) or not v:
+            return None
+        c = self._const(v)
+        if c is None or c.size == 0 or c.dtype.kind not in "fiu":
+            return None
+        flat = c.reshape(-1)
+        return float(flat[0]) if np.all(flat == flat[0]) else None
+
+    def consumers(self, v: Any) -> list[str]:
+        return self.users.get(v, [])
+
+    def is_graph_output(self, v: Any) -> bool:
+        return v in self.outputs
+
+
+def _onnx_attrs(node: Any) -> dict[str, Any]:
+    from onnx import helper  # not at module level: dropcli.model imports no onnx
+
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}

@@ -27,8 +27,8 @@ from dropcli.model.naming import MC_INPUT, MODEL_META, SITES_META, join_scopes
 from dropcli.model.selection import WEIGHTED, Layer, canonical_kind
 from dropcli.variants.base import REPLACE, RESIDUAL, VariantSpec
 from dropcli.backends.onnx.builder import OnnxBuilder, TensorInfo, opset_of
-from dropcli.backends.onnx.layers import OnnxLayer, OnnxPatternView, absorbable_activation, const_value, describe_node
-from dropcli.model.patterns import Match, find_patterns
+from dropcli.backends.onnx.layers import OnnxLayer, absorbable_activation, const_value, describe_node
+from dropcli.model.patterns import Match, OnnxPatternView, find_patterns
 
 MIN_OPSET = 13
 # ops we describe as weighted layers when their weight is an initializer
