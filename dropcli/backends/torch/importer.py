@@ -311,10 +311,12 @@ class _OnnxImporter:
             inferred = model
         self.model = model
         self.ranks: dict[str, int] = {}
+        self.shapes: dict[str, list[int | None]] = {}
         for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
             tt = vi.type.tensor_type
             if tt.HasField("shape"):
                 self.ranks[vi.name] = len(tt.shape.dim)
+                self.shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
         self.consts: dict[str, np.ndarray] = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
         self.keep_dropout = keep_dropout
         self.root = nn.Module()
@@ -643,8 +645,16 @@ class _OnnxImporter:
         if shape is None:
             raise self._unsupported(node, "only Reshape to a constant shape is supported")
         x = self._val(ins[0])
+        target = [int(v) for v in shape.reshape(-1)]
+        src = self.shapes.get(ins[0])
+        if (len(target) == 2 and target[0] in (-1, 0) and src and len(src) >= 2 and all(d for d in src[1:])
+                and int(np.prod(src[1:])) == target[1]):
+            # [N, C, 1, 1] -> [-1, C]: a flatten, written as one so that it still holds when
+            # pruning removes channels
+            self.env[out] = self.graph.call_function(torch.flatten, (x, 1))
+            return
         dims: list[Any] = []
-        for i, d in enumerate(int(v) for v in shape.reshape(-1)):
+        for i, d in enumerate(target):
             if d == 0 and not a.get("allowzero", 0):
                 dims.append(self.graph.call_method("size", (x, i)))
             else:
