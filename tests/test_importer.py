@@ -222,3 +222,41 @@ def test_onnx_unsupported_op_error_lists_the_table():
         assert info.value.message == f"ONNX op {node.op_type} is not supported by dropcli's ONNX importer"
         assert info.value.hint == f"supported ops: {', '.join(ONNX_OPS)}; or pass the torch model instead"
         assert "\n" not in info.value.one_line()
+
+
+def test_onnx_exported_in_training_mode_imports_and_finetunes(tmp_path):
+    """Dropout nodes with training_mode=True (an export in training mode): the import is compared
+    with the model in inference mode, not with a sampled run, and finetune/prune go on."""
+    from dropcli.training.loop import check_import, reference_output
+    from tests.helpers import cli
+
+    rng = np.random.default_rng(0)
+    f = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    inits = [numpy_helper.from_array(f(6, 16), "w1"), numpy_helper.from_array(f(16), "b1"),
+             numpy_helper.from_array(f(16, 3), "w2"), numpy_helper.from_array(np.float32(0.3), "ratio"),
+             numpy_helper.from_array(np.array(True), "training")]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h0"], name="/fc1/MatMul"),
+             helper.make_node("Add", ["h0", "b1"], ["h1"], name="/fc1/Add"),
+             helper.make_node("Relu", ["h1"], ["h2"], name="/act/Relu"),
+             helper.make_node("Dropout", ["h2", "ratio", "training"], ["h3"], name="/drop/Dropout"),
+             helper.make_node("MatMul", ["h3", "w2"], ["y"], name="/fc2/MatMul")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    path = tmp_path / "train_mode.onnx"
+    onnx.save(model, str(path))
+    loaded = load_model(path)
+    x = torch.from_numpy(f(40, 6))
+    a, b = reference_output(loaded, x), reference_output(loaded, x)
+    np.testing.assert_array_equal(a, b)  # deterministic: the Dropout runs in inference mode
+    h = np.maximum(x.numpy() @ inits_value(inits, "w1") + inits_value(inits, "b1"), 0)
+    np.testing.assert_allclose(a, h @ inits_value(inits, "w2"), rtol=1e-5, atol=1e-5)
+    check_import(loaded, from_onnx(loaded.model, keep_dropout=True), x)
+    check_import(loaded, from_onnx(loaded.model), x)
+    data = tmp_path / "d.npz"
+    np.savez(data, x=x.numpy(), y=np.arange(40) % 3)
+    cli("finetune", path, "--data", data, "--variant", "concrete", "--epochs", "1", "--samples", "4", "-q", "-o", tmp_path / "ft.onnx")
+
+
+def inits_value(inits, name):
+    return next(numpy_helper.to_array(t) for t in inits if t.name == name)

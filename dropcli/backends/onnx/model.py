@@ -537,15 +537,27 @@ class OnnxModel:
         self._infer()
 
     # ------------------------------------------------------------------ running / saving
-    def session(self, disable_dropout_elimination: bool = True, providers: Sequence[str] | None = None):
+    def session(self, disable_dropout_elimination: bool = True, providers: Sequence[str] | None = None,
+                deterministic: bool = False):
+        """An onnxruntime session on the model. ``deterministic``: the model's own ``Dropout``
+        nodes run in inference mode even when exported with ``training_mode=True`` (a model
+        exported in training mode would otherwise sample in every run); dropcli's sites follow
+        ``dropcli_mc`` as always."""
         import onnxruntime as ort
 
+        model = self.model
+        if deterministic and any(n.op_type == "Dropout" and len(n.input) > 2 and n.input[2] for n in model.graph.node):
+            model = onnx.ModelProto()
+            model.CopyFrom(self.model)
+            for n in model.graph.node:
+                if n.op_type == "Dropout" and len(n.input) > 2:
+                    del n.input[2:]  # training_mode defaults to False
         so = ort.SessionOptions()
         so.log_severity_level = 3
         kwargs: dict[str, Any] = {}
         if disable_dropout_elimination:
             kwargs["disabled_optimizers"] = ["EliminateDropout"]
-        return ort.InferenceSession(self.model.SerializeToString(), so, providers=list(providers or ["CPUExecutionProvider"]), **kwargs)
+        return ort.InferenceSession(model.SerializeToString(), so, providers=list(providers or ["CPUExecutionProvider"]), **kwargs)
 
     def default_output_format(self) -> str:
         return formats.ONNX
