@@ -204,3 +204,71 @@ def test_torch_export_pattern_is_one_layer_and_site_goes_after_it(label, kind, a
         torch.manual_seed(0)
         y = m(torch.from_numpy(X)).numpy()
     _check_after_pattern(y, ref(h), label)
+
+
+# ------------------------------------------------------------------ the default selection's choices
+
+class _RNNClassifier(nn.Module):  # an embedding + LSTM text classifier: no activation anywhere
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(20, 8)
+        self.rnn = nn.LSTM(8, 16, batch_first=True)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, ids):
+        y, _ = self.rnn(self.embed(ids))
+        return self.head(y[:, -1])
+
+
+class _WithDropout(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.r1, self.drop = nn.Linear(8, 16), nn.ReLU(), nn.Dropout(0.2)
+        self.fc2, self.r2, self.fc3 = nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.fc3(self.r2(self.fc2(self.drop(self.r1(self.fc1(x))))))
+
+
+def test_default_selection_without_activations_goes_after_the_recurrent_layer(tmp_path):
+    from dropcli.api.models import load
+
+    torch.manual_seed(0)
+    net = _RNNClassifier().eval()
+    ids = torch.randint(0, 20, (4, 5))
+    path = tmp_path / "rnn.onnx"
+    torch.onnx.export(net, (ids,), str(path), dynamo=False, opset_version=17, input_names=["ids"],
+                      dynamic_axes={"ids": {0: "batch"}})
+    m = load(path)
+    notes: list[str] = []
+    sites = inject_sites(m, "standard", p=0.5, notes=notes)
+    assert [s["kind"] for s in sites] == ["lstm"], sites
+    assert len(notes) == 1 and "no activation" in notes[0] and "lstm" in notes[0]
+    m.finalize()
+    sess = ort_session(m.model)
+    want = net(ids).detach().numpy()
+    got = sess.run(None, {"ids": ids.numpy()})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)  # inference mode: the model as it was
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "pt2"])
+def test_default_selection_skips_layers_already_followed_by_dropout(tmp_path, fmt):
+    from dropcli.api.models import load
+
+    net = _WithDropout().eval()
+    x = torch.randn(2, 8)
+    path = tmp_path / f"m.{fmt}"
+    if fmt == "onnx":  # exported in training mode, so its Dropout node stays in the graph
+        torch.onnx.export(net, (x,), str(path), dynamo=False, opset_version=17, input_names=["x"],
+                          training=torch.onnx.TrainingMode.TRAINING, do_constant_folding=False)
+    else:
+        torch.export.save(torch.export.export(net.train(), (x,)), str(path))
+    m = load(path)
+    assert any(r.kind == "dropout" for r in m.layers())
+    notes: list[str] = []
+    sites = inject_sites(m, "standard", p=0.5, notes=notes)
+    assert [s["at"] for s in sites] == ["r2"], sites
+    assert len(notes) == 1 and "already followed by dropout" in notes[0] and "r1" in notes[0]
+    # an explicit selection is taken as given
+    m2 = load(path)
+    assert len(inject_sites(m2, "standard", p=0.5, after="relu", notes=[])) == 2

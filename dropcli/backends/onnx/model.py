@@ -280,6 +280,13 @@ class OnnxModel:
                                      is_source=lambda j: isinstance(j, str))
         return None if k is None else (a, b)[k]
 
+    def feeds_dropout(self, layer: Layer) -> bool:
+        """Whether everything that reads ``layer``'s output is dropout (the model's own, or a dropcli site)."""
+        kind, ref = layer.ref
+        name = ref if kind == "input" else (self.model.graph.node[ref].output[0] if self.model.graph.node[ref].output else "")
+        users = [n for n in self.model.graph.node if name and name in n.input]
+        return bool(users) and all(n.op_type == "Dropout" or naming.node_site(n.name) is not None for n in users)
+
     # ------------------------------------------------------------------ rewriting
     def claim_site_name(self) -> str:
         """The next free ``dropcli_site_N`` (for a site about to be built)."""

@@ -294,6 +294,21 @@ class TorchModel:
             branch = residual_branch(r.ref, anc, kinds)
             r.residual = branch is not None
 
+    def feeds_dropout(self, layer: Layer) -> bool:
+        """Whether everything that reads ``layer``'s output is dropout (the model's own, or a dropcli site)."""
+        n = layer.ref
+        if not isinstance(n, fx.Node) or not n.users:
+            return False
+        sites = self.inlined_sites()
+        inside = set().union(*(internal for _, _, internal in sites.values())) if sites else set()
+
+        def is_dropout(u: fx.Node) -> bool:
+            if u.op == "call_module" and isinstance(self.gm.get_submodule(u.target), SiteModule):
+                return True
+            return u in inside or u in sites or self._raw_info(u, {})[1] == "dropout"
+
+        return all(is_dropout(u) for u in n.users)
+
     # ------------------------------------------------------------------ rewriting
     def _claim_site_name(self) -> str:
         """The next free ``dropcli_site_N``."""
