@@ -272,3 +272,11 @@ def test_default_selection_skips_layers_already_followed_by_dropout(tmp_path, fm
     # an explicit selection is taken as given
     m2 = load(path)
     assert len(inject_sites(m2, "standard", p=0.5, after="relu", notes=[])) == 2
+    # when every layer the default selection finds has dropout after it, that dropout is swapped
+    # for the variant (keeping its p), as --replace does, and said so
+    m3 = load(path)
+    notes = []
+    sites = inject_sites(m3, "standard", exclude="r2", notes=notes)
+    assert len(sites) == 1 and sites[0]["was_p"] == pytest.approx(0.2) and sites[0]["p"] == pytest.approx(0.2), sites
+    assert len(notes) == 1 and "swapped for standard" in notes[0]
+    assert [r.dropout_variant for r in m3.layers() if r.kind == "dropout"] == ["standard"]

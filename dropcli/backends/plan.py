@@ -68,19 +68,35 @@ def plan_inject(model: Any, spec: VariantSpec, sel: Selection, notes: list[str] 
             break
         if not chosen:
             raise first
-    feeds = getattr(model, "feeds_dropout", None)
-    if feeds is not None:
-        fed = {id(l) for l in chosen if feeds(l)}
-        before = [l for l in chosen if id(l) in fed]
+    after_drop = getattr(model, "dropout_after", None)
+    if after_drop is not None:
+        follow = {id(l): after_drop(l) for l in chosen}
+        before = [l for l in chosen if follow[id(l)]]
         if before:
-            chosen = [l for l in chosen if id(l) not in fed]
+            chosen = [l for l in chosen if not follow[id(l)]]
             shown = ", ".join(l.name for l in before[:4]) + (f" ... ({len(before)} in all)" if len(before) > 4 else "")
             if not chosen:
-                raise UsageError(f"every layer the default selection matches is already followed by dropout ({shown})",
-                                 f"swap that dropout for {spec.name} with --replace, or choose layers with --after/--layers")
+                refs = {r for l in before for r in follow[id(l)]}
+                drops = [l for l in layers if l.kind == "dropout" and l.dropout_variant == "dropout" and l.ref in refs]
+                if len(drops) != len(refs):
+                    raise UsageError(f"every layer the default selection matches is already followed by dropout ({shown})",
+                                     f"swap that dropout for {spec.name} with --replace, or choose layers with --after/--layers")
+                raise FollowedByDropout(drops, f"every layer the default selection matches is already followed by dropout "
+                                               f"({shown}): that dropout is swapped for {spec.name} instead (as --replace "
+                                               f"does; each keeps its p unless --p is given)")
             notes.append(f"skipped {len(before)} layer(s) already followed by dropout ({shown}); "
                          f"--replace swaps that dropout for {spec.name}")
     return chosen
+
+
+class FollowedByDropout(UsageError):
+    """The default selection found only layers already followed by the model's own dropout:
+    ``dropouts`` are those dropout layers (the caller swaps them, as ``--replace`` does)."""
+
+    def __init__(self, dropouts: list[Layer], note: str):
+        super().__init__(note.split(":")[0], "swap that dropout with --replace, or choose layers with --after/--layers")
+        self.dropouts = dropouts
+        self.note = note
 
 
 _LAYER_WORDS = {"linear": "Linear", "conv": "Conv", "maxpool": "max-pooling", "avgpool": "average-pooling",

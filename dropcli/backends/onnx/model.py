@@ -280,12 +280,16 @@ class OnnxModel:
                                      is_source=lambda j: isinstance(j, str))
         return None if k is None else (a, b)[k]
 
-    def feeds_dropout(self, layer: Layer) -> bool:
-        """Whether everything that reads ``layer``'s output is dropout (the model's own, or a dropcli site)."""
+    def dropout_after(self, layer: Layer) -> list:
+        """The refs of the dropout that reads ``layer``'s output, when everything that reads it is
+        dropout (the model's own, or a dropcli site); else []."""
         kind, ref = layer.ref
-        name = ref if kind == "input" else (self.model.graph.node[ref].output[0] if self.model.graph.node[ref].output else "")
-        users = [n for n in self.model.graph.node if name and name in n.input]
-        return bool(users) and all(n.op_type == "Dropout" or naming.node_site(n.name) is not None for n in users)
+        node = None if kind == "input" else self.model.graph.node[ref]
+        name = ref if kind == "input" else (node.output[0] if node.output else "")
+        users = [(j, n) for j, n in enumerate(self.model.graph.node) if name and name in n.input]
+        if users and all(n.op_type == "Dropout" or naming.node_site(n.name) is not None for _, n in users):
+            return [("node", j) for j, _ in users]
+        return []
 
     # ------------------------------------------------------------------ rewriting
     def claim_site_name(self) -> str:

@@ -294,11 +294,12 @@ class TorchModel:
             branch = residual_branch(r.ref, anc, kinds)
             r.residual = branch is not None
 
-    def feeds_dropout(self, layer: Layer) -> bool:
-        """Whether everything that reads ``layer``'s output is dropout (the model's own, or a dropcli site)."""
+    def dropout_after(self, layer: Layer) -> list:
+        """The nodes of the dropout that reads ``layer``'s output, when everything that reads it is
+        dropout (the model's own, or a dropcli site); else []."""
         n = layer.ref
         if not isinstance(n, fx.Node) or not n.users:
-            return False
+            return []
         sites = self.inlined_sites()
         inside = set().union(*(internal for _, _, internal in sites.values())) if sites else set()
 
@@ -307,7 +308,7 @@ class TorchModel:
                 return True
             return u in inside or u in sites or self._raw_info(u, {})[1] == "dropout"
 
-        return all(is_dropout(u) for u in n.users)
+        return list(n.users) if all(is_dropout(u) for u in n.users) else []
 
     # ------------------------------------------------------------------ rewriting
     def _claim_site_name(self) -> str:
