@@ -155,15 +155,46 @@ def _one_op_model(op: str) -> tuple[onnx.ModelProto, np.ndarray]:
         shape_out = [2, 48]
     elif op == "Reshape":
         inits, ins, shape_out = [numpy_helper.from_array(np.array([0, -1], dtype=np.int64), "shape")], ["x", "shape"], [2, 48]
+    elif op == "LayerNormalization":
+        inits, ins, attrs = [numpy_helper.from_array(f(4), "s"), numpy_helper.from_array(f(4), "b")], ["x", "s", "b"], {"epsilon": 1e-5}
+    elif op in ("Sqrt", "Log"):
+        x4 = np.abs(x4) + 0.1
+    elif op == "Reciprocal":
+        x4 = np.sign(x4) * (np.abs(x4) + 0.5)
+    elif op == "Pow":
+        inits, ins = [numpy_helper.from_array(np.float32(3.0), "e")], ["x", "e"]
+    elif op == "ReduceMean":  # the dynamo exporter's global pooling (axes as an input since opset 18)
+        inits, ins, attrs, shape_out = [numpy_helper.from_array(np.array([-1, -2], dtype=np.int64), "axes")], ["x", "axes"], \
+            {"keepdims": 0}, [2, 3]
+    elif op == "Squeeze":
+        shape_in, shape_out = [2, 3, 1, 4], [2, 3, 4]
+        inits, ins = [numpy_helper.from_array(np.array([2], dtype=np.int64), "axes")], ["x", "axes"]
+    elif op == "Unsqueeze":
+        inits, ins, shape_out = [numpy_helper.from_array(np.array([-1, 1], dtype=np.int64), "axes")], ["x", "axes"], [2, 1, 3, 4, 4, 1]
+    elif op == "Transpose":
+        attrs, shape_out = {"perm": [0, 2, 3, 1]}, [2, 4, 4, 3]
+    elif op == "Concat":
+        inits, ins, attrs, shape_out = [numpy_helper.from_array(f(2, 1, 4, 4), "c")], ["x", "c"], {"axis": 1}, [2, 4, 4, 4]
+    elif op == "Slice":
+        inits = [numpy_helper.from_array(np.array(v, dtype=np.int64), k) for k, v in
+                 (("st", [1, 0]), ("en", [3, 2 ** 63 - 1]), ("ax", [1, -1]), ("sp", [1, 2]))]
+        ins, shape_out = ["x", "st", "en", "ax", "sp"], [2, 2, 4, 2]
+    elif op == "Cast":
+        attrs = {"to": TensorProto.DOUBLE}
+    elif op == "Pad":  # a TF-style asymmetric 'same' pad of the spatial axes
+        inits = [numpy_helper.from_array(np.array([0, 0, 0, 1, 0, 0, 1, 2], dtype=np.int64), "pads"),
+                 numpy_helper.from_array(np.float32(0.5), "v")]
+        ins, shape_out = ["x", "pads", "v"], [2, 3, 5, 7]
     nodes = []
     if op == "Constant":  # a Constant feeding an Add
         nodes.append(helper.make_node("Constant", [], ["k"], value=numpy_helper.from_array(f(4), "k"), name="/k/Constant"))
         nodes.append(helper.make_node("Add", ["x", "k"], ["y"], name="/add/Add"))
     else:
         nodes.append(helper.make_node(op, ins, ["y"], name=f"/layer/{op}", **attrs))
+    out_type = TensorProto.DOUBLE if op == "Cast" else TensorProto.FLOAT
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape_in)],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape_out)], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+                              [helper.make_tensor_value_info("y", out_type, shape_out)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     return model, (x4 if shape_in == [2, 3, 4, 4] else f(*shape_in))
 
 
@@ -182,7 +213,7 @@ def test_onnx_unsupported_op_error_lists_the_table():
 
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])
-    for node in (helper.make_node("Abs", ["x"], ["y"], name="abs"),
+    for node in (helper.make_node("Hardmax", ["x"], ["y"], name="hardmax"),
                  helper.make_node("Relu", ["x"], ["y"], name="custom", domain="com.acme")):
         model = helper.make_model(helper.make_graph([node], "g", [x], [y]),
                                   opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.acme", 1)])
@@ -191,3 +222,41 @@ def test_onnx_unsupported_op_error_lists_the_table():
         assert info.value.message == f"ONNX op {node.op_type} is not supported by dropcli's ONNX importer"
         assert info.value.hint == f"supported ops: {', '.join(ONNX_OPS)}; or pass the torch model instead"
         assert "\n" not in info.value.one_line()
+
+
+def test_onnx_exported_in_training_mode_imports_and_finetunes(tmp_path):
+    """Dropout nodes with training_mode=True (an export in training mode): the import is compared
+    with the model in inference mode, not with a sampled run, and finetune/prune go on."""
+    from dropcli.training.loop import check_import, reference_output
+    from tests.helpers import cli
+
+    rng = np.random.default_rng(0)
+    f = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    inits = [numpy_helper.from_array(f(6, 16), "w1"), numpy_helper.from_array(f(16), "b1"),
+             numpy_helper.from_array(f(16, 3), "w2"), numpy_helper.from_array(np.float32(0.3), "ratio"),
+             numpy_helper.from_array(np.array(True), "training")]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h0"], name="/fc1/MatMul"),
+             helper.make_node("Add", ["h0", "b1"], ["h1"], name="/fc1/Add"),
+             helper.make_node("Relu", ["h1"], ["h2"], name="/act/Relu"),
+             helper.make_node("Dropout", ["h2", "ratio", "training"], ["h3"], name="/drop/Dropout"),
+             helper.make_node("MatMul", ["h3", "w2"], ["y"], name="/fc2/MatMul")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    path = tmp_path / "train_mode.onnx"
+    onnx.save(model, str(path))
+    loaded = load_model(path)
+    x = torch.from_numpy(f(40, 6))
+    a, b = reference_output(loaded, x), reference_output(loaded, x)
+    np.testing.assert_array_equal(a, b)  # deterministic: the Dropout runs in inference mode
+    h = np.maximum(x.numpy() @ inits_value(inits, "w1") + inits_value(inits, "b1"), 0)
+    np.testing.assert_allclose(a, h @ inits_value(inits, "w2"), rtol=1e-5, atol=1e-5)
+    check_import(loaded, from_onnx(loaded.model, keep_dropout=True), x)
+    check_import(loaded, from_onnx(loaded.model), x)
+    data = tmp_path / "d.npz"
+    np.savez(data, x=x.numpy(), y=np.arange(40) % 3)
+    cli("finetune", path, "--data", data, "--variant", "concrete", "--epochs", "1", "--samples", "4", "-q", "-o", tmp_path / "ft.onnx")
+
+
+def inits_value(inits, name):
+    return next(numpy_helper.to_array(t) for t in inits if t.name == name)

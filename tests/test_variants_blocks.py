@@ -121,8 +121,22 @@ def test_dropblock_block_larger_than_map():
         torch_site("dropblock", p=0.2, block_size=5)(torch.rand(2, 3, 4, 8))
     with pytest.raises(UsageError, match="block-size 9"):
         onnx_site("dropblock", [None, 3, 16, 8], p=0.2, block_size=9)
-    with pytest.raises(UsageError, match="static"):
-        onnx_site("dropblock", [None, 3, None, 8], p=0.2, block_size=3)
+    # dynamic spatial sizes: the site is built; no block fits a map smaller than it, so nothing is dropped
+    sess = ort_session(onnx_site("dropblock", [None, 3, None, None], p=0.2, block_size=5))
+    x = np.ones((2, 3, 4, 8), np.float32)
+    np.testing.assert_array_equal(run_onnx(sess, x), x)
+
+
+@pytest.mark.parametrize("opset", [13, 18])
+def test_dropblock_onnx_dynamic_spatial_sizes(opset):
+    """H and W dynamic in the graph: gamma and the valid seed region come from Shape(x) at run
+    time, so one site gives the exact expected drop fraction at every map size."""
+    p, b = 0.3, 3
+    sess = ort_session(onnx_site("dropblock", [None, 8, None, None], opset=opset, p=p, block_size=b))
+    for k, (h, w) in enumerate([(16, 20), (9, 11), (3, 7)]):
+        x = _positive((48, 8, h, w), 10 + k)
+        np.testing.assert_array_equal(run_onnx(sess, x, mc=False), x)
+        _check_dropblock(x, run_onnx(sess, x), p, b, f"onnx dropblock dynamic {h}x{w}")
 
 
 def test_dropblock_bad_params_and_rank():

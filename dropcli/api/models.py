@@ -72,9 +72,10 @@ def check_inject_args(variant: str = "standard", *, p: Optional[float] = None, r
 
 def inject_sites(model: Any, variant: str = "standard", *, p: Optional[float] = None, after: Names = None,
                  layers: Names = None, exclude: Names = None, allow_output: bool = False, replace: bool = False,
-                 remove: bool = False, **params: Any) -> list[dict]:
-    """:func:`inject` on a loaded model, in place; the sites it wrote (as `dropcli inject --json` lists them)."""
-    from dropcli.backends.plan import apply_inject, apply_replace, plan_existing, plan_inject
+                 remove: bool = False, notes: Optional[list] = None, **params: Any) -> list[dict]:
+    """:func:`inject` on a loaded model, in place; the sites it wrote (as `dropcli inject --json` lists them).
+    ``notes`` (a list) receives what the default selection chose on the user's behalf."""
+    from dropcli.backends.plan import FollowedByDropout, apply_inject, apply_replace, plan_existing, plan_inject
     from dropcli.errors import UsageError
     from dropcli.model.selection import Selection
 
@@ -85,7 +86,12 @@ def inject_sites(model: Any, variant: str = "standard", *, p: Optional[float] = 
             raise UsageError("--after does not apply with --replace/--remove", "narrow the dropout layers with --layers/--exclude")
         chosen = plan_existing(model, sel)
         return apply_replace(model, spec, resolved, chosen, inherit_p=replace and p is None)
-    chosen = plan_inject(model, spec, sel)
+    try:
+        chosen = plan_inject(model, spec, sel, notes)
+    except FollowedByDropout as e:  # the default selection on a model whose activations all have dropout
+        if notes is not None:
+            notes.append(e.note)
+        return apply_replace(model, spec, resolved, e.dropouts, inherit_p=p is None)
     return apply_inject(model, spec, resolved, chosen)
 
 

@@ -6,7 +6,7 @@ from typing import Any, Sequence
 
 from dropcli.errors import UsageError
 from dropcli.model.selection import Layer, Selection, select
-from dropcli.variants.base import INPUT, REPLACE, RESIDUAL, VariantSpec
+from dropcli.variants.base import AFTER, INPUT, REPLACE, RESIDUAL, VariantSpec
 
 
 def candidates(layers: Sequence[Layer], spec: VariantSpec, model: Any = None) -> list[Layer]:
@@ -31,7 +31,17 @@ def default_after(spec: VariantSpec) -> tuple[str, ...]:
     return spec.default_after
 
 
-def plan_inject(model: Any, spec: VariantSpec, sel: Selection) -> list[Layer]:
+# where the default selection puts sites in a model with no activation outside its output layer
+# (LSTM/GRU text classifiers, embedding + pooling models): after the recurrent layers, else after
+# the embeddings -- dropout on the non-recurrent connections (Zaremba et al. 2014)
+FALLBACK_AFTER = (("lstm", "gru", "rnn"), ("embedding",))
+
+
+def plan_inject(model: Any, spec: VariantSpec, sel: Selection, notes: list[str] | None = None) -> list[Layer]:
+    """The layers ``spec`` goes after (or on, or replaces). With the default selection of an
+    AFTER variant it also falls back to recurrent / embedding outputs when the model has no
+    activation, and skips layers already followed by dropout; each such choice is described in
+    ``notes`` (for the log)."""
     layers = model.layers()
     cands = candidates(layers, spec, model)
     replaced = " or ".join(_LAYER_WORDS.get(c, c) for c in spec.replaces) + " layer"
@@ -39,7 +49,54 @@ def plan_inject(model: Any, spec: VariantSpec, sel: Selection) -> list[Layer]:
         what = {INPUT: "model input", RESIDUAL: "residual add", REPLACE: replaced}.get(spec.attaches, "layer")
         raise UsageError(f"the model has no {what} where {spec.name} can go", "see `dropcli inspect` for its layers")
     what = {INPUT: "input", RESIDUAL: "residual add", REPLACE: replaced}.get(spec.attaches, "layer")
-    return select(cands, sel, default_after(spec), what=what)
+    notes = notes if notes is not None else []
+    if sel.explicit or spec.attaches != AFTER:
+        return select(cands, sel, default_after(spec), what=what)
+    after = default_after(spec)
+    try:
+        chosen = select(cands, sel, after, what=what)
+    except UsageError as first:
+        chosen = []
+        for kinds in FALLBACK_AFTER if tuple(after) == ("activation",) else ():
+            try:
+                chosen = select(cands, sel, kinds, what=what)
+            except UsageError:
+                continue
+            notes.append(f"the model has no activation outside its output layer: the default selection puts "
+                         f"{spec.name} after its {'/'.join(sorted({l.kind for l in chosen}))} layers instead "
+                         f"(choose others with --after/--layers)")
+            break
+        if not chosen:
+            raise first
+    after_drop = getattr(model, "dropout_after", None)
+    if after_drop is not None:
+        follow = {id(l): after_drop(l) for l in chosen}
+        before = [l for l in chosen if follow[id(l)]]
+        if before:
+            chosen = [l for l in chosen if not follow[id(l)]]
+            shown = ", ".join(l.name for l in before[:4]) + (f" ... ({len(before)} in all)" if len(before) > 4 else "")
+            if not chosen:
+                refs = {r for l in before for r in follow[id(l)]}
+                drops = [l for l in layers if l.kind == "dropout" and l.dropout_variant == "dropout" and l.ref in refs]
+                if len(drops) != len(refs):
+                    raise UsageError(f"every layer the default selection matches is already followed by dropout ({shown})",
+                                     f"swap that dropout for {spec.name} with --replace, or choose layers with --after/--layers")
+                raise FollowedByDropout(drops, f"every layer the default selection matches is already followed by dropout "
+                                               f"({shown}): that dropout is swapped for {spec.name} instead (as --replace "
+                                               f"does; each keeps its p unless --p is given)")
+            notes.append(f"skipped {len(before)} layer(s) already followed by dropout ({shown}); "
+                         f"--replace swaps that dropout for {spec.name}")
+    return chosen
+
+
+class FollowedByDropout(UsageError):
+    """The default selection found only layers already followed by the model's own dropout:
+    ``dropouts`` are those dropout layers (the caller swaps them, as ``--replace`` does)."""
+
+    def __init__(self, dropouts: list[Layer], note: str):
+        super().__init__(note.split(":")[0], "swap that dropout with --replace, or choose layers with --after/--layers")
+        self.dropouts = dropouts
+        self.note = note
 
 
 _LAYER_WORDS = {"linear": "Linear", "conv": "Conv", "maxpool": "max-pooling", "avgpool": "average-pooling",

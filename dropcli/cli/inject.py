@@ -79,7 +79,11 @@ def register(app: typer.Typer) -> None:
         check_inject_args(variant, format=out_format, **edit)
         model_output(output, [model_path], force=force, json_out=json_out)
         model = load(model_path, trust_pickle=trust_pickle, imports=imports, arch=arch, input_shape=input_shape)
-        done = inject_sites(model, variant, after=after, layers=layers, exclude=exclude, allow_output=allow_output, **edit)
+        notes: list[str] = []
+        done = inject_sites(model, variant, after=after, layers=layers, exclude=exclude, allow_output=allow_output,
+                            notes=notes, **edit)
+        for note in notes:
+            log(f"note: {note}")
         written = save(model, output, out_format)
         result = {"input": model_path, "output": output, "format": written, "backend": model.backend,
                   "action": "remove" if remove else "replace" if replace else "inject", "sites": done}

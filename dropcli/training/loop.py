@@ -251,7 +251,7 @@ def model_example(model: Any) -> tuple:
 def reference_output(model: Any, x: torch.Tensor) -> np.ndarray:
     """The loaded model's own output (ONNX through onnxruntime), to check an import against."""
     if model.backend == "onnx":
-        sess = model.session()
+        sess = model.session(deterministic=True)  # Dropout exported with training_mode=True: inference
         name = model.graph_inputs()[0].name
         return sess.run(None, {name: x.numpy()})[0]
     return model(x).detach().numpy()

@@ -76,20 +76,37 @@ class DropBlock(SiteModule):
 
 def dropblock_onnx(b: OnnxBuilder, x: str, info: TensorInfo, p: float, block_size: int) -> tuple[str, str]:
     bs = int(block_size)
-    h, w = info.static_dims([2, 3], "dropblock")
-    if bs > h or bs > w:
-        raise _block_too_big(bs, h, w, "an ONNX site")
-    hv, wv = h - bs + 1, w - bs + 1
-    gamma = dropblock_gamma(p, bs, h, w)
-    valid = b.op("Slice", x, b.i64([0, 0]), b.i64([hv, wv]), b.i64([2, 3]))
+    if info.rank is not None and info.rank != 4:
+        raise UsageError(f"dropblock needs an [N, C, H, W] feature map, got rank {info.rank}",
+                         "put it after 2-d convolutions (--after conv, or --layers)")
+    static = info.shape is not None and all(info.shape[d] is not None for d in (2, 3))
+    if static:
+        h, w = info.static_dims([2, 3], "dropblock")
+        if bs > h or bs > w:
+            raise _block_too_big(bs, h, w, "an ONNX site")
+        hv, wv = h - bs + 1, w - bs + 1
+        valid = b.op("Slice", x, b.i64([0, 0]), b.i64([hv, wv]), b.i64([2, 3]))
+        gamma = b.f(dropblock_gamma(p, bs, h, w), info)
+        hw = b.f(float(h * w), info)
+    else:
+        # dynamic H, W: the valid seed region is x[:, :, :H-b+1, :W-b+1] (a negative end), and
+        # gamma = p/b^2 * HW/((H-b+1)(W-b+1)) is computed from Shape(x) when the model runs. No
+        # block fits a map smaller than the block: no seed is drawn and nothing is dropped there
+        # (the torch site, which sees the size, refuses it instead).
+        end = -(bs - 1) if bs > 1 else 2 ** 62
+        valid = b.op("Slice", x, b.i64([0, 0]), b.i64([end, end]), b.i64([2, 3]))
+        hw_f = b.op("Cast", b.op("Slice", b.op("Shape", x), b.i64([2]), b.i64([4])), to=info.elem_type)  # [H, W]
+        hw = b.reduce("ReduceProd", hw_f, [0], keepdims=1)
+        valid_hw = b.reduce("ReduceProd", b.op("Sub", hw_f, b.f(float(bs - 1), info)), [0], keepdims=1)
+        gamma = b.op("Mul", b.op("Div", hw, valid_hw), b.f(p / (bs * bs), info))
     u = b.op("RandomUniformLike", valid, dtype=info.elem_type)
-    seeds = b.op("Cast", b.op("Less", u, b.f(gamma, info)), to=info.elem_type)
+    seeds = b.op("Cast", b.op("Less", u, gamma), to=info.elem_type)
     padded = b.op("Pad", seeds, b.i64([0, 0, bs - 1, bs - 1, 0, 0, bs - 1, bs - 1]))
     pooled = b.op("MaxPool", padded, kernel_shape=[bs, bs], strides=[1, 1])
     mask = b.op("Sub", b.f(1.0, info), pooled)
     # numel per sample = C*H*W; C may be dynamic
     c = b.op("Cast", b.op("Slice", b.op("Shape", x), b.i64([1]), b.i64([2])), to=info.elem_type)
-    numel = b.op("Mul", c, b.f(float(h * w), info))
+    numel = b.op("Mul", c, hw)
     kept = b.reduce("ReduceSum", mask, [1, 2, 3], keepdims=1)
     scale = b.op("Div", numel, b.op("Max", kept, b.f(1.0, info)))
     return b.op("Mul", b.op("Mul", x, mask), scale), x
@@ -248,8 +265,9 @@ register(VariantSpec(
           "even b included). The expected dropped fraction is at most p (the paper's gamma ignores "
           "overlapping blocks and the smaller coverage near the borders). numel and sum(M) are per sample, so an example's output does "
           "not depend on the rest of its batch; a sample with every unit dropped outputs zeros. Default p = 0.1 "
-          "(the paper's keep_prob 0.9). b must not exceed H or W: an error at inject time in ONNX (H and W must "
-          "be static there; the batch may be dynamic) and when the torch site runs.",
+          "(the paper's keep_prob 0.9). b must not exceed H or W: an error at inject time in ONNX when H and W are "
+          "static, and when the torch site runs. With dynamic H and W in ONNX, gamma and the seed region come "
+          "from Shape(x) at run time (a map smaller than b is left unchanged there).",
 ))
 register(VariantSpec(
     name="cutout", summary="zero L x L squares of the input at uniformly random centres",

@@ -313,3 +313,4 @@ def check_static_window_input(layer: OnnxLayer, what: str) -> list[int]:
         raise UsageError(f"{what} needs the rank and spatial sizes of its input in ONNX, but they are unknown",
                          "run shape inference on the model, or export it with fixed spatial sizes")
     return layer.x_info.static_dims(list(range(2, layer.x_info.rank)), what)
+

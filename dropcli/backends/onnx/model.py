@@ -28,6 +28,7 @@ from dropcli.model.selection import WEIGHTED, Layer, canonical_kind
 from dropcli.model.kinds import REPLACE, RESIDUAL
 from dropcli.backends.onnx.builder import OnnxBuilder, TensorInfo, opset_of
 from dropcli.backends.onnx.layers import OnnxLayer, absorbable_activation, const_value, describe_node
+from dropcli.model.patterns import Match, OnnxPatternView, find_patterns
 
 if TYPE_CHECKING:  # the variants' module imports torch; loading an ONNX model must not
     from dropcli.variants.base import VariantSpec
@@ -120,8 +121,10 @@ class OnnxModel:
             return "gather"  # indexing an activation (x[:, -1]), not an embedding table
         return canonical_kind(node.op_type)
 
-    def _display_names(self) -> list[str]:
-        """Exporter names like ``/fc1/Gemm`` read as ``fc1``; duplicates keep the full name."""
+    def _display_names(self, hidden: set[int] | None = None) -> list[str]:
+        """Exporter names like ``/fc1/Gemm`` read as ``fc1``; duplicates keep the full name.
+        ``hidden`` nodes (inside an activation pattern) are not listed, so they don't count."""
+        hidden = hidden or set()
         raw = []
         for i, n in enumerate(self.model.graph.node):
             nm = n.name or (n.output[0] if n.output else f"node{i}")
@@ -132,8 +135,8 @@ class OnnxModel:
                 nm = nm[1:]
             raw.append(nm)
         counts: dict[str, int] = {}
-        for n, nm in zip(self.model.graph.node, raw):
-            if n.op_type != "Constant":  # not listed as layers, so they don't make a name ambiguous
+        for i, (n, nm) in enumerate(zip(self.model.graph.node, raw)):
+            if n.op_type != "Constant" and i not in hidden:  # not listed as layers, so they don't make a name ambiguous
                 counts[nm] = counts.get(nm, 0) + 1
         return [nm if counts.get(nm, 0) <= 1 else (self.model.graph.node[i].name or nm) for i, nm in enumerate(raw)]
 
@@ -145,15 +148,16 @@ class OnnxModel:
                 continue
             info = self.tensor_info(gi.name)
             rows.append(Layer(gi.name, "input", "input", info.shape, 0, is_input=True, ref=("input", gi.name)))
-        names = self._display_names()
+        ctx = self._layer_ctx()
+        roots, interior = self.activation_patterns(ctx)
+        names = self._display_names(interior)
         producers = {o: i for i, n in enumerate(g.node) for o in n.output}
         kinds = [self._kind(n) for n in g.node]
         region = self._output_region(producers, kinds)
         anc = self._ancestors(producers)
-        ctx = self._layer_ctx()
         records = site_records(self.model)
         for i, n in enumerate(g.node):
-            if n.op_type == "Constant":
+            if n.op_type == "Constant" or i in interior:
                 continue
             site = naming.node_site(n.name)
             if site is not None:
@@ -165,15 +169,33 @@ class OnnxModel:
                                       ref=("node", i)))
                 continue
             params = sum(int(np.prod(self._inits[x].dims)) for x in n.input if x in self._inits)
-            kind = kinds[i]
+            kind, op = kinds[i], n.op_type
+            if i in roots:  # an activation spelled as several ops: one layer, the site after it all
+                kind, op = roots[i].kind, f"{roots[i].name}({'/'.join(self._pattern_ops(roots[i]))})"
+                params = 0
             dp = self._dropout_ratio(n) if kind == "dropout" else None
             rows.append(Layer(
-                names[i], kind, n.op_type, self.tensor_info(n.output[0]).shape if n.output else None, params,
+                names[i], kind, op, self.tensor_info(n.output[0]).shape if n.output else None, params,
                 dropout_p=dp, dropout_variant="dropout" if kind == "dropout" else None,
                 is_output=i in region, residual=kind == "add" and self._residual_branch(i, producers, anc, kinds) is not None,
                 layer_class=self._layer_class(i, ctx, kind), ref=("node", i),
             ))
         return rows
+
+    def activation_patterns(self, ctx: tuple | None = None) -> tuple[dict[int, Match], set[int]]:
+        """Activations spelled as several ops (:mod:`dropcli.model.patterns`): the index of each
+        one's last node with its match, and the indices of the nodes inside them."""
+        nodes, const, _, outs = ctx or self._layer_ctx()
+        view = OnnxPatternView(nodes, const, outs)
+        where = {n.output[0]: i for i, n in enumerate(nodes) if n.output}
+        matches = find_patterns(view, [n.output[0] for n in nodes if n.output and n.op_type != "Constant"])
+        roots = {where[m.root]: m for m in matches}
+        interior = {where[v] for m in matches for v in m.interior if v != m.root}
+        return roots, interior
+
+    def _pattern_ops(self, m: Match) -> list[str]:
+        nodes = self.model.graph.node
+        return [n.op_type for n in nodes if n.output and n.output[0] in m.interior]
 
     # ------------------------------------------------------------------ layers REPLACE variants rewrite
     def _layer_ctx(self) -> tuple:
@@ -260,6 +282,17 @@ class OnnxModel:
                                      lambda j: isinstance(j, int) and kinds[j] in WEIGHTED,
                                      is_source=lambda j: isinstance(j, str))
         return None if k is None else (a, b)[k]
+
+    def dropout_after(self, layer: Layer) -> list:
+        """The refs of the dropout that reads ``layer``'s output, when everything that reads it is
+        dropout (the model's own, or a dropcli site); else []."""
+        kind, ref = layer.ref
+        node = None if kind == "input" else self.model.graph.node[ref]
+        name = ref if kind == "input" else (node.output[0] if node.output else "")
+        users = [(j, n) for j, n in enumerate(self.model.graph.node) if name and name in n.input]
+        if users and all(n.op_type == "Dropout" or naming.node_site(n.name) is not None for _, n in users):
+            return [("node", j) for j, _ in users]
+        return []
 
     # ------------------------------------------------------------------ rewriting
     def claim_site_name(self) -> str:
@@ -518,15 +551,27 @@ class OnnxModel:
         self._infer()
 
     # ------------------------------------------------------------------ running / saving
-    def session(self, disable_dropout_elimination: bool = True, providers: Sequence[str] | None = None):
+    def session(self, disable_dropout_elimination: bool = True, providers: Sequence[str] | None = None,
+                deterministic: bool = False):
+        """An onnxruntime session on the model. ``deterministic``: the model's own ``Dropout``
+        nodes run in inference mode even when exported with ``training_mode=True`` (a model
+        exported in training mode would otherwise sample in every run); dropcli's sites follow
+        ``dropcli_mc`` as always."""
         import onnxruntime as ort
 
+        model = self.model
+        if deterministic and any(n.op_type == "Dropout" and len(n.input) > 2 and n.input[2] for n in model.graph.node):
+            model = onnx.ModelProto()
+            model.CopyFrom(self.model)
+            for n in model.graph.node:
+                if n.op_type == "Dropout" and len(n.input) > 2:
+                    del n.input[2:]  # training_mode defaults to False
         so = ort.SessionOptions()
         so.log_severity_level = 3
         kwargs: dict[str, Any] = {}
         if disable_dropout_elimination:
             kwargs["disabled_optimizers"] = ["EliminateDropout"]
-        return ort.InferenceSession(self.model.SerializeToString(), so, providers=list(providers or ["CPUExecutionProvider"]), **kwargs)
+        return ort.InferenceSession(model.SerializeToString(), so, providers=list(providers or ["CPUExecutionProvider"]), **kwargs)
 
     def default_output_format(self) -> str:
         return formats.ONNX

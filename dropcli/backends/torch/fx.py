@@ -76,3 +76,65 @@ def set_module(root: nn.Module, name: str, mod: nn.Module) -> None:
     for store in (parent._parameters, parent._buffers):
         store.pop(parts[-1], None)
     parent.add_module(parts[-1], mod)
+
+
+# ops of an fx graph as :mod:`dropcli.model.patterns` names them
+_PATTERN_FUNCS = {"mul": "mul", "mul_": "mul", "div": "div", "div_": "div", "truediv": "div", "add": "add", "add_": "add",
+                  "sub": "sub", "sub_": "sub", "erf": "erf", "tanh": "tanh", "pow": "pow", "sigmoid": "sigmoid",
+                  "clamp": "clip", "clip": "clip", "hardtanh": "clip", "hardsigmoid": "hardsigmoid"}
+_PATTERN_MODULES = {nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.Hardsigmoid: "hardsigmoid"}
+
+
+class FxPatternView:
+    """A torch.fx graph seen by :func:`dropcli.model.patterns.find_patterns`: values are nodes
+    (and the Python numbers they take as arguments)."""
+
+    def __init__(self, gm: fx.GraphModule):
+        self.gm = gm
+
+    def producer(self, v: Any) -> tuple[str, list[Any]] | None:
+        if not isinstance(v, fx.Node):
+            return None
+        if v.op == "call_module":
+            mod = self.gm.get_submodule(v.target)
+            for cls, name in _PATTERN_MODULES.items():
+                if type(mod) is cls:
+                    return name, [v.args[0]] if v.args else []
+            if type(mod) is nn.Hardtanh:
+                return "clip", [v.args[0], float(mod.min_val), float(mod.max_val)]
+            return None
+        name = fname(v)
+        if v.op not in ("call_function", "call_method") or name is None:
+            return None
+        op = _PATTERN_FUNCS.get(name)
+        if op is None:
+            return None
+        args = list(v.args)
+        kw = v.kwargs
+        if op in ("add", "sub") and kw.get("alpha", 1) != 1:
+            return None
+        if op == "div" and kw.get("rounding_mode") is not None:
+            return None
+        if op == "clip":
+            lo = args[1] if len(args) > 1 else kw.get("min", kw.get("min_val", -1.0 if name == "hardtanh" else None))
+            hi = args[2] if len(args) > 2 else kw.get("max", kw.get("max_val", 1.0 if name == "hardtanh" else None))
+            args = [args[0], float("-inf") if lo is None else lo, float("inf") if hi is None else hi]
+        return op, args
+
+    def const(self, v: Any) -> float | None:
+        if isinstance(v, fx.Node) and v.op == "get_attr":
+            try:
+                t = fetch_attr(self.gm, v.target)
+            except AttributeError:
+                return None
+            if isinstance(t, torch.Tensor) and t.numel() >= 1 and not t.dtype.is_complex and t.dtype != torch.bool:
+                flat = t.detach().reshape(-1)
+                if bool((flat == flat[0]).all()):
+                    return float(flat[0])
+        return None
+
+    def consumers(self, v: Any) -> list[Any]:
+        return list(v.users) if isinstance(v, fx.Node) else []
+
+    def is_graph_output(self, v: Any) -> bool:
+        return isinstance(v, fx.Node) and any(u.op == "output" for u in v.users)

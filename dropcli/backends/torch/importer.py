@@ -311,10 +311,12 @@ class _OnnxImporter:
             inferred = model
         self.model = model
         self.ranks: dict[str, int] = {}
+        self.shapes: dict[str, list[int | None]] = {}
         for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
             tt = vi.type.tensor_type
             if tt.HasField("shape"):
                 self.ranks[vi.name] = len(tt.shape.dim)
+                self.shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
         self.consts: dict[str, np.ndarray] = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
         self.keep_dropout = keep_dropout
         self.root = nn.Module()
@@ -398,8 +400,11 @@ class _OnnxImporter:
     def run(self) -> fx.GraphModule:
         g = self.model.graph
         inside, selects = self._site_blocks() if self.keep_dropout else (set(), {})
+        roots, hidden = self._activation_patterns(inside)
+        folded = self._folded_nodes()
         bad = sorted({n.op_type for i, n in enumerate(g.node)
-                      if i not in inside and (n.op_type not in ONNX_OPS or n.domain not in ("", "ai.onnx"))})
+                      if i not in inside and i not in hidden and i not in roots
+                      and i not in folded and (n.op_type not in ONNX_OPS or n.domain not in ("", "ai.onnx"))})
         if bad:
             raise DropcliError(f"ONNX op{'s' if len(bad) > 1 else ''} {', '.join(bad)} {'are' if len(bad) > 1 else 'is'} not supported by dropcli's ONNX importer",
                                f"supported ops: {', '.join(ONNX_OPS)}; or pass the torch model instead")
@@ -419,7 +424,10 @@ class _OnnxImporter:
                 site, x, mod = selects[i]
                 set_module(self.root, site, mod)
                 self.env[node.output[0]] = self.graph.call_module(site, (self._val(x),))
-            elif i not in inside:
+            elif i in roots:  # an activation spelled as several ops becomes its one module
+                m = roots[i]
+                self.env[node.output[0]] = self._add(node, m.kind, _PATTERN_MODULES[m.name](), self._val(m.x))
+            elif i not in inside and i not in hidden:
                 self._node(node)
         outs = [self.env[o.name] if o.name in self.env else self._val(o.name) for o in g.output]
         self.graph.output(outs[0] if len(outs) == 1 else tuple(outs))
@@ -427,7 +435,69 @@ class _OnnxImporter:
         gm.eval()
         return gm
 
+    def _activation_patterns(self, inside: set[int]) -> tuple[dict[int, Any], set[int]]:
+        """Activations spelled as several ops (:mod:`dropcli.model.patterns`): their last nodes
+        (index -> match) and the nodes inside them."""
+        from dropcli.model.patterns import OnnxPatternView, find_patterns
+
+        nodes = list(self.model.graph.node)
+        folded = dict(self.consts)
+        for n in nodes:
+            if n.op_type == "Constant" and n.output and "value" in _onnx_attrs(n):
+                from onnx import numpy_helper
+
+                folded[n.output[0]] = numpy_helper.to_array(_onnx_attrs(n)["value"])
+        view = OnnxPatternView(nodes, lambda v: None if v == MC_INPUT else folded.get(v), {o.name for o in self.model.graph.output})
+        where = {n.output[0]: i for i, n in enumerate(nodes) if n.output}
+        roots: dict[int, Any] = {}
+        hidden: set[int] = set()
+        for m in find_patterns(view, [n.output[0] for i, n in enumerate(nodes) if n.output and i not in inside]):
+            if m.name in _PATTERN_MODULES:
+                roots[where[m.root]] = m
+                hidden |= {where[v] for v in m.interior if v != m.root}
+        return roots, hidden
+
+    def _folded_nodes(self) -> set[int]:
+        """The nodes whose inputs will all be constants, so :meth:`_fold` evaluates them at import
+        (shape arithmetic that exporters write out, e.g. the legacy exporter's padding of
+        TF-style 'same' convolutions: ConstantOfShape/Concat/Slice/Transpose/Cast)."""
+        known = {x for x in self.consts if x != MC_INPUT}
+        out: set[int] = set()
+        for i, n in enumerate(self.model.graph.node):
+            if n.op_type == "Constant":
+                known.update(n.output)
+            elif (n.op_type not in _NEVER_FOLD and n.op_type not in _MODULE_OPS and n.domain in ("", "ai.onnx") and n.output
+                  and all(not x or x in known for x in n.input)):
+                known.update(o for o in n.output if o)
+                out.add(i)
+        return out
+
+    def _fold(self, node) -> bool:
+        """Evaluate ``node`` now when all its inputs are constants (onnx's reference evaluator)."""
+        if node.op_type in _NEVER_FOLD or not node.output or any(x and (x not in self.consts or x == MC_INPUT) for x in node.input):
+            return False
+        if node.op_type in _MODULE_OPS:
+            return False  # a layer with constant input is still a layer (rare; keep it a module)
+        from onnx import helper
+        from onnx.reference import ReferenceEvaluator
+
+        opset = next((o.version for o in self.model.opset_import if o.domain in ("", "ai.onnx")), 17)
+        ins = [x for x in node.input if x]
+        inputs = [helper.make_tensor_value_info(x, helper.np_dtype_to_tensor_dtype(np.asarray(self.consts[x]).dtype), None) for x in ins]
+        outputs = [helper.make_tensor_value_info(o, 0, None) for o in node.output if o]
+        g = helper.make_graph([node], "fold", inputs, outputs)
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+        try:
+            res = ReferenceEvaluator(m).run(None, {x: np.asarray(self.consts[x]) for x in ins})
+        except Exception as e:  # noqa: BLE001
+            raise self._unsupported(node, f"its constant inputs could not be folded ({type(e).__name__}: {str(e)[:100]})") from e
+        for o, v in zip([o for o in node.output if o], res):
+            self.consts[o] = np.array(v)  # a writable copy
+        return True
+
     def _node(self, node) -> None:
+        if self._fold(node):
+            return
         a = _onnx_attrs(node)
         handler = ONNX_HANDLERS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
         if handler is None:
@@ -487,10 +557,19 @@ class _OnnxImporter:
         nd = w.ndim - 2
         if nd not in (1, 2):
             raise self._unsupported(node, f"{nd}-d convolutions are not supported")
+        x = self._val(ins[0])
+        pads = [int(p) for p in a.get("pads", [0] * (2 * nd))]
+        if pads[:nd] != pads[nd:]:  # asymmetric (TF-style 'same'): the extra part as an explicit zero pad
+            common = [min(pads[k], pads[nd + k]) for k in range(nd)]
+            extra: list[int] = []
+            for k in range(nd - 1, -1, -1):  # F.pad lists the last axis first
+                extra += [pads[k] - common[k], pads[nd + k] - common[k]]
+            x = self.graph.call_function(torch.nn.functional.pad, (x, tuple(extra)), {"mode": "constant", "value": 0.0})
+            pads = common + common
         mod = _conv_module(torch.from_numpy(w.astype(np.float32)), None if b is None else torch.from_numpy(b.astype(np.float32)),
-                           a.get("strides", [1] * nd), _sym_pads(a.get("pads"), nd, "Conv"), a.get("dilations", [1] * nd),
+                           a.get("strides", [1] * nd), _sym_pads(pads, nd, "Conv"), a.get("dilations", [1] * nd),
                            int(a.get("group", 1)))
-        self.env[out] = self._add(node, "Conv", mod, self._val(ins[0]))
+        self.env[out] = self._add(node, "Conv", mod, x)
 
     @onnx_op("BatchNormalization")
     def _batchnorm(self, node, a: dict[str, Any], ins: list[str], out: str | None) -> None:
@@ -566,8 +645,16 @@ class _OnnxImporter:
         if shape is None:
             raise self._unsupported(node, "only Reshape to a constant shape is supported")
         x = self._val(ins[0])
+        target = [int(v) for v in shape.reshape(-1)]
+        src = self.shapes.get(ins[0])
+        if (len(target) == 2 and target[0] in (-1, 0) and src and len(src) >= 2 and all(d for d in src[1:])
+                and int(np.prod(src[1:])) == target[1]):
+            # [N, C, 1, 1] -> [-1, C]: a flatten, written as one so that it still holds when
+            # pruning removes channels
+            self.env[out] = self.graph.call_function(torch.flatten, (x, 1))
+            return
         dims: list[Any] = []
-        for i, d in enumerate(int(v) for v in shape.reshape(-1)):
+        for i, d in enumerate(target):
             if d == 0 and not a.get("allowzero", 0):
                 dims.append(self.graph.call_method("size", (x, i)))
             else:
@@ -588,6 +675,165 @@ class _OnnxImporter:
             return
         self.env[out] = self._val(ins[0])
 
+    @onnx_op("LayerNormalization")
+    def _layernorm(self, node, a: dict[str, Any], ins: list[str], out: str | None) -> None:
+        if len(node.output) > 1 and any(self.users.get(o) for o in node.output[1:] if o):
+            raise self._unsupported(node, "its mean / inverse-std outputs are used")
+        scale = self._c(ins[1])
+        bias = self._c(ins[2]) if len(ins) > 2 and ins[2] else None
+        if scale is None or (len(ins) > 2 and ins[2] and bias is None):
+            raise self._unsupported(node, "only LayerNormalization with constant scale and bias is supported")
+        axis, rank = int(a.get("axis", -1)), self.ranks.get(ins[0])
+        if axis < 0:
+            axis = (rank + axis) if rank is not None else (-axis if scale.ndim == -axis else None)
+        n_dims = (rank - axis) if rank is not None and axis is not None else scale.ndim
+        shape = tuple(int(d) for d in scale.shape[-n_dims:]) if scale.ndim >= n_dims else None
+        if shape is None or len(shape) != n_dims or int(a.get("stash_type", 1)) != 1:
+            raise self._unsupported(node, "its normalised shape can't be read from its scale")
+        mod = nn.LayerNorm(shape, eps=float(a.get("epsilon", 1e-5)), elementwise_affine=True, bias=True)
+        with torch.no_grad():
+            mod.weight.copy_(torch.from_numpy(np.broadcast_to(scale, shape).astype(np.float32)))
+            mod.bias.copy_(torch.from_numpy(np.broadcast_to(bias if bias is not None else np.zeros(shape, np.float32), shape).astype(np.float32)))
+        self.env[out] = self._add(node, "LayerNormalization", mod, self._val(ins[0]))
+
+    _UNARY = {"Erf": torch.erf, "Sqrt": torch.sqrt, "Neg": torch.neg, "Exp": torch.exp, "Log": torch.log,
+              "Abs": torch.abs, "Reciprocal": torch.reciprocal}
+
+    @onnx_op(*_UNARY)
+    def _unary(self, node, a: dict[str, Any], ins: list[str], out: str | None) -> None:
+        self.env[out] = self.graph.call_function(self._UNARY[node.op_type], (self._val(ins[0]),))
+
+    @onnx_op("Pow")
+    def _pow(self, node, a: dict[str, Any], ins: list[str], out: str | None) -> None:
+        e = self._c(ins[1])
+        exp: Any = float(np.asarray(e)) if e is not None and np.asarray(e).size == 1 else self._val(ins[1])
+        self.env[out] = self.graph.call_function(torch.pow, (self._val(ins[0]), exp))
+
+    def _axes(self, node, a: dict[str, Any], ins: list[str], k: int = 1) -> list[int] | None:
+        """The ``axes`` of a reduce / squeeze op: an attribute (older opsets) or input ``k`` (a constant)."""
+        if "axes" in a:
+            return [int(v) for v in a["axes"]]
+        if len(ins) > k and ins[k]:
+            v = self._c(ins[k])
+            if v is None:
+                raise self._unsupported(node, "only constant axes are supported")
+            return [int(x) for x in np.asarray(v).reshape(-1)]
+        return None
+
+    @onnx_op("ReduceMean")
+    def _reduce_mean(self, node, a: dict[str, Any], ins: list[str], out: str | None) -> None:
+        axes = self._axes(node, a, ins)
+        x = self._val(ins[0])
+        keep = bool(a.get("keepdims", 1))
+        if axes is None or not axes:
+            if a.get("noop_with_empty_axes", 0):
+                self.env[out] = x
+                return
+            rank = self.ranks.get(ins[0])
+            if rank is None:
+                raise self._unsupported(node, "reducing over all axes needs the input's rank")
+            axes = list(range(rank))
+        self.env[out] = self.graph.call_function(torch.mean, (x, tuple(axes)), {"keepdim": keep})
+
+    @onnx_op("Squeeze")
+    def _squeeze(self, node, a: dict[str, Any], ins: list[str], out: str | None) -> None:
+        axes = self._axes(node, a, ins)
+        x = self._val(ins[0])
+        self.env[out] = self.graph.call_function(torch.squeeze, (x,) if axes is None else (x, tuple(axes)))
+
+    @onnx_op("Unsqueeze")
+    def _unsqueeze(self, node, a: dict[str, Any], ins: list[str], out: str | None) -> None:
+        axes = self._axes(node, a, ins)
+        if not axes:
+            raise self._unsupported(node, "Unsqueeze needs its axes")
+        rank = self.ranks.get(ins[0])
+        if any(ax < 0 for ax in axes):
+            if rank is None:
+                raise self._unsupported(node, "negative axes need the input's rank")
+            axes = [ax + rank + len(axes) if ax < 0 else ax for ax in axes]
+        v = self._val(ins[0])
+        for ax in sorted(axes):  # ONNX axes index the output
+            v = self.graph.call_function(torch.unsqueeze, (v, ax))
+        self.env[out] = v
+
+    @onnx_op("Transpose")
+    def _transpose(self, node, a: dict[str, Any], ins: list[str], out: str | None) -> None:
+        perm = a.get("perm")
+        if perm is None:
+            rank = self.ranks.get(ins[0])
+            if rank is None:
+                raise self._unsupported(node, "a Transpose without perm needs the input's rank")
+            perm = list(range(rank))[::-1]
+        self.env[out] = self.graph.call_function(torch.permute, (self._val(ins[0]), tuple(int(p) for p in perm)))
+
+    @onnx_op("Concat")
+    def _concat(self, node, a: dict[str, Any], ins: list[str], out: str | None) -> None:
+        self.env[out] = self.graph.call_function(torch.cat, ([self._val(x) for x in ins if x],), {"dim": int(a["axis"])})
+
+    @onnx_op("Slice")
+    def _slice(self, node, a: dict[str, Any], ins: list[str], out: str | None) -> None:
+        vals = [self._c(x) if len(ins) > k and (x := ins[k]) else None for k in range(1, 5)]
+        starts, ends, axes, steps = vals
+        if starts is None or ends is None or any(len(ins) > k and ins[k] and vals[k - 1] is None for k in range(1, 5)):
+            raise self._unsupported(node, "only Slice with constant starts/ends/axes/steps is supported")
+        starts, ends = [int(v) for v in starts.reshape(-1)], [int(v) for v in ends.reshape(-1)]
+        axes_l = [int(v) for v in axes.reshape(-1)] if axes is not None else list(range(len(starts)))
+        steps_l = [int(v) for v in steps.reshape(-1)] if steps is not None else [1] * len(starts)
+        rank = self.ranks.get(ins[0])
+        if any(ax < 0 for ax in axes_l):
+            if rank is None:
+                raise self._unsupported(node, "negative axes need the input's rank")
+            axes_l = [ax + rank if ax < 0 else ax for ax in axes_l]
+        big = 2 ** 62
+        index: list[Any] = [slice(None)] * (max(axes_l) + 1)
+        for st, en, ax, sp in zip(starts, ends, axes_l, steps_l):
+            if sp <= 0:
+                raise self._unsupported(node, "only positive Slice steps are supported")
+            index[ax] = slice(st, None if en >= big else en, sp)
+        self.env[out] = self.graph.call_function(operator.getitem, (self._val(ins[0]), tuple(index)))
+
+    @onnx_op("Cast")
+    def _cast(self, node, a: dict[str, Any], ins: list[str], out: str | None) -> None:
+        from onnx import helper
+
+        dt = torch.from_numpy(np.zeros(0, dtype=helper.tensor_dtype_to_np_dtype(int(a["to"])))).dtype
+        self.env[out] = self.graph.call_method("to", (self._val(ins[0]), dt))
+
+    @onnx_op("Pad")
+    def _pad(self, node, a: dict[str, Any], ins: list[str], out: str | None) -> None:
+        mode = a.get("mode", b"constant")
+        mode = mode.decode() if isinstance(mode, bytes) else str(mode)
+        pads = self._c(ins[1]) if len(ins) > 1 and ins[1] else (np.array(a["pads"]) if "pads" in a else None)
+        value = self._c(ins[2]) if len(ins) > 2 and ins[2] else np.array(a.get("value", 0.0))
+        if pads is None or value is None:
+            raise self._unsupported(node, "only Pad with constant pads and value is supported")
+        pads = [int(v) for v in pads.reshape(-1)]
+        rank = self.ranks.get(ins[0])
+        axes = self._axes(node, {}, ins, 3) if len(ins) > 3 and ins[3] else None
+        if axes is None:
+            axes = list(range(len(pads) // 2))
+        if any(ax < 0 for ax in axes):
+            if rank is None:
+                raise self._unsupported(node, "negative axes need the input's rank")
+            axes = [ax + rank if ax < 0 else ax for ax in axes]
+        nd = len(axes)
+        per = {ax: (pads[k], pads[nd + k]) for k, ax in enumerate(axes)}
+        last = max(per) if per else 0
+        if rank is not None:
+            last = rank - 1
+        torch_pads: list[int] = []
+        for ax in range(last, -1, -1):  # torch's F.pad lists the last axis first
+            torch_pads += list(per.get(ax, (0, 0)))
+        while len(torch_pads) > 2 and torch_pads[-2:] == [0, 0]:
+            torch_pads = torch_pads[:-2]
+        tmode = {"constant": "constant", "reflect": "reflect", "edge": "replicate", "wrap": "circular"}.get(mode)
+        if tmode is None:
+            raise self._unsupported(node, f"Pad mode {mode!r} is not supported")
+        kw = {"mode": tmode}
+        if tmode == "constant":
+            kw["value"] = float(np.asarray(value).reshape(-1)[0]) if np.asarray(value).size else 0.0
+        self.env[out] = self.graph.call_function(torch.nn.functional.pad, (self._val(ins[0]), tuple(torch_pads)), kw)
+
     @onnx_op("Constant")
     def _constant(self, node, a: dict[str, Any], ins: list[str], out: str | None) -> None:
         from onnx import numpy_helper
@@ -603,6 +849,16 @@ class _OnnxImporter:
         return DropcliError(f"{label} is not supported by dropcli's ONNX importer",
                             f"supported ops: {', '.join(ONNX_OPS)}; or pass the torch model instead")
 
+
+# never evaluated at import, even with constant inputs (random or stateful)
+_NEVER_FOLD = {"Dropout", "RandomUniform", "RandomUniformLike", "RandomNormal", "RandomNormalLike", "Bernoulli", "Multinomial"}
+# ops that carry trained weights: kept as modules
+_MODULE_OPS = {"Gemm", "MatMul", "Conv", "BatchNormalization", "LayerNormalization", "LSTM", "GRU"}
+# activation patterns (dropcli.model.patterns names) -> the module they become
+_PATTERN_MODULES: dict[str, Callable[[], nn.Module]] = {
+    "gelu-erf": nn.GELU, "gelu-tanh": lambda: nn.GELU(approximate="tanh"), "relu6": nn.ReLU6,
+    "hardswish": nn.Hardswish, "hardsigmoid": nn.Hardsigmoid, "silu": nn.SiLU,
+}
 
 # the supported ONNX ops, in registration order (named in errors; listed in docs/onnx.md)
 ONNX_OPS: tuple[str, ...] = tuple(ONNX_HANDLERS)

@@ -22,13 +22,14 @@ from typing import Any, Sequence
 import torch
 from torch import fx, nn
 
-from dropcli.backends.torch.fx import aten_name, fetch_attr
+from dropcli.backends.torch.fx import FxPatternView, aten_name, fetch_attr, fname
 from dropcli.backends.torch.layers import (TorchLayer, activation_module, activation_of_call, activation_of_module, call_layer_class,
                                            describe_call, describe_module, stock_module)
 from dropcli.backends.torch.load import GUARD_TARGETS, load_graph
 from dropcli.backends.torch.save import require_example, save_graph, to_exported
 from dropcli.errors import DropcliError, UsageError
 from dropcli.model import formats, naming, residual
+from dropcli.model.patterns import find_patterns
 from dropcli.model.quiet import quiet
 from dropcli.model.selection import KNOWN_KINDS, WEIGHTED, Layer, canonical_kind
 from dropcli.variants.base import REPLACE, LayerSite, SiteModule, VariantSpec
@@ -106,12 +107,18 @@ class TorchModel:
         params = _weights(self.gm)
         inlined = self.inlined_sites()
         hidden = set().union(*(internal for _, _, internal in inlined.values())) if inlined else set()
+        patterns = {m.root: m for m in find_patterns(FxPatternView(self.gm), [n for n in g.nodes if n.op != "output"])}
+        hidden |= {v for m in patterns.values() for v in m.interior if v is not m.root}
         nodes = [n for n in nodes if n not in hidden]
         rows: list[Layer] = []
         info: dict[fx.Node, tuple[str, str, str, int]] = {}
         scope_terminals: dict[str, list[fx.Node]] = {}
         for n in nodes:
             info[n] = self._raw_info(n, params)
+            if n in patterns:  # an activation spelled as several ops: one layer, the site after it all
+                m = patterns[n]
+                ops = "/".join(fname(v) or str(v.target) for v in g.nodes if v in m.interior)
+                info[n] = (f"{m.name}({ops})", m.kind, "", 0)
         # Name nodes: module path where the node ends a module call, else path/node.
         paths = {n: _scope_path(n, params) for n in nodes}
         for n in nodes:
@@ -286,6 +293,22 @@ class TorchModel:
         for r in adds:
             branch = residual_branch(r.ref, anc, kinds)
             r.residual = branch is not None
+
+    def dropout_after(self, layer: Layer) -> list:
+        """The nodes of the dropout that reads ``layer``'s output, when everything that reads it is
+        dropout (the model's own, or a dropcli site); else []."""
+        n = layer.ref
+        if not isinstance(n, fx.Node) or not n.users:
+            return []
+        sites = self.inlined_sites()
+        inside = set().union(*(internal for _, _, internal in sites.values())) if sites else set()
+
+        def is_dropout(u: fx.Node) -> bool:
+            if u.op == "call_module" and isinstance(self.gm.get_submodule(u.target), SiteModule):
+                return True
+            return u in inside or u in sites or self._raw_info(u, {})[1] == "dropout"
+
+        return list(n.users) if all(is_dropout(u) for u in n.users) else []
 
     # ------------------------------------------------------------------ rewriting
     def _claim_site_name(self) -> str:
