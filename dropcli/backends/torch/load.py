@@ -72,16 +72,10 @@ def load_graph(
         import_user(spec)
     model_meta: dict[str, Any] = {}
     if fmt == formats.EXPORT:
-        try:
-            extra = {SITES_FILE: "", MODEL_FILE: ""}
-            with quiet(), open(path, "rb") as fh:
-                ep = torch.export.load(fh, extra_files=extra)
-        except Exception as e:  # noqa: BLE001
-            raise DropcliError(f"cannot load torch.export program {path}: {short_error(e)}", "re-save it with torch.export.save") from e
+        extra = {SITES_FILE: "", MODEL_FILE: ""}
+        ep = load_program(path, extra)
         if example is None:
-            ex = getattr(ep, "example_inputs", None)
-            if ex:
-                example = tuple(ex[0])
+            example = program_example(ep)
         gm = ep.module()
         return Loaded(strip_guards(gm), example, json_or_empty(extra[SITES_FILE]), json_or_empty(extra[MODEL_FILE]))
     if fmt == formats.TORCHSCRIPT:
@@ -219,6 +213,91 @@ def stored_program(ts: torch.jit.ScriptModule, data: bytes, example: tuple | Non
                                "(its weights or graph were changed after dropcli wrote it)",
                                "export the changed model again with torch.export (.pt2) or ONNX and pass that")
     return gm, example
+
+
+def load_program(path: Path, extra: dict[str, Any]):
+    """``torch.export.load``, with the pytree types the program's signature names registered first.
+
+    A program whose output is a transformers ``ModelOutput`` (``return_dict=True``, the default)
+    names that class in its tree specs; torch can read it only once the class is registered in
+    its pytree, which transformers does when the class's module is imported. torch logs the
+    real cause and raises a generic error, so the names are read from the archive itself."""
+    try:
+        with quiet(), open(path, "rb") as fh:
+            return torch.export.load(fh, extra_files=extra)
+    except Exception as e:  # noqa: BLE001
+        first = e
+    missing = unregistered_types(path)
+    if missing:
+        register_types(missing, path)
+        try:
+            with quiet(), open(path, "rb") as fh:
+                return torch.export.load(fh, extra_files=extra)
+        except Exception as e:  # noqa: BLE001
+            first = e
+    raise DropcliError(f"cannot load torch.export program {path}: {short_error(first)}",
+                       "re-save it with torch.export.save") from first
+
+
+_TYPE_RE = re.compile(rb'\\"type\\": \\"([A-Za-z_][\w.]*)\\"')
+
+
+def unregistered_types(path: Path) -> list[str]:
+    """The pytree type names in a .pt2 archive's tree specs that torch does not know (yet)."""
+    import zipfile
+
+    from torch.utils import _pytree
+
+    names: set[str] = set()
+    with contextlib.suppress(Exception), zipfile.ZipFile(path) as z:
+        for info in z.infolist():
+            if info.filename.endswith("models/model.json") or info.filename.endswith(".json") and "/models/" in info.filename:
+                names |= {m.decode() for m in _TYPE_RE.findall(z.read(info))}
+    return sorted(n for n in names if n not in _pytree.SERIALIZED_TYPE_TO_PYTHON_TYPE)
+
+
+def register_types(names: list[str], path: Path) -> None:
+    """Import the modules of transformers' output classes (importing one registers its classes in
+    torch's pytree); any other unknown type is the user's to register (``--import``)."""
+    import importlib
+
+    from torch.utils import _pytree
+
+    for name in names:
+        module = name.rpartition(".")[0]
+        if name.startswith("transformers."):
+            try:
+                importlib.import_module(module)
+            except ImportError as e:
+                raise DropcliError(
+                    f"torch.export program {path} returns {name}, which torch can only read with transformers installed "
+                    f"({short_error(e)})",
+                    "install transformers (pip install transformers), or re-export the model with return_dict=False") from e
+        if name not in _pytree.SERIALIZED_TYPE_TO_PYTHON_TYPE:
+            raise DropcliError(
+                f"torch.export program {path} uses type {name}, which is not registered in torch's pytree",
+                f"pass --import {module or 'MODULE'} (a module or .py file that defines it and registers it with "
+                "torch.utils._pytree.register_pytree_node)")
+
+
+def program_example(ep: Any) -> tuple | None:
+    """The example inputs stored in an exported program, positional then keyword (in the order
+    of the program's signature); None when it stored none."""
+    ex = getattr(ep, "example_inputs", None)
+    if not ex:
+        return None
+    args, kwargs = ex
+    example = tuple(args) + tuple(kwargs[k] for k in keyword_inputs(ep.module_call_graph[0].signature.in_spec) if k in kwargs)
+    return example or None
+
+
+def keyword_inputs(in_spec: Any) -> list[str]:
+    """The keyword inputs of an exported call signature ``((args...), {kwargs...})`` in order."""
+    with contextlib.suppress(Exception):
+        kw = in_spec.child(1)
+        if kw.type is dict:
+            return list(kw.context)
+    return []
 
 
 def json_or_empty(text: str | bytes) -> dict:

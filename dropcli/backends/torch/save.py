@@ -94,11 +94,27 @@ def require_example(example: tuple | None, fmt: str) -> tuple:
 def to_exported(gm: fx.GraphModule, example: tuple):
     """``gm`` captured with ``torch.export`` (batch dimension dynamic)."""
     dyn = tuple({0: torch.export.Dim.AUTO} if t.dim() > 0 else None for t in example)
+    args, kwargs = example, None
+    names = keyword_signature(gm)
+    if names and len(names) == len(example):
+        # a program exported with keyword inputs keeps its call signature: keywords in, keywords out
+        args, kwargs, dyn = (), dict(zip(names, example)), dict(zip(names, dyn))
     try:
         with quiet():
-            return torch.export.export(gm, example, dynamic_shapes=dyn, strict=False)
+            return torch.export.export(gm, args, kwargs=kwargs, dynamic_shapes=dyn, strict=False)
     except Exception as e:  # noqa: BLE001
         raise DropcliError(f"cannot capture the rewritten model with torch.export: {short_error(e)}", "try --format torchscript") from e
+
+
+def keyword_signature(gm: fx.GraphModule) -> list[str]:
+    """The keyword inputs of a graph loaded from a program exported with keyword inputs
+    (``torch.export.export(m, (), kwargs=...)``), in order; [] for positional signatures."""
+    from dropcli.backends.torch.load import keyword_inputs
+
+    spec = getattr(gm, "_in_spec", None)
+    if spec is None or spec.num_children != 2 or spec.child(0).num_children:
+        return []
+    return keyword_inputs(spec)
 
 
 def _model_extra(model_meta: dict[str, Any]) -> dict[str, str]:
