@@ -55,10 +55,11 @@ class TorchModel:
     @classmethod
     def load(
         cls, path: str | Path, fmt: str, *, trust_pickle: bool = False, imports: Sequence[str] = (),
-        arch: str | None = None, input_shape: str | None = None, **_: Any,
+        arch: str | None = None, input_shape: str | None = None, example_data: str | None = None, **_: Any,
     ) -> "TorchModel":
         """Load a torch format (see :mod:`dropcli.backends.torch.load`)."""
-        got = load_graph(path, fmt, trust_pickle=trust_pickle, imports=imports, arch=arch, input_shape=input_shape)
+        got = load_graph(path, fmt, trust_pickle=trust_pickle, imports=imports, arch=arch, input_shape=input_shape,
+                         example_data=example_data)
         return cls(got.gm, fmt, got.example, str(Path(path)), got.site_meta, got.model_meta)
 
     # ------------------------------------------------------------------ description

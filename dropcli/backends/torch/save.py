@@ -52,6 +52,7 @@ def save_graph(model: Any, path: str | Path, fmt: str) -> str:
                 ts = torch.jit.trace(traceable_sizes(gm), example, check_trace=False, strict=False)
         except Exception as e:  # noqa: BLE001
             raise DropcliError(f"cannot write TorchScript: {short_error(e)}", "try --format export or --format onnx") from e
+        check_other_batch(ts, gm, example)
         extra = {EXAMPLE_FILE: example_record(example), SITES_FILE: _sites_record(model.sites_meta()),
                  **_model_extra(model.model_meta)}
         if has_loop(ts):
@@ -79,6 +80,37 @@ def save_graph(model: Any, path: str | Path, fmt: str) -> str:
         export_torch_program(ep, example, path, model.sites_meta(), model.model_meta)
         return fmt
     raise UsageError(f"unknown output format {fmt!r}", f"choose one of {', '.join(formats.ALL)}")
+
+
+def check_other_batch(ts: torch.jit.ScriptModule, gm: fx.GraphModule, example: tuple) -> None:
+    """Refuse a trace that runs only at the example's batch size (``torch.jit.trace`` bakes sizes
+    that a graph computes from the batch into constants): run it at one more row and compare."""
+    n = example[0].shape[0] if example and example[0].dim() else 0
+    if not n:
+        return
+    probe = tuple(torch.cat([t, t[:1]]) if t.dim() and t.shape[0] == n else t for t in example)
+    why = ""
+    try:
+        with torch.no_grad(), quiet():
+            a, b = ts(*probe), gm(*probe)
+        la, lb = torch.utils._pytree.tree_leaves(a), torch.utils._pytree.tree_leaves(b)
+        if len(la) != len(lb) or not all(torch.allclose(x, y, rtol=1e-4, atol=1e-5, equal_nan=True)
+                                         for x, y in zip(la, lb) if isinstance(x, torch.Tensor)):
+            why = "gives other results"
+    except Exception as e:  # noqa: BLE001
+        why = f"fails ({script_error(e)})"
+    if why:
+        raise DropcliError(
+            f"the rewritten model traced as TorchScript runs only at batch size {n}: at {n + 1} rows it {why}",
+            "write it with --format export (.pt2) or --format onnx, which keep the batch size dynamic")
+
+
+def script_error(e: BaseException) -> str:
+    """The cause of a TorchScript interpreter error: its last line (the first only says where)."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    if len(lines) > 1 and "TorchScript interpreter" in lines[0]:
+        return lines[-1].removeprefix("RuntimeError: ")[:300]
+    return short_error(e)
 
 
 def require_example(example: tuple | None, fmt: str) -> tuple:
