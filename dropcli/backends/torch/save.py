@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,9 @@ def save_graph(model: Any, path: str | Path, fmt: str) -> str:
             setattr(gm, MODEL_ATTR, json.dumps(model.model_meta, sort_keys=True))
         try:
             torch.save(gm, buf)
+        except (RecursionError, AttributeError, TypeError, pickle.PicklingError) as e:
+            raise DropcliError(f"cannot pickle the rewritten model: {short_error(e)} (torch cannot pickle every "
+                               "graph torch.export captures)", "write it with --format export or --format torchscript") from e
         finally:
             gm.__dict__.pop(MODEL_ATTR, None)
         with atomic_path(path) as tmp:
