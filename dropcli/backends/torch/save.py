@@ -201,13 +201,20 @@ def traceable_sizes(gm: fx.GraphModule) -> fx.GraphModule:
             if isinstance(n.target, torch._ops.OpOverload):
                 name = aten_name(n.target)
                 fn = getattr(torch, name, None)
-                if callable(fn):
+                if name == "slice":  # no public torch.slice / Tensor.slice: indexing traces live bounds
+                    n.target = _slice
+                elif callable(fn):
                     n.target = fn
                 elif n.args and isinstance(n.args[0], fx.Node):
                     n.op, n.target = "call_method", name
             else:  # int arithmetic on sizes (operator.mul ...) stays live under tracing
                 derived.add(n)
     return fx.GraphModule(gm, g)
+
+
+def _slice(x: torch.Tensor, dim: int = 0, start: Any = None, end: Any = None, step: int = 1) -> torch.Tensor:
+    """``aten.slice`` as indexing, which ``torch.jit.trace`` records with live (size-derived) bounds."""
+    return x[(slice(None),) * (dim % x.dim()) + (slice(start, end, step),)]
 
 
 def has_loop(ts: torch.jit.ScriptModule) -> bool:
