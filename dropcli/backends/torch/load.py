@@ -200,7 +200,10 @@ def load_graph(
 def exported_module(model: nn.Module, example: tuple) -> fx.GraphModule:
     """``model`` captured with ``torch.export`` (non-strict, batch dimension dynamic), as a GraphModule."""
     dyn = tuple({0: torch.export.Dim.AUTO} if t.dim() > 0 else None for t in example)
-    with torch.no_grad(), quiet():
+    import io
+
+    # a failed capture prints the partial graph to stderr itself: dropcli reports it in one line
+    with torch.no_grad(), quiet(), contextlib.redirect_stderr(io.StringIO()):
         ep = torch.export.export(model, example, dynamic_shapes=dyn, strict=False)
     return ep.module()
 
