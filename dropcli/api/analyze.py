@@ -63,7 +63,7 @@ def analyze(model: Any, x: Any, labels: Any = None, *, T: int = 100, seed: int =
     progress = progress or no_progress
     check_analyze_args(T=T, batch_size=batch_size, task=task)
     dev = resolve_device(device)
-    mdl, name = resolve_model(model, load_opts(trust_pickle, imports, arch, input_shape))
+    mdl, name = resolve_model(model, load_opts(trust_pickle, imports, arch, input_shape, example_data=x))
     runner = make_runner(mdl, dev)
     if runner.n_sites == 0:
         raise DropcliError(f"{name} has no stochastic dropout sites, so there is no ensemble to analyse",

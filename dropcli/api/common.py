@@ -21,8 +21,14 @@ def no_progress(what: str, total: int) -> Iterator[Callable[..., None]]:
 
 
 def load_opts(trust_pickle: bool = False, imports: Optional[Sequence[str]] = None, arch: Optional[str] = None,
-              input_shape: Optional[str] = None) -> dict:
-    return {"trust_pickle": trust_pickle, "imports": list(imports or []), "arch": arch, "input_shape": input_shape}
+              input_shape: Optional[str] = None, example_data: Any = None) -> dict:
+    """The model-loading options of every verb. ``example_data``: the verb's data file, whose first
+    rows give the example input (dtype and shape) of a model that does not record one (a
+    TorchScript trace, a pickled module, a state_dict)."""
+    opts = {"trust_pickle": trust_pickle, "imports": list(imports or []), "arch": arch, "input_shape": input_shape}
+    if is_path(example_data) and str(example_data) != "-" and Path(example_data).is_file():
+        opts["example_data"] = str(example_data)
+    return opts
 
 
 def resolve_device(device: str) -> str:

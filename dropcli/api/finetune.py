@@ -50,4 +50,4 @@ def finetune(model: Any, data: str, output: str, *, variant: str, val: Optional[
     src = str(model) if is_path(model) else copy_model(model)
     return run(src, output, data=str(data), val=str(val) if val else None, after=after, layers=layers, exclude=exclude,
                task=task, device=dev, seed=seed, quiet=progress is None, progress=progress,
-               load=load_opts(trust_pickle, imports, arch, input_shape), calibrate=calibrate, **args)
+               load=load_opts(trust_pickle, imports, arch, input_shape, example_data=data), calibrate=calibrate, **args)

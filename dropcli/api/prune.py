@@ -111,7 +111,7 @@ def prune(model: Any, data: Any, output: str, *, val: Optional[str] = None, meth
     retrain_epochs, dev = cfg_args["retrain_epochs"], cfg_args["device"]
     inputs = [str(model) if is_path(model) else getattr(model, "source", None)] + [p for p in (data, val) if p]
     check_output_path(output, inputs, force=force)
-    loaded, model_path = resolve_model(model, load_opts(trust_pickle, imports, arch, input_shape), copy=True)
+    loaded, model_path = resolve_model(model, load_opts(trust_pickle, imports, arch, input_shape, example_data=data), copy=True)
     example = model_example(loaded)
     # sparse-VD sites (`dropcli inject --variant sparse-vd`, then the user's training) come back as
     # sparse-VD layers, pruned by their own scores

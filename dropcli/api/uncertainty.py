@@ -187,7 +187,7 @@ def uncertainty(model: Any, x: Any, *, labels: Any = None, T: int = 50, method: 
 
     from dropcli.engines.factory import build_runner
 
-    load_kw = load_opts(trust_pickle, imports, arch, input_shape)
+    load_kw = load_opts(trust_pickle, imports, arch, input_shape, example_data=x)
     inject_opts = {"variant": inject, "p": p, "after": after, "layers": layers, "exclude": exclude,
                    "allow_output": allow_output} if inject else None
 

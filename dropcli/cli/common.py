@@ -190,7 +190,7 @@ TrustPickle = typer.Option(
 )
 Imports = typer.Option(None, "--import", help="Module or .py file that defines the model's classes (with --trust-pickle).")
 Arch = typer.Option(None, "--arch", help="package.module:factory (or file.py:factory) that builds the model for a state_dict.")
-InputShape = typer.Option(None, "--input-shape", help="Example input shape when it can't be read from the model, e.g. 1x3x32x32.")
+InputShape = typer.Option(None, "--input-shape", help="Example input shape when it can't be read from the model or the data, e.g. 1x3x32x32; a dtype after a colon, e.g. 1x8:int64 for token ids; several inputs separated by ;.")
 After = typer.Option(None, "--after", help="Select sites by layer/op kind: relu, linear, conv, activation, norm... (comma list).")
 Layers = typer.Option(None, "--layers", help="Select sites by name glob, e.g. 'features.*' (comma list).")
 Exclude = typer.Option(None, "--exclude", help="Drop sites whose name matches these globs.")

@@ -43,45 +43,66 @@ class Loaded:
     model_meta: dict[str, Any] = field(default_factory=dict)
 
 
+_DTYPES = {"float": torch.float32, "float32": torch.float32, "float64": torch.float64, "double": torch.float64,
+           "float16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16, "int": torch.int64,
+           "int64": torch.int64, "long": torch.int64, "int32": torch.int32, "bool": torch.bool}
+
+
 def parse_input_shape(text: str | None) -> list[tuple[int, ...]] | None:
-    """``"1x64"`` or ``"1,3,32,32"``; several inputs separated by ``;``."""
+    """``"1x64"`` or ``"1,3,32,32"``; several inputs separated by ``;`` (dtypes: see :func:`parse_inputs`)."""
+    got = parse_inputs(text)
+    return [shape for shape, _ in got] if got else None
+
+
+def parse_inputs(text: str | None) -> list[tuple[tuple[int, ...], torch.dtype]] | None:
+    """``--input-shape``: shapes, each with an optional dtype after a colon (``"1x8:int64;1x8:int64"``
+    for token ids and a mask; float32 when none is given)."""
     if not text:
         return None
-    shapes = []
+    out = []
     for part in text.split(";"):
-        dims = [d for d in re.split(r"[x,\s]+", part.strip()) if d]
-        try:
-            shape = tuple(int(d) for d in dims)
-        except ValueError:
-            raise UsageError(f"--input-shape {text!r} is not a list of integers", "write it like 1x3x32x32") from None
-        if not shape or any(d <= 0 for d in shape):
-            raise UsageError(f"--input-shape {text!r} has an empty or non-positive dimension", "write it like 1x3x32x32")
-        shapes.append(shape)
-    return shapes
+        part, _, dt = part.partition(":")
+        dtype = torch.float32
+        if dt.strip():
+            if dt.strip().lower() not in _DTYPES:
+                raise UsageError(f"--input-shape {text!r}: unknown dtype {dt.strip()!r}",
+                                 f"choose one of {', '.join(sorted(_DTYPES))}, e.g. 1x8:int64 for token ids")
+            dtype = _DTYPES[dt.strip().lower()]
+        out.append((_parse_dims(part, text), dtype))
+    return out
+
+
+def _parse_dims(part: str, text: str) -> tuple[int, ...]:
+    dims = [d for d in re.split(r"[x,\s]+", part.strip()) if d]
+    try:
+        shape = tuple(int(d) for d in dims)
+    except ValueError:
+        raise UsageError(f"--input-shape {text!r} is not a list of integers", "write it like 1x3x32x32") from None
+    if not shape or any(d <= 0 for d in shape):
+        raise UsageError(f"--input-shape {text!r} has an empty or non-positive dimension", "write it like 1x3x32x32")
+    return shape
 
 
 def load_graph(
     path: str | Path, fmt: str, *, trust_pickle: bool = False, imports: Sequence[str] = (),
-    arch: str | None = None, input_shape: str | None = None,
+    arch: str | None = None, input_shape: str | None = None, example_data: str | None = None,
 ) -> Loaded:
-    """Load a torch format (:data:`dropcli.model.formats.TORCH_FORMATS`) as a GraphModule."""
+    """Load a torch format (:data:`dropcli.model.formats.TORCH_FORMATS`) as a GraphModule.
+
+    The example input of a model that records none comes from ``input_shape``, else from the
+    first rows of ``example_data`` (the verb's data file), else from what the file stored, else
+    from the first layer (token ids for an ``Embedding``)."""
     path = Path(path)
-    shapes = parse_input_shape(input_shape)
-    example = tuple(torch.zeros(s) for s in shapes) if shapes else None
+    specs = parse_inputs(input_shape)
+    example = tuple(torch.zeros(s, dtype=d) for s, d in specs) if specs else None
     for spec in imports:
         import_user(spec)
     model_meta: dict[str, Any] = {}
     if fmt == formats.EXPORT:
-        try:
-            extra = {SITES_FILE: "", MODEL_FILE: ""}
-            with quiet(), open(path, "rb") as fh:
-                ep = torch.export.load(fh, extra_files=extra)
-        except Exception as e:  # noqa: BLE001
-            raise DropcliError(f"cannot load torch.export program {path}: {short_error(e)}", "re-save it with torch.export.save") from e
+        extra = {SITES_FILE: "", MODEL_FILE: ""}
+        ep = load_program(path, extra)
         if example is None:
-            ex = getattr(ep, "example_inputs", None)
-            if ex:
-                example = tuple(ex[0])
+            example = program_example(ep)
         gm = ep.module()
         return Loaded(strip_guards(gm), example, json_or_empty(extra[SITES_FILE]), json_or_empty(extra[MODEL_FILE]))
     if fmt == formats.TORCHSCRIPT:
@@ -94,12 +115,27 @@ def load_graph(
         if extra[PROGRAM_FILE]:
             gm, example = stored_program(ts, extra[PROGRAM_FILE], example, path)
             return Loaded(strip_guards(gm), example, json_or_empty(extra[SITES_FILE]), json_or_empty(extra[MODEL_FILE]))
+        names = script_inputs(ts)
+        fallback = None
         if example is None:
-            example = traced_inputs(ts) or stored_example(extra[EXAMPLE_FILE]) or example_from_modules(ts)
+            example = stored_example(extra[EXAMPLE_FILE])
+        if example is None:
+            fallback = traced_inputs(ts) or example_from_modules(ts, len(names) or 1)
+            example = data_example(example_data, names) or fallback
+        if example is not None and fallback is not None and example is not fallback:
+            # data that does not fit the model (a wrong width, say) is reported by the verb's
+            # input check, with the shape the model expects: convert at the model's own guess
+            try:
+                gm = ts_to_fx(ts, example, path)
+            except DropcliError:
+                example = fallback
+            else:
+                return Loaded(strip_guards(gm), example, json_or_empty(extra[SITES_FILE]), json_or_empty(extra[MODEL_FILE]))
         if example is None:
             raise UsageError(
                 f"cannot tell the input shape of TorchScript model {path}",
-                "pass --input-shape, for example --input-shape 1x3x32x32",
+                "pass the verb's data (--input/--data), or --input-shape, for example --input-shape 1x3x32x32 "
+                "(1x8:int64 for token ids)",
             )
         return Loaded(strip_guards(ts_to_fx(ts, example, path)), example, json_or_empty(extra[SITES_FILE]), json_or_empty(extra[MODEL_FILE]))
     if fmt == formats.PICKLE:
@@ -131,22 +167,123 @@ def load_graph(
     else:  # pragma: no cover
         raise DropcliError(f"unsupported torch format {fmt}")
     model.eval()
+    names = forward_inputs(model)
     if example is None:
-        example = example_from_modules(model)
+        example = data_example(example_data, names) or example_from_modules(model, len(names) or 1)
     try:
         tracer = SiteAwareTracer()
         graph = tracer.trace(model)
         gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+        if not opaque_containers(gm):
+            return Loaded(gm, example, model_meta=model_meta)
+        first: Exception | None = None
     except Exception as e:  # noqa: BLE001
+        first = e
+    # transformers models and nn.TransformerEncoder defeat symbolic tracing (or stay one opaque
+    # layer under it): capture the forward with torch.export at the example input instead
+    if example is None:
+        raise UsageError(
+            f"cannot trace {path}'s forward symbolically ({short_error(first) if first else 'it holds opaque containers'}), "
+            "and capturing it needs an example input",
+            "pass the verb's data (--input/--data), or --input-shape (e.g. 1x3x32x32, or 1x8:int64 for token ids)")
+    try:
+        gm = exported_module(model, example)
+    except Exception as e:  # noqa: BLE001
+        why = f"{short_error(first)}; torch.export: {short_error(e)}" if first else short_error(e)
         raise DropcliError(
-            f"cannot trace the model's forward ({short_error(e)})",
-            "data-dependent control flow can't be rewritten; export the model with torch.export (.pt2) and pass that",
+            f"cannot trace the model's forward ({why})",
+            "check the example input (--input-shape, or the data), or export the model with torch.export (.pt2) and pass that",
         ) from e
-    return Loaded(gm, example, model_meta=model_meta)
+    return Loaded(strip_guards(gm), example, model_meta=model_meta)
 
 
-def example_from_modules(model: nn.Module) -> tuple[torch.Tensor, ...] | None:
-    """Guess an example input from the first weighted layer (works for MLPs)."""
+def exported_module(model: nn.Module, example: tuple) -> fx.GraphModule:
+    """``model`` captured with ``torch.export`` (non-strict, batch dimension dynamic), as a GraphModule."""
+    dyn = tuple({0: torch.export.Dim.AUTO} if t.dim() > 0 else None for t in example)
+    import io
+
+    # a failed capture prints the partial graph to stderr itself: dropcli reports it in one line
+    with torch.no_grad(), quiet(), contextlib.redirect_stderr(io.StringIO()):
+        ep = torch.export.export(model, example, dynamic_shapes=dyn, strict=False)
+    return ep.module()
+
+
+def opaque_containers(gm: fx.GraphModule) -> list[str]:
+    """Leaf calls of stock torch modules that hold layers dropcli would rewrite inside them
+    (``nn.TransformerEncoder``, ``nn.MultiheadAttention``...): symbolic tracing keeps them whole."""
+    out = []
+    for n in gm.graph.nodes:
+        if n.op != "call_module":
+            continue
+        m = gm.get_submodule(n.target)
+        if isinstance(m, SiteModule) or getattr(type(m), "dropcli_leaf", False):
+            continue
+        if any(isinstance(c, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) for c in m.modules() if c is not m):
+            out.append(str(n.target))
+    return out
+
+
+def forward_inputs(model: nn.Module) -> list[str]:
+    """The names of a module's required forward arguments."""
+    import inspect
+
+    with contextlib.suppress(Exception):
+        sig = inspect.signature(model.forward)
+        return [p.name for p in sig.parameters.values()
+                if p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return []
+
+
+def script_inputs(ts: torch.jit.ScriptModule) -> list[str]:
+    """The names of a TorchScript module's forward inputs (``self`` left out)."""
+    with contextlib.suppress(Exception):
+        return [a.name for a in ts.forward.schema.arguments[1:]]
+    return []
+
+
+def data_example(path: str | None, names: Sequence[str]) -> tuple | None:
+    """An example input from the first two rows of the verb's data file: the model's inputs by
+    name when the file names them, else its arrays in order (labels left out), with their dtypes
+    (integers as int64: token ids)."""
+    if not path:
+        return None
+    import numpy as np
+
+    from dropcli.io.data import label_key, read_arrays
+
+    try:
+        arrays = read_arrays(path)
+    except DropcliError:
+        return None  # the verb reports a bad data file itself
+    if names and all(n in arrays for n in names):
+        chosen = [arrays[n] for n in names]
+    else:
+        lk = label_key(list(arrays))
+        chosen = [v for k, v in arrays.items() if k != lk]
+        if names and len(chosen) != len(names):
+            return None
+    out = []
+    for a in chosen:
+        a = np.asarray(a[:2])
+        if a.ndim == 0 or not len(a):
+            return None
+        t = torch.from_numpy(np.ascontiguousarray(a))
+        out.append(t.long() if a.dtype.kind in "iub" and a.dtype != np.bool_ else t.float() if a.dtype.kind == "f" else t)
+    return tuple(out) or None
+
+
+def example_from_modules(model: nn.Module, n_inputs: int = 1) -> tuple[torch.Tensor, ...] | None:
+    """Guess an example input from the first weighted layer (works for MLPs); a model whose first
+    layer is an ``Embedding`` takes token ids (every input int64: ids, mask, type ids)."""
+    for m in model.modules():
+        if isinstance(m, nn.Embedding) or getattr(m, "original_name", "") == "Embedding":
+            return tuple(torch.ones(2, 8, dtype=torch.long) for _ in range(n_inputs))
+        if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.LSTM, nn.GRU, LayerSite)):
+            break
+        if getattr(m, "original_name", "") in ("Linear", "Conv1d", "Conv2d", "Conv3d", "LSTM", "GRU"):
+            break
+    if n_inputs > 1:
+        return None
     for m in model.modules():
         if isinstance(m, nn.Linear):
             return (torch.zeros(2, m.in_features),)
@@ -181,6 +318,9 @@ class SiteAwareTracer(fx.Tracer):
 def strip_guards(gm: fx.GraphModule) -> fx.GraphModule:
     """Drop export's input-constraint checks: they break tracing, and dropcli checks inputs itself."""
     gm._forward_pre_hooks.clear()
+    # ... and export's paired exit hook (a lambda: it would also make the module unpicklable)
+    gm._forward_hooks.clear()
+    gm._forward_hooks_always_called.clear()
     g = gm.graph
     for n in list(g.nodes):
         if n.op == "call_module" and n.target in GUARD_TARGETS:
@@ -219,6 +359,91 @@ def stored_program(ts: torch.jit.ScriptModule, data: bytes, example: tuple | Non
                                "(its weights or graph were changed after dropcli wrote it)",
                                "export the changed model again with torch.export (.pt2) or ONNX and pass that")
     return gm, example
+
+
+def load_program(path: Path, extra: dict[str, Any]):
+    """``torch.export.load``, with the pytree types the program's signature names registered first.
+
+    A program whose output is a transformers ``ModelOutput`` (``return_dict=True``, the default)
+    names that class in its tree specs; torch can read it only once the class is registered in
+    its pytree, which transformers does when the class's module is imported. torch logs the
+    real cause and raises a generic error, so the names are read from the archive itself."""
+    try:
+        with quiet(), open(path, "rb") as fh:
+            return torch.export.load(fh, extra_files=extra)
+    except Exception as e:  # noqa: BLE001
+        first = e
+    missing = unregistered_types(path)
+    if missing:
+        register_types(missing, path)
+        try:
+            with quiet(), open(path, "rb") as fh:
+                return torch.export.load(fh, extra_files=extra)
+        except Exception as e:  # noqa: BLE001
+            first = e
+    raise DropcliError(f"cannot load torch.export program {path}: {short_error(first)}",
+                       "re-save it with torch.export.save") from first
+
+
+_TYPE_RE = re.compile(rb'\\"type\\": \\"([A-Za-z_][\w.]*)\\"')
+
+
+def unregistered_types(path: Path) -> list[str]:
+    """The pytree type names in a .pt2 archive's tree specs that torch does not know (yet)."""
+    import zipfile
+
+    from torch.utils import _pytree
+
+    names: set[str] = set()
+    with contextlib.suppress(Exception), zipfile.ZipFile(path) as z:
+        for info in z.infolist():
+            if info.filename.endswith("models/model.json") or info.filename.endswith(".json") and "/models/" in info.filename:
+                names |= {m.decode() for m in _TYPE_RE.findall(z.read(info))}
+    return sorted(n for n in names if n not in _pytree.SERIALIZED_TYPE_TO_PYTHON_TYPE)
+
+
+def register_types(names: list[str], path: Path) -> None:
+    """Import the modules of transformers' output classes (importing one registers its classes in
+    torch's pytree); any other unknown type is the user's to register (``--import``)."""
+    import importlib
+
+    from torch.utils import _pytree
+
+    for name in names:
+        module = name.rpartition(".")[0]
+        if name.startswith("transformers."):
+            try:
+                importlib.import_module(module)
+            except ImportError as e:
+                raise DropcliError(
+                    f"torch.export program {path} returns {name}, which torch can only read with transformers installed "
+                    f"({short_error(e)})",
+                    "install transformers (pip install transformers), or re-export the model with return_dict=False") from e
+        if name not in _pytree.SERIALIZED_TYPE_TO_PYTHON_TYPE:
+            raise DropcliError(
+                f"torch.export program {path} uses type {name}, which is not registered in torch's pytree",
+                f"pass --import {module or 'MODULE'} (a module or .py file that defines it and registers it with "
+                "torch.utils._pytree.register_pytree_node)")
+
+
+def program_example(ep: Any) -> tuple | None:
+    """The example inputs stored in an exported program, positional then keyword (in the order
+    of the program's signature); None when it stored none."""
+    ex = getattr(ep, "example_inputs", None)
+    if not ex:
+        return None
+    args, kwargs = ex
+    example = tuple(args) + tuple(kwargs[k] for k in keyword_inputs(ep.module_call_graph[0].signature.in_spec) if k in kwargs)
+    return example or None
+
+
+def keyword_inputs(in_spec: Any) -> list[str]:
+    """The keyword inputs of an exported call signature ``((args...), {kwargs...})`` in order."""
+    with contextlib.suppress(Exception):
+        kw = in_spec.child(1)
+        if kw.type is dict:
+            return list(kw.context)
+    return []
 
 
 def json_or_empty(text: str | bytes) -> dict:
@@ -261,7 +486,20 @@ def ts_to_fx(ts: torch.jit.ScriptModule, example: tuple, path: Path) -> fx.Graph
             f"cannot convert TorchScript model {path} into a graph dropcli can rewrite: {short_error(e)}",
             "check --input-shape, or export the model with torch.export (.pt2) or ONNX instead",
         ) from e
-    return ep.module()
+    gm = ep.module()
+    fix_feature_widths(gm, example)
+    return gm
+
+
+def fix_feature_widths(gm: fx.GraphModule, example: tuple) -> None:
+    """TorchScript conversion marks every input dimension dynamic. A float ``[N, D]`` input
+    (features) has its width fixed by the trace, so record it: data of another width is then
+    refused with the shape the model expects, not a matrix-multiply error from inside the graph."""
+    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for n, t in zip(phs, example):
+        val = n.meta.get("val")
+        if isinstance(val, torch.Tensor) and t.is_floating_point() and t.dim() == 2 and val.dim() == 2:
+            n.meta["val"] = torch.empty((2, t.shape[1]), dtype=t.dtype, device="meta")
 
 
 def unpickle_module(path: Path) -> nn.Module:

@@ -56,10 +56,11 @@ class TorchModel:
     @classmethod
     def load(
         cls, path: str | Path, fmt: str, *, trust_pickle: bool = False, imports: Sequence[str] = (),
-        arch: str | None = None, input_shape: str | None = None, **_: Any,
+        arch: str | None = None, input_shape: str | None = None, example_data: str | None = None, **_: Any,
     ) -> "TorchModel":
         """Load a torch format (see :mod:`dropcli.backends.torch.load`)."""
-        got = load_graph(path, fmt, trust_pickle=trust_pickle, imports=imports, arch=arch, input_shape=input_shape)
+        got = load_graph(path, fmt, trust_pickle=trust_pickle, imports=imports, arch=arch, input_shape=input_shape,
+                         example_data=example_data)
         return cls(got.gm, fmt, got.example, str(Path(path)), got.site_meta, got.model_meta)
 
     # ------------------------------------------------------------------ description
@@ -637,6 +638,10 @@ class TorchModel:
 
     # ------------------------------------------------------------------ saving
     def default_output_format(self) -> str:
+        if self.format in (formats.PICKLE, formats.STATE_DICT) and _is_aten_graph(self.gm):
+            # captured with torch.export (symbolic tracing could not read it): torch cannot pickle
+            # such a graph, and a .pt2 keeps its batch size dynamic
+            return formats.EXPORT
         return formats.TORCHSCRIPT if self.format == formats.STATE_DICT else self.format
 
     def save(self, path: str | Path, fmt: str | None = None) -> str:
@@ -752,6 +757,11 @@ def _dropout_p(n: fx.Node, mod: nn.Module | None) -> float | None:
     if "p" in src.kwargs:
         return float(src.kwargs["p"])
     return None
+
+
+def _is_aten_graph(gm: fx.GraphModule) -> bool:
+    """Whether the graph holds aten ops (captured by torch.export), not a symbolic trace's calls."""
+    return any(n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) for n in gm.graph.nodes)
 
 
 def _is_impure(n: fx.Node) -> bool:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,9 @@ def save_graph(model: Any, path: str | Path, fmt: str) -> str:
             setattr(gm, MODEL_ATTR, json.dumps(model.model_meta, sort_keys=True))
         try:
             torch.save(gm, buf)
+        except (RecursionError, AttributeError, TypeError, pickle.PicklingError) as e:
+            raise DropcliError(f"cannot pickle the rewritten model: {short_error(e)} (torch cannot pickle every "
+                               "graph torch.export captures)", "write it with --format export or --format torchscript") from e
         finally:
             gm.__dict__.pop(MODEL_ATTR, None)
         with atomic_path(path) as tmp:
@@ -52,6 +56,7 @@ def save_graph(model: Any, path: str | Path, fmt: str) -> str:
                 ts = torch.jit.trace(traceable_sizes(gm), example, check_trace=False, strict=False)
         except Exception as e:  # noqa: BLE001
             raise DropcliError(f"cannot write TorchScript: {short_error(e)}", "try --format export or --format onnx") from e
+        check_other_batch(ts, gm, example)
         extra = {EXAMPLE_FILE: example_record(example), SITES_FILE: _sites_record(model.sites_meta()),
                  **_model_extra(model.model_meta)}
         if has_loop(ts):
@@ -81,6 +86,37 @@ def save_graph(model: Any, path: str | Path, fmt: str) -> str:
     raise UsageError(f"unknown output format {fmt!r}", f"choose one of {', '.join(formats.ALL)}")
 
 
+def check_other_batch(ts: torch.jit.ScriptModule, gm: fx.GraphModule, example: tuple) -> None:
+    """Refuse a trace that runs only at the example's batch size (``torch.jit.trace`` bakes sizes
+    that a graph computes from the batch into constants): run it at one more row and compare."""
+    n = example[0].shape[0] if example and example[0].dim() else 0
+    if not n:
+        return
+    probe = tuple(torch.cat([t, t[:1]]) if t.dim() and t.shape[0] == n else t for t in example)
+    why = ""
+    try:
+        with torch.no_grad(), quiet():
+            a, b = ts(*probe), gm(*probe)
+        la, lb = torch.utils._pytree.tree_leaves(a), torch.utils._pytree.tree_leaves(b)
+        if len(la) != len(lb) or not all(torch.allclose(x, y, rtol=1e-4, atol=1e-5, equal_nan=True)
+                                         for x, y in zip(la, lb) if isinstance(x, torch.Tensor)):
+            why = "gives other results"
+    except Exception as e:  # noqa: BLE001
+        why = f"fails ({script_error(e)})"
+    if why:
+        raise DropcliError(
+            f"the rewritten model traced as TorchScript runs only at batch size {n}: at {n + 1} rows it {why}",
+            "write it with --format export (.pt2) or --format onnx, which keep the batch size dynamic")
+
+
+def script_error(e: BaseException) -> str:
+    """The cause of a TorchScript interpreter error: its last line (the first only says where)."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    if len(lines) > 1 and "TorchScript interpreter" in lines[0]:
+        return lines[-1].removeprefix("RuntimeError: ")[:300]
+    return short_error(e)
+
+
 def require_example(example: tuple | None, fmt: str) -> tuple:
     """The example input writing ``fmt`` needs (a UsageError when there is none)."""
     if example is None:
@@ -94,11 +130,27 @@ def require_example(example: tuple | None, fmt: str) -> tuple:
 def to_exported(gm: fx.GraphModule, example: tuple):
     """``gm`` captured with ``torch.export`` (batch dimension dynamic)."""
     dyn = tuple({0: torch.export.Dim.AUTO} if t.dim() > 0 else None for t in example)
+    args, kwargs = example, None
+    names = keyword_signature(gm)
+    if names and len(names) == len(example):
+        # a program exported with keyword inputs keeps its call signature: keywords in, keywords out
+        args, kwargs, dyn = (), dict(zip(names, example)), dict(zip(names, dyn))
     try:
         with quiet():
-            return torch.export.export(gm, example, dynamic_shapes=dyn, strict=False)
+            return torch.export.export(gm, args, kwargs=kwargs, dynamic_shapes=dyn, strict=False)
     except Exception as e:  # noqa: BLE001
         raise DropcliError(f"cannot capture the rewritten model with torch.export: {short_error(e)}", "try --format torchscript") from e
+
+
+def keyword_signature(gm: fx.GraphModule) -> list[str]:
+    """The keyword inputs of a graph loaded from a program exported with keyword inputs
+    (``torch.export.export(m, (), kwargs=...)``), in order; [] for positional signatures."""
+    from dropcli.backends.torch.load import keyword_inputs
+
+    spec = getattr(gm, "_in_spec", None)
+    if spec is None or spec.num_children != 2 or spec.child(0).num_children:
+        return []
+    return keyword_inputs(spec)
 
 
 def _model_extra(model_meta: dict[str, Any]) -> dict[str, str]:
@@ -149,13 +201,20 @@ def traceable_sizes(gm: fx.GraphModule) -> fx.GraphModule:
             if isinstance(n.target, torch._ops.OpOverload):
                 name = aten_name(n.target)
                 fn = getattr(torch, name, None)
-                if callable(fn):
+                if name == "slice":  # no public torch.slice / Tensor.slice: indexing traces live bounds
+                    n.target = _slice
+                elif callable(fn):
                     n.target = fn
                 elif n.args and isinstance(n.args[0], fx.Node):
                     n.op, n.target = "call_method", name
             else:  # int arithmetic on sizes (operator.mul ...) stays live under tracing
                 derived.add(n)
     return fx.GraphModule(gm, g)
+
+
+def _slice(x: torch.Tensor, dim: int = 0, start: Any = None, end: Any = None, step: int = 1) -> torch.Tensor:
+    """``aten.slice`` as indexing, which ``torch.jit.trace`` records with live (size-derived) bounds."""
+    return x[(slice(None),) * (dim % x.dim()) + (slice(start, end, step),)]
 
 
 def has_loop(ts: torch.jit.ScriptModule) -> bool:
