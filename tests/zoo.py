@@ -240,6 +240,8 @@ def first_output(out):
         return out
     if hasattr(out, "to_tuple"):
         return out.to_tuple()[0]
+    if isinstance(out, dict):  # a ModelOutput traced with strict=False comes back as a dict
+        return next(iter(out.values()))
     if isinstance(out, (tuple, list)):
         return out[0]
     raise TypeError(type(out))
@@ -325,17 +327,21 @@ CHECK_BATCH = 3  # != BATCH: outputs must run at a batch size other than the exp
 
 def load_options(entry: Entry, fmt: str, shape: bool = True) -> dict:
     """What a user passes to load ``entry`` saved as ``fmt`` on a verb without data: the classes'
-    file for a pickle, the factory for a state_dict, and ``--input-shape`` for a TorchScript model
-    of float inputs (token models must do without: dropcli reads the shape from their Embedding)."""
+    file for a pickle, the factory for a state_dict, and ``--input-shape`` (with dtypes) where the
+    file does not record its inputs: a TorchScript model of float inputs (token models must do
+    without: dropcli reads them from the Embedding), a pickle or a state_dict."""
     here = str(Path(__file__).resolve())
-    ex = entry.inputs(1)
-    if fmt == "ts" and shape and all(v.is_floating_point() for v in ex.values()):
-        return {"input_shape": ";".join("x".join(str(d) for d in v.shape) for v in ex.values())}
+    opts: dict = {}
     if fmt == "pickle":
-        return {"trust_pickle": True, "imports": [here]}
-    if fmt == "state_dict":
-        return {"arch": f"{here}:build_{entry.name}"}
-    return {}
+        opts = {"trust_pickle": True, "imports": [here]}
+    elif fmt == "state_dict":
+        opts = {"arch": f"{here}:build_{entry.name}"}
+    ex = entry.inputs(1)
+    floats = all(v.is_floating_point() for v in ex.values())
+    if shape and (fmt in ("pickle", "state_dict") or (fmt == "ts" and floats)):
+        opts["input_shape"] = ";".join("x".join(str(d) for d in v.shape) + f":{str(v.dtype).replace('torch.', '')}"
+                                       for v in ex.values())
+    return opts
 
 
 def _stock_run(path: Path, entry: Entry, inputs: dict[str, torch.Tensor], mc: bool, repeat: int = 1) -> list:
@@ -358,12 +364,15 @@ def _stock_run(path: Path, entry: Entry, inputs: dict[str, torch.Tensor], mc: bo
         return [torch.from_numpy(sess.run(None, feed)[0]) for _ in range(repeat)]
     if fmt == formats.EXPORT:
         model = torch.export.load(str(path)).module()
-    elif fmt == formats.TORCHSCRIPT:
-        model = torch.jit.load(str(path))
+    elif fmt == formats.TORCHSCRIPT:  # called positionally, as TorchScript users do
+        ts = torch.jit.load(str(path))
+
+        def model(**kw):
+            return ts(*kw.values())
     else:
         model = torch.load(str(path), weights_only=False)  # the tier's own file
     n = 0
-    for name, buf in model.named_buffers():
+    for name, buf in (ts if fmt == formats.TORCHSCRIPT else model).named_buffers():
         if name.endswith("dropcli_mc"):
             buf.fill_(mc)
             n += 1
@@ -410,7 +419,8 @@ def check_cell(entry: Entry, fmt: str, src: Path, work: Path, data: Path) -> dic
         from dropcli.api.models import inject_sites
 
         sites = inject_sites(m, "standard", p=0.2)
-        assert len(sites) >= 2, f"{len(sites)} site(s): the body got none"
+        body = len(sites) >= 2 or any(st.get("kind") in ("lstm", "gru", "rnn", "embedding") for st in sites)
+        assert body, f"{len(sites)} site(s) {[st.get('at') for st in sites]}: the body got none"
         out = work / f"{entry.name}_{fmt}_mc{Path(src).suffix if fmt not in ('state_dict',) else '.pt'}"
         dropcli.save(m, str(out))
         state["out"] = out
@@ -459,6 +469,25 @@ def check_task(entry: Entry, r) -> None:
             "sentence embeddings soft-maxed as class scores"
 
 
+# ---------------------------------------------------------------- cells known to fail today
+
+_TS_NAMES = "uncertainty: a traced TorchScript's inputs are renamed (input_ids_1_1), so the data's named arrays are not matched"
+_PRUNE_TUPLE = "prune: a model whose output is a ModelOutput or tuple is refused (issue 15: prune on the first output)"
+_RNN_ONNX = "uncertainty: the exporter builds the LSTM/GRU initial state at the input's batch, which MC tiling does not follow"
+_RNN_TUPLE = "mc: the default site after an LSTM/GRU module lands on its (output, state) tuple in a symbolically traced graph"
+KNOWN_GAPS: dict[tuple[str, str], str] = {
+    **{(m, "ts"): _TS_NAMES for m in ("bert", "distilbert", "minilm")},
+    **{(m, f): _PRUNE_TUPLE for m in ("resnet", "mobilenetv2") for f in ("pt2kw", "pt2", "ts", "pickle", "state_dict")},
+    ("encoder", "ts"): "inject: the trace bakes batch x heads in through .item(); dropcli refuses TorchScript that "
+                       "would run only at the traced batch (--format export works)",
+    **{(m, f): _RNN_ONNX for m in ("lstm", "gru") for f in ("onnx17", "onnx18")},
+    **{(m, f): _RNN_TUPLE for m in ("lstm", "gru") for f in ("pickle", "state_dict")},
+    ("audio", "pt2kw"): "prune: a keyword-input program is called positionally by the prune loop",
+    ("vit", "ts"): "uncertainty: the MC engine cannot evaluate the converted ViT TorchScript graph, whose head count "
+                   "passes through a data-dependent .item()",
+}
+
+
 # ---------------------------------------------------------------- the README table
 
 TABLE_BEGIN = "<!-- zoo-table: generated by scripts/zoo_table.py from the zoo test tier; do not edit -->"
@@ -480,6 +509,15 @@ def render_table(results: dict[tuple[str, str], dict[str, str] | None]) -> str:
     for name, entry in ZOO.items():
         cells = [cell_text(results.get((name, f)), entry.why_not.get(f, "")) for f in FORMATS]
         rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    gaps = sorted({(k, v) for k, v in KNOWN_GAPS.items() if results.get(k) and any(
+        r not in ("ok", "n/a") for r in results[k].values())})
+    if gaps:
+        rows.append("")
+        rows.append("Known gaps (each ✗ above; the tier fails when one of them starts to pass, so this list stays true):")
+        rows.append("")
+        for reason in sorted({v for _, v in gaps}):
+            cells = ", ".join(f"{m}/{f}" for (m, f), v in gaps if v == reason)
+            rows.append(f"- {cells}: {reason}")
     return "\n".join(rows)
 
 
@@ -487,7 +525,7 @@ def readme_cells(readme: str) -> dict[tuple[str, str], str]:
     """The table's cells as the README has them."""
     block = readme.split(TABLE_BEGIN, 1)[1].split(TABLE_END, 1)[0]
     out = {}
-    for line in block.strip().splitlines()[2:]:
+    for line in block.strip().split("\n\n")[0].splitlines()[2:]:
         parts = [p.strip() for p in line.strip().strip("|").split("|")]
         for fmt, text in zip(FORMATS, parts[1:]):
             out[(parts[0], fmt)] = text

@@ -31,6 +31,10 @@ def make_tests(names: list[str]):
         if res is None:
             pytest.skip(f"{name} cannot be saved as {fmt}: {entry.why_not[fmt]}")
         bad = {v: r for v, r in res.items() if r not in ("ok", "n/a")}
+        gap = zoo.KNOWN_GAPS.get((name, fmt))
+        if gap:
+            assert bad, f"{name}/{fmt} now passes: remove it from tests/zoo.py KNOWN_GAPS and rerun scripts/zoo_table.py"
+            pytest.xfail(f"known gap: {gap} ({bad})")
         assert not bad, f"{name}/{fmt}: {bad}"
 
     params = [(n, f) for n in names for f in zoo.FORMATS]

@@ -94,7 +94,9 @@ def load_graph(
     from the first layer (token ids for an ``Embedding``)."""
     path = Path(path)
     specs = parse_inputs(input_shape)
-    example = tuple(torch.zeros(s, dtype=d) for s, d in specs) if specs else None
+    # a batch of 1 would be specialised by torch.export (0/1 specialisation) and baked in by a
+    # trace: capture at batch 2 at least, so outputs run at every batch size
+    example = tuple(torch.zeros((max(s[0], 2),) + tuple(s[1:]), dtype=d) for s, d in specs) if specs else None
     for spec in imports:
         import_user(spec)
     model_meta: dict[str, Any] = {}
@@ -499,7 +501,12 @@ def fix_feature_widths(gm: fx.GraphModule, example: tuple) -> None:
     for n, t in zip(phs, example):
         val = n.meta.get("val")
         if isinstance(val, torch.Tensor) and t.is_floating_point() and t.dim() == 2 and val.dim() == 2:
-            n.meta["val"] = torch.empty((2, t.shape[1]), dtype=t.dtype, device="meta")
+            mode = getattr(val, "fake_mode", None)
+            try:  # keep the batch symbolic (inspect shows it as N); only the width is fixed
+                with mode if mode is not None else contextlib.nullcontext():
+                    n.meta["val"] = val.new_empty((val.shape[0], t.shape[1]))
+            except Exception:  # noqa: BLE001
+                n.meta["val"] = torch.empty((2, t.shape[1]), dtype=t.dtype, device="meta")
 
 
 def unpickle_module(path: Path) -> nn.Module:
