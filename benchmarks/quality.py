@@ -160,7 +160,7 @@ def mc_method(model_path: Path, xs: dict, y: np.ndarray, seed: int, calibration:
     """`dropcli uncertainty` on test, and on the two OOD sets in one call of their own (the
     OOD inputs draw their own noise stream, as `--ood` does)."""
     import dropcli
-    from dropcli.engines.noise import stream_seed
+    from dropcli.engines.keyed import stream_seed
 
     r = dropcli.uncertainty(str(model_path), xs["test"], T=T, seed=seed, calibration=calibration)
     ood = dropcli.uncertainty(str(model_path), np.concatenate([xs["perm"], xs["unif"]]), T=T,

@@ -314,7 +314,7 @@ def _streamed(runner, mdl, model_name, source, ood_source, labels, kind, output,
     from dropcli.analysis import summary as S
     from dropcli.analysis.task import class_labels
     from dropcli.engines.local import stream_blocks
-    from dropcli.engines.noise import stream_seed
+    from dropcli.engines.keyed import stream_seed
     from dropcli.engines.runner import default_budget
     from dropcli.io import report
 
