@@ -22,6 +22,7 @@ from dropcli.backends.onnx.model import OnnxModel
 from dropcli.model.patterns import PATTERNS
 from dropcli.model.selection import ACTIVATIONS
 from tests.helpers import ort_session, run_onnx
+from tests.zoo import VOCAB, RNNClassifier
 
 P = 0.9
 RNG = np.random.default_rng(0)
@@ -208,18 +209,6 @@ def test_torch_export_pattern_is_one_layer_and_site_goes_after_it(label, kind, a
 
 # ------------------------------------------------------------------ the default selection's choices
 
-class _RNNClassifier(nn.Module):  # an embedding + LSTM text classifier: no activation anywhere
-    def __init__(self):
-        super().__init__()
-        self.embed = nn.Embedding(20, 8)
-        self.rnn = nn.LSTM(8, 16, batch_first=True)
-        self.head = nn.Linear(16, 3)
-
-    def forward(self, ids):
-        y, _ = self.rnn(self.embed(ids))
-        return self.head(y[:, -1])
-
-
 class _WithDropout(nn.Module):
     def __init__(self):
         super().__init__()
@@ -234,8 +223,8 @@ def test_default_selection_without_activations_goes_after_the_recurrent_layer(tm
     from dropcli.api.models import load
 
     torch.manual_seed(0)
-    net = _RNNClassifier().eval()
-    ids = torch.randint(0, 20, (4, 5))
+    net = RNNClassifier("lstm").eval()  # an embedding + LSTM text classifier: no activation anywhere
+    ids = torch.randint(0, VOCAB, (4, 5))
     path = tmp_path / "rnn.onnx"
     torch.onnx.export(net, (ids,), str(path), dynamo=False, opset_version=17, input_names=["ids"],
                       dynamic_axes={"ids": {0: "batch"}})

@@ -2,7 +2,7 @@
 
 Each entry builds a tiny model (transformers models from small configs: nothing is downloaded)
 and example inputs; :func:`save` writes it in one format. The zoo test tier
-(``tests/test_zoo.py``) and the README table generator (``scripts/zoo_table.py``) share it.
+(``tests/test_zoo_text.py``, ``tests/test_zoo_vision.py``) and the README table generator (``scripts/zoo_table.py``) share it.
 
 Formats (cell names):
 
@@ -421,7 +421,7 @@ def check_cell(entry: Entry, fmt: str, src: Path, work: Path, data: Path) -> dic
         sites = inject_sites(m, "standard", p=0.2)
         body = len(sites) >= 2 or any(st.get("kind") in ("lstm", "gru", "rnn", "embedding") for st in sites)
         assert body, f"{len(sites)} site(s) {[st.get('at') for st in sites]}: the body got none"
-        out = work / f"{entry.name}_{fmt}_mc{Path(src).suffix if fmt not in ('state_dict',) else '.pt'}"
+        out = work / f"{entry.name}_{fmt}_mc{Path(src).suffix}"
         dropcli.save(m, str(out))
         state["out"] = out
 
