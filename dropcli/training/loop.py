@@ -248,47 +248,74 @@ def model_example(model: Any) -> tuple:
     return tuple(model.example_inputs)
 
 
-def reference_output(model: Any, x: torch.Tensor) -> np.ndarray:
-    """The loaded model's own output (ONNX through onnxruntime), to check an import against."""
+def reference_output(model: Any, x: torch.Tensor) -> list[np.ndarray]:
+    """The loaded model's own outputs, every one (ONNX through onnxruntime), to check an import against."""
     if model.backend == "onnx":
         sess = model.session(deterministic=True)  # Dropout exported with training_mode=True: inference
         name = model.graph_inputs()[0].name
-        return sess.run(None, {name: x.numpy()})[0]
-    return model(x).detach().numpy()
+        return list(sess.run(None, {name: x.numpy()}))
+    return output_arrays(model(x))
+
+
+def output_arrays(out: Any) -> list[np.ndarray]:
+    """Every tensor a model returned (a tensor, tuple, dict or ``ModelOutput``), in order, as arrays."""
+    from dropcli.backends.torch.outputs import output_leaves
+
+    return [v.detach().cpu().numpy() for _, v in output_leaves(out) if isinstance(v, torch.Tensor)]
+
+
+def max_diff(want: list[np.ndarray], got: list[np.ndarray]) -> float:
+    """The largest absolute difference over every output; inf when the outputs differ in number or shape."""
+    if len(want) != len(got) or any(np.shape(a) != np.shape(b) for a, b in zip(want, got)):
+        return float("inf")
+    return max((float(np.max(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64))))
+                for a, b in zip(want, got) if np.size(a)), default=0.0)
 
 
 def check_import(model: Any, gm: nn.Module, x: torch.Tensor, tol: float = 1e-4) -> None:
-    """The importer must not change the function: compare on real inputs before training."""
+    """The importer must not change the function: compare every output on real inputs before training."""
     with torch.no_grad():
-        diff = float(np.max(np.abs(gm(x).numpy() - reference_output(model, x))))
+        diff = max_diff(reference_output(model, x), output_arrays(gm(x)))
     if not diff <= tol:
         raise DropcliError(f"internal error: the imported model differs from the original by {diff:.3g}",
                            "please report this model")
 
 
+def call_program(module: Any, xs: tuple) -> Any:
+    """Call a loaded torch program the way it is called: a program exported with keyword inputs
+    (``torch.export.export(m, (), kwargs=...)``) by keyword, any other positionally."""
+    from dropcli.backends.torch.save import keyword_signature
+
+    names = keyword_signature(module)
+    if names and len(names) == len(xs):
+        return module(**dict(zip(names, xs)))
+    return module(*xs)
+
+
 def verify_saved(path: Any, fmt: str, trained: nn.Module, x: torch.Tensor) -> float:
-    """Run the written file with its stock loader (inference mode) and compare with ``trained``."""
+    """Run the written file with its stock loader (inference mode) and compare every output with
+    ``trained``'s (inf when they differ in number or shape)."""
     from dropcli.model import formats
 
     with torch.no_grad():
-        want = trained(x).numpy()
-    if fmt == formats.ONNX:
-        import onnxruntime as ort
+        want = output_arrays(trained(x))
+        if fmt == formats.ONNX:
+            import onnxruntime as ort
 
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])  # default optimisation level
-        got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
-    elif fmt == formats.TORCHSCRIPT:
-        got = torch.jit.load(str(path), map_location="cpu")(x).detach().numpy()
-    elif fmt == formats.EXPORT:
-        got = torch.export.load(str(path)).module()(x).detach().numpy()
-    elif fmt == formats.PICKLE:
-        # the file this run just wrote; a pickle is only written for a pickle the user trusted (--trust-pickle)
-        got = torch.load(str(path), map_location="cpu", weights_only=False).eval()(x).detach().numpy()
-    else:
-        return float("nan")  # no stock loader to check with: save_like_input refuses to write it
-    return float(np.max(np.abs(got - want))) if want.size else 0.0
+            so = ort.SessionOptions()
+            so.log_severity_level = 3
+            sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])  # default optimisation level
+            got = list(sess.run(None, {sess.get_inputs()[0].name: x.numpy()}))
+        elif fmt == formats.TORCHSCRIPT:
+            got = output_arrays(torch.jit.load(str(path), map_location="cpu")(x))
+        elif fmt == formats.EXPORT:
+            got = output_arrays(call_program(torch.export.load(str(path)).module(), (x,)))
+        elif fmt == formats.PICKLE:
+            # the file this run just wrote; a pickle is only written for a pickle the user trusted (--trust-pickle)
+            got = output_arrays(call_program(torch.load(str(path), map_location="cpu", weights_only=False).eval(), (x,)))
+        else:
+            return float("nan")  # no stock loader to check with: save_like_input refuses to write it
+    return max_diff(want, got)
 
 
 def save_like_input(gm: Any, model: Any, example: tuple, source: str, output: str, check_x: torch.Tensor,
