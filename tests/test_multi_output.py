@@ -173,6 +173,29 @@ def test_prune_keeps_dict_and_model_output(tmp_path, data, kind):
     _check_kept(model, out, x, dict if kind == "dict" else HeadsOutput, names=["logits", "features", "aux"])
 
 
+def test_prune_onnx_keeps_outputs_and_their_names(tmp_path, data):
+    """ONNX outputs are named: the pruned file has the input's names, in order, and every value."""
+    import onnxruntime as ort
+
+    path, x = data
+    model = build_heads()
+    src = tmp_path / "heads.onnx"
+    names = ["logits", "features", "aux"]
+    torch.onnx.export(model, (x[:2],), str(src), dynamo=False, opset_version=17, input_names=["x"], output_names=names,
+                      dynamic_axes={k: {0: "batch"} for k in ["x", *names]})
+    out = tmp_path / "pruned.onnx"
+    r = dropcli.prune(str(src), str(path), str(out), epochs=1, retrain_epochs=0, lr=1e-6, allow_larger=True)
+    assert r["summary"]["pruned_on"] == "output 0 `logits` of 3"
+    assert r["summary"]["params_after"] == r["summary"]["params_before"] - len(DEAD) * (6 + 1 + 8)
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert [o.name for o in sess.get_outputs()] == names
+    got = [torch.from_numpy(a) for a in sess.run(None, {"x": x.numpy()})]
+    with torch.no_grad():
+        want = list(model(x))
+    for w, g in zip(want, got):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+
+
 def test_prune_multi_output_cli_says_which_output(tmp_path, data):
     from tests.helpers import cli
 

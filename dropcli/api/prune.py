@@ -101,7 +101,7 @@ def prune(model: Any, data: Any, output: str, *, val: Optional[str] = None, meth
     from dropcli.prune.shrink import prunable_layers
     from dropcli.prune.sites import modules_with_sparse_vd
     from dropcli.backends.torch.outputs import first_output_view
-    from dropcli.training.loop import check_import, evaluate, load_split, model_example, save_like_input
+    from dropcli.training.loop import check_import, evaluate, load_split, model_example, name_outputs, save_like_input
 
     cfg_args = check_prune_args(method=method, epochs=epochs, threshold=threshold, kl_weight=kl_weight, lr=lr,
                                 batch_size=batch_size, retrain_epochs=retrain_epochs, task=task, device=device, plot=plot,
@@ -127,6 +127,7 @@ def prune(model: Any, data: Any, output: str, *, val: Optional[str] = None, meth
     view = first_output_view(full, example)
     if view is not None:
         gm = view.gm
+        name_outputs(view, loaded)
     with torch.no_grad():
         ref = gm(*example)
     train = vsplit = None

@@ -334,7 +334,49 @@ def save_like_input(gm: Any, model: Any, example: tuple, source: str, output: st
     tm = TorchModel(gm, fmt, tuple(example), source, site_meta, meta)
     with atomic_path(output, Path(output).suffix) as tmp:
         tm.save(tmp, fmt)
+        if fmt == formats.ONNX and model.backend == "onnx":
+            keep_onnx_output_names(tmp, onnx_output_names(model))
         err = verify_saved(tmp, fmt, gm, check_x)
         if not err <= 1e-4:
             raise DropcliError(f"internal error: the written {fmt} model differs from the trained model by {err:.3g}")
     return fmt, err
+
+
+def onnx_output_names(model: Any) -> list[str] | None:
+    """The graph output names of a loaded ONNX model (None for a torch model)."""
+    if getattr(model, "backend", None) != "onnx":
+        return None
+    return [o.name for o in model.model.graph.output]
+
+
+def keep_onnx_output_names(path: Any, names: list[str] | None) -> None:
+    """Give the written ONNX file's outputs the input model's output names (users fetch outputs by
+    name; the torch -> ONNX export names them after its graph nodes). Left as written when the
+    outputs differ in number or a name is taken inside the graph."""
+    import onnx
+
+    from dropcli.backends.onnx.model import save_onnx
+
+    m = onnx.load(str(path))
+    old = [o.name for o in m.graph.output]
+    if not names or len(old) != len(names) or old == names or len(set(names)) != len(names):
+        return
+    graph_in = {i.name for i in m.graph.input} | {t.name for t in m.graph.initializer}
+    used = graph_in | {v for n in m.graph.node for v in (*n.input, *n.output)}
+    if any(o in graph_in for o in old) or any(n in used and n not in old for n in names):
+        return
+    ren = dict(zip(old, names))
+    for node in m.graph.node:
+        node.input[:] = [ren.get(v, v) for v in node.input]
+        node.output[:] = [ren.get(v, v) for v in node.output]
+    for vi in (*m.graph.output, *m.graph.value_info):
+        vi.name = ren.get(vi.name, vi.name)
+    external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in m.graph.initializer)
+    save_onnx(m, path, external=external)
+
+
+def name_outputs(view: Any, model: Any) -> None:
+    """An ONNX model's outputs are named in the file: name the view's outputs after them."""
+    names = onnx_output_names(model)
+    if view is not None and names and len(names) == len(view.names):
+        view.names = names
