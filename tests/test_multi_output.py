@@ -3,7 +3,8 @@ keep the others, in the structure the model returned them, in every format.
 
 The model: a body (fc0 -> relu -> fc1 -> relu = the features ``h``), a head on ``h`` (the logits,
 the first output) and a side head ``aux`` on ``h`` that the logits do not read. fc0 has dead
-units by construction (zero rows and zero fc1 columns), so the pruned model must shrink; the
+units by construction (zero rows and zero fc1 columns), so the pruned model must shrink; fc1 has
+one that only the other outputs read, which must stay; the
 learning rate is tiny, so nothing else moves and the written model must give the original's
 outputs: the logits and ``h`` (whose width prune must keep), and ``aux`` still computed by the
 untouched side head from the pruned body.
@@ -41,6 +42,11 @@ class Heads(nn.Module):
             self.fc0.weight[DEAD] = 0
             self.fc0.bias[DEAD] = 0
             self.fc1.weight[:, DEAD] = 0
+            # fc1's unit 5 is constant 0 and the logits do not read it: dead for the first output,
+            # but it is a column of the features output, so prune must keep it (and aux reads it)
+            self.fc1.weight[5] = 0
+            self.fc1.bias[5] = 0
+            self.head.weight[:, 5] = 0
 
     def forward(self, x):
         h = torch.relu(self.fc1(torch.relu(self.fc0(x))))
@@ -145,8 +151,9 @@ def test_prune_tuple_output_every_torch_format(tmp_path, data, fmt):
     r = dropcli.prune(str(src), str(path), str(out), epochs=1, retrain_epochs=0, lr=1e-6, allow_larger=True, **opts)
     s = r["summary"]
     assert s["pruned_on"] == "output 0 `0` of 3"
-    fc0 = next(row for row in r["layers"] if row["shape_before"] == [12, 6])
-    assert fc0["units_removed"] == len(DEAD), r["layers"]
+    rows = {tuple(row["shape_before"]): row for row in r["layers"]}
+    assert rows[(12, 6)]["units_removed"] == len(DEAD), r["layers"]  # fc0: its dead units go
+    assert rows[(8, 12)]["units_removed"] == 0, r["layers"]  # fc1 feeds an output: its width stays
     assert s["params_after"] == s["params_before"] - len(DEAD) * (6 + 1 + 8)
     assert s["max_abs_diff_saved"] <= 1e-4
     # the side head is not a layer prune touched
