@@ -417,8 +417,14 @@ def _onnx_cumsum(x: torch.Tensor, axis: Any, exclusive: bool, reverse: bool) -> 
 
 
 def _onnx_split(x: torch.Tensor, axis: int, parts: int) -> tuple[torch.Tensor, ...]:
-    """An ONNX Split into ``parts`` without sizes: chunks of ceil(size / parts), the last smaller."""
-    return torch.split(x, -(-x.shape[axis] // parts), axis)
+    """An ONNX Split into ``parts`` without sizes: chunks of ceil(size / parts), the last one
+    what is left (possibly empty; onnxruntime refuses a negative one, and so does this)."""
+    dim = x.shape[axis]
+    size = -(-dim // parts)
+    last = dim - size * (parts - 1)
+    if last < 0:
+        raise ValueError(f"Split of {dim} into {parts} parts of {size} would leave a negative last part")
+    return torch.split(x, [size] * (parts - 1) + [last], axis)
 
 
 def _onnx_max(*xs: torch.Tensor) -> torch.Tensor:
@@ -642,7 +648,7 @@ class _OnnxImporter:
                 self.env[node.output[0]] = self._add(node, m.kind, _PATTERN_MODULES[m.name](), self._val(m.x))
             elif i not in inside and i not in hidden:
                 self._node(node)
-        outs = [self.env[o.name] if o.name in self.env else self._val(o.name) for o in g.output]
+        outs = [self._val(o.name) for o in g.output]
         self.graph.output(outs[0] if len(outs) == 1 else tuple(outs))
         gm = fx.GraphModule(self.root, self.graph, "ImportedOnnx")
         gm.eval()
@@ -1287,12 +1293,10 @@ class _OnnxImporter:
         from dropcli.backends.torch.importer_rnn import rnn_module
 
         op = node.op_type
-        mod, layout, ndir = rnn_module(node, a, ins, self.consts, lambda why: self._unsupported(node, why))
+        mod, ndir = rnn_module(node, a, ins, self.consts, lambda why: self._unsupported(node, why))
         x = self._val(ins[0])
         states = [ins[k] if len(ins) > k and ins[k] else None for k in ((5, 6) if op == "LSTM" else (5,))]
-        hx = [self._val(s) if s else None for s in states]
-        if layout:  # batch-major states [batch, dir, hidden]; torch keeps them [dir, batch, hidden]
-            hx = [None if h is None else self.graph.call_method("transpose", (h, 0, 1)) for h in hx]
+        hx = [self._val(s) if s else None for s in states]  # [dir, batch, hidden], as torch's
         if op == "LSTM" and any(h is not None for h in hx):
             h, c = hx
             ref = h if h is not None else c
@@ -1309,18 +1313,14 @@ class _OnnxImporter:
         outs = list(node.output) + [""] * 3
         if outs[0]:
             y = self.graph.call_function(operator.getitem, (res, 0))
-            y = self.graph.call_method("unflatten", (y, -1, (ndir, mod.hidden_size)))  # [.., dir, hidden]
-            if not layout:
-                y = self.graph.call_method("transpose", (y, 1, 2))  # [seq, dir, batch, hidden]
+            y = self.graph.call_method("unflatten", (y, -1, (ndir, mod.hidden_size)))  # [seq, batch, dir, hidden]
+            y = self.graph.call_method("transpose", (y, 1, 2))  # ONNX's [seq, dir, batch, hidden]
             self.env[outs[0]] = y
         state = self.graph.call_function(operator.getitem, (res, 1)) if outs[1] or outs[2] else None
         for k in (1, 2):
             if not outs[k]:
                 continue
-            v = state if op == "GRU" else self.graph.call_function(operator.getitem, (state, k - 1))
-            if layout:
-                v = self.graph.call_method("transpose", (v, 0, 1))
-            self.env[outs[k]] = v
+            self.env[outs[k]] = state if op == "GRU" else self.graph.call_function(operator.getitem, (state, k - 1))
 
 
     def _unsupported(self, node, why: str | None = None) -> DropcliError:

@@ -6,7 +6,8 @@ ONNX's cell gate ``c``), and ONNX GRU ``[W_z; W_r; W_h]`` against torch's ``[W_r
 The bias input ``B`` is ``[Wb; Rb]``: torch's ``bias_ih`` and ``bias_hh``. torch's GRU applies
 the reset gate after the recurrent linear map, which is ONNX's ``linear_before_reset = 1``;
 the other form has no torch module and is refused, as are peepholes, clipping, non-default
-activations, coupled input/forget gates, a reverse-only direction and ``sequence_lens``.
+activations, coupled input/forget gates, a reverse-only direction, ``sequence_lens``, and the
+batch-major ``layout = 1`` (which onnxruntime does not run either, so no import could be checked).
 """
 
 from __future__ import annotations
@@ -34,9 +35,9 @@ def reorder(m: np.ndarray, op: str, hidden: int) -> np.ndarray:
 
 
 def rnn_module(node, a: dict[str, Any], ins: list[str], consts: dict[str, np.ndarray],
-               refuse: Callable[[str], DropcliError]) -> tuple[nn.Module, int, int]:
-    """The module for ONNX ``node`` (an LSTM or GRU with constant weights), its ``layout``
-    (0: sequence-major, 1: batch-major) and number of directions."""
+               refuse: Callable[[str], DropcliError]) -> tuple[nn.Module, int]:
+    """The module for ONNX ``node`` (a sequence-major LSTM or GRU with constant weights) and its
+    number of directions."""
     op = node.op_type
     gates = 4 if op == "LSTM" else 3
     direction = _text(a.get("direction", "forward"))
@@ -62,17 +63,18 @@ def rnn_module(node, a: dict[str, Any], ins: list[str], consts: dict[str, np.nda
     if w is None or r is None or (len(ins) > 3 and ins[3] and b is None):
         raise refuse("only constant weights and biases are supported")
     hidden = int(a.get("hidden_size", r.shape[-1]))
-    layout = int(a.get("layout", 0))
+    if int(a.get("layout", 0)):
+        raise refuse("layout=1 (batch-major) is not run by onnxruntime either; export sequence-major (layout=0)")
     if w.shape[0] != ndir or w.shape[1] != gates * hidden or r.shape[1:] != (gates * hidden, hidden):
         raise refuse(f"weights of shape {w.shape} / {r.shape} do not fit hidden_size={hidden}")
     if b is None:
         b = np.zeros((ndir, 2 * gates * hidden), np.float32)
     cls = nn.LSTM if op == "LSTM" else nn.GRU
-    mod = cls(int(w.shape[2]), hidden, num_layers=1, bias=True, batch_first=bool(layout), bidirectional=ndir == 2)
+    mod = cls(int(w.shape[2]), hidden, num_layers=1, bias=True, bidirectional=ndir == 2)
     with torch.no_grad():
         for d in range(ndir):
             sfx = "_reverse" if d else ""
             for pname, v in ((f"weight_ih_l0{sfx}", w[d]), (f"weight_hh_l0{sfx}", r[d]),
                              (f"bias_ih_l0{sfx}", b[d][:gates * hidden]), (f"bias_hh_l0{sfx}", b[d][gates * hidden:])):
                 getattr(mod, pname).copy_(torch.from_numpy(np.ascontiguousarray(reorder(v, op, hidden), dtype=np.float32)))
-    return mod.eval(), layout, ndir
+    return mod.eval(), ndir
