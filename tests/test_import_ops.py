@@ -279,3 +279,20 @@ def test_embedding_lookup_becomes_an_embedding_module():
     gm = from_onnx(_gather().model())
     emb = [m for m in gm.modules() if isinstance(m, nn.Embedding)]
     assert len(emb) == 1 and emb[0].weight.shape == (10, 4)
+
+
+@pytest.mark.parametrize("build", [_shape_reshape, _shape_arith, _expand_constant_of_shape_range],
+                         ids=["shape_reshape", "shape_arith", "expand_range"])
+def test_shape_arithmetic_stays_symbolic_under_torch_export(build):
+    """prune and finetune write ONNX again through torch.export with a dynamic batch: the
+    imported shape arithmetic must be captured as sizes, not as data-dependent tensor reads."""
+    from dropcli.backends.torch.save import to_exported
+
+    case = build()
+    gm = from_onnx(case.model())
+    (n0, s0), (n1, _) = case.sizes
+    ep = to_exported(gm, tuple(torch.from_numpy(mk(n0, s0)) for _, _, mk in case.inputs.values()))
+    x = tuple(torch.from_numpy(mk(n1, s0)) for _, _, mk in case.inputs.values())  # another batch size
+    with torch.no_grad():
+        for a, b in zip(ep.module()(*x), gm(*x)):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)

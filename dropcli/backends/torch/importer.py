@@ -724,6 +724,12 @@ class _OnnxImporter:
         if handler is None:
             raise self._unsupported(node)
         handler(self, node, a, list(node.input), node.output[0] if node.output else None)
+        for o in node.output:  # shape arithmetic that came out constant is a constant (folded onwards)
+            v = self.env.get(o)
+            if isinstance(v, _Sym) and all(isinstance(i, (int, bool)) for i in v.items):
+                dt = np.bool_ if v.dtype == torch.bool else np.int64
+                self.consts[o] = np.array(v.items[0] if v.scalar else v.items, dtype=dt)
+                del self.env[o]
 
     # ---- one handler per ONNX op (or family); registration order is the order of ONNX_OPS
 
@@ -772,7 +778,7 @@ class _OnnxImporter:
                         and self.users.get(lin, 0) == 1):
                     m = self.root.get_submodule(prod.target)
                     if isinstance(m, nn.Linear) and m.bias is None and bv.size == m.out_features and (bv.ndim <= 1 or bv.shape[-1] == bv.size):
-                        m.bias = nn.Parameter(torch.from_numpy(np.ascontiguousarray(bv.reshape(-1), dtype=np.float32)))
+                        m.bias = nn.Parameter(torch.from_numpy(np.array(bv.reshape(-1), dtype=np.float32)))
                         self.env[out] = prod
                         return
         fn = self._ARITH[op]
@@ -877,6 +883,10 @@ class _OnnxImporter:
     @onnx_op("Reshape")
     def _reshape(self, node, a: dict[str, Any], ins: list[str], out: str | None) -> None:
         shape = self._c(ins[1])
+        sym = self.env.get(ins[0])
+        if isinstance(sym, _Sym) and shape is not None and np.asarray(shape).size == 1 and int(np.asarray(shape).reshape(-1)[0]) in (-1, len(sym.items)):
+            self.env[out] = _Sym(sym.items, False, sym.dtype)  # a shape vector reshaped to 1-d (the legacy exporter's habit)
+            return
         if shape is None:  # a shape computed at run time (the batch size, the sequence length ...)
             sym = self._sym(ins[1])
             target = tuple(sym.items) if sym is not None else self._val(ins[1])
@@ -1280,6 +1290,16 @@ class _OnnxImporter:
     @onnx_op(*_REDUCE)
     def _reduce(self, node, a: dict[str, Any], ins: list[str], out: str | None) -> None:
         axes = self._axes(node, a, ins)
+        sym = self.env.get(ins[0])
+        if isinstance(sym, _Sym) and not sym.scalar and node.op_type in ("ReduceProd", "ReduceSum") and sym.items and (
+                axes is None and not a.get("noop_with_empty_axes", 0) or axes in ([0], [-1])):
+            # a product or sum of sizes (a flattened length): kept as shape arithmetic
+            fn = operator.mul if node.op_type == "ReduceProd" else operator.add
+            acc = sym.items[0]
+            for v in sym.items[1:]:
+                acc = self._items_op(fn, acc, v)
+            self.env[out] = _Sym([acc], not a.get("keepdims", 1), sym.dtype)
+            return
         x = self._val(ins[0])
         if not axes and a.get("noop_with_empty_axes", 0):
             self.env[out] = x
