@@ -81,9 +81,13 @@ def _shape_arith() -> Case:
     return Case([node("Shape", ["x"], "sh"), node("Slice", ["sh", "st", "en"], "ns"),
                  node("ReduceProd", ["ns"], "ns_prod", keepdims=1), node("Div", ["ns_prod", "two"], "half"),
                  node("Sub", ["half", "zero"], "half2"), node("Concat", ["half2", "m1"], "shape", axis=0),
-                 node("Reshape", ["x", "shape"], "y"), node("Reshape", ["x", "keep"], "y2")],
-                X3, {"y": F, "y2": F},
+                 node("Reshape", ["x", "shape"], "y"), node("Reshape", ["x", "keep"], "y2"),
+                 # x[:, 1:S-1] with S read from the input (a causal mask's slice)
+                 node("Slice", ["sh", "one", "two"], "s1"), node("Sub", ["s1", "one"], "end"),
+                 node("Slice", ["x", "one", "end", "one"], "y3")],
+                X3, {"y": F, "y2": F, "y3": F},
                 [_c("st", _i64([0])), _c("en", _i64([2])), _c("two", _i64([2])), _c("zero", _i64([0])), _c("m1", _i64([-1])),
+                 _c("one", _i64([1])),
                  _c("keep", _i64([0, -1]))], sizes=((2, 4), (3, 6)))
 
 
