@@ -1149,7 +1149,7 @@ class _OnnxImporter:
         axis = int(a.get("axis", 0))
         data, idx = self._c(ins[0]), self._c(ins[1])
         sym = self._sym(ins[0]) if isinstance(self.env.get(ins[0]), _Sym) else None
-        if sym is not None and idx is not None and axis == 0:  # picking sizes out of a Shape
+        if sym is not None and idx is not None and axis == 0 and np.asarray(idx).ndim <= 1:  # picking sizes out of a Shape
             n = len(sym.items)
             picked = [sym.items[int(i) + n if int(i) < 0 else int(i)] for i in np.asarray(idx).reshape(-1)]
             self.env[out] = _Sym(picked, np.asarray(idx).ndim == 0, sym.dtype)
