@@ -651,6 +651,8 @@ class _OnnxImporter:
         outs = [self._val(o.name) for o in g.output]
         self.graph.output(outs[0] if len(outs) == 1 else tuple(outs))
         gm = fx.GraphModule(self.root, self.graph, "ImportedOnnx")
+        gm.graph.eliminate_dead_code()  # sizes and recurrent states that nothing reads
+        gm.recompile()
         gm.eval()
         return gm
 
