@@ -3,9 +3,11 @@ modules that compute what onnxruntime computes at a batch size the export did no
 14, 15), with their dropcli sites (``dropcli inject``) read back for ``finetune``.
 
 A cheap subset runs here: every text model (and ViT) from the legacy exporter (opset 17, well
-under a second each once transformers is loaded) and GPT-2 from the dynamo exporter (its only
-ONNX form; about 10 s to export). The dynamo exports of the others (about 10 s each) were
-checked by hand when this file was added, with the same comparison.
+under a second each once transformers is loaded). The dynamo exports (opset 18: GPT-2's only
+ONNX form, and every other model's) take about 10 s each, too slow for the suite; they were
+checked by hand with the same comparison when this file was added, and each op they add
+(GatherND, Max, And, CumSum, Split, Expand of computed shapes ...) is tested against
+onnxruntime in tests/test_import_ops.py.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from tests.helpers import cli
 
 pytest.importorskip("transformers", reason="the zoo models need the test extra (transformers)")
 
-CELLS = [(m, "onnx17") for m in ("bert", "distilbert", "minilm", "encoder", "lstm", "gru", "vit")] + [("gpt2", "onnx18")]
+CELLS = [(m, "onnx17") for m in ("bert", "distilbert", "minilm", "encoder", "lstm", "gru", "vit")]
 # the files whose graph itself follows the sequence length (the legacy exporter writes the
 # encoder's head split, and dynamo every model's positions, as constants of the export's length)
 FREE_LENGTH = {("bert", "onnx17"), ("distilbert", "onnx17"), ("minilm", "onnx17"), ("lstm", "onnx17"), ("gru", "onnx17")}
