@@ -128,8 +128,12 @@ def require_example(example: tuple | None, fmt: str) -> tuple:
 
 
 def to_exported(gm: fx.GraphModule, example: tuple):
-    """``gm`` captured with ``torch.export`` (batch dimension dynamic)."""
-    dyn = tuple({0: torch.export.Dim.AUTO} if t.dim() > 0 else None for t in example)
+    """``gm`` captured with ``torch.export``: the batch dimension dynamic, and every dimension of
+    an integer input (token ids, attention masks: the sequence length is the data's) where the
+    model allows it (``Dim.AUTO`` keeps a dimension the graph fixes static)."""
+    dyn = tuple(None if t.dim() == 0 else
+                {d: torch.export.Dim.AUTO for d in range(t.dim() if not t.is_floating_point() else 1)}
+                for t in example)
     args, kwargs = example, None
     names = keyword_signature(gm)
     if names and len(names) == len(example):
