@@ -320,8 +320,10 @@ def save_inputs(entry: Entry, n: int, path: Path, labels: bool = True) -> Path:
 
 # ---------------------------------------------------------------- the checks each cell runs
 
-VERBS = ("inspect", "inject", "exact", "mc", "uncertainty", "prune")
+VERBS = ("inspect", "inject", "exact", "mc", "uncertainty", "finetune", "prune")
 PRUNE = {"resnet", "mobilenetv2", "audio"}  # the convolutional nets issue 15 asks to prune from every format
+# finetune learns rates from labels: every classifier (not the language model's per-token output,
+# whose labels training does not take, nor the sentence embedder, which has none)
 CHECK_BATCH = 3  # != BATCH: outputs must run at a batch size other than the export's
 
 
@@ -440,6 +442,16 @@ def check_cell(entry: Entry, fmt: str, src: Path, work: Path, data: Path) -> dic
         r = dropcli.uncertainty(str(state["out"]), str(data), T=4, seed=0, **load_options(entry, fmt) if fmt == "pickle" else {})
         check_task(entry, r)
 
+    def finetune():
+        if entry.output != "class":
+            res["finetune"] = "n/a"
+            return
+        out = work / f"{entry.name}_{fmt}_ft{Path(state['out']).suffix}"
+        # the injected model (its sites are what finetune learns), one epoch; the written file is
+        # checked by finetune itself against its stock loader
+        dropcli.finetune(str(state["out"]), str(data), str(out), variant="concrete", epochs=1, samples=2, select="elbo",
+                         **load_options(entry, fmt, shape=False) if fmt == "pickle" else {})
+
     def prune():
         if entry.name not in PRUNE:
             res["prune"] = "n/a"
@@ -449,7 +461,7 @@ def check_cell(entry: Entry, fmt: str, src: Path, work: Path, data: Path) -> dic
                       **load_options(entry, fmt, shape=False))  # prune has data: no --input-shape
 
     for verb, fn in [("inspect", inspect), ("inject", inject), ("exact", exact), ("mc", mc),
-                     ("uncertainty", uncertainty), ("prune", prune)]:
+                     ("uncertainty", uncertainty), ("finetune", finetune), ("prune", prune)]:
         if verb in res:
             continue
         step(verb, fn)
