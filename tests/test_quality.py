@@ -233,3 +233,15 @@ def test_best_scale_takes_the_minimum_and_ties_go_to_less_noise():
     outs = np.random.default_rng(0).normal(size=(5, 4, 3))
     outs[:, 2] = outs[0, 2]
     assert learned.degenerate_count(outs) == 1
+
+
+def test_rates_too_small_to_sample_are_refused(small, tmp_path):
+    """Starting rates of 1e-6 stay far too small to reach any example in 2 passes at every scale
+    of the scan: finetune refuses with a hint, and writes nothing."""
+    from helpers import cli_err
+
+    root, paths = small
+    cli_err("finetune", paths["export"], "--data", root / "train.npz", "--val", root / "val.npz", "--variant", "concrete",
+            "--after", "relu", "--p", 1e-6, "--epochs", 1, "--samples", 2, "-o", tmp_path / "o.pt2",
+            code=1, contains=("too small to sample", "--select elbo"))
+    assert not (tmp_path / "o.pt2").exists()
