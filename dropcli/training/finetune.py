@@ -182,7 +182,7 @@ def run(model_path: str, output: str, *, data: str, val: str | None, variant: st
     rows = learned.finalize(work, sites)
     curve = None
     if select == "val":
-        # the ELBO's rates, every noise variance scaled by factors from 1/256 to 4, scored by validation MC NLL;
+        # the ELBO's rates, every noise variance scaled by factors from 1/16 to 4, scored by validation MC NLL;
         # with --calibrate each scale gets its own temperature and is scored by fit_temperature's MAP
         # objective, so rates and temperature are chosen together; the lowest score wins
         curve, score = [], []

@@ -352,7 +352,7 @@ SCALES = tuple(round(2 ** (k / 2), 4) for k in range(-8, 5))  # 1/16 .. 4 in fac
 # Prior on the calibration temperature: log T ~ N(0, TEMPERATURE_PRIOR_SD^2). Measured by 2-fold
 # cross-validation inside the validation sets of benchmarks/quality.py's default models (choose on
 # one half, score the other): with the plain NLL minimiser the calibrated MC predictive lost to the
-# deterministic pass by +0.026 NLL (it over-sharpens); with this prior it gained 0.0007. See
+# deterministic pass by +0.026 NLL (it over-sharpens); with this prior it gained 0.0006. See
 # docs/learned.md ("How these rules were chosen").
 TEMPERATURE_PRIOR_SD = 0.3
 
