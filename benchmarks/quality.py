@@ -7,8 +7,10 @@ WITH dropout on train, saves it (torch.export, .pt2), and scores on test:
 * eval       the deterministic pass (dropout off);
 * MC         `dropcli uncertainty` on the trained model (T passes at the trained rates);
 * ft MC      `dropcli finetune --variant concrete --val VAL` (ELBO fit on train, rates scaled to the
-             best validation MC NLL: --select val), then `uncertainty --no-calibration`;
-* ft+cal MC  the same finetune with --calibrate (a temperature fitted on VAL by NLL), then
+             best validation MC NLL: --select val; the run is the ft+cal one, so its scale is the one chosen
+             with the temperature), then `uncertainty --no-calibration`;
+* ft+cal MC  the same finetune with --calibrate (a temperature fitted on VAL by NLL, MAP under a
+             prior on log T; scale and temperature chosen together), then
              `uncertainty` (which applies the stored temperature);
 * LLLA probit / LLLA MC   laplace-torch's last-layer Laplace, Kronecker-factored Hessian fitted on
              train, prior precision by marginal likelihood, GLM predictive with the probit or the

@@ -114,6 +114,8 @@ def test_calibrate_stores_the_temperature_and_uncertainty_uses_it(small, fmt, tm
     in the written model (every format), and uncertainty applies it unless --no-calibration."""
     from helpers import cli
 
+    from dropcli.training import learned
+
     root, paths = small
     trust = ["--trust-pickle"] if fmt == "pickle" else []
     out = tmp_path / f"cal{paths[fmt].suffix}"
@@ -124,7 +126,7 @@ def test_calibrate_stores_the_temperature_and_uncertainty_uses_it(small, fmt, tm
     t = s["temperature"]
     assert t is not None and 0.05 < t < 20
     assert s["val_nll_after"] <= s["val_nll_uncalibrated"] + 1e-9
-    assert s["validation_origin"] == "--val" and len(rep["selection"]) == 13
+    assert s["validation_origin"] == "--val" and len(rep["selection"]) == len(learned.SCALES)
     assert json.loads(cli("-q", "inspect", out, "--json", *trust).stdout)["model_meta"]["temperature"] == pytest.approx(t, rel=1e-12)
     on = json.loads(cli("-q", "uncertainty", out, "-i", root / "val.npz", "-T", 16, "--json", *trust).stdout)["summary"]
     off = json.loads(cli("-q", "uncertainty", out, "-i", root / "val.npz", "-T", 16, "--json", "--no-calibration", *trust).stdout)["summary"]
@@ -177,33 +179,69 @@ def _tempered_labels(rng, n: int, k: int, t0: float, passes: int = 4):
 
 def test_fit_temperature_recovers_a_known_temperature():
     """Labels drawn from softmax(z / T0), N = 4000: the fitted T lands near T0 (the MLE's sd is
-    about 3% in log T; the one-SE rule shrinks it towards 1 by about one more; the bound allows
-    15%) and its NLL is no worse than T = 1's. On 150 examples drawn at T0 = 1, T stays near 1."""
+    about 3% in log T, and the prior log T ~ N(0, 0.3^2) moves it by far less at this N; the bound
+    allows 15%), its NLL is no worse than T = 1's, and the returned objective is NLL plus the
+    prior's term. On 150 examples drawn at T0 = 1, T stays near 1."""
     from dropcli.analysis import stats
     from dropcli.training import learned
 
     rng = np.random.default_rng(0)
     for t0 in (0.5, 2.0):
         outs, y = _tempered_labels(rng, 4000, 5, t0)
-        t, nll = learned.fit_temperature(outs, y)
-        assert abs(np.log(t / t0)) < 0.15 and abs(np.log(t)) <= abs(np.log(t0)) + 0.02, (t, t0)
+        t, nll, obj = learned.fit_temperature(outs, y)
+        assert abs(np.log(t / t0)) < 0.15, (t, t0)
         assert nll <= stats.nll(stats.to_probs(outs).mean(0), y) + 1e-12
+        assert obj == pytest.approx(nll + np.log(t) ** 2 / (2 * 0.3 ** 2 * 4000), rel=1e-12)
     outs, y = _tempered_labels(rng, 150, 5, 1.0)
-    t, _ = learned.fit_temperature(outs, y)
+    t, _, _ = learned.fit_temperature(outs, y)
     assert abs(np.log(t)) < 0.2, t
 
 
-def test_one_se_rule_keeps_the_elbo_answer_on_a_flat_curve():
+def test_fit_temperature_prior_shrinks_a_small_sample_towards_one():
+    """The same T0 = 0.5 at N = 4000 and at N = 100 (a tenth of the data each, 40 draws): with few
+    examples the MAP temperature lies between the plain NLL minimiser and 1, and the shrinkage
+    fades with N. The plain minimiser is fitted here with the prior made negligible."""
     from dropcli.training import learned
 
-    rng = np.random.default_rng(1)
+    rng = np.random.default_rng(3)
+    shrunk = []
+    for _ in range(40):
+        outs, y = _tempered_labels(rng, 100, 5, 0.5)
+        t_map = learned.fit_temperature(outs, y)[0]
+        t_mle = learned.fit_temperature(outs, y, prior_sd=1e3)[0]
+        assert abs(np.log(t_map)) <= abs(np.log(t_mle)) + 1e-3, (t_map, t_mle)
+        shrunk.append(np.log(t_map) - np.log(t_mle))
+    assert np.mean(shrunk) > 0.02  # towards 1 from below, on average by a visible amount at N = 100
+    outs, y = _tempered_labels(rng, 4000, 5, 0.5)
+    big = np.log(learned.fit_temperature(outs, y)[0]) - np.log(learned.fit_temperature(outs, y, prior_sd=1e3)[0])
+    assert 0 <= big < np.mean(shrunk) / 5
+
+
+def test_best_scale_takes_the_minimum_and_ties_go_to_less_noise():
+    from dropcli.training import learned
+
     scales = learned.SCALES
-    base = rng.exponential(0.1, size=300)
-    noisy = [base + 0.02 * rng.normal(size=300) for _ in scales]
-    flat = [v - v.mean() + base.mean() for v in noisy]  # equal means, per-example noise
-    assert scales[learned.one_se_choice(scales, flat)] == 1.0
-    se = 0.02 * np.sqrt(2) / np.sqrt(300)
-    flat[0] = flat[0] - 0.5 * se  # the smallest scale better by half a standard error: not enough
-    assert scales[learned.one_se_choice(scales, flat)] == 1.0
-    dip = [base + (0.0 if s == 0.25 else 0.05) for s in scales]  # a clear minimum at 0.25
-    assert scales[learned.one_se_choice(scales, dip)] == 0.25
+    assert scales[0] == 0.0625 and scales[-1] == 4.0 and 1.0 in scales
+    dip = [0.1 + (0.0 if s == 0.25 else 0.05) for s in scales]  # a clear minimum at 0.25
+    assert scales[learned.best_scale(scales, dip)] == 0.25
+    flat = [0.1 for _ in scales]
+    assert learned.best_scale(scales, flat) == 0
+    curve = [0.1 + 0.01 * (np.log(s) - np.log(0.125)) ** 2 for s in scales]
+    assert scales[learned.best_scale(scales, curve)] == 0.125
+    curve[scales.index(0.125)] = np.inf  # not eligible (passes that leave an example untouched)
+    assert scales[learned.best_scale(scales, curve)] in (0.0884, 0.1768)
+    outs = np.random.default_rng(0).normal(size=(5, 4, 3))
+    outs[:, 2] = outs[0, 2]
+    assert learned.degenerate_count(outs) == 1
+
+
+def test_rates_too_small_to_sample_are_refused(small, tmp_path):
+    """Starting rates of 1e-6 stay far too small to reach any example in 2 passes at every scale
+    of the scan: finetune refuses with a hint, and writes nothing."""
+    from helpers import cli_err
+
+    root, paths = small
+    cli_err("finetune", paths["export"], "--data", root / "train.npz", "--val", root / "val.npz", "--variant", "concrete",
+            "--after", "relu", "--p", 1e-6, "--epochs", 1, "--samples", 2, "-o", tmp_path / "o.pt2",
+            code=1, contains=("too small to sample", "--select elbo"))
+    assert not (tmp_path / "o.pt2").exists()

@@ -39,16 +39,18 @@ noise and sharper probabilities whatever new data would say. finetune says which
 
 Rates for held-out quality (--select val, the default): after the ELBO fit, every site's noise variance
 (alpha = p/q for Bernoulli sites, alpha for gaussian ones) is scaled by each factor in
-1/16 .. 4 (steps of sqrt 2) and scored by validation MC NLL (with --calibrate, after each factor's
-own temperature). Kept: the factor nearest 1 whose NLL is within one standard error of the best
-(the one-standard-error rule: a flat, noisy curve keeps the ELBO's rates). The report gives the
+1/16 .. 4 (steps of sqrt 2) and scored by validation MC NLL (with --calibrate, by the temperature
+fit's objective at each factor's own temperature). Kept: the factor with the lowest score (every
+factor runs on the same noise draws, so the curve is smooth). A factor whose passes leave a
+validation example unchanged is too little noise to sample and is skipped. The report gives the
 whole curve. --select elbo keeps the ELBO's rates.
 
 Calibration (--calibrate, classification): a temperature T on the validation MC predictive (each
-pass's logits divided by T before the softmax): the NLL minimiser, shrunk towards 1 by the same
-rule; none when the validation predictive has fewer than 5 errors or the minimiser is at the end
-of [0.05, 20]. It is stored in the written model, and `dropcli uncertainty` applies it by default
-(--no-calibration switches it off).
+pass's logits divided by T before the softmax): the MAP estimate under a prior log T ~ N(0, 0.3^2),
+i.e. the minimiser of NLL + (log T)^2 / (0.18 N) on N validation examples, which keeps a few
+hundred examples from over-sharpening it; none when the validation predictive has fewer than 5
+errors or the minimiser is at the end of [0.05, 20]. It is stored in the written model, and
+`dropcli uncertainty` applies it by default (--no-calibration switches it off).
 
 Sites: the model's dropout (nn.Dropout, F.dropout, ONNX Dropout, dropcli standard/gaussian sites),
 narrowed by --layers/--exclude; with --after, new sites after those layers. Each starts at its current p

@@ -189,19 +189,26 @@ def run(model_path: str, output: str, *, data: str, val: str | None, variant: st
     rows = learned.finalize(work, sites)
     curve = None
     if select == "val":
-        # the ELBO's rates, every noise variance scaled by factors around 1, scored by validation MC NLL
-        # (with --calibrate each scale is scored after its own temperature: rates and temperature are chosen together)
-        # chosen by the one-standard-error rule: the scale nearest 1 within one paired SE of the best
-        curve, per = [], []
+        # the ELBO's rates, every noise variance scaled by factors from 1/16 to 4, scored by validation MC NLL;
+        # with --calibrate each scale gets its own temperature and is scored by fit_temperature's MAP
+        # objective, so rates and temperature are chosen together; the lowest score wins
+        curve, score = [], []
         for sc in learned.SCALES:
             learned.set_rates(work, learned.scaled_rows(rows, sc))
             outs = learned.mc_samples(work, vsplit, samples, seed)
             row = {"scale": sc, **learned.mc_metrics(work, vsplit, task, samples, seed, noise_var=noise_var, outputs=outs)}
             if calibrate:
-                row["temperature"], row["nll_calibrated"] = learned.fit_temperature(outs, vsplit.y.numpy())
-            per.append(learned.example_nll(outs, vsplit, task, noise_var, row.get("temperature")))
+                row["temperature"], row["nll_calibrated"], obj = learned.fit_temperature(outs, vsplit.y.numpy())
+            row["degenerate"] = learned.degenerate_count(outs)
+            # a scale whose passes leave a validation example untouched is too little noise to sample
+            # (`dropcli uncertainty` refuses such a model): not eligible
+            score.append(np.inf if row["degenerate"] else obj if calibrate else row["nll"])
             curve.append(row)
-        best = curve[learned.one_se_choice(learned.SCALES, per)]
+        if not np.isfinite(score).any():
+            raise DropcliError(f"at every scanned rate scale the {samples} MC passes leave some validation examples "
+                               "identical: the learned rates are too small to sample",
+                               "start from larger rates (--p), or use --select elbo")
+        best = curve[learned.best_scale(learned.SCALES, score)]
         if best["scale"] in (learned.SCALES[0], learned.SCALES[-1]):
             notes.append(f"the best rate scale on validation, x{best['scale']:g}, is at the end of the scanned range "
                          f"({learned.SCALES[0]:g} .. {learned.SCALES[-1]:g}): start from other rates (--p), or check the validation data")
@@ -221,7 +228,7 @@ def run(model_path: str, output: str, *, data: str, val: str | None, variant: st
                      "(pass --calibrate to fit one for the new rates)")
     uncal = None
     if calibrate:
-        temperature, _ = learned.fit_temperature(outs, vsplit.y.numpy())
+        temperature = learned.fit_temperature(outs, vsplit.y.numpy())[0]
         uncal = after_m
         after_m = learned.mc_metrics(work, vsplit, task, samples, seed, temperature=temperature, outputs=outs)
         meta["temperature"] = temperature  # `dropcli uncertainty` divides each pass's logits by it by default
