@@ -7,7 +7,9 @@ The pipeline, on a GraphModule of real modules (:func:`dropcli.importer.to_modul
    sbp: an :class:`~.layers.SBPNoise` follows every hidden Linear / Conv.
 2. Fine-tune with the SGVLB: ``mean data loss + beta * sum KL / N`` (the per-example form of
    ``N * mean loss + beta * sum KL``), ``beta`` ramped linearly from 0 to ``--kl-weight`` over the
-   first half of the epochs.
+   first half of the epochs. The data loss is distilled from the dense model (:func:`distill_loss`,
+   here and in the retrain): the model already fits its training split, and labels alone pulled
+   the fine-tuned function away from the one that generalised (docs/prune.md).
 3. sparse-vd: weights with ``log alpha > threshold`` become 0 and the layers plain again; sbp:
    units with ``SNR <= 1`` get a zero row, the others their ``E[theta]`` folded into the weights.
    Then :func:`retrain` fine-tunes the kept weights without noise (``--retrain-epochs``).
