@@ -306,13 +306,19 @@ def prune_once(name: str, seed: int, max_drop: float, extra: str, tmp: Path) -> 
            "--val", str(tmp / "val.npz"), "--max-drop", str(max_drop), "--seed", str(seed), "-o", str(out), "--json",
            "--input-shape", "x".join(str(d) for d in (2,) + tuple(xt.shape[1:]))] + extra.split()
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    t0 = time.perf_counter()
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - t0
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
     if proc.returncode not in (0, 4):
         raise SystemExit(f"dropcli prune failed for {name}: {proc.stderr.strip()[-500:]}")
     s = json.loads(proc.stdout)["summary"]
     dense_ts = torch.jit.load(str(dense_path))
     sets = {"train": (xt, yt), "val": (xv, yv), "test": (xe, ye)}
-    row = {"model": name, "seed": seed, "exit": proc.returncode, "dense": {k: accuracy(dense_ts, *v) for k, v in sets.items()}}
+    row = {"model": name, "seed": seed, "exit": proc.returncode, "dense": {k: accuracy(dense_ts, *v) for k, v in sets.items()},
+           "wall": wall, "cpu": cpu}
     if proc.returncode == 0:
         pruned_ts = torch.jit.load(str(out))
         row["pruned"] = {k: accuracy(pruned_ts, *v) for k, v in sets.items()}
@@ -327,8 +333,8 @@ def over_seeds(args) -> None:
     names = [m for m in args.models.split(",") if m]
     print(f"prune defaults + --max-drop {args.max_drop:g}{' ' + args.extra if args.extra else ''}; seeds 0..{args.seeds - 1} "
           f"(split, dense training, prune --seed); digits 60/20/20; prune never sees test\n")
-    print("| model | seed | dense acc val / test | pruned acc val / test | val drop (pt) | test drop (pt) | compression |")
-    print("|---|---|---|---|---|---|---|")
+    print("| model | seed | dense acc val / test | pruned acc val / test | val drop (pt) | test drop (pt) | compression | prune wall / CPU (s) |")
+    print("|---|---|---|---|---|---|---|---|")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
@@ -337,26 +343,35 @@ def over_seeds(args) -> None:
                 rows.append(r)
                 d = r["dense"]
                 if r["exit"]:
-                    print(f"| {name} | {seed} | {100 * d['val']:.2f} / {100 * d['test']:.2f} | refused (exit {r['exit']}) | - | - | - |", flush=True)
+                    print(f"| {name} | {seed} | {100 * d['val']:.2f} / {100 * d['test']:.2f} | refused (exit {r['exit']}) | - | - | - | "
+                          f"{r['wall']:.1f} / {r['cpu']:.1f} |", flush=True)
                     continue
                 p = r["pruned"]
                 print(f"| {name} | {seed} | {100 * d['val']:.2f} / {100 * d['test']:.2f} | {100 * p['val']:.2f} / {100 * p['test']:.2f} | "
-                      f"{100 * (d['val'] - p['val']):.2f} | {100 * (d['test'] - p['test']):.2f} | {r['compression']:.1f}x |", flush=True)
+                      f"{100 * (d['val'] - p['val']):.2f} | {100 * (d['test'] - p['test']):.2f} | {r['compression']:.1f}x | "
+                      f"{r['wall']:.1f} / {r['cpu']:.1f} |", flush=True)
     print()
-    print("| model | runs written / refused | test drop mean +- sd (pt) | compression mean (min) | runs meeting the target |")
-    print("|---|---|---|---|---|")
+    print("| model | runs written / refused | val drop mean +- sd (pt) | test drop mean +- sd (pt) | compression mean +- sd (min) | "
+          "runs meeting the target | prune CPU mean (s) |")
+    print("|---|---|---|---|---|---|---|")
     for name in names:
         rs = [r for r in rows if r["model"] == name]
         ok = [r for r in rs if not r["exit"]]
         tgt_c, tgt_d = TARGETS[MODELS[name][2]]
+        cpu = statistics.mean(r["cpu"] for r in rs)
         if not ok:
-            print(f"| {name} | 0 / {len(rs)} | - | - | 0 of {len(rs)} |")
+            print(f"| {name} | 0 / {len(rs)} | - | - | - | 0 of {len(rs)} | {cpu:.1f} |")
             continue
+
+        def sd(a):
+            return a.std(ddof=1) if len(a) > 1 else 0.0
+
+        vdrops = np.array([100 * (r["dense"]["val"] - r["pruned"]["val"]) for r in ok])
         drops = np.array([100 * (r["dense"]["test"] - r["pruned"]["test"]) for r in ok])
         comp = np.array([r["compression"] for r in ok])
         met = sum(1 for r, dr in zip(ok, drops) if r["compression"] >= tgt_c and dr <= tgt_d)
-        print(f"| {name} | {len(ok)} / {len(rs) - len(ok)} | {drops.mean():.2f} +- {drops.std(ddof=1) if len(ok) > 1 else 0:.2f} | "
-              f"{comp.mean():.1f}x ({comp.min():.1f}x) | {met} of {len(rs)} (>={tgt_c:.0f}x, <={tgt_d} pt) |")
+        print(f"| {name} | {len(ok)} / {len(rs) - len(ok)} | {vdrops.mean():.2f} +- {sd(vdrops):.2f} | {drops.mean():.2f} +- {sd(drops):.2f} | "
+              f"{comp.mean():.1f}x +- {sd(comp):.1f} ({comp.min():.1f}x) | {met} of {len(rs)} (>={tgt_c:.0f}x, <={tgt_d} pt) | {cpu:.1f} |")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from torch import fx, nn
 from typer.testing import CliRunner
 
 from dropcli.cli.main import app
-from dropcli.prune.core import attach_sparse_vd, finalize_sparse_vd
+from dropcli.prune.core import attach_sparse_vd, distill_loss, finalize_sparse_vd, teacher_outputs
 from dropcli.prune.layers import (
     LinearSVD, ConvSVD, kl_sparse_vd, sample_truncated_log, sbp_kl, truncated_lognormal_moments,
 )
@@ -133,6 +133,47 @@ def test_log_alpha_threshold_is_applied():
         assert torch.equal(w == 0, (a >= 1.5) | (theta[name] == 0))
         assert torch.equal(w[a < 1.5], theta[name][a < 1.5])
         assert 0 < int((a >= 1.5).sum()) < a.numel()  # the case is not trivial
+
+
+def test_distill_loss_is_the_weighted_mix_of_labels_and_teacher():
+    """Hinton et al. 2015: (1 - w) CE(out, y) + w T^2 KL(softmax(t / T) || softmax(out / T)),
+    written out by hand; regression mixes the two squared errors."""
+    g = torch.Generator().manual_seed(0)
+    teacher = torch.randn(20, 5, generator=g) * 3
+    idx = torch.tensor([3, 0, 17, 9])
+    out, y = torch.randn(4, 5, generator=g), torch.tensor([1, 4, 0, 2])
+    w, temp = 0.3, 2.0
+    p = torch.softmax(teacher[idx] / temp, -1)
+    kl = (p * (torch.log(p) - torch.log_softmax(out / temp, -1))).sum(-1).mean()
+    want = (1 - w) * torch.nn.functional.cross_entropy(out, y) + w * temp ** 2 * kl
+    assert torch.allclose(distill_loss(teacher, "classification", w, temp)(out, y, idx), want, atol=1e-6)
+    # the teacher's own outputs cost nothing on the teacher's side
+    assert float(distill_loss(teacher, "classification", 1.0, temp)(teacher[idx], y, idx)) == pytest.approx(0.0, abs=1e-6)
+    yr, outr, tr = torch.randn(4, 3, generator=g), torch.randn(4, 3, generator=g), torch.randn(20, 3, generator=g)
+    want_r = (1 - w) * ((outr - yr) ** 2).mean() + w * ((outr - tr[idx]) ** 2).mean()
+    assert torch.allclose(distill_loss(tr, "regression", w)(outr, yr, idx), want_r, atol=1e-6)
+
+
+def test_fit_hands_loss_fn_the_batch_rows_and_teacher_outputs_are_eval_mode():
+    """fit's loss_fn gets the rows of the batch (to look up teacher outputs) with their labels;
+    teacher_outputs runs the model in eval mode (dropout off) and restores its mode."""
+    from dropcli.training.loop import Split, fit
+
+    torch.manual_seed(0)
+    x, y = torch.randn(37, 4), torch.arange(37) % 3
+    model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 3)).train()
+    t = teacher_outputs(model, Split(x, y, "x"), batch_size=10)
+    assert model.training and torch.equal(t, model.eval()(x).detach())
+    seen = []
+
+    def loss_fn(out, yb, idx):
+        assert torch.equal(yb, y[idx])
+        seen.append(idx.clone())
+        return torch.nn.functional.cross_entropy(out, yb)
+
+    fit(model, Split(x, y, "x"), "classification", params=[{"params": model.parameters(), "lr": 1e-3}], epochs=2,
+        batch_size=8, seed=0, quiet=True, loss_fn=loss_fn)
+    assert sorted(torch.cat(seen).tolist()) == sorted(list(range(37)) * 2)
 
 
 # ------------------------------------------------------------------------------ the shrink

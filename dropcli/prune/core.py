@@ -7,7 +7,9 @@ The pipeline, on a GraphModule of real modules (:func:`dropcli.importer.to_modul
    sbp: an :class:`~.layers.SBPNoise` follows every hidden Linear / Conv.
 2. Fine-tune with the SGVLB: ``mean data loss + beta * sum KL / N`` (the per-example form of
    ``N * mean loss + beta * sum KL``), ``beta`` ramped linearly from 0 to ``--kl-weight`` over the
-   first half of the epochs.
+   first half of the epochs. The data loss is distilled from the dense model (:func:`distill_loss`,
+   here and in the retrain): the model already fits its training split, and labels alone pulled
+   the fine-tuned function away from the one that generalised (docs/prune.md).
 3. sparse-vd: weights with ``log alpha > threshold`` become 0 and the layers plain again; sbp:
    units with ``SNR <= 1`` get a zero row, the others their ``E[theta]`` folded into the weights.
    Then :func:`retrain` fine-tunes the kept weights without noise (``--retrain-epochs``).
@@ -35,10 +37,12 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from dropcli.errors import DropcliError, NotMet
 from dropcli.backends.torch.fx import set_module
+from dropcli.training import loop
 from dropcli.training.loop import Split, feed, fit
 from dropcli.prune.layers import SBPNoise, SparseVD, to_sparse_vd
 from dropcli.prune.shrink import ShrinkResult, output_layers, prunable_layers, shrink
@@ -46,7 +50,7 @@ from dropcli.prune.shrink import ShrinkResult, output_layers, prunable_layers, s
 METHODS = ("sparse-vd", "sbp")
 # defaults chosen with benchmarks/prune_digits.py --tune, on validation only (docs/prune.md)
 DEFAULTS = {"epochs": 100, "lr": 3e-3, "batch_size": 64, "threshold": 3.0, "kl_weight": 0.5, "var_lr_scale": 10.0,
-            "retrain_epochs": 10, "retrain_lr_scale": 0.1}
+            "retrain_epochs": 10, "retrain_lr_scale": 0.1, "distill": 0.5, "distill_temperature": 2.0}
 # --max-drop: the log-alpha thresholds the walk scores (log alpha is clamped to [-8, 8]), and the
 # most retrains it spends on the cuts around the best pre-retrain one
 SWEEP = tuple(float(t) for t in np.arange(-2.0, 8.01, 0.5))
@@ -73,6 +77,9 @@ class PruneConfig:
     device: str = "cpu"
     quiet: bool = False
     retrain_epochs: int = DEFAULTS["retrain_epochs"]
+    # weight of the dense model's outputs in the data loss of the fine-tune and the retrain
+    # (knowledge distillation, :func:`distill_loss`); 0: the labels alone
+    distill: float = DEFAULTS["distill"]
     progress: Any = None  # progress(label, total) -> advance(k, info): see dropcli.training.loop.fit
 
 
@@ -143,6 +150,43 @@ def budget_drop(before: dict[str, float], after: dict[str, float], task: str) ->
     if task == "classification":
         return 100.0 * (before["accuracy"] - after["accuracy"])
     return 100.0 * (after["loss"] - before["loss"]) / max(before["loss"], 1e-12)
+
+
+@torch.no_grad()
+def teacher_outputs(gm: nn.Module, train: Split, device: str = "cpu", batch_size: int = 512) -> torch.Tensor:
+    """The dense model's outputs on every training example (eval mode), for :func:`distill_loss`."""
+    was = [(m, m.training) for m in gm.modules()]
+    gm.eval()
+    try:
+        return torch.cat([feed(gm, train.x[i:i + batch_size].to(device)).detach().cpu() for i in range(0, len(train), batch_size)])
+    finally:
+        for m, t in was:
+            m.training = t
+
+
+def distill_loss(teacher: torch.Tensor, task: str, weight: float, temperature: float | None = None):
+    """The data loss with knowledge distillation (Hinton, Vinyals & Dean 2015), as
+    :func:`~dropcli.training.loop.fit`'s ``loss_fn``: ``(1 - weight) * loss(labels) + weight * loss(teacher)``.
+
+    Classification: the teacher term is ``T^2 * KL(softmax(teacher / T) || softmax(out / T))``
+    (the ``T^2`` keeps its gradients on the scale of the label term's); regression: the mean squared
+    error to the teacher's outputs. Pruning starts from a model that already fits the training
+    split, so the labels alone say little more there; the dense model's outputs keep the pruned one
+    close to the function that generalised."""
+
+    temperature = DEFAULTS["distill_temperature"] if temperature is None else temperature
+
+    def loss(out: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        t = teacher[idx].to(out.device)
+        hard = loop.data_loss(out, y, task)  # looked up at call time: the Ctrl-C tests interrupt it
+        if task == "classification":
+            soft = F.kl_div(F.log_softmax(out / temperature, -1), F.log_softmax(t / temperature, -1), log_target=True,
+                            reduction="batchmean") * temperature ** 2
+        else:
+            soft = F.mse_loss(out, t)
+        return (1.0 - weight) * hard + weight * soft
+
+    return loss
 
 
 def beta_at(progress: float, kl_weight: float) -> float:
@@ -269,11 +313,13 @@ def prune(gm: fx.GraphModule, example: tuple, train: Split | None, task: str, cf
         return _result(cand, before, log_alpha, [], threshold, curve, reference, task, cfg)
     if train is None:
         raise DropcliError("pruning needs training data", "pass --data TRAIN (.npz with x and y, .pt or .csv)")
+    # the dense model's outputs on the training split, distilled into the fine-tune and the retrain
+    loss_fn = distill_loss(teacher_outputs(gm, train), task, cfg.distill) if cfg.distill > 0 else None
     if cfg.method == "sbp":
-        gm, mods, history = _train(gm, train, task, cfg, cfg.kl_weight, protected)
+        gm, mods, history = _train(gm, train, task, cfg, cfg.kl_weight, protected, loss_fn=loss_fn)
         log_alpha = {k: np.log(np.maximum(v, 1e-30)) for k, v in finalize_sbp(gm, mods).items()}
         if cfg.retrain_epochs > 0:
-            history += retrain(gm, train, task, cfg)
+            history += retrain(gm, train, task, cfg, loss_fn)
         gm.to("cpu")
         cand = _finish(gm, example, protected, val, task, cfg)
         curve = [_point(None, cand["kept"], cand["total"], cand["metrics"], reference, task)] if val is not None else []
@@ -288,7 +334,7 @@ def prune(gm: fx.GraphModule, example: tuple, train: Split | None, task: str, cf
     curve: list[dict[str, Any]] = []
     history: list[dict[str, float]] = []
     for r, kl_weight in enumerate(rounds):
-        trained, mods, hist = _train(copy.deepcopy(gm) if r < len(rounds) - 1 else gm, train, task, cfg, kl_weight, protected,
+        trained, mods, hist = _train(copy.deepcopy(gm) if r < len(rounds) - 1 else gm, train, task, cfg, kl_weight, protected, loss_fn,
                                      label="" if r == 0 else f", round {r + 1}: --kl-weight {kl_weight:g}")
         history += hist
         points = sweep(trained, mods, val, task, reference, cfg.device) if val is not None else []
@@ -297,11 +343,11 @@ def prune(gm: fx.GraphModule, example: tuple, train: Split | None, task: str, cf
         curve += points
         if not walk:
             threshold = DEFAULTS["threshold"] if cfg.threshold is None else cfg.threshold
-            cand = _candidate(trained, threshold, train, val, task, cfg, example, protected)
+            cand = _candidate(trained, threshold, train, val, task, cfg, example, protected, loss_fn=loss_fn)
             _mark(points, threshold, cand, reference, task, cfg)
             return _result(cand, before, None, history + cand["history"], threshold, curve, reference, task, cfg, kl_weight)
         try:
-            cand = _walk(trained, points, train, val, task, cfg, example, protected, reference)
+            cand = _walk(trained, points, train, val, task, cfg, example, protected, reference, loss_fn)
         except NotMet as e:
             if r == len(rounds) - 1:
                 if len(rounds) > 1:
@@ -315,7 +361,7 @@ def prune(gm: fx.GraphModule, example: tuple, train: Split | None, task: str, cf
 
 
 def _train(gm: fx.GraphModule, train: Split, task: str, cfg: PruneConfig, kl_weight: float, protected: set[str],
-           label: str = "") -> tuple[fx.GraphModule, dict[str, nn.Module], list[dict[str, float]]]:
+           loss_fn=None, label: str = "") -> tuple[fx.GraphModule, dict[str, nn.Module], list[dict[str, float]]]:
     """The variational fine-tune (step 2), in place on ``gm``: returns (gm, noise layers, history)."""
     n = len(train)
     gm.to(cfg.device)
@@ -350,7 +396,7 @@ def _train(gm: fx.GraphModule, train: Split, task: str, cfg: PruneConfig, kl_wei
 
     history = fit(gm, train, task, params=groups, epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed,
                   device=cfg.device, regulariser=reg, train_modules=ms, describe=describe, quiet=cfg.quiet, progress=cfg.progress,
-                  label=f"prune ({cfg.method}{label})", decay_from=DECAY_FROM)
+                  label=f"prune ({cfg.method}{label})", decay_from=DECAY_FROM, loss_fn=loss_fn)
     return gm, mods, history
 
 
@@ -425,7 +471,7 @@ def _mark(curve: list[dict[str, Any]], threshold: float, cand: dict[str, Any] | 
 
 
 def _walk(gm: fx.GraphModule, curve: list[dict[str, Any]], train: Split, val: Split, task: str, cfg: PruneConfig,
-          example: tuple, protected: set[str], reference: dict[str, float]) -> dict[str, Any]:
+          example: tuple, protected: set[str], reference: dict[str, float], loss_fn=None) -> dict[str, Any]:
     """The most compressive retrained cut within the budget (see the module docstring)."""
     pts = [p for p in curve if p["threshold"] is not None]
     fit_pre = [i for i, p in enumerate(pts) if _fits(p["drop"], cfg, p["drop_se"])]
@@ -435,7 +481,7 @@ def _walk(gm: fx.GraphModule, curve: list[dict[str, Any]], train: Split, val: Sp
     def attempt(i: int) -> dict[str, Any] | None:
         t = pts[i]["threshold"]
         try:
-            cand = _candidate(gm, t, train, val, task, cfg, example, protected)
+            cand = _candidate(gm, t, train, val, task, cfg, example, protected, loss_fn=loss_fn)
         except DropcliError as e:  # the cut empties a layer: not a candidate
             _mark(curve, t, None, reference, task, cfg, note=e.message)
             tried[i] = None
@@ -492,7 +538,7 @@ def _walk(gm: fx.GraphModule, curve: list[dict[str, Any]], train: Split, val: Sp
 
 
 def _candidate(trained: fx.GraphModule, threshold: float, train: Split, val: Split | None, task: str, cfg: PruneConfig,
-               example: tuple, protected: set[str], retrain_epochs: int | None = None) -> dict[str, Any]:
+               example: tuple, protected: set[str], retrain_epochs: int | None = None, loss_fn=None) -> dict[str, Any]:
     """A copy of the trained sparse-VD model cut at ``threshold``, its kept weights retrained,
     shrunk and scored on ``val``."""
     gm = copy.deepcopy(trained)
@@ -501,7 +547,7 @@ def _candidate(trained: fx.GraphModule, threshold: float, train: Split, val: Spl
         m.threshold = threshold
     log_alpha = finalize_sparse_vd(gm, mods)
     epochs = cfg.retrain_epochs if retrain_epochs is None else retrain_epochs
-    history = retrain(gm, train, task, cfg) if epochs > 0 else []
+    history = retrain(gm, train, task, cfg, loss_fn) if epochs > 0 else []
     gm.to("cpu")
     cand = _finish(gm, example, protected, val, task, cfg)
     cand["history"] = history
@@ -563,7 +609,7 @@ def _result(cand: dict[str, Any], before: dict[str, dict[str, Any]], log_alpha: 
                        drop_se(reference, cand["metrics"], task) if reference is not None and cand["metrics"] is not None else None)
 
 
-def retrain(gm: fx.GraphModule, train: Split, task: str, cfg: PruneConfig) -> list[dict[str, float]]:
+def retrain(gm: fx.GraphModule, train: Split, task: str, cfg: PruneConfig, loss_fn=None) -> list[dict[str, float]]:
     """A short deterministic fine-tune of the surviving weights (no noise, no KL), at a tenth of the
     learning rate and decaying to 0. Pruned weights get a zero gradient, so with a fresh Adam they
     stay exactly 0 and the sparsity pattern is the one the threshold chose."""
@@ -575,7 +621,8 @@ def retrain(gm: fx.GraphModule, train: Split, task: str, cfg: PruneConfig) -> li
     try:
         params = [{"params": [p for p in gm.parameters() if p.requires_grad], "lr": cfg.lr * DEFAULTS["retrain_lr_scale"]}]
         return fit(gm, train, task, params=params, epochs=cfg.retrain_epochs, batch_size=cfg.batch_size, seed=cfg.seed + 1,
-                   device=cfg.device, quiet=cfg.quiet, progress=cfg.progress, label="retrain kept weights", decay_from=0.0)
+                   device=cfg.device, quiet=cfg.quiet, progress=cfg.progress, label="retrain kept weights", decay_from=0.0,
+                   loss_fn=loss_fn)
     finally:
         for h in hooks:
             h.remove()

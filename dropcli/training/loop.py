@@ -217,7 +217,8 @@ def fit(model: nn.Module, train: Split, task: str, *, params: Iterable[dict[str,
         seed: int, device: str = "cpu", regulariser: Callable[[float], tuple[torch.Tensor, dict[str, float]]] | None = None,
         train_modules: Iterable[nn.Module] = (), describe: Callable[[], str] | None = None,
         on_step: Callable[[int], None] | None = None, quiet: bool = False, label: str = "training",
-        decay_from: float | None = None, progress: Callable | None = None) -> list[dict[str, float]]:
+        decay_from: float | None = None, progress: Callable | None = None,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> list[dict[str, float]]:
     """Adam on ``data loss + regulariser(progress)`` for ``epochs`` epochs.
 
     Only ``train_modules`` are put in training mode: everything else (BatchNorm, dropout)
@@ -227,6 +228,9 @@ def fit(model: nn.Module, train: Split, task: str, *, params: Iterable[dict[str,
 
     ``progress(label, epochs)`` is a context manager yielding ``advance(k, info)``, called once per
     epoch with the epoch's numbers (``quiet`` or no ``progress``: nothing is reported).
+
+    ``loss_fn(out, y, idx)`` replaces the data loss (``idx``: the batch's rows of ``train``, e.g. to
+    look up a teacher's outputs for distillation); accuracy is still counted against ``y``.
     """
     if epochs < 1:
         raise UsageError("--epochs must be at least 1")
@@ -258,7 +262,7 @@ def fit(model: nn.Module, train: Split, task: str, *, params: Iterable[dict[str,
                             g["lr"] = lr0 * f
                     xb, yb = train.x[idx].to(device), train.y[idx].to(device)
                     out = feed(model, xb)
-                    loss = data_loss(out, yb, task)
+                    loss = data_loss(out, yb, task) if loss_fn is None else loss_fn(out, yb, idx)
                     total = loss
                     if regulariser is not None:
                         reg, extra = regulariser((epoch + k / steps) / epochs)
