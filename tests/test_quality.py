@@ -236,7 +236,7 @@ def test_best_scale_takes_the_minimum_and_ties_go_to_less_noise():
 
 
 def test_rates_too_small_to_sample_are_refused(small, tmp_path):
-    """Starting rates of 1e-6 stay far too small to reach any example in 2 passes at every scale
+    """Starting rates of 1e-6 stay far too small to reach most examples in 2 passes at any scale
     of the scan: finetune refuses with a hint, and writes nothing."""
     from helpers import cli_err
 

@@ -200,14 +200,21 @@ def run(model_path: str, output: str, *, data: str, val: str | None, variant: st
             if calibrate:
                 row["temperature"], row["nll_calibrated"], obj = learned.fit_temperature(outs, vsplit.y.numpy())
             row["degenerate"] = learned.degenerate_count(outs)
-            # a scale whose passes leave a validation example untouched is too little noise to sample
-            # (`dropcli uncertainty` refuses such a model): not eligible
-            score.append(np.inf if row["degenerate"] else obj if calibrate else row["nll"])
+            score.append(obj if calibrate else row["nll"])
             curve.append(row)
-        if not np.isfinite(score).any():
-            raise DropcliError(f"at every scanned rate scale the {samples} MC passes leave some validation examples "
-                               "identical: the learned rates are too small to sample",
+        # a scale whose passes leave more validation examples untouched than the fewest any scale
+        # leaves is too little noise to sample (`dropcli uncertainty` refuses a model whose passes
+        # leave an example identical): not eligible. Some examples may stay untouched at every scale
+        # with a few passes (few active units at small rates); most of them untouched is a refusal.
+        fewest = min(r["degenerate"] for r in curve)
+        if 2 * fewest > len(vsplit):
+            raise DropcliError(f"at every scanned rate scale the {samples} MC passes leave most validation examples "
+                               f"identical (at best {fewest} of {len(vsplit)}): the learned rates are too small to sample",
                                "start from larger rates (--p), or use --select elbo")
+        score = [sc if r["degenerate"] <= fewest else np.inf for sc, r in zip(score, curve)]
+        if fewest:
+            notes.append(f"{fewest} of {len(vsplit)} validation examples came out identical in all {samples} MC passes at "
+                         "every rate scale (the sites' units may all be zero for them); more --samples tells them apart")
         best = curve[learned.best_scale(learned.SCALES, score)]
         if best["scale"] in (learned.SCALES[0], learned.SCALES[-1]):
             notes.append(f"the best rate scale on validation, x{best['scale']:g}, is at the end of the scanned range "
