@@ -1,0 +1,118 @@
+"""MC dropout through ONNX LSTM/GRU nodes: tensors that cross the prefix/suffix cut are tiled
+along their own batch axis.
+
+An ONNX LSTM/GRU reads ``X [seq, batch, in]`` and an initial state ``[dirs, batch, hidden]``
+(built by the exporter from the input's batch) and writes ``Y [seq, dirs, batch, hidden]``: batch
+is axis 1 or 2, not 0. The MC engine finds each crossing value's batch axis by symbolic shape
+inference and tiles it there; tiled along axis 0, onnxruntime refused the state
+(``Input initial_h must have shape {1,32,24}``).
+
+Checked here on the legacy exporter's graphs (the zoo tier runs both exporters' LSTM/GRU through
+``uncertainty``): the batch axes found, the eval pass equal to onnxruntime on the original file,
+seeded MC reproducible, and each example's MC logits distributed as a dropout of the same LSTM
+output computed in torch (mean and variance, tolerances from the sample variance).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+import dropcli
+from dropcli.backends.onnx.model import OnnxModel
+from dropcli.engines.onnx_mc import OnnxRunner, batch_axes
+from helpers import assert_same_distribution, ort_session
+from tests.zoo import VOCAB, RNNClassifier
+
+P = 0.3
+T = 400
+B = 3  # != the export's batch
+SEQ = 6
+
+
+class BiRNN(nn.Module):
+    """Two bidirectional LSTMs in a row: Y is [seq, 2, batch, hidden], and the second layer's
+    input and initial state cross the cut (a site sits after each layer)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 16)
+        self.rnn = nn.LSTM(16, 12, bidirectional=True, batch_first=True)
+        self.rnn2 = nn.LSTM(24, 12, bidirectional=True, batch_first=True)
+        self.head = nn.Linear(24, 3)
+
+    def forward(self, input_ids):
+        out, _ = self.rnn(self.embed(input_ids))
+        out, _ = self.rnn2(out)
+        return self.head(out[:, -1])
+
+
+def _tokens(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (n, SEQ), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module", params=["lstm", "gru", "bilstm"])
+def case(request, tmp_path_factory):
+    d = tmp_path_factory.mktemp("rnn_onnx")
+    torch.manual_seed(0)
+    model = (BiRNN() if request.param == "bilstm" else RNNClassifier(request.param)).eval()
+    src = d / f"{request.param}.onnx"
+    torch.onnx.export(model, (_tokens(2),), str(src), dynamo=False, opset_version=17, input_names=["input_ids"],
+                      output_names=["out"], dynamic_axes={"input_ids": {0: "batch"}, "out": {0: "batch"}})
+    m = dropcli.load(str(src))
+    from dropcli.api.models import inject_sites
+
+    sites = inject_sites(m, "standard", p=P)
+    layers = [mod for mod in model.modules() if isinstance(mod, (nn.LSTM, nn.GRU))]
+    assert [s["kind"] for s in sites] == [type(r).__name__.lower() for r in layers], sites
+    out = d / f"{request.param}_mc.onnx"
+    dropcli.save(m, str(out))
+    return request.param, model, src, OnnxRunner(OnnxModel.load(out), "cpu")
+
+
+def test_batch_axes_follow_the_recurrent_layout(case):
+    name, _, src, _ = case
+    m = onnx.load(str(src))
+    g = onnx.shape_inference.infer_shapes(m, data_prop=True).graph
+    axes = batch_axes({v.name: v for v in [*g.value_info, *g.input, *g.output]}, {"batch"})
+    rec = [n for n in m.graph.node if n.op_type in ("LSTM", "GRU")]
+    assert rec
+    for n in rec:
+        assert axes[n.input[0]] == 1, "X is [seq, batch, in]"
+        assert axes[n.output[0]] == 2, "Y is [seq, dirs, batch, hidden]"
+        states = [x for x in n.input[5:] if x]
+        assert states and all(axes[x] == 1 for x in states), "initial states are [dirs, batch, hidden]"
+    assert axes["out"] == 0
+
+
+def test_eval_pass_is_the_original(case):
+    _, _, src, runner = case
+    x = _tokens(B, seed=1).numpy()
+    want = ort_session(onnx.load(str(src))).run(None, {"input_ids": x})[0]
+    got = runner.run_eval([x])
+    assert got.shape == want.shape
+    assert np.abs(got - want).max() <= 1e-6
+
+
+def test_mc_samples_per_example_like_torch(case):
+    name, model, _, runner = case
+    x = _tokens(B, seed=1)
+    got = runner.run([x.numpy()], list(range(B)), seed=0, T=T)
+    assert got.shape == (B, T, 3)
+    np.testing.assert_array_equal(got, runner.run([x.numpy()], list(range(B)), seed=0, T=T))  # --seed repeats
+    assert not np.array_equal(got, runner.run([x.numpy()], list(range(B)), seed=1, T=T))
+    # torch: the same dropout after each recurrent layer's output sequence, T independent masks per example
+    g = torch.Generator().manual_seed(123)
+    with torch.no_grad():
+        h = model.embed(x).repeat_interleave(T, 0)
+        for layer in [mod for mod in model.modules() if isinstance(mod, (nn.LSTM, nn.GRU))]:
+            h, _ = layer(h)
+            h = h * (torch.rand(h.shape, generator=g) >= P).float() / (1 - P)
+        ref = model.head(h[:, -1]).reshape(B, T, -1).numpy()
+    for i in range(B):
+        assert np.unique(got[i, :, 0]).size > T // 4, f"example {i}: the samples barely vary"
+        for c in range(ref.shape[-1]):
+            assert_same_distribution(got[i, :, c], ref[i, :, c], f"{name} example {i} class {c}")
