@@ -1,5 +1,6 @@
-"""MC dropout through ONNX LSTM/GRU nodes: tensors that cross the prefix/suffix cut are tiled
-along their own batch axis.
+"""MC dropout on recurrent classifiers where the recurrent layer returns (output, state).
+
+ONNX: tensors that cross the prefix/suffix cut are tiled along their own batch axis.
 
 An ONNX LSTM/GRU reads ``X [seq, batch, in]`` and an initial state ``[dirs, batch, hidden]``
 (built by the exporter from the input's batch) and writes ``Y [seq, dirs, batch, hidden]``: batch
@@ -11,9 +12,16 @@ Checked here on the legacy exporter's graphs (the zoo tier runs both exporters' 
 ``uncertainty``): the batch axes found, the eval pass equal to onnxruntime on the original file,
 seeded MC reproducible, and each example's MC logits distributed as a dropout of the same LSTM
 output computed in torch (mean and variance, tolerances from the sample variance).
+
+Torch, symbolic traces (pickle, state_dict): an ``nn.LSTM`` module call returns a tuple; the
+default site goes on the output sequence (``getitem(call, 0)``), never on the tuple, and the
+injected model samples the same distribution; the state_dict's TorchScript output runs at a batch
+size other than the traced one.
 """
 
 from __future__ import annotations
+
+import operator
 
 import numpy as np
 import onnx
@@ -23,8 +31,10 @@ from torch import nn
 
 import dropcli
 from dropcli.backends.onnx.model import OnnxModel
+from dropcli.engines.factory import make_runner
 from dropcli.engines.onnx_mc import OnnxRunner, batch_axes
 from helpers import assert_same_distribution, ort_session
+from tests import zoo
 from tests.zoo import VOCAB, RNNClassifier
 
 P = 0.3
@@ -104,15 +114,55 @@ def test_mc_samples_per_example_like_torch(case):
     assert got.shape == (B, T, 3)
     np.testing.assert_array_equal(got, runner.run([x.numpy()], list(range(B)), seed=0, T=T))  # --seed repeats
     assert not np.array_equal(got, runner.run([x.numpy()], list(range(B)), seed=1, T=T))
-    # torch: the same dropout after each recurrent layer's output sequence, T independent masks per example
+    ref = _reference(model, x)
+    _same(got, ref, name)
+
+
+def _reference(model: nn.Module, x: torch.Tensor) -> np.ndarray:
+    """[B, T, C] logits: dropout p after each recurrent layer's output sequence, T independent
+    masks per example, written out in torch."""
     g = torch.Generator().manual_seed(123)
     with torch.no_grad():
         h = model.embed(x).repeat_interleave(T, 0)
         for layer in [mod for mod in model.modules() if isinstance(mod, (nn.LSTM, nn.GRU))]:
             h, _ = layer(h)
             h = h * (torch.rand(h.shape, generator=g) >= P).float() / (1 - P)
-        ref = model.head(h[:, -1]).reshape(B, T, -1).numpy()
-    for i in range(B):
+        return model.head(h[:, -1]).reshape(len(x), T, -1).numpy()
+
+
+def _same(got: np.ndarray, ref: np.ndarray, name: str) -> None:
+    for i in range(len(got)):
         assert np.unique(got[i, :, 0]).size > T // 4, f"example {i}: the samples barely vary"
         for c in range(ref.shape[-1]):
             assert_same_distribution(got[i, :, c], ref[i, :, c], f"{name} example {i} class {c}")
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("fmt", ["pickle", "state_dict"])
+def test_symbolic_trace_site_on_the_output_sequence(cell, fmt, tmp_path):
+    from dropcli.api.models import inject_sites
+
+    entry = zoo.ZOO[cell]
+    src = zoo.save(entry, fmt, tmp_path)
+    m = dropcli.load(str(src), **zoo.load_options(entry, fmt))
+    row = next(r for r in m.layers() if r.kind == cell)
+    assert row.name == "rnn" and row.shape[-2:] == [zoo.SEQ, 24], (row.name, row.shape)
+    sites = inject_sites(m, "standard", p=P)
+    assert [(s["at"], s["kind"]) for s in sites] == [("rnn", cell)], sites
+    site = next(n for n in m.gm.graph.nodes if n.op == "call_module" and n.target == sites[0]["site"])
+    src_node = site.args[0]
+    assert src_node.target is operator.getitem and src_node.args[1] == 0, "the site must read the output sequence"
+    assert m.gm.get_submodule(src_node.args[0].target).__class__ is (nn.LSTM if cell == "lstm" else nn.GRU)
+    model = entry.build().eval()
+    if fmt == "state_dict":  # written as TorchScript: equal to the original at another batch size
+        out = tmp_path / "mc.pt"
+        dropcli.save(m, str(out))
+        ts = torch.jit.load(str(out))
+        with torch.no_grad():
+            np.testing.assert_allclose(ts(_tokens(5, seed=2)).numpy(), model(_tokens(5, seed=2)).detach().numpy(),
+                                       rtol=0, atol=1e-5)
+    x = _tokens(B, seed=1)
+    runner = make_runner(m, "cpu")  # (the runner puts the model's sites in MC mode)
+    np.testing.assert_allclose(runner.run_eval([x.numpy()]), model(x).detach().numpy(), rtol=0, atol=1e-6)
+    got = runner.run([x.numpy()], list(range(B)), seed=0, T=T)
+    _same(got, _reference(model, x), f"{cell}/{fmt}")
