@@ -128,8 +128,10 @@ def require_example(example: tuple | None, fmt: str) -> tuple:
 
 
 def to_exported(gm: fx.GraphModule, example: tuple):
-    """``gm`` captured with ``torch.export`` (batch dimension dynamic)."""
-    dyn = tuple({0: torch.export.Dim.AUTO} if t.dim() > 0 else None for t in example)
+    """``gm`` captured with ``torch.export``: the batch dimension dynamic, and every other input
+    dimension that is dynamic in ``gm`` (a ``.pt2`` exported with a dynamic H and W keeps them:
+    the output runs at every size the input model ran at)."""
+    dyn = tuple({d: torch.export.Dim.AUTO for d in dims} or None for dims in _dynamic_dims(gm, example))
     args, kwargs = example, None
     names = keyword_signature(gm)
     if names and len(names) == len(example):
@@ -140,6 +142,21 @@ def to_exported(gm: fx.GraphModule, example: tuple):
             return torch.export.export(gm, args, kwargs=kwargs, dynamic_shapes=dyn, strict=False)
     except Exception as e:  # noqa: BLE001
         raise DropcliError(f"cannot capture the rewritten model with torch.export: {short_error(e)}", "try --format torchscript") from e
+
+
+def _dynamic_dims(gm: fx.GraphModule, example: tuple) -> list[list[int]]:
+    """Per example input: dim 0 (the batch) and the dims the graph's placeholder holds as symbols.
+    ``Dim.AUTO`` lets export keep each one dynamic where the rewritten graph allows it."""
+    vals = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(vals) != len(example):
+        vals = [None] * len(example)
+    out = []
+    for t, v in zip(example, vals):
+        dims = {0} if t.dim() > 0 else set()
+        if isinstance(v, torch.Tensor) and v.dim() == t.dim():
+            dims |= {d for d, s in enumerate(v.shape) if not isinstance(s, int)}
+        out.append(sorted(dims))
+    return out
 
 
 def keyword_signature(gm: fx.GraphModule) -> list[str]:
