@@ -77,6 +77,47 @@ def test_concrete_site_keeps_the_mean():
     assert torch.equal(site.eval()(x), x)  # eval: identity
 
 
+class _PoolHead(nn.Module):
+    """conv -> relu -> [site] -> relu -> global pool -> flatten -> linear; and a residual branch
+    whose site only an add reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(3, 6, 3)
+        self.site = nn.Identity()
+        self.pool = nn.AdaptiveAvgPool1d(1)
+        self.fc = nn.Linear(6, 4)
+        self.res = nn.Linear(4, 4)
+        self.site2 = nn.Identity()
+
+    def forward(self, x):
+        h = self.fc(torch.flatten(self.pool(torch.relu(self.site(torch.relu(self.conv(x))))), 1))
+        return h + self.site2(self.res(h))
+
+
+def test_concrete_reader_layers_through_pooling_and_without_one():
+    """K and the weight term come from the layers that read the dropped units, found through ops
+    that carry them on (an activation with f(0) = 0, pooling, flatten); a site that only a residual
+    add reads has no weight term, and K is its feature width, read from the first batch."""
+    gm = fx.symbolic_trace(_PoolHead())
+    assert learned.following_layers(gm, "site") == (["fc"], "")
+    assert learned.following_layers(gm, "site2") == ([], "add")
+    sites = [learned.LearnedSite(name=n, at=n, following="", start_p=0.2) for n in ("site", "site2")]
+    learned.attach(gm, sites, "concrete", per_weight=False)
+    a, b = sites
+    assert a.k == 6 and a.following == "fc" and "weight_term" not in a.extra
+    assert b.k == 0 and "no Linear/Conv/recurrent layer" in b.extra["weight_term"] and "'add'" in b.extra["weight_term"]
+    fc = gm.get_submodule("fc")
+    wsq = float((fc.weight ** 2).sum() + (fc.bias ** 2).sum())
+    p = torch.tensor(0.2)
+    assert float(a.module.kl(1.0)) == pytest.approx(float(learned.concrete_kl(p, wsq, 6, 1.0)), rel=1e-5)
+    gm(torch.randn(2, 3, 10))  # the second site reads K = 4 from its input
+    assert b.module.k == 4
+    assert float(b.module.kl(1.0)) == pytest.approx(float(learned.concrete_kl(p, 0.0, 4, 1.0)), rel=1e-5)
+    rows = learned.finalize(gm, sites)
+    assert rows[1]["k"] == 4 and "weight_term" in rows[1]
+
+
 def test_concrete_regulariser_formula():
     lin = nn.Linear(5, 3)
     site = learned.ConcreteSite(0.2, 5, lin)
@@ -450,9 +491,9 @@ def test_bad_inputs(tmp_path, setup):
     assert "no dropout sites" in msg and "--after" in msg
     msg = _bad(tmp_path, setup, "mlp.pt", "--variant", "concrete", "--data", setup / "wrong.npz")
     assert "32" in msg or "64" in msg
-    # a site followed by a ReLU (after fc1), not a Linear: K can't be read
-    msg = _bad(tmp_path, setup, "plain.pt", "--variant", "concrete", "--after", "linear")
-    assert "input dimension K" in msg
+    # variational rates need a site right before a Linear: after fc1 a ReLU follows
+    msg = _bad(tmp_path, setup, "plain.pt", "--variant", "variational", "--after", "linear")
+    assert "right before a Linear" in msg and "--variant concrete" in msg
     # a non-standard dropcli site
     alpha_model = tmp_path / "alpha.pt"
     r = _run("inject", setup / "mlp.pt", "--variant", "alpha", "--replace", "-o", alpha_model)

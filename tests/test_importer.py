@@ -250,7 +250,7 @@ def test_onnx_exported_in_training_mode_imports_and_finetunes(tmp_path):
     a, b = reference_output(loaded, x), reference_output(loaded, x)
     np.testing.assert_array_equal(a, b)  # deterministic: the Dropout runs in inference mode
     h = np.maximum(x.numpy() @ inits_value(inits, "w1") + inits_value(inits, "b1"), 0)
-    np.testing.assert_allclose(a, h @ inits_value(inits, "w2"), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(a[0], h @ inits_value(inits, "w2"), rtol=1e-5, atol=1e-5)  # the one output
     check_import(loaded, from_onnx(loaded.model, keep_dropout=True), x)
     check_import(loaded, from_onnx(loaded.model), x)
     data = tmp_path / "d.npz"
@@ -260,3 +260,30 @@ def test_onnx_exported_in_training_mode_imports_and_finetunes(tmp_path):
 
 def inits_value(inits, name):
     return next(numpy_helper.to_array(t) for t in inits if t.name == name)
+
+
+class _TiedLM(nn.Module):
+    """A language-model head that shares the embedding's weight (GPT-2's lm_head), beside a
+    module that already holds the name the new Linear would take."""
+
+    def __init__(self):
+        super().__init__()
+        self.wte = nn.Embedding(11, 6)
+        self.body = nn.Linear(6, 6)
+        self.lm_head = nn.Linear(6, 11, bias=False)
+        self.lm_head.weight = self.wte.weight
+
+    def forward(self, ids):
+        return self.lm_head(torch.relu(self.body(self.wte(ids))))
+
+
+def test_tied_weights_become_modules(tmp_path):
+    torch.manual_seed(0)
+    model = _TiedLM().eval()
+    path = save_as(model, torch.randint(0, 11, (2, 4)), tmp_path / "tied.pt2", "export")
+    gm = to_modules(load_model(path))
+    ids = torch.randint(0, 11, (3, 5))
+    with torch.no_grad():
+        torch.testing.assert_close(gm(ids), model(ids), atol=1e-6, rtol=0)
+    mods = [gm.get_submodule(n.target) for n in gm.graph.nodes if n.op == "call_module"]
+    assert sum(isinstance(m, nn.Linear) for m in mods) == 2

@@ -259,3 +259,19 @@ def test_zoo_sentence_embedding_is_not_softmaxed(zoo_files):
     r = uncertainty(str(model), str(data), T=6, inject="standard", p=0.1, after="linear", log=lines.append)
     assert r.task == "regression" and r.summary["output"]["kind"] == "embedding"
     assert any("feature vector" in ln for ln in lines)
+
+
+def test_fail_above_on_per_token_output(files):
+    """--fail-above on per-position classification: the gate is the mean over every position
+    (a name clash once made this crash: the summary module and the sequence length were both S)."""
+    d = files["dir"]
+    res = cli("uncertainty", d / "tok.pt2", "--input", d / "tok.npz", "-T", 8, "--json", "--seed", 0)
+    assert "gate" not in json.loads(res.stdout)["summary"]
+    low = cli("uncertainty", d / "tok.pt2", "--input", d / "tok.npz", "-T", 8, "--json", "--seed", 0,
+              "--fail-above", "entropy=0", code=3)
+    gate = json.loads(low.stdout)["summary"]["gate"]
+    assert gate["metric"] == "entropy" and gate["tripped"] and gate["mean"] > 0
+    high = cli("uncertainty", d / "tok.pt2", "--input", d / "tok.npz", "-T", 8, "--json", "--seed", 0,
+               "--fail-above", f"entropy={math.log(V) + 1}")
+    g2 = json.loads(high.stdout)["summary"]["gate"]
+    assert not g2["tripped"] and g2["mean"] == pytest.approx(gate["mean"], rel=1e-12)

@@ -230,7 +230,7 @@ def output_kind(task: str, labels: Any, shape: tuple, final_op: Optional[str] = 
     t = infer_task("auto", labels, K)
     if t == "classification":
         return OutputKind(t, "one class per example", shape, f"{K} outputs{made}" + ("" if labels is None else " and one class label per example"))
-    return OutputKind(t, "regression", shape, f"labels that are not one class per example")
+    return OutputKind(t, "regression", shape, "labels that are not one class per example")
 
 
 def token_labels(labels: Any, seq: int, n_classes: int):

@@ -100,7 +100,8 @@ def prune(model: Any, data: Any, output: str, *, val: Optional[str] = None, meth
     from dropcli.prune.core import DEFAULTS, PruneConfig, budget_drop, count_params, prune as run_prune
     from dropcli.prune.shrink import prunable_layers
     from dropcli.prune.sites import modules_with_sparse_vd
-    from dropcli.training.loop import check_import, evaluate, load_split, model_example, save_like_input
+    from dropcli.backends.torch.outputs import first_output_view
+    from dropcli.training.loop import check_import, evaluate, load_split, model_example, name_outputs, save_like_input
 
     cfg_args = check_prune_args(method=method, epochs=epochs, threshold=threshold, kl_weight=kl_weight, lr=lr,
                                 batch_size=batch_size, retrain_epochs=retrain_epochs, task=task, device=device, plot=plot,
@@ -120,17 +121,22 @@ def prune(model: Any, data: Any, output: str, *, val: Optional[str] = None, meth
     if not prunable_layers(gm) and not has_svd:
         raise DropcliError("the model has no prunable layers (Linear, Conv1d or Conv2d with stored weights)",
                            "dropcli prune works on models built from Linear / Conv layers")
+    # a model with several outputs (tuple, dict, ModelOutput) is trained, pruned and scored on its
+    # first; the others are put back in the written model, in the structure the model returned
+    full = gm
+    view = first_output_view(full, example)
+    if view is not None:
+        gm = view.gm
+        name_outputs(view, loaded)
     with torch.no_grad():
         ref = gm(*example)
-    if not isinstance(ref, torch.Tensor):
-        raise DropcliError("the model returns several outputs; dropcli prune needs a model with one output")
     train = vsplit = None
     if data is None and not has_svd:
         raise UsageError("--data is required", "give training data (.npz with x and y, .pt or .csv)")
     if data is not None:
         train, vsplit, task = load_split(str(data), str(val) if val else None, example, tuple(ref.shape[1:]), task, seed)
-        # the importer must not change the function: check it on real inputs before training
-        check_import(loaded, gm, vsplit.x[:64])
+        # the importer must not change the function: check it (every output) on real inputs before training
+        check_import(loaded, full, vsplit.x[:64])
     cfg = PruneConfig(method=method, epochs=epochs, threshold=threshold, max_drop=max_drop, kl_weight=kl_weight, lr=lr,
                       batch_size=batch_size, seed=seed, device=dev, quiet=progress is None, retrain_epochs=retrain_epochs,
                       progress=progress)
@@ -139,6 +145,7 @@ def prune(model: Any, data: Any, output: str, *, val: Optional[str] = None, meth
         "input": model_path, "output": output, "method": method, "task": task, "epochs": epochs,
         "retrain_epochs": retrain_epochs, "threshold": threshold, "max_drop": max_drop, "kl_weight": kl_weight, "lr": lr,
         "batch_size": batch_size, "seed": seed, "device": dev, "validation": vsplit.source if vsplit is not None else None,
+        "pruned_on": view.describe() if view is not None else None,  # a model with several outputs: which one
     }
     if before_metrics is not None:
         settings.update({f"val_{k}_before": v for k, v in before_metrics.items()})
@@ -150,6 +157,9 @@ def prune(model: Any, data: Any, output: str, *, val: Optional[str] = None, meth
         raise
     pruned = result.model
     after_metrics = result.metrics if result.metrics is not None else (evaluate(pruned, vsplit, task) if vsplit is not None else None)
+    if view is not None:
+        pruned = view.restore(pruned, example)
+    gm = full
     xlat = vsplit.x[:256] if vsplit is not None else torch.cat([example[0]] * 32)
     lat = latency({"before": gm, "after": pruned}, xlat)
     p_before, nz_before = count_params(gm)

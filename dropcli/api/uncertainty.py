@@ -275,10 +275,10 @@ def uncertainty(model: Any, x: Any, *, labels: Any = None, T: int = 50, method: 
         log(f"calibrated predictive: logits / {temperature:.4g} (temperature from {temp_from}; "
             "--no-calibration switches it off)")
     if task == "token-classification":
-        S, V = kind.shape
+        seq_len, vocab = kind.shape
         if labels is not None:
-            labels = token_labels(labels, S, V)
-        eval_probs = stats.to_probs(eval_out.reshape(1, n * S, V))[0].reshape(n, S, V)
+            labels = token_labels(labels, seq_len, vocab)
+        eval_probs = stats.to_probs(eval_out.reshape(1, n * seq_len, vocab))[0].reshape(n, seq_len, vocab)
         summary.update(stats.token_summary(per, labels, eval_probs, ood_per=ood_res.per if ood_res else None,
                                            ignore_index=IGNORE_INDEX))
         seq = stats.sequence_means(per, None if labels is None else labels != IGNORE_INDEX)

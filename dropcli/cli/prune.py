@@ -151,6 +151,8 @@ def _print(report: dict) -> None:
     out.print(f"{thr} ({s['threshold_chosen_by']}); saved model checked by {s['saved_check']}"
               + (f" (max abs diff {s['max_abs_diff_saved']:.2g})" if s.get("max_abs_diff_saved") is not None else ""),
               highlight=False)
+    if s.get("pruned_on"):
+        out.print(f"pruned on {s['pruned_on']}; the model's other outputs are kept (checked too)", highlight=False)
 
 
 def _print_curve(curve: list, s: dict) -> None:

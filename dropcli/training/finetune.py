@@ -73,9 +73,10 @@ def run(model_path: str, output: str, *, data: str, val: str | None, variant: st
     from dropcli.training import learned
     from dropcli.backends.torch.model import TorchModel
     from dropcli.backends.torch.importer import to_modules
+    from dropcli.backends.torch.outputs import first_output_view
     from dropcli.backends.plan import apply_inject, apply_replace, plan_existing, plan_inject
     from dropcli.model.selection import Selection
-    from dropcli.training.loop import check_import, fit, load_split, model_example, save_like_input
+    from dropcli.training.loop import check_import, fit, load_split, model_example, name_outputs, save_like_input
     from dropcli.variants import get_variant
     from dropcli.variants.base import check_p
 
@@ -84,17 +85,23 @@ def run(model_path: str, output: str, *, data: str, val: str | None, variant: st
     else:
         model, model_path = model_path, model_path.source
     example = model_example(model)
-    gm = to_modules(model, keep_dropout=True)
+    full = to_modules(model, keep_dropout=True)
+    # a model with several outputs (tuple, dict, ModelOutput) learns its rates on its first; the
+    # others are put back in the written model, in the structure the model returned
+    view = first_output_view(full, example)
+    gm = full if view is None else view.gm
+    name_outputs(view, model)
     with torch.no_grad():
         ref = gm(*example)
-    if not isinstance(ref, torch.Tensor):
-        raise DropcliError("the model returns several outputs; dropcli finetune needs a model with one output")
     train, vsplit, task = load_split(data, val, example, tuple(ref.shape[1:]), task, seed)
     if calibrate and task != "classification":
         raise UsageError("--calibrate fits a softmax temperature, for classification only",
                          "leave it out: for regression the stored tau already sets the predictive variance")
-    check_import(model, gm, vsplit.x[:64])
+    check_import(model, full, vsplit.x[:64])
     notes = validation_notes(gm, vsplit, task, val)
+    if view is not None:
+        notes.append(f"the model has {len(view.names)} outputs: the rates were learned on {view.describe()}; "
+                     "the others are kept in the written model")
     tm = TorchModel(gm, model.format, tuple(example), model_path, getattr(model, "site_meta", None))
     standard = get_variant("standard")
     sel = Selection.from_options(after, layers, exclude, False)
@@ -218,6 +225,8 @@ def run(model_path: str, output: str, *, data: str, val: str | None, variant: st
         uncal = after_m
         after_m = learned.mc_metrics(work, vsplit, task, samples, seed, temperature=temperature, outputs=outs)
         meta["temperature"] = temperature  # `dropcli uncertainty` divides each pass's logits by it by default
+    if view is not None:
+        work = view.restore(work, example)
     fmt, err = save_like_input(work, model, example, model_path, output, vsplit.x[:64], model_meta=meta)
     summary = {"input": model_path, "output": output, "format": fmt, "variant": variant, "task": task, "train": train_what,
                "per_weight": per_weight, "epochs": epochs, "lr": lr, "rate_lr": lr * DEFAULTS["rate_lr_scale"],
@@ -226,6 +235,7 @@ def run(model_path: str, output: str, *, data: str, val: str | None, variant: st
                "n_train": n, "validation": vsplit.source,
                "validation_origin": "--val" if val else "a seeded 20% split held out of --data",
                "notes": notes, "select": select, "temperature": temperature, "max_abs_diff_saved": err,
+               "trained_on": view.describe() if view is not None else None,
                "final_loss": history[-1]["loss"], "final_reg": history[-1]["reg"]}
     for key, m in (("before", before), ("after", after_m), ("uncalibrated", uncal or {})):
         for k, v in m.items():

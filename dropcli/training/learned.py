@@ -102,20 +102,27 @@ def p_to_log_alpha(p: float) -> float:
 # ------------------------------------------------------------------------------- sites
 
 class ConcreteSite(nn.Module):
-    """A site with a learned drop rate (relaxed mask in training mode, identity in eval mode)."""
+    """A site with a learned drop rate (relaxed mask in training mode, identity in eval mode).
+    ``following``: the weight layers that read its dropped units (their weights enter the
+    regulariser); ``k`` their input dimension, or 0 when none does (then ``K`` is the width of
+    the site's tensor along ``axis``, read from the first batch it sees)."""
 
-    def __init__(self, p: float, k: int, following: nn.Module):
+    def __init__(self, p: float, k: int, following: nn.Module | Sequence[nn.Module], axis: int = -1):
         super().__init__()
         p = min(max(float(p), 1e-4), 1 - 1e-4)
         self.p_logit = nn.Parameter(torch.tensor(math.log(p / (1 - p))))
         self.k = int(k)
-        self.following = [following]  # a list: not a submodule (its weights are the graph's)
+        self.axis = axis
+        # a list: not submodules (their weights are the graph's)
+        self.following = list(following) if isinstance(following, (list, tuple)) else [following]
 
     @property
     def p(self) -> torch.Tensor:
         return torch.sigmoid(self.p_logit)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.k:
+            self.k = int(x.shape[self.axis if x.dim() > 2 else -1])
         if not self.training:
             return x
         p = self.p.to(x.dtype)
@@ -123,8 +130,7 @@ class ConcreteSite(nn.Module):
         return x * (1 - z) / (1 - p)
 
     def kl(self, length_scale: float) -> torch.Tensor:
-        m = self.following[0]
-        wsq = sum((t * t).sum() for t in (m.weight, getattr(m, "bias", None)) if t is not None)
+        wsq = sum((t * t).sum() for m in self.following for t in reader_input(m)[1])
         return concrete_kl(self.p, wsq, self.k, length_scale)
 
     def regulariser(self, n: int, length_scale: float, tau: float = 1.0) -> torch.Tensor:
@@ -227,17 +233,95 @@ class LearnedSite:
         return f"alpha={float(a.mean()):.3f}"
 
 
-def following_layer(gm: fx.GraphModule, site: str) -> tuple[str, nn.Module]:
-    """The one Linear / Conv module that reads a site's output (K is read from it)."""
+# ops that carry a site's dropped units on (reshapes, pooling, activations with f(0) = 0): a weight
+# layer behind them still reads the units the mask dropped (after global pooling, one per channel)
+_PASS_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Flatten,
+                 nn.Unflatten, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+                 nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+                 nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+                 # elementwise activations with f(0) = 0 keep a dropped unit dropped
+                 nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.ELU, nn.Hardtanh, nn.Hardswish, nn.Mish)
+_PASS_NAMES = {"flatten", "view", "reshape", "_unsafe_view", "permute", "transpose", "t", "contiguous", "clone", "alias",
+               "squeeze", "unsqueeze", "select", "slice", "getitem", "mean", "amax", "max_pool1d", "max_pool2d",
+               "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
+               "adaptive_avg_pool3d", "adaptive_max_pool1d", "adaptive_max_pool2d", "dropout", "to", "type_as",
+               "relu", "relu_", "relu6", "leaky_relu", "gelu", "silu", "tanh", "elu", "hardtanh", "hardswish", "mish"}
+WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.LSTM, nn.GRU, nn.RNN)
+
+
+def _fn_name(n: fx.Node) -> str:
+    t = n.target
+    if n.op == "call_method":
+        return str(t)
+    name = getattr(t, "__name__", str(t))
+    return name.split(".")[0] if "." in name else name  # aten overload names: "view.default" -> "view"
+
+
+def reader_input(mod: nn.Module) -> tuple[int, list[torch.Tensor]]:
+    """``(K, weights)`` of a weight layer reading dropped units: its input dimension and the
+    weights (and bias) that multiply them. A recurrent layer reads the site through its first
+    layer's input-to-hidden weights."""
+    if isinstance(mod, nn.Linear):
+        return mod.in_features, [t for t in (mod.weight, mod.bias) if t is not None]
+    if isinstance(mod, (nn.LSTM, nn.GRU, nn.RNN)):
+        names = ["weight_ih_l0", "bias_ih_l0"] + (["weight_ih_l0_reverse", "bias_ih_l0_reverse"] if mod.bidirectional else [])
+        return mod.input_size, [getattr(mod, k) for k in names if getattr(mod, k, None) is not None]
+    return mod.in_channels, [t for t in (mod.weight, mod.bias) if t is not None]
+
+
+def _site_node(gm: fx.GraphModule, site: str) -> fx.Node:
     node = next((n for n in gm.graph.nodes if n.op == "call_module" and n.target == site), None)
     if node is None:
         raise DropcliError(f"internal error: site {site} is not in the graph")
-    users = list(node.users)
-    mod = gm.get_submodule(users[0].target) if len(users) == 1 and users[0].op == "call_module" else None
-    if not isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        raise DropcliError(f"dropout site {site} is not followed directly by a Linear or Conv layer, so its input dimension K "
-                           "can't be read", "choose sites right before a Linear/Conv layer with --after/--layers/--exclude")
-    return users[0].target, mod
+    return node
+
+
+def _feature_axis(gm: fx.GraphModule, site: str) -> int:
+    """Where a site's features lie: axis 1 below a convolution (channels), else the last axis."""
+    n = _site_node(gm, site)
+    for _ in range(16):
+        args = [a for a in n.args if isinstance(a, fx.Node)]
+        if not args:
+            break
+        n = args[0]
+        if n.op == "call_module":
+            mod = gm.get_submodule(n.target)
+            if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
+                return 1
+            if isinstance(mod, WEIGHTED + (nn.LayerNorm, nn.Embedding)):
+                return -1
+    return -1
+
+
+def following_layers(gm: fx.GraphModule, site: str) -> tuple[list[str], str]:
+    """The Linear / Conv / recurrent modules that read a site's dropped units, walking forward
+    through ops that pass them on (reshapes, pooling, other dropout), and what else reads them:
+    ``(names, "")`` when only weight layers do, ``(names, op)`` naming the first other op that
+    mixes the units before any weight layer sees them (a residual add, a norm, attention)."""
+    node = _site_node(gm, site)
+    found: list[str] = []
+    other = ""
+    todo, seen = list(node.users), set()
+    while todo:
+        u = todo.pop(0)
+        if u in seen:
+            continue
+        seen.add(u)
+        if u.op == "call_module":
+            mod = gm.get_submodule(u.target)
+            if isinstance(mod, WEIGHTED):
+                if u.args and u.args[0] in seen | {node} or isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+                    found.append(str(u.target))
+                continue
+            if isinstance(mod, _PASS_MODULES):
+                todo.extend(u.users)
+                continue
+        elif u.op in ("call_function", "call_method") and _fn_name(u) in _PASS_NAMES:
+            todo.extend(u.users)
+            continue
+        if u.op != "output":
+            other = other or (str(u.target) if u.op == "call_module" else _fn_name(u))
+    return list(dict.fromkeys(found)), other
 
 
 def attach(gm: fx.GraphModule, sites: list[LearnedSite], variant: str, per_weight: bool) -> None:
@@ -245,16 +329,28 @@ def attach(gm: fx.GraphModule, sites: list[LearnedSite], variant: str, per_weigh
     from dropcli.backends.torch.fx import set_module
 
     for s in sites:
-        name, mod = following_layer(gm, s.name)
-        s.following = name
+        names, other = following_layers(gm, s.name)
+        mods = [gm.get_submodule(n) for n in names]
+        s.following = ", ".join(names)
         if variant == "concrete":
-            s.k = int(mod.in_features if isinstance(mod, nn.Linear) else mod.in_channels)
-            s.module = ConcreteSite(s.start_p, s.k, mod)
+            ks = {reader_input(m)[0] for m in mods}
+            s.k = max(ks) if ks else 0
+            if not mods:
+                s.extra["weight_term"] = (f"none: no Linear/Conv/recurrent layer reads the dropped units before {other!r} "
+                                          "mixes them; K is the width of the site's features")
+            elif other:
+                s.extra["weight_term"] = f"the layers above only ({other!r} reads the units too)"
+            s.module = ConcreteSite(s.start_p, s.k, mods, axis=_feature_axis(gm, s.name))
             set_module(gm, s.name, s.module)
             continue
+        direct = [u for u in _site_node(gm, s.name).users]
+        mod = gm.get_submodule(direct[0].target) if len(direct) == 1 and direct[0].op == "call_module" else None
+        name = str(direct[0].target) if mod is not None else ""
+        s.following = name
         if not isinstance(mod, nn.Linear):
-            raise DropcliError(f"dropout site {s.name} is followed by a {type(mod).__name__}; variational rates are learned "
-                               "for sites before a Linear layer", "use --variant concrete, or choose other sites")
+            what = type(mod).__name__ if mod is not None else (other or "no single layer")
+            raise DropcliError(f"dropout site {s.name} is followed by {what}; variational rates are learned "
+                               "for sites right before a Linear layer", "use --variant concrete, or choose other sites")
         s.k = int(mod.in_features)
         if per_weight:
             s.module = VariationalLinear(mod, s.start_p)
@@ -274,7 +370,8 @@ def finalize(gm: fx.GraphModule, sites: list[LearnedSite]) -> list[dict[str, Any
     rows = []
     for s in sites:
         m = s.module
-        row = {"site": s.name, "at": s.at, "following": s.following, "k": s.k, "start_p": s.start_p}
+        s.k = int(getattr(m, "k", s.k))  # a concrete site without a reader layer reads K from its first batch
+        row = {"site": s.name, "at": s.at, "following": s.following, "k": s.k, "start_p": s.start_p, **s.extra}
         if isinstance(m, ConcreteSite):
             p = min(m.rate(), 1 - 1e-6)
             set_module(gm, s.name, get_variant("standard").torch_module(p=p))

@@ -248,47 +248,74 @@ def model_example(model: Any) -> tuple:
     return tuple(model.example_inputs)
 
 
-def reference_output(model: Any, x: torch.Tensor) -> np.ndarray:
-    """The loaded model's own output (ONNX through onnxruntime), to check an import against."""
+def reference_output(model: Any, x: torch.Tensor) -> list[np.ndarray]:
+    """The loaded model's own outputs, every one (ONNX through onnxruntime), to check an import against."""
     if model.backend == "onnx":
         sess = model.session(deterministic=True)  # Dropout exported with training_mode=True: inference
         name = model.graph_inputs()[0].name
-        return sess.run(None, {name: x.numpy()})[0]
-    return model(x).detach().numpy()
+        return list(sess.run(None, {name: x.numpy()}))
+    return output_arrays(model(x))
+
+
+def output_arrays(out: Any) -> list[np.ndarray]:
+    """Every tensor a model returned (a tensor, tuple, dict or ``ModelOutput``), in order, as arrays."""
+    from dropcli.backends.torch.outputs import output_leaves
+
+    return [v.detach().cpu().numpy() for _, v in output_leaves(out) if isinstance(v, torch.Tensor)]
+
+
+def max_diff(want: list[np.ndarray], got: list[np.ndarray]) -> float:
+    """The largest absolute difference over every output; inf when the outputs differ in number or shape."""
+    if len(want) != len(got) or any(np.shape(a) != np.shape(b) for a, b in zip(want, got)):
+        return float("inf")
+    return max((float(np.max(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64))))
+                for a, b in zip(want, got) if np.size(a)), default=0.0)
 
 
 def check_import(model: Any, gm: nn.Module, x: torch.Tensor, tol: float = 1e-4) -> None:
-    """The importer must not change the function: compare on real inputs before training."""
+    """The importer must not change the function: compare every output on real inputs before training."""
     with torch.no_grad():
-        diff = float(np.max(np.abs(gm(x).numpy() - reference_output(model, x))))
+        diff = max_diff(reference_output(model, x), output_arrays(gm(x)))
     if not diff <= tol:
         raise DropcliError(f"internal error: the imported model differs from the original by {diff:.3g}",
                            "please report this model")
 
 
+def call_program(module: Any, xs: tuple) -> Any:
+    """Call a loaded torch program the way it is called: a program exported with keyword inputs
+    (``torch.export.export(m, (), kwargs=...)``) by keyword, any other positionally."""
+    from dropcli.backends.torch.save import keyword_signature
+
+    names = keyword_signature(module)
+    if names and len(names) == len(xs):
+        return module(**dict(zip(names, xs)))
+    return module(*xs)
+
+
 def verify_saved(path: Any, fmt: str, trained: nn.Module, x: torch.Tensor) -> float:
-    """Run the written file with its stock loader (inference mode) and compare with ``trained``."""
+    """Run the written file with its stock loader (inference mode) and compare every output with
+    ``trained``'s (inf when they differ in number or shape)."""
     from dropcli.model import formats
 
     with torch.no_grad():
-        want = trained(x).numpy()
-    if fmt == formats.ONNX:
-        import onnxruntime as ort
+        want = output_arrays(trained(x))
+        if fmt == formats.ONNX:
+            import onnxruntime as ort
 
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])  # default optimisation level
-        got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
-    elif fmt == formats.TORCHSCRIPT:
-        got = torch.jit.load(str(path), map_location="cpu")(x).detach().numpy()
-    elif fmt == formats.EXPORT:
-        got = torch.export.load(str(path)).module()(x).detach().numpy()
-    elif fmt == formats.PICKLE:
-        # the file this run just wrote; a pickle is only written for a pickle the user trusted (--trust-pickle)
-        got = torch.load(str(path), map_location="cpu", weights_only=False).eval()(x).detach().numpy()
-    else:
-        return float("nan")  # no stock loader to check with: save_like_input refuses to write it
-    return float(np.max(np.abs(got - want))) if want.size else 0.0
+            so = ort.SessionOptions()
+            so.log_severity_level = 3
+            sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])  # default optimisation level
+            got = list(sess.run(None, {sess.get_inputs()[0].name: x.numpy()}))
+        elif fmt == formats.TORCHSCRIPT:
+            got = output_arrays(torch.jit.load(str(path), map_location="cpu")(x))
+        elif fmt == formats.EXPORT:
+            got = output_arrays(call_program(torch.export.load(str(path)).module(), (x,)))
+        elif fmt == formats.PICKLE:
+            # the file this run just wrote; a pickle is only written for a pickle the user trusted (--trust-pickle)
+            got = output_arrays(call_program(torch.load(str(path), map_location="cpu", weights_only=False).eval(), (x,)))
+        else:
+            return float("nan")  # no stock loader to check with: save_like_input refuses to write it
+    return max_diff(want, got)
 
 
 def save_like_input(gm: Any, model: Any, example: tuple, source: str, output: str, check_x: torch.Tensor,
@@ -307,7 +334,49 @@ def save_like_input(gm: Any, model: Any, example: tuple, source: str, output: st
     tm = TorchModel(gm, fmt, tuple(example), source, site_meta, meta)
     with atomic_path(output, Path(output).suffix) as tmp:
         tm.save(tmp, fmt)
+        if fmt == formats.ONNX and model.backend == "onnx":
+            keep_onnx_output_names(tmp, onnx_output_names(model))
         err = verify_saved(tmp, fmt, gm, check_x)
         if not err <= 1e-4:
             raise DropcliError(f"internal error: the written {fmt} model differs from the trained model by {err:.3g}")
     return fmt, err
+
+
+def onnx_output_names(model: Any) -> list[str] | None:
+    """The graph output names of a loaded ONNX model (None for a torch model)."""
+    if getattr(model, "backend", None) != "onnx":
+        return None
+    return [o.name for o in model.model.graph.output]
+
+
+def keep_onnx_output_names(path: Any, names: list[str] | None) -> None:
+    """Give the written ONNX file's outputs the input model's output names (users fetch outputs by
+    name; the torch -> ONNX export names them after its graph nodes). Left as written when the
+    outputs differ in number or a name is taken inside the graph."""
+    import onnx
+
+    from dropcli.backends.onnx.model import save_onnx
+
+    m = onnx.load(str(path))
+    old = [o.name for o in m.graph.output]
+    if not names or len(old) != len(names) or old == names or len(set(names)) != len(names):
+        return
+    graph_in = {i.name for i in m.graph.input} | {t.name for t in m.graph.initializer}
+    used = graph_in | {v for n in m.graph.node for v in (*n.input, *n.output)}
+    if any(o in graph_in for o in old) or any(n in used and n not in old for n in names):
+        return
+    ren = dict(zip(old, names))
+    for node in m.graph.node:
+        node.input[:] = [ren.get(v, v) for v in node.input]
+        node.output[:] = [ren.get(v, v) for v in node.output]
+    for vi in (*m.graph.output, *m.graph.value_info):
+        vi.name = ren.get(vi.name, vi.name)
+    external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in m.graph.initializer)
+    save_onnx(m, path, external=external)
+
+
+def name_outputs(view: Any, model: Any) -> None:
+    """An ONNX model's outputs are named in the file: name the view's outputs after them."""
+    names = onnx_output_names(model)
+    if view is not None and names and len(names) == len(view.names):
+        view.names = names

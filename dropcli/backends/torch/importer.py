@@ -209,8 +209,8 @@ def modularize(gm: fx.GraphModule) -> fx.GraphModule:
         plan.append((n, mod, x, ws, name))
     for n, mod, x, ws, name in plan:
         x = n.args[1] if n.target is aten.addmm.default else n.args[0]  # current input (earlier rewrites move it)
-        with g.inserting_before(n):
-            new = g.call_module(name, (x,))
+        with g.inserting_before(n):  # create_node: the module is registered below (call_module would look it up now)
+            new = g.create_node("call_module", name, (x,))
         new.meta = {k: v for k, v in n.meta.items() if k in ("val", "tensor_meta", "nn_module_stack", "stack_trace")}
         if n.target is aten._native_batch_norm_legit_no_training.default:
             for u in list(n.users):
