@@ -116,6 +116,33 @@ def test_mc_samples_per_example_like_torch(case):
     assert not np.array_equal(got, runner.run([x.numpy()], list(range(B)), seed=1, T=T))
     ref = _reference(model, x)
     _same(got, ref, name)
+    # the site's noise [seq, dirs, rows, hidden] is fed from KeyedNoise, rows moved to axis 2
+    assert runner.batch_invariant and [f.kind for f in runner.noise_feeds] == ["keep"] * len(runner.noise_feeds)
+    chunked = np.concatenate([runner.run([x[:1].numpy()], [0], seed=0, T=T), runner.run([x[1:].numpy()], [1, 2], seed=0, T=T)])
+    np.testing.assert_array_equal(chunked, got)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_onnx_mc_equals_torch_mc(cell, tmp_path):
+    """The same model as ONNX and as a pickle, the default site on the recurrent output: the two
+    engines draw the same keyed keep-masks (per example [seq, hidden] in torch, [seq, 1, hidden]
+    in ONNX: the same bits in the same order), so the MC samples agree to float rounding."""
+    from dropcli.api.models import inject_sites
+
+    torch.manual_seed(0)
+    model = RNNClassifier(cell).eval()
+    x = _tokens(B, seed=1)
+    src = tmp_path / "m.onnx"
+    torch.onnx.export(model, (_tokens(2),), str(src), dynamo=False, opset_version=17, input_names=["input_ids"],
+                      output_names=["out"], dynamic_axes={"input_ids": {0: "batch"}, "out": {0: "batch"}})
+    torch.save(model, str(tmp_path / "m.pt"))
+    got = {}
+    for path, opts in [(src, {}), (tmp_path / "m.pt", zoo.load_options(zoo.ZOO[cell], "pickle"))]:
+        m = dropcli.load(str(path), **opts)
+        inject_sites(m, "standard", p=P)
+        got[path.suffix] = make_runner(m, "cpu").run([x.numpy()], list(range(B)), seed=3, T=64)
+    assert np.unique(got[".pt"]).size > 64
+    np.testing.assert_allclose(got[".onnx"], got[".pt"], rtol=0, atol=1e-5)
 
 
 def _reference(model: nn.Module, x: torch.Tensor) -> np.ndarray:

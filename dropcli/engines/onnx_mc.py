@@ -8,7 +8,8 @@ B examples x T samples is then ONE session run:
   and every output but the first are pruned.
 * Noise from outside the graph: every random node (RandomUniformLike, RandomNormalLike,
   RandomUniform, RandomNormal, Bernoulli) whose output is ``[rows, *rest]`` with a static
-  ``rest`` is replaced by a graph input ``dropcli_noise_k`` fed from
+  ``rest`` (rows on the output's batch axis, :func:`batch_axes`; a ``Transpose`` moves them
+  there from axis 0 of the fed input) is replaced by a graph input ``dropcli_noise_k`` fed from
   :class:`dropcli.noise.KeyedNoise` (keyed by seed, call, example index and sample block), so
   an example's samples do not depend on its batch, its neighbours or the chunking. A uniform
   draw read only by ``Less(u, q)`` with a constant q is fed as the bool keep-mask itself
@@ -332,6 +333,9 @@ class OnnxRunner:
                 users.setdefault(x, []).append(i)
         graph_out = {o.name for o in g.output}
         depends_in = self._input_dependence(nodes, {i.name for i in g.input})
+        # a random op's rows may sit on another axis (a site on an LSTM's Y [seq, dirs, B, H])
+        axes = batch_axes(vi, {i.type.tensor_type.shape.dim[0].dim_param for i in g.input
+                               if i.name not in self._inits and len(i.type.tensor_type.shape.dim) > 0})
         new_nodes: list[list[onnx.NodeProto]] = [[n] for n in nodes]
         replaced_less: dict[int, list[onnx.NodeProto]] = {}
         roots: set[str] = set()  # values that are noise inputs or in-graph random outputs
@@ -347,20 +351,26 @@ class OnnxRunner:
             out = n.output[0]
             et, dims = _shape_of(vi.get(out))
             shape_src = n.input[0] if n.op_type in ("RandomUniformLike", "RandomNormalLike", "Bernoulli") else None
-            feedable = (shape_src is not None and shape_src in depends_in and dims is not None and len(dims) >= 1
-                        and dims[0] is None and all(d is not None for d in dims[1:]))
+            a = axes.get(out, 0)
+            feedable = (shape_src is not None and shape_src in depends_in and dims is not None and len(dims) > a
+                        and dims[a] is None and all(d is not None for k, d in enumerate(dims) if k != a))
             if not feedable:
                 # keep in-graph (seed set per run), not batch-invariant
                 self.ingraph_random.append(site)
                 roots.add(out)
                 call += 1
                 continue
-            rest = tuple(int(d) for d in dims[1:])  # type: ignore[arg-type]
+            rest = tuple(int(d) for k, d in enumerate(dims) if k != a)  # type: ignore[arg-type]
             out_type = _attr(n, "dtype")
             if out_type is None:
                 out_type = et or TensorProto.FLOAT
             noise = fresh(f"{NOISE_PREFIX}{len(self.noise_feeds)}")
             roots.add(noise)
+            fed, at_axis = noise, []  # the noise is fed as [rows, *rest]: rows go back to axis a
+            if a:
+                fed = fresh(f"{noise}__dropcli_axis{a}")
+                perm = [*range(1, a + 1), 0, *range(a + 1, len(dims))]
+                at_axis = [helper.make_node("Transpose", [noise], [fed], perm=perm, name=fresh(f"{site}/dropcli_noise_axis"))]
             # a uniform read only by Less(u, const q): feed the keep mask itself
             less_users = [nodes[j] for j in users.get(out, [])]
             q = None
@@ -377,25 +387,25 @@ class OnnxRunner:
                 (cast_j, mul_j, scale_j), x_in, scale = fused
                 self.noise_feeds.append(NoiseFeed(noise, "keep", rest, call, q=q, site=site, scale=scale))
                 g.input.append(helper.make_tensor_value_info(noise, TensorProto.FLOAT, ["dropcli_rows", *rest]))
-                new_nodes[i] = []
+                new_nodes[i] = at_axis
                 less_j = users[out][0]
                 replaced_less[less_j] = []
                 new_nodes[cast_j] = new_nodes[mul_j] = []
                 sn = nodes[scale_j]
-                new_nodes[scale_j] = [helper.make_node("Mul", [x_in, noise], [sn.output[0]], name=fresh(f"{sn.name}/dropcli_keep"))]
+                new_nodes[scale_j] = [helper.make_node("Mul", [x_in, fed], [sn.output[0]], name=fresh(f"{sn.name}/dropcli_keep"))]
             elif q is not None:
                 self.noise_feeds.append(NoiseFeed(noise, "keep", rest, call, q=q, site=site))
                 g.input.append(helper.make_tensor_value_info(noise, TensorProto.BOOL, ["dropcli_rows", *rest]))
-                new_nodes[i] = []
+                new_nodes[i] = at_axis
                 for j in users.get(out, []):
                     u = nodes[j]
-                    replaced_less[j] = [helper.make_node("Identity", [noise], [u.output[0]], name=fresh(f"{u.name}/dropcli_keep"))]
+                    replaced_less[j] = [helper.make_node("Identity", [fed], [u.output[0]], name=fresh(f"{u.name}/dropcli_keep"))]
                     roots.add(u.output[0])
             else:
                 kind = "normal" if n.op_type == "RandomNormalLike" else "uniform"
                 self.noise_feeds.append(NoiseFeed(noise, kind, rest, call, site=site))
                 g.input.append(helper.make_tensor_value_info(noise, TensorProto.FLOAT, ["dropcli_rows", *rest]))
-                new_nodes[i] = self._noise_transform(n, noise, out, out_type, fresh, init_map, g)
+                new_nodes[i] = at_axis + self._noise_transform(n, fed, out, out_type, fresh, init_map, g)
             call += 1
         for j, repl in replaced_less.items():
             new_nodes[j] = repl
