@@ -63,15 +63,17 @@ def latency(models: dict, x: Any, repeats: int = 30) -> dict[str, float]:
     """Median milliseconds per forward pass, the models timed in turn (side by side)."""
     import torch
 
+    from dropcli.training.loop import feed
+
     times: dict[str, list[float]] = {k: [] for k in models}
     with torch.no_grad():
         for m in models.values():
             for _ in range(3):
-                m(x)
+                feed(m, x)
         for _ in range(repeats):
             for k, m in models.items():
                 t0 = time.perf_counter()
-                m(x)
+                feed(m, x)
                 times[k].append((time.perf_counter() - t0) * 1e3)
     return {k: statistics.median(v) for k, v in times.items()}
 
@@ -101,7 +103,8 @@ def prune(model: Any, data: Any, output: str, *, val: Optional[str] = None, meth
     from dropcli.prune.shrink import prunable_layers
     from dropcli.prune.sites import modules_with_sparse_vd
     from dropcli.backends.torch.outputs import first_output_view
-    from dropcli.training.loop import check_import, evaluate, load_split, model_example, name_outputs, save_like_input
+    from dropcli.training.loop import (check_import, evaluate, input_names, load_split, model_example, name_outputs, rows_like,
+                                       save_like_input)
 
     cfg_args = check_prune_args(method=method, epochs=epochs, threshold=threshold, kl_weight=kl_weight, lr=lr,
                                 batch_size=batch_size, retrain_epochs=retrain_epochs, task=task, device=device, plot=plot,
@@ -134,7 +137,8 @@ def prune(model: Any, data: Any, output: str, *, val: Optional[str] = None, meth
     if data is None and not has_svd:
         raise UsageError("--data is required", "give training data (.npz with x and y, .pt or .csv)")
     if data is not None:
-        train, vsplit, task = load_split(str(data), str(val) if val else None, example, tuple(ref.shape[1:]), task, seed)
+        train, vsplit, task = load_split(str(data), str(val) if val else None, example, tuple(ref.shape[1:]), task, seed,
+                                         names=input_names(loaded))
         # the importer must not change the function: check it (every output) on real inputs before training
         check_import(loaded, full, vsplit.x[:64])
     cfg = PruneConfig(method=method, epochs=epochs, threshold=threshold, max_drop=max_drop, kl_weight=kl_weight, lr=lr,
@@ -160,7 +164,7 @@ def prune(model: Any, data: Any, output: str, *, val: Optional[str] = None, meth
     if view is not None:
         pruned = view.restore(pruned, example)
     gm = full
-    xlat = vsplit.x[:256] if vsplit is not None else torch.cat([example[0]] * 32)
+    xlat = vsplit.x[:256] if vsplit is not None else rows_like(example, 64)
     lat = latency({"before": gm, "after": pruned}, xlat)
     p_before, nz_before = count_params(gm)
     p_after, nz_after = count_params(pruned)

@@ -39,7 +39,7 @@ from torch import fx, nn
 
 from dropcli.errors import DropcliError, NotMet
 from dropcli.backends.torch.fx import set_module
-from dropcli.training.loop import Split, fit
+from dropcli.training.loop import Split, feed, fit
 from dropcli.prune.layers import SBPNoise, SparseVD, to_sparse_vd
 from dropcli.prune.shrink import ShrinkResult, output_layers, prunable_layers, shrink
 
@@ -100,7 +100,7 @@ def score(model: nn.Module, split: Split, task: str, device: str = "cpu", batch_
     try:
         for i in range(0, len(split), batch_size):
             xb, yb = split.x[i:i + batch_size].to(device), split.y[i:i + batch_size].to(device)
-            out = model(xb)
+            out = feed(model, xb)
             if task == "classification":
                 losses.append(torch.nn.functional.cross_entropy(out, yb, reduction="none").double().cpu())
                 correct.append((out.argmax(-1) == yb).double().cpu())

@@ -76,7 +76,7 @@ def run(model_path: str, output: str, *, data: str, val: str | None, variant: st
     from dropcli.backends.torch.outputs import first_output_view
     from dropcli.backends.plan import apply_inject, apply_replace, plan_existing, plan_inject
     from dropcli.model.selection import Selection
-    from dropcli.training.loop import check_import, fit, load_split, model_example, name_outputs, save_like_input
+    from dropcli.training.loop import check_import, fit, input_names, load_split, model_example, name_outputs, save_like_input
     from dropcli.variants import get_variant
     from dropcli.variants.base import check_p
 
@@ -93,7 +93,7 @@ def run(model_path: str, output: str, *, data: str, val: str | None, variant: st
     name_outputs(view, model)
     with torch.no_grad():
         ref = gm(*example)
-    train, vsplit, task = load_split(data, val, example, tuple(ref.shape[1:]), task, seed)
+    train, vsplit, task = load_split(data, val, example, tuple(ref.shape[1:]), task, seed, names=input_names(model))
     if calibrate and task != "classification":
         raise UsageError("--calibrate fits a softmax temperature, for classification only",
                          "leave it out: for regression the stored tau already sets the predictive variance")

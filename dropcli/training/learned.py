@@ -403,6 +403,7 @@ def mc_samples(gm: nn.Module, split: Any, samples: int, seed: int, batch_size: i
     """[T, N, K] outputs over ``samples`` passes with the sites (dropcli SiteModules) in MC mode and
     every other layer in eval mode; the noise is seeded by ``seed`` (the same draws for every
     call with the same rates: the rate scan compares rates on common random numbers)."""
+    from dropcli.training.loop import feed
     from dropcli.variants.base import set_mc
 
     gm.eval()
@@ -413,7 +414,7 @@ def mc_samples(gm: nn.Module, split: Any, samples: int, seed: int, batch_size: i
         for _ in range(samples):
             chunk = []
             for i in range(0, len(split), batch_size):
-                chunk.append(gm(split.x[i:i + batch_size].to(device)).float().cpu())
+                chunk.append(feed(gm, split.x[i:i + batch_size].to(device)).float().cpu())
             outs.append(torch.cat(chunk))
         return torch.stack(outs).double().numpy()
     finally:

@@ -27,9 +27,47 @@ from dropcli.io.data import LABEL_KEYS, InputSpec, bind, read_arrays
 from dropcli.errors import DropcliError, UsageError
 
 
+class Inputs:
+    """The rows of a model with several inputs (token ids and an attention mask, say): one tensor
+    per input, in the model's input order. Indexing by rows, ``len`` and ``.to`` work as on the
+    tensor a single-input model gets; :func:`feed` calls a model on either."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self.tensors = dict(tensors)
+
+    def __len__(self) -> int:
+        return len(next(iter(self.tensors.values())))
+
+    def __getitem__(self, rows: Any) -> "Inputs":
+        return Inputs({k: v[rows] for k, v in self.tensors.items()})
+
+    def to(self, device: Any) -> "Inputs":
+        return Inputs({k: v.to(device) for k, v in self.tensors.items()})
+
+    def values(self) -> tuple[torch.Tensor, ...]:
+        return tuple(self.tensors.values())
+
+
+def feed(model: Any, x: torch.Tensor | Inputs) -> Any:
+    """``model`` on one batch: the tensor of a single-input model, or every input of an :class:`Inputs`."""
+    return model(*x.values()) if isinstance(x, Inputs) else model(x)
+
+
+def as_numpy_feed(names: list[str], x: torch.Tensor | Inputs) -> dict[str, np.ndarray]:
+    """An onnxruntime feed: the graph's input names to the batch's arrays."""
+    xs = x.values() if isinstance(x, Inputs) else (x,)
+    return {n: t.detach().cpu().numpy() for n, t in zip(names, xs)}
+
+
+def rows_like(example: tuple[torch.Tensor, ...], k: int) -> torch.Tensor | Inputs:
+    """``k`` rows built from the example inputs (repeated), as a batch :func:`feed` takes."""
+    reps = [torch.cat([t] * max(1, -(-k // max(1, len(t)))))[:k] for t in example]
+    return reps[0] if len(reps) == 1 else Inputs({f"input_{i}": t for i, t in enumerate(reps)})
+
+
 @dataclass
 class Split:
-    x: torch.Tensor
+    x: torch.Tensor | Inputs
     y: torch.Tensor
     source: str
 
@@ -37,14 +75,33 @@ class Split:
         return len(self.x)
 
 
-def input_spec(example: tuple[torch.Tensor, ...]) -> InputSpec:
-    if len(example) != 1:
-        raise DropcliError(f"the model takes {len(example)} inputs; training supports single-input models only")
-    t = example[0]
-    return InputSpec("x", [None] + list(t.shape[1:]), np.dtype(str(t.dtype).removeprefix("torch.")))
+def input_specs(example: tuple[torch.Tensor, ...], names: list[str] | None = None) -> list[InputSpec]:
+    """What the data must hold: one array per model input, named after it (a single input may be
+    ``x``), each of the example's trailing shape and dtype (token ids: any sequence length)."""
+    names = list(names or [])
+    if len(names) != len(example):
+        names = ["x"] if len(example) == 1 else [f"input_{i}" for i in range(len(example))]
+    specs = []
+    for name, t in zip(names, example):
+        dtype = np.dtype(str(t.dtype).removeprefix("torch."))
+        shape = [None] + list(t.shape[1:])
+        if dtype.kind in "iub" and len(shape) > 1:
+            shape = [None] + [None] * (len(shape) - 1)  # ids and masks: the sequence length is the data's
+        specs.append(InputSpec(name, shape, dtype))
+    return specs
 
 
-def _xy(path: str, spec: InputSpec) -> tuple[np.ndarray, np.ndarray]:
+def input_names(model: Any) -> list[str] | None:
+    """The loaded model's input names (ONNX graph inputs, torch graph placeholders), if known."""
+    if getattr(model, "backend", None) == "onnx":
+        return [i.name for i in model.graph_inputs()]
+    gm = getattr(model, "gm", None)
+    if gm is None:
+        return None
+    return [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+
+
+def _xy(path: str, specs: list[InputSpec]) -> tuple[torch.Tensor | Inputs, np.ndarray]:
     arrays = read_arrays(path)
     ykey = next((k for k in LABEL_KEYS if k in arrays), None)
     if ykey is None and _is_csv(path) and arrays["x"].ndim == 2 and arrays["x"].shape[1] >= 2:
@@ -56,10 +113,11 @@ def _xy(path: str, spec: InputSpec) -> tuple[np.ndarray, np.ndarray]:
         raise DropcliError(f"{path} has no labels (arrays: {sorted(arrays)})",
                            "save an .npz with arrays x and y, a .pt dict {'x': ..., 'y': ...}, or a CSV whose last column is the label")
     y = np.asarray(arrays.pop(ykey))
-    (x,) = bind(arrays, [spec], path)
-    if len(y) != len(x):
-        raise DropcliError(f"{path}: {len(x)} inputs but {len(y)} labels", "give one label per example")
-    return x, y
+    xs = bind(arrays, specs, path)
+    if len(y) != len(xs[0]):
+        raise DropcliError(f"{path}: {len(xs[0])} inputs but {len(y)} labels", "give one label per example")
+    ts = [torch.from_numpy(np.ascontiguousarray(x)) for x in xs]
+    return (ts[0] if len(ts) == 1 else Inputs({s.name: t for s, t in zip(specs, ts)})), y
 
 
 def _is_csv(path: str) -> bool:
@@ -92,16 +150,17 @@ def _labels(y: np.ndarray, task: str, out_shape: tuple[int, ...], source: str) -
 
 
 def load_split(data: str, val: str | None, example: tuple[torch.Tensor, ...], out_shape: tuple[int, ...],
-               task: str = "auto", seed: int = 0, val_fraction: float = 0.2) -> tuple[Split, Split, str]:
-    """Training and validation data, checked against the model; returns (train, val, task)."""
-    spec = input_spec(example)
-    x, y = _xy(data, spec)
+               task: str = "auto", seed: int = 0, val_fraction: float = 0.2,
+               names: list[str] | None = None) -> tuple[Split, Split, str]:
+    """Training and validation data, checked against the model (``names``: its input names, which
+    a model with several inputs needs in the data); returns (train, val, task)."""
+    specs = input_specs(example, names)
+    xt, y = _xy(data, specs)
     task = infer_task(task, y, int(out_shape[-1]) if out_shape else 1)
     yt = _labels(y, task, out_shape, data)
-    xt = torch.from_numpy(np.ascontiguousarray(x))
     if val is not None:
-        vx, vy = _xy(val, spec)
-        return Split(xt, yt, data), Split(torch.from_numpy(np.ascontiguousarray(vx)), _labels(vy, task, out_shape, val), val), task
+        vx, vy = _xy(val, specs)
+        return Split(xt, yt, data), Split(vx, _labels(vy, task, out_shape, val), val), task
     n = len(xt)
     n_val = int(round(n * val_fraction))
     if n < 5 or n_val < 1:
@@ -125,7 +184,7 @@ def evaluate(model: nn.Module, split: Split, task: str, batch_size: int = 512, d
     try:
         for i in range(0, len(split), batch_size):
             xb, yb = split.x[i:i + batch_size].to(device), split.y[i:i + batch_size].to(device)
-            out = model(xb)
+            out = feed(model, xb)
             if task == "classification":
                 total += float(F.cross_entropy(out, yb, reduction="sum"))
                 correct += int((out.argmax(-1) == yb).sum())
@@ -198,7 +257,7 @@ def fit(model: nn.Module, train: Split, task: str, *, params: Iterable[dict[str,
                         for g, lr0 in zip(opt.param_groups, base_lrs):
                             g["lr"] = lr0 * f
                     xb, yb = train.x[idx].to(device), train.y[idx].to(device)
-                    out = model(xb)
+                    out = feed(model, xb)
                     loss = data_loss(out, yb, task)
                     total = loss
                     if regulariser is not None:
@@ -248,13 +307,12 @@ def model_example(model: Any) -> tuple:
     return tuple(model.example_inputs)
 
 
-def reference_output(model: Any, x: torch.Tensor) -> list[np.ndarray]:
+def reference_output(model: Any, x: "torch.Tensor | Inputs") -> list[np.ndarray]:
     """The loaded model's own outputs, every one (ONNX through onnxruntime), to check an import against."""
     if model.backend == "onnx":
         sess = model.session(deterministic=True)  # Dropout exported with training_mode=True: inference
-        name = model.graph_inputs()[0].name
-        return list(sess.run(None, {name: x.numpy()}))
-    return output_arrays(model(x))
+        return list(sess.run(None, as_numpy_feed([i.name for i in model.graph_inputs()], x)))
+    return output_arrays(feed(model, x))
 
 
 def output_arrays(out: Any) -> list[np.ndarray]:
@@ -272,10 +330,10 @@ def max_diff(want: list[np.ndarray], got: list[np.ndarray]) -> float:
                 for a, b in zip(want, got) if np.size(a)), default=0.0)
 
 
-def check_import(model: Any, gm: nn.Module, x: torch.Tensor, tol: float = 1e-4) -> None:
+def check_import(model: Any, gm: nn.Module, x: "torch.Tensor | Inputs", tol: float = 1e-4) -> None:
     """The importer must not change the function: compare every output on real inputs before training."""
     with torch.no_grad():
-        diff = max_diff(reference_output(model, x), output_arrays(gm(x)))
+        diff = max_diff(reference_output(model, x), output_arrays(feed(gm, x)))
     if not diff <= tol:
         raise DropcliError(f"internal error: the imported model differs from the original by {diff:.3g}",
                            "please report this model")
@@ -292,33 +350,34 @@ def call_program(module: Any, xs: tuple) -> Any:
     return module(*xs)
 
 
-def verify_saved(path: Any, fmt: str, trained: nn.Module, x: torch.Tensor) -> float:
+def verify_saved(path: Any, fmt: str, trained: nn.Module, x: "torch.Tensor | Inputs") -> float:
     """Run the written file with its stock loader (inference mode) and compare every output with
     ``trained``'s (inf when they differ in number or shape)."""
     from dropcli.model import formats
 
     with torch.no_grad():
-        want = output_arrays(trained(x))
+        want = output_arrays(feed(trained, x))
+        xs = x.values() if isinstance(x, Inputs) else (x,)
         if fmt == formats.ONNX:
             import onnxruntime as ort
 
             so = ort.SessionOptions()
             so.log_severity_level = 3
             sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])  # default optimisation level
-            got = list(sess.run(None, {sess.get_inputs()[0].name: x.numpy()}))
+            got = list(sess.run(None, as_numpy_feed([i.name for i in sess.get_inputs()], x)))
         elif fmt == formats.TORCHSCRIPT:
-            got = output_arrays(torch.jit.load(str(path), map_location="cpu")(x))
+            got = output_arrays(torch.jit.load(str(path), map_location="cpu")(*xs))
         elif fmt == formats.EXPORT:
-            got = output_arrays(call_program(torch.export.load(str(path)).module(), (x,)))
+            got = output_arrays(call_program(torch.export.load(str(path)).module(), xs))
         elif fmt == formats.PICKLE:
             # the file this run just wrote; a pickle is only written for a pickle the user trusted (--trust-pickle)
-            got = output_arrays(call_program(torch.load(str(path), map_location="cpu", weights_only=False).eval(), (x,)))
+            got = output_arrays(call_program(torch.load(str(path), map_location="cpu", weights_only=False).eval(), xs))
         else:
             return float("nan")  # no stock loader to check with: save_like_input refuses to write it
     return max_diff(want, got)
 
 
-def save_like_input(gm: Any, model: Any, example: tuple, source: str, output: str, check_x: torch.Tensor,
+def save_like_input(gm: Any, model: Any, example: tuple, source: str, output: str, check_x: "torch.Tensor | Inputs",
                     site_meta: dict | None = None, model_meta: dict | None = None) -> tuple[str, float]:
     """Write a trained GraphModule atomically in the loaded model's format (ONNX stays ONNX),
     checked with its stock loader before it lands. ``model_meta`` (default: the loaded model's)

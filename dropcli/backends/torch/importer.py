@@ -18,6 +18,7 @@ takes a loaded model of either backend.
 
 from __future__ import annotations
 
+import math
 import operator
 import re
 from typing import Any, Callable
@@ -299,6 +300,171 @@ def _sym_pads(pads: list[int] | None, nd: int, what: str) -> tuple[int, ...]:
     return tuple(int(p) for p in begin)
 
 
+# ---- values computed from tensor shapes (Shape and the integer arithmetic exporters write on it)
+
+
+class _Sym:
+    """An integer (or boolean) ONNX value computed from tensor shapes: ``Shape`` and the
+    Gather / Slice / Concat / arithmetic that exporters write on it. It is kept as a list of
+    Python ints and fx nodes that yield ints (``x.size(d)`` ...), not as a tensor, so a Reshape,
+    Expand, ConstantOfShape or Range built from it follows the input's batch size and sequence
+    length at run time (and stays symbolic under ``torch.export``) instead of baking in the
+    export's sizes or reading a tensor's data. ``scalar``: a 0-d value (one item)."""
+
+    __slots__ = ("items", "scalar", "dtype")
+
+    def __init__(self, items: list[Any], scalar: bool = False, dtype: torch.dtype = torch.int64):
+        self.items, self.scalar, self.dtype = list(items), scalar, dtype
+
+
+def _sym_tensor(items: tuple, scalar: bool, dtype: torch.dtype) -> torch.Tensor:
+    """A :class:`_Sym` as the tensor ONNX means (when a tensor op reads it)."""
+    if scalar:
+        return torch.as_tensor(items[0], dtype=dtype)
+    if not items:
+        return torch.zeros(0, dtype=dtype)
+    return torch.stack([torch.as_tensor(v, dtype=dtype) for v in items])
+
+
+def _shape_tensor(x: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(tuple(x.shape), dtype=torch.int64)
+
+
+def _trunc_div(a: Any, b: Any) -> Any:
+    """ONNX integer Div: the quotient rounded toward zero (Python's // rounds down)."""
+    q = abs(a) // abs(b)
+    return q if (a >= 0) == (b >= 0) else -q
+
+
+def _pick(cond: Any, a: Any, b: Any) -> Any:
+    return a if cond else b
+
+
+def _onnx_div(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """ONNX Div on integer tensors truncates (torch's ``/`` would return floats)."""
+    if not (a.dtype.is_floating_point or b.dtype.is_floating_point):
+        return torch.div(a, b, rounding_mode="trunc")
+    return a / b
+
+
+def _as_ints(v: Any) -> list[Any]:
+    """A shape operand given as a tensor (when it was not kept as a :class:`_Sym`)."""
+    return [int(d) for d in v.reshape(-1).tolist()] if isinstance(v, torch.Tensor) else list(v)
+
+
+def _onnx_reshape(x: torch.Tensor, shape: Any, allowzero: bool = False) -> torch.Tensor:
+    dims = _as_ints(shape)
+    if not allowzero:
+        dims = [x.shape[i] if isinstance(d, int) and d == 0 else d for i, d in enumerate(dims)]
+    return torch.reshape(x, tuple(dims))
+
+
+def _onnx_flatten(x: torch.Tensor, axis: int) -> torch.Tensor:
+    """ONNX Flatten: the axes before ``axis`` and those from it, each multiplied into one."""
+    axis = axis + x.dim() if axis < 0 else axis
+    return x.reshape(math.prod(x.shape[:axis]), math.prod(x.shape[axis:]))
+
+
+def _onnx_expand(x: torch.Tensor, shape: Any) -> torch.Tensor:
+    """ONNX Expand broadcasts both ways (a target dim of 1 keeps the input's)."""
+    return x.expand(torch.broadcast_shapes(tuple(x.shape), tuple(_as_ints(shape))))
+
+
+def _onnx_full(shape: Any, value: float, dtype: torch.dtype) -> torch.Tensor:
+    return torch.full(tuple(_as_ints(shape)), value, dtype=dtype)
+
+
+def _scalar(v: Any) -> Any:
+    return v.item() if isinstance(v, torch.Tensor) else v
+
+
+def _onnx_range(start: Any, limit: Any, delta: Any, dtype: torch.dtype) -> torch.Tensor:
+    return torch.arange(_scalar(start), _scalar(limit), _scalar(delta), dtype=dtype)
+
+
+def _onnx_gather(x: torch.Tensor, idx: torch.Tensor, axis: int) -> torch.Tensor:
+    """ONNX Gather (``np.take``): negative indices count from the end."""
+    idx = torch.where(idx < 0, idx + x.shape[axis], idx)
+    out = torch.index_select(x, axis, idx.reshape(-1))
+    return out.reshape(tuple(x.shape[:axis]) + tuple(idx.shape) + tuple(x.shape[axis + 1:]))
+
+
+def _onnx_gather_elements(x: torch.Tensor, idx: torch.Tensor, axis: int) -> torch.Tensor:
+    return torch.gather(x, axis, torch.where(idx < 0, idx + x.shape[axis], idx))
+
+
+def _onnx_gather_nd(x: torch.Tensor, idx: torch.Tensor, batch_dims: int = 0) -> torch.Tensor:
+    """ONNX GatherND: the last axis of ``idx`` indexes the first ``k`` axes of ``x`` after its
+    ``batch_dims`` leading (shared) axes."""
+    b, k = batch_dims, idx.shape[-1]
+    xf = x.reshape((-1,) + tuple(x.shape[b:]))  # [B, ...] (B = 1 without batch dims)
+    idf = idx.reshape((-1,) + tuple(idx.shape[b:]))  # [B, ..., k]
+    cols = [idf[..., j] for j in range(k)]
+    cols = [torch.where(c < 0, c + xf.shape[1 + j], c) for j, c in enumerate(cols)]
+    bi = torch.arange(xf.shape[0]).reshape((-1,) + (1,) * (idf.dim() - 2))
+    out = xf[(bi, *cols)]
+    return out.reshape(tuple(x.shape[:b]) + tuple(idx.shape[b:-1]) + tuple(x.shape[b + k:]))
+
+
+def _onnx_cumsum(x: torch.Tensor, axis: Any, exclusive: bool, reverse: bool) -> torch.Tensor:
+    ax = int(_scalar(axis))
+    if reverse:
+        x = torch.flip(x, (ax,))
+    y = torch.cumsum(x, ax)
+    if exclusive:
+        y = y - x
+    return torch.flip(y, (ax,)) if reverse else y
+
+
+def _onnx_split(x: torch.Tensor, axis: int, parts: int) -> tuple[torch.Tensor, ...]:
+    """An ONNX Split into ``parts`` without sizes: chunks of ceil(size / parts), the last one
+    what is left (possibly empty; onnxruntime refuses a negative one, and so does this)."""
+    dim = x.shape[axis]
+    size = -(-dim // parts)
+    last = dim - size * (parts - 1)
+    if last < 0:
+        raise ValueError(f"Split of {dim} into {parts} parts of {size} would leave a negative last part")
+    return torch.split(x, [size] * (parts - 1) + [last], axis)
+
+
+def _onnx_max(*xs: torch.Tensor) -> torch.Tensor:
+    out = xs[0]
+    for x in xs[1:]:
+        out = torch.maximum(out, x)
+    return out
+
+
+def _onnx_min(*xs: torch.Tensor) -> torch.Tensor:
+    out = xs[0]
+    for x in xs[1:]:
+        out = torch.minimum(out, x)
+    return out
+
+
+def _onnx_reduce(x: torch.Tensor, op: str, axes: tuple[int, ...], keepdim: bool) -> torch.Tensor:
+    """The ONNX Reduce* ops other than ReduceMean (over ``axes``; all of them when empty)."""
+    axes = axes or tuple(range(x.dim()))
+    if op == "ReduceSum":
+        return torch.sum(x, axes, keepdim=keepdim)
+    if op == "ReduceSumSquare":
+        return torch.sum(x * x, axes, keepdim=keepdim)
+    if op == "ReduceL2":
+        return torch.sqrt(torch.sum(x * x, axes, keepdim=keepdim))
+    if op == "ReduceL1":
+        return torch.sum(torch.abs(x), axes, keepdim=keepdim)
+    if op == "ReduceMax":
+        return torch.amax(x, axes, keepdim=keepdim)
+    if op == "ReduceMin":
+        return torch.amin(x, axes, keepdim=keepdim)
+    if op == "ReduceLogSumExp":
+        return torch.logsumexp(x, axes, keepdim=keepdim)
+    if op == "ReduceProd":
+        for ax in sorted((a % x.dim() for a in axes), reverse=True):
+            x = torch.prod(x, ax, keepdim=keepdim)
+        return x
+    raise ValueError(op)
+
+
 class _OnnxImporter:
     def __init__(self, model, keep_dropout: bool = False):
         import onnx
@@ -312,8 +478,11 @@ class _OnnxImporter:
         self.model = model
         self.ranks: dict[str, int] = {}
         self.shapes: dict[str, list[int | None]] = {}
+        self.types: dict[str, int] = {}  # ONNX element types (TensorProto.FLOAT ...)
         for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
             tt = vi.type.tensor_type
+            if tt.elem_type:
+                self.types[vi.name] = tt.elem_type
             if tt.HasField("shape"):
                 self.ranks[vi.name] = len(tt.shape.dim)
                 self.shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
@@ -321,7 +490,9 @@ class _OnnxImporter:
         self.keep_dropout = keep_dropout
         self.root = nn.Module()
         self.graph = fx.Graph()
-        self.env: dict[str, fx.Node] = {}
+        self.env: dict[str, Any] = {}  # ONNX value -> fx.Node, or a _Sym (a value computed from shapes)
+        self.tensors: dict[str, fx.Node] = {}  # _Sym values made tensors for the ops that read them as such
+        self.sizes: dict[tuple[fx.Node, int], fx.Node] = {}  # x.size(d) nodes, one per (x, d)
         self.names: set[str] = set()
         self.users: dict[str, int] = {}
         for n in model.graph.node:
@@ -354,7 +525,12 @@ class _OnnxImporter:
 
     def _val(self, name: str) -> fx.Node:
         if name in self.env:
-            return self.env[name]
+            v = self.env[name]
+            if isinstance(v, _Sym):  # a tensor op reads a value kept as shape arithmetic: make it a tensor
+                if name not in self.tensors:
+                    self.tensors[name] = self.graph.call_function(_sym_tensor, (tuple(v.items), v.scalar, v.dtype))
+                return self.tensors[name]
+            return v
         if name in self.consts:
             buf = "const_" + re.sub(r"[^A-Za-z0-9_]", "_", name)
             while hasattr(self.root, buf):
@@ -367,6 +543,49 @@ class _OnnxImporter:
 
     def _c(self, name: str) -> np.ndarray | None:
         return self.consts.get(name) if name else None
+
+    def _sym(self, name: str) -> _Sym | None:
+        """``name`` as a :class:`_Sym`: one computed from shapes, or a small integer constant
+        (which shape arithmetic mixes in); None for anything else."""
+        v = self.env.get(name)
+        if isinstance(v, _Sym):
+            return v
+        c = self._c(name)
+        if c is not None:
+            c = np.asarray(c)
+            if c.ndim <= 1 and c.size <= 64 and c.dtype.kind in "iub":
+                dt = torch.bool if c.dtype.kind == "b" else torch.int64
+                conv = bool if c.dtype.kind == "b" else int
+                return _Sym([conv(x) for x in c.reshape(-1)], c.ndim == 0, dt)
+        return None
+
+    def _live_sym(self, ins: list[str]) -> list[_Sym] | None:
+        """The inputs as :class:`_Sym` values when at least one is computed from shapes and the
+        rest are small integer constants; else None (the op runs on tensors)."""
+        if not any(isinstance(self.env.get(x), _Sym) for x in ins if x):
+            return None
+        syms = [self._sym(x) for x in ins if x]
+        return None if any(v is None for v in syms) else syms  # type: ignore[return-value]
+
+    def _size(self, x: fx.Node, d: int) -> fx.Node:
+        if (x, d) not in self.sizes:
+            self.sizes[(x, d)] = self.graph.call_method("size", (x, d))
+        return self.sizes[(x, d)]
+
+    def _items_op(self, fn: Callable[..., Any], *xs: Any) -> Any:
+        """``fn`` on items of shape values: computed now when all are ints, else an fx node."""
+        if all(isinstance(v, (int, bool)) for v in xs):
+            return fn(*xs)
+        return self.graph.call_function(fn, tuple(xs))
+
+    def _sym_elementwise(self, syms: list[_Sym], fn: Callable[..., Any], dtype: torch.dtype | None = None) -> _Sym | None:
+        lens = {len(v.items) for v in syms if not v.scalar and len(v.items) != 1}
+        if len(lens) > 1:
+            return None
+        n = lens.pop() if lens else 1
+        cols = [v.items if len(v.items) == n else v.items * n for v in syms]
+        items = [self._items_op(fn, *row) for row in zip(*cols)]
+        return _Sym(items, all(v.scalar for v in syms), dtype or syms[0].dtype)
 
     def _site_blocks(self) -> tuple[set[int], dict[int, tuple[str, str, nn.Module]]]:
         """dropcli's own ONNX sites (nodes named ``dropcli_site_N/...``, ending in ``.../select``):
@@ -429,9 +648,11 @@ class _OnnxImporter:
                 self.env[node.output[0]] = self._add(node, m.kind, _PATTERN_MODULES[m.name](), self._val(m.x))
             elif i not in inside and i not in hidden:
                 self._node(node)
-        outs = [self.env[o.name] if o.name in self.env else self._val(o.name) for o in g.output]
+        outs = [self._val(o.name) for o in g.output]
         self.graph.output(outs[0] if len(outs) == 1 else tuple(outs))
         gm = fx.GraphModule(self.root, self.graph, "ImportedOnnx")
+        gm.graph.eliminate_dead_code()  # sizes and recurrent states that nothing reads
+        gm.recompile()
         gm.eval()
         return gm
 
@@ -490,6 +711,8 @@ class _OnnxImporter:
         try:
             res = ReferenceEvaluator(m).run(None, {x: np.asarray(self.consts[x]) for x in ins})
         except Exception as e:  # noqa: BLE001
+            if node.op_type in ONNX_HANDLERS:
+                return False  # onnx's evaluator failed (it does on some GatherElements): computed by torch at run time
             raise self._unsupported(node, f"its constant inputs could not be folded ({type(e).__name__}: {str(e)[:100]})") from e
         for o, v in zip([o for o in node.output if o], res):
             self.consts[o] = np.array(v)  # a writable copy
@@ -503,6 +726,12 @@ class _OnnxImporter:
         if handler is None:
             raise self._unsupported(node)
         handler(self, node, a, list(node.input), node.output[0] if node.output else None)
+        for o in node.output:  # shape arithmetic that came out constant is a constant (folded onwards)
+            v = self.env.get(o)
+            if isinstance(v, _Sym) and all(isinstance(i, (int, bool)) for i in v.items):
+                dt = np.bool_ if v.dtype == torch.bool else np.int64
+                self.consts[o] = np.array(v.items[0] if v.scalar else v.items, dtype=dt)
+                del self.env[o]
 
     # ---- one handler per ONNX op (or family); registration order is the order of ONNX_OPS
 
@@ -521,8 +750,11 @@ class _OnnxImporter:
     @onnx_op("MatMul")
     def _matmul(self, node, a: dict[str, Any], ins: list[str], out: str | None) -> None:
         w = self._c(ins[1])
-        if w is None or w.ndim != 2:
-            raise self._unsupported(node, "only MatMul by a constant 2-d matrix is supported")
+        if w is None or w.ndim != 2 or self._c(ins[0]) is not None:
+            # a product of two computed values (attention's Q K^T, the weights times V), or by a
+            # batch of matrices: torch.matmul (same broadcasting as ONNX MatMul)
+            self.env[out] = self.graph.call_function(torch.matmul, (self._val(ins[0]), self._val(ins[1])))
+            return
         mod = _linear_module(torch.from_numpy(np.ascontiguousarray(w.T, dtype=np.float32)), None)
         self.env[out] = self._add(node, "MatMul", mod, self._val(ins[0]))
 
@@ -532,6 +764,13 @@ class _OnnxImporter:
     def _arith(self, node, a: dict[str, Any], ins: list[str], out: str | None) -> None:
         op = node.op_type
         x0, x1 = ins[0], ins[1]
+        syms = self._live_sym([x0, x1])
+        if syms is not None:
+            fn = {"Add": operator.add, "Sub": operator.sub, "Mul": operator.mul, "Div": _trunc_div}[op]
+            res = self._sym_elementwise(syms, fn)
+            if res is not None:
+                self.env[out] = res
+                return
         # MatMul + Add(bias): fold into the Linear that MatMul became
         if op == "Add":
             for lin, bias in ((x0, x1), (x1, x0)):
@@ -541,10 +780,13 @@ class _OnnxImporter:
                         and self.users.get(lin, 0) == 1):
                     m = self.root.get_submodule(prod.target)
                     if isinstance(m, nn.Linear) and m.bias is None and bv.size == m.out_features and (bv.ndim <= 1 or bv.shape[-1] == bv.size):
-                        m.bias = nn.Parameter(torch.from_numpy(np.ascontiguousarray(bv.reshape(-1), dtype=np.float32)))
+                        m.bias = nn.Parameter(torch.from_numpy(np.array(bv.reshape(-1), dtype=np.float32)))
                         self.env[out] = prod
                         return
-        self.env[out] = self.graph.call_function(self._ARITH[op], (self._val(x0), self._val(x1)))
+        fn = self._ARITH[op]
+        if op == "Div" and self.types.get(out, 1) not in _FLOAT_TYPES:
+            fn = _onnx_div  # integer division truncates
+        self.env[out] = self.graph.call_function(fn, (self._val(x0), self._val(x1)))
 
     @onnx_op("Conv")
     def _conv(self, node, a: dict[str, Any], ins: list[str], out: str | None) -> None:
@@ -636,14 +878,22 @@ class _OnnxImporter:
     def _flatten(self, node, a: dict[str, Any], ins: list[str], out: str | None) -> None:
         axis = int(a.get("axis", 1))
         if axis != 1:
-            raise self._unsupported(node, "only Flatten with axis=1 is supported")
+            self.env[out] = self.graph.call_function(_onnx_flatten, (self._val(ins[0]), axis))
+            return
         self.env[out] = self._add(node, "Flatten", nn.Flatten(1), self._val(ins[0]))
 
     @onnx_op("Reshape")
     def _reshape(self, node, a: dict[str, Any], ins: list[str], out: str | None) -> None:
         shape = self._c(ins[1])
-        if shape is None:
-            raise self._unsupported(node, "only Reshape to a constant shape is supported")
+        sym = self.env.get(ins[0])
+        if isinstance(sym, _Sym) and shape is not None and np.asarray(shape).size == 1 and int(np.asarray(shape).reshape(-1)[0]) in (-1, len(sym.items)):
+            self.env[out] = _Sym(sym.items, False, sym.dtype)  # a shape vector reshaped to 1-d (the legacy exporter's habit)
+            return
+        if shape is None:  # a shape computed at run time (the batch size, the sequence length ...)
+            sym = self._sym(ins[1])
+            target = tuple(sym.items) if sym is not None else self._val(ins[1])
+            self.env[out] = self.graph.call_function(_onnx_reshape, (self._val(ins[0]), target, bool(a.get("allowzero", 0))))
+            return
         x = self._val(ins[0])
         target = [int(v) for v in shape.reshape(-1)]
         src = self.shapes.get(ins[0])
@@ -673,7 +923,12 @@ class _OnnxImporter:
                 raise self._unsupported(node, "its ratio is not a constant")
             self.env[out] = self._add(node, op, nn.Dropout(float(np.asarray(ratio))), self._val(ins[0]))
             return
-        self.env[out] = self._val(ins[0])
+        if isinstance(self.env.get(ins[0]), _Sym):
+            self.env[out] = self.env[ins[0]]
+        elif ins[0] in self.consts and ins[0] not in self.env:
+            self.consts[out] = self.consts[ins[0]]
+        else:
+            self.env[out] = self._val(ins[0])
 
     @onnx_op("LayerNormalization")
     def _layernorm(self, node, a: dict[str, Any], ins: list[str], out: str | None) -> None:
@@ -738,6 +993,10 @@ class _OnnxImporter:
     @onnx_op("Squeeze")
     def _squeeze(self, node, a: dict[str, Any], ins: list[str], out: str | None) -> None:
         axes = self._axes(node, a, ins)
+        sym = self.env.get(ins[0])
+        if isinstance(sym, _Sym) and not sym.scalar and len(sym.items) == 1:
+            self.env[out] = _Sym(sym.items, True, sym.dtype)
+            return
         x = self._val(ins[0])
         self.env[out] = self.graph.call_function(torch.squeeze, (x,) if axes is None else (x, tuple(axes)))
 
@@ -746,6 +1005,10 @@ class _OnnxImporter:
         axes = self._axes(node, a, ins)
         if not axes:
             raise self._unsupported(node, "Unsqueeze needs its axes")
+        sym = self.env.get(ins[0])
+        if isinstance(sym, _Sym) and sym.scalar and axes in ([0], [-1]):
+            self.env[out] = _Sym(sym.items, False, sym.dtype)
+            return
         rank = self.ranks.get(ins[0])
         if any(ax < 0 for ax in axes):
             if rank is None:
@@ -768,17 +1031,29 @@ class _OnnxImporter:
 
     @onnx_op("Concat")
     def _concat(self, node, a: dict[str, Any], ins: list[str], out: str | None) -> None:
+        syms = self._live_sym(ins)
+        if syms is not None and all(not v.scalar for v in syms):
+            self.env[out] = _Sym([i for v in syms for i in v.items], False, syms[0].dtype)
+            return
         self.env[out] = self.graph.call_function(torch.cat, ([self._val(x) for x in ins if x],), {"dim": int(a["axis"])})
 
     @onnx_op("Slice")
     def _slice(self, node, a: dict[str, Any], ins: list[str], out: str | None) -> None:
-        vals = [self._c(x) if len(ins) > k and (x := ins[k]) else None for k in range(1, 5)]
+        vals = [self._sym(x) if len(ins) > k and (x := ins[k]) else None for k in range(1, 5)]
         starts, ends, axes, steps = vals
         if starts is None or ends is None or any(len(ins) > k and ins[k] and vals[k - 1] is None for k in range(1, 5)):
-            raise self._unsupported(node, "only Slice with constant starts/ends/axes/steps is supported")
-        starts, ends = [int(v) for v in starts.reshape(-1)], [int(v) for v in ends.reshape(-1)]
-        axes_l = [int(v) for v in axes.reshape(-1)] if axes is not None else list(range(len(starts)))
-        steps_l = [int(v) for v in steps.reshape(-1)] if steps is not None else [1] * len(starts)
+            raise self._unsupported(node, "only Slice with constant (or shape-computed) starts/ends/axes/steps is supported")
+        if (axes is not None and not all(isinstance(v, int) for v in axes.items)) or (
+                steps is not None and not all(isinstance(v, int) for v in steps.items)):
+            raise self._unsupported(node, "only Slice with constant axes and steps is supported")
+        starts_l, ends_l = list(starts.items), list(ends.items)
+        axes_l = list(axes.items) if axes is not None else list(range(len(starts_l)))
+        steps_l = list(steps.items) if steps is not None else [1] * len(starts_l)
+        sym = self.env.get(ins[0])
+        if isinstance(sym, _Sym) and not sym.scalar and axes_l in ([0], [-1]) and all(isinstance(v, int) for v in starts_l + ends_l):
+            self.env[out] = _Sym(sym.items[slice(starts_l[0], ends_l[0], steps_l[0])], False, sym.dtype)
+            return
+        starts, ends = starts_l, ends_l
         rank = self.ranks.get(ins[0])
         if any(ax < 0 for ax in axes_l):
             if rank is None:
@@ -789,7 +1064,7 @@ class _OnnxImporter:
         for st, en, ax, sp in zip(starts, ends, axes_l, steps_l):
             if sp <= 0:
                 raise self._unsupported(node, "only positive Slice steps are supported")
-            index[ax] = slice(st, None if en >= big else en, sp)
+            index[ax] = slice(st, None if isinstance(en, int) and en >= big else en, sp)
         self.env[out] = self.graph.call_function(operator.getitem, (self._val(ins[0]), tuple(index)))
 
     @onnx_op("Cast")
@@ -797,6 +1072,10 @@ class _OnnxImporter:
         from onnx import helper
 
         dt = torch.from_numpy(np.zeros(0, dtype=helper.tensor_dtype_to_np_dtype(int(a["to"])))).dtype
+        sym = self.env.get(ins[0])
+        if isinstance(sym, _Sym) and dt in (torch.int64, torch.int32) and sym.dtype != torch.bool:
+            self.env[out] = sym  # sizes are integers either way
+            return
         self.env[out] = self.graph.call_method("to", (self._val(ins[0]), dt))
 
     @onnx_op("Pad")
@@ -838,9 +1117,233 @@ class _OnnxImporter:
     def _constant(self, node, a: dict[str, Any], ins: list[str], out: str | None) -> None:
         from onnx import numpy_helper
 
-        if "value" not in a:
-            raise self._unsupported(node, "only Constant nodes with a tensor 'value' are supported")
-        self.consts[out] = numpy_helper.to_array(node.attribute[0].t)
+        forms = {"value_int": np.int64, "value_ints": np.int64, "value_float": np.float32, "value_floats": np.float32}
+        if "value" in a:
+            self.consts[out] = numpy_helper.to_array(a["value"])
+        elif len(a) == 1 and next(iter(a)) in forms:
+            k = next(iter(a))
+            self.consts[out] = np.array(a[k], dtype=forms[k])
+        else:
+            raise self._unsupported(node, "only Constant nodes with a tensor, int(s) or float(s) value are supported")
+
+    # ---- shapes and the tensors built from them (transformers' masks and position ids)
+
+    @onnx_op("Shape")
+    def _shape(self, node, a: dict[str, Any], ins: list[str], out: str | None) -> None:
+        sym = self.env.get(ins[0])
+        if isinstance(sym, _Sym):  # the shape of shape arithmetic is known now
+            self.consts[out] = np.array([] if sym.scalar else [len(sym.items)], dtype=np.int64)
+            return
+        rank = self.ranks.get(ins[0])
+        x = self._val(ins[0])
+        if rank is None:
+            if "start" in a or "end" in a:
+                raise self._unsupported(node, "Shape with start/end needs its input's rank")
+            self.env[out] = self.graph.call_function(_shape_tensor, (x,))
+            return
+        start, end = int(a.get("start", 0)), int(a.get("end", rank))
+        start, end = (v + rank if v < 0 else v for v in (start, end))
+        start, end = min(max(start, 0), rank), min(max(end, 0), rank)
+        self.env[out] = _Sym([self._size(x, d) for d in range(start, end)])
+
+    @onnx_op("Gather")
+    def _gather(self, node, a: dict[str, Any], ins: list[str], out: str | None) -> None:
+        axis = int(a.get("axis", 0))
+        data, idx = self._c(ins[0]), self._c(ins[1])
+        sym = self._sym(ins[0]) if isinstance(self.env.get(ins[0]), _Sym) else None
+        if sym is not None and idx is not None and axis == 0 and np.asarray(idx).ndim <= 1:  # picking sizes out of a Shape
+            n = len(sym.items)
+            picked = [sym.items[int(i) + n if int(i) < 0 else int(i)] for i in np.asarray(idx).reshape(-1)]
+            self.env[out] = _Sym(picked, np.asarray(idx).ndim == 0, sym.dtype)
+            return
+        if (data is not None and idx is None and axis == 0 and data.ndim == 2
+                and np.asarray(data).dtype.kind == "f"):
+            # a lookup table read with computed ids: an nn.Embedding holding it (ids must be in
+            # range; onnxruntime would also wrap negative ones)
+            mod = nn.Embedding(data.shape[0], data.shape[1])
+            with torch.no_grad():
+                mod.weight.copy_(torch.from_numpy(np.array(data, dtype=np.float32)))
+            self.env[out] = self._add(node, "Gather", mod, self._val(ins[1]))
+            return
+        x = self._val(ins[0])
+        if idx is not None and np.asarray(idx).ndim == 0:
+            self.env[out] = self.graph.call_method("select", (x, axis, int(idx)))
+            return
+        self.env[out] = self.graph.call_function(_onnx_gather, (x, self._val(ins[1]), axis))
+
+    @onnx_op("GatherElements")
+    def _gather_elements(self, node, a: dict[str, Any], ins: list[str], out: str | None) -> None:
+        self.env[out] = self.graph.call_function(_onnx_gather_elements, (self._val(ins[0]), self._val(ins[1]), int(a.get("axis", 0))))
+
+    @onnx_op("GatherND")
+    def _gather_nd(self, node, a: dict[str, Any], ins: list[str], out: str | None) -> None:
+        self.env[out] = self.graph.call_function(_onnx_gather_nd, (self._val(ins[0]), self._val(ins[1]), int(a.get("batch_dims", 0))))
+
+    def _shape_arg(self, name: str) -> Any:
+        """A shape operand: its items when kept as shape arithmetic or a constant, else the tensor node."""
+        sym = self._sym(name)
+        return tuple(sym.items) if sym is not None else self._val(name)
+
+    @onnx_op("Expand")
+    def _expand(self, node, a: dict[str, Any], ins: list[str], out: str | None) -> None:
+        self.env[out] = self.graph.call_function(_onnx_expand, (self._val(ins[0]), self._shape_arg(ins[1])))
+
+    @onnx_op("ConstantOfShape")
+    def _constant_of_shape(self, node, a: dict[str, Any], ins: list[str], out: str | None) -> None:
+        from onnx import numpy_helper
+
+        v = numpy_helper.to_array(a["value"]) if "value" in a else np.zeros(1, np.float32)
+        dt = torch.from_numpy(np.zeros(0, dtype=v.dtype)).dtype
+        self.env[out] = self.graph.call_function(_onnx_full, (self._shape_arg(ins[0]), v.reshape(-1)[0].item(), dt))
+
+    @onnx_op("Range")
+    def _range(self, node, a: dict[str, Any], ins: list[str], out: str | None) -> None:
+        args = []
+        for x in ins[:3]:
+            sym = self._sym(x)
+            if sym is not None and sym.scalar:
+                args.append(sym.items[0])
+            elif x in self.consts:
+                args.append(np.asarray(self.consts[x]).reshape(-1)[0].item())
+            else:
+                args.append(self._val(x))
+        t = self.types.get(ins[0]) or self.types.get(out)
+        if t is None and ins[0] in self.consts:
+            dt = torch.from_numpy(np.zeros(0, dtype=np.asarray(self.consts[ins[0]]).dtype)).dtype
+        else:
+            from onnx import helper
+
+            dt = torch.from_numpy(np.zeros(0, dtype=helper.tensor_dtype_to_np_dtype(t or 7))).dtype
+        self.env[out] = self.graph.call_function(_onnx_range, (*args, dt))
+
+    # ---- comparisons, logic, selection
+
+    _COMPARE = {"Equal": torch.eq, "Greater": torch.gt, "Less": torch.lt, "GreaterOrEqual": torch.ge,
+                "LessOrEqual": torch.le, "And": torch.logical_and, "Or": torch.logical_or, "Xor": torch.logical_xor}
+    _SYM_COMPARE = {"Equal": operator.eq, "Greater": operator.gt, "Less": operator.lt, "GreaterOrEqual": operator.ge,
+                    "LessOrEqual": operator.le}
+
+    @onnx_op(*_COMPARE)
+    def _compare(self, node, a: dict[str, Any], ins: list[str], out: str | None) -> None:
+        op = node.op_type
+        syms = self._live_sym(ins[:2])
+        if syms is not None and op in self._SYM_COMPARE:
+            res = self._sym_elementwise(syms, self._SYM_COMPARE[op], torch.bool)
+            if res is not None:
+                self.env[out] = res
+                return
+        self.env[out] = self.graph.call_function(self._COMPARE[op], (self._val(ins[0]), self._val(ins[1])))
+
+    @onnx_op("Not")
+    def _not(self, node, a: dict[str, Any], ins: list[str], out: str | None) -> None:
+        self.env[out] = self.graph.call_function(torch.logical_not, (self._val(ins[0]),))
+
+    @onnx_op("IsNaN")
+    def _isnan(self, node, a: dict[str, Any], ins: list[str], out: str | None) -> None:
+        self.env[out] = self.graph.call_function(torch.isnan, (self._val(ins[0]),))
+
+    @onnx_op("IsInf")
+    def _isinf(self, node, a: dict[str, Any], ins: list[str], out: str | None) -> None:
+        pos, neg = int(a.get("detect_positive", 1)), int(a.get("detect_negative", 1))
+        fn = torch.isinf if pos and neg else torch.isposinf if pos else torch.isneginf
+        if not (pos or neg):
+            raise self._unsupported(node, "IsInf that detects neither sign")
+        self.env[out] = self.graph.call_function(fn, (self._val(ins[0]),))
+
+    @onnx_op("Where")
+    def _where(self, node, a: dict[str, Any], ins: list[str], out: str | None) -> None:
+        syms = self._live_sym(ins[:3])
+        if syms is not None:
+            res = self._sym_elementwise(syms, _pick, syms[1].dtype)
+            if res is not None:
+                self.env[out] = res
+                return
+        self.env[out] = self.graph.call_function(torch.where, tuple(self._val(x) for x in ins[:3]))
+
+    @onnx_op("Max", "Min")
+    def _max_min(self, node, a: dict[str, Any], ins: list[str], out: str | None) -> None:
+        fn = _onnx_max if node.op_type == "Max" else _onnx_min
+        self.env[out] = self.graph.call_function(fn, tuple(self._val(x) for x in ins if x))
+
+    @onnx_op("CumSum")
+    def _cumsum(self, node, a: dict[str, Any], ins: list[str], out: str | None) -> None:
+        axis = self._c(ins[1])
+        ax: Any = int(np.asarray(axis).reshape(-1)[0]) if axis is not None else self._val(ins[1])
+        self.env[out] = self.graph.call_function(
+            _onnx_cumsum, (self._val(ins[0]), ax, bool(a.get("exclusive", 0)), bool(a.get("reverse", 0))))
+
+    @onnx_op("Split")
+    def _split(self, node, a: dict[str, Any], ins: list[str], out: str | None) -> None:
+        axis = int(a.get("axis", 0))
+        x = self._val(ins[0])
+        sizes = self._c(ins[1]) if len(ins) > 1 and ins[1] else (np.array(a["split"]) if "split" in a else None)
+        if len(ins) > 1 and ins[1] and sizes is None:
+            raise self._unsupported(node, "only Split with constant sizes is supported")
+        if sizes is not None:
+            parts = self.graph.call_function(torch.split, (x, [int(v) for v in np.asarray(sizes).reshape(-1)], axis))
+        else:
+            parts = self.graph.call_function(_onnx_split, (x, axis, int(a.get("num_outputs", len(node.output)))))
+        for k, o in enumerate(node.output):
+            if o:
+                self.env[o] = self.graph.call_function(operator.getitem, (parts, k))
+
+    _REDUCE = ("ReduceSum", "ReduceSumSquare", "ReduceL2", "ReduceL1", "ReduceMax", "ReduceMin", "ReduceLogSumExp", "ReduceProd")
+
+    @onnx_op(*_REDUCE)
+    def _reduce(self, node, a: dict[str, Any], ins: list[str], out: str | None) -> None:
+        axes = self._axes(node, a, ins)
+        sym = self.env.get(ins[0])
+        if isinstance(sym, _Sym) and not sym.scalar and node.op_type in ("ReduceProd", "ReduceSum") and sym.items and (
+                axes is None and not a.get("noop_with_empty_axes", 0) or axes in ([0], [-1])):
+            # a product or sum of sizes (a flattened length): kept as shape arithmetic
+            fn = operator.mul if node.op_type == "ReduceProd" else operator.add
+            acc = sym.items[0]
+            for v in sym.items[1:]:
+                acc = self._items_op(fn, acc, v)
+            self.env[out] = _Sym([acc], not a.get("keepdims", 1), sym.dtype)
+            return
+        x = self._val(ins[0])
+        if not axes and a.get("noop_with_empty_axes", 0):
+            self.env[out] = x
+            return
+        self.env[out] = self.graph.call_function(_onnx_reduce, (x, node.op_type, tuple(axes or ()), bool(a.get("keepdims", 1))))
+
+    # ---- recurrent layers: nn.LSTM / nn.GRU modules
+
+    @onnx_op("LSTM", "GRU")
+    def _rnn(self, node, a: dict[str, Any], ins: list[str], out: str | None) -> None:
+        from dropcli.backends.torch.importer_rnn import rnn_module
+
+        op = node.op_type
+        mod, ndir = rnn_module(node, a, ins, self.consts, lambda why: self._unsupported(node, why))
+        x = self._val(ins[0])
+        states = [ins[k] if len(ins) > k and ins[k] else None for k in ((5, 6) if op == "LSTM" else (5,))]
+        hx = [self._val(s) if s else None for s in states]  # [dir, batch, hidden], as torch's
+        if op == "LSTM" and any(h is not None for h in hx):
+            h, c = hx
+            ref = h if h is not None else c
+            h = h if h is not None else self.graph.call_function(torch.zeros_like, (ref,))
+            c = c if c is not None else self.graph.call_function(torch.zeros_like, (ref,))
+            args: tuple = (x, (h, c))
+        elif op == "GRU" and hx[0] is not None:
+            args = (x, hx[0])
+        else:
+            args = (x,)
+        name = self._name(node, op)
+        set_module(self.root, name, mod)
+        res = self.graph.call_module(name, args)
+        outs = list(node.output) + [""] * 3
+        if outs[0]:
+            y = self.graph.call_function(operator.getitem, (res, 0))
+            y = self.graph.call_method("unflatten", (y, -1, (ndir, mod.hidden_size)))  # [seq, batch, dir, hidden]
+            y = self.graph.call_method("transpose", (y, 1, 2))  # ONNX's [seq, dir, batch, hidden]
+            self.env[outs[0]] = y
+        state = self.graph.call_function(operator.getitem, (res, 1)) if outs[1] or outs[2] else None
+        for k in (1, 2):
+            if not outs[k]:
+                continue
+            self.env[outs[k]] = state if op == "GRU" else self.graph.call_function(operator.getitem, (state, k - 1))
+
 
     def _unsupported(self, node, why: str | None = None) -> DropcliError:
         label = f"ONNX op {node.op_type}" + (f" (node {node.name})" if node.name else "")
@@ -850,6 +1353,8 @@ class _OnnxImporter:
                             f"supported ops: {', '.join(ONNX_OPS)}; or pass the torch model instead")
 
 
+# ONNX element types of floating-point tensors (FLOAT, FLOAT16, DOUBLE, BFLOAT16)
+_FLOAT_TYPES = {1, 10, 11, 16}
 # never evaluated at import, even with constant inputs (random or stateful)
 _NEVER_FOLD = {"Dropout", "RandomUniform", "RandomUniformLike", "RandomNormal", "RandomNormalLike", "Bernoulli", "Multinomial"}
 # ops that carry trained weights: kept as modules
