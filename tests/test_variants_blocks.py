@@ -139,6 +139,68 @@ def test_dropblock_onnx_dynamic_spatial_sizes(opset):
         _check_dropblock(x, run_onnx(sess, x), p, b, f"onnx dropblock dynamic {h}x{w}")
 
 
+class _Wrap(torch.nn.Module):
+    def __init__(self, site):
+        super().__init__()
+        self.site = site
+
+    def forward(self, x):
+        return self.site(x)
+
+
+@pytest.mark.parametrize("capture", ["export", "trace"])
+def test_dropblock_torch_dynamic_spatial_sizes(capture):
+    """The torch site captured with a dynamic H and W (torch.export with symbolic sizes, or a
+    TorchScript trace) reads the size when it runs: one captured program gives the exact
+    expected drop fraction, full blocks and per-sample scaling at every map size."""
+    p, b = 0.3, 3
+    torch.manual_seed(0)
+    m = _Wrap(torch_site("dropblock", p=p, block_size=b)).eval()
+    ex = torch.rand(2, 8, 12, 12) + 0.5
+    if capture == "export":
+        h, w = torch.export.Dim("h", min=2, max=64), torch.export.Dim("w", min=2, max=64)
+        prog = torch.export.export(m, (ex,), dynamic_shapes=({0: torch.export.Dim("n"), 2: h, 3: w},)).module()
+    else:
+        prog = torch.jit.trace(m, (ex,), check_trace=False)
+    for k, (h, w) in enumerate([(16, 20), (9, 11), (3, 7)]):
+        x = _positive((48, 8, h, w), 20 + k)
+        with torch.no_grad():
+            y = prog(torch.from_numpy(x)).numpy()
+        _check_dropblock(x, y, p, b, f"torch dropblock {capture} dynamic {h}x{w}")
+    x = _positive((4, 8, 2, 7), 29)  # no 3x3 block fits: no seed, the map is left as it is
+    with torch.no_grad():
+        np.testing.assert_array_equal(prog(torch.from_numpy(x)).numpy(), x)
+
+
+def test_dropblock_written_pt2_keeps_dynamic_sizes(tmp_path):
+    """A .pt2 with a dynamic H and W, dropblock injected and written back: the output keeps the
+    sizes dynamic (equal to the original in inference mode at a size other than the export's), and
+    its MC samples are dropblock at that size."""
+    import dropcli
+    from dropcli.engines.factory import inject_on_the_fly, make_runner
+
+    p, b = 0.3, 3
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 1), torch.nn.ReLU()).eval()
+    with torch.no_grad():  # the identity on positive inputs: the output is the site's
+        net[0].weight.copy_(torch.eye(8).reshape(8, 8, 1, 1))
+        net[0].bias.zero_()
+    d = torch.export.Dim
+    ep = torch.export.export(net, (torch.rand(2, 8, 12, 12),),
+                             dynamic_shapes=({0: d("n"), 2: d("h", min=b, max=64), 3: d("w", min=b, max=64)},))
+    src, out = tmp_path / "net.pt2", tmp_path / "net_db.pt2"
+    torch.export.save(ep, str(src))
+    m = dropcli.load(str(src))
+    inject_on_the_fly(m, "dropblock", p=p, layers=["0"], allow_output=True)
+    dropcli.save(m, str(out))
+    x = _positive((48, 8, 16, 20), 30)
+    got = dropcli.load(str(out))
+    runner = make_runner(got, "cpu")
+    np.testing.assert_array_equal(runner.run_eval([x]), x)
+    y = runner.run([x], list(range(len(x))), seed=0, T=1)[:, 0]
+    _check_dropblock(x, y, p, b, "dropblock in a written .pt2 at 16x20")
+
+
 def test_dropblock_bad_params_and_rank():
     spec = get_variant("dropblock")
     assert spec.resolve_params({})["block_size"] == 7

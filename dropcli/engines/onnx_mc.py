@@ -8,7 +8,8 @@ B examples x T samples is then ONE session run:
   and every output but the first are pruned.
 * Noise from outside the graph: every random node (RandomUniformLike, RandomNormalLike,
   RandomUniform, RandomNormal, Bernoulli) whose output is ``[rows, *rest]`` with a static
-  ``rest`` is replaced by a graph input ``dropcli_noise_k`` fed from
+  ``rest`` (rows on the output's batch axis, :func:`batch_axes`; a ``Transpose`` moves them
+  there from axis 0 of the fed input) is replaced by a graph input ``dropcli_noise_k`` fed from
   :class:`dropcli.noise.KeyedNoise` (keyed by seed, call, example index and sample block), so
   an example's samples do not depend on its batch, its neighbours or the chunking. A uniform
   draw read only by ``Less(u, q)`` with a constant q is fed as the bool keep-mask itself
@@ -20,7 +21,11 @@ B examples x T samples is then ONE session run:
 * Prefix once: nodes that depend on no noise (transitively) run on the B examples. Every
   float value (or batch-shaped value) the suffix reads from the prefix is tiled in-graph,
   i-major (row = i*T + t): Unsqueeze(1) -> Expand [B, T, ...] -> Reshape [B*T, ...], with T
-  from the int64 input ``dropcli_T`` (shape [1]). Non-float values that depend on the inputs
+  from the int64 input ``dropcli_T`` (shape [1]). The axis tiled is the value's own batch axis
+  (:func:`batch_axes`: where symbolic shape inference carries the inputs' batch dim), so an
+  ONNX LSTM's initial state [dirs, B, hidden] becomes [dirs, B*T, hidden] and its Y
+  [seq, dirs, B, hidden] becomes [seq, dirs, B*T, hidden]; axis 0 where the dim is not traced.
+  Non-float values that depend on the inputs
   (Shape/Gather/Concat chains) are recomputed in the suffix from the tiled tensors, so the
   suffix sees a batch of B*T. Constants pass through.
 """
@@ -149,6 +154,27 @@ def _shape_of(vi: onnx.ValueInfoProto | None) -> tuple[int | None, list[int | No
     if not tt.HasField("shape"):
         return tt.elem_type or None, None
     return tt.elem_type or None, [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+
+
+def batch_axes(vi: dict[str, onnx.ValueInfoProto], batch_dims: set[str]) -> dict[str, int]:
+    """The batch axis of each value whose inferred shape carries the inputs' batch dimension.
+
+    ``vi`` is symbolic shape inference's result (:func:`_value_infos`, which propagates the
+    inputs' dim names through the graph, shape chains included), ``batch_dims`` the dim names of
+    the data inputs' axis 0. A value has a batch axis when exactly one of its axes is one of those
+    names: axis 2 for an LSTM's ``Y [seq, dirs, batch, hidden]``, axis 1 for its initial state
+    ``[dirs, batch, hidden]``. Values where the name is lost (``unk__`` dims, unknown rank) or
+    appears on several axes (a ``[B, B]`` matrix) are left out: the caller decides."""
+    out: dict[str, int] = {}
+    if not batch_dims:
+        return out
+    for name, v in vi.items():
+        if not v.type.HasField("tensor_type") or not v.type.tensor_type.HasField("shape"):
+            continue
+        hits = [k for k, d in enumerate(v.type.tensor_type.shape.dim) if d.dim_param and d.dim_param in batch_dims]
+        if len(hits) == 1:
+            out[name] = hits[0]
+    return out
 
 
 def _providers(device: str) -> list[Any]:
@@ -307,6 +333,9 @@ class OnnxRunner:
                 users.setdefault(x, []).append(i)
         graph_out = {o.name for o in g.output}
         depends_in = self._input_dependence(nodes, {i.name for i in g.input})
+        # a random op's rows may sit on another axis (a site on an LSTM's Y [seq, dirs, B, H])
+        axes = batch_axes(vi, {i.type.tensor_type.shape.dim[0].dim_param for i in g.input
+                               if i.name not in self._inits and len(i.type.tensor_type.shape.dim) > 0})
         new_nodes: list[list[onnx.NodeProto]] = [[n] for n in nodes]
         replaced_less: dict[int, list[onnx.NodeProto]] = {}
         roots: set[str] = set()  # values that are noise inputs or in-graph random outputs
@@ -322,20 +351,26 @@ class OnnxRunner:
             out = n.output[0]
             et, dims = _shape_of(vi.get(out))
             shape_src = n.input[0] if n.op_type in ("RandomUniformLike", "RandomNormalLike", "Bernoulli") else None
-            feedable = (shape_src is not None and shape_src in depends_in and dims is not None and len(dims) >= 1
-                        and dims[0] is None and all(d is not None for d in dims[1:]))
+            a = axes.get(out, 0)
+            feedable = (shape_src is not None and shape_src in depends_in and dims is not None and len(dims) > a
+                        and dims[a] is None and all(d is not None for k, d in enumerate(dims) if k != a))
             if not feedable:
                 # keep in-graph (seed set per run), not batch-invariant
                 self.ingraph_random.append(site)
                 roots.add(out)
                 call += 1
                 continue
-            rest = tuple(int(d) for d in dims[1:])  # type: ignore[arg-type]
+            rest = tuple(int(d) for k, d in enumerate(dims) if k != a)  # type: ignore[arg-type]
             out_type = _attr(n, "dtype")
             if out_type is None:
                 out_type = et or TensorProto.FLOAT
             noise = fresh(f"{NOISE_PREFIX}{len(self.noise_feeds)}")
             roots.add(noise)
+            fed, at_axis = noise, []  # the noise is fed as [rows, *rest]: rows go back to axis a
+            if a:
+                fed = fresh(f"{noise}__dropcli_axis{a}")
+                perm = [*range(1, a + 1), 0, *range(a + 1, len(dims))]
+                at_axis = [helper.make_node("Transpose", [noise], [fed], perm=perm, name=fresh(f"{site}/dropcli_noise_axis"))]
             # a uniform read only by Less(u, const q): feed the keep mask itself
             less_users = [nodes[j] for j in users.get(out, [])]
             q = None
@@ -352,25 +387,25 @@ class OnnxRunner:
                 (cast_j, mul_j, scale_j), x_in, scale = fused
                 self.noise_feeds.append(NoiseFeed(noise, "keep", rest, call, q=q, site=site, scale=scale))
                 g.input.append(helper.make_tensor_value_info(noise, TensorProto.FLOAT, ["dropcli_rows", *rest]))
-                new_nodes[i] = []
+                new_nodes[i] = at_axis
                 less_j = users[out][0]
                 replaced_less[less_j] = []
                 new_nodes[cast_j] = new_nodes[mul_j] = []
                 sn = nodes[scale_j]
-                new_nodes[scale_j] = [helper.make_node("Mul", [x_in, noise], [sn.output[0]], name=fresh(f"{sn.name}/dropcli_keep"))]
+                new_nodes[scale_j] = [helper.make_node("Mul", [x_in, fed], [sn.output[0]], name=fresh(f"{sn.name}/dropcli_keep"))]
             elif q is not None:
                 self.noise_feeds.append(NoiseFeed(noise, "keep", rest, call, q=q, site=site))
                 g.input.append(helper.make_tensor_value_info(noise, TensorProto.BOOL, ["dropcli_rows", *rest]))
-                new_nodes[i] = []
+                new_nodes[i] = at_axis
                 for j in users.get(out, []):
                     u = nodes[j]
-                    replaced_less[j] = [helper.make_node("Identity", [noise], [u.output[0]], name=fresh(f"{u.name}/dropcli_keep"))]
+                    replaced_less[j] = [helper.make_node("Identity", [fed], [u.output[0]], name=fresh(f"{u.name}/dropcli_keep"))]
                     roots.add(u.output[0])
             else:
                 kind = "normal" if n.op_type == "RandomNormalLike" else "uniform"
                 self.noise_feeds.append(NoiseFeed(noise, kind, rest, call, site=site))
                 g.input.append(helper.make_tensor_value_info(noise, TensorProto.FLOAT, ["dropcli_rows", *rest]))
-                new_nodes[i] = self._noise_transform(n, noise, out, out_type, fresh, init_map, g)
+                new_nodes[i] = at_axis + self._noise_transform(n, fed, out, out_type, fresh, init_map, g)
             call += 1
         for j, repl in replaced_less.items():
             new_nodes[j] = repl
@@ -564,8 +599,12 @@ class OnnxRunner:
         g.initializer.append(numpy_helper.from_array(np.array([-1], dtype=np.int64), minus1))
 
         tiles: dict[str, tuple[str, str, str, str, int, int]] = {}
+        # each crossing value is tiled along ITS batch axis (an LSTM's state is [dirs, batch, hidden])
+        axes = batch_axes(vi, {d.dim_param for i in g.input if i.name in data_inputs
+                               for d in i.type.tensor_type.shape.dim[:1] if d.dim_param})
 
         def tile(v: str) -> str:
+            a = axes.get(v, 0)
             s = fresh(f"{v}__dropcli_shape")
             head = fresh(f"{v}__dropcli_b")
             tail = fresh(f"{v}__dropcli_rest")
@@ -574,18 +613,27 @@ class OnnxRunner:
             e = fresh(f"{v}__dropcli_exp")
             rs = fresh(f"{v}__dropcli_rowshape")
             out = fresh(f"{v}__dropcli_tiled")
+            mid.append(helper.make_node("Shape", [v], [s], name=fresh(f"{v}/dropcli_tile_shape")))
+            if a == 0:
+                at1, lead = one, []
+            else:  # [*lead, B, *rest] -> [*lead, B, T, *rest] -> [*lead, B*T, *rest]
+                at, at1, pre = (fresh(f"{v}__dropcli_axis"), fresh(f"{v}__dropcli_axis1"), fresh(f"{v}__dropcli_lead"))
+                g.initializer.extend([numpy_helper.from_array(np.array([a], dtype=np.int64), at),
+                                      numpy_helper.from_array(np.array([a + 1], dtype=np.int64), at1)])
+                mid.append(helper.make_node("Slice", [s, zero, at], [pre], name=fresh(f"{v}/dropcli_tile_lead")))
+                lead = [pre]
             mid.extend([
-                helper.make_node("Shape", [v], [s], name=fresh(f"{v}/dropcli_tile_shape")),
-                helper.make_node("Slice", [s, zero, one], [head], name=fresh(f"{v}/dropcli_tile_head")),
-                helper.make_node("Slice", [s, one, big], [tail], name=fresh(f"{v}/dropcli_tile_tail")),
-                helper.make_node("Unsqueeze", [v, one], [u], name=fresh(f"{v}/dropcli_tile_unsqueeze")),
+                helper.make_node("Slice", [s, zero, at1], [head], name=fresh(f"{v}/dropcli_tile_head")),
+                helper.make_node("Slice", [s, at1, big], [tail], name=fresh(f"{v}/dropcli_tile_tail")),
+                helper.make_node("Unsqueeze", [v, at1], [u], name=fresh(f"{v}/dropcli_tile_unsqueeze")),
                 helper.make_node("Concat", [head, T, tail], [bt], axis=0, name=fresh(f"{v}/dropcli_tile_btshape")),
                 helper.make_node("Expand", [u, bt], [e], name=fresh(f"{v}/dropcli_tile_expand")),
-                helper.make_node("Concat", [minus1, tail], [rs], axis=0, name=fresh(f"{v}/dropcli_tile_rowshape")),
+                helper.make_node("Concat", [*lead, minus1, tail], [rs], axis=0, name=fresh(f"{v}/dropcli_tile_rowshape")),
                 helper.make_node("Reshape", [e, rs], [out], name=fresh(f"{v}/dropcli_tile_reshape")),
             ])
             self.tiled_values.append(v)
-            tiles[out] = (v, u, bt, rs, len(mid) - 3, len(mid) - 1)  # the Expand and Reshape that fusing can drop
+            if a == 0:  # fed masks are [rows, ...]: only an axis-0 tile can fuse with one
+                tiles[out] = (v, u, bt, rs, len(mid) - 3, len(mid) - 1)  # the Expand and Reshape that fusing can drop
             return out
 
         def as_suffix(v: str, recompute: bool = False) -> str:
@@ -597,10 +645,12 @@ class OnnxRunner:
             if v not in dep:
                 mapped[key] = v  # constants and initializer-only subgraphs
                 return v
-            if recompute and v in made_by:
+            if recompute and v in made_by and v not in axes:
                 return dup(v, key)
+            if v in mapped:  # a value with one batch axis: its tiled copy has the recomputed shape
+                return mapped[v]
             et, dims = _shape_of(vi.get(v))
-            batchy = dims is not None and len(dims) >= 1 and dims[0] is None
+            batchy = dims is not None and len(dims) >= 1 and (dims[0] is None or v in axes)
             if et in _FLOAT_TYPES and (dims is None or len(dims) >= 1) or batchy or v in data_inputs:
                 if dims is not None and len(dims) == 0:
                     mapped[v] = v

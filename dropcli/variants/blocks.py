@@ -8,7 +8,9 @@
 
 Randomness is drawn through :func:`~dropcli.variants.base.uniform_like` on slices of ``x``
 (``x[:, :, :Hv, :Wv]``, ``x[:, :1, :1, :1]``), so the modules trace with a dynamic batch.
-Spatial sizes are read from ``x.shape`` (static under torch.export with a dynamic batch).
+Spatial sizes are read from ``x.shape``; where they are symbolic (torch.export with a dynamic H
+and W) or traced, dropblock computes everything from tensors of x's size instead
+(:meth:`DropBlock._sample_dynamic`), so the captured program runs at every size.
 """
 
 from __future__ import annotations
@@ -57,7 +59,9 @@ class DropBlock(SiteModule):
 
     def sample(self, x: torch.Tensor) -> torch.Tensor:
         b = int(self.block_size)
-        h, w = int(x.shape[-2]), int(x.shape[-1])
+        h, w = x.shape[-2], x.shape[-1]
+        if not (isinstance(h, int) and isinstance(w, int)) or torch.jit.is_tracing():
+            return self._sample_dynamic(x, b)
         if b > h or b > w:
             raise _block_too_big(b, h, w, "this site")
         hv, wv = h - b + 1, w - b + 1
@@ -72,6 +76,27 @@ class DropBlock(SiteModule):
         kept = mask.sum(dim=(1, 2, 3), keepdim=True)
         scale = numel / kept.clamp(min=1.0)  # sum(M) = 0 -> M = 0 -> output 0, never NaN
         return x * mask * scale
+
+    def _sample_dynamic(self, x: torch.Tensor, b: int) -> torch.Tensor:
+        """The same blocks when H and W are only known at run time (symbolic sizes under
+        torch.export, a TorchScript trace): no Python arithmetic on the sizes and no slice whose
+        size depends on them (export would bake the capture's H and W in, or guard them: a
+        [H-b+1] slice makes it refuse H = b). Uniforms are drawn over the whole map and seeds
+        kept only where a block fits, ``valid = 1 - maxpool_b(pad_after(0, value=1))``; gamma,
+        HW and numel are counted from tensors of x's size. A seed at (r, c) covers r..r+b-1, so
+        ``M = 1 - maxpool_b(pad_before(seeds, b-1))`` is [H, W]. A map smaller than the block
+        gets no seed and is left as it is (ONNX does the same; eager torch, which sees the
+        size, refuses it)."""
+        zero = torch.zeros_like(x[:1, :1])  # [1, 1, H, W]
+        outside = F.pad(zero, (0, b - 1, 0, b - 1), value=1.0)
+        valid = 1.0 - F.max_pool2d(outside, kernel_size=b, stride=1)  # 1 where a whole block fits
+        hw = (zero + 1.0).sum()
+        gamma = hw / valid.sum().clamp(min=1.0) * (self.p / (b * b))
+        seeds = (uniform_like(x) < gamma).to(x.dtype) * valid
+        mask = 1.0 - F.max_pool2d(F.pad(seeds, (b - 1, 0, b - 1, 0)), kernel_size=b, stride=1)
+        numel = hw * x.size(1)
+        kept = mask.sum(dim=(1, 2, 3), keepdim=True)
+        return x * mask * (numel / kept.clamp(min=1.0))
 
 
 def dropblock_onnx(b: OnnxBuilder, x: str, info: TensorInfo, p: float, block_size: int) -> tuple[str, str]:
@@ -266,8 +291,9 @@ register(VariantSpec(
           "overlapping blocks and the smaller coverage near the borders). numel and sum(M) are per sample, so an example's output does "
           "not depend on the rest of its batch; a sample with every unit dropped outputs zeros. Default p = 0.1 "
           "(the paper's keep_prob 0.9). b must not exceed H or W: an error at inject time in ONNX when H and W are "
-          "static, and when the torch site runs. With dynamic H and W in ONNX, gamma and the seed region come "
-          "from Shape(x) at run time (a map smaller than b is left unchanged there).",
+          "static, and when the torch site runs eagerly. With dynamic H and W (ONNX, or a .pt2/TorchScript "
+          "captured with symbolic sizes), gamma and the seed region come from the map's size at run time "
+          "(a map smaller than b is left unchanged there).",
 ))
 register(VariantSpec(
     name="cutout", summary="zero L x L squares of the input at uniformly random centres",

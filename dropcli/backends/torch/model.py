@@ -120,8 +120,14 @@ class TorchModel:
                 m = patterns[n]
                 ops = "/".join(fname(v) or str(v.target) for v in g.nodes if v in m.interior)
                 info[n] = (f"{m.name}({ops})", m.kind, "", 0)
+        # A recurrent module called in a symbolic trace returns (output, state): its row is the
+        # getitem of the output sequence (as in an exported graph), so a site after it gets a tensor
+        seq_of = self._recurrent_outputs(nodes)
+        nodes = [n for n in nodes if n not in seq_of.values()]
+        for g0, call in seq_of.items():
+            info[g0] = info[call]
         # Name nodes: module path where the node ends a module call, else path/node.
-        paths = {n: _scope_path(n, params) for n in nodes}
+        paths = {n: str(seq_of[n].target) if n in seq_of else _scope_path(n, params) for n in nodes}
         for n in nodes:
             path = paths[n]
             if path and n.op != "placeholder":
@@ -236,6 +242,17 @@ class TorchModel:
             # side-effect-only nodes (export's runtime dtype asserts) on the site's values
             internal |= {u for m in internal for u in m.users if not u.users and u is not n}
             out[n] = (site, x, internal)
+        return out
+
+    def _recurrent_outputs(self, nodes: Sequence[fx.Node]) -> dict[fx.Node, fx.Node]:
+        """``{getitem(call, 0): call}`` for each nn.LSTM/GRU/RNN module call among ``nodes`` whose
+        output sequence is read (a symbolic trace's call returns the (output, state) tuple)."""
+        out: dict[fx.Node, fx.Node] = {}
+        for n in nodes:
+            if n.op == "call_module" and isinstance(self.gm.get_submodule(n.target), nn.RNNBase):
+                firsts = [u for u in n.users if u.op == "call_function" and u.target is operator.getitem and u.args[1:] == (0,)]
+                if len(firsts) == 1:
+                    out[firsts[0]] = n
         return out
 
     def _raw_info(self, n: fx.Node, params: dict[str, nn.Parameter]) -> tuple[str, str, str, int]:

@@ -128,12 +128,12 @@ def require_example(example: tuple | None, fmt: str) -> tuple:
 
 
 def to_exported(gm: fx.GraphModule, example: tuple):
-    """``gm`` captured with ``torch.export``: the batch dimension dynamic, and every dimension of
-    an integer input (token ids, attention masks: the sequence length is the data's) where the
-    model allows it (``Dim.AUTO`` keeps a dimension the graph fixes static)."""
-    dyn = tuple(None if t.dim() == 0 else
-                {d: torch.export.Dim.AUTO for d in range(t.dim() if not t.is_floating_point() else 1)}
-                for t in example)
+    """``gm`` captured with ``torch.export``: the batch dimension dynamic, every dimension of an
+    integer input (token ids, attention masks: the sequence length is the data's), and every
+    other input dimension that is dynamic in ``gm`` (a ``.pt2`` exported with a dynamic H and W
+    keeps them), each where the model allows it (``Dim.AUTO`` keeps a dimension the graph fixes
+    static): the output runs at every size the input model ran at."""
+    dyn = tuple({d: torch.export.Dim.AUTO for d in dims} or None for dims in _dynamic_dims(gm, example))
     args, kwargs = example, None
     names = keyword_signature(gm)
     if names and len(names) == len(example):
@@ -144,6 +144,22 @@ def to_exported(gm: fx.GraphModule, example: tuple):
             return torch.export.export(gm, args, kwargs=kwargs, dynamic_shapes=dyn, strict=False)
     except Exception as e:  # noqa: BLE001
         raise DropcliError(f"cannot capture the rewritten model with torch.export: {short_error(e)}", "try --format torchscript") from e
+
+
+def _dynamic_dims(gm: fx.GraphModule, example: tuple) -> list[list[int]]:
+    """Per example input: dim 0 (the batch), every dim of an integer input, and the dims the
+    graph's placeholder holds as symbols. ``Dim.AUTO`` lets export keep each one dynamic where the
+    rewritten graph allows it."""
+    vals = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(vals) != len(example):
+        vals = [None] * len(example)
+    out = []
+    for t, v in zip(example, vals):
+        dims = set(range(t.dim() if not t.is_floating_point() else min(t.dim(), 1)))
+        if isinstance(v, torch.Tensor) and v.dim() == t.dim():
+            dims |= {d for d, s in enumerate(v.shape) if not isinstance(s, int)}
+        out.append(sorted(dims))
+    return out
 
 
 def keyword_signature(gm: fx.GraphModule) -> list[str]:
