@@ -134,6 +134,35 @@ def test_multi_chunk_budget_path_matches_and_respects_budget(files):
     assert np.array_equal(res.eval, full.eval)
 
 
+def test_next_chunks_noise_is_drawn_in_the_background_with_the_same_bits(files, monkeypatch):
+    """run_mc tells the runner which chunk comes next; its noise is drawn in a background thread
+    while the session runs. Every chunk after the first is drawn there, and the samples are bit
+    for bit those drawn on demand (including a short last chunk and chunks split over T)."""
+    import threading
+
+    r = _runner(files["cnn"][0])
+    x = _data(SHAPES["cnn"], 45, seed=4)
+    where: list[str] = []
+    draw = r.draw_noise
+
+    def spy(*a, **k):
+        where.append(threading.current_thread().name)
+        return draw(*a, **k)
+
+    monkeypatch.setattr(r, "draw_noise", spy)
+    ahead = run_mc(r, [x], 40, seed=5, batch_size=20)
+    assert ahead.chunks == 3 and len(where) == 3
+    assert where[0] == threading.current_thread().name and all(w.startswith("dropcli-noise") for w in where[1:])
+    split = run_mc(r, [x[:6]], 40, seed=5, batch_size=20, max_memory=r.row_bytes([x]) * 32)  # one example, T: 32 + 8
+    assert split.chunks == 2 * 6
+    monkeypatch.setattr(OnnxRunner, "draws_ahead", False)
+    where.clear()
+    plain = run_mc(r, [x], 40, seed=5, batch_size=20)
+    assert set(where) == {threading.current_thread().name}
+    np.testing.assert_array_equal(ahead.samples, plain.samples)
+    np.testing.assert_array_equal(split.samples, plain.samples[:, :6])
+
+
 # ----------------------------------------------------------------------------- eval and p = 0
 @pytest.mark.parametrize("name", ["mlp", "cnn", "res"])
 def test_eval_reproduces_the_original_model_and_p0_equals_eval(files, name):

@@ -269,6 +269,54 @@ def raw_words_fit(t0: int, t1: int, rest: int, per_word: int) -> bool:
     return not any((min(b0 + SAMPLE_BLOCK, t1) - b0) * rest % per_word for b0 in range(t0, t1, SAMPLE_BLOCK))
 
 
+def padded_indices(indices: Sequence[int]) -> list[int]:
+    """The example indices of a chunk as the engines key it: a chunk under MIN_ROWS examples is
+    padded with rows keyed -1, -2, ... (their samples are dropped)."""
+    idx = [int(i) for i in indices]
+    return idx + [-1 - k for k in range(MIN_ROWS - len(idx))]
+
+
+class DrawAhead:
+    """Draws the next chunk's noise in a background thread while this chunk runs.
+
+    ``submit(key, fn, *args)`` starts ``fn(*args)`` (one job at a time, replacing any that was
+    not taken); ``take(key)`` returns its result if the job was for ``key``, else None (the
+    caller then draws itself). The noise is a pure function of the key, so where it was drawn
+    changes no bit of it. numpy and onnxruntime/torch release the GIL while they compute, so
+    the draw overlaps the chunk's matrix products (it shortens the serial part of a chunk: on
+    2 threads the products keep both cores busy, the draw does not). An exception in the
+    drawing thread is raised by ``take``."""
+
+    def __init__(self) -> None:
+        self._pool = None
+        self._pending: tuple[object, object] | None = None  # (key, future)
+
+    def submit(self, key: object, fn, *args) -> None:
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dropcli-noise")
+        self.drop()
+        self._pending = (key, self._pool.submit(fn, *args))
+
+    def take(self, key: object):
+        if self._pending is None or self._pending[0] != key:
+            self.drop()
+            return None
+        fut = self._pending[1]
+        self._pending = None
+        return fut.result()  # type: ignore[attr-defined]
+
+    def drop(self) -> None:
+        """Forget a pending draw (it finishes in the background; its result is discarded)."""
+        if self._pending is not None:
+            self._pending[1].cancel()  # type: ignore[attr-defined]
+            self._pending = None
+
+    def __getstate__(self):  # pragma: no cover - threads don't pickle (Ray ships runners)
+        return {"_pool": None, "_pending": None}
+
+
 STREAM_SALT = 0x00D5_7EA3  # keys the streams of the inputs after the first (see stream_seed)
 
 

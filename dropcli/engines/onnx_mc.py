@@ -45,7 +45,7 @@ from dropcli.backends.onnx.model import OnnxModel
 from dropcli.model.naming import MC_INPUT, node_site
 from dropcli.io.data import InputSpec
 from dropcli.errors import DropcliError
-from dropcli.engines.keyed import MIN_ROWS, keep_masks
+from dropcli.engines.keyed import MIN_ROWS, DrawAhead, keep_masks, padded_indices
 
 T_INPUT = "dropcli_T"
 NOISE_PREFIX = "dropcli_noise_"
@@ -211,6 +211,8 @@ def intra_op_threads() -> int:
 class OnnxRunner:
     """MC dropout over an :class:`OnnxModel`, with the interface of ``dropcli.mc.TorchRunner``."""
 
+    draws_ahead = True  # run(..., then=next chunk): the next chunk's noise is drawn while this one runs
+
     def __init__(self, model: OnnxModel, device: str = "cpu"):
         self.model = model
         self.device_name = device
@@ -235,6 +237,7 @@ class OnnxRunner:
         self._mc_session = None
         self._eval_session = None
         self._row_bytes: int | None = None
+        self._ahead = DrawAhead()
         self.mc_model: onnx.ModelProto | None = None
         self._pending_inputs: list[onnx.ValueInfoProto] = []
         self._pending_inits: list[onnx.TensorProto] = []
@@ -797,8 +800,12 @@ class OnnxRunner:
             raise DropcliError(f"the model takes {len(self._inputs)} inputs, got {len(xs)}")
         return {vi.name: x for vi, x in zip(self._inputs, xs)}
 
-    def run(self, xs: Sequence[np.ndarray], indices: Sequence[int], seed: int, T: int, t0: int = 0) -> np.ndarray:
-        """Outputs of T samples for B examples: [B, T, ...] float32 (first model output)."""
+    def run(self, xs: Sequence[np.ndarray], indices: Sequence[int], seed: int, T: int, t0: int = 0,
+            then: tuple[Sequence[int], int, int] | None = None) -> np.ndarray:
+        """Outputs of T samples for B examples: [B, T, ...] float32 (first model output).
+
+        ``then``: (indices, T, t0) of the chunk that comes next, with the same seed; its noise
+        is drawn in a background thread while this chunk's session runs (the same bits)."""
         if self.mc_model is None:
             raise DropcliError("the model has no dropout sites, so MC dropout has nothing to sample")
         xs, idx, B0 = self._pad(xs, indices)
@@ -806,7 +813,14 @@ class OnnxRunner:
         feeds = self._feeds(xs)
         feeds[T_INPUT] = np.array([T], dtype=np.int64)
         rows = B * T
-        feeds.update(self.draw_noise(seed, idx, t0, T))
+        noise = self._ahead.take((int(seed), tuple(idx), int(t0), int(T)))
+        if noise is None:
+            noise = self.draw_noise(seed, idx, t0, T)
+        if then is not None:
+            nidx, nT, nt0 = padded_indices(then[0]), int(then[1]), int(then[2])
+            self._ahead.submit((int(seed), tuple(nidx), nt0, nT), self.draw_noise, seed, nidx, nt0, nT)
+        feeds.update(noise)
+        del noise
         sess = self._mc_sess(seed, idx, t0)
         self.session_runs += 1
         out = sess.run([self.mc_model.graph.output[0].name], feeds)[0]
@@ -884,6 +898,8 @@ class OnnxRunner:
         for n in self.mc_model.graph.node:
             if n.name in suffix or "__dropcli_tiled" in "".join(n.output):
                 names.extend(o for o in n.output if o)
+        # the noise feeds count twice: the next chunk's noise is drawn while this chunk runs
+        names += [f.name for f in self.noise_feeds]
         sizes: list[int] = []
         unknown = 0
         for v in names:

@@ -92,6 +92,11 @@ def run_mc(runner: Any, inputs: Sequence[np.ndarray], T: int, seed: int, batch_s
     samples: np.ndarray | None = None
     evals: list[np.ndarray] = []
     chunks = 0
+    # (examples, samples) of every chunk in order: a runner that can draw a chunk's noise ahead
+    # (``draws_ahead``) is told which chunk comes next, and draws its noise while this one runs
+    order = [(i0, min(n, i0 + per_chunk), t0, min(T, t0 + t_chunk))
+             for i0 in range(0, n, per_chunk) for t0 in range(0, T, t_chunk)]
+    ahead = getattr(runner, "draws_ahead", False) and len(order) > 1
     for i0 in range(0, n, per_chunk):
         i1 = min(n, i0 + per_chunk)
         xs = [x[i0:i1] for x in inputs]
@@ -99,7 +104,12 @@ def run_mc(runner: Any, inputs: Sequence[np.ndarray], T: int, seed: int, batch_s
         parts = []
         for t0 in range(0, T, t_chunk):
             t1 = min(T, t0 + t_chunk)
-            parts.append(runner.run(xs, idx, seed, t1 - t0, t0))
+            if ahead and chunks + 1 < len(order):
+                j0, j1, u0, u1 = order[chunks + 1]
+                then = (list(range(index_offset + j0, index_offset + j1)), u1 - u0, u0)
+                parts.append(runner.run(xs, idx, seed, t1 - t0, t0, then=then))
+            else:
+                parts.append(runner.run(xs, idx, seed, t1 - t0, t0))
             chunks += 1
         block = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)  # [B, T, K...]
         if samples is None:
