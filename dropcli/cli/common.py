@@ -63,6 +63,21 @@ def fail(message: str, code: int = EXIT_ERROR) -> None:
     raise typer.Exit(code)
 
 
+def debug_log() -> None:
+    """Under --debug, dropcli's own debug notes (``logging.getLogger("dropcli")``: which route
+    loaded a model, say) go to stderr."""
+    import logging
+
+    lg = logging.getLogger("dropcli")
+    for old in [h for h in lg.handlers if getattr(h, "dropcli_debug", False)]:
+        lg.removeHandler(old)  # one per command, on the stderr of this command
+    h = logging.StreamHandler(sys.stderr)
+    h.setFormatter(logging.Formatter("debug: %(message)s"))
+    h.dropcli_debug = True  # type: ignore[attr-defined]
+    lg.addHandler(h)
+    lg.setLevel(logging.DEBUG)
+
+
 def handle_errors(fn: Callable) -> Callable:
     """Turn exceptions into one-line messages and exit codes (tracebacks only with --debug).
 
@@ -75,6 +90,8 @@ def handle_errors(fn: Callable) -> Callable:
             STATE.quiet = True
         if dropcli_debug:
             STATE.debug = True
+        if STATE.debug:
+            debug_log()
         try:
             with known_warnings_silenced(show=STATE.debug):
                 return fn(*args, **kwargs)
