@@ -471,20 +471,14 @@ def check_task(entry: Entry, r) -> None:
 
 # ---------------------------------------------------------------- cells known to fail today
 
-_TS_NAMES = "uncertainty: a traced TorchScript's inputs are renamed (input_ids_1_1), so the data's named arrays are not matched"
 _PRUNE_TUPLE = "prune: a model whose output is a ModelOutput or tuple is refused (issue 15: prune on the first output)"
 _RNN_ONNX = "uncertainty: the exporter builds the LSTM/GRU initial state at the input's batch, which MC tiling does not follow"
 _RNN_TUPLE = "mc: the default site after an LSTM/GRU module lands on its (output, state) tuple in a symbolically traced graph"
 KNOWN_GAPS: dict[tuple[str, str], str] = {
-    **{(m, "ts"): _TS_NAMES for m in ("bert", "distilbert", "minilm")},
     **{(m, f): _PRUNE_TUPLE for m in ("resnet", "mobilenetv2") for f in ("pt2kw", "pt2", "ts", "pickle", "state_dict")},
-    ("encoder", "ts"): "inject: the trace bakes batch x heads in through .item(); dropcli refuses TorchScript that "
-                       "would run only at the traced batch (--format export works)",
     **{(m, f): _RNN_ONNX for m in ("lstm", "gru") for f in ("onnx17", "onnx18")},
     **{(m, f): _RNN_TUPLE for m in ("lstm", "gru") for f in ("pickle", "state_dict")},
     ("audio", "pt2kw"): "prune: a keyword-input program is called positionally by the prune loop",
-    ("vit", "ts"): "uncertainty: the MC engine cannot evaluate the converted ViT TorchScript graph, whose head count "
-                   "passes through a data-dependent .item()",
 }
 
 

@@ -532,7 +532,7 @@ def same_outputs(ts: torch.jit.ScriptModule, gm: fx.GraphModule, example: tuple,
                 raise DropcliError(f"TorchScript model {path} fails on the example input: {short_error(e)}",
                                    "check --input-shape, or the data's shape") from e
             try:
-                got = gm(*probe)
+                got = gm(*probe) if i else _MarkValues(gm).run(*probe)
             except Exception as e:  # noqa: BLE001
                 return f"fails at {len(probe[0]) if n else '?'} rows ({short_error(e)})"
         a, b = torch.utils._pytree.tree_leaves(want), torch.utils._pytree.tree_leaves(got)
@@ -545,6 +545,19 @@ def same_outputs(ts: torch.jit.ScriptModule, gm: fx.GraphModule, example: tuple,
                     x, y, rtol=1e-5, atol=1e-6, equal_nan=True)):
                 return f"differs from the module (at {len(probe[0]) if n else '?'} rows)"
     return ""
+
+
+class _MarkValues(fx.Interpreter):
+    """Runs the graph and records, on each node whose value is not a tensor, that value's kind
+    (``meta['val']``: a size as its int, a tuple of outputs as meta tensors), as torch.export
+    records them: dropcli puts no site on an LSTM's (output, state) tuple or on a size."""
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        if not isinstance(out, torch.Tensor) and n.op not in ("placeholder", "output", "get_attr"):
+            n.meta["val"] = torch.utils._pytree.tree_map(
+                lambda v: torch.empty_like(v, device="meta") if isinstance(v, torch.Tensor) else v, out)
+        return out
 
 
 def ts_to_fx(ts: torch.jit.ScriptModule, example: tuple, path: Path) -> fx.GraphModule:

@@ -65,6 +65,9 @@ def _true_div(a: Any, b: Any) -> float:
     return a / b
 
 
+_trunc_div.dropcli_size_arith = _true_div.dropcli_size_arith = True  # type: ignore[attr-defined]  # the MC engine recomputes sizes
+
+
 _NUM_OPS = {"mul": operator.mul, "add": operator.add, "sub": operator.sub, "floor_divide": operator.floordiv,
             "remainder": operator.mod, "rsub": operator.sub}  # rsub: operands swapped
 _ID_OPS = {"aten::Int", "aten::Float", "aten::ScalarImplicit", "aten::IntImplicit", "aten::FloatImplicit"}
