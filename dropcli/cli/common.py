@@ -63,19 +63,25 @@ def fail(message: str, code: int = EXIT_ERROR) -> None:
     raise typer.Exit(code)
 
 
-def debug_log() -> None:
+def debug_log() -> Any:
     """Under --debug, dropcli's own debug notes (``logging.getLogger("dropcli")``: which route
-    loaded a model, say) go to stderr."""
+    loaded a model, say) go to this command's stderr; the handler (removed when the command ends)."""
     import logging
 
     lg = logging.getLogger("dropcli")
-    for old in [h for h in lg.handlers if getattr(h, "dropcli_debug", False)]:
-        lg.removeHandler(old)  # one per command, on the stderr of this command
     h = logging.StreamHandler(sys.stderr)
     h.setFormatter(logging.Formatter("debug: %(message)s"))
-    h.dropcli_debug = True  # type: ignore[attr-defined]
     lg.addHandler(h)
     lg.setLevel(logging.DEBUG)
+    return h
+
+
+def _end_debug_log(h: Any) -> None:
+    import logging
+
+    lg = logging.getLogger("dropcli")
+    lg.removeHandler(h)
+    lg.setLevel(logging.NOTSET)
 
 
 def handle_errors(fn: Callable) -> Callable:
@@ -90,8 +96,7 @@ def handle_errors(fn: Callable) -> Callable:
             STATE.quiet = True
         if dropcli_debug:
             STATE.debug = True
-        if STATE.debug:
-            debug_log()
+        log_handler = debug_log() if STATE.debug else None
         try:
             with known_warnings_silenced(show=STATE.debug):
                 return fn(*args, **kwargs)
@@ -111,6 +116,8 @@ def handle_errors(fn: Callable) -> Callable:
             text = str(e).strip().splitlines()[0] if str(e).strip() else ""
             fail(_escape(f"unexpected {type(e).__name__}: {text[:300]} (run with --debug for the traceback)"), EXIT_ERROR)
         finally:
+            if log_handler is not None:
+                _end_debug_log(log_handler)
             from dropcli.io.files import reset_stdio
 
             reset_stdio()
