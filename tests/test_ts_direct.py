@@ -198,3 +198,19 @@ def test_direct_and_converter_routes_give_identical_mc_samples():
     assert a.shape == (6, 5, 10)
     assert torch.equal(a, b)
     assert not torch.equal(a[:, 0], a[:, 1])  # it samples
+
+
+def test_size_arithmetic_survives_pickling():
+    """A pickled GraphModule is re-traced symbolically when loaded: the size arithmetic must have
+    no Python branch (sizes' rounding-toward-zero division is written as floor division)."""
+    import io
+
+    ts = _trace(nn.MultiheadAttention(8, 2, batch_first=True), *(torch.randn(2, 5, 8),) * 3)
+    gm = translate(ts, _names(ts))
+    assert any(n.target is __import__("operator").floordiv for n in gm.graph.nodes)
+    buf = io.BytesIO()
+    torch.save(gm, buf)
+    back = torch.load(io.BytesIO(buf.getvalue()), weights_only=False)  # our own object, not a user's file
+    x = torch.randn(4, 5, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x, x, x)[0], ts(x, x, x)[0], rtol=1e-6, atol=1e-6)

@@ -68,6 +68,16 @@ def _true_div(a: Any, b: Any) -> float:
 _trunc_div.dropcli_size_arith = _true_div.dropcli_size_arith = True  # type: ignore[attr-defined]  # the MC engine recomputes sizes
 
 
+def _nonneg(v: Any) -> bool:
+    """Whether a size expression is known to be >= 0: sizes, and products, sums and floor
+    quotients of them with non-negative constants."""
+    if isinstance(v, fx.Node):
+        if v.target is torch.ops.aten.sym_size.int:
+            return True
+        return v.target in (operator.mul, operator.add, operator.floordiv) and all(_nonneg(a) for a in v.args)
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
+
+
 _NUM_OPS = {"mul": operator.mul, "add": operator.add, "sub": operator.sub, "floor_divide": operator.floordiv,
             "remainder": operator.mod, "rsub": operator.sub}  # rsub: operands swapped
 _ID_OPS = {"aten::Int", "aten::Float", "aten::ScalarImplicit", "aten::IntImplicit", "aten::FloatImplicit"}
@@ -304,6 +314,8 @@ class _Translator:
             fn = {None: _true_div, "trunc": _trunc_div, "floor": operator.floordiv}.get(mode)
             if fn is None:
                 return False
+            if fn is _trunc_div and all(_nonneg(v) for v in vals):
+                fn = operator.floordiv  # sizes: rounding toward zero is floor division (and has no branch to trace)
         else:
             return False
         kinds = [a.kind if isinstance(a, _Num) else type(v) for a, v in zip(args[:2], vals)]
