@@ -41,11 +41,14 @@ class _Num:
     """A trace's integer (or float) held as a 0-dim tensor (``prim::NumToTensor``): kept as the
     Python number it came from (a node of the graph or a constant)."""
 
-    __slots__ = ("value", "kind")
+    __slots__ = ("value", "kind", "dtype")
 
-    def __init__(self, value: Any, kind: type):
+    def __init__(self, value: Any, kind: type, dtype: torch.dtype | None = None):
         self.value = value
         self.kind = kind
+        # as a tensor: NumToTensor gives int64 / float64 / bool; a true division of integer
+        # tensors gives the default float dtype
+        self.dtype = dtype or {int: torch.int64, float: torch.float64}.get(kind, torch.bool)
 
 
 # ScalarType / MemoryFormat / Layout are plain integers in a TorchScript graph
@@ -139,8 +142,7 @@ class _Translator:
     def plain(self, val: Any) -> Any:
         """A value as an argument of a real op: a trace's number is a 0-dim tensor there."""
         if isinstance(val, _Num):
-            dtype = torch.int64 if val.kind is int else torch.float64 if val.kind is float else torch.bool
-            return self.graph.call_function(torch.ops.aten.scalar_tensor.default, (val.value,), {"dtype": dtype})
+            return self.graph.call_function(torch.ops.aten.scalar_tensor.default, (val.value,), {"dtype": val.dtype})
         if isinstance(val, list):
             return [self.plain(v) for v in val]
         if isinstance(val, tuple):
@@ -318,14 +320,21 @@ class _Translator:
                 fn = operator.floordiv  # sizes: rounding toward zero is floor division (and has no branch to trace)
         else:
             return False
+        nums = [a for a in args[:2] if isinstance(a, _Num)]
         kinds = [a.kind if isinstance(a, _Num) else type(v) for a, v in zip(args[:2], vals)]
         kind = float if float in kinds or fn is _true_div else int
+        if fn is _true_div and int in kinds and float not in kinds:
+            dtype = torch.get_default_dtype()  # int / int as tensors: the default float dtype
+        else:  # the wider of the operands' tensor types (int64 < float64)
+            dtype = max((a.dtype for a in nums), key=lambda d: d.is_floating_point) if kind is float else torch.int64
+            if kind is float and not dtype.is_floating_point:
+                dtype = torch.get_default_dtype()
         if name == "rsub":
             vals = vals[::-1]
         if all(not isinstance(v, fx.Node) for v in vals):
-            self.set(outs[0], _Num(fn(*vals), kind))
+            self.set(outs[0], _Num(fn(*vals), kind, dtype))
         else:
-            self.set(outs[0], _Num(self.graph.call_function(fn, tuple(vals)), kind))
+            self.set(outs[0], _Num(self.graph.call_function(fn, tuple(vals)), kind, dtype))
         return True
 
     @staticmethod
