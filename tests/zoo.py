@@ -483,13 +483,7 @@ def check_task(entry: Entry, r) -> None:
 
 # ---------------------------------------------------------------- cells known to fail today
 
-_TS_NAMES = "uncertainty: a traced TorchScript's inputs are renamed (input_ids_1_1), so the data's named arrays are not matched"
 KNOWN_GAPS: dict[tuple[str, str], str] = {
-    **{(m, "ts"): _TS_NAMES for m in ("bert", "distilbert", "minilm")},
-    ("encoder", "ts"): "inject: the trace bakes batch x heads in through .item(); dropcli refuses TorchScript that "
-                       "would run only at the traced batch (--format export works)",
-    ("vit", "ts"): "uncertainty: the MC engine cannot evaluate the converted ViT TorchScript graph, whose head count "
-                   "passes through a data-dependent .item()",
 }
 
 

@@ -63,6 +63,27 @@ def fail(message: str, code: int = EXIT_ERROR) -> None:
     raise typer.Exit(code)
 
 
+def debug_log() -> Any:
+    """Under --debug, dropcli's own debug notes (``logging.getLogger("dropcli")``: which route
+    loaded a model, say) go to this command's stderr; the handler (removed when the command ends)."""
+    import logging
+
+    lg = logging.getLogger("dropcli")
+    h = logging.StreamHandler(sys.stderr)
+    h.setFormatter(logging.Formatter("debug: %(message)s"))
+    lg.addHandler(h)
+    lg.setLevel(logging.DEBUG)
+    return h
+
+
+def _end_debug_log(h: Any) -> None:
+    import logging
+
+    lg = logging.getLogger("dropcli")
+    lg.removeHandler(h)
+    lg.setLevel(logging.NOTSET)
+
+
 def handle_errors(fn: Callable) -> Callable:
     """Turn exceptions into one-line messages and exit codes (tracebacks only with --debug).
 
@@ -75,6 +96,7 @@ def handle_errors(fn: Callable) -> Callable:
             STATE.quiet = True
         if dropcli_debug:
             STATE.debug = True
+        log_handler = debug_log() if STATE.debug else None
         try:
             with known_warnings_silenced(show=STATE.debug):
                 return fn(*args, **kwargs)
@@ -94,6 +116,8 @@ def handle_errors(fn: Callable) -> Callable:
             text = str(e).strip().splitlines()[0] if str(e).strip() else ""
             fail(_escape(f"unexpected {type(e).__name__}: {text[:300]} (run with --debug for the traceback)"), EXIT_ERROR)
         finally:
+            if log_handler is not None:
+                _end_debug_log(log_handler)
             from dropcli.io.files import reset_stdio
 
             reset_stdio()

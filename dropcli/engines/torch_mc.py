@@ -30,6 +30,12 @@ _ATEN_RAND = {"rand_like": "uniform", "randn_like": "normal", "rand": "uniform",
 _SIZE_FUNCS = {"sym_size", "size", "sym_numel", "sym_stride", "dim"}
 
 
+def _reads_size(n: fx.Node) -> bool:
+    """A size read (``sym_size``...) or Python arithmetic on sizes (``operator.mul``...)."""
+    return n.op == "call_function" and (aten_name(n.target) in _SIZE_FUNCS or getattr(n.target, "__module__", "") == "_operator"
+                                        or getattr(n.target, "dropcli_size_arith", False))
+
+
 def _is_tensor_like(v: Any) -> bool:
     return isinstance(v, torch.Tensor)
 
@@ -54,12 +60,16 @@ class TorchMC:
                 self.input_dependent.add(n)
         # free each value after its last use, so memory holds only live tensors
         pos = {n: i for i, n in enumerate(self.nodes)}
+        # a size (or arithmetic on sizes) that the suffix reads is recomputed there from the tiled
+        # tensor (get_t): the tensor lives until the size's own last use
+        last_use: dict[fx.Node, int] = {}
+        for n in reversed(self.nodes):
+            last_use[n] = max((last_use[u] if _reads_size(u) else pos[u] for u in n.users), default=pos[n])
         self.frees: dict[int, list[fx.Node]] = {}
         for n in self.nodes:
             if n.op in ("placeholder", "get_attr", "output"):
                 continue
-            last = max((pos[u] for u in n.users), default=pos[n])
-            self.frees.setdefault(last, []).append(n)
+            self.frees.setdefault(last_use[n], []).append(n)
 
     # ---------------------------------------------------------------- classification
     def _is_site(self, n: fx.Node) -> bool:

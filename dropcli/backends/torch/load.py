@@ -1,6 +1,8 @@
 """The five torch formats, each loaded as one ``torch.fx.GraphModule``.
 
-* TorchScript  -> ``TS2EPConverter`` -> ExportedProgram -> ``.module()`` (or, for a TorchScript
+* TorchScript  -> its inlined graph translated op by op (:mod:`dropcli.backends.torch.tsgraph`)
+  and checked against the module on the example input; where that translation does not cover
+  the graph, ``TS2EPConverter`` -> ExportedProgram -> ``.module()`` (or, for a TorchScript
   dropcli wrote around a loop, the torch.export program it stored beside the graph)
 * ``.pt2``      -> ``torch.export.load(...).module()``
 * pickled module / state_dict + ``--arch`` -> ``torch.fx.symbolic_trace`` (dropcli sites kept
@@ -13,6 +15,7 @@ or the first layer) and the site and model records dropcli stored beside the gra
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +32,7 @@ from dropcli.model.naming import EXAMPLE_FILE, MODEL_ATTR, MODEL_FILE, PROGRAM_F
 from dropcli.model.quiet import quiet, short_error
 from dropcli.variants.base import LayerSite, SiteModule
 
+LOG = logging.getLogger("dropcli")
 GUARD_TARGETS = {"_guards_fn"}  # torch.export's input-constraint checks (a call_module node)
 
 
@@ -124,11 +128,12 @@ def load_graph(
         if example is None:
             fallback = traced_inputs(ts) or example_from_modules(ts, len(names) or 1)
             example = data_example(example_data, names) or fallback
+        reader = ScriptReader(ts, names, path)
         if example is not None and fallback is not None and example is not fallback:
             # data that does not fit the model (a wrong width, say) is reported by the verb's
             # input check, with the shape the model expects: convert at the model's own guess
             try:
-                gm = ts_to_fx(ts, example, path)
+                gm = reader.graph(example)
             except DropcliError:
                 example = fallback
             else:
@@ -139,7 +144,7 @@ def load_graph(
                 "pass the verb's data (--input/--data), or --input-shape, for example --input-shape 1x3x32x32 "
                 "(1x8:int64 for token ids)",
             )
-        return Loaded(strip_guards(ts_to_fx(ts, example, path)), example, json_or_empty(extra[SITES_FILE]), json_or_empty(extra[MODEL_FILE]))
+        return Loaded(strip_guards(reader.graph(example)), example, json_or_empty(extra[SITES_FILE]), json_or_empty(extra[MODEL_FILE]))
     if fmt == formats.PICKLE:
         if not trust_pickle:
             raise DropcliError(
@@ -475,6 +480,85 @@ def traced_inputs(ts: torch.jit.ScriptModule) -> tuple | None:
         if vals:
             return tuple(vals)
     return None
+
+
+class ScriptReader:
+    """A TorchScript module as a GraphModule: read directly (:mod:`dropcli.backends.torch.tsgraph`),
+    checked against the module itself on the example input, else through torch's converter
+    (:func:`ts_to_fx`). ``--debug`` logs which route ran and why."""
+
+    def __init__(self, ts: torch.jit.ScriptModule, names: Sequence[str], path: Path):
+        self.ts, self.names, self.path = ts, list(names), path
+        self.direct: fx.GraphModule | None = None
+        self.why_not = ""
+
+    def graph(self, example: tuple) -> fx.GraphModule:
+        """The graph, checked at ``example``; a DropcliError when the module itself fails there."""
+        from dropcli.backends.torch.tsgraph import Unsupported, translate
+
+        if self.direct is None and not self.why_not:
+            try:
+                self.direct = translate(self.ts, self.names)
+            except Unsupported as e:
+                self.why_not = str(e)
+            except Exception as e:  # noqa: BLE001 - an unforeseen graph: the converter may still read it
+                self.why_not = f"{type(e).__name__}: {short_error(e)}"
+        if self.direct is not None:
+            why = same_outputs(self.ts, self.direct, example, self.path)
+            if not why:
+                LOG.debug("TorchScript %s: read directly into an aten graph (%d nodes)", self.path, len(self.direct.graph.nodes))
+                return self.direct
+            LOG.debug("TorchScript %s: the direct reading %s", self.path, why)
+        else:
+            LOG.debug("TorchScript %s: cannot read it directly (%s)", self.path, self.why_not)
+        LOG.debug("TorchScript %s: converting with torch._export.converter (slower)", self.path)
+        return ts_to_fx(self.ts, example, self.path)
+
+
+def same_outputs(ts: torch.jit.ScriptModule, gm: fx.GraphModule, example: tuple, path: Path) -> str:
+    """Run ``ts`` and ``gm`` on ``example`` (and on one row more, when ``ts`` runs there):
+    '' when they agree, else why not. A DropcliError when ``ts`` itself fails on ``example``."""
+    n = example[0].shape[0] if example and example[0].dim() else 0
+    probes = [example]
+    if n:
+        probes.append(tuple(torch.cat([t, t[:1]]) if t.dim() and t.shape[0] == n else t for t in example))
+    for i, probe in enumerate(probes):
+        # the executor's optimisation passes cost more than the two small runs (0.13 s on a tiny MLP)
+        with torch.no_grad(), quiet(), torch.jit.optimized_execution(False):
+            try:
+                want = ts(*probe)
+            except Exception as e:  # noqa: BLE001
+                if i:
+                    return ""  # the module itself runs only at the traced batch: nothing to compare
+                raise DropcliError(f"TorchScript model {path} fails on the example input: {short_error(e)}",
+                                   "check --input-shape, or the data's shape") from e
+            try:
+                got = gm(*probe) if i else _MarkValues(gm).run(*probe)
+            except Exception as e:  # noqa: BLE001
+                return f"fails at {len(probe[0]) if n else '?'} rows ({short_error(e)})"
+        a, b = torch.utils._pytree.tree_leaves(want), torch.utils._pytree.tree_leaves(got)
+        if len(a) != len(b):
+            return f"gives {len(b)} outputs, the module {len(a)}"
+        for x, y in zip(a, b):
+            if isinstance(x, torch.Tensor) != isinstance(y, torch.Tensor):
+                return "gives an output of another type"
+            if isinstance(x, torch.Tensor) and (x.shape != y.shape or x.dtype != y.dtype or not torch.allclose(
+                    x, y, rtol=1e-5, atol=1e-6, equal_nan=True)):
+                return f"differs from the module (at {len(probe[0]) if n else '?'} rows)"
+    return ""
+
+
+class _MarkValues(fx.Interpreter):
+    """Runs the graph and records, on each node whose value is not a tensor, that value's kind
+    (``meta['val']``: a size as its int, a tuple of outputs as meta tensors), as torch.export
+    records them: dropcli puts no site on an LSTM's (output, state) tuple or on a size."""
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        if not isinstance(out, torch.Tensor) and n.op not in ("placeholder", "output", "get_attr"):
+            n.meta["val"] = torch.utils._pytree.tree_map(
+                lambda v: torch.empty_like(v, device="meta") if isinstance(v, torch.Tensor) else v, out)
+        return out
 
 
 def ts_to_fx(ts: torch.jit.ScriptModule, example: tuple, path: Path) -> fx.GraphModule:
