@@ -291,3 +291,17 @@ def test_tied_weights_become_modules(tmp_path):
         torch.testing.assert_close(gm(ids), model(ids), atol=1e-6, rtol=0)
     mods = [gm.get_submodule(n.target) for n in gm.graph.nodes if n.op == "call_module"]
     assert sum(isinstance(m, nn.Linear) for m in mods) == 2
+
+
+def test_torchscript_batchnorm1d_keeps_its_rank(tmp_path):
+    """A TorchScript graph read directly records no shapes; a functional batch norm on a 3-d map
+    must still become BatchNorm1d (it became BatchNorm2d: 'expected 4D input (got 3D input)')."""
+    torch.manual_seed(0)
+    model = randomise_bn(nn.Sequential(nn.Conv1d(1, 4, 5), nn.BatchNorm1d(4), nn.ReLU(), nn.AdaptiveAvgPool1d(1),
+                                       nn.Flatten(), nn.Linear(4, 3))).eval()
+    path = save_as(model, torch.randn(2, 1, 32), tmp_path / "a.pt", "torchscript")
+    gm = to_modules(load_model(path, input_shape="2x1x32"))
+    x = torch.randn(3, 1, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x), atol=1e-5, rtol=0)
+    assert any(isinstance(m, nn.BatchNorm1d) for m in gm.modules())

@@ -1401,5 +1401,25 @@ def to_modules(model: Any, keep_dropout: bool = False) -> fx.GraphModule:
     if getattr(model, "backend", None) == "onnx":
         gm = from_onnx(model.model, keep_dropout)
     else:
-        gm = modularize(model.gm)
+        gm = modularize(_with_ranks(model.gm, getattr(model, "example_inputs", None)))
     return gm.eval()
+
+
+def _with_ranks(gm: fx.GraphModule, example: tuple | None) -> fx.GraphModule:
+    """A graph whose tensors' ranks are known: a TorchScript graph read directly records no
+    ``meta['val']``, and a functional batch norm's module (1d, 2d or 3d) is chosen by its input's
+    rank, so such a graph is run once on the example (``tensor_meta``, on a copy)."""
+    import copy
+
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    if not example or all("val" in n.meta or "tensor_meta" in n.meta for n in gm.graph.nodes
+                          if n.op in ("placeholder", "call_function", "call_module", "call_method")):
+        return gm
+    gm = copy.deepcopy(gm)
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*example)
+    except Exception:  # noqa: BLE001 - ranks stay unknown (the rewrite then assumes 2-d maps)
+        pass
+    return gm
