@@ -31,7 +31,7 @@ def main() -> int:
             print(f"zoo: {name}", file=sys.stderr, flush=True)
             res = zoo.run_model(zoo.ZOO[name], Path(tmp) / name)
             for key, r in res.items():
-                if r and any(v not in ("ok", "n/a") for v in r.values()):
+                if r and any(v not in ("ok", "n/a", "not run") for v in r.values()):
                     print(f"  {key[1]}: {r}", file=sys.stderr)
             results.update(res)
     table = zoo.render_table(results)

@@ -1,5 +1,5 @@
 """The zoo's convolutional models, exported by both ONNX exporters, import into torch modules
-that compute what onnxruntime computes, and ``dropcli prune`` runs on them (issue 15 item 4).
+that compute what onnxruntime computes (issue 15 item 4); the zoo tier (tests/zoo.py) prunes them.
 
 The legacy exporter (opset 17) writes MobileNetV2's TF-style 'same' padding as a
 ConstantOfShape/Concat/Slice/Transpose/Cast/Pad chain, and its ReLU6 as Clip; the dynamo
@@ -9,7 +9,6 @@ net's pooling through Unsqueeze/Squeeze.
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import onnx
@@ -19,7 +18,6 @@ import torch
 
 from dropcli.backends.torch.importer import from_onnx
 from tests import zoo
-from tests.helpers import cli
 
 # what each cell brings: audio (1-d convs; onnx18: ReduceMean/Squeeze/Unsqueeze), resnet (onnx18:
 # ReduceMean pooling), mobilenetv2 onnx17 (the Pad chain, Clip as ReLU6), convnext onnx17
@@ -28,7 +26,6 @@ from tests.helpers import cli
 # commit that added this file) and are left to the zoo tier.
 CELLS = [("audio", "onnx17"), ("audio", "onnx18"), ("resnet", "onnx17"), ("resnet", "onnx18"),
          ("mobilenetv2", "onnx17"), ("convnext", "onnx17")]
-PRUNED = [("audio", "onnx17"), ("audio", "onnx18"), ("resnet", "onnx18")]
 
 
 @pytest.fixture(scope="module")
@@ -66,18 +63,3 @@ def test_zoo_onnx_imports_like_onnxruntime(exported, name, fmt):
         assert "GELU" in mods and "erf" not in fns, (mods, fns)
     if name == "mobilenetv2":
         assert "ReLU6" in mods and not {"cat", "getitem"} & fns, (mods, fns)
-
-
-@pytest.mark.parametrize("name,fmt", PRUNED, ids=[f"{n}-{f}" for n, f in PRUNED])
-def test_zoo_onnx_prunes(exported, name, fmt, tmp_path):
-    path, data = exported[(name, fmt)]
-    out = tmp_path / "pruned.onnx"
-    res = cli("prune", path, "--data", data, "--epochs", "1", "--retrain-epochs", "0", "--threshold", "3",
-              "--batch-size", "24", "--allow-larger", "--json", "-q", "-o", out)
-    report = json.loads(res.stdout)
-    assert out.exists() and report
-    # the written model runs in stock onnxruntime at another batch size
-    m = onnx.load(str(out))
-    x = next(iter(zoo.ZOO[name].inputs(5).values())).numpy()
-    y = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {m.graph.input[0].name: x})[0]
-    assert y.shape == (5, zoo.CLASSES) and np.isfinite(y).all()

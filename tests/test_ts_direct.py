@@ -214,3 +214,17 @@ def test_size_arithmetic_survives_pickling():
     x = torch.randn(4, 5, 8)
     with torch.no_grad():
         torch.testing.assert_close(back(x, x, x)[0], ts(x, x, x)[0], rtol=1e-6, atol=1e-6)
+
+
+def test_parameters_stay_trainable_parameters():
+    """Parameters come back as parameters with their requires_grad, buffers as buffers: a model
+    written back from the graph (inject) trains like the input did (they had become frozen
+    buffers, and a user's training loop after `inject --variant sparse-vd` learned nothing)."""
+    torch.manual_seed(0)
+    m = randomise_bn(CNN()).eval()
+    ts = torch.jit.trace(m, torch.randn(2, 1, 8, 8))
+    gm = translate(ts)
+    want = {k: p.requires_grad for k, p in ts.named_parameters()}
+    got = {k: p.requires_grad for k, p in gm.named_parameters()}
+    assert got == want and all(want.values())
+    assert {k for k, _ in gm.named_buffers()} >= {k for k, _ in ts.named_buffers() if "running" in k}

@@ -91,7 +91,11 @@ class TorchModel:
                 dims = [None if i == 0 and d is None else int(tm.shape[i]) if d is None else d for i, d in enumerate(dims)]
             return dims
         if tm is not None and hasattr(tm, "shape"):
-            return list(tm.shape)
+            dims = list(tm.shape)
+            ex = self.example_inputs
+            if self.format == formats.TORCHSCRIPT and dims and ex and ex[0].dim() and dims[0] == ex[0].shape[0]:
+                dims[0] = None  # a TorchScript graph read directly is shaped at the example: its batch is N
+            return dims
         return None
 
     def _module_of(self, n: fx.Node) -> nn.Module | None:

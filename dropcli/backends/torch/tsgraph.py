@@ -109,6 +109,9 @@ class _Translator:
         self.env: dict[int, Any] = {}  # TorchScript value (unique id) -> fx node / python value / _Num / module path
         self.attrs: dict[str, fx.Node] = {}
         self.n_const = 0
+        # the module's parameters stay parameters (trainable as they were): a model written back
+        # from this graph must train like the input did
+        self.params = {k: p.requires_grad for k, p in ts.named_parameters()}
 
     # ------------------------------------------------------------------ values
     def get(self, v: torch._C.Value) -> Any:
@@ -130,7 +133,10 @@ class _Translator:
                 mod = getattr(mod, p)
                 if not isinstance(mod, nn.Module):
                     raise Unsupported(f"attribute path {path} crosses a non-module")
-            mod.register_buffer(leaf, value.detach())
+            if path in self.params:
+                mod.register_parameter(leaf, nn.Parameter(value.detach(), requires_grad=self.params[path]))
+            else:
+                mod.register_buffer(leaf, value.detach())
             self.attrs[path] = self.graph.get_attr(path)
         return self.attrs[path]
 
