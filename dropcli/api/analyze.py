@@ -65,6 +65,12 @@ def analyze(model: Any, x: Any, labels: Any = None, *, T: int = 100, seed: int =
     dev = resolve_device(device)
     mdl, name = resolve_model(model, load_opts(trust_pickle, imports, arch, input_shape, example_data=x))
     runner = make_runner(mdl, dev)
+    if getattr(runner, "note", None):  # a model saved with a fixed batch that bakes it in
+        raise DropcliError(f"{name} runs only at the batch size it was saved with ({runner.batch}): the analysis "
+                           "runs all T masks of a batch in one pass",
+                           "analyze the model exported with a dynamic batch (dynamic_axes / dynamic_shapes); "
+                           "`dropcli uncertainty` runs this one")
+    mdl = runner.model  # an ONNX model saved at a fixed batch that runs at any: its copy with a free batch
     if runner.n_sites == 0:
         raise DropcliError(f"{name} has no stochastic dropout sites, so there is no ensemble to analyse",
                            "inject some first, e.g. `dropcli inject MODEL --variant standard --p 0.2 -o OUT`")

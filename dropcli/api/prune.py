@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from dropcli.api.common import is_path, load_opts, resolve_model
+from dropcli.engines.fixed import trainable
 
 
 def check_prune_args(*, method: str = "sparse-vd", epochs: Optional[int] = None, threshold: Optional[float] = None,
@@ -116,6 +117,7 @@ def prune(model: Any, data: Any, output: str, *, val: Optional[str] = None, meth
     inputs = [str(model) if is_path(model) else getattr(model, "source", None)] + [p for p in (data, val) if p]
     check_output_path(output, inputs, force=force)
     loaded, model_path = resolve_model(model, load_opts(trust_pickle, imports, arch, input_shape, example_data=data), copy=True)
+    loaded = trainable(loaded)  # a model saved with a fixed batch: freed, or refused in one line
     example = model_example(loaded)
     # sparse-VD sites (`dropcli inject --variant sparse-vd`, then the user's training) come back as
     # sparse-VD layers, pruned by their own scores

@@ -205,6 +205,8 @@ def uncertainty(model: Any, x: Any, *, labels: Any = None, T: int = 50, method: 
             model = copy_model(model)  # the caller's model keeps no on-the-fly sites
     runner = build_runner(model if not is_path(model) else str(model), load_kw, dev, inject_opts, on_inject=injected)
     mdl = runner.model
+    if getattr(runner, "note", None):
+        log(f"note: {runner.note}")
     if method == "moments" and mdl.backend != "torch":
         raise UsageError("--method moments propagates moments through torch graphs; this is an ONNX model",
                          "use --method mc, or run --method moments on the torch model it was exported from")

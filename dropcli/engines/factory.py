@@ -10,7 +10,14 @@ from typing import Any, Callable, Optional, Sequence
 
 
 def make_runner(model: Any, device: str):
-    """The MC runner of a loaded model (torch: :class:`TorchRunner`; ONNX: ``OnnxRunner``)."""
+    """The MC runner of a loaded model (torch: :class:`TorchRunner`; ONNX: ``OnnxRunner``); a
+    model saved with a fixed batch size gets a runner that fits it (:mod:`dropcli.engines.fixed`)."""
+    from dropcli.engines.fixed import fit_batch
+
+    return fit_batch(model, _backend_runner(model, device), lambda m: _backend_runner(m, device))
+
+
+def _backend_runner(model: Any, device: str):
     if model.backend == "onnx":
         from dropcli.engines.onnx_mc import OnnxRunner
 

@@ -77,6 +77,7 @@ def _temper(y: np.ndarray) -> np.ndarray:
     return y
 
 
+FEW_GENERATORS = 256  # this many generators or fewer: seeded one by one in C (numpy), not vectorised
 VECTOR_MAX = _N // 2  # up to this many words per generator (one state twist), seeding dominates: vectorise it
 
 
@@ -88,11 +89,15 @@ def mt_words(seeds: np.ndarray, count: int, how: str = "auto", out: np.ndarray |
     ``how``: "vector" runs all generators at once (best when each draws few words: the 624-step
     seeding is then most of the work); "torch" (torch's own generators, one after the other) and
     "numpy" (numpy's MT19937, seeded the same way) are faster per word for long streams. "auto":
-    vector up to VECTOR_MAX words, else torch if this process has already imported it, else numpy.
+    numpy for at most FEW_GENERATORS generators, else vector up to VECTOR_MAX words, else torch if
+    this process has already imported it, else numpy.
     All give the same words."""
     seeds = np.asarray(seeds, dtype=np.uint64)
     if how == "auto":
-        how = "vector" if count <= VECTOR_MAX else ("torch" if "torch" in sys.modules else "numpy")
+        if len(seeds) <= FEW_GENERATORS:
+            how = "numpy"  # the vectorised seeding's 624 steps cost ~5 ms whatever G; numpy ~10 us per generator
+        else:
+            how = "vector" if count <= VECTOR_MAX else ("torch" if "torch" in sys.modules else "numpy")
     if out is None:
         out = np.empty((len(seeds), count), dtype=np.uint64)
     if how == "torch":

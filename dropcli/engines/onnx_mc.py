@@ -212,6 +212,7 @@ class OnnxRunner:
     """MC dropout over an :class:`OnnxModel`, with the interface of ``dropcli.mc.TorchRunner``."""
 
     draws_ahead = True  # run(..., then=next chunk): the next chunk's noise is drawn while this one runs
+    min_rows = MIN_ROWS  # smaller batches are padded to this (0 for a model saved with a fixed batch)
 
     def __init__(self, model: OnnxModel, device: str = "cpu"):
         self.model = model
@@ -751,7 +752,9 @@ class OnnxRunner:
         import onnxruntime as ort
 
         so = ort.SessionOptions()
-        so.log_severity_level = 3
+        # FATAL only: a failed run raises, and dropcli reports it in one line (an ERROR log would
+        # print onnxruntime's own copy of it first)
+        so.log_severity_level = 4
         so.intra_op_num_threads = intra_op_threads()
         # no busy-waiting after a run: the next thing is this process's own work (the next chunk's
         # noise, the other session), which spinning pool threads would slow down
@@ -784,12 +787,11 @@ class OnnxRunner:
         return m
 
     # ------------------------------------------------------------------ running
-    @staticmethod
-    def _pad(xs: Sequence[np.ndarray], indices: Sequence[int] | None = None):
+    def _pad(self, xs: Sequence[np.ndarray], indices: Sequence[int] | None = None):
         B0 = len(xs[0])
-        if B0 >= MIN_ROWS:
+        if B0 >= self.min_rows:
             return [np.ascontiguousarray(x) for x in xs], list(indices or []), B0
-        pad = MIN_ROWS - B0
+        pad = self.min_rows - B0
         # BLAS takes other code paths for tiny matrices; padding keeps results batch-size independent
         xs = [np.concatenate([x, np.repeat(x[:1], pad, axis=0)]) for x in xs]
         idx = list(indices or []) + [-1 - k for k in range(pad)]

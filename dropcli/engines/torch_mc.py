@@ -43,6 +43,8 @@ def _is_tensor_like(v: Any) -> bool:
 class TorchMC:
     """Runs T stochastic passes per example over a torch fx GraphModule."""
 
+    min_rows = MIN_ROWS  # smaller batches are padded to this (0 for a model saved with a fixed batch)
+
     def __init__(self, gm: fx.GraphModule, device: str | torch.device = "cpu"):
         self.gm = gm
         self.device = torch.device(device)
@@ -145,10 +147,10 @@ class TorchMC:
         ``capture``: intermediate nodes whose values are kept in ``self.captured`` as [B, T, ...]
         tensors (``dropcli analyze`` reads the units after each site this way)."""
         B0 = inputs[0].shape[0]
-        if B0 < MIN_ROWS:
+        if B0 < self.min_rows:
             # BLAS takes other code paths for tiny matrices, which changes the last bits of a
             # row's result; padding to MIN_ROWS rows keeps results independent of batch size.
-            pad = MIN_ROWS - B0
+            pad = self.min_rows - B0
             inputs = [torch.cat([x, x[:1].expand((pad,) + tuple(x.shape[1:]))]) for x in inputs]
             indices = list(indices) + [-1 - k for k in range(pad)]
         B = inputs[0].shape[0]
@@ -282,8 +284,8 @@ class TorchMC:
     def run_eval(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
         """The deterministic (inference-mode) pass."""
         B0 = inputs[0].shape[0]
-        if B0 < MIN_ROWS:
-            inputs = [torch.cat([x, x[:1].expand((MIN_ROWS - B0,) + tuple(x.shape[1:]))]) for x in inputs]
+        if B0 < self.min_rows:
+            inputs = [torch.cat([x, x[:1].expand((self.min_rows - B0,) + tuple(x.shape[1:]))]) for x in inputs]
         set_mc(self.gm, False)
         try:
             with torch.no_grad():

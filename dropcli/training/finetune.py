@@ -70,6 +70,7 @@ def run(model_path: str, output: str, *, data: str, val: str | None, variant: st
     by its source. ``progress``: see :func:`dropcli.training.loop.fit`."""
     import copy
 
+    from dropcli.engines.fixed import trainable
     from dropcli.training import learned
     from dropcli.backends.torch.model import TorchModel
     from dropcli.backends.torch.importer import to_modules
@@ -84,6 +85,7 @@ def run(model_path: str, output: str, *, data: str, val: str | None, variant: st
         model = load_model(model_path, **(load or {}))
     else:
         model, model_path = model_path, model_path.source
+    model = trainable(model)  # a model saved with a fixed batch: freed, or refused in one line
     example = model_example(model)
     full = to_modules(model, keep_dropout=True)
     # a model with several outputs (tuple, dict, ModelOutput) learns its rates on its first; the

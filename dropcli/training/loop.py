@@ -366,7 +366,7 @@ def verify_saved(path: Any, fmt: str, trained: nn.Module, x: "torch.Tensor | Inp
             import onnxruntime as ort
 
             so = ort.SessionOptions()
-            so.log_severity_level = 3
+            so.log_severity_level = 4
             sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])  # default optimisation level
             got = list(sess.run(None, as_numpy_feed([i.name for i in sess.get_inputs()], x)))
         elif fmt == formats.TORCHSCRIPT:

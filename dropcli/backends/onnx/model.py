@@ -567,7 +567,7 @@ class OnnxModel:
                 if n.op_type == "Dropout" and len(n.input) > 2:
                     del n.input[2:]  # training_mode defaults to False
         so = ort.SessionOptions()
-        so.log_severity_level = 3
+        so.log_severity_level = 4  # failures raise and are reported in one line
         kwargs: dict[str, Any] = {}
         if disable_dropout_elimination:
             kwargs["disabled_optimizers"] = ["EliminateDropout"]

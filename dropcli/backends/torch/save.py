@@ -139,11 +139,23 @@ def to_exported(gm: fx.GraphModule, example: tuple):
     if names and len(names) == len(example):
         # a program exported with keyword inputs keeps its call signature: keywords in, keywords out
         args, kwargs, dyn = (), dict(zip(names, example)), dict(zip(names, dyn))
-    try:
-        with quiet():
-            return torch.export.export(gm, args, kwargs=kwargs, dynamic_shapes=dyn, strict=False)
-    except Exception as e:  # noqa: BLE001
-        raise DropcliError(f"cannot capture the rewritten model with torch.export: {short_error(e)}", "try --format torchscript") from e
+    # an example of batch 1 makes export specialise the batch to 1 (its 0/1 rule): capture at 2 rows,
+    # and at the example itself when the graph bakes a batch of 1 in
+    two = tuple(torch.cat([t, t]) if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == 1 else t for t in example)
+    tries = [two, example] if any(a is not b for a, b in zip(two, example)) else [example]
+    for k, ex in enumerate(tries):
+        if kwargs is not None:
+            kwargs = dict(zip(names, ex))
+        else:
+            args = ex
+        try:
+            with quiet():
+                return torch.export.export(gm, args, kwargs=kwargs, dynamic_shapes=dyn, strict=False)
+        except Exception as e:  # noqa: BLE001
+            if k == len(tries) - 1:
+                raise DropcliError(f"cannot capture the rewritten model with torch.export: {short_error(e)}",
+                                   "try --format torchscript") from e
+    raise AssertionError("unreachable")
 
 
 def _dynamic_dims(gm: fx.GraphModule, example: tuple) -> list[list[int]]:
