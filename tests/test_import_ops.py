@@ -207,6 +207,18 @@ def _gru() -> Case:
                 _rnn_inits("GRU", 2, 6, h) + [_c("GRU_W1", _f(1, 3 * h, 6)), _c("GRU_R1", _f(1, 3 * h, h))])
 
 
+def _instance_norm() -> Case:
+    # a GroupNorm(2 groups, 6 channels) as the exporters write it: Reshape [N, 2, -1] ->
+    # InstanceNormalization (scale 1, bias 0) -> Reshape back -> Mul gamma -> Add beta; and a
+    # plain instance norm over [N, C=S, 6] with its own scale and bias
+    return Case([node("Reshape", ["x", "grp"], "xg"), node("InstanceNormalization", ["xg", "one2", "zero2"], "ng", epsilon=1e-5),
+                 node("Reshape", ["ng", "back"], "nb"), node("Mul", ["nb", "gamma"], "nm"), node("Add", ["nm", "beta"], "gn"),
+                 node("InstanceNormalization", ["x", "sc", "bi"], "inn", epsilon=1e-3)],
+                {"x": (F, ["N", 5, 6], lambda n, s: _f(n, 5, 6) * 3 + 1)}, {"gn": F, "inn": F},
+                [_c("grp", _i64([0, 2, -1])), _c("one2", np.ones(2, np.float32)), _c("zero2", np.zeros(2, np.float32)),
+                 _c("back", _i64([0, 5, 6])), _c("gamma", _f(5, 1)), _c("beta", _f(5, 1)), _c("sc", _f(5)), _c("bi", _f(5))])
+
+
 # op -> the case that exercises it (the ops of tests/test_importer.py's table test are the others)
 CASES = {
     "Shape": _shape_reshape, "Gather": _gather, "GatherElements": _gather_elements_nd, "GatherND": _gather_elements_nd,
@@ -214,6 +226,7 @@ CASES = {
     "Range": _expand_constant_of_shape_range, **{op: _logic for op in (
         "Equal", "Greater", "Less", "GreaterOrEqual", "LessOrEqual", "And", "Or", "Xor", "Not", "IsNaN", "IsInf", "Where", "Max", "Min")},
     "CumSum": _cumsum_split, "Split": _cumsum_split, **{op: _reduce for op in _REDUCE}, "LSTM": _lstm, "GRU": _gru,
+    "InstanceNormalization": _instance_norm,
 }
 EXTRA = {"shape-arith": _shape_arith, "flatten": _flatten, "matmul-div-constant": _matmul_div}
 BUILDERS = sorted(set(CASES.values()) | set(EXTRA.values()), key=lambda f: f.__name__)

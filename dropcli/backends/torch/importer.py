@@ -951,6 +951,20 @@ class _OnnxImporter:
             mod.bias.copy_(torch.from_numpy(np.broadcast_to(bias if bias is not None else np.zeros(shape, np.float32), shape).astype(np.float32)))
         self.env[out] = self._add(node, "LayerNormalization", mod, self._val(ins[0]))
 
+    @onnx_op("InstanceNormalization")
+    def _instancenorm(self, node, a: dict[str, Any], ins: list[str], out: str | None) -> None:
+        # per example and channel over the remaining axes: a GroupNorm with one group per channel
+        # (the exporters write GroupNorm as Reshape -> InstanceNormalization -> Reshape -> Mul -> Add)
+        scale, bias = self._c(ins[1]), self._c(ins[2])
+        if scale is None or bias is None or np.asarray(scale).ndim != 1:
+            raise self._unsupported(node, "only InstanceNormalization with constant 1-d scale and bias is supported")
+        c = int(np.asarray(scale).shape[0])
+        mod = nn.GroupNorm(c, c, eps=float(a.get("epsilon", 1e-5)), affine=True)
+        with torch.no_grad():
+            mod.weight.copy_(torch.from_numpy(np.asarray(scale, dtype=np.float32)))
+            mod.bias.copy_(torch.from_numpy(np.asarray(bias, dtype=np.float32)))
+        self.env[out] = self._add(node, "InstanceNormalization", mod, self._val(ins[0]))
+
     _UNARY = {"Erf": torch.erf, "Sqrt": torch.sqrt, "Neg": torch.neg, "Exp": torch.exp, "Log": torch.log,
               "Abs": torch.abs, "Reciprocal": torch.reciprocal}
 
@@ -1358,7 +1372,7 @@ _FLOAT_TYPES = {1, 10, 11, 16}
 # never evaluated at import, even with constant inputs (random or stateful)
 _NEVER_FOLD = {"Dropout", "RandomUniform", "RandomUniformLike", "RandomNormal", "RandomNormalLike", "Bernoulli", "Multinomial"}
 # ops that carry trained weights: kept as modules
-_MODULE_OPS = {"Gemm", "MatMul", "Conv", "BatchNormalization", "LayerNormalization", "LSTM", "GRU"}
+_MODULE_OPS = {"Gemm", "MatMul", "Conv", "BatchNormalization", "LayerNormalization", "InstanceNormalization", "LSTM", "GRU"}
 # activation patterns (dropcli.model.patterns names) -> the module they become
 _PATTERN_MODULES: dict[str, Callable[[], nn.Module]] = {
     "gelu-erf": nn.GELU, "gelu-tanh": lambda: nn.GELU(approximate="tanh"), "relu6": nn.ReLU6,
