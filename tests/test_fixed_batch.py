@@ -152,3 +152,32 @@ def test_training_frees_a_generic_batch_and_refuses_a_baked_one(files, fmt):
             ref = np.concatenate([orig(torch.from_numpy(xs[i:i + 1])).numpy() for i in range(len(xs))])
             got = torch.export.load(str(out)).module()(torch.from_numpy(xs)).numpy()
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_bert_exported_with_the_exporters_defaults(tmp_path):
+    """A hub-style ONNX BERT: the legacy exporter without dynamic_axes bakes batch 1 (and the
+    sequence length) into its reshapes. Default inject, then MC at its batch; the deterministic
+    pass equals onnxruntime's run of the original file row by row."""
+    pytest.importorskip("transformers")
+    from zoo import build_bert
+
+    model = build_bert(torchscript=True)
+    ids = torch.randint(1, 60, (1, 8))
+    mask = torch.ones(1, 8, dtype=torch.long)
+    path = tmp_path / "bert.onnx"
+    with torch.no_grad():
+        torch.onnx.export(model, (ids, mask), str(path), input_names=["input_ids", "attention_mask"], opset_version=17,
+                          dynamo=False)
+    rng = np.random.default_rng(0)
+    x = {"input_ids": rng.integers(1, 60, (3, 8)), "attention_mask": np.ones((3, 8), dtype=np.int64)}
+    x["attention_mask"][1, 6:] = 0
+    runner = build_runner(str(path), None, "cpu", {"variant": "standard", "p": 0.2})
+    assert isinstance(runner, FixedBatchRunner) and runner.batch == 1
+    feeds = [x["input_ids"], x["attention_mask"]]
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    ref = np.concatenate([sess.run(None, {"input_ids": x["input_ids"][i:i + 1], "attention_mask": x["attention_mask"][i:i + 1]})[0]
+                          for i in range(3)])
+    np.testing.assert_allclose(runner.run_eval(feeds), ref, rtol=1e-5, atol=1e-5)
+    res = run_mc(runner, feeds, 6, seed=0)
+    assert res.samples.shape == (6, 3, ref.shape[1]) and np.isfinite(res.samples).all()
+    assert not np.array_equal(res.samples[0], res.samples[1])
