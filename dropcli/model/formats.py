@@ -14,8 +14,10 @@ TORCHSCRIPT = "torchscript"
 EXPORT = "export"  # torch.export program (.pt2)
 PICKLE = "pickle"  # full pickled nn.Module
 STATE_DICT = "state_dict"
-ALL = (ONNX, TORCHSCRIPT, EXPORT, PICKLE, STATE_DICT)
-TORCH_FORMATS = (TORCHSCRIPT, EXPORT, PICKLE, STATE_DICT)
+HUB = "transformers"  # a Hugging Face checkpoint folder (save_pretrained): read, written as .pt2
+SAFETENSORS = "safetensors"  # a state_dict in a safetensors file (with --arch): read, written as .pt2
+ALL = (ONNX, TORCHSCRIPT, EXPORT, PICKLE, STATE_DICT)  # the formats dropcli writes (--format)
+TORCH_FORMATS = (TORCHSCRIPT, EXPORT, PICKLE, STATE_DICT, HUB, SAFETENSORS)
 
 # Globals that a plain state_dict pickle references. Anything else means a pickled object.
 _SAFE_GLOBALS_PREFIXES = (
@@ -50,16 +52,56 @@ def pickle_classes(path: str | Path) -> list[str]:
         return _pickle_globals(z.read(pkl[0]))
 
 
+_HUB_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def hub_folder(path: str | Path) -> Path | None:
+    """The Hugging Face checkpoint folder ``path`` is (or holds the weights of): a folder with a
+    ``config.json`` naming an architecture and a weights file; None otherwise."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    cfg = folder / "config.json"
+    if not cfg.is_file() or not any((folder / w).exists() for w in _HUB_WEIGHTS):
+        return None
+    if not path.is_dir() and path.name not in _HUB_WEIGHTS and not path.name.startswith("model-"):
+        return None
+    try:
+        import json
+
+        return folder if json.loads(cfg.read_text()).get("architectures") else None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def is_safetensors(path: Path, head: bytes) -> bool:
+    """A safetensors file: an 8-byte little-endian header length, then that many bytes of JSON."""
+    if len(head) < 8:
+        return False
+    n = int.from_bytes(head, "little")
+    if not 2 <= n <= path.stat().st_size - 8:
+        return False
+    with open(path, "rb") as f:
+        f.seek(8)
+        return f.read(1) == b"{"
+
+
 def detect(path: str | Path) -> str:
     path = Path(path)
     if not path.exists():
         raise DropcliError(f"model file {path} does not exist", "check the path")
     if path.is_dir():
-        raise DropcliError(f"model path {path} is a folder, not a model file", "give the model file itself")
+        if hub_folder(path) is not None:
+            return HUB
+        raise DropcliError(f"model path {path} is a folder, not a model file",
+                           "give the model file itself, or a Hugging Face checkpoint folder (config.json and its weights)")
     if path.stat().st_size == 0:
         raise DropcliError(f"model file {path} is empty", "re-save the model")
     with open(path, "rb") as f:
         head = f.read(8)
+    if is_safetensors(path, head):
+        return HUB if hub_folder(path) is not None else SAFETENSORS
+    if head.startswith(b"PK\x03\x04") and path.name.startswith("pytorch_model") and hub_folder(path) is not None:
+        return HUB  # the pickled weights of a checkpoint folder (read only with --trust-pickle)
     if head.startswith(b"PK\x03\x04"):
         try:
             with zipfile.ZipFile(path) as z:

@@ -145,6 +145,24 @@ def load_graph(
                 "(1x8:int64 for token ids)",
             )
         return Loaded(strip_guards(reader.graph(example)), example, json_or_empty(extra[SITES_FILE]), json_or_empty(extra[MODEL_FILE]))
+    if fmt == formats.HUB:
+        from dropcli.backends.torch import hub
+
+        model = hub.load_checkpoint(path, trust_pickle)
+        names = hub.input_names(model, _array_names(example_data))
+        if example is not None and len(example) != len(names):
+            raise UsageError(f"--input-shape gives {len(example)} input(s); {type(model).__name__} is fed {', '.join(names)}",
+                             "give one shape per input, separated by ';'")
+        if example is None:
+            example = data_example(example_data, names) or hub.default_example(model, names)
+        if example is None:
+            raise hub.need_example(path, names)
+        try:
+            gm = hub.capture(model, names, example)
+        except Exception as e:  # noqa: BLE001
+            raise DropcliError(f"cannot capture {type(model).__name__} with torch.export: {short_error(e)}",
+                               "check the example input (--input-shape, or the data)") from e
+        return Loaded(strip_guards(gm), example)
     if fmt == formats.PICKLE:
         if not trust_pickle:
             raise DropcliError(
@@ -154,6 +172,14 @@ def load_graph(
             )
         model = unpickle_module(path)
         model_meta = json_or_empty(getattr(model, MODEL_ATTR, "") or "")  # dropcli's own pickles (finetune's tau, temperature)
+    elif fmt == formats.SAFETENSORS:
+        if not arch:
+            raise UsageError(f"{path} holds a state_dict in safetensors (weights only) without the architecture",
+                             "pass --arch package.module:factory (or file.py:factory) that builds the model")
+        from dropcli.backends.torch import hub
+
+        model = load_arch(arch)
+        hub.load_safetensors(path, model, arch)
     elif fmt == formats.STATE_DICT:
         if not arch:
             raise UsageError(
@@ -246,6 +272,18 @@ def script_inputs(ts: torch.jit.ScriptModule) -> list[str]:
     with contextlib.suppress(Exception):
         return [a.name for a in ts.forward.schema.arguments[1:]]
     return []
+
+
+def _array_names(path: str | None) -> list[str]:
+    """The names of the arrays in the verb's data file ([] when there is none, or it is unreadable)."""
+    if not path:
+        return []
+    from dropcli.io.data import read_arrays
+
+    try:
+        return list(read_arrays(path))
+    except DropcliError:
+        return []
 
 
 def data_example(path: str | None, names: Sequence[str]) -> tuple | None:

@@ -659,11 +659,12 @@ class TorchModel:
 
     # ------------------------------------------------------------------ saving
     def default_output_format(self) -> str:
-        if self.format in (formats.PICKLE, formats.STATE_DICT) and _is_aten_graph(self.gm):
+        if self.format == formats.HUB or (self.format in (formats.PICKLE, formats.STATE_DICT, formats.SAFETENSORS)
+                                          and _is_aten_graph(self.gm)):
             # captured with torch.export (symbolic tracing could not read it): torch cannot pickle
             # such a graph, and a .pt2 keeps its batch size dynamic
             return formats.EXPORT
-        return formats.TORCHSCRIPT if self.format == formats.STATE_DICT else self.format
+        return formats.TORCHSCRIPT if self.format in (formats.STATE_DICT, formats.SAFETENSORS) else self.format
 
     def save(self, path: str | Path, fmt: str | None = None) -> str:
         """Write the model (see :mod:`dropcli.backends.torch.save`); returns the format written."""
