@@ -99,3 +99,11 @@ def test_bare_safetensors_state_dict_with_arch(tmp_path):
     out = tmp_path / "mlp_mc.pt"
     cli_split("inject", path, "--arch", arch, "--after", "relu", "--p", "0.2", "-o", out)
     assert formats.detect(out) == formats.TORCHSCRIPT
+
+
+def test_a_file_of_the_checkpoint_is_never_overwritten(bert):
+    d = bert[0]
+    weights = d / "bert" / "model.safetensors"
+    before = weights.read_bytes()
+    cli_err("inject", d / "bert", "-o", weights, code=2, contains=("input model's folder",))
+    assert weights.read_bytes() == before

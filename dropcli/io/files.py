@@ -86,6 +86,9 @@ def check_output_path(out: str | os.PathLike, inputs: list[str | os.PathLike], f
                 raise UsageError(
                     f"output path {out} is the input model", "choose another -o path, or pass --force to overwrite it"
                 )
+        if ip.is_dir() and out_p.exists() and ip.resolve() in out_p.resolve().parents and not force:
+            raise UsageError(f"output path {out} is a file of the input model's folder {inp}",
+                             "choose another -o path, or pass --force to overwrite it")
     parent = out_p.resolve().parent
     if parent.exists() and not parent.is_dir():
         raise DropcliError(f"output folder {parent} is a file, not a folder", "choose another -o path")
