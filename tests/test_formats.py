@@ -382,7 +382,7 @@ def test_onnx_opsets(opset, tmp_path):
             np.testing.assert_allclose(ev, ref * q * q, rtol=1e-5, atol=1e-6)
 
 
-def test_onnx_external_data(sources, tmp_path):
+def test_onnx_external_data(sources, tmp_path, monkeypatch):
     """An ONNX model whose weights live in a .data file: read it, write a working copy elsewhere."""
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir()
@@ -403,6 +403,12 @@ def test_onnx_external_data(sources, tmp_path):
     assert not np.array_equal(*mc)
     # the source folder is untouched
     assert sorted(p.name for p in a.iterdir()) == ["cnn.onnx", "cnn.weights"]
+    # written again, into the working folder, over the earlier output (onnx checks the .data name
+    # against the working folder: a rerun there used to fail with "External data file exists")
+    monkeypatch.chdir(b)
+    invoke("inject", a / "cnn.onnx", "-o", "out.onnx", "--p", "0.3")
+    np.testing.assert_array_equal(_ort(b / "out.onnx").run(None, {"x": x})[0], ref)
+    assert sorted(p.name for p in b.iterdir()) == ["out.onnx", "out.onnx.data"]
     # external weights can't go down a pipe: one line, and no file named "-" anywhere
     res = invoke("inject", a / "cnn.onnx", "-o", "-", "--p", "0.3", ok=False)
     assert res.exit_code == 1 and "external .data file" in res.output and "Traceback" not in res.output

@@ -68,6 +68,18 @@ def plan_inject(model: Any, spec: VariantSpec, sel: Selection, notes: list[str] 
             break
         if not chosen:
             raise first
+    in_recurrence = getattr(model, "in_recurrence", None)
+    if in_recurrence is not None:
+        inside = in_recurrence(chosen)
+        if inside:
+            chosen = [l for l in chosen if all(l is not i for i in inside)]
+            shown = ", ".join(l.name for l in inside[:4]) + (f" ... ({len(inside)} in all)" if len(inside) > 4 else "")
+            if not chosen:
+                raise UsageError(f"every layer the default selection matches is inside an unrolled recurrence ({shown}), "
+                                 "where dropout would resample the recurrent state at every step",
+                                 "choose layers with --after/--layers, or use a recurrent variant on the model's RNN layers")
+            notes.append(f"skipped {len(inside)} layer(s) inside an unrolled recurrence ({shown}): dropout there would "
+                         "resample the recurrent state at every step; sites go on the non-recurrent connections")
     after_drop = getattr(model, "dropout_after", None)
     if after_drop is not None:
         follow = {id(l): after_drop(l) for l in chosen}

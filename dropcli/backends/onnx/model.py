@@ -294,6 +294,62 @@ class OnnxModel:
             return [("node", j) for j, _ in users]
         return []
 
+    def in_recurrence(self, layers: Sequence[Layer]) -> list[Layer]:
+        """The ``layers`` that sit inside an unrolled recurrence (an RNN the dynamo exporter writes
+        out step by step): their output is read through a *recurrent* weight, one that both makes
+        the input of one of these layers (the nearest MatMul/Gemm upstream) and reads its output
+        (the nearest downstream). A site there would resample the recurrent state at every step,
+        which the non-recurrent placement avoids (Zaremba et al., 2014)."""
+        g = self.model.graph
+        consts = {t.name for t in g.initializer}
+        producers: dict[str, onnx.NodeProto] = {}
+        consumers: dict[str, list[onnx.NodeProto]] = {}
+        for n in g.node:  # topological: a node whose inputs are all constant makes a constant (W^T)
+            if n.input and all(i in consts or not i for i in n.input):
+                consts.update(o for o in n.output if o)
+            for o in n.output:
+                producers[o] = n
+            for i in n.input:
+                consumers.setdefault(i, []).append(n)
+        mm = ("MatMul", "Gemm")
+
+        def weights(n: onnx.NodeProto) -> set[str]:
+            return {i for i in n.input if i in consts}
+
+        def before(node: onnx.NodeProto) -> set[str]:
+            found: set[str] = set()
+            stack, seen = [i for i in node.input if i], set()
+            while stack and len(seen) < 64:
+                v = stack.pop()
+                if v in seen or v in consts:
+                    continue
+                seen.add(v)
+                p = producers.get(v)
+                if p is not None and p.op_type in mm:
+                    found |= weights(p)
+                elif p is not None:
+                    stack.extend(i for i in p.input if i)
+            return found
+
+        def after(node: onnx.NodeProto) -> set[str]:
+            found: set[str] = set()
+            stack, seen = [o for o in node.output if o], set()
+            while stack and len(seen) < 64:
+                v = stack.pop()
+                if v in seen:
+                    continue
+                seen.add(v)
+                for u in consumers.get(v, []):
+                    if u.op_type in mm:
+                        found |= weights(u)
+                    else:
+                        stack.extend(o for o in u.output if o)
+            return found
+
+        sides = {id(l): (before(g.node[l.ref[1]]), after(g.node[l.ref[1]])) for l in layers if l.ref[0] == "node"}
+        recurrent = set().union(*(b & a for b, a in sides.values())) if sides else set()
+        return [l for l in layers if id(l) in sides and sides[id(l)][1] & recurrent]
+
     # ------------------------------------------------------------------ rewriting
     def claim_site_name(self) -> str:
         """The next free ``dropcli_site_N`` (for a site about to be built)."""
@@ -601,8 +657,16 @@ def save_onnx(model: onnx.ModelProto, path: str | Path, external: bool = False) 
     with write_errors(path), atomic_dir(path.resolve().parent) as tmpdir:
         m = onnx.ModelProto()
         m.CopyFrom(model)
-        onnx.save(m, str(tmpdir / path.name), save_as_external_data=True, all_tensors_to_one_file=True,
-                  location=data_name, size_threshold=1024)
+        # onnx refuses a location that exists relative to the CURRENT folder (not the model's): a
+        # previous output's .data in the working folder would stop the write; save from the
+        # temporary folder
+        here = os.getcwd()
+        os.chdir(tmpdir)
+        try:
+            onnx.save(m, str(tmpdir / path.name), save_as_external_data=True, all_tensors_to_one_file=True,
+                      location=data_name, size_threshold=1024)
+        finally:
+            os.chdir(here)
         if (tmpdir / data_name).exists():
             os.replace(tmpdir / data_name, path.resolve().parent / data_name)
         os.replace(tmpdir / path.name, path)
