@@ -207,6 +207,17 @@ def _gru() -> Case:
                 _rnn_inits("GRU", 2, 6, h) + [_c("GRU_W1", _f(1, 3 * h, 6)), _c("GRU_R1", _f(1, 3 * h, h))])
 
 
+def _rnn() -> Case:
+    # plain RNNs: tanh both ways (no bias, no state), and relu forward from a given state
+    h = 4
+    return Case([node("RNN", ["xs", "RNN_W", "RNN_R"], ["Y", "Yh"], hidden_size=h, direction="bidirectional"),
+                 node("RNN", ["xs", "RNN_W1", "RNN_R1", "RNN_B1", "", "hs"], ["Y1", "Yh1"], hidden_size=h, activations=["Relu"])],
+                {"xs": (F, ["S", "N", 6], lambda n, s: _f(s, n, 6)), "hs": (F, [1, "N", h], lambda n, s: _f(1, n, h))},
+                {"Y": F, "Yh": F, "Y1": F, "Yh1": F},
+                [_c("RNN_W", _f(2, h, 6) * 0.5), _c("RNN_R", _f(2, h, h) * 0.5), _c("RNN_W1", _f(1, h, 6) * 0.5),
+                 _c("RNN_R1", _f(1, h, h) * 0.5), _c("RNN_B1", _f(1, 2 * h))])
+
+
 def _instance_norm() -> Case:
     # a GroupNorm(2 groups, 6 channels) as the exporters write it: Reshape [N, 2, -1] ->
     # InstanceNormalization (scale 1, bias 0) -> Reshape back -> Mul gamma -> Add beta; and a
@@ -226,7 +237,7 @@ CASES = {
     "Range": _expand_constant_of_shape_range, **{op: _logic for op in (
         "Equal", "Greater", "Less", "GreaterOrEqual", "LessOrEqual", "And", "Or", "Xor", "Not", "IsNaN", "IsInf", "Where", "Max", "Min")},
     "CumSum": _cumsum_split, "Split": _cumsum_split, **{op: _reduce for op in _REDUCE}, "LSTM": _lstm, "GRU": _gru,
-    "InstanceNormalization": _instance_norm,
+    "InstanceNormalization": _instance_norm, "RNN": _rnn,
 }
 EXTRA = {"shape-arith": _shape_arith, "flatten": _flatten, "matmul-div-constant": _matmul_div}
 BUILDERS = sorted(set(CASES.values()) | set(EXTRA.values()), key=lambda f: f.__name__)

@@ -1322,9 +1322,9 @@ class _OnnxImporter:
             return
         self.env[out] = self.graph.call_function(_onnx_reduce, (x, node.op_type, tuple(axes or ()), bool(a.get("keepdims", 1))))
 
-    # ---- recurrent layers: nn.LSTM / nn.GRU modules
+    # ---- recurrent layers: nn.LSTM / nn.GRU / nn.RNN modules
 
-    @onnx_op("LSTM", "GRU")
+    @onnx_op("LSTM", "GRU", "RNN")
     def _rnn(self, node, a: dict[str, Any], ins: list[str], out: str | None) -> None:
         from dropcli.backends.torch.importer_rnn import rnn_module
 
@@ -1339,7 +1339,7 @@ class _OnnxImporter:
             h = h if h is not None else self.graph.call_function(torch.zeros_like, (ref,))
             c = c if c is not None else self.graph.call_function(torch.zeros_like, (ref,))
             args: tuple = (x, (h, c))
-        elif op == "GRU" and hx[0] is not None:
+        elif op != "LSTM" and hx[0] is not None:
             args = (x, hx[0])
         else:
             args = (x,)
@@ -1356,7 +1356,7 @@ class _OnnxImporter:
         for k in (1, 2):
             if not outs[k]:
                 continue
-            self.env[outs[k]] = state if op == "GRU" else self.graph.call_function(operator.getitem, (state, k - 1))
+            self.env[outs[k]] = state if op != "LSTM" else self.graph.call_function(operator.getitem, (state, k - 1))
 
 
     def _unsupported(self, node, why: str | None = None) -> DropcliError:
@@ -1372,7 +1372,7 @@ _FLOAT_TYPES = {1, 10, 11, 16}
 # never evaluated at import, even with constant inputs (random or stateful)
 _NEVER_FOLD = {"Dropout", "RandomUniform", "RandomUniformLike", "RandomNormal", "RandomNormalLike", "Bernoulli", "Multinomial"}
 # ops that carry trained weights: kept as modules
-_MODULE_OPS = {"Gemm", "MatMul", "Conv", "BatchNormalization", "LayerNormalization", "InstanceNormalization", "LSTM", "GRU"}
+_MODULE_OPS = {"Gemm", "MatMul", "Conv", "BatchNormalization", "LayerNormalization", "InstanceNormalization", "LSTM", "GRU", "RNN"}
 # activation patterns (dropcli.model.patterns names) -> the module they become
 _PATTERN_MODULES: dict[str, Callable[[], nn.Module]] = {
     "gelu-erf": nn.GELU, "gelu-tanh": lambda: nn.GELU(approximate="tanh"), "relu6": nn.ReLU6,

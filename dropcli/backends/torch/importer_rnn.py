@@ -1,4 +1,5 @@
-"""ONNX ``LSTM`` / ``GRU`` nodes as ``nn.LSTM`` / ``nn.GRU`` modules (for :mod:`dropcli.backends.torch.importer`).
+"""ONNX ``LSTM`` / ``GRU`` / ``RNN`` nodes as ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` modules (for
+:mod:`dropcli.backends.torch.importer`).
 
 ONNX stacks the gates of its weights in another order than torch (ONNX operator spec, LSTM and
 GRU): ONNX LSTM ``W = [W_i; W_o; W_f; W_c]`` against torch's ``[W_i; W_f; W_g; W_o]`` (``g`` is
@@ -6,7 +7,7 @@ ONNX's cell gate ``c``), and ONNX GRU ``[W_z; W_r; W_h]`` against torch's ``[W_r
 The bias input ``B`` is ``[Wb; Rb]``: torch's ``bias_ih`` and ``bias_hh``. torch's GRU applies
 the reset gate after the recurrent linear map, which is ONNX's ``linear_before_reset = 1``;
 the other form has no torch module and is refused, as are peepholes, clipping, non-default
-activations, coupled input/forget gates, a reverse-only direction, ``sequence_lens``, and the
+activations (a plain ``RNN`` takes tanh or relu, as ``nn.RNN``'s ``nonlinearity``), coupled input/forget gates, a reverse-only direction, ``sequence_lens``, and the
 batch-major ``layout = 1`` (which onnxruntime does not run either, so no import could be checked).
 """
 
@@ -21,8 +22,9 @@ from torch import nn
 from dropcli.errors import DropcliError
 
 # position in ONNX's gate stack of each of torch's gates, in torch's order
-GATE_ORDER = {"LSTM": (0, 2, 3, 1), "GRU": (1, 0, 2)}
-DEFAULT_ACTIVATIONS = {"LSTM": ("sigmoid", "tanh", "tanh"), "GRU": ("sigmoid", "tanh")}
+GATE_ORDER = {"LSTM": (0, 2, 3, 1), "GRU": (1, 0, 2), "RNN": (0,)}
+DEFAULT_ACTIVATIONS = {"LSTM": ("sigmoid", "tanh", "tanh"), "GRU": ("sigmoid", "tanh"), "RNN": ("tanh",)}
+GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
 
 
 def _text(v: Any) -> str:
@@ -36,16 +38,17 @@ def reorder(m: np.ndarray, op: str, hidden: int) -> np.ndarray:
 
 def rnn_module(node, a: dict[str, Any], ins: list[str], consts: dict[str, np.ndarray],
                refuse: Callable[[str], DropcliError]) -> tuple[nn.Module, int]:
-    """The module for ONNX ``node`` (a sequence-major LSTM or GRU with constant weights) and its
-    number of directions."""
+    """The module for ONNX ``node`` (a sequence-major LSTM, GRU or RNN with constant weights) and
+    its number of directions."""
     op = node.op_type
-    gates = 4 if op == "LSTM" else 3
+    gates = GATES[op]
     direction = _text(a.get("direction", "forward"))
     if direction not in ("forward", "bidirectional"):
         raise refuse(f"direction={direction!r} has no torch module (nn.{op} runs forward, or both ways)")
     ndir = 2 if direction == "bidirectional" else 1
     acts = tuple(_text(x).lower() for x in a.get("activations", ())) or DEFAULT_ACTIVATIONS[op] * ndir
-    if acts != DEFAULT_ACTIVATIONS[op] * ndir or "activation_alpha" in a or "activation_beta" in a:
+    allowed = [DEFAULT_ACTIVATIONS[op] * ndir] + ([("relu",) * ndir] if op == "RNN" else [])
+    if acts not in allowed or "activation_alpha" in a or "activation_beta" in a:
         raise refuse(f"activations {list(acts)} differ from nn.{op}'s")
     if "clip" in a:
         raise refuse("cell clipping has no torch equivalent")
@@ -69,8 +72,10 @@ def rnn_module(node, a: dict[str, Any], ins: list[str], consts: dict[str, np.nda
         raise refuse(f"weights of shape {w.shape} / {r.shape} do not fit hidden_size={hidden}")
     if b is None:
         b = np.zeros((ndir, 2 * gates * hidden), np.float32)
-    cls = nn.LSTM if op == "LSTM" else nn.GRU
-    mod = cls(int(w.shape[2]), hidden, num_layers=1, bias=True, bidirectional=ndir == 2)
+    if op == "RNN":
+        mod: nn.Module = nn.RNN(int(w.shape[2]), hidden, num_layers=1, nonlinearity=acts[0], bias=True, bidirectional=ndir == 2)
+    else:
+        mod = (nn.LSTM if op == "LSTM" else nn.GRU)(int(w.shape[2]), hidden, num_layers=1, bias=True, bidirectional=ndir == 2)
     with torch.no_grad():
         for d in range(ndir):
             sfx = "_reverse" if d else ""
