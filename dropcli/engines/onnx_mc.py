@@ -26,7 +26,7 @@ B examples x T samples is then ONE session run:
   ONNX LSTM's initial state [dirs, B, hidden] becomes [dirs, B*T, hidden] and its Y
   [seq, dirs, B, hidden] becomes [seq, dirs, B*T, hidden]; axis 0 where the dim is not traced.
   Non-float values that depend on the inputs
-  (Shape/Gather/Concat chains) are recomputed in the suffix from the tiled tensors, so the
+  (Shape/Gather/Concat chains, indices, masks) are recomputed in the suffix from the tiled tensors, so the
   suffix sees a batch of B*T. Constants pass through.
 """
 
@@ -655,7 +655,10 @@ class OnnxRunner:
                 return mapped[v]
             et, dims = _shape_of(vi.get(v))
             batchy = dims is not None and len(dims) >= 1 and (dims[0] is None or v in axes)
-            if et in _FLOAT_TYPES and (dims is None or len(dims) >= 1) or batchy or v in data_inputs:
+            # floats are tiled; an integer or bool value (an index, a mask, a shape) is rebuilt from
+            # the tiled values: an index such as Range(B) * S + last means rows of the batch it was
+            # made for, and only a rebuilt copy means the tiled rows
+            if et in _FLOAT_TYPES and (dims is None or len(dims) >= 1) or (batchy and et is None) or v in data_inputs:
                 if dims is not None and len(dims) == 0:
                     mapped[v] = v
                 else:

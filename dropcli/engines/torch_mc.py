@@ -36,6 +36,19 @@ def _reads_size(n: fx.Node) -> bool:
                                         or getattr(n.target, "dropcli_size_arith", False))
 
 
+def _integer_valued(n: fx.Node) -> bool:
+    """A node whose recorded value (``meta['val']``) is an integer or bool tensor."""
+    val = n.meta.get("val")
+    return isinstance(val, torch.Tensor) and not val.is_floating_point() and not val.is_complex()
+
+
+def _is_size_read(n: fx.Node) -> bool:
+    """A read of a tensor's size (not of its values): ``sym_size``, ``x.size(0)``, ``x.dim()``..."""
+    if n.op == "call_method":
+        return n.target in ("size", "dim", "numel")
+    return n.op == "call_function" and aten_name(n.target) in _SIZE_FUNCS
+
+
 def _is_tensor_like(v: Any) -> bool:
     return isinstance(v, torch.Tensor)
 
@@ -60,13 +73,32 @@ class TorchMC:
         for n in self.nodes:
             if n.op == "placeholder" or any(a in self.input_dependent for a in n.all_input_nodes):
                 self.input_dependent.add(n)
+        # values that depend on the inputs' data, not only on their sizes: a tensor made from sizes
+        # alone (``arange(batch)`` indexing the batch, a causal mask) is recomputed in the suffix at
+        # the tiled batch, never tiled itself (tiled, arange(B) would index example 0's samples)
+        self.data_dependent: set[fx.Node] = set()
+        for n in self.nodes:
+            if n.op == "placeholder":
+                self.data_dependent.add(n)
+            elif _is_size_read(n):
+                continue
+            elif any(a in self.data_dependent for a in n.all_input_nodes):
+                self.data_dependent.add(n)
+        # rebuilt in the suffix rather than tiled: tensors made from sizes alone, and integer or
+        # bool tensors (indices, masks): an index such as ``arange(B) * S + last`` means rows of the
+        # batch it was made for, and only a copy rebuilt from the tiled values means the tiled rows
+        self.rebuilt: set[fx.Node] = {
+            n for n in self.input_dependent
+            if n.op in ("call_function", "call_method", "call_module")
+            and (n not in self.data_dependent or _integer_valued(n))}
+        from_sizes = self.rebuilt
         # free each value after its last use, so memory holds only live tensors
         pos = {n: i for i, n in enumerate(self.nodes)}
         # a size (or arithmetic on sizes) that the suffix reads is recomputed there from the tiled
         # tensor (get_t): the tensor lives until the size's own last use
         last_use: dict[fx.Node, int] = {}
         for n in reversed(self.nodes):
-            last_use[n] = max((last_use[u] if _reads_size(u) else pos[u] for u in n.users), default=pos[n])
+            last_use[n] = max((last_use[u] if _reads_size(u) or u in from_sizes else pos[u] for u in n.users), default=pos[n])
         self.frees: dict[int, list[fx.Node]] = {}
         for n in self.nodes:
             if n.op in ("placeholder", "get_attr", "output"):
@@ -170,7 +202,9 @@ class TorchMC:
             if a in env_t:
                 return env_t[a]
             v = env_b[a]
-            if _is_tensor_like(v):
+            if _is_tensor_like(v) and a in self.rebuilt:
+                v = self._eval_node(a, get_t, stochastic=False)  # an index or a size-made tensor: at B*T rows
+            elif _is_tensor_like(v):
                 d = self._batch_dim(a)  # from export's symbolic shapes, when it knows
                 if d is None or d >= v.dim() or v.shape[d] != B:
                     d = 0 if v.dim() > 0 and v.shape[0] == B else None

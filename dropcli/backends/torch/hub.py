@@ -74,6 +74,10 @@ def load_checkpoint(path: Path, trust_pickle: bool = False) -> nn.Module:
     except Exception as e:  # noqa: BLE001
         raise DropcliError(f"transformers cannot build {archs[0]} from {folder}: {short_error(e)}",
                            "check that the checkpoint is complete (config.json and its weights)") from e
+    if getattr(model.config, "use_cache", None):
+        # a decoder returns its key/value cache beside the logits: MC dropout runs whole sequences,
+        # and the cache object is not a tensor output torch.export can carry
+        model.config.use_cache = False
     return model.eval()
 
 
