@@ -88,13 +88,25 @@ def test_budget_chooses_the_most_compressive_model_within_it(walked, digits):
     assert not over(got) and got["drop_se"] > 0
     assert s["val_drop"] == pytest.approx(got["drop"]) and s["val_drop_se"] == pytest.approx(got["drop_se"])
     assert s["weights_after"] <= got["weights_kept"]  # the shrink may fold more away
-    # every model the walk scored that is more compressive breaks the budget: the cuts as they are
-    # and the retrained ones
-    retrained = [p["retrained"] for p in curve if isinstance(p["retrained"], dict) and p["retrained"].get("drop") is not None]
-    assert retrained
-    for m in [p for p in curve if p["drop"] is not None] + retrained:
-        if m["compression"] > got["compression"]:
+    # the walk is a fixed sequence from the least compressive cut of the chosen round: every cut from
+    # there to the chosen one fits the budget (as it is, or retrained where the walk retrained the
+    # cuts), and the walk stopped at the next more compressive cut, for a reason it names
+    rnd = [p for p in curve if p["round"] == c["round"]]
+    k = rnd.index(c)
+    retrained_walk = isinstance(rnd[-1]["retrained"], dict) and rnd[-1]["retrained"].get("drop") is not None and over(rnd[-1])
+    for p in rnd[k:]:
+        m = p["retrained"] if retrained_walk else p
+        assert m["drop"] is not None and not over(m), p
+        assert "walk" not in p
+    stops = [p for p in curve if "walk" in p]
+    if k > 0:
+        stop = rnd[k - 1]
+        assert stop["walk"] in ("stop: over the budget", "stop: worse than the least compressive cut", "stop: empties a layer")
+        m = stop["retrained"] if retrained_walk else stop
+        if stop["walk"] == "stop: over the budget":
             assert over(m)
+        assert stop in stops
+    assert all(p["round"] < c["round"] or p is rnd[k - 1] for p in stops)
     # the case is not trivial: the walk saw cuts that break the budget
     assert any(p["drop"] is not None and over(p) for p in curve)
     # what the report says is what the written file does
@@ -210,3 +222,54 @@ def test_a_large_loss_without_a_budget_is_warned_about(digits, tmp_path):
     assert any("bound it with --max-drop" in w for w in s["warnings"])
     assert f"warning: validation accuracy fell by {s['val_drop']:.2f} accuracy points" in " ".join(res.stderr.split())
     assert (tmp_path / "w.pt").exists()
+
+
+def _metrics(wrong: list[int], n: int = 400) -> dict:
+    per = np.ones(n)
+    per[wrong] = 0.0
+    return {"accuracy": float(per.mean()), "loss": 0.1, "per_example": per}
+
+
+def test_walk_is_a_fixed_sequence_from_the_least_compressive_cut(monkeypatch):
+    """The walk's rule on scored cuts (no training): from the least compressive cut it stops at the
+    first cut that breaks the budget or that validation resolves as worse than the least compressive
+    one, and keeps the cut before it, even where a more compressive cut beyond the stop looks fine
+    (its noise being kind is what the fixed sequence does not bet on)."""
+    import dropcli.prune.core as core
+
+    ref = _metrics([])
+    base = list(range(4))  # the least compressive cut: 4 of 400 wrong, 1 point, se 0.5
+    # thresholds from the most compressive to the least, as the sweep orders them
+    cuts = {-1.0: _metrics(base),                 # as good as the least compressive: only the stop hides it
+            0.0: _metrics(base + [10, 11, 12]),   # 3 more wrong (1.75 pt, se 0.66: within 2.5): resolved as worse
+            1.0: _metrics(base + [10]),           # one more: 1.25 pt, extra 0.25 +- 0.25, not resolved
+            2.0: _metrics([0, 1, 2, 20]),         # other examples, same count: extra 0 +- 0.35
+            8.0: _metrics(base)}
+    assert core._step(ref, cuts[8.0], cuts[0.0], "classification", core.PruneConfig(max_drop=2.5)) == "worse than the least compressive cut"
+    assert core._step(ref, cuts[8.0], cuts[1.0], "classification", core.PruneConfig(max_drop=2.5)) is None
+    # the same cut under a budget it breaks at one standard error (1.25 + 0.56 > 1.5)
+    assert core._step(ref, cuts[8.0], cuts[1.0], "classification", core.PruneConfig(max_drop=1.5)) == "over the budget"
+    assert core._step(ref, cuts[8.0], None, "classification", core.PruneConfig(max_drop=1.5)) == "empties a layer"
+
+    calls = []
+
+    def fake_candidate(trained, t, *a, retrain_epochs=None, **k):  # the cut "as it is" scores as the sweep did
+        calls.append((t, retrain_epochs))
+        m = cuts[t] if retrain_epochs == 0 else _metrics(base + [30])  # retraining does worse here: not kept
+        return {"metrics": m, "history": [] if retrain_epochs == 0 else [{"loss": 0.0}], "kept": 1, "total": 10}
+
+    monkeypatch.setattr(core, "_candidate", fake_candidate)
+
+    def curve():
+        return [core._point(t, 1, 10, cuts[t], ref, "classification") for t in sorted(cuts)]
+
+    for budget, want, stop in ((2.5, 1.0, "stop: worse than the least compressive cut"), (1.5, 2.0, "stop: over the budget")):
+        pts, calls[:] = curve(), []
+        best = core._walk(None, pts, None, None, "classification", core.PruneConfig(max_drop=budget, retrain_epochs=1),
+                          (), set(), ref, scored=cuts)
+        assert best["threshold"] == want and best["history"] == []  # the cut as it is: retraining did worse
+        assert [p["threshold"] for p in pts if p["chosen"]] == [want]
+        stopped = [p for p in pts if "walk" in p]
+        assert len(stopped) == 1 and stopped[0]["walk"] == stop
+        assert stopped[0]["threshold"] == max(t for t in cuts if t < want)
+        assert calls == [(want, 0), (want, None)]  # only the chosen cut is built, as it is and retrained

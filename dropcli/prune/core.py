@@ -18,14 +18,16 @@ The pipeline, on a GraphModule of real modules (:func:`dropcli.importer.to_modul
 With an accuracy budget (``--max-drop``, :func:`budget_drop`) and no fixed ``--threshold``, step 3
 is a walk along the trade-off curve (:func:`sweep`): the trained ``log alpha`` values are cut at
 every threshold of :data:`SWEEP` and each cut is scored on the validation split (cheap: no
-training). Retraining the kept weights (step 3) wins back accuracy, so the walk then retrains
-cuts and bisects between the most compressive retrained cut known to break the budget and the least
-compressive one known to keep it, starting from the most compressive cut that fits before
-retraining (when none does: from the cut that loses least, then the least compressive), for at most :data:`MAX_TRIES`
-retrains. The most compressive model within the budget wins, a retrained cut or a cut as it is
-(retraining can also fit the training split harder and lose on validation); nothing within it is
-a :class:`~dropcli.errors.NotMet`, after one more round: the whole fine-tune again with half the
-KL weight (less pruning pressure), walked the same way.
+training). The walk (:func:`_walk`) is a fixed sequence from the least compressive cut: it stops
+at the first cut that breaks the budget (drop plus one standard error above ``--max-drop``) or
+that validation resolves as worse than the least compressive cut (extra drop less one paired
+standard error above 0), and keeps the cut before it, retrained when retraining does better on
+validation. A cut that validation cannot tell from the least pruned one costs nothing measurable;
+one it can is where accuracy starts to go, and the walk does not look past it for a cut whose
+noise happens to be kind. When the least compressive cut breaks the budget as it is, the same
+sequence walks the retrained cuts. Nothing within the budget is a :class:`~dropcli.errors.NotMet`,
+after one more round: the whole fine-tune again with half the KL weight (less pruning pressure),
+walked the same way.
 """
 
 from __future__ import annotations
@@ -51,13 +53,11 @@ METHODS = ("sparse-vd", "sbp")
 # defaults chosen with benchmarks/prune_digits.py --tune, on validation only (docs/prune.md)
 DEFAULTS = {"epochs": 100, "lr": 3e-3, "batch_size": 64, "threshold": 3.0, "kl_weight": 0.5, "var_lr_scale": 10.0,
             "retrain_epochs": 10, "retrain_lr_scale": 0.1, "distill": 0.5, "distill_temperature": 2.0}
-# --max-drop: the log-alpha thresholds the walk scores (log alpha is clamped to [-8, 8]), and the
-# most retrains it spends on the cuts around the best pre-retrain one
+# --max-drop: the log-alpha thresholds the walk scores (log alpha is clamped to [-8, 8])
 SWEEP = tuple(float(t) for t in np.arange(-2.0, 8.01, 0.5))
-MAX_TRIES = 6
 # a model fits the budget when its validation drop plus Z_BUDGET standard errors (paired over the
-# validation examples) is within --max-drop: the drop is measured on finite data, and the walk picks
-# the cut at the budget's edge, where noise in its favour would otherwise decide
+# validation examples) is within --max-drop, and the walk stops at a cut whose extra drop against the
+# least compressive cut, less Z_BUDGET paired standard errors, is above 0 (validation resolves it as worse)
 Z_BUDGET = 1.0
 SECOND_ROUND_KL = 0.5  # when no cut fits, one more training round at this fraction of the KL weight
 RAMP = 0.5  # fraction of training over which beta goes from 0 to --kl-weight
@@ -337,7 +337,8 @@ def prune(gm: fx.GraphModule, example: tuple, train: Split | None, task: str, cf
         trained, mods, hist = _train(copy.deepcopy(gm) if r < len(rounds) - 1 else gm, train, task, cfg, kl_weight, protected, loss_fn,
                                      label="" if r == 0 else f", round {r + 1}: --kl-weight {kl_weight:g}")
         history += hist
-        points = sweep(trained, mods, val, task, reference, cfg.device) if val is not None else []
+        scored: dict[float, dict[str, Any]] = {}
+        points = sweep(trained, mods, val, task, reference, cfg.device, scored) if val is not None else []
         for p in points:
             p["round"], p["kl_weight"] = r + 1, kl_weight
         curve += points
@@ -347,7 +348,7 @@ def prune(gm: fx.GraphModule, example: tuple, train: Split | None, task: str, cf
             _mark(points, threshold, cand, reference, task, cfg)
             return _result(cand, before, None, history + cand["history"], threshold, curve, reference, task, cfg, kl_weight)
         try:
-            cand = _walk(trained, points, train, val, task, cfg, example, protected, reference, loss_fn)
+            cand = _walk(trained, points, train, val, task, cfg, example, protected, reference, loss_fn, scored)
         except NotMet as e:
             if r == len(rounds) - 1:
                 if len(rounds) > 1:
@@ -401,10 +402,11 @@ def _train(gm: fx.GraphModule, train: Split, task: str, cfg: PruneConfig, kl_wei
 
 
 def sweep(gm: nn.Module, mods: dict[str, SparseVD], val: Split, task: str, reference: dict[str, float] | None,
-          device: str = "cpu") -> list[dict[str, Any]]:
+          device: str = "cpu", scored: dict[float, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """The trade-off curve of the trained log alphas: one point per threshold of :data:`SWEEP`
     that gives a different set of kept weights, scored on ``val`` (no retraining). Ordered from
-    the most compressive to the least. The layers' thresholds are put back afterwards."""
+    the most compressive to the least. The layers' thresholds are put back afterwards.
+    ``scored``, when given, receives each point's validation metrics with ``per_example``."""
     saved = {k: m.threshold for k, m in mods.items()}
     total = sum(m.weight.numel() for m in mods.values())
     points: list[dict[str, Any]] = []
@@ -422,6 +424,8 @@ def sweep(gm: nn.Module, mods: dict[str, SparseVD], val: Split, task: str, refer
                     m.threshold = t
                 metrics = None if empties else score(gm, val, task, device=device)
                 points.append(_point(t, kept, total, metrics, reference, task))
+                if scored is not None and metrics is not None:
+                    scored[t] = metrics
     finally:
         for k, m in mods.items():
             m.threshold = saved[k]
@@ -470,66 +474,91 @@ def _mark(curve: list[dict[str, Any]], threshold: float, cand: dict[str, Any] | 
     p["retrained"] = rec
 
 
-def _walk(gm: fx.GraphModule, curve: list[dict[str, Any]], train: Split, val: Split, task: str, cfg: PruneConfig,
-          example: tuple, protected: set[str], reference: dict[str, float], loss_fn=None) -> dict[str, Any]:
-    """The most compressive retrained cut within the budget (see the module docstring)."""
-    pts = [p for p in curve if p["threshold"] is not None]
-    fit_pre = [i for i, p in enumerate(pts) if _fits(p["drop"], cfg, p["drop_se"])]
-    i0 = fit_pre[0] if fit_pre else len(pts) - 1
-    tried: dict[int, dict[str, Any] | None] = {}
+def _step(reference: dict[str, Any], base: dict[str, Any], metrics: dict[str, Any] | None, task: str,
+          cfg: PruneConfig) -> str | None:
+    """Why the walk stops at a model scored ``metrics`` (None: it goes on): it breaks the budget
+    (its drop against the dense model, plus :data:`Z_BUDGET` standard errors, exceeds ``--max-drop``),
+    or validation resolves it as worse than ``base``, the least compressive model of the walk (its
+    extra drop against ``base``, less :data:`Z_BUDGET` paired standard errors, is above 0)."""
+    if metrics is None:
+        return "empties a layer"
+    if not _fits(budget_drop(reference, metrics, task), cfg, drop_se(reference, metrics, task)):
+        return "over the budget"
+    extra = budget_drop(base, metrics, task)
+    if extra - Z_BUDGET * (drop_se(base, metrics, task) or 0.0) > 1e-9:
+        return "worse than the least compressive cut"
+    return None
 
-    def attempt(i: int) -> dict[str, Any] | None:
+
+def _walk(gm: fx.GraphModule, curve: list[dict[str, Any]], train: Split, val: Split, task: str, cfg: PruneConfig,
+          example: tuple, protected: set[str], reference: dict[str, float], loss_fn=None,
+          scored: dict[float, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The walk (see the module docstring): a fixed sequence from the least compressive cut, which
+    stops at the first model that breaks the budget or that validation resolves as worse than the
+    least compressive one. ``scored``: the sweep's validation metrics per threshold (with
+    ``per_example``)."""
+    pts = [p for p in curve if p["threshold"] is not None]
+    scored = scored or {}
+    order = list(range(len(pts) - 1, -1, -1))  # the least compressive cut first
+
+    def retrained(i: int, epochs: int | None = None) -> dict[str, Any] | None:
         t = pts[i]["threshold"]
         try:
-            cand = _candidate(gm, t, train, val, task, cfg, example, protected, loss_fn=loss_fn)
+            cand = _candidate(gm, t, train, val, task, cfg, example, protected, retrain_epochs=epochs, loss_fn=loss_fn)
         except DropcliError as e:  # the cut empties a layer: not a candidate
-            _mark(curve, t, None, reference, task, cfg, note=e.message)
-            tried[i] = None
+            if epochs != 0:
+                _mark(curve, t, None, reference, task, cfg, note=e.message)
             return None
         cand["threshold"] = t
-        _mark(curve, t, cand, reference, task, cfg)
-        tried[i] = cand
-        return cand if _cand_fits(cand, reference, task, cfg) else None
+        if epochs != 0:
+            _mark(curve, t, cand, reference, task, cfg)
+        return cand
 
-    # bisection on the retrained cuts, between a known-bad index (more compressive, or -1) and a
-    # known-good one (or len(pts)): the retrained drop grows with compression, near enough
-    n = len(pts)
-    bad, good = -1, n
-    # no cut fits before retraining: start from the one that loses least (the most compressive of
-    # equals), then the least compressive; small validation sets make the drops noisy
-    first = i0 if fit_pre else min(range(n), key=lambda i: (math.inf if pts[i]["drop"] is None else pts[i]["drop"], i))
-    if attempt(first) is not None:
-        good = first
+    def fmt(m: dict[str, Any] | None) -> str:
+        return "-" if m is None else f"{budget_drop(reference, m, task):.2f} ± {drop_se(reference, m, task) or 0:.2f}"
+
+    # the sequence walks the cuts as they are (no training: the sweep scored them) when the least
+    # compressive one fits the budget; otherwise the retrained cuts, each retrained in turn
+    first = scored.get(pts[order[0]]["threshold"])
+    as_cut = first is not None and _step(reference, first, first, task, cfg) is None
+    base_cand = None
+    if as_cut:
+        base = first
     else:
-        bad = first
-        if first < n - 1 and attempt(n - 1) is not None:
-            good = n - 1
-    if good < n:
-        while good - bad > 1 and len(tried) < MAX_TRIES:
-            mid = (bad + good) // 2
-            if attempt(mid) is not None:
-                good = mid
-            else:
-                bad = mid
-    best = tried.get(good) if good < n else None
-    # retraining does not always help (it can fit the training split harder): a cut that fits the
-    # budget as it is, and is more compressive than the best retrained one, wins without retraining
-    if fit_pre and (best is None or fit_pre[0] < good):
-        t = pts[fit_pre[0]]["threshold"]
-        plain = _candidate(gm, t, train, val, task, cfg, example, protected, retrain_epochs=0)
-        if _cand_fits(plain, reference, task, cfg):
-            best = plain
-            best["threshold"] = t
-    if best is None:
-        def fmt(c):
-            return f"{budget_drop(reference, c['metrics'], task):.2f} ± {drop_se(reference, c['metrics'], task) or 0:.2f}" if c else "-"
-        tried_s = ", ".join(f"t={pts[k]['threshold']:g}: {fmt(c)}" for k, c in sorted(tried.items()))
-        unit = "points" if task == "classification" else "% of the validation loss"
-        err = NotMet(f"no pruned model stays within --max-drop {cfg.max_drop:g} ({unit}, at {Z_BUDGET:g} standard error; "
-                     f"retrained cuts tried: {tried_s})",
-                     "allow more with --max-drop, train longer with --epochs, or lower --kl-weight")
-        err.curve = curve
-        raise err
+        base_cand = retrained(order[0]) if cfg.retrain_epochs > 0 else None
+        base = base_cand["metrics"] if base_cand is not None else None
+        if base is None or _step(reference, base, base, task, cfg) is not None:
+            unit = "points" if task == "classification" else "% of the validation loss"
+            err = NotMet(f"no pruned model stays within --max-drop {cfg.max_drop:g} ({unit}, at {Z_BUDGET:g} standard error; "
+                         f"the least compressive cut, t={pts[order[0]]['threshold']:g}, loses {fmt(first)}"
+                         + (f", retrained {fmt(base)}" if base_cand is not None else "") + ")",
+                         "allow more with --max-drop, train longer with --epochs, or lower --kl-weight")
+            err.curve = curve
+            raise err
+    chosen, chosen_cand = order[0], base_cand
+    for i in order[1:]:
+        cand = None
+        if as_cut:
+            metrics = scored.get(pts[i]["threshold"])
+        else:
+            cand = retrained(i)
+            metrics = cand["metrics"] if cand is not None else None
+        why = _step(reference, base, metrics, task, cfg)
+        if why is not None:
+            pts[i]["walk"] = f"stop: {why}"
+            break
+        chosen, chosen_cand = i, cand
+    if as_cut:
+        # the chosen cut as it is, and retrained: retraining usually wins back accuracy, but it also
+        # fits the training split harder; the retrained model is kept when it does better on validation
+        best = retrained(chosen, 0)
+        if cfg.retrain_epochs > 0:
+            re = retrained(chosen)
+            if re is not None and budget_drop(reference, re["metrics"], task) < budget_drop(reference, best["metrics"], task) \
+                    and _step(reference, base, re["metrics"], task, cfg) is None:
+                best = re
+    else:
+        best = chosen_cand
     for p in curve:
         p["chosen"] = p["threshold"] is not None and math.isclose(p["threshold"], best["threshold"])
         if p["chosen"]:
