@@ -89,24 +89,26 @@ def test_budget_chooses_the_most_compressive_model_within_it(walked, digits):
     assert s["val_drop"] == pytest.approx(got["drop"]) and s["val_drop_se"] == pytest.approx(got["drop_se"])
     assert s["weights_after"] <= got["weights_kept"]  # the shrink may fold more away
     # the walk is a fixed sequence from the least compressive cut of the chosen round: every cut from
-    # there to the chosen one fits the budget (as it is, or retrained where the walk retrained the
-    # cuts), and the walk stopped at the next more compressive cut, for a reason it names
+    # there to the chosen one fits the budget (as it is, or retrained where the walk retrained it),
+    # and the walk stopped at the next more compressive cut, for a reason it names
     rnd = [p for p in curve if p["round"] == c["round"]]
     k = rnd.index(c)
-    retrained_walk = isinstance(rnd[-1]["retrained"], dict) and rnd[-1]["retrained"].get("drop") is not None and over(rnd[-1])
+
+    def fits_some(p):
+        r = p["retrained"]
+        return (p["drop"] is not None and not over(p)) or (isinstance(r, dict) and r.get("drop") is not None and not over(r))
+
     for p in rnd[k:]:
-        m = p["retrained"] if retrained_walk else p
-        assert m["drop"] is not None and not over(m), p
-        assert "walk" not in p
+        assert fits_some(p) and "walk" not in p, p
     stops = [p for p in curve if "walk" in p]
     if k > 0:
         stop = rnd[k - 1]
         assert stop["walk"] in ("stop: over the budget", "stop: worse than the least compressive cut", "stop: empties a layer")
-        m = stop["retrained"] if retrained_walk else stop
-        if stop["walk"] == "stop: over the budget":
-            assert over(m)
-        assert stop in stops
-    assert all(p["round"] < c["round"] or p is rnd[k - 1] for p in stops)
+        if stop["walk"] == "stop: over the budget":  # as it is and retrained
+            assert over(stop) and isinstance(stop["retrained"], dict) and over(stop["retrained"])
+        assert stops == [stop]
+    else:
+        assert stops == []
     # the case is not trivial: the walk saw cuts that break the budget
     assert any(p["drop"] is not None and over(p) for p in curve)
     # what the report says is what the written file does
@@ -252,24 +254,38 @@ def test_walk_is_a_fixed_sequence_from_the_least_compressive_cut(monkeypatch):
     assert core._step(ref, cuts[8.0], None, "classification", core.PruneConfig(max_drop=1.5)) == "empties a layer"
 
     calls = []
+    retrained_wrong = {}
 
     def fake_candidate(trained, t, *a, retrain_epochs=None, **k):  # the cut "as it is" scores as the sweep did
         calls.append((t, retrain_epochs))
-        m = cuts[t] if retrain_epochs == 0 else _metrics(base + [30])  # retraining does worse here: not kept
+        m = cuts[t] if retrain_epochs == 0 else _metrics(retrained_wrong.get(t, base + [30]))
         return {"metrics": m, "history": [] if retrain_epochs == 0 else [{"loss": 0.0}], "kept": 1, "total": 10}
 
     monkeypatch.setattr(core, "_candidate", fake_candidate)
 
-    def curve():
-        return [core._point(t, 1, 10, cuts[t], ref, "classification") for t in sorted(cuts)]
-
-    for budget, want, stop in ((2.5, 1.0, "stop: worse than the least compressive cut"), (1.5, 2.0, "stop: over the budget")):
-        pts, calls[:] = curve(), []
+    def walk(budget):
+        pts, calls[:] = [core._point(t, 1, 10, cuts[t], ref, "classification") for t in sorted(cuts)], []
         best = core._walk(None, pts, None, None, "classification", core.PruneConfig(max_drop=budget, retrain_epochs=1),
                           (), set(), ref, scored=cuts)
-        assert best["threshold"] == want and best["history"] == []  # the cut as it is: retraining did worse
-        assert [p["threshold"] for p in pts if p["chosen"]] == [want]
+        assert [p["threshold"] for p in pts if p["chosen"]] == [best["threshold"]]
         stopped = [p for p in pts if "walk" in p]
-        assert len(stopped) == 1 and stopped[0]["walk"] == stop
-        assert stopped[0]["threshold"] == max(t for t in cuts if t < want)
-        assert calls == [(want, 0), (want, None)]  # only the chosen cut is built, as it is and retrained
+        assert len(stopped) == 1 and stopped[0]["threshold"] == max(t for t in cuts if t < best["threshold"])
+        return best, stopped[0]["walk"]
+
+    # budget 2.5: t=0 is the first cut validation resolves as worse; t=1 is chosen as it is
+    # (retraining it did worse), though t=-1 beyond the stop would fit
+    best, why = walk(2.5)
+    assert (best["threshold"], best["history"], why) == (1.0, [], "stop: worse than the least compressive cut")
+    assert calls == [(1.0, 0), (1.0, None)]  # only the chosen cut is built, as it is and retrained
+    # budget 1.5: t=1 breaks it as it is and retrained (5 wrong: 1.25 + 0.56): t=2 is chosen
+    best, why = walk(1.5)
+    assert (best["threshold"], why) == (2.0, "stop: over the budget")
+    assert calls == [(1.0, None), (2.0, 0), (2.0, None)]
+    # the same, but retraining t=1 wins its example back: the retrained cut goes on, and is chosen
+    retrained_wrong[1.0] = base
+    best, why = walk(1.5)
+    assert (best["threshold"], best["history"] != [], why) == (1.0, True, "stop: worse than the least compressive cut")
+    assert calls == [(1.0, None)]
+    # the least compressive cut breaks the budget as it is and retrained: refused, and the message says so
+    with pytest.raises(core.NotMet, match=r"the least compressive cut, t=8, loses 1.00 ± 0.50, retrained 1.25 ± 0.56"):
+        walk(1.2)

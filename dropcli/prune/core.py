@@ -19,14 +19,15 @@ With an accuracy budget (``--max-drop``, :func:`budget_drop`) and no fixed ``--t
 is a walk along the trade-off curve (:func:`sweep`): the trained ``log alpha`` values are cut at
 every threshold of :data:`SWEEP` and each cut is scored on the validation split (cheap: no
 training). The walk (:func:`_walk`) is a fixed sequence from the least compressive cut: it stops
-at the first cut that breaks the budget (drop plus one standard error above ``--max-drop``) or
-that validation resolves as worse than the least compressive cut (extra drop less one paired
-standard error above 0), and keeps the cut before it, retrained when retraining does better on
-validation. A cut that validation cannot tell from the least pruned one costs nothing measurable;
-one it can is where accuracy starts to go, and the walk does not look past it for a cut whose
-noise happens to be kind. When the least compressive cut breaks the budget as it is, the same
-sequence walks the retrained cuts. Nothing within the budget is a :class:`~dropcli.errors.NotMet`,
-after one more round: the whole fine-tune again with half the KL weight (less pruning pressure),
+at the first cut that validation resolves as worse than the least compressive cut (extra drop,
+less one paired standard error, above 0), or that breaks the budget (drop plus one standard error
+above ``--max-drop``) as it is and after retraining its kept weights; it keeps the cut before the
+stop, retrained when retraining does better on validation. A cut that validation cannot tell from
+the least pruned one costs nothing measurable; one it can is where accuracy starts to go, and the
+walk does not look past it for a cut whose noise happens to be kind. The cuts are nested (a lower
+threshold removes a superset of the weights), so the comparison with the least compressive cut is
+made on them as they are, before any retraining. Nothing within the budget is a
+:class:`~dropcli.errors.NotMet`, after one more round: the whole fine-tune again with half the KL weight (less pruning pressure),
 walked the same way.
 """
 
@@ -474,34 +475,37 @@ def _mark(curve: list[dict[str, Any]], threshold: float, cand: dict[str, Any] | 
     p["retrained"] = rec
 
 
-def _step(reference: dict[str, Any], base: dict[str, Any], metrics: dict[str, Any] | None, task: str,
+def _step(reference: dict[str, Any], base: dict[str, Any] | None, metrics: dict[str, Any] | None, task: str,
           cfg: PruneConfig) -> str | None:
     """Why the walk stops at a model scored ``metrics`` (None: it goes on): it breaks the budget
     (its drop against the dense model, plus :data:`Z_BUDGET` standard errors, exceeds ``--max-drop``),
-    or validation resolves it as worse than ``base``, the least compressive model of the walk (its
-    extra drop against ``base``, less :data:`Z_BUDGET` paired standard errors, is above 0)."""
+    or validation resolves it as worse than ``base``, the least compressive cut (its extra drop
+    against ``base``, less :data:`Z_BUDGET` paired standard errors, is above 0; not checked when
+    ``base`` is None)."""
     if metrics is None:
         return "empties a layer"
+    if base is not None:
+        extra = budget_drop(base, metrics, task)
+        if extra - Z_BUDGET * (drop_se(base, metrics, task) or 0.0) > 1e-9:
+            return "worse than the least compressive cut"
     if not _fits(budget_drop(reference, metrics, task), cfg, drop_se(reference, metrics, task)):
         return "over the budget"
-    extra = budget_drop(base, metrics, task)
-    if extra - Z_BUDGET * (drop_se(base, metrics, task) or 0.0) > 1e-9:
-        return "worse than the least compressive cut"
     return None
 
 
 def _walk(gm: fx.GraphModule, curve: list[dict[str, Any]], train: Split, val: Split, task: str, cfg: PruneConfig,
           example: tuple, protected: set[str], reference: dict[str, float], loss_fn=None,
           scored: dict[float, dict[str, Any]] | None = None) -> dict[str, Any]:
-    """The walk (see the module docstring): a fixed sequence from the least compressive cut, which
-    stops at the first model that breaks the budget or that validation resolves as worse than the
-    least compressive one. ``scored``: the sweep's validation metrics per threshold (with
-    ``per_example``)."""
+    """The walk (see the module docstring): a fixed sequence over the cuts from the least
+    compressive, which stops at the first cut that validation resolves as worse than the least
+    compressive one, or that breaks the budget as it is and retrained. ``scored``: the sweep's
+    validation metrics per threshold (with ``per_example``)."""
     pts = [p for p in curve if p["threshold"] is not None]
     scored = scored or {}
     order = list(range(len(pts) - 1, -1, -1))  # the least compressive cut first
 
-    def retrained(i: int, epochs: int | None = None) -> dict[str, Any] | None:
+    def build(i: int, epochs: int | None = None) -> dict[str, Any] | None:
+        """Cut ``i`` as a plain model (``epochs=0``: as it is) or retrained; recorded on the curve."""
         t = pts[i]["threshold"]
         try:
             cand = _candidate(gm, t, train, val, task, cfg, example, protected, retrain_epochs=epochs, loss_fn=loss_fn)
@@ -517,48 +521,42 @@ def _walk(gm: fx.GraphModule, curve: list[dict[str, Any]], train: Split, val: Sp
     def fmt(m: dict[str, Any] | None) -> str:
         return "-" if m is None else f"{budget_drop(reference, m, task):.2f} ± {drop_se(reference, m, task) or 0:.2f}"
 
-    # the sequence walks the cuts as they are (no training: the sweep scored them) when the least
-    # compressive one fits the budget; otherwise the retrained cuts, each retrained in turn
-    first = scored.get(pts[order[0]]["threshold"])
-    as_cut = first is not None and _step(reference, first, first, task, cfg) is None
-    base_cand = None
-    if as_cut:
-        base = first
-    else:
-        base_cand = retrained(order[0]) if cfg.retrain_epochs > 0 else None
-        base = base_cand["metrics"] if base_cand is not None else None
-        if base is None or _step(reference, base, base, task, cfg) is not None:
-            unit = "points" if task == "classification" else "% of the validation loss"
-            err = NotMet(f"no pruned model stays within --max-drop {cfg.max_drop:g} ({unit}, at {Z_BUDGET:g} standard error; "
-                         f"the least compressive cut, t={pts[order[0]]['threshold']:g}, loses {fmt(first)}"
-                         + (f", retrained {fmt(base)}" if base_cand is not None else "") + ")",
-                         "allow more with --max-drop, train longer with --epochs, or lower --kl-weight")
-            err.curve = curve
-            raise err
-    chosen, chosen_cand = order[0], base_cand
-    for i in order[1:]:
-        cand = None
-        if as_cut:
-            metrics = scored.get(pts[i]["threshold"])
-        else:
-            cand = retrained(i)
-            metrics = cand["metrics"] if cand is not None else None
+    base = scored.get(pts[order[0]]["threshold"])  # the least compressive cut, as it is
+    chosen: tuple[int, dict[str, Any] | None] | None = None  # (index, its retrained model or None: as it is)
+    base_re = None
+    for i in order:
+        metrics = scored.get(pts[i]["threshold"])
         why = _step(reference, base, metrics, task, cfg)
+        cand = None
+        if why == "over the budget" and cfg.retrain_epochs > 0:
+            # retraining wins back accuracy: the cut counts as within the budget when it is, retrained
+            cand = build(i)
+            why = _step(reference, None, cand["metrics"] if cand is not None else None, task, cfg)
+            if i == order[0]:
+                base_re = cand
         if why is not None:
-            pts[i]["walk"] = f"stop: {why}"
+            if i != order[0]:
+                pts[i]["walk"] = f"stop: {why}"
             break
-        chosen, chosen_cand = i, cand
-    if as_cut:
+        chosen = (i, cand)
+    if chosen is None:
+        unit = "points" if task == "classification" else "% of the validation loss"
+        err = NotMet(f"no pruned model stays within --max-drop {cfg.max_drop:g} ({unit}, at {Z_BUDGET:g} standard error; "
+                     f"the least compressive cut, t={pts[order[0]]['threshold']:g}, loses {fmt(base)}"
+                     + (f", retrained {fmt(base_re['metrics'])}" if base_re is not None else "") + ")",
+                     "allow more with --max-drop, train longer with --epochs, or lower --kl-weight")
+        err.curve = curve
+        raise err
+    i, best = chosen
+    if best is None:
         # the chosen cut as it is, and retrained: retraining usually wins back accuracy, but it also
         # fits the training split harder; the retrained model is kept when it does better on validation
-        best = retrained(chosen, 0)
+        best = build(i, 0)
         if cfg.retrain_epochs > 0:
-            re = retrained(chosen)
+            re = build(i)
             if re is not None and budget_drop(reference, re["metrics"], task) < budget_drop(reference, best["metrics"], task) \
-                    and _step(reference, base, re["metrics"], task, cfg) is None:
+                    and _step(reference, None, re["metrics"], task, cfg) is None:
                 best = re
-    else:
-        best = chosen_cand
     for p in curve:
         p["chosen"] = p["threshold"] is not None and math.isclose(p["threshold"], best["threshold"])
         if p["chosen"]:
