@@ -18,16 +18,17 @@ The pipeline, on a GraphModule of real modules (:func:`dropcli.importer.to_modul
 With an accuracy budget (``--max-drop``, :func:`budget_drop`) and no fixed ``--threshold``, step 3
 is a walk along the trade-off curve (:func:`sweep`): the trained ``log alpha`` values are cut at
 every threshold of :data:`SWEEP` and each cut is scored on the validation split (cheap: no
-training). The walk (:func:`_walk`) is a fixed sequence from the least compressive cut: it stops
-at the first cut that validation resolves as worse than the least compressive cut (extra drop,
-less one paired standard error, above 0), or that breaks the budget (drop plus one standard error
-above ``--max-drop``) as it is and after retraining its kept weights; it keeps the cut before the
-stop, retrained when retraining does better on validation. A cut that validation cannot tell from
-the least pruned one costs nothing measurable; one it can is where accuracy starts to go, and the
-walk does not look past it for a cut whose noise happens to be kind. The cuts are nested (a lower
-threshold removes a superset of the weights), so the comparison with the least compressive cut is
-made on them as they are, before any retraining. Nothing within the budget is a
-:class:`~dropcli.errors.NotMet`, after one more round: the whole fine-tune again with half the KL weight (less pruning pressure),
+training). The walk (:func:`_walk`) is a fixed sequence over the cuts as they are, from the least
+compressive: it stops at the first cut that validation resolves as worse than the least
+compressive one (extra drop, less one paired standard error, above 0: :data:`Z_KNEE`). The cuts are nested (a
+lower threshold removes a superset of the weights), so two of them differ on few validation
+examples and the comparison is sharp. The budget (drop plus half a standard error within
+``--max-drop``: :data:`Z_BUDGET`) is checked on the least compressive cut and on the model chosen: the last cut of
+the sequence, as it is or with its kept weights retrained, whichever is within the budget and loses
+less; when neither is, the walk steps back towards less compression. A cut that validation cannot
+tell from the least pruned one costs nothing measurable; one it can is where accuracy starts to go,
+and the walk does not look past it for a cut whose noise happens to be kind. Nothing within the
+budget is a :class:`~dropcli.errors.NotMet`, after one more round: the whole fine-tune again with half the KL weight (less pruning pressure),
 walked the same way.
 """
 
@@ -57,9 +58,14 @@ DEFAULTS = {"epochs": 100, "lr": 3e-3, "batch_size": 64, "threshold": 3.0, "kl_w
 # --max-drop: the log-alpha thresholds the walk scores (log alpha is clamped to [-8, 8])
 SWEEP = tuple(float(t) for t in np.arange(-2.0, 8.01, 0.5))
 # a model fits the budget when its validation drop plus Z_BUDGET standard errors (paired over the
-# validation examples) is within --max-drop, and the walk stops at a cut whose extra drop against the
-# least compressive cut, less Z_BUDGET paired standard errors, is above 0 (validation resolves it as worse)
-Z_BUDGET = 1.0
+# validation examples) is within --max-drop; the walk stops at the first cut whose extra drop against
+# the least compressive cut, less Z_KNEE paired standard errors, is above 0. Both chosen with
+# benchmarks/prune_walk_rules.py on the tuning models' validation split (docs/prune.md): with the
+# walk's stop at the bend, a margin of one standard error on the budget mostly refused first rounds
+# (a quarter to a half of the draws where the fine-tune itself costs a point) without lowering
+# what the chosen models lose
+Z_BUDGET = 0.5
+Z_KNEE = 1.0
 SECOND_ROUND_KL = 0.5  # when no cut fits, one more training round at this fraction of the KL weight
 RAMP = 0.5  # fraction of training over which beta goes from 0 to --kl-weight
 DECAY_FROM = None  # fraction of training after which the learning rate decays linearly to 0
@@ -475,88 +481,100 @@ def _mark(curve: list[dict[str, Any]], threshold: float, cand: dict[str, Any] | 
     p["retrained"] = rec
 
 
-def _step(reference: dict[str, Any], base: dict[str, Any] | None, metrics: dict[str, Any] | None, task: str,
-          cfg: PruneConfig) -> str | None:
-    """Why the walk stops at a model scored ``metrics`` (None: it goes on): it breaks the budget
-    (its drop against the dense model, plus :data:`Z_BUDGET` standard errors, exceeds ``--max-drop``),
-    or validation resolves it as worse than ``base``, the least compressive cut (its extra drop
-    against ``base``, less :data:`Z_BUDGET` paired standard errors, is above 0; not checked when
-    ``base`` is None)."""
+def _worse(base: dict[str, Any], metrics: dict[str, Any] | None, task: str) -> str | None:
+    """Why the walk stops at a cut scored ``metrics`` (None: it goes on): validation resolves it as
+    worse than ``base``, the least compressive cut (its extra drop against ``base``, less
+    :data:`Z_KNEE` paired standard errors, is above 0), or it empties a layer."""
     if metrics is None:
         return "empties a layer"
-    if base is not None:
-        extra = budget_drop(base, metrics, task)
-        if extra - Z_BUDGET * (drop_se(base, metrics, task) or 0.0) > 1e-9:
-            return "worse than the least compressive cut"
-    if not _fits(budget_drop(reference, metrics, task), cfg, drop_se(reference, metrics, task)):
-        return "over the budget"
+    if budget_drop(base, metrics, task) - Z_KNEE * (drop_se(base, metrics, task) or 0.0) > 1e-9:
+        return "worse than the least compressive cut"
     return None
+
+
+def _within(reference: dict[str, Any], metrics: dict[str, Any] | None, task: str, cfg: PruneConfig) -> bool:
+    return metrics is not None and _fits(budget_drop(reference, metrics, task), cfg, drop_se(reference, metrics, task))
 
 
 def _walk(gm: fx.GraphModule, curve: list[dict[str, Any]], train: Split, val: Split, task: str, cfg: PruneConfig,
           example: tuple, protected: set[str], reference: dict[str, float], loss_fn=None,
           scored: dict[float, dict[str, Any]] | None = None) -> dict[str, Any]:
-    """The walk (see the module docstring): a fixed sequence over the cuts from the least
-    compressive, which stops at the first cut that validation resolves as worse than the least
-    compressive one, or that breaks the budget as it is and retrained. ``scored``: the sweep's
-    validation metrics per threshold (with ``per_example``)."""
+    """The walk (see the module docstring). ``scored``: the sweep's validation metrics per threshold
+    (with ``per_example``)."""
     pts = [p for p in curve if p["threshold"] is not None]
     scored = scored or {}
     order = list(range(len(pts) - 1, -1, -1))  # the least compressive cut first
+    built: dict[tuple[int, bool], dict[str, Any] | None] = {}
 
-    def build(i: int, epochs: int | None = None) -> dict[str, Any] | None:
-        """Cut ``i`` as a plain model (``epochs=0``: as it is) or retrained; recorded on the curve."""
-        t = pts[i]["threshold"]
-        try:
-            cand = _candidate(gm, t, train, val, task, cfg, example, protected, retrain_epochs=epochs, loss_fn=loss_fn)
-        except DropcliError as e:  # the cut empties a layer: not a candidate
-            if epochs != 0:
-                _mark(curve, t, None, reference, task, cfg, note=e.message)
-            return None
-        cand["threshold"] = t
-        if epochs != 0:
-            _mark(curve, t, cand, reference, task, cfg)
-        return cand
+    def build(i: int, retrain: bool) -> dict[str, Any] | None:
+        """Cut ``i`` as a plain model, as it is or retrained (once each); retrained ones go on the curve."""
+        if (i, retrain) not in built:
+            t = pts[i]["threshold"]
+            try:
+                cand = _candidate(gm, t, train, val, task, cfg, example, protected, retrain_epochs=None if retrain else 0,
+                                  loss_fn=loss_fn)
+                cand["threshold"] = t
+            except DropcliError as e:  # the cut empties a layer: not a candidate
+                cand = None
+                if retrain:
+                    _mark(curve, t, None, reference, task, cfg, note=e.message)
+            if retrain and cand is not None:
+                _mark(curve, t, cand, reference, task, cfg)
+            built[(i, retrain)] = cand
+        return built[(i, retrain)]
+
+    def pick(i: int) -> dict[str, Any] | None:
+        """Cut ``i`` as it is or retrained, whichever is within the budget (both: the one that loses
+        less on validation); None when neither is."""
+        ok = []
+        if _within(reference, scored.get(pts[i]["threshold"]), task, cfg):
+            ok.append(build(i, False))
+        if cfg.retrain_epochs > 0:
+            re = build(i, True)
+            if re is not None and _within(reference, re["metrics"], task, cfg):
+                ok.append(re)
+        ok = [c for c in ok if c is not None]
+        return min(ok, key=lambda c: budget_drop(reference, c["metrics"], task)) if ok else None
 
     def fmt(m: dict[str, Any] | None) -> str:
         return "-" if m is None else f"{budget_drop(reference, m, task):.2f} ± {drop_se(reference, m, task) or 0:.2f}"
 
-    base = scored.get(pts[order[0]]["threshold"])  # the least compressive cut, as it is
-    chosen: tuple[int, dict[str, Any] | None] | None = None  # (index, its retrained model or None: as it is)
-    base_re = None
-    for i in order:
-        metrics = scored.get(pts[i]["threshold"])
-        why = _step(reference, base, metrics, task, cfg)
-        cand = None
-        if why == "over the budget" and cfg.retrain_epochs > 0:
-            # retraining wins back accuracy: the cut counts as within the budget when it is, retrained
-            cand = build(i)
-            why = _step(reference, None, cand["metrics"] if cand is not None else None, task, cfg)
-            if i == order[0]:
-                base_re = cand
-        if why is not None:
-            if i != order[0]:
-                pts[i]["walk"] = f"stop: {why}"
-            break
-        chosen = (i, cand)
-    if chosen is None:
+    first = order[0]
+    base = scored.get(pts[first]["threshold"])  # the least compressive cut, as it is
+    base_ok = base is not None and (_within(reference, base, task, cfg) or (
+        cfg.retrain_epochs > 0 and build(first, True) is not None and _within(reference, built[(first, True)]["metrics"], task, cfg)))
+    if not base_ok:
         unit = "points" if task == "classification" else "% of the validation loss"
+        re = built.get((first, True))
         err = NotMet(f"no pruned model stays within --max-drop {cfg.max_drop:g} ({unit}, at {Z_BUDGET:g} standard error; "
-                     f"the least compressive cut, t={pts[order[0]]['threshold']:g}, loses {fmt(base)}"
-                     + (f", retrained {fmt(base_re['metrics'])}" if base_re is not None else "") + ")",
+                     f"the least compressive cut, t={pts[first]['threshold']:g}, loses {fmt(base)}"
+                     + (f", retrained {fmt(re['metrics'])}" if re is not None else "") + ")",
                      "allow more with --max-drop, train longer with --epochs, or lower --kl-weight")
         err.curve = curve
         raise err
-    i, best = chosen
-    if best is None:
-        # the chosen cut as it is, and retrained: retraining usually wins back accuracy, but it also
-        # fits the training split harder; the retrained model is kept when it does better on validation
-        best = build(i, 0)
-        if cfg.retrain_epochs > 0:
-            re = build(i)
-            if re is not None and budget_drop(reference, re["metrics"], task) < budget_drop(reference, best["metrics"], task) \
-                    and _step(reference, None, re["metrics"], task, cfg) is None:
-                best = re
+    # the fixed sequence on the cuts as they are: nested, so compared with the least compressive
+    # one on few discordant examples
+    seq = [first]
+    for i in order[1:]:
+        why = _worse(base, scored.get(pts[i]["threshold"]), task)
+        if why is not None:
+            pts[i]["walk"] = f"stop: {why}"
+            break
+        seq.append(i)
+    # the last cut of the sequence, as it is or retrained; where neither is within the budget, the
+    # walk steps back towards less compression, bisecting between that cut and the first (within it)
+    best, lo, hi = None, 0, len(seq) - 1
+    while hi > lo:
+        mid = hi if best is None and hi == len(seq) - 1 else (lo + hi + 1) // 2
+        cand = pick(seq[mid])
+        if cand is not None:
+            best, lo = cand, mid
+            if mid == len(seq) - 1:
+                break
+        else:
+            pts[seq[mid]]["walk"] = "over the budget as it is and retrained: stepped back"
+            hi = mid - 1
+    best = best or pick(first)
     for p in curve:
         p["chosen"] = p["threshold"] is not None and math.isclose(p["threshold"], best["threshold"])
         if p["chosen"]:
