@@ -16,7 +16,7 @@ above 1.5 points: the normal tail of the chosen model's population drop with its
 standard error, averaged over the draws. "refused" counts draws where the first training round
 finds nothing (prune would then train a second round at half the KL weight; not simulated).
 
-Run:  python benchmarks/prune_walk_rules.py [--models MLP,CNN] [--seeds 3] [--draws 200]
+Run:  python benchmarks/prune_walk_rules.py [--models MLP,CNN] [--seeds 3] [--draws 200] [--margins 0,0.5,1] [--cache DIR]
 (about 1-2 minutes per model and seed on one core)
 """
 
@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import pickle
 import sys
 import warnings
 from pathlib import Path
@@ -102,6 +103,15 @@ def walk_now(D: dict, idx: np.ndarray) -> tuple[int, str] | None:
     return by_t[best["threshold"]], "retrained" if best["history"] else "cut"
 
 
+def _with_margin(z: float, D: dict, idx: np.ndarray) -> tuple[int, str] | None:
+    saved = core.Z_BUDGET
+    core.Z_BUDGET = z
+    try:
+        return walk_now(D, idx)
+    finally:
+        core.Z_BUDGET = saved
+
+
 def walk_before(D: dict, idx: np.ndarray, max_tries: int = 6) -> tuple[int, str] | None:
     """The walk this one replaced (dropcli before this change): retrain the most compressive cut that
     fits as it is, then bisect on retrained cuts between the most compressive one known to break the
@@ -152,6 +162,10 @@ def main() -> None:
     ap.add_argument("--models", default="MLP,CNN")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--draws", type=int, default=200)
+    ap.add_argument("--margins", default=f"{core.Z_BUDGET:g}",
+                    help="the budget margins (standard errors) to run dropcli's walk with, e.g. 0,0.5,1 "
+                         f"(default: dropcli's, {core.Z_BUDGET:g})")
+    ap.add_argument("--cache", default="", help="a folder to keep each model's scored cuts in (reruns skip the training)")
     args = ap.parse_args()
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
@@ -164,9 +178,19 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for name in args.models.split(","):
         for seed in range(args.seeds):
-            D = curve_scores(name, seed)
+            cached = Path(args.cache) / f"{name}_{seed}.pkl" if args.cache else None
+            if cached is not None and cached.exists():
+                D = pickle.loads(cached.read_bytes())
+            else:
+                D = curve_scores(name, seed)
+                if cached is not None:
+                    cached.parent.mkdir(parents=True, exist_ok=True)
+                    cached.write_bytes(pickle.dumps(D))
             n = len(D["ref"])
-            for label, rule in (("before: bisection", walk_before), ("now: fixed sequence", walk_now)):
+            rules = [("before: bisection, margin 1", walk_before)]
+            for z in (float(m) for m in args.margins.split(",")):
+                rules.append((f"now: fixed sequence, margin {z:g}", (lambda z: lambda D, idx: _with_margin(z, D, idx))(z)))
+            for label, rule in rules:
                 rng = np.random.default_rng(seed)
                 comp, pops, miss, refused = [], [], [], 0
                 for _ in range(args.draws):
