@@ -1,23 +1,32 @@
-"""How `dropcli prune --max-drop` walks the trade-off curve, compared by resampling validation.
+"""How `dropcli prune --max-drop` walks the trade-off curve, against a fixed-sequence walk that
+was tried and not kept, compared by resampling validation (docs/prune.md).
 
-The walk's rule was chosen with this script, on the TUNING models of benchmarks/prune_digits.py
-(the 64-300-100-10 MLP and the BatchNorm CNN), on their VALIDATION split only; it never loads the
-test split. For each model and seed it trains the dense model and runs prune's sparse-VD fine-tune
-once (in process, the defaults), then scores every cut of the trained log alphas on validation,
-as it is and retrained, keeping each example's correct/wrong.
+Only the TUNING models of benchmarks/prune_digits.py (the 64-300-100-10 MLP and the BatchNorm
+CNN) and their VALIDATION split are used; the test split is never loaded. For each model and seed
+the script trains the dense model and runs prune's sparse-VD fine-tune once (in process, the
+defaults), then scores every cut of the trained log alphas on validation, as it is and retrained,
+keeping each example's correct/wrong.
 
-Then it treats the validation split as the population and draws bootstrap validation sets from it
-(360 examples with replacement). On each draw it runs a walk rule on the draw (the real
-`dropcli.prune.core._walk`, fed the precomputed scores; and the bisection walk it replaced,
-re-implemented below) and looks up what the chosen model loses on the whole split: the
-population drop. A rule that picks its cut where the draw's noise was kind shows a population drop
-above the draw's. The last figure is the chance that a test split of the same size sees a drop
-above 1.5 points: the normal tail of the chosen model's population drop with its own paired
-standard error, averaged over the draws. "refused" counts draws where the first training round
-finds nothing (prune would then train a second round at half the KL weight; not simulated).
+It then treats the validation split as the population and draws bootstrap validation sets from it
+(360 examples with replacement). On each draw it runs a walk rule on the draw and looks up what the
+chosen model loses on the whole split: the population drop. A rule that picks its cut where the
+draw's noise was kind shows a population drop above the draw's. The rules:
 
-Run:  python benchmarks/prune_walk_rules.py [--models MLP,CNN] [--seeds 3] [--draws 200] [--margins 0,0.5,1] [--cache DIR]
-(about 1-2 minutes per model and seed on one core)
+- "dropcli": `dropcli.prune.core._walk` itself, fed the precomputed scores: the most compressive
+  cut within the budget (drop + 1 se), found by bisecting on retrained cuts;
+- "fixed sequence": from the least compressive cut, stop at the first cut (as it is) that
+  validation resolves as worse than the least compressive one (extra drop - 1 paired se > 0);
+  keep the cut before, as it is or retrained, whichever is within the budget (drop + MARGIN se)
+  and loses less, stepping back by bisection when neither is; the least compressive cut must be
+  within the budget, or the round is refused.
+
+The last figure is the chance that a test split of the same size sees a drop above 1.5 points:
+the normal tail of the chosen model's population drop with its own paired standard error,
+averaged over the draws. "refused" counts draws where the first training round finds nothing
+(prune would then train a second round at half the KL weight; not simulated).
+
+Run:  python benchmarks/prune_walk_rules.py [--models MLP,CNN] [--seeds 3] [--draws 200] [--margins 0.5] [--cache DIR]
+(about 1-2 minutes per model and seed on one core; with --cache, reruns skip the training)
 """
 
 from __future__ import annotations
@@ -77,11 +86,10 @@ def _m(per: np.ndarray | None, idx: np.ndarray) -> dict | None:
     return None if per is None else {"accuracy": float(per[idx].mean()), "loss": 0.0, "per_example": per[idx]}
 
 
-def walk_now(D: dict, idx: np.ndarray) -> tuple[int, str] | None:
+def walk_dropcli(D: dict, idx: np.ndarray) -> tuple[int, str] | None:
     """dropcli's walk (core._walk), on the draw ``idx``; returns (row, "cut" | "retrained") or None."""
     rows = D["rows"]
     by_t = {r["t"]: i for i, r in enumerate(rows)}
-    scored = {r["t"]: _m(r["cut"], idx) for r in rows if r["cut"] is not None}
 
     def candidate(trained, t, *a, retrain_epochs=None, **k):
         key = "cut" if retrain_epochs == 0 else "retrained"
@@ -94,8 +102,8 @@ def walk_now(D: dict, idx: np.ndarray) -> tuple[int, str] | None:
     core._candidate = candidate
     try:
         ref = _m(D["ref"], idx)
-        pts = [core._point(r["t"], 1, 1, scored.get(r["t"]), ref, "classification") for r in rows]
-        best = core._walk(None, pts, None, None, "classification", core.PruneConfig(max_drop=BUDGET), (), set(), ref, scored=scored)
+        pts = [core._point(r["t"], 1, 1, _m(r["cut"], idx), ref, "classification") for r in rows]
+        best = core._walk(None, pts, None, None, "classification", core.PruneConfig(max_drop=BUDGET), (), set(), ref)
     except NotMet:
         return None
     finally:
@@ -103,58 +111,49 @@ def walk_now(D: dict, idx: np.ndarray) -> tuple[int, str] | None:
     return by_t[best["threshold"]], "retrained" if best["history"] else "cut"
 
 
-def _with_margin(z: float, D: dict, idx: np.ndarray) -> tuple[int, str] | None:
-    saved = core.Z_BUDGET
-    core.Z_BUDGET = z
-    try:
-        return walk_now(D, idx)
-    finally:
-        core.Z_BUDGET = saved
+def walk_fixed_sequence(D: dict, idx: np.ndarray, margin: float) -> tuple[int, str] | None:
+    """The fixed-sequence walk that was tried (see the module docstring)."""
+    rows, ref = D["rows"], D["ref"][idx]
 
+    def drop(a, b):  # paired drop of b against a, in points, and its standard error
+        d = 100.0 * (a - b)
+        return d.mean(), d.std(ddof=1) / math.sqrt(len(d))
 
-def walk_before(D: dict, idx: np.ndarray, max_tries: int = 6) -> tuple[int, str] | None:
-    """The walk this one replaced (dropcli before this change): retrain the most compressive cut that
-    fits as it is, then bisect on retrained cuts between the most compressive one known to break the
-    budget and the least compressive one known to keep it (at most 6 retrains); a cut as it is wins
-    when it is more compressive than the best retrained one."""
-    rows, ref = D["rows"], D["ref"]
-    n = len(rows)
-
-    def fits(per):
+    def within(per):
         if per is None:
             return False
-        d = 100.0 * (ref[idx] - per[idx])
-        return d.mean() + d.std(ddof=1) / math.sqrt(len(d)) <= BUDGET + 1e-9
+        m, se = drop(ref, per[idx])
+        return m + margin * se <= BUDGET + 1e-9
 
-    def drop(per):
-        return math.inf if per is None else 100.0 * (ref[idx].mean() - per[idx].mean())
+    def pick(i):
+        ok = [(drop(ref, rows[i][k][idx])[0], n, k) for n, k in enumerate(("cut", "retrained")) if within(rows[i][k])]
+        return (i, min(ok)[2]) if ok else None
 
-    fit_pre = [i for i, r in enumerate(rows) if fits(r["cut"])]
-    tried = {}
-
-    def attempt(i):
-        tried[i] = True
-        return fits(rows[i]["retrained"])
-
-    bad, good = -1, n
-    first = fit_pre[0] if fit_pre else min(range(n), key=lambda i: (drop(rows[i]["cut"]), i))
-    if attempt(first):
-        good = first
-    else:
-        bad = first
-        if first < n - 1 and attempt(n - 1):
-            good = n - 1
-    if good < n:
-        while good - bad > 1 and len(tried) < max_tries:
-            mid = (bad + good) // 2
-            if attempt(mid):
-                good = mid
-            else:
-                bad = mid
-    best = (good, "retrained") if good < n else None
-    if fit_pre and (best is None or fit_pre[0] < good):
-        best = (fit_pre[0], "cut")
-    return best
+    order = list(range(len(rows) - 1, -1, -1))  # the least compressive cut first
+    first = order[0]
+    base = rows[first]["cut"]
+    if base is None or pick(first) is None:
+        return None
+    seq = [first]
+    for i in order[1:]:
+        per = rows[i]["cut"]
+        if per is None:
+            break
+        m, se = drop(base[idx], per[idx])
+        if m - se > 1e-9:
+            break
+        seq.append(i)
+    best, lo, hi = None, 0, len(seq) - 1
+    while hi > lo:
+        mid = hi if best is None and hi == len(seq) - 1 else (lo + hi + 1) // 2
+        got = pick(seq[mid])
+        if got is not None:
+            best, lo = got, mid
+            if mid == len(seq) - 1:
+                break
+        else:
+            hi = mid - 1
+    return best or pick(first)
 
 
 def main() -> None:
@@ -162,9 +161,7 @@ def main() -> None:
     ap.add_argument("--models", default="MLP,CNN")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--draws", type=int, default=200)
-    ap.add_argument("--margins", default=f"{core.Z_BUDGET:g}",
-                    help="the budget margins (standard errors) to run dropcli's walk with, e.g. 0,0.5,1 "
-                         f"(default: dropcli's, {core.Z_BUDGET:g})")
+    ap.add_argument("--margins", default="0.5", help="the budget margins (standard errors) of the fixed-sequence walk, e.g. 0,0.5,1")
     ap.add_argument("--cache", default="", help="a folder to keep each model's scored cuts in (reruns skip the training)")
     args = ap.parse_args()
     warnings.simplefilter("ignore")
@@ -187,9 +184,9 @@ def main() -> None:
                     cached.parent.mkdir(parents=True, exist_ok=True)
                     cached.write_bytes(pickle.dumps(D))
             n = len(D["ref"])
-            rules = [("before: bisection, margin 1", walk_before)]
+            rules = [(f"dropcli (bisection), margin {core.Z_BUDGET:g}", walk_dropcli)]
             for z in (float(m) for m in args.margins.split(",")):
-                rules.append((f"now: fixed sequence, margin {z:g}", (lambda z: lambda D, idx: _with_margin(z, D, idx))(z)))
+                rules.append((f"fixed sequence, margin {z:g}", (lambda z: lambda D, idx: walk_fixed_sequence(D, idx, z))(z)))
             for label, rule in rules:
                 rng = np.random.default_rng(seed)
                 comp, pops, miss, refused = [], [], [], 0

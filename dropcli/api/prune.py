@@ -91,9 +91,8 @@ def prune(model: Any, data: Any, output: str, *, val: Optional[str] = None, meth
     in the input's format. Returns the report of `dropcli prune --json` ({"summary", "layers", "curve"}).
 
     ``max_drop``: the most validation accuracy (points; regression: percent of the loss) the
-    pruned model may lose; without ``threshold``, prune walks the cuts from the least compressive
-    and keeps the last one before validation says the budget breaks or accuracy starts to go
-    (docs/prune.md). :class:`~dropcli.errors.NotMet` (exit 4, nothing written; its ``report`` says what was
+    pruned model may lose; without ``threshold``, prune chooses the most compressive cut within
+    it. :class:`~dropcli.errors.NotMet` (exit 4, nothing written; its ``report`` says what was
     measured) when nothing fits it, or when the output would not be smaller than the input (on disk
     and in parameters; ``allow_larger`` writes it anyway, with a warning in the report)."""
     import torch
@@ -244,7 +243,7 @@ def _chosen_by(method: str, threshold: Optional[float], max_drop: Optional[float
     if threshold is not None:
         return "--threshold"
     if max_drop is not None and not own_scores:
-        return "--max-drop: the walk from the least compressive cut on validation"
+        return "--max-drop: the most compressive cut within it on validation"
     return "default (3)"
 
 

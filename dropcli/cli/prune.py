@@ -56,7 +56,7 @@ def register(app: typer.Typer) -> None:
         val: Optional[str] = typer.Option(None, "--val", help="Validation data (default: a seeded 20% split held out of --data)."),
         method: str = typer.Option("sparse-vd", "--method", help="sparse-vd (per weight) or sbp (per neuron / channel)."),
         epochs: Optional[int] = typer.Option(None, "--epochs", help="Fine-tuning epochs (default 100)."),
-        max_drop: Optional[float] = typer.Option(None, "--max-drop", help="Most validation accuracy the pruned model may lose, in points (regression: % of the loss); prune walks the cuts from the least compressive and stops where validation says the budget breaks or accuracy starts to go. Exit 4 when nothing fits."),
+        max_drop: Optional[float] = typer.Option(None, "--max-drop", help="Most validation accuracy the pruned model may lose, in points (regression: % of the loss); prune picks the most compressive cut within it. Exit 4 when nothing fits."),
         threshold: Optional[float] = typer.Option(None, "--threshold", help="sparse-vd: zero weights with log alpha above this (3 = drop rate 0.95). Default: chosen within --max-drop, else 3. Not with sbp."),
         kl_weight: Optional[float] = typer.Option(None, "--kl-weight", help="Final KL weight beta (ramped up from 0 over the first half of training). Default 0.5."),
         lr: Optional[float] = typer.Option(None, "--lr", help="Adam learning rate for the weights (the noise parameters get 10x). Default 3e-3."),
@@ -179,8 +179,7 @@ def _print_curve(curve: list, s: dict) -> None:
             rtxt = r.get("note") or ""
         t.add_row(*([f"{p['round']} ({p['kl_weight']:g})"] if rounds else []), "-" if p["threshold"] is None else f"{p['threshold']:g}", str(p["weights_kept"]), f"{p['compression']:.1f}x",
                   p.get("note") or (_pm(p) if p.get("drop") is not None else "-"), rtxt,
-                  ("chosen" + {True: " (retrained)", False: " (as cut)"}.get(p.get("chosen_retrained"), "")) if p.get("chosen")
-                  else (p.get("walk") or ""))
+                  ("chosen" + {True: " (retrained)", False: " (as cut)"}.get(p.get("chosen_retrained"), "")) if p.get("chosen") else "")
     out.print(t)
 
 

@@ -18,18 +18,14 @@ The pipeline, on a GraphModule of real modules (:func:`dropcli.importer.to_modul
 With an accuracy budget (``--max-drop``, :func:`budget_drop`) and no fixed ``--threshold``, step 3
 is a walk along the trade-off curve (:func:`sweep`): the trained ``log alpha`` values are cut at
 every threshold of :data:`SWEEP` and each cut is scored on the validation split (cheap: no
-training). The walk (:func:`_walk`) is a fixed sequence over the cuts as they are, from the least
-compressive: it stops at the first cut that validation resolves as worse than the least
-compressive one (extra drop, less one paired standard error, above 0: :data:`Z_KNEE`). The cuts are nested (a
-lower threshold removes a superset of the weights), so two of them differ on few validation
-examples and the comparison is sharp. The budget (drop plus half a standard error within
-``--max-drop``: :data:`Z_BUDGET`) is checked on the least compressive cut and on the model chosen: the last cut of
-the sequence, as it is or with its kept weights retrained, whichever is within the budget and loses
-less; when neither is, the walk steps back towards less compression. A cut that validation cannot
-tell from the least pruned one costs nothing measurable; one it can is where accuracy starts to go,
-and the walk does not look past it for a cut whose noise happens to be kind. Nothing within the
-budget is a :class:`~dropcli.errors.NotMet`, after one more round: the whole fine-tune again with half the KL weight (less pruning pressure),
-walked the same way.
+training). Retraining the kept weights (step 3) wins back accuracy, so the walk then retrains
+cuts and bisects between the most compressive retrained cut known to break the budget and the least
+compressive one known to keep it, starting from the most compressive cut that fits before
+retraining (when none does: from the cut that loses least, then the least compressive), for at most :data:`MAX_TRIES`
+retrains. The most compressive model within the budget wins, a retrained cut or a cut as it is
+(retraining can also fit the training split harder and lose on validation); nothing within it is
+a :class:`~dropcli.errors.NotMet`, after one more round: the whole fine-tune again with half the
+KL weight (less pruning pressure), walked the same way.
 """
 
 from __future__ import annotations
@@ -55,17 +51,14 @@ METHODS = ("sparse-vd", "sbp")
 # defaults chosen with benchmarks/prune_digits.py --tune, on validation only (docs/prune.md)
 DEFAULTS = {"epochs": 100, "lr": 3e-3, "batch_size": 64, "threshold": 3.0, "kl_weight": 0.5, "var_lr_scale": 10.0,
             "retrain_epochs": 10, "retrain_lr_scale": 0.1, "distill": 0.5, "distill_temperature": 2.0}
-# --max-drop: the log-alpha thresholds the walk scores (log alpha is clamped to [-8, 8])
+# --max-drop: the log-alpha thresholds the walk scores (log alpha is clamped to [-8, 8]), and the
+# most retrains it spends on the cuts around the best pre-retrain one
 SWEEP = tuple(float(t) for t in np.arange(-2.0, 8.01, 0.5))
+MAX_TRIES = 6
 # a model fits the budget when its validation drop plus Z_BUDGET standard errors (paired over the
-# validation examples) is within --max-drop; the walk stops at the first cut whose extra drop against
-# the least compressive cut, less Z_KNEE paired standard errors, is above 0. Both chosen with
-# benchmarks/prune_walk_rules.py on the tuning models' validation split (docs/prune.md): with the
-# walk's stop at the bend, a margin of one standard error on the budget mostly refused first rounds
-# (a quarter to a half of the draws where the fine-tune itself costs a point) without lowering
-# what the chosen models lose
-Z_BUDGET = 0.5
-Z_KNEE = 1.0
+# validation examples) is within --max-drop: the drop is measured on finite data, and the walk picks
+# the cut at the budget's edge, where noise in its favour would otherwise decide
+Z_BUDGET = 1.0
 SECOND_ROUND_KL = 0.5  # when no cut fits, one more training round at this fraction of the KL weight
 RAMP = 0.5  # fraction of training over which beta goes from 0 to --kl-weight
 DECAY_FROM = None  # fraction of training after which the learning rate decays linearly to 0
@@ -344,8 +337,7 @@ def prune(gm: fx.GraphModule, example: tuple, train: Split | None, task: str, cf
         trained, mods, hist = _train(copy.deepcopy(gm) if r < len(rounds) - 1 else gm, train, task, cfg, kl_weight, protected, loss_fn,
                                      label="" if r == 0 else f", round {r + 1}: --kl-weight {kl_weight:g}")
         history += hist
-        scored: dict[float, dict[str, Any]] = {}
-        points = sweep(trained, mods, val, task, reference, cfg.device, scored) if val is not None else []
+        points = sweep(trained, mods, val, task, reference, cfg.device) if val is not None else []
         for p in points:
             p["round"], p["kl_weight"] = r + 1, kl_weight
         curve += points
@@ -355,7 +347,7 @@ def prune(gm: fx.GraphModule, example: tuple, train: Split | None, task: str, cf
             _mark(points, threshold, cand, reference, task, cfg)
             return _result(cand, before, None, history + cand["history"], threshold, curve, reference, task, cfg, kl_weight)
         try:
-            cand = _walk(trained, points, train, val, task, cfg, example, protected, reference, loss_fn, scored)
+            cand = _walk(trained, points, train, val, task, cfg, example, protected, reference, loss_fn)
         except NotMet as e:
             if r == len(rounds) - 1:
                 if len(rounds) > 1:
@@ -409,11 +401,10 @@ def _train(gm: fx.GraphModule, train: Split, task: str, cfg: PruneConfig, kl_wei
 
 
 def sweep(gm: nn.Module, mods: dict[str, SparseVD], val: Split, task: str, reference: dict[str, float] | None,
-          device: str = "cpu", scored: dict[float, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+          device: str = "cpu") -> list[dict[str, Any]]:
     """The trade-off curve of the trained log alphas: one point per threshold of :data:`SWEEP`
     that gives a different set of kept weights, scored on ``val`` (no retraining). Ordered from
-    the most compressive to the least. The layers' thresholds are put back afterwards.
-    ``scored``, when given, receives each point's validation metrics with ``per_example``."""
+    the most compressive to the least. The layers' thresholds are put back afterwards."""
     saved = {k: m.threshold for k, m in mods.items()}
     total = sum(m.weight.numel() for m in mods.values())
     points: list[dict[str, Any]] = []
@@ -431,8 +422,6 @@ def sweep(gm: nn.Module, mods: dict[str, SparseVD], val: Split, task: str, refer
                     m.threshold = t
                 metrics = None if empties else score(gm, val, task, device=device)
                 points.append(_point(t, kept, total, metrics, reference, task))
-                if scored is not None and metrics is not None:
-                    scored[t] = metrics
     finally:
         for k, m in mods.items():
             m.threshold = saved[k]
@@ -481,100 +470,66 @@ def _mark(curve: list[dict[str, Any]], threshold: float, cand: dict[str, Any] | 
     p["retrained"] = rec
 
 
-def _worse(base: dict[str, Any], metrics: dict[str, Any] | None, task: str) -> str | None:
-    """Why the walk stops at a cut scored ``metrics`` (None: it goes on): validation resolves it as
-    worse than ``base``, the least compressive cut (its extra drop against ``base``, less
-    :data:`Z_KNEE` paired standard errors, is above 0), or it empties a layer."""
-    if metrics is None:
-        return "empties a layer"
-    if budget_drop(base, metrics, task) - Z_KNEE * (drop_se(base, metrics, task) or 0.0) > 1e-9:
-        return "worse than the least compressive cut"
-    return None
-
-
-def _within(reference: dict[str, Any], metrics: dict[str, Any] | None, task: str, cfg: PruneConfig) -> bool:
-    return metrics is not None and _fits(budget_drop(reference, metrics, task), cfg, drop_se(reference, metrics, task))
-
-
 def _walk(gm: fx.GraphModule, curve: list[dict[str, Any]], train: Split, val: Split, task: str, cfg: PruneConfig,
-          example: tuple, protected: set[str], reference: dict[str, float], loss_fn=None,
-          scored: dict[float, dict[str, Any]] | None = None) -> dict[str, Any]:
-    """The walk (see the module docstring). ``scored``: the sweep's validation metrics per threshold
-    (with ``per_example``)."""
+          example: tuple, protected: set[str], reference: dict[str, float], loss_fn=None) -> dict[str, Any]:
+    """The most compressive retrained cut within the budget (see the module docstring)."""
     pts = [p for p in curve if p["threshold"] is not None]
-    scored = scored or {}
-    order = list(range(len(pts) - 1, -1, -1))  # the least compressive cut first
-    built: dict[tuple[int, bool], dict[str, Any] | None] = {}
+    fit_pre = [i for i, p in enumerate(pts) if _fits(p["drop"], cfg, p["drop_se"])]
+    i0 = fit_pre[0] if fit_pre else len(pts) - 1
+    tried: dict[int, dict[str, Any] | None] = {}
 
-    def build(i: int, retrain: bool) -> dict[str, Any] | None:
-        """Cut ``i`` as a plain model, as it is or retrained (once each); retrained ones go on the curve."""
-        if (i, retrain) not in built:
-            t = pts[i]["threshold"]
-            try:
-                cand = _candidate(gm, t, train, val, task, cfg, example, protected, retrain_epochs=None if retrain else 0,
-                                  loss_fn=loss_fn)
-                cand["threshold"] = t
-            except DropcliError as e:  # the cut empties a layer: not a candidate
-                cand = None
-                if retrain:
-                    _mark(curve, t, None, reference, task, cfg, note=e.message)
-            if retrain and cand is not None:
-                _mark(curve, t, cand, reference, task, cfg)
-            built[(i, retrain)] = cand
-        return built[(i, retrain)]
+    def attempt(i: int) -> dict[str, Any] | None:
+        t = pts[i]["threshold"]
+        try:
+            cand = _candidate(gm, t, train, val, task, cfg, example, protected, loss_fn=loss_fn)
+        except DropcliError as e:  # the cut empties a layer: not a candidate
+            _mark(curve, t, None, reference, task, cfg, note=e.message)
+            tried[i] = None
+            return None
+        cand["threshold"] = t
+        _mark(curve, t, cand, reference, task, cfg)
+        tried[i] = cand
+        return cand if _cand_fits(cand, reference, task, cfg) else None
 
-    def pick(i: int) -> dict[str, Any] | None:
-        """Cut ``i`` as it is or retrained, whichever is within the budget (both: the one that loses
-        less on validation); None when neither is."""
-        ok = []
-        if _within(reference, scored.get(pts[i]["threshold"]), task, cfg):
-            ok.append(build(i, False))
-        if cfg.retrain_epochs > 0:
-            re = build(i, True)
-            if re is not None and _within(reference, re["metrics"], task, cfg):
-                ok.append(re)
-        ok = [c for c in ok if c is not None]
-        return min(ok, key=lambda c: budget_drop(reference, c["metrics"], task)) if ok else None
-
-    def fmt(m: dict[str, Any] | None) -> str:
-        return "-" if m is None else f"{budget_drop(reference, m, task):.2f} ± {drop_se(reference, m, task) or 0:.2f}"
-
-    first = order[0]
-    base = scored.get(pts[first]["threshold"])  # the least compressive cut, as it is
-    base_ok = base is not None and (_within(reference, base, task, cfg) or (
-        cfg.retrain_epochs > 0 and build(first, True) is not None and _within(reference, built[(first, True)]["metrics"], task, cfg)))
-    if not base_ok:
+    # bisection on the retrained cuts, between a known-bad index (more compressive, or -1) and a
+    # known-good one (or len(pts)): the retrained drop grows with compression, near enough
+    n = len(pts)
+    bad, good = -1, n
+    # no cut fits before retraining: start from the one that loses least (the most compressive of
+    # equals), then the least compressive; small validation sets make the drops noisy
+    first = i0 if fit_pre else min(range(n), key=lambda i: (math.inf if pts[i]["drop"] is None else pts[i]["drop"], i))
+    if attempt(first) is not None:
+        good = first
+    else:
+        bad = first
+        if first < n - 1 and attempt(n - 1) is not None:
+            good = n - 1
+    if good < n:
+        while good - bad > 1 and len(tried) < MAX_TRIES:
+            mid = (bad + good) // 2
+            if attempt(mid) is not None:
+                good = mid
+            else:
+                bad = mid
+    best = tried.get(good) if good < n else None
+    # retraining does not always help (it can fit the training split harder): a cut that fits the
+    # budget as it is, and is more compressive than the best retrained one, wins without retraining
+    if fit_pre and (best is None or fit_pre[0] < good):
+        t = pts[fit_pre[0]]["threshold"]
+        plain = _candidate(gm, t, train, val, task, cfg, example, protected, retrain_epochs=0)
+        if _cand_fits(plain, reference, task, cfg):
+            best = plain
+            best["threshold"] = t
+    if best is None:
+        def fmt(c):
+            return f"{budget_drop(reference, c['metrics'], task):.2f} ± {drop_se(reference, c['metrics'], task) or 0:.2f}" if c else "-"
+        tried_s = ", ".join(f"t={pts[k]['threshold']:g}: {fmt(c)}" for k, c in sorted(tried.items()))
         unit = "points" if task == "classification" else "% of the validation loss"
-        re = built.get((first, True))
         err = NotMet(f"no pruned model stays within --max-drop {cfg.max_drop:g} ({unit}, at {Z_BUDGET:g} standard error; "
-                     f"the least compressive cut, t={pts[first]['threshold']:g}, loses {fmt(base)}"
-                     + (f", retrained {fmt(re['metrics'])}" if re is not None else "") + ")",
+                     f"retrained cuts tried: {tried_s})",
                      "allow more with --max-drop, train longer with --epochs, or lower --kl-weight")
         err.curve = curve
         raise err
-    # the fixed sequence on the cuts as they are: nested, so compared with the least compressive
-    # one on few discordant examples
-    seq = [first]
-    for i in order[1:]:
-        why = _worse(base, scored.get(pts[i]["threshold"]), task)
-        if why is not None:
-            pts[i]["walk"] = f"stop: {why}"
-            break
-        seq.append(i)
-    # the last cut of the sequence, as it is or retrained; where neither is within the budget, the
-    # walk steps back towards less compression, bisecting between that cut and the first (within it)
-    best, lo, hi = None, 0, len(seq) - 1
-    while hi > lo:
-        mid = hi if best is None and hi == len(seq) - 1 else (lo + hi + 1) // 2
-        cand = pick(seq[mid])
-        if cand is not None:
-            best, lo = cand, mid
-            if mid == len(seq) - 1:
-                break
-        else:
-            pts[seq[mid]]["walk"] = "over the budget as it is and retrained: stepped back"
-            hi = mid - 1
-    best = best or pick(first)
     for p in curve:
         p["chosen"] = p["threshold"] is not None and math.isclose(p["threshold"], best["threshold"])
         if p["chosen"]:
