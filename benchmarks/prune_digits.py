@@ -379,7 +379,8 @@ def over_seeds(args) -> None:
         comp = np.array([r["compression"] for r in ok])
         met = sum(1 for r, dr in zip(ok, drops) if r["compression"] >= tgt_c and (dr <= tgt_d or args.tune))
         print(f"| {name} | {len(ok)} / {len(rs) - len(ok)} | {vdrops.mean():.2f} +- {sd(vdrops):.2f} | {drops.mean():.2f} +- {sd(drops):.2f} | "
-              f"{comp.mean():.1f}x +- {sd(comp):.1f} ({comp.min():.1f}x) | {met} of {len(rs)} (>={tgt_c:.0f}x, <={tgt_d} pt) | {cpu:.1f} |")
+              f"{comp.mean():.1f}x +- {sd(comp):.1f} ({comp.min():.1f}x) | {met} of {len(rs)} "
+              f"({f'>={tgt_c:.0f}x; --tune: compression only, test unseen' if args.tune else f'>={tgt_c:.0f}x, <={tgt_d} pt'}) | {cpu:.1f} |")
 
 
 if __name__ == "__main__":
