@@ -14,7 +14,8 @@ that half. It prints the mean ± one standard error over all halvings, and the N
 
 Run:  python benchmarks/quality_cv.py collect DIR [--seeds 5] [--models mlp300 mlp512 cnn]
       python benchmarks/quality_cv.py score DIR
-About 30 to 140 s per model and seed to collect, and a few minutes to score, on 2 shared cores.
+About 30 to 140 s per model and seed to collect; scoring the 15 files took 18 min on 2 cores
+shared with about five other jobs. Its table is the one in docs/learned.md.
 """
 
 from __future__ import annotations
@@ -190,7 +191,7 @@ def score(src: Path) -> None:
                 for k, p in out.items():
                     res.setdefault(k, []).append((model, nlls(p, yb).mean() - bn, ece(p, yb) - be))
         print(f"scored {f.name}", file=sys.stderr, flush=True)
-    print(f"| rule | NLL minus eval pass | ECE minus eval pass | NLL per model |\n|---|---|---|---|")
+    print("| rule | NLL minus eval pass | ECE minus eval pass | NLL per model |\n|---|---|---|---|")
     for k, v in res.items():
         if k.startswith("scale: "):
             continue
