@@ -18,7 +18,9 @@ WITH dropout on train, saves it (torch.export, .pt2), and scores on test:
 
 Metrics: NLL, Brier, ECE (15 equal-width bins) on test, and OOD AUROC of the predictive entropy
 (test inputs against the same inputs with their pixels permuted by one fixed permutation, and
-against uniform noise in [0, 1]). Every number is the mean +- sd over the seeds. Nothing is chosen
+against uniform noise in [0, 1]). Every number is the mean +- sd over the seeds, and each model's
+verdict is followed by ft+cal MC's paired per-seed differences from the eval pass and from LLLA
+(probit), with their mean +- its standard error. Nothing is chosen
 on test: the rates and the temperature are chosen on validation, LLLA's prior precision on train.
 
 Models (all trained here, Adam, seeded):
@@ -29,13 +31,13 @@ Models (all trained here, Adam, seeded):
 `--models` picks some; `--holdout` runs two more that none of the defaults were chosen on
 (mlp128: 64-128-128-10 p=0.2, and mlp1024: 64-1024-10 p=0.5).
 
-Run:  python benchmarks/quality.py [--seeds 3] [--models mlp300 mlp512 cnn] [--json out.json]
+Run:  python benchmarks/quality.py [--seeds 5] [--models mlp300 mlp512 cnn] [--json out.json]
 LLLA needs laplace-torch, which is not a dropcli dependency. Install it without letting pip
 replace torch (its requirements pull a CUDA torch and torchvision):
     pip install --no-deps laplace-torch asdfghjkl backpack-for-pytorch curvlinops-for-pytorch \\
         torchmetrics lightning-utilities einops opt-einsum unfoldNd einconv linear_operator
-Without it the LLLA rows are skipped with a notice. About 30 s per model and seed (390 s for the five
-models x 3 seeds on 2 CPU cores shared with other jobs).
+Without it the LLLA rows are skipped with a notice. About 30 to 100 s per model and seed on 2 CPU
+cores shared with other jobs (840 s for the three default models x 5 seeds).
 """
 
 from __future__ import annotations
@@ -242,9 +244,23 @@ def fmt(vals: list[float]) -> str:
     return f"{m:.4f} ± {sd:.4f}"
 
 
+def paired(runs: list[dict], methods: list[str]) -> str:
+    """ft+cal MC minus each comparator, seed by seed (the same split, model and test set), with the
+    mean and its standard error: the seeds' spread in the table is mostly the split's, which a
+    paired difference removes."""
+    lines = []
+    for other in [m for m in ("eval", "LLLA probit") if m in methods]:
+        for k in ("nll", "ece"):
+            d = [r["ft+cal MC"][k] - r[other][k] for r in runs]
+            se = statistics.stdev(d) / len(d) ** 0.5 if len(d) > 1 else float("nan")
+            lines.append(f"ft+cal MC - {other}, {k.upper()} per seed: " + " ".join(f"{v:+.4f}" for v in d)
+                         + f"; mean {statistics.fmean(d):+.4f} ± {se:.4f} (se), {sum(v < 0 for v in d)}/{len(d)} below 0")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--seeds", type=int, default=3, help="seeds (split, training, finetune, MC): rows are mean ± sd over them")
+    ap.add_argument("--seeds", type=int, default=5, help="seeds (split, training, finetune, MC): rows are mean ± sd over them")
     ap.add_argument("--models", nargs="*", default=list(MODELS), help=f"of {list(MODELS) + list(HOLDOUT)}")
     ap.add_argument("--holdout", action="store_true", help="run the held-out models (not used to choose any default)")
     ap.add_argument("--json", help="also write every per-seed number here")
@@ -298,6 +314,7 @@ def main(argv=None) -> int:
                 la = statistics.fmean(r["LLLA probit"][k] for r in allres[name])
                 verdict.append(f"{k}: ft+cal MC {ours:.4f} vs LLLA {la:.4f} ({ours - la:+.4f})")
         print("\n" + "; ".join(verdict) + "\n")
+        print(paired(allres[name], best) + "\n")
     if a.json:
         Path(a.json).write_text(json.dumps(allres, indent=1, default=float))
     return 0
