@@ -4,10 +4,11 @@
 Every (seed, call, example index, sample block) keys one generator: torch's CPU generator,
 MT19937 seeded with the low 32 bits of the key (``torch.Generator.manual_seed``), whose 64-bit
 draws ``torch.randint(-2**63, 2**63 - 1, dtype=torch.int64)`` become the mask bits. Here the
-same MT19937 streams are computed for all the generators of a chunk at once: the seeding
-recurrence, the state twist and the tempering run as numpy operations across generators
-(one Python step per state word, not per generator), which is also faster than seeding torch
-generators one by one. ``KeyedNoise`` (the torch engine's noise source) draws its masks here too.
+same MT19937 streams come from numpy's MT19937 (seeded the same way, run in C), one generator
+after the other, their outputs turned into words for many generators at once; that is faster
+than seeding torch generators one by one, and than running the seeding recurrence, the state
+twist and the tempering as numpy operations across generators (kept for a numpy without the
+legacy seeding). ``KeyedNoise`` (the torch engine's noise source) draws its masks here too.
 """
 
 from __future__ import annotations
