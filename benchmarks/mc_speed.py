@@ -23,24 +23,33 @@ path alike; the table shows medians and the ratio vs the naive path of the same 
 Then the statistics are checked: naive vs engine, the average over examples of the
 predictive mean and of the per-example variance (logits) must agree within 4 standard
 errors (paired over examples).
+
+Like the ``dropcli`` command, this process sets THP_MEM_ALLOC_ENABLE=1 before torch is imported
+(unless the environment says otherwise): torch's CPU allocator then asks for transparent huge
+pages on large blocks, so the tensors that every chunk allocates are not page-faulted in again
+4 KiB at a time (docs/speed.md, "Page faults"). It applies to every path timed here.
 """
 
 from __future__ import annotations
 
-import argparse
-import importlib.util
-import math
-import statistics
-import subprocess
-import sys
-import tempfile
-import time
-import warnings
-from pathlib import Path
+import os
 
-import numpy as np
-import torch
-from torch import nn
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # before torch's first large block (as dropcli.cli.main)
+
+import argparse  # noqa: E402
+import importlib.util  # noqa: E402
+import math  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
 
 T = 50
 BATCH = 256

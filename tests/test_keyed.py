@@ -39,13 +39,30 @@ def _reference_raw(seed, call, indices, t0, t1, rest, per_word):
 
 
 @pytest.mark.parametrize("how", ["vector", "numpy", "torch"])
-@pytest.mark.parametrize("n", [1, 311, 312, 700, 1900])  # within one state, at its end, over several twists
+@pytest.mark.parametrize("n", [1, 311, 312, 700, 1900, 2100])  # within one state, at its end, over several twists; numpy: staged, then not
 def test_mt_words_are_torch_randint(n, how):
     seeds = [0, 1, 5489, 2**32 + 7, 2**63 - 1, 987654321987]  # the generator keeps the low 32 bits
     got = mt_words(np.array(seeds, dtype=np.uint64), n, how)
     assert got.shape == (len(seeds), n)
     for k, s in enumerate(seeds):
         np.testing.assert_array_equal(got[k], _torch_words(s, n), err_msg=f"seed {s}")
+
+
+def test_keys_are_key_per_example():
+    idx = [0, 1, 7, -1, -2, 2**40]
+    assert keyed.keys(3, 5, idx, 1) == [keyed.key(3, 5, i, 1) for i in idx]
+
+
+def test_numpy_words_staged_in_parts_are_the_same(monkeypatch):
+    """The numpy path stages a bounded number of outputs at once: generators split over several
+    staging passes give the same words, also into rows that are a slice of a wider array."""
+    seeds = np.array([0, 1, 5489, 2**32 + 7, 2**63 - 1], dtype=np.uint64)
+    ref = mt_words(seeds, 40, "vector")
+    monkeypatch.setattr(keyed, "_STAGE_WORDS", 160)  # two generators a pass
+    wide = np.zeros((5, 50), dtype=np.uint64)
+    mt_words(seeds, 40, "numpy", out=wide[:, 5:45])
+    np.testing.assert_array_equal(wide[:, 5:45], ref)
+    assert not wide[:, :5].any() and not wide[:, 45:].any()
 
 
 @pytest.mark.parametrize("indices,t0,t1,rest,per_word", [
