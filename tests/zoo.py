@@ -117,12 +117,30 @@ def build_convnext(torchscript: bool = False) -> nn.Module:
     return _seeded(lambda: ConvNextForImageClassification(cfg))
 
 
+MOBILENET_BLOCKS = 4  # of MobileNetV2's 16 inverted-residual blocks (see build_mobilenetv2)
+
+
 def build_mobilenetv2(torchscript: bool = False) -> nn.Module:
+    """transformers' MobileNetV2 at its smallest width, cut to its first 4 inverted-residual blocks
+    (its config fixes 16, and the zoo's cost grew with them: every format's export, load, prune
+    and finetune walked ~150 layers). The 4 keep every kind of layer and join the 16 have: the
+    stem, expand / depthwise (ReLU6, exported as Clip) / linear-reduce convolutions, blocks that
+    downsample and blocks with a residual add, the 1x1 head convolution, pooling, the classifier."""
     from transformers import MobileNetV2Config, MobileNetV2ForImageClassification
+    from transformers.models.mobilenet_v2.modeling_mobilenet_v2 import MobileNetV2ConvLayer
 
     cfg = MobileNetV2Config(num_channels=3, image_size=16, depth_multiplier=0.25, min_depth=4,
                             num_labels=CLASSES, torchscript=torchscript, return_dict=not torchscript)
-    return _seeded(lambda: MobileNetV2ForImageClassification(cfg))
+
+    def make():
+        m = MobileNetV2ForImageClassification(cfg)
+        body = m.mobilenet_v2
+        body.layer = body.layer[:MOBILENET_BLOCKS]
+        body.conv_1x1 = MobileNetV2ConvLayer(cfg, in_channels=body.layer[-1].reduce_1x1.convolution.out_channels,
+                                             out_channels=m.classifier.in_features, kernel_size=1)
+        return m
+
+    return _seeded(make)
 
 
 class SentenceEmbedder(nn.Module):
@@ -247,11 +265,18 @@ def first_output(out):
     raise TypeError(type(out))
 
 
+_REFERENCE: dict[tuple[str, int], torch.Tensor] = {}
+
+
 def reference(entry: Entry, n: int) -> torch.Tensor:
-    """The original model's output on ``entry.inputs(n)`` in inference mode."""
-    model = entry.build()
-    with torch.no_grad():
-        return first_output(model(**entry.inputs(n)))
+    """The original model's output on ``entry.inputs(n)`` in inference mode (computed once per
+    entry and batch size: every cell of a model compares with the same one)."""
+    key = (entry.name, n)
+    if key not in _REFERENCE:
+        model = entry.build()
+        with torch.no_grad():
+            _REFERENCE[key] = first_output(model(**entry.inputs(n))).detach().clone()
+    return _REFERENCE[key]
 
 
 @contextlib.contextmanager
@@ -323,11 +348,7 @@ def save_inputs(entry: Entry, n: int, path: Path, labels: bool = True) -> Path:
 VERBS = ("inspect", "inject", "exact", "mc", "uncertainty", "finetune", "prune")
 PRUNE = {"resnet", "mobilenetv2", "audio"}  # the convolutional nets issue 15 asks to prune from every format
 # finetune learns rates from labels: every classifier (not the language model's per-token output,
-# whose labels training does not take, nor the sentence embedder, which has none), in the formats
-# whose training paths differ: dropcli's ONNX importer, a keyword .pt2 program, TorchScript read
-# directly. The other formats share the .pt2 path; running finetune on every cell would cost the
-# suite about a minute more (its 10-minute budget)
-FINETUNE_FORMATS = ("onnx17", "pt2kw", "ts")
+# whose labels training does not take, nor the sentence embedder, which has none), in every format
 CHECK_BATCH = 3  # != BATCH: outputs must run at a batch size other than the export's
 
 
@@ -350,8 +371,9 @@ def load_options(entry: Entry, fmt: str, shape: bool = True) -> dict:
     return opts
 
 
-def _stock_run(path: Path, entry: Entry, inputs: dict[str, torch.Tensor], mc: bool, repeat: int = 1) -> list:
-    """Run a written model with its format's stock loader (not dropcli's), MC mode on or off."""
+def stock_runner(path: Path) -> Callable[..., torch.Tensor]:
+    """A written model loaded once with its format's stock loader (not dropcli's); the result
+    runs it: ``run(inputs, mc)`` -> its first output, MC mode on or off."""
     import numpy as np
 
     from dropcli.model import formats
@@ -362,37 +384,59 @@ def _stock_run(path: Path, entry: Entry, inputs: dict[str, torch.Tensor], mc: bo
 
         sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         names = {i.name for i in sess.get_inputs()} | {i.name for i in sess.get_overridable_initializers()}
-        feed = {k: v.numpy() for k, v in inputs.items() if k in names}
-        if "dropcli_mc" in names:
-            feed["dropcli_mc"] = np.array(mc)
-        elif mc:
-            raise AssertionError("the ONNX output has no dropcli_mc input")
-        return [torch.from_numpy(sess.run(None, feed)[0]) for _ in range(repeat)]
+
+        def run_onnx(inputs: dict[str, torch.Tensor], mc: bool) -> torch.Tensor:
+            feed = {k: v.numpy() for k, v in inputs.items() if k in names}
+            if "dropcli_mc" in names:
+                feed["dropcli_mc"] = np.array(mc)
+            elif mc:
+                raise AssertionError("the ONNX output has no dropcli_mc input")
+            return torch.from_numpy(sess.run(None, feed)[0])
+
+        return run_onnx
     if fmt == formats.EXPORT:
         model = torch.export.load(str(path)).module()
+        holder = model
     elif fmt == formats.TORCHSCRIPT:  # called positionally, as TorchScript users do
         ts = torch.jit.load(str(path))
+        holder = ts
 
         def model(**kw):
             return ts(*kw.values())
     else:
         model = torch.load(str(path), weights_only=False)  # the tier's own file
-    n = 0
-    for name, buf in (ts if fmt == formats.TORCHSCRIPT else model).named_buffers():
-        if name.endswith("dropcli_mc"):
+        holder = model
+    bufs = [buf for name, buf in holder.named_buffers() if name.endswith("dropcli_mc")]
+
+    def run_torch(inputs: dict[str, torch.Tensor], mc: bool) -> torch.Tensor:
+        if mc and not bufs:
+            raise AssertionError("the torch output has no dropcli_mc buffers")
+        for buf in bufs:
             buf.fill_(mc)
-            n += 1
-    if mc and not n:
-        raise AssertionError("the torch output has no dropcli_mc buffers")
-    outs = []
-    with torch.no_grad():
-        for _ in range(repeat):
+        with torch.no_grad():
             try:
                 out = model(**inputs)
             except (TypeError, ValueError):  # a positional-only program (TorchScript, positional .pt2)
                 out = model(*inputs.values())
-            outs.append(first_output(out))
-    return outs
+        return first_output(out)
+
+    return run_torch
+
+
+# (model, format, step) -> (wall s, CPU s) of the last run: where the tier's time goes
+# (scripts/zoo_table.py --times prints it)
+TIMES: dict[tuple[str, str, str], tuple[float, float]] = {}
+
+
+@contextlib.contextmanager
+def timed(name: str, fmt: str, what: str):
+    import time
+
+    w, c = time.perf_counter(), time.process_time()
+    try:
+        yield
+    finally:
+        TIMES[(name, fmt, what)] = (time.perf_counter() - w, time.process_time() - c)
 
 
 def check_cell(entry: Entry, fmt: str, src: Path, work: Path, data: Path) -> dict[str, str]:
@@ -404,11 +448,12 @@ def check_cell(entry: Entry, fmt: str, src: Path, work: Path, data: Path) -> dic
     opts = load_options(entry, fmt)
 
     def step(verb, fn):
-        if any(v not in ("ok", "n/a", "not run") for v in res.values()):
+        if any(v not in ("ok", "n/a") for v in res.values()):
             res[verb] = "not reached"
             return
         try:
-            fn()
+            with timed(entry.name, fmt, verb):
+                fn()
             res.setdefault(verb, "ok")  # a verb that does not apply has set "n/a" itself
         except Exception as e:  # noqa: BLE001  (the cell records it; the test asserts on it)
             res[verb] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
@@ -416,33 +461,39 @@ def check_cell(entry: Entry, fmt: str, src: Path, work: Path, data: Path) -> dic
     state: dict = {}
 
     def inspect():
-        info = dropcli.inspect(str(src), **opts)
+        # loaded once, as a user of the API would: inspect, inject and prune share the model
+        state["in"] = dropcli.load(str(src), **opts)
+        info = dropcli.inspect(state["in"])
         state["layers"] = info["layers"]
         assert len(info["layers"]) >= 3, f"only {len(info['layers'])} layers seen"
 
     def inject():
-        m = dropcli.load(str(src), **opts)
+        from dropcli.api.common import copy_model
         from dropcli.api.models import inject_sites
 
+        m = copy_model(state["in"])
         sites = inject_sites(m, "standard", p=0.2)
         body = len(sites) >= 2 or any(st.get("kind") in ("lstm", "gru", "rnn", "embedding") for st in sites)
         assert body, f"{len(sites)} site(s) {[st.get('at') for st in sites]}: the body got none"
         out = work / f"{entry.name}_{fmt}_mc{Path(src).suffix}"
         dropcli.save(m, str(out))
-        state["out"] = out
+        state["out"], state["injected"] = out, m
 
     def exact():
         ref = reference(entry, CHECK_BATCH)
-        got = _stock_run(state["out"], entry, entry.inputs(CHECK_BATCH), mc=False)[0]
+        state["run"] = stock_runner(state["out"])  # loaded once for exact and mc
+        got = state["run"](entry.inputs(CHECK_BATCH), mc=False)
         assert got.shape == ref.shape, f"shape {tuple(got.shape)} != {tuple(ref.shape)}"
         err = (got.float() - ref.float()).abs().max().item()
         assert err <= 1e-4 * (1 + ref.abs().max().item()), f"inference mode differs from the original by {err:.3g}"
 
     def mc():
-        a, b = _stock_run(state["out"], entry, entry.inputs(CHECK_BATCH), mc=True, repeat=2)
+        x = entry.inputs(CHECK_BATCH)
+        a, b = state["run"](x, mc=True), state["run"](x, mc=True)
         assert not torch.equal(a, b), "MC mode does not sample"
 
     def uncertainty():
+        # the written file, read back by dropcli (the round trip a user makes)
         r = dropcli.uncertainty(str(state["out"]), str(data), T=4, seed=0, **load_options(entry, fmt) if fmt == "pickle" else {})
         check_task(entry, r)
 
@@ -450,22 +501,20 @@ def check_cell(entry: Entry, fmt: str, src: Path, work: Path, data: Path) -> dic
         if entry.output != "class":
             res["finetune"] = "n/a"
             return
-        if fmt not in FINETUNE_FORMATS:
-            res["finetune"] = "not run"
-            return
         out = work / f"{entry.name}_{fmt}_ft{Path(state['out']).suffix}"
         # the injected model (its sites are what finetune learns), one epoch; the written file is
         # checked by finetune itself against its stock loader
-        dropcli.finetune(str(state["out"]), str(data), str(out), variant="concrete", epochs=1, samples=2, select="elbo",
-                         **load_options(entry, fmt, shape=False) if fmt == "pickle" else {})
+        dropcli.finetune(state["injected"], str(data), str(out), variant="concrete", epochs=1, samples=2, select="elbo")
 
     def prune():
         if entry.name not in PRUNE:
             res["prune"] = "n/a"
             return
         out = work / f"{entry.name}_{fmt}_pruned{Path(src).suffix}"
-        dropcli.prune(str(src), str(data), str(out), epochs=1, allow_larger=True,
-                      **load_options(entry, fmt, shape=False))  # prune has data: no --input-shape
+        if "input_shape" in opts:  # a file that does not record its input: prune reads it from its data
+            dropcli.prune(str(src), str(data), str(out), epochs=1, allow_larger=True, **load_options(entry, fmt, shape=False))
+        else:
+            dropcli.prune(state["in"], str(data), str(out), epochs=1, allow_larger=True)
 
     for verb, fn in [("inspect", inspect), ("inject", inject), ("exact", exact), ("mc", mc),
                      ("uncertainty", uncertainty), ("finetune", finetune), ("prune", prune)]:
@@ -498,7 +547,7 @@ KNOWN_GAPS: dict[tuple[str, str], str] = {
 
 TABLE_BEGIN = "<!-- zoo-table: generated by scripts/zoo_table.py from the zoo test tier; do not edit -->"
 TABLE_END = "<!-- /zoo-table -->"
-MARK = {"ok": "✓", "n/a": "·", "not run": "○"}
+MARK = {"ok": "✓", "n/a": "·"}
 
 
 def cell_text(res: dict[str, str] | None, reason: str = "") -> str:
@@ -516,7 +565,7 @@ def render_table(results: dict[tuple[str, str], dict[str, str] | None]) -> str:
         cells = [cell_text(results.get((name, f)), entry.why_not.get(f, "")) for f in FORMATS]
         rows.append(f"| {name} | " + " | ".join(cells) + " |")
     gaps = sorted({(k, v) for k, v in KNOWN_GAPS.items() if results.get(k) and any(
-        r not in ("ok", "n/a", "not run") for r in results[k].values())})
+        r not in ("ok", "n/a") for r in results[k].values())})
     if gaps:
         rows.append("")
         rows.append("Known gaps (each ✗ above; the tier fails when one of them starts to pass, so this list stays true):")
@@ -542,13 +591,15 @@ def run_model(entry: Entry, directory: Path) -> dict[tuple[str, str], dict[str, 
     """Save ``entry`` in every format and check every cell (what the test tier and the table share)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    data = save_inputs(entry, 5, directory / f"{entry.name}.npz")
+    with timed(entry.name, "", "data"):
+        data = save_inputs(entry, 5, directory / f"{entry.name}.npz")
     results = {}
     for fmt in FORMATS:
         if fmt in entry.why_not:
             results[(entry.name, fmt)] = None
             continue
-        src = save(entry, fmt, directory)
+        with timed(entry.name, fmt, "save"):
+            src = save(entry, fmt, directory)
         work = directory / fmt
         work.mkdir(exist_ok=True)
         results[(entry.name, fmt)] = check_cell(entry, fmt, src, work, data)
