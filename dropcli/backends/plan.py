@@ -72,7 +72,8 @@ def plan_inject(model: Any, spec: VariantSpec, sel: Selection, notes: list[str] 
     if in_recurrence is not None:
         inside = in_recurrence(chosen)
         if inside:
-            chosen = [l for l in chosen if all(l is not i for i in inside)]
+            skip = {id(l) for l in inside}
+            chosen = [l for l in chosen if id(l) not in skip]
             shown = ", ".join(l.name for l in inside[:4]) + (f" ... ({len(inside)} in all)" if len(inside) > 4 else "")
             if not chosen:
                 raise UsageError(f"every layer the default selection matches is inside an unrolled recurrence ({shown}), "

@@ -30,19 +30,21 @@ from dropcli.engines.keyed import MIN_ROWS, SAMPLE_BLOCK
 PROBE_EXTRA = 3  # rows added to the declared batch for the probe
 
 
+def _user_inputs(graph: Any) -> list[Any]:
+    """An ONNX graph's inputs that the user feeds: not initializers, not dropcli's MC switch."""
+    from dropcli.model.naming import MC_INPUT
+
+    inits = {t.name for t in graph.initializer}
+    return [vi for vi in graph.input if vi.name not in inits and vi.name != MC_INPUT]
+
+
 def declared_batch(model: Any) -> int | None:
     """The batch size a model declares as a constant on its inputs (on one is enough: they share
     the batch), or None (a symbolic or unknown batch). ONNX: the inputs' first dimension; torch: a
     ``.pt2`` program's placeholders (the formats dropcli captures itself keep the batch symbolic)."""
     sizes: set[int] = set()
     if getattr(model, "backend", None) == "onnx":
-        from dropcli.model.naming import MC_INPUT
-
-        g = model.model.graph
-        inits = {t.name for t in g.initializer}
-        for vi in g.input:
-            if vi.name in inits or vi.name == MC_INPUT:
-                continue
+        for vi in _user_inputs(model.model.graph):
             dims = vi.type.tensor_type.shape.dim
             if not len(dims):
                 continue
@@ -72,15 +74,11 @@ def free_batch(model: Any) -> Any:
     import onnx
 
     from dropcli.backends.onnx.model import OnnxModel
-    from dropcli.model.naming import MC_INPUT
 
     m = onnx.ModelProto()
     m.CopyFrom(model.model)
     g = m.graph
-    inits = {t.name for t in g.initializer}
-    for vi in list(g.input) + list(g.output):
-        if vi.name in inits or vi.name == MC_INPUT:
-            continue
+    for vi in _user_inputs(g) + list(g.output):
         dims = vi.type.tensor_type.shape.dim
         if len(dims):
             dims[0].Clear()
@@ -207,13 +205,7 @@ def _model_specs(model: Any) -> list[Any]:
     if getattr(model, "backend", None) == "onnx":
         from onnx import helper
 
-        from dropcli.model.naming import MC_INPUT
-
-        g = model.model.graph
-        inits = {t.name for t in g.initializer}
-        for vi in g.input:
-            if vi.name in inits or vi.name == MC_INPUT:
-                continue
+        for vi in _user_inputs(model.model.graph):
             tt = vi.type.tensor_type
             shape = [int(d.dim_value) if d.HasField("dim_value") else None for d in tt.shape.dim]
             specs.append(InputSpec(vi.name, shape, np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type))))

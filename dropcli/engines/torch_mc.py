@@ -32,7 +32,7 @@ _SIZE_FUNCS = {"sym_size", "size", "sym_numel", "sym_stride", "dim"}
 
 def _reads_size(n: fx.Node) -> bool:
     """A size read (``sym_size``...) or Python arithmetic on sizes (``operator.mul``...)."""
-    return n.op == "call_function" and (aten_name(n.target) in _SIZE_FUNCS or getattr(n.target, "__module__", "") == "_operator"
+    return n.op == "call_function" and (_is_size_read(n) or getattr(n.target, "__module__", "") == "_operator"
                                         or getattr(n.target, "dropcli_size_arith", False))
 
 
@@ -91,14 +91,13 @@ class TorchMC:
             n for n in self.input_dependent
             if n.op in ("call_function", "call_method", "call_module")
             and (n not in self.data_dependent or _integer_valued(n))}
-        from_sizes = self.rebuilt
         # free each value after its last use, so memory holds only live tensors
         pos = {n: i for i, n in enumerate(self.nodes)}
-        # a size (or arithmetic on sizes) that the suffix reads is recomputed there from the tiled
-        # tensor (get_t): the tensor lives until the size's own last use
+        # a size (or arithmetic on sizes), or a rebuilt tensor, that the suffix reads is recomputed
+        # there from the tiled tensors (get_t): what it reads lives until its own last use
         last_use: dict[fx.Node, int] = {}
         for n in reversed(self.nodes):
-            last_use[n] = max((last_use[u] if _reads_size(u) or u in from_sizes else pos[u] for u in n.users), default=pos[n])
+            last_use[n] = max((last_use[u] if _reads_size(u) or u in self.rebuilt else pos[u] for u in n.users), default=pos[n])
         self.frees: dict[int, list[fx.Node]] = {}
         for n in self.nodes:
             if n.op in ("placeholder", "get_attr", "output"):

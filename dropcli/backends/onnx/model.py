@@ -301,7 +301,7 @@ class OnnxModel:
         (the nearest downstream). A site there would resample the recurrent state at every step,
         which the non-recurrent placement avoids (Zaremba et al., 2014)."""
         g = self.model.graph
-        consts = {t.name for t in g.initializer}
+        consts = set(self._inits) | set(self._const_outputs)
         producers: dict[str, onnx.NodeProto] = {}
         consumers: dict[str, list[onnx.NodeProto]] = {}
         for n in g.node:  # topological: a node whose inputs are all constant makes a constant (W^T)

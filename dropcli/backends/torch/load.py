@@ -149,12 +149,13 @@ def load_graph(
         from dropcli.backends.torch import hub
 
         model = hub.load_checkpoint(path, trust_pickle)
-        names = hub.input_names(model, _array_names(example_data))
+        arrays = _data_arrays(example_data)
+        names = hub.input_names(model, list(arrays or ()))
         if example is not None and len(example) != len(names):
             raise UsageError(f"--input-shape gives {len(example)} input(s); {type(model).__name__} is fed {', '.join(names)}",
                              "give one shape per input, separated by ';'")
         if example is None:
-            example = data_example(example_data, names) or hub.default_example(model, names)
+            example = data_example(example_data, names, arrays) or hub.default_example(model, names)
         if example is None:
             raise hub.need_example(path, names)
         try:
@@ -274,32 +275,30 @@ def script_inputs(ts: torch.jit.ScriptModule) -> list[str]:
     return []
 
 
-def _array_names(path: str | None) -> list[str]:
-    """The names of the arrays in the verb's data file ([] when there is none, or it is unreadable)."""
+def _data_arrays(path: str | None) -> dict | None:
+    """The arrays of the verb's data file; None when there is none, or it is unreadable (the verb
+    reports a bad data file itself)."""
     if not path:
-        return []
+        return None
     from dropcli.io.data import read_arrays
 
     try:
-        return list(read_arrays(path))
+        return read_arrays(path)
     except DropcliError:
-        return []
-
-
-def data_example(path: str | None, names: Sequence[str]) -> tuple | None:
-    """An example input from the first two rows of the verb's data file: the model's inputs by
-    name when the file names them, else its arrays in order (labels left out), with their dtypes
-    (integers as int64: token ids)."""
-    if not path:
         return None
+
+
+def data_example(path: str | None, names: Sequence[str], arrays: dict | None = None) -> tuple | None:
+    """An example input from the first two rows of the verb's data file (``arrays``: that file
+    already read): the model's inputs by name when the file names them, else its arrays in order
+    (labels left out), with their dtypes (integers as int64: token ids)."""
     import numpy as np
 
-    from dropcli.io.data import label_key, read_arrays
+    from dropcli.io.data import label_key
 
-    try:
-        arrays = read_arrays(path)
-    except DropcliError:
-        return None  # the verb reports a bad data file itself
+    arrays = arrays if arrays is not None else _data_arrays(path)
+    if arrays is None:
+        return None
     if names and all(n in arrays for n in names):
         chosen = [arrays[n] for n in names]
     else:
