@@ -324,3 +324,14 @@ def test_ctrl_c_keeps_existing_output(good, tmp_path, monkeypatch):
     run_err(["inject", good["onnx"], "-o", o], 130, None, "interrupted")
     assert o.read_bytes() == b"previous result"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o.onnx"]
+
+
+def test_labels_naming_no_file(good, tmp_path):
+    """``--labels y`` (an array name, not a file) says what --labels takes."""
+    x = tmp_path / "x.npz"
+    np.savez(x, x=np.zeros((4, 64), np.float32), y=np.zeros(4, np.int64))
+    res = runner.invoke(app, ["uncertainty", str(good["onnx"]), "--input", str(x), "--labels", "y", "-T", "2",
+                              "--inject", "standard"])
+    assert res.exit_code == 1 and "Traceback" not in res.stderr and res.stdout == ""
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: labels file y does not exist") and "read without --labels" in last, res.stderr

@@ -109,6 +109,11 @@ def _read_csv(data: bytes, label: str) -> np.ndarray:
 
 
 def read_labels(path: str) -> np.ndarray:
+    if path != "-" and not Path(path).exists():
+        raise DropcliError(
+            f"labels file {path} does not exist",
+            "give the path of a file of labels; an .npz input's 'y' (or 'labels') array is read without --labels",
+        )
     arrays = read_arrays(path)
     for k in LABEL_KEYS + ("x",):
         if k in arrays:
