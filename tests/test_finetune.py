@@ -440,6 +440,18 @@ def test_after_selects_new_sites_on_a_model_without_dropout(tmp_path, setup):
     assert len(_site_rows(out)) == 2
 
 
+def test_default_sites_on_a_model_without_dropout(tmp_path, setup):
+    """No dropout and no --after: the rates are learned where `dropcli inject` puts sites by default."""
+    out = tmp_path / "default.pt"
+    r = _ft(setup, "plain.pt", out, "--variant", "concrete")
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)
+    assert any("no dropout sites" in n and "--after" in n for n in rep["summary"]["notes"]), rep["summary"]
+    rows = rep["sites"]
+    assert len(rows) == 2 and all(r_["at"].startswith("relu") for r_ in rows), rows
+    assert len(_site_rows(out)) == 2
+
+
 def test_reloaded_torchscript_gaussian_site_takes_variational(tmp_path, setup):
     """dropcli's own (re-loaded, inlined) TorchScript sites are found; a gaussian one starts at its p."""
     inj = tmp_path / "gauss.pt"
@@ -487,8 +499,6 @@ def _bad(tmp_path, setup, model, *args, code=1):
 
 
 def test_bad_inputs(tmp_path, setup):
-    msg = _bad(tmp_path, setup, "plain.pt", "--variant", "concrete")
-    assert "no dropout sites" in msg and "--after" in msg
     msg = _bad(tmp_path, setup, "mlp.pt", "--variant", "concrete", "--data", setup / "wrong.npz")
     assert "32" in msg or "64" in msg
     # variational rates need a site right before a Linear: after fc1 a ReLU follows

@@ -53,7 +53,8 @@ errors or the minimiser is at the end of [0.05, 20]. It is stored in the written
 `dropcli uncertainty` applies it by default (--no-calibration switches it off).
 
 Sites: the model's dropout (nn.Dropout, F.dropout, ONNX Dropout, dropcli standard/gaussian sites),
-narrowed by --layers/--exclude; with --after, new sites after those layers. Each starts at its current p
+narrowed by --layers/--exclude; with --after, new sites after those layers; in a model with no dropout,
+new sites where `dropcli inject` puts them by default (after each hidden activation). Each starts at its current p
 (or --p, else 0.1). --train rates (default) freezes the weights; --train all fine-tunes them too.
 Rates learn at 10x --lr. The report gives each site's start and learned rate, and validation MC NLL,
 accuracy (RMSE) and ECE before and after, over --samples passes.

@@ -108,17 +108,18 @@ def run(model_path: str, output: str, *, data: str, val: str | None, variant: st
     standard = get_variant("standard")
     sel = Selection.from_options(after, layers, exclude, False)
     start: dict[str, float] = {}
-    if sel.after:
-        chosen = plan_inject(tm, standard, sel)
+    drops = [] if sel.after else [l for l in tm.layers() if l.kind == "dropout"]
+    if sel.after or not drops:
+        # no dropout in the model: learn rates where `dropcli inject` would put sites by default
+        chosen = plan_inject(tm, standard, sel, notes)
+        if not sel.after:
+            notes.append(f"the model has no dropout sites: rates are learned at the {len(chosen)} site(s) "
+                         "`dropcli inject` would add by default (choose others with --after/--layers)")
         p0 = DEFAULTS["start_p"] if p is None else p
         done = apply_inject(tm, standard, {"p": p0}, chosen)
         for d in done:
             start[d["site"]] = (d["at"], p0, "standard")
     else:
-        drops = [l for l in tm.layers() if l.kind == "dropout"]
-        if not drops:
-            raise DropcliError("the model has no dropout sites and none were selected",
-                               "choose where to learn rates with --after (e.g. --after relu), or pass a model with dropout")
         chosen = plan_existing(tm, sel)
         for l in chosen:
             kind = l.dropout_variant or "dropout"
