@@ -257,13 +257,16 @@ def raw_words(seed: int, call: int, indices: Sequence[int], t0: int, t1: int, re
 
 def keep_masks(seed: int, indices: Sequence[int], t0: int, t1: int,
                requests: Sequence[tuple[int, tuple[int, ...], float]],
-               scales: Sequence[float | None] | None = None) -> list[np.ndarray | None]:
+               scales: Sequence[float | None] | None = None,
+               outs: Sequence[np.ndarray | None] | None = None) -> list[np.ndarray | None]:
     """For each request (call, rest shape, q): the bool keep-mask [len(indices) * (t1 - t0), *rest]
     that ``KeyedNoise.keep_mask_like`` draws for that call (same bits: 1 bit per mask at q = 1/2,
     8-bit lanes when q is a multiple of 1/256, else 16-bit lanes), or None where that one falls
     back to uniform draws (a block not word-aligned). All requests share one generator pass.
     ``scales[r]`` (not None): that mask as float32 {0, scale} instead (at q = 1/2 each random
-    byte becomes 8 values through one table lookup)."""
+    byte becomes 8 values through one table lookup). ``outs[r]`` (not None): a contiguous float32
+    array of that mask's shape that the q = 1/2 float mask is written into (and returned): a caller
+    that reuses one array per chunk saves the kernel mapping and zeroing fresh pages every chunk."""
     rows = len(indices) * (t1 - t0)
     scales = list(scales) if scales is not None else [None] * len(requests)
     out: list[np.ndarray | None] = [None] * len(requests)
@@ -290,7 +293,14 @@ def keep_masks(seed: int, indices: Sequence[int], t0: int, t1: int,
         assert raw is not None
         scale = scales[r]
         if kind == "bits" and scale is not None:
-            out[r] = np.take(_bit_table(scale), raw.view(np.uint8), axis=0).reshape(shape)
+            dst = outs[r] if outs is not None else None
+            if dst is not None and dst.shape == shape and dst.dtype == np.float32 and dst.flags.c_contiguous:
+                # mode="clip": a uint8 index is always in the 256-row table; the default "raise"
+                # would write to a temporary first and copy it into ``out``
+                np.take(_bit_table(scale), raw.view(np.uint8), axis=0, out=dst.reshape(-1, 8), mode="clip")
+                out[r] = dst
+            else:
+                out[r] = np.take(_bit_table(scale), raw.view(np.uint8), axis=0).reshape(shape)
             continue
         if kind == "bits":
             keep = np.unpackbits(raw.view(np.uint8), bitorder="little").view(bool)

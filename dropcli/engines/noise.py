@@ -15,7 +15,7 @@ not reuse the masks of input row i, and both stay reproducible from ``--seed``.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -38,6 +38,9 @@ class KeyedNoise:
         self.call = 0
         self.device = torch.device(device)
         self._gen = torch.Generator(device="cpu")
+        # alloc(call, shape, dtype) -> a CPU tensor the float mask of that call may be written
+        # into (the torch engine's reused per-chunk buffers); None: a new tensor every time
+        self.alloc: Callable[[int, tuple[int, ...], torch.dtype], torch.Tensor] | None = None
 
     def reset(self) -> None:
         self.call = 0
@@ -64,8 +67,12 @@ class KeyedNoise:
         if t.dtype == torch.float32 and 0.0 < q < 1.0:
             call = self._next_call()
             self._check_rows(t.shape[0])
-            mask = keep_masks(self.seed, self.indices, self.t0, self.t1, [(call, tuple(t.shape[1:]), q)], [scale])[0]
+            dst = self.alloc(call, tuple(t.shape), t.dtype) if self.alloc is not None and t.device.type == "cpu" else None
+            mask = keep_masks(self.seed, self.indices, self.t0, self.t1, [(call, tuple(t.shape[1:]), q)], [scale],
+                              [dst.numpy() if dst is not None else None])[0]
             if mask is not None:
+                if dst is not None and mask.ctypes.data == dst.data_ptr():
+                    return dst
                 return torch.from_numpy(mask).to(t.device)
             self.call = call
         keep = self.keep_mask_like(t, q)

@@ -119,6 +119,9 @@ def run_mc(runner: Any, inputs: Sequence[np.ndarray], T: int, seed: int, batch_s
         if progress:
             progress(i1 - i0)
     assert samples is not None
+    release = getattr(runner, "release", None)
+    if release is not None:  # the engine's per-chunk buffers: not needed for the statistics
+        release()
     ev = np.concatenate(evals, axis=0)
     out_shape = tuple(samples.shape[2:]) or (1,)
     if samples.ndim == 2:
@@ -244,3 +247,6 @@ class TorchRunner:
 
     def run_eval(self, xs) -> np.ndarray:
         return self.engine.run_eval(self._tensors(xs)).float().cpu().numpy()
+
+    def release(self) -> None:
+        self.engine.release()

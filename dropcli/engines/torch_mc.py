@@ -103,6 +103,10 @@ class TorchMC:
             if n.op in ("placeholder", "get_attr", "output"):
                 continue
             self.frees.setdefault(last_use[n], []).append(n)
+        # the suffix's large tensors (a Linear's product, a float dropout mask) are written into
+        # buffers kept from one chunk to the next: a new 26 MB tensor every chunk costs the kernel
+        # mapping and zeroing its pages again (see docs/speed.md); release() frees them
+        self._bufs: dict[Any, torch.Tensor] = {}
 
     # ---------------------------------------------------------------- classification
     def _is_site(self, n: fx.Node) -> bool:
@@ -216,6 +220,8 @@ class TorchMC:
             return v
 
         noise = KeyedNoise(seed, indices, t0, t0 + T, self.device)
+        noise.alloc = lambda call, shape, dtype: self._buf(("mask", call), shape, dtype)
+        owned: set[fx.Node] = set()  # nodes whose value this run is one of self._bufs (not a view of one)
         want = set(capture)
         self.captured: dict[fx.Node, torch.Tensor] = {}
         with torch.no_grad(), noise_source(noise):
@@ -233,19 +239,72 @@ class TorchMC:
                     result = get_t(first) if isinstance(first, fx.Node) else first
                     break
                 if n in self.stochastic:
-                    fused = self._site_on_untiled(n, env_b, B, T, noise) if n in self.site_nodes else None
-                    env_t[n] = fused if fused is not None else self._eval_node(n, get_t, stochastic=n in self.site_nodes)
+                    if n in self.site_nodes:
+                        v = self._site_on_untiled(n, env_b, B, T, noise)
+                        v = v if v is not None else self._eval_node(n, get_t, stochastic=True)
+                    else:
+                        v = self._in_buffer(n, get_t, owned)
+                        v = v if v is not None else self._eval_node(n, get_t, stochastic=False)
+                    if any(v is b for b in self._bufs.values()):
+                        owned.add(n)
+                    env_t[n] = v
                 else:
                     env_b[n] = self._eval_node(n, get_b, stochastic=False)
                 if n in want:
                     v = get_t(n)
-                    self.captured[n] = v.reshape((B, T) + tuple(v.shape[1:]))[:B0]
+                    self.captured[n] = self._unshared(v.reshape((B, T) + tuple(v.shape[1:]))[:B0])
                 for dead in self.frees.get(k, ()):
                     env_b.pop(dead, None)
                     env_t.pop(dead, None)
         if not _is_tensor_like(result):
             raise DropcliError("the model's first output is not a tensor")
-        return result.reshape((B, T) + tuple(result.shape[1:]))[:B0]
+        return self._unshared(result.reshape((B, T) + tuple(result.shape[1:]))[:B0])
+
+    # ---------------------------------------------------------------- buffers reused across chunks
+    def _buf(self, key: Any, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        b = self._bufs.get(key)
+        if b is None or tuple(b.shape) != tuple(shape) or b.dtype != dtype:
+            self._bufs.pop(key, None)  # free the old one first
+            b = self._bufs[key] = torch.empty(shape, dtype=dtype, device=self.device)
+        return b
+
+    def release(self) -> None:
+        """Free the buffers kept between chunks (the next run allocates them again)."""
+        self._bufs.clear()
+
+    def _unshared(self, v: torch.Tensor) -> torch.Tensor:
+        """``v``, copied if it lives in a buffer that the next chunk overwrites (a value returned
+        to the caller must stay valid)."""
+        if self._bufs and _is_tensor_like(v):
+            ptr = v.untyped_storage().data_ptr()
+            if any(b.untyped_storage().data_ptr() == ptr for b in self._bufs.values()):
+                return v.clone()
+        return v
+
+    def _in_buffer(self, n: fx.Node, get: Callable[[fx.Node], Any], owned: set[fx.Node]) -> torch.Tensor | None:
+        """A suffix Linear computed into its node's buffer (``addmm`` with ``out=``: the same call
+        ``F.linear`` makes on a 2-d input, so the same bits), or a ReLU applied in place to such a
+        value when nothing else reads it; None: evaluate the node as usual."""
+        if n.op != "call_function":
+            return None
+        name = aten_name(n.target)
+        if name == "linear" or n.target is torch.nn.functional.linear:
+            args = fx.node.map_arg(n.args, get)
+            x, w = args[0], args[1]
+            b = args[2] if len(args) > 2 else n.kwargs.get("bias")
+            if n.kwargs.keys() - {"bias"} or not all(_is_tensor_like(t) for t in (x, w)) or x.dim() != 2 \
+                    or w.dim() != 2 or not x.is_contiguous() or not x.is_floating_point() or x.dtype != w.dtype \
+                    or x.device != self.device or (b is not None and (not _is_tensor_like(b) or b.dtype != x.dtype)):
+                return None
+            out = self._buf(n, (x.shape[0], w.shape[0]), x.dtype)
+            if b is None:
+                return torch.mm(x, w.t(), out=out)
+            return torch.addmm(b, x, w.t(), out=out)
+        if name == "relu" or n.target in (torch.relu, torch.nn.functional.relu):
+            a = n.args[0] if n.args else None
+            if len(n.args) == 1 and not n.kwargs and isinstance(a, fx.Node) and a in owned and len(a.users) == 1:
+                return torch.relu_(get(a))
+        return None
 
     def _plain_dropout_p(self, n: fx.Node) -> float | None:
         """p of a stock elementwise dropout node (nn.Dropout, F.dropout, aten.dropout), else None."""
