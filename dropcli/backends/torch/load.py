@@ -282,6 +282,13 @@ def _data_arrays(path: str | None) -> dict | None:
         return None
     from dropcli.io.data import read_arrays
 
+    if path != "-" and path.lower().endswith(".npy") and Path(path).is_file():
+        # only the first rows are needed: mapped, not read (the verb reads the file itself; a
+        # large input read twice costs its size in memory and time again)
+        import numpy as np
+
+        with contextlib.suppress(Exception):
+            return {"x": np.load(path, mmap_mode="r", allow_pickle=False)}
     try:
         return read_arrays(path)
     except DropcliError:
@@ -308,7 +315,7 @@ def data_example(path: str | None, names: Sequence[str], arrays: dict | None = N
             return None
     out = []
     for a in chosen:
-        a = np.asarray(a[:2])
+        a = np.array(a[:2])  # a copy: never a view of a mapped file
         if a.ndim == 0 or not len(a):
             return None
         t = torch.from_numpy(np.ascontiguousarray(a))
