@@ -199,8 +199,9 @@ def laplace_methods(model: nn.Module, x_tr: np.ndarray, y_tr: np.ndarray, xs: di
 # ------------------------------------------------------------------------------------ driver
 
 
-def run_one(name: str, spec, seed: int, work: Path, have_laplace: bool) -> dict:
-    import dropcli
+def prepare(name: str, spec, seed: int, work: Path) -> dict:
+    """The seed's split (as the model reads it), the model trained on train and saved to WORK, and
+    train.npz / val.npz written there for `dropcli finetune`. Also used by quality_headroom.py."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -218,6 +219,14 @@ def run_one(name: str, spec, seed: int, work: Path, have_laplace: bool) -> dict:
     src = save_pt2(model, xtr, work / f"{name}_{seed}.pt2")
     np.savez(work / "train.npz", x=xtr, y=y_tr)
     np.savez(work / "val.npz", x=xva, y=y_va)
+    return {"model": model, "src": src, "xs": xs, "xtr": xtr, "y_tr": y_tr, "xva": xva, "y_va": y_va, "y_te": y_te}
+
+
+def run_one(name: str, spec, seed: int, work: Path, have_laplace: bool) -> dict:
+    import dropcli
+
+    d = prepare(name, spec, seed, work)
+    model, src, xs, xtr, y_tr, y_te = d["model"], d["src"], d["xs"], d["xtr"], d["y_tr"], d["y_te"]
     res = {}
     with torch.no_grad():
         pe = F.softmax(model(torch.from_numpy(xs["test"])), -1).double().numpy()
