@@ -201,7 +201,7 @@ def laplace_methods(model: nn.Module, x_tr: np.ndarray, y_tr: np.ndarray, xs: di
 
 def prepare(name: str, spec, seed: int, work: Path) -> dict:
     """The seed's split (as the model reads it), the model trained on train and saved to WORK, and
-    train.npz / val.npz written there for `dropcli finetune`. Also used by quality_headroom.py."""
+    train.npz / val.npz written there for `dropcli finetune`. Also used by quality_family.py."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
