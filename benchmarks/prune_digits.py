@@ -166,6 +166,14 @@ def accuracy(model, x: torch.Tensor, y: torch.Tensor) -> float:
         return float((model(x).argmax(1) == y).float().mean())
 
 
+def disagreement(a, b, x: torch.Tensor) -> float:
+    """The share of examples on which two models predict different classes. It bounds the accuracy
+    drop (|drop| <= disagreement) and, unlike the drop, errors the pruned model trades for others
+    do not cancel in it."""
+    with torch.no_grad():
+        return float((a(x).argmax(1) != b(x).argmax(1)).float().mean())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--max-drop", type=float, default=1.5, help="passed to dropcli prune (validation accuracy points)")
@@ -323,6 +331,7 @@ def prune_once(name: str, seed: int, max_drop: float, extra: str, tmp: Path) -> 
     if proc.returncode == 0:
         pruned_ts = torch.jit.load(str(out))
         row["pruned"] = {k: accuracy(pruned_ts, *v) for k, v in sets.items()}
+        row["disagree"] = {k: disagreement(dense_ts, pruned_ts, v[0]) for k, v in sets.items()}
         row["compression"] = s["compression"]
     return row
 
@@ -335,28 +344,29 @@ def over_seeds(args) -> None:
     print(f"prune defaults + --max-drop {args.max_drop:g}{' ' + args.extra if args.extra else ''}; seeds 0..{args.seeds - 1} "
           f"(split, dense training, prune --seed); digits 60/20/20; prune never sees test\n")
     print("| model | seed | dense acc train / val / test | pruned acc train / val / test | train drop (pt) | val drop (pt) | test drop (pt) | "
-          "compression | prune wall / CPU (s) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "disagree with dense val / test (pt) | compression | prune wall / CPU (s) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
             for seed in range(args.seeds):
                 r = prune_once(name, seed, args.max_drop, args.extra, Path(tmp))
                 if args.tune:  # choosing defaults: the test split stays unseen
-                    for k in ("dense", "pruned"):
+                    for k in ("dense", "pruned", "disagree"):
                         if k in r:
                             r[k]["test"] = float("nan")
                 rows.append(r)
                 d = r["dense"]
                 if r["exit"]:
                     print(f"| {name} | {seed} | {100 * d['train']:.2f} / {100 * d['val']:.2f} / {100 * d['test']:.2f} | refused (exit {r['exit']}) | "
-                          f"- | - | - | - | "
+                          f"- | - | - | - | - | "
                           f"{r['wall']:.1f} / {r['cpu']:.1f} |", flush=True)
                     continue
                 p = r["pruned"]
                 print(f"| {name} | {seed} | {100 * d['train']:.2f} / {100 * d['val']:.2f} / {100 * d['test']:.2f} | "
                       f"{100 * p['train']:.2f} / {100 * p['val']:.2f} / {100 * p['test']:.2f} | {100 * (d['train'] - p['train']):.2f} | "
-                      f"{100 * (d['val'] - p['val']):.2f} | {100 * (d['test'] - p['test']):.2f} | {r['compression']:.1f}x | "
+                      f"{100 * (d['val'] - p['val']):.2f} | {100 * (d['test'] - p['test']):.2f} | "
+                      f"{100 * r['disagree']['val']:.2f} / {100 * r['disagree']['test']:.2f} | {r['compression']:.1f}x | "
                       f"{r['wall']:.1f} / {r['cpu']:.1f} |", flush=True)
     print()
     print("| model | runs written / refused | val drop mean +- sd (pt) | test drop mean +- sd (pt) | compression mean +- sd (min) | "
