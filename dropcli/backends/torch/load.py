@@ -282,6 +282,12 @@ def _data_arrays(path: str | None) -> dict | None:
         return None
     from dropcli.io.data import read_arrays
 
+    if path != "-" and path.lower().endswith(".npy"):
+        # the example needs two rows: a .npy file is mapped, not read (the verb reads it all later)
+        import numpy as np
+
+        with contextlib.suppress(Exception):
+            return {"x": np.load(path, mmap_mode="r", allow_pickle=False)}
     try:
         return read_arrays(path)
     except DropcliError:
