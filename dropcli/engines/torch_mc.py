@@ -28,6 +28,8 @@ from dropcli.variants.base import SiteModule, apply_keep, keep_mask_like, noise_
 
 _ATEN_RAND = {"rand_like": "uniform", "randn_like": "normal", "rand": "uniform", "randn": "normal", "bernoulli": "bernoulli"}
 _SIZE_FUNCS = {"sym_size", "size", "sym_numel", "sym_stride", "dim"}
+_INPLACE_OPERATORS = {"iadd", "isub", "imul", "imatmul", "itruediv", "ifloordiv", "imod", "ipow", "iand", "ior", "ixor",
+                      "ilshift", "irshift"}  # ``x += y`` in a traced module: operator.iadd, in place on x
 
 
 def _reads_size(n: fx.Node) -> bool:
@@ -176,6 +178,8 @@ class TorchMC:
         for n in self.stochastic:
             name = aten_name(n.target) if n.op == "call_function" else (n.target if n.op == "call_method" else "")
             if isinstance(name, str) and name.endswith("_") and not name.endswith("__"):
+                return False
+            if n.op == "call_function" and getattr(n.target, "__name__", "") in _INPLACE_OPERATORS:
                 return False
             if n.op == "call_function" and isinstance(n.kwargs.get("out"), fx.Node):
                 return False
