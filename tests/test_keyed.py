@@ -175,3 +175,57 @@ def test_torch_site_on_the_untiled_value_gives_the_tiled_paths_samples(tmp_path)
     tiled = run_mc(r, [x], 40, seed=7, batch_size=20).samples
     np.testing.assert_array_equal(fused, tiled)
     assert float(fused.std(0).mean()) > 1e-3
+
+
+def _saved_mlp(tmp_path, sites):
+    import warnings
+
+    from torch import nn
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), sites[0], nn.Linear(16, 16), nn.ReLU(), sites[1],
+                      nn.Linear(16, 3)).eval()
+    path = tmp_path / "m.pt2"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.export.save(torch.export.export(m, (torch.randn(2, 12),), dynamic_shapes=({0: torch.export.Dim.AUTO},)),
+                          str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize("budget", [None, 1000])  # 1000 bytes: chunks split over the samples too
+def test_torch_eval_pass_computed_in_the_mc_run_is_run_evals(tmp_path, budget):
+    """The deterministic pass that the MC run computes from its prefix values is bit for bit a
+    separate run_eval's, with chunks split over examples and over T; the samples do not change."""
+    from torch import nn
+
+    from dropcli.backends import load_model
+    from dropcli.engines.runner import TorchRunner, run_mc
+
+    r = TorchRunner(load_model(_saved_mlp(tmp_path, [nn.Dropout(0.5), nn.Dropout(0.3)])))
+    assert r.engine.eval_in_run
+    x = np.random.default_rng(1).standard_normal((45, 12)).astype(np.float32)
+    calls = []
+    plain = r.engine.run_eval
+    r.engine.run_eval = lambda *a, **k: calls.append(1) or plain(*a, **k)
+    both = run_mc(r, [x], 40, seed=7, batch_size=20, max_memory=budget)
+    groups = -(-45 // both.examples_per_chunk)
+    assert not calls and both.chunks == (groups if budget is None else 2 * groups)  # budget: T = 40 in 32 + 8
+    r.engine.eval_in_run = False
+    apart = run_mc(r, [x], 40, seed=7, batch_size=20, max_memory=budget)
+    assert len(calls) == groups
+    np.testing.assert_array_equal(both.eval, apart.eval)
+    np.testing.assert_array_equal(both.samples, apart.samples)
+    assert float(np.abs(both.eval - both.samples.mean(0)).max()) > 0  # the eval pass is not a sample's mean
+
+
+def test_torch_eval_pass_stays_apart_for_dropcli_sites(tmp_path):
+    """A model with dropcli sites (switched by set_mc for the deterministic pass) keeps run_eval."""
+    from dropcli.backends import load_model
+    from dropcli.engines.factory import inject_on_the_fly
+    from dropcli.engines.runner import TorchRunner
+    from torch import nn
+
+    model = load_model(_saved_mlp(tmp_path, [nn.Identity(), nn.Identity()]))
+    inject_on_the_fly(model, "dropout", p=0.5, after="relu")
+    assert not TorchRunner(model).engine.eval_in_run

@@ -243,9 +243,21 @@ class TorchRunner:
         return self.engine.probe_row_bytes(self._tensors([x[:1] for x in inputs]))
 
     def run(self, xs, indices, seed, T, t0=0) -> np.ndarray:
-        return self.engine.run(self._tensors(xs), indices, seed, T, t0).float().cpu().numpy()
+        # the deterministic pass of these inputs comes with the first samples' run when the engine
+        # can compute it there (TorchMC.eval_in_run): run_mc asks for it next, with the same xs
+        with_eval = t0 == 0 and self.engine.eval_in_run
+        if t0 == 0:
+            self._eval = None
+        out = self.engine.run(self._tensors(xs), indices, seed, T, t0, with_eval=with_eval).float().cpu().numpy()
+        if with_eval and self._torch.is_tensor(self.engine.eval_out):
+            self._eval = (xs, self.engine.eval_out.float().cpu().numpy())
+        self.engine.eval_out = None
+        return out
 
     def run_eval(self, xs) -> np.ndarray:
+        kept, self._eval = getattr(self, "_eval", None), None
+        if kept is not None and kept[0] is xs:
+            return kept[1]
         return self.engine.run_eval(self._tensors(xs)).float().cpu().numpy()
 
     def release(self) -> None:

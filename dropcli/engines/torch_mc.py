@@ -23,11 +23,13 @@ from dropcli.backends.torch.fx import ATEN_DROPOUT, DROPOUT_FUNCS, aten_name, fe
 from dropcli.errors import DropcliError
 from dropcli.engines.keyed import MIN_ROWS
 from dropcli.engines.noise import KeyedNoise
-from dropcli.model.naming import mc_owner, reads_mc
+from dropcli.model.naming import is_mc_buffer as naming_is_mc_buffer, mc_owner, reads_mc
 from dropcli.variants.base import SiteModule, apply_keep, keep_mask_like, noise_source, normal_like, set_mc, uniform_like
 
 _ATEN_RAND = {"rand_like": "uniform", "randn_like": "normal", "rand": "uniform", "randn": "normal", "bernoulli": "bernoulli"}
 _SIZE_FUNCS = {"sym_size", "size", "sym_numel", "sym_stride", "dim"}
+_INPLACE_OPERATORS = {"iadd", "isub", "imul", "imatmul", "itruediv", "ifloordiv", "imod", "ipow", "iand", "ior", "ixor",
+                      "ilshift", "irshift"}  # ``x += y`` in a traced module: operator.iadd, in place on x
 
 
 def _reads_size(n: fx.Node) -> bool:
@@ -107,6 +109,7 @@ class TorchMC:
         # buffers kept from one chunk to the next: a new 26 MB tensor every chunk costs the kernel
         # mapping and zeroing its pages again (see docs/speed.md); release() frees them
         self._bufs: dict[Any, torch.Tensor] = {}
+        self.eval_in_run = self._eval_in_run_ok()
 
     # ---------------------------------------------------------------- classification
     def _is_site(self, n: fx.Node) -> bool:
@@ -150,6 +153,38 @@ class TorchMC:
     def describe_sites(self) -> list[str]:
         return self._logical_sites()
 
+    def _eval_in_run_ok(self) -> bool:
+        """Whether :meth:`run` may compute the deterministic pass beside the MC samples, from the
+        prefix values it has already computed on the B examples: only when that pass is the same
+        computation as ``run_eval``'s, node for node. So: no dropcli site or mc flag (``set_mc``
+        switches them for the deterministic pass), every site a stock dropout that is the identity
+        in eval mode (a module in eval mode, an aten dropout with ``train=False``), and no in-place
+        op after the first site (it could write into a prefix value the MC path still reads)."""
+        if any(naming_is_mc_buffer(name) for name, _ in self.gm.named_buffers()):
+            return False
+        if any(isinstance(m, SiteModule) for m in self.modules.values()):
+            return False
+        for n in self.site_nodes:
+            if n.op == "call_module":
+                m = self.modules.get(n.target)
+                if not isinstance(m, nn.modules.dropout._DropoutNd) or m.training:
+                    return False
+            elif n.op == "call_function" and aten_name(n.target) in ATEN_DROPOUT:
+                train = n.args[2] if len(n.args) > 2 else n.kwargs.get("train")
+                if train is not False:
+                    return False
+            else:
+                return False
+        for n in self.stochastic:
+            name = aten_name(n.target) if n.op == "call_function" else (n.target if n.op == "call_method" else "")
+            if isinstance(name, str) and name.endswith("_") and not name.endswith("__"):
+                return False
+            if n.op == "call_function" and getattr(n.target, "__name__", "") in _INPLACE_OPERATORS:
+                return False
+            if n.op == "call_function" and isinstance(n.kwargs.get("out"), fx.Node):
+                return False
+        return True
+
     # ---------------------------------------------------------------- execution
     def _call(self, n: fx.Node, args: tuple, kwargs: dict, stochastic: bool) -> Any:
         if n.op == "call_module":
@@ -176,11 +211,16 @@ class TorchMC:
         return tgt(*args, **kwargs)
 
     def run(self, inputs: Sequence[torch.Tensor], indices: Sequence[int], seed: int, T: int,
-            t0: int = 0, capture: Sequence[fx.Node] = ()) -> torch.Tensor:
+            t0: int = 0, capture: Sequence[fx.Node] = (), with_eval: bool = False) -> torch.Tensor:
         """Outputs of T samples for B examples: a tensor [B, T, ...] (first model output).
 
         ``capture``: intermediate nodes whose values are kept in ``self.captured`` as [B, T, ...]
-        tensors (``dropcli analyze`` reads the units after each site this way)."""
+        tensors (``dropcli analyze`` reads the units after each site this way).
+
+        ``with_eval`` (and :attr:`eval_in_run`): the deterministic pass is computed too, into
+        ``self.eval_out`` ([B, ...], what :meth:`run_eval` returns for these inputs, bit for bit):
+        the nodes after the first site are evaluated once more on the B examples, reading the
+        prefix values this run computed, so the prefix is not computed a second time."""
         B0 = inputs[0].shape[0]
         if B0 < self.min_rows:
             # BLAS takes other code paths for tiny matrices, which changes the last bits of a
@@ -224,6 +264,12 @@ class TorchMC:
         owned: set[fx.Node] = set()  # nodes whose value this run is one of self._bufs (not a view of one)
         want = set(capture)
         self.captured: dict[fx.Node, torch.Tensor] = {}
+        self.eval_out = None
+        env_e: dict[fx.Node, Any] | None = {} if with_eval and self.eval_in_run else None
+
+        def get_e(a: fx.Node) -> Any:
+            """A value of the deterministic pass: the suffix's own, else the prefix's (on B rows)."""
+            return env_e[a] if a in env_e else env_b[a]
         with torch.no_grad(), noise_source(noise):
             result = None
             for k, n in enumerate(self.nodes):
@@ -237,6 +283,8 @@ class TorchMC:
                     out = n.args[0]
                     first = _first_output(out)
                     result = get_t(first) if isinstance(first, fx.Node) else first
+                    if env_e is not None:
+                        self.eval_out = get_e(first)[:B0] if isinstance(first, fx.Node) else None
                     break
                 if n in self.stochastic:
                     if n in self.site_nodes:
@@ -248,6 +296,8 @@ class TorchMC:
                     if any(v is b for b in self._bufs.values()):
                         owned.add(n)
                     env_t[n] = v
+                    if env_e is not None:
+                        env_e[n] = self._eval_node(n, get_e, stochastic=False)
                 else:
                     env_b[n] = self._eval_node(n, get_b, stochastic=False)
                 if n in want:
@@ -256,6 +306,8 @@ class TorchMC:
                 for dead in self.frees.get(k, ()):
                     env_b.pop(dead, None)
                     env_t.pop(dead, None)
+                    if env_e is not None:
+                        env_e.pop(dead, None)
         if not _is_tensor_like(result):
             raise DropcliError("the model's first output is not a tensor")
         return self._unshared(result.reshape((B, T) + tuple(result.shape[1:]))[:B0])
