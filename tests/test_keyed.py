@@ -146,37 +146,6 @@ def test_onnx_uncertainty_imports_no_torch(tmp_path):
         assert z["mutual_info"].shape == (40,) and float(z["mutual_info"].mean()) > 0
 
 
-def test_torch_site_on_the_untiled_value_gives_the_tiled_paths_samples(tmp_path):
-    """Stock dropout right after the prefix multiplies its mask by the value seen as [B, 1, ...]
-    instead of T tiled copies: the samples are bit for bit those of the tiled path."""
-    import warnings
-
-    from torch import nn
-
-    from dropcli.backends import load_model
-    from dropcli.engines.runner import TorchRunner, run_mc
-
-    torch.manual_seed(0)
-    m = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 16), nn.ReLU(), nn.Dropout(0.3),
-                      nn.Linear(16, 3)).eval()
-    path = tmp_path / "m.pt2"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.export.save(torch.export.export(m, (torch.randn(2, 12),), dynamic_shapes=({0: torch.export.Dim.AUTO},)),
-                          str(path))
-    r = TorchRunner(load_model(str(path)))
-    x = np.random.default_rng(1).standard_normal((45, 12)).astype(np.float32)
-    hits = []
-    fuse = r.engine._site_on_untiled
-    r.engine._site_on_untiled = lambda *a, **k: hits.append(fuse(*a, **k)) or hits[-1]
-    fused = run_mc(r, [x], 40, seed=7, batch_size=20).samples
-    assert sum(h is not None for h in hits) >= 3  # the first site of each of the 3 chunks (and the size probe)
-    r.engine._site_on_untiled = lambda *a, **k: None
-    tiled = run_mc(r, [x], 40, seed=7, batch_size=20).samples
-    np.testing.assert_array_equal(fused, tiled)
-    assert float(fused.std(0).mean()) > 1e-3
-
-
 def _saved_mlp(tmp_path, sites):
     import warnings
 
@@ -191,6 +160,27 @@ def _saved_mlp(tmp_path, sites):
         torch.export.save(torch.export.export(m, (torch.randn(2, 12),), dynamic_shapes=({0: torch.export.Dim.AUTO},)),
                           str(path))
     return str(path)
+
+
+def test_torch_site_on_the_untiled_value_gives_the_tiled_paths_samples(tmp_path):
+    """Stock dropout right after the prefix multiplies its mask by the value seen as [B, 1, ...]
+    instead of T tiled copies: the samples are bit for bit those of the tiled path."""
+    from torch import nn
+
+    from dropcli.backends import load_model
+    from dropcli.engines.runner import TorchRunner, run_mc
+
+    r = TorchRunner(load_model(_saved_mlp(tmp_path, [nn.Dropout(0.5), nn.Dropout(0.3)])))
+    x = np.random.default_rng(1).standard_normal((45, 12)).astype(np.float32)
+    hits = []
+    fuse = r.engine._site_on_untiled
+    r.engine._site_on_untiled = lambda *a, **k: hits.append(fuse(*a, **k)) or hits[-1]
+    fused = run_mc(r, [x], 40, seed=7, batch_size=20).samples
+    assert sum(h is not None for h in hits) >= 3  # the first site of each of the 3 chunks (and the size probe)
+    r.engine._site_on_untiled = lambda *a, **k: None
+    tiled = run_mc(r, [x], 40, seed=7, batch_size=20).samples
+    np.testing.assert_array_equal(fused, tiled)
+    assert float(fused.std(0).mean()) > 1e-3
 
 
 @pytest.mark.parametrize("budget", [None, 1000])  # 1000 bytes: chunks split over the samples too

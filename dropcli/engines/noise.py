@@ -68,10 +68,10 @@ class KeyedNoise:
             call = self._next_call()
             self._check_rows(t.shape[0])
             dst = self.alloc(call, tuple(t.shape), t.dtype) if self.alloc is not None and t.device.type == "cpu" else None
-            mask = keep_masks(self.seed, self.indices, self.t0, self.t1, [(call, tuple(t.shape[1:]), q)], [scale],
-                              [dst.numpy() if dst is not None else None])[0]
+            into = dst.numpy() if dst is not None else None
+            mask = keep_masks(self.seed, self.indices, self.t0, self.t1, [(call, tuple(t.shape[1:]), q)], [scale], [into])[0]
             if mask is not None:
-                if dst is not None and mask.ctypes.data == dst.data_ptr():
+                if into is not None and mask is into:  # written into the caller's buffer
                     return dst
                 return torch.from_numpy(mask).to(t.device)
             self.call = call

@@ -261,7 +261,6 @@ class TorchMC:
 
         noise = KeyedNoise(seed, indices, t0, t0 + T, self.device)
         noise.alloc = lambda call, shape, dtype: self._buf(("mask", call), shape, dtype)
-        owned: set[fx.Node] = set()  # nodes whose value this run is one of self._bufs (not a view of one)
         want = set(capture)
         self.captured: dict[fx.Node, torch.Tensor] = {}
         self.eval_out = None
@@ -291,10 +290,8 @@ class TorchMC:
                         v = self._site_on_untiled(n, env_b, B, T, noise)
                         v = v if v is not None else self._eval_node(n, get_t, stochastic=True)
                     else:
-                        v = self._in_buffer(n, get_t, owned)
+                        v = self._in_buffer(n, get_t)
                         v = v if v is not None else self._eval_node(n, get_t, stochastic=False)
-                    if any(v is b for b in self._bufs.values()):
-                        owned.add(n)
                     env_t[n] = v
                     if env_e is not None:
                         env_e[n] = self._eval_node(n, get_e, stochastic=False)
@@ -333,10 +330,11 @@ class TorchMC:
                 return v.clone()
         return v
 
-    def _in_buffer(self, n: fx.Node, get: Callable[[fx.Node], Any], owned: set[fx.Node]) -> torch.Tensor | None:
+    def _in_buffer(self, n: fx.Node, get: Callable[[fx.Node], Any]) -> torch.Tensor | None:
         """A suffix Linear computed into its node's buffer (``addmm`` with ``out=``: the same call
         ``F.linear`` makes on a 2-d input, so the same bits), or a ReLU applied in place to such a
-        value when nothing else reads it; None: evaluate the node as usual."""
+        value (one of the buffers itself, not a view of one) when nothing else reads it; None:
+        evaluate the node as usual."""
         if n.op != "call_function":
             return None
         name = aten_name(n.target)
@@ -354,8 +352,10 @@ class TorchMC:
             return torch.addmm(b, x, w.t(), out=out)
         if name == "relu" or n.target in (torch.relu, torch.nn.functional.relu):
             a = n.args[0] if n.args else None
-            if len(n.args) == 1 and not n.kwargs and isinstance(a, fx.Node) and a in owned and len(a.users) == 1:
-                return torch.relu_(get(a))
+            if len(n.args) == 1 and not n.kwargs and isinstance(a, fx.Node) and len(a.users) == 1:
+                v = get(a)
+                if any(v is b for b in self._bufs.values()):
+                    return torch.relu_(v)
         return None
 
     def _plain_dropout_p(self, n: fx.Node) -> float | None:
