@@ -20,7 +20,7 @@ choosing it ON TEST, which no real rule may do:
   ECE is biased upwards on finite data, and a measured ECE at this floor cannot be improved on in
   expectation.
 
-Splits, models and training are those of benchmarks/quality.py (imported, same seeds). T = 50 MC
+Splits, models and training are benchmarks/quality.py's own (its prepare(), same seeds). T = 50 MC
 passes on test, drawn with torch's dropout from a fixed seed.
 
 Run:  python benchmarks/quality_headroom.py [--seeds 5] [--models mlp300 ...]   (all five models by default)
@@ -87,21 +87,15 @@ def passes(model: torch.nn.Module, x: np.ndarray, scale: float, seed: int) -> np
 
 
 def study(name: str, seed: int) -> dict:
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    import tempfile
 
     import quality as Q
+    from dropcli.analysis import stats
     from dropcli.training import learned
 
-    build, how, epochs = {**Q.MODELS, **Q.HOLDOUT}[name]
-    d = load_digits()
-    x, y = d.data / 16.0, d.target.astype(np.int64)
-    # quality.py's split
-    x_tr, x_rest, y_tr, y_rest = train_test_split(x, y, test_size=0.4, stratify=y, random_state=seed)
-    _, x_te, _, y_te = train_test_split(x_rest, y_rest, test_size=0.5, stratify=y_rest, random_state=seed)
-    xtr, xte = Q.view(x_tr, how), Q.view(x_te, how)
-    torch.manual_seed(seed)
-    model = Q.train(build(), xtr, y_tr, epochs, seed)
+    with tempfile.TemporaryDirectory() as tmp:  # quality.py's split, model and training
+        run = Q.prepare(name, {**Q.MODELS, **Q.HOLDOUT}[name], seed, Path(tmp))
+    model, xte, y_te = run["model"], run["xs"]["test"], run["y_te"]
     ev = passes(model, xte, 0.0, seed)
     p_eval = softmax(ev[0])
     nll_eval = per_nll(p_eval, y_te)
@@ -128,8 +122,6 @@ def study(name: str, seed: int) -> dict:
     for _ in range(FLOOR_DRAWS):
         u = rng.random((len(p_eval), 1))
         ys = np.minimum((u > cum).sum(-1), p_eval.shape[1] - 1)
-        from dropcli.analysis import stats
-
         floor.append(stats.ece_mce(conf, pred == ys)[0])
     return {"model": name, "seed": seed, "n": len(y_te), "errors": int((pred != y_te).sum()),
             "nll_eval": float(nll_eval.mean()), "nll_oracle": float(best[0]), "oracle_s": best[1], "oracle_tau": float(best[2]),
