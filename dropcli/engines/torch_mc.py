@@ -23,7 +23,7 @@ from dropcli.backends.torch.fx import ATEN_DROPOUT, DROPOUT_FUNCS, aten_name, fe
 from dropcli.errors import DropcliError
 from dropcli.engines.keyed import MIN_ROWS
 from dropcli.engines.noise import KeyedNoise
-from dropcli.model.naming import is_mc_buffer as naming_is_mc_buffer, mc_owner, reads_mc
+from dropcli.model.naming import is_mc_buffer, mc_owner, reads_mc
 from dropcli.variants.base import SiteModule, apply_keep, keep_mask_like, noise_source, normal_like, set_mc, uniform_like
 
 _ATEN_RAND = {"rand_like": "uniform", "randn_like": "normal", "rand": "uniform", "randn": "normal", "bernoulli": "bernoulli"}
@@ -160,7 +160,7 @@ class TorchMC:
         switches them for the deterministic pass), every site a stock dropout that is the identity
         in eval mode (a module in eval mode, an aten dropout with ``train=False``), and no in-place
         op after the first site (it could write into a prefix value the MC path still reads)."""
-        if any(naming_is_mc_buffer(name) for name, _ in self.gm.named_buffers()):
+        if any(is_mc_buffer(name) for name, _ in self.gm.named_buffers()):
             return False
         if any(isinstance(m, SiteModule) for m in self.modules.values()):
             return False
