@@ -163,7 +163,8 @@ def test_fit_hands_loss_fn_the_batch_rows_and_teacher_outputs_are_eval_mode():
     x, y = torch.randn(37, 4), torch.arange(37) % 3
     model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 3)).train()
     t = teacher_outputs(model, Split(x, y, "x"), batch_size=10)
-    assert model.training and torch.equal(t, model.eval()(x).detach())
+    # batches of 10 against one of 37: equal up to float32 rounding (the BLAS may block them differently)
+    assert model.training and torch.allclose(t, model.eval()(x).detach(), rtol=1e-5, atol=1e-6)
     seen = []
 
     def loss_fn(out, yb, idx):

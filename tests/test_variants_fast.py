@@ -376,8 +376,9 @@ def test_moments_exact_case_matches_mc(tmp_path):
     assert rep["summary"]["method"] == "moments" and rep["summary"]["moments"]["approximated"] == []
     cli_mean = np.array([[e[f"mean_{j}"] for j in range(10)] for e in rep["examples"]])
     cli_var = np.array([[e[f"var_{j}"] for j in range(10)] for e in rep["examples"]])
-    np.testing.assert_allclose(cli_mean, mean, rtol=1e-6, atol=1e-9)
-    np.testing.assert_allclose(cli_var, var, rtol=1e-6, atol=1e-12)
+    # batches of 5 against 4: the BLAS may block the float32 products differently (rounding only)
+    np.testing.assert_allclose(cli_mean, mean, rtol=1e-5, atol=1e-6 * np.abs(mean).max())
+    np.testing.assert_allclose(cli_var, var, rtol=1e-5, atol=1e-6 * np.abs(var).max())
 
 
 def test_moments_sigmoid_quadrature_matches_mc_and_integration(tmp_path):
