@@ -154,6 +154,51 @@ def test_distill_loss_is_the_weighted_mix_of_labels_and_teacher():
     assert torch.allclose(distill_loss(tr, "regression", w)(outr, yr, idx), want_r, atol=1e-6)
 
 
+def test_distiller_mixes_rows_and_matches_the_teacher_on_them():
+    """With mix > 0, about that share of a batch's rows become lam * x_i + (1 - lam) * x_j of two of
+    its rows (lam uniform), labelled by the dense model's output on the mixture, with no label term;
+    the other rows keep the plain distillation loss. One-hot rows make lam readable: a mixed row
+    holds lam at its own position."""
+    from dropcli.prune.core import Distiller
+
+    n, mix = 1000, 0.5
+    x = torch.eye(n)
+    teacher_model = nn.Linear(n, 5).eval().requires_grad_(False)
+    teacher = teacher_model(x)
+    d = Distiller(teacher, "classification", 0.3, 2.0, teacher_model, mix=mix, seed=0)
+    idx = torch.arange(n)
+    xm = d.transform(x, idx)
+    rows, tm = d._mixed
+    k = int(rows.sum())
+    sd = math.sqrt(n * mix * (1 - mix))
+    assert abs(k - n * mix) < 5 * sd
+    assert torch.equal(xm[~rows], x[~rows])  # the other rows are untouched
+    assert torch.allclose(xm[rows].sum(1), torch.ones(k))  # convex: lam + (1 - lam)
+    assert int((xm[rows] > 0).sum(1).max()) <= 2  # of two rows
+    own = xm[rows][torch.arange(k), torch.nonzero(rows).flatten()]
+    own = own[own < 1]  # a row mixed with itself holds 1
+    lam_se = math.sqrt(1 / 12 / len(own))
+    assert abs(float(own.mean()) - 0.5) < 5 * lam_se  # lam ~ U(0, 1)
+    assert torch.allclose(tm, teacher_model(xm[rows]))  # the dense model's output on the mixture
+    # the loss: the plain distillation term on the clean rows, the teacher term alone on the mixed ones
+    g = torch.Generator().manual_seed(1)
+    out, y = torch.randn(n, 5, generator=g), torch.randint(0, 5, (n,), generator=g)
+    t = teacher.clone()
+    t[rows] = tm
+    p = torch.softmax(t / 2.0, -1)
+    kl = (p * (torch.log(p) - torch.log_softmax(out / 2.0, -1))).sum(-1) * 4.0
+    ce = torch.nn.functional.cross_entropy(out, y, reduction="none")
+    want = torch.where(rows, kl, 0.7 * ce + 0.3 * kl).mean()
+    assert torch.allclose(d(out, y, idx), want, atol=1e-5)
+    y2 = y.clone()
+    y2[rows] = (y2[rows] + 1) % 5  # the labels of mixed rows are not read
+    assert torch.equal(d(out, y2, idx), d(out, y, idx))
+    # reset: the same draws again; mix 0 leaves the batch alone
+    d.reset(0)
+    assert torch.equal(d.transform(x, idx), xm)
+    assert Distiller(teacher, "classification", 0.3, 2.0, teacher_model, mix=0.0).transform(x, idx) is x
+
+
 def test_fit_hands_loss_fn_the_batch_rows_and_teacher_outputs_are_eval_mode():
     """fit's loss_fn gets the rows of the batch (to look up teacher outputs) with their labels;
     teacher_outputs runs the model in eval mode (dropout off) and restores its mode."""

@@ -23,8 +23,8 @@ layers around it. The output is a plain model (nn.Linear / nn.Conv, no dropcli c
 format. Accuracy before/after comes from --val, or from a seeded 20% held-out split of --data.
 
 Accuracy budget: --max-drop PTS bounds what the pruned model may lose on that validation data
-(accuracy points for classification, percent of the validation loss for regression), at one
-standard error of the measured drop. Without --threshold, prune then cuts the trained log alphas at
+(accuracy points for classification, percent of the validation loss for regression), at 1.5
+standard errors of the measured drop. Without --threshold, prune then cuts the trained log alphas at
 a sweep of thresholds, scores each cut on validation, retrains the promising ones and keeps the most
 compressive model within the budget; when none fits, it trains once more with half the KL weight.
 The report (--json, --plot) carries the trade-off curve it walked (docs/prune.md).

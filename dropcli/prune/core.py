@@ -9,7 +9,8 @@ The pipeline, on a GraphModule of real modules (:func:`dropcli.importer.to_modul
    ``N * mean loss + beta * sum KL``), ``beta`` ramped linearly from 0 to ``--kl-weight`` over the
    first half of the epochs. The data loss is distilled from the dense model (:func:`distill_loss`,
    here and in the retrain): the model already fits its training split, and labels alone pulled
-   the fine-tuned function away from the one that generalised (docs/prune.md).
+   the fine-tuned function away from the one that generalised (docs/prune.md). Half of each batch's
+   rows are mixtures of two training rows, labelled by the dense model alone (:class:`Distiller`).
 3. sparse-vd: weights with ``log alpha > threshold`` become 0 and the layers plain again; sbp:
    units with ``SNR <= 1`` get a zero row, the others their ``E[theta]`` folded into the weights.
    Then :func:`retrain` fine-tunes the kept weights without noise (``--retrain-epochs``).
@@ -50,15 +51,18 @@ from dropcli.prune.shrink import ShrinkResult, output_layers, prunable_layers, s
 METHODS = ("sparse-vd", "sbp")
 # defaults chosen with benchmarks/prune_digits.py --tune, on validation only (docs/prune.md)
 DEFAULTS = {"epochs": 100, "lr": 3e-3, "batch_size": 64, "threshold": 3.0, "kl_weight": 0.5, "var_lr_scale": 10.0,
-            "retrain_epochs": 10, "retrain_lr_scale": 0.1, "distill": 0.5, "distill_temperature": 2.0}
+            "retrain_epochs": 10, "retrain_lr_scale": 0.1, "distill": 0.5, "distill_temperature": 2.0,
+            "mix": 0.5}
 # --max-drop: the log-alpha thresholds the walk scores (log alpha is clamped to [-8, 8]), and the
 # most retrains it spends on the cuts around the best pre-retrain one
 SWEEP = tuple(float(t) for t in np.arange(-2.0, 8.01, 0.5))
 MAX_TRIES = 6
 # a model fits the budget when its validation drop plus Z_BUDGET standard errors (paired over the
 # validation examples) is within --max-drop: the drop is measured on finite data, and the walk picks
-# the cut at the budget's edge, where noise in its favour would otherwise decide
-Z_BUDGET = 1.0
+# the cut at the budget's edge, where noise in its favour would otherwise decide. 1.5: the walk
+# looks at up to MAX_TRIES + 1 models and keeps the most compressive that passes; of 1, 1.5 and 2,
+# the largest margin that kept the tuning models' compression targets on validation (docs/prune.md)
+Z_BUDGET = 1.5
 SECOND_ROUND_KL = 0.5  # when no cut fits, one more training round at this fraction of the KL weight
 RAMP = 0.5  # fraction of training over which beta goes from 0 to --kl-weight
 DECAY_FROM = None  # fraction of training after which the learning rate decays linearly to 0
@@ -80,6 +84,9 @@ class PruneConfig:
     # weight of the dense model's outputs in the data loss of the fine-tune and the retrain
     # (knowledge distillation, :func:`distill_loss`); 0: the labels alone
     distill: float = DEFAULTS["distill"]
+    # share of each batch's rows replaced by mixtures of two rows, labelled by the dense model alone
+    # (function matching: :class:`Distiller`); 0: the training rows only
+    mix: float = DEFAULTS["mix"]
     progress: Any = None  # progress(label, total) -> advance(k, info): see dropcli.training.loop.fit
 
 
@@ -164,29 +171,90 @@ def teacher_outputs(gm: nn.Module, train: Split, device: str = "cpu", batch_size
             m.training = t
 
 
-def distill_loss(teacher: torch.Tensor, task: str, weight: float, temperature: float | None = None):
-    """The data loss with knowledge distillation (Hinton, Vinyals & Dean 2015), as
-    :func:`~dropcli.training.loop.fit`'s ``loss_fn``: ``(1 - weight) * loss(labels) + weight * loss(teacher)``.
+def distill_loss(teacher: torch.Tensor, task: str, weight: float, temperature: float | None = None,
+                 model: nn.Module | None = None, mix: float = 0.0, seed: int = 0) -> "Distiller":
+    """The data loss with knowledge distillation, as :func:`~dropcli.training.loop.fit`'s ``loss_fn``
+    (and ``transform``): see :class:`Distiller`."""
+    return Distiller(teacher, task, weight, DEFAULTS["distill_temperature"] if temperature is None else temperature,
+                     model, mix, seed)
 
-    Classification: the teacher term is ``T^2 * KL(softmax(teacher / T) || softmax(out / T))``
-    (the ``T^2`` keeps its gradients on the scale of the label term's); regression: the mean squared
-    error to the teacher's outputs. Pruning starts from a model that already fits the training
-    split, so the labels alone say little more there; the dense model's outputs keep the pruned one
-    close to the function that generalised."""
 
-    temperature = DEFAULTS["distill_temperature"] if temperature is None else temperature
+class Distiller:
+    """Knowledge distillation (Hinton, Vinyals & Dean 2015) from the dense model, with function
+    matching on mixed inputs (Beyer et al. 2022).
 
-    def loss(out: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        t = teacher[idx].to(out.device)
-        hard = loop.data_loss(out, y, task)  # looked up at call time: the Ctrl-C tests interrupt it
-        if task == "classification":
-            soft = F.kl_div(F.log_softmax(out / temperature, -1), F.log_softmax(t / temperature, -1), log_target=True,
-                            reduction="batchmean") * temperature ** 2
-        else:
-            soft = F.mse_loss(out, t)
-        return (1.0 - weight) * hard + weight * soft
+    On a training example the loss is ``(1 - weight) * loss(labels) + weight * loss(teacher)``.
+    Classification: the teacher term is ``T^2 * KL(softmax(teacher / T) || softmax(out / T))`` (the
+    ``T^2`` keeps its gradients on the scale of the label term's); regression: the mean squared error
+    to the teacher's outputs. ``teacher`` holds the dense model's outputs on the training split.
 
-    return loss
+    With ``mix > 0`` and a ``model`` (the dense one, frozen), :meth:`transform` replaces that share of
+    each batch's rows by mixtures ``lam * x_i + (1 - lam) * x_j`` of two of its rows (``lam`` uniform
+    in [0, 1]), which have no label: their loss is the teacher term alone, against the dense model's
+    output on the mixture, computed there. The pruned model then matches the dense one between the
+    training examples as well as on them, where test examples lie. Only a single floating-point
+    input is mixed; other inputs (token ids) are passed through."""
+
+    def __init__(self, teacher: torch.Tensor, task: str, weight: float, temperature: float,
+                 model: nn.Module | None = None, mix: float = 0.0, seed: int = 0):
+        self.teacher, self.task, self.weight, self.temperature = teacher, task, weight, temperature
+        self.model, self.mix = model, (mix if model is not None else 0.0)
+        self.gen = torch.Generator()
+        self.reset(seed)
+        self._mixed: tuple[torch.Tensor, torch.Tensor] | None = None  # (rows, teacher outputs) of the last batch
+
+    def reset(self, seed: int) -> None:
+        """Start the mixing draws afresh: each training run (the fine-tune, every retrained cut) gets
+        the same draws whatever ran before it."""
+        self.gen.manual_seed(seed + 7919)
+
+    def transform(self, xb: Any, idx: torch.Tensor) -> Any:
+        self._mixed = None
+        if self.mix <= 0 or not isinstance(xb, torch.Tensor) or not xb.is_floating_point() or len(xb) < 2:
+            return xb
+        n = len(xb)
+        rows = torch.rand(n, generator=self.gen) < self.mix
+        k = int(rows.sum())
+        if k == 0:
+            return xb
+        partner = torch.randint(0, n, (k,), generator=self.gen)
+        lam = torch.rand(k, generator=self.gen).view(-1, *([1] * (xb.dim() - 1)))
+        rows_d = rows.to(xb.device)
+        mixed = lam.to(xb.device) * xb[rows_d] + (1 - lam.to(xb.device)) * xb[partner.to(xb.device)]
+        with torch.no_grad():
+            t = feed(self.model, mixed).detach()
+        xb = xb.clone()
+        xb[rows_d] = mixed
+        self._mixed = (rows_d, t)
+        return xb
+
+    def __call__(self, out: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        t = self.teacher[idx].to(out.device)
+        rows = None
+        if self._mixed is not None:
+            rows, tm = self._mixed
+            t = t.clone()
+            t[rows] = tm.to(t.dtype)
+        if rows is None:
+            hard = loop.data_loss(out, y, self.task)  # looked up at call time: the Ctrl-C tests interrupt it
+            return (1.0 - self.weight) * hard + self.weight * self._soft(out, t, "mean")
+        soft = self._soft(out, t, "none")
+        # a mixture has no label: the teacher term alone, at full weight
+        clean = ~rows
+        k = int(clean.sum())
+        hard = loop.data_loss(out[clean], y[clean], self.task) * k if k else out.sum() * 0.0
+        soft_sum = self.weight * soft[clean].sum() + soft[rows].sum()
+        return ((1.0 - self.weight) * hard + soft_sum) / len(out)
+
+    def _soft(self, out: torch.Tensor, t: torch.Tensor, reduction: str) -> torch.Tensor:
+        """The teacher term: per row (``none``) or its mean over the rows."""
+        if self.task == "classification":
+            kl = F.kl_div(F.log_softmax(out / self.temperature, -1), F.log_softmax(t / self.temperature, -1), log_target=True,
+                          reduction="batchmean" if reduction == "mean" else "none")
+            return (kl if reduction == "mean" else kl.sum(-1)) * self.temperature ** 2
+        if reduction == "mean":
+            return F.mse_loss(out, t)
+        return F.mse_loss(out, t, reduction="none").flatten(1).mean(1)
 
 
 def beta_at(progress: float, kl_weight: float) -> float:
@@ -314,7 +382,8 @@ def prune(gm: fx.GraphModule, example: tuple, train: Split | None, task: str, cf
     if train is None:
         raise DropcliError("pruning needs training data", "pass --data TRAIN (.npz with x and y, .pt or .csv)")
     # the dense model's outputs on the training split, distilled into the fine-tune and the retrain
-    loss_fn = distill_loss(teacher_outputs(gm, train), task, cfg.distill) if cfg.distill > 0 else None
+    loss_fn = distill_loss(teacher_outputs(gm, train), task, cfg.distill, model=copy.deepcopy(gm).eval().requires_grad_(False).to(cfg.device),
+                           mix=cfg.mix, seed=cfg.seed) if cfg.distill > 0 else None
     if cfg.method == "sbp":
         gm, mods, history = _train(gm, train, task, cfg, cfg.kl_weight, protected, loss_fn=loss_fn)
         log_alpha = {k: np.log(np.maximum(v, 1e-30)) for k, v in finalize_sbp(gm, mods).items()}
@@ -394,9 +463,12 @@ def _train(gm: fx.GraphModule, train: Split, task: str, cfg: PruneConfig, kl_wei
             tot = sum(m.mu.numel() for m in ms)
             return f"units removed {1 - kept / tot:.3f}"
 
+    if loss_fn is not None:
+        loss_fn.reset(cfg.seed)
     history = fit(gm, train, task, params=groups, epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed,
                   device=cfg.device, regulariser=reg, train_modules=ms, describe=describe, quiet=cfg.quiet, progress=cfg.progress,
-                  label=f"prune ({cfg.method}{label})", decay_from=DECAY_FROM, loss_fn=loss_fn)
+                  label=f"prune ({cfg.method}{label})", decay_from=DECAY_FROM, loss_fn=loss_fn,
+                  transform=getattr(loss_fn, "transform", None))
     return gm, mods, history
 
 
@@ -525,7 +597,7 @@ def _walk(gm: fx.GraphModule, curve: list[dict[str, Any]], train: Split, val: Sp
             return f"{budget_drop(reference, c['metrics'], task):.2f} ± {drop_se(reference, c['metrics'], task) or 0:.2f}" if c else "-"
         tried_s = ", ".join(f"t={pts[k]['threshold']:g}: {fmt(c)}" for k, c in sorted(tried.items()))
         unit = "points" if task == "classification" else "% of the validation loss"
-        err = NotMet(f"no pruned model stays within --max-drop {cfg.max_drop:g} ({unit}, at {Z_BUDGET:g} standard error; "
+        err = NotMet(f"no pruned model stays within --max-drop {cfg.max_drop:g} ({unit}, at {Z_BUDGET:g} standard errors; "
                      f"retrained cuts tried: {tried_s})",
                      "allow more with --max-drop, train longer with --epochs, or lower --kl-weight")
         err.curve = curve
@@ -583,7 +655,7 @@ def _result(cand: dict[str, Any], before: dict[str, dict[str, Any]], log_alpha: 
             unit = "points" if task == "classification" else "% of the validation loss"
             what = f"--threshold {threshold:g}" if threshold is not None else f"--method {cfg.method}"
             err = NotMet(f"the pruned model loses {drop:.2f} {unit} on validation (standard error {se or 0:.2f}), more than "
-                         f"--max-drop {cfg.max_drop:g} allows at {Z_BUDGET:g} standard error ({what})",
+                         f"--max-drop {cfg.max_drop:g} allows at {Z_BUDGET:g} standard errors ({what})",
                          "leave out --threshold to let prune choose it, allow more with --max-drop, or lower --kl-weight"
                          if cfg.method == "sparse-vd" else "allow more with --max-drop, or lower --kl-weight")
             err.curve = curve
@@ -620,9 +692,11 @@ def retrain(gm: fx.GraphModule, train: Split, task: str, cfg: PruneConfig, loss_
         hooks.append(m.weight.register_hook(lambda g, mask=mask: g * mask))
     try:
         params = [{"params": [p for p in gm.parameters() if p.requires_grad], "lr": cfg.lr * DEFAULTS["retrain_lr_scale"]}]
+        if loss_fn is not None:
+            loss_fn.reset(cfg.seed + 1)
         return fit(gm, train, task, params=params, epochs=cfg.retrain_epochs, batch_size=cfg.batch_size, seed=cfg.seed + 1,
                    device=cfg.device, quiet=cfg.quiet, progress=cfg.progress, label="retrain kept weights", decay_from=0.0,
-                   loss_fn=loss_fn)
+                   loss_fn=loss_fn, transform=getattr(loss_fn, "transform", None))
     finally:
         for h in hooks:
             h.remove()

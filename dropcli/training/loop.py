@@ -218,7 +218,8 @@ def fit(model: nn.Module, train: Split, task: str, *, params: Iterable[dict[str,
         train_modules: Iterable[nn.Module] = (), describe: Callable[[], str] | None = None,
         on_step: Callable[[int], None] | None = None, quiet: bool = False, label: str = "training",
         decay_from: float | None = None, progress: Callable | None = None,
-        loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> list[dict[str, float]]:
+        loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        transform: Callable[[Any, torch.Tensor], Any] | None = None) -> list[dict[str, float]]:
     """Adam on ``data loss + regulariser(progress)`` for ``epochs`` epochs.
 
     Only ``train_modules`` are put in training mode: everything else (BatchNorm, dropout)
@@ -231,6 +232,7 @@ def fit(model: nn.Module, train: Split, task: str, *, params: Iterable[dict[str,
 
     ``loss_fn(out, y, idx)`` replaces the data loss (``idx``: the batch's rows of ``train``, e.g. to
     look up a teacher's outputs for distillation); accuracy is still counted against ``y``.
+    ``transform(xb, idx)`` returns the batch the model is fed (e.g. with some rows mixed).
     """
     if epochs < 1:
         raise UsageError("--epochs must be at least 1")
@@ -261,6 +263,8 @@ def fit(model: nn.Module, train: Split, task: str, *, params: Iterable[dict[str,
                         for g, lr0 in zip(opt.param_groups, base_lrs):
                             g["lr"] = lr0 * f
                     xb, yb = train.x[idx].to(device), train.y[idx].to(device)
+                    if transform is not None:
+                        xb = transform(xb, idx)
                     out = feed(model, xb)
                     loss = data_loss(out, yb, task) if loss_fn is None else loss_fn(out, yb, idx)
                     total = loss
