@@ -197,6 +197,17 @@ def test_distiller_mixes_rows_and_matches_the_teacher_on_them():
     d.reset(0)
     assert torch.equal(d.transform(x, idx), xm)
     assert Distiller(teacher, "classification", 0.3, 2.0, teacher_model, mix=0.0).transform(x, idx) is x
+    # regression, a model whose output has shape (n,): squared errors, the label term on clean rows only
+    head = nn.Sequential(nn.Linear(n, 1), nn.Flatten(0)).eval().requires_grad_(False)
+    dr = Distiller(head(x), "regression", 0.3, 2.0, head, mix=mix, seed=0)
+    xr = dr.transform(x, idx)
+    rows_r, tr = dr._mixed
+    outr, yr = torch.randn(n, generator=g), torch.randn(n, generator=g)
+    t_r = head(x).clone()
+    t_r[rows_r] = tr
+    want_r = torch.where(rows_r, (outr - t_r) ** 2, 0.7 * (outr - yr) ** 2 + 0.3 * (outr - t_r) ** 2).mean()
+    assert torch.allclose(xr[rows_r].sum(1), torch.ones(int(rows_r.sum())))
+    assert torch.allclose(dr(outr, yr, idx), want_r, atol=1e-5)
 
 
 def test_fit_hands_loss_fn_the_batch_rows_and_teacher_outputs_are_eval_mode():

@@ -254,7 +254,7 @@ class Distiller:
             return (kl if reduction == "mean" else kl.sum(-1)) * self.temperature ** 2
         if reduction == "mean":
             return F.mse_loss(out, t)
-        return F.mse_loss(out, t, reduction="none").flatten(1).mean(1)
+        return F.mse_loss(out, t, reduction="none").reshape(len(out), -1).mean(1)  # an output of shape (n,) too
 
 
 def beta_at(progress: float, kl_weight: float) -> float:
