@@ -167,8 +167,9 @@ def test_distiller_mixes_rows_and_matches_the_teacher_on_them():
     teacher = teacher_model(x)
     d = Distiller(teacher, "classification", 0.3, 2.0, teacher_model, mix=mix, seed=0)
     idx = torch.arange(n)
-    xm = d.transform(x, idx)
+    xm, labelled = d.transform(x, idx)
     rows, tm = d._mixed
+    assert torch.equal(labelled, ~rows)
     k = int(rows.sum())
     sd = math.sqrt(n * mix * (1 - mix))
     assert abs(k - n * mix) < 5 * sd
@@ -195,12 +196,13 @@ def test_distiller_mixes_rows_and_matches_the_teacher_on_them():
     assert torch.equal(d(out, y2, idx), d(out, y, idx))
     # reset: the same draws again; mix 0 leaves the batch alone
     d.reset(0)
-    assert torch.equal(d.transform(x, idx), xm)
-    assert Distiller(teacher, "classification", 0.3, 2.0, teacher_model, mix=0.0).transform(x, idx) is x
+    assert torch.equal(d.transform(x, idx)[0], xm)
+    unmixed, labelled = Distiller(teacher, "classification", 0.3, 2.0, teacher_model, mix=0.0).transform(x, idx)
+    assert unmixed is x and labelled is None
     # regression, a model whose output has shape (n,): squared errors, the label term on clean rows only
     head = nn.Sequential(nn.Linear(n, 1), nn.Flatten(0)).eval().requires_grad_(False)
     dr = Distiller(head(x), "regression", 0.3, 2.0, head, mix=mix, seed=0)
-    xr = dr.transform(x, idx)
+    xr = dr.transform(x, idx)[0]
     rows_r, tr = dr._mixed
     outr, yr = torch.randn(n, generator=g), torch.randn(n, generator=g)
     t_r = head(x).clone()
@@ -231,6 +233,27 @@ def test_fit_hands_loss_fn_the_batch_rows_and_teacher_outputs_are_eval_mode():
     fit(model, Split(x, y, "x"), "classification", params=[{"params": model.parameters(), "lr": 1e-3}], epochs=2,
         batch_size=8, seed=0, quiet=True, loss_fn=loss_fn)
     assert sorted(torch.cat(seen).tolist()) == sorted(list(range(37)) * 2)
+
+    # fit's transform: the model is fed what it returns, and the training accuracy counts only the
+    # rows it marks as labelled (a mixture has no label of its own). A model (learning rate 0) that predicts
+    # every row's label right; the transform marks odd rows unlabelled and sets them to predict 0.
+    w = torch.eye(3) * 10
+    frozen = nn.Linear(3, 3, bias=False)
+    frozen.weight.data.copy_(w)
+    xs, ys = torch.eye(3)[torch.arange(40) % 3], torch.arange(40) % 3
+    fed = []
+
+    def transform(xb, idx):
+        labelled = idx % 2 == 0
+        xb = xb.clone()
+        xb[~labelled] = torch.tensor([1.0, 0.0, 0.0])
+        fed.append(xb)
+        return xb, labelled
+
+    hist = fit(frozen, Split(xs, ys, "x"), "classification", params=[{"params": [frozen.weight], "lr": 0.0}],
+               epochs=1, batch_size=8, seed=0, quiet=True, transform=transform)
+    assert hist[0]["accuracy"] == 1.0  # with the unlabelled rows counted it would be 27/40
+    assert sum(int((f == torch.tensor([1.0, 0.0, 0.0])).all(1).sum()) for f in fed) >= 20
 
 
 # ------------------------------------------------------------------------------ the shrink

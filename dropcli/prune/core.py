@@ -208,15 +208,16 @@ class Distiller:
         the same draws whatever ran before it."""
         self.gen.manual_seed(seed + 7919)
 
-    def transform(self, xb: Any, idx: torch.Tensor) -> Any:
+    def transform(self, xb: Any, idx: torch.Tensor) -> tuple[Any, torch.Tensor | None]:
+        """(the batch with its mixed rows, the mask of rows whose label applies: None for all)."""
         self._mixed = None
         if self.mix <= 0 or not isinstance(xb, torch.Tensor) or not xb.is_floating_point() or len(xb) < 2:
-            return xb
+            return xb, None
         n = len(xb)
         rows = torch.rand(n, generator=self.gen) < self.mix
         k = int(rows.sum())
         if k == 0:
-            return xb
+            return xb, None
         partner = torch.randint(0, n, (k,), generator=self.gen)
         lam = torch.rand(k, generator=self.gen).view(-1, *([1] * (xb.dim() - 1)))
         rows_d = rows.to(xb.device)
@@ -226,7 +227,7 @@ class Distiller:
         xb = xb.clone()
         xb[rows_d] = mixed
         self._mixed = (rows_d, t)
-        return xb
+        return xb, ~rows_d
 
     def __call__(self, out: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         t = self.teacher[idx].to(out.device)

@@ -219,7 +219,7 @@ def fit(model: nn.Module, train: Split, task: str, *, params: Iterable[dict[str,
         on_step: Callable[[int], None] | None = None, quiet: bool = False, label: str = "training",
         decay_from: float | None = None, progress: Callable | None = None,
         loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-        transform: Callable[[Any, torch.Tensor], Any] | None = None) -> list[dict[str, float]]:
+        transform: Callable[[Any, torch.Tensor], tuple[Any, torch.Tensor | None]] | None = None) -> list[dict[str, float]]:
     """Adam on ``data loss + regulariser(progress)`` for ``epochs`` epochs.
 
     Only ``train_modules`` are put in training mode: everything else (BatchNorm, dropout)
@@ -232,7 +232,9 @@ def fit(model: nn.Module, train: Split, task: str, *, params: Iterable[dict[str,
 
     ``loss_fn(out, y, idx)`` replaces the data loss (``idx``: the batch's rows of ``train``, e.g. to
     look up a teacher's outputs for distillation); accuracy is still counted against ``y``.
-    ``transform(xb, idx)`` returns the batch the model is fed (e.g. with some rows mixed).
+    ``transform(xb, idx)`` returns ``(batch the model is fed, labelled)``, e.g. with some rows
+    mixed; ``labelled`` (a bool mask, or None for all) marks the rows whose label still applies, and
+    the training accuracy is counted over those.
     """
     if epochs < 1:
         raise UsageError("--epochs must be at least 1")
@@ -253,7 +255,7 @@ def fit(model: nn.Module, train: Split, task: str, *, params: Iterable[dict[str,
         with (_no_progress if quiet or progress is None else progress)(label, epochs) as advance:
             for epoch in range(epochs):
                 perm = torch.randperm(n, generator=gen)
-                tot, tot_reg, correct = 0.0, 0.0, 0
+                tot, tot_reg, correct, counted = 0.0, 0.0, 0, 0
                 extra: dict[str, float] = {}
                 for k in range(steps):
                     idx = perm[k * batch_size:(k + 1) * batch_size]
@@ -263,8 +265,9 @@ def fit(model: nn.Module, train: Split, task: str, *, params: Iterable[dict[str,
                         for g, lr0 in zip(opt.param_groups, base_lrs):
                             g["lr"] = lr0 * f
                     xb, yb = train.x[idx].to(device), train.y[idx].to(device)
+                    labelled = None
                     if transform is not None:
-                        xb = transform(xb, idx)
+                        xb, labelled = transform(xb, idx)
                     out = feed(model, xb)
                     loss = data_loss(out, yb, task) if loss_fn is None else loss_fn(out, yb, idx)
                     total = loss
@@ -279,13 +282,15 @@ def fit(model: nn.Module, train: Split, task: str, *, params: Iterable[dict[str,
                         raise DropcliError("training diverged (the loss is not finite)", "lower --lr")
                     tot += float(loss.detach()) * len(idx)
                     if task == "classification":
-                        correct += int((out.argmax(-1) == yb).sum())
+                        hit = out.argmax(-1) == yb
+                        correct += int(hit.sum() if labelled is None else hit[labelled].sum())
+                        counted += len(idx) if labelled is None else int(labelled.sum())
                     step += 1
                     if on_step is not None:
                         on_step(step)
                 rec = {"epoch": epoch + 1, "loss": tot / n, "reg": tot_reg / n, **extra}
                 if task == "classification":
-                    rec["accuracy"] = correct / n
+                    rec["accuracy"] = correct / max(counted, 1)
                 history.append(rec)
                 info = f"loss {rec['loss']:.4f}  reg {rec['reg']:.4f}"
                 if "accuracy" in rec:
