@@ -79,6 +79,7 @@ def test_finetune_and_prune_feed_every_input(files, fmt, tmp_path):
     acc = float((logits.argmax(-1).numpy() == y).mean())
     assert s["val_accuracy_before"] == pytest.approx(acc)  # scored with the mask, not on ids alone
     assert pruned.exists() and s["max_abs_diff_saved"] <= 1e-4
+    assert s["mixed_share"] == 0.0  # token ids and a mask are not mixed (only a single float input is)
 
 
 def test_a_missing_input_array_is_named(files, tmp_path):

@@ -72,6 +72,7 @@ def test_budget_chooses_the_most_compressive_model_within_it(walked, digits):
         return m["drop"] + Z_BUDGET * m["drop_se"] > budget
 
     assert s["outcome"] == "written" and s["max_drop"] == budget
+    assert s["budget_se"] == Z_BUDGET and s["distill"] == 0.5 and s["mixed_share"] == 0.5  # how it was read and trained
     assert s["threshold_chosen_by"].startswith("--max-drop")
     # the curve: per training round, one point per distinct cut, from the most compressive to the least
     assert sorted({p["round"] for p in curve}) == [1, 2] and s["rounds"] == 2
