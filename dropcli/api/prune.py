@@ -100,7 +100,7 @@ def prune(model: Any, data: Any, output: str, *, val: Optional[str] = None, meth
 
     from dropcli.errors import DropcliError, NotMet, UsageError
     from dropcli.io.files import atomic_path, check_output_path, file_size, write_bytes
-    from dropcli.prune.core import DEFAULTS, Z_BUDGET, PruneConfig, budget_drop, count_params, prune as run_prune
+    from dropcli.prune.core import DEFAULTS, Z_BUDGET, PruneConfig, budget_drop, count_params, mixed_share, prune as run_prune
     from dropcli.prune.shrink import prunable_layers
     from dropcli.prune.sites import modules_with_sparse_vd
     from dropcli.backends.torch.outputs import first_output_view
@@ -156,7 +156,7 @@ def prune(model: Any, data: Any, output: str, *, val: Optional[str] = None, meth
         # (docs/prune.md): the dense model's share of it, and the share of each batch mixed (a single
         # floating-point input only)
         "budget_se": Z_BUDGET if max_drop is not None else None, "distill": cfg.distill,
-        "mixed_share": cfg.mix if cfg.distill > 0 and train is not None and getattr(train.x, "is_floating_point", lambda: False)() else 0.0,
+        "mixed_share": mixed_share(train, cfg),
     }
     if before_metrics is not None:
         settings.update({f"val_{k}_before": v for k, v in before_metrics.items()})

@@ -171,6 +171,14 @@ def teacher_outputs(gm: nn.Module, train: Split, device: str = "cpu", batch_size
             m.training = t
 
 
+def mixed_share(train: Split | None, cfg: "PruneConfig") -> float:
+    """The share of each batch's rows :class:`Distiller` mixes: ``cfg.mix`` for a single
+    floating-point input under distillation, else 0 (token ids, several inputs, labels only)."""
+    if cfg.distill <= 0 or train is None or not isinstance(train.x, torch.Tensor) or not train.x.is_floating_point():
+        return 0.0
+    return cfg.mix
+
+
 def distill_loss(teacher: torch.Tensor, task: str, weight: float, temperature: float | None = None,
                  model: nn.Module | None = None, mix: float = 0.0, seed: int = 0) -> "Distiller":
     """The data loss with knowledge distillation, as :func:`~dropcli.training.loop.fit`'s ``loss_fn``
@@ -383,8 +391,10 @@ def prune(gm: fx.GraphModule, example: tuple, train: Split | None, task: str, cf
     if train is None:
         raise DropcliError("pruning needs training data", "pass --data TRAIN (.npz with x and y, .pt or .csv)")
     # the dense model's outputs on the training split, distilled into the fine-tune and the retrain
-    loss_fn = distill_loss(teacher_outputs(gm, train), task, cfg.distill, model=copy.deepcopy(gm).eval().requires_grad_(False).to(cfg.device),
-                           mix=cfg.mix, seed=cfg.seed) if cfg.distill > 0 else None
+    # and, where rows are mixed, the dense model itself (a frozen copy) for its outputs on the mixtures
+    mix = mixed_share(train, cfg)
+    teacher = copy.deepcopy(gm).eval().requires_grad_(False).to(cfg.device) if mix > 0 else None
+    loss_fn = distill_loss(teacher_outputs(gm, train), task, cfg.distill, model=teacher, mix=mix, seed=cfg.seed) if cfg.distill > 0 else None
     if cfg.method == "sbp":
         gm, mods, history = _train(gm, train, task, cfg, cfg.kl_weight, protected, loss_fn=loss_fn)
         log_alpha = {k: np.log(np.maximum(v, 1e-30)) for k, v in finalize_sbp(gm, mods).items()}
