@@ -516,3 +516,13 @@ def test_model_with_sparse_vd_layers_is_pruned_by_its_own_scores(tmp_path):
         torch.testing.assert_close(pruned(x), m(x), atol=1e-5, rtol=1e-5)
     kept = sum(int(l.keep_mask().sum()) for l in (m.fc1, m.fc2, m.fc3))
     assert rep["summary"]["weights_after"] <= kept
+
+
+def test_retrain_is_no_longer_than_the_fine_tune_by_default():
+    """--retrain-epochs defaults to 10, or to --epochs where that is fewer; given, it is kept."""
+    from dropcli.api.prune import check_prune_args
+
+    assert check_prune_args()["retrain_epochs"] == 10
+    assert check_prune_args(epochs=3)["retrain_epochs"] == 3
+    assert check_prune_args(epochs=3, retrain_epochs=5)["retrain_epochs"] == 5
+    assert check_prune_args(epochs=30, retrain_epochs=0)["retrain_epochs"] == 0

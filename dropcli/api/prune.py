@@ -30,7 +30,9 @@ def check_prune_args(*, method: str = "sparse-vd", epochs: Optional[int] = None,
     kl_weight = DEFAULTS["kl_weight"] if kl_weight is None else kl_weight
     lr = DEFAULTS["lr"] if lr is None else lr
     batch_size = DEFAULTS["batch_size"] if batch_size is None else batch_size
-    retrain_epochs = DEFAULTS["retrain_epochs"] if retrain_epochs is None else retrain_epochs
+    # the retrain of the kept weights is no longer than the fine-tune: a quick --epochs 1 trial is
+    # not dominated by up to seven retrains of the default length
+    retrain_epochs = min(DEFAULTS["retrain_epochs"], epochs) if retrain_epochs is None else retrain_epochs
     if retrain_epochs < 0:
         raise UsageError(f"--retrain-epochs must be 0 or more, got {retrain_epochs}")
     if epochs < 1:

@@ -61,7 +61,7 @@ def register(app: typer.Typer) -> None:
         kl_weight: Optional[float] = typer.Option(None, "--kl-weight", help="Final KL weight beta (ramped up from 0 over the first half of training). Default 0.5."),
         lr: Optional[float] = typer.Option(None, "--lr", help="Adam learning rate for the weights (the noise parameters get 10x). Default 3e-3."),
         batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Training batch size (default 64)."),
-        retrain_epochs: Optional[int] = typer.Option(None, "--retrain-epochs", help="Then fine-tune only the kept weights, without noise, for this many epochs (default 10; 0 skips)."),
+        retrain_epochs: Optional[int] = typer.Option(None, "--retrain-epochs", help="Then fine-tune only the kept weights, without noise, for this many epochs (default 10, or --epochs if fewer; 0 skips)."),
         task: str = typer.Option("auto", "--task", help="classification (cross-entropy), regression (MSE) or auto (integer labels = classification)."),
         device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto (training only; the output is a CPU model)."),
         seed: int = typer.Option(0, "--seed", help="Random seed: split, shuffling and noise (bitwise reproducible on CPU)."),
