@@ -171,10 +171,16 @@ def teacher_outputs(gm: nn.Module, train: Split, device: str = "cpu", batch_size
             m.training = t
 
 
+def mixable(x: Any) -> bool:
+    """Whether :class:`Distiller` can mix these rows: a single floating-point input (not token ids,
+    not an :class:`~dropcli.training.loop.Inputs` of several)."""
+    return isinstance(x, torch.Tensor) and x.is_floating_point()
+
+
 def mixed_share(train: Split | None, cfg: "PruneConfig") -> float:
     """The share of each batch's rows :class:`Distiller` mixes: ``cfg.mix`` for a single
     floating-point input under distillation, else 0 (token ids, several inputs, labels only)."""
-    if cfg.distill <= 0 or train is None or not isinstance(train.x, torch.Tensor) or not train.x.is_floating_point():
+    if cfg.distill <= 0 or train is None or not mixable(train.x):
         return 0.0
     return cfg.mix
 
@@ -219,7 +225,7 @@ class Distiller:
     def transform(self, xb: Any, idx: torch.Tensor) -> tuple[Any, torch.Tensor | None]:
         """(the batch with its mixed rows, the mask of rows whose label applies: None for all)."""
         self._mixed = None
-        if self.mix <= 0 or not isinstance(xb, torch.Tensor) or not xb.is_floating_point() or len(xb) < 2:
+        if self.mix <= 0 or not mixable(xb) or len(xb) < 2:
             return xb, None
         n = len(xb)
         rows = torch.rand(n, generator=self.gen) < self.mix
