@@ -154,6 +154,34 @@ def scores(probs: np.ndarray, y: np.ndarray, ent_id: np.ndarray, ent_perm: np.nd
             "auroc_perm": auroc["perm"], "auroc_unif": auroc["unif"]}
 
 
+def per_example_nll(probs: np.ndarray, y: np.ndarray) -> np.ndarray:
+    from dropcli.analysis import stats
+
+    return -np.log(np.maximum(probs[np.arange(len(y)), y], stats.EPS))
+
+
+def ece(probs: np.ndarray, y: np.ndarray) -> float:
+    from dropcli.analysis import stats
+
+    return float(stats.ece_mce(probs.max(-1), probs.argmax(-1) == y)[0])
+
+
+def ece_floor(pe: np.ndarray, draws: int, seed: int) -> tuple[float, float]:
+    """Mean and sd of the ECE of the predictive PE when the labels are drawn from PE itself: the
+    ECE a perfectly calibrated predictor with these probabilities shows on this many examples."""
+    from dropcli.analysis import stats
+
+    rng = np.random.default_rng(seed)
+    conf, pred = pe.max(-1), pe.argmax(-1)
+    cum = pe.cumsum(-1)
+    vals = []
+    for _ in range(draws):
+        u = rng.uniform(size=(len(pe), 1))
+        lab = np.minimum((u > cum).sum(-1), pe.shape[1] - 1)
+        vals.append(stats.ece_mce(conf, pred == lab)[0])
+    return float(np.mean(vals)), float(np.std(vals))
+
+
 def entropy(p: np.ndarray) -> np.ndarray:
     from dropcli.analysis import stats
 
@@ -267,6 +295,22 @@ def paired(runs: list[dict], methods: list[str]) -> str:
     return "\n".join(lines)
 
 
+def over_seeds(names: list[str], seeds: int, run, log) -> dict[str, list[dict]]:
+    """{name: [run(name, spec, seed, work) for seed in range(seeds)]}, the models of MODELS and
+    HOLDOUT trained in one temporary folder; ``log(name, seed, seconds, allres)`` after each run
+    (this file's, quality_family.py's)."""
+    specs = {**MODELS, **HOLDOUT}
+    allres: dict[str, list[dict]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            allres[name] = []
+            for seed in range(seeds):
+                t1 = time.perf_counter()
+                allres[name].append(run(name, specs[name], seed, Path(tmp)))
+                log(name, seed, time.perf_counter() - t1, allres)
+    return allres
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, default=5, help="seeds (split, training, finetune, MC): rows are mean ± sd over them")
@@ -285,20 +329,16 @@ def main(argv=None) -> int:
         have_laplace = False
         print(f"notice: laplace-torch is not importable ({type(e).__name__}: {e}); the LLLA rows are skipped. "
               "Install it as this file's docstring says.", file=sys.stderr)
-    specs = {**MODELS, **HOLDOUT}
     names = list(HOLDOUT) if a.holdout else a.models
-    allres: dict[str, list[dict]] = {}
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in names:
-            allres[name] = []
-            for seed in range(a.seeds):
-                t1 = time.perf_counter()
-                allres[name].append(run_one(name, specs[name], seed, Path(tmp), have_laplace))
-                ft = allres[name][-1]["_ft"]
-                print(f"# {name} seed {seed}: {time.perf_counter() - t1:.0f}s; finetune chose scale x{ft['scale']}, "
-                      f"p {ft['p']}, temperature {'none' if ft['temperature'] is None else format(ft['temperature'], '.3f')}"
-                      + (f"; notes: {ft['notes']}" if ft["notes"] else ""), file=sys.stderr)
+
+    def log(name, seed, secs, allres):
+        ft = allres[name][-1]["_ft"]
+        print(f"# {name} seed {seed}: {secs:.0f}s; finetune chose scale x{ft['scale']}, "
+              f"p {ft['p']}, temperature {'none' if ft['temperature'] is None else format(ft['temperature'], '.3f')}"
+              + (f"; notes: {ft['notes']}" if ft["notes"] else ""), file=sys.stderr)
+
+    allres = over_seeds(names, a.seeds, lambda n, spec, seed, work: run_one(n, spec, seed, work, have_laplace), log)
     print(f"\n## Test-set quality, mean ± sd over {a.seeds} seed(s) (digits; train/val/test 60/20/20; "
           f"MC T={T}); {time.perf_counter() - t0:.0f}s in all\n")
     for name in names:

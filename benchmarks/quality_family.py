@@ -38,7 +38,6 @@ import json
 import math
 import statistics
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -65,18 +64,6 @@ class _Split:
         return len(self.x)
 
 
-def per_example_nll(probs: np.ndarray, y: np.ndarray) -> np.ndarray:
-    from dropcli.analysis import stats
-
-    return -np.log(np.maximum(probs[np.arange(len(y)), y], stats.EPS))
-
-
-def ece(probs: np.ndarray, y: np.ndarray) -> float:
-    from dropcli.analysis import stats
-
-    return stats.ece_mce(probs.max(-1), probs.argmax(-1) == y)[0]
-
-
 def mc_probs(outs: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     from dropcli.analysis import stats
 
@@ -88,21 +75,6 @@ def best_t_nll(outs: np.ndarray, y: np.ndarray) -> float:
     from dropcli.training import learned
 
     return learned.fit_temperature(outs, y, prior_sd=1e6)[0]
-
-
-def ece_floor(pe: np.ndarray, draws: int, seed: int) -> tuple[float, float]:
-    """Mean and sd of the ECE of the predictive PE when the labels are drawn from PE itself."""
-    from dropcli.analysis import stats
-
-    rng = np.random.default_rng(seed)
-    conf, pred = pe.max(-1), pe.argmax(-1)
-    cum = pe.cumsum(-1)
-    vals = []
-    for _ in range(draws):
-        u = rng.uniform(size=(len(pe), 1))
-        lab = np.minimum((u > cum).sum(-1), pe.shape[1] - 1)
-        vals.append(stats.ece_mce(conf, pred == lab)[0])
-    return float(np.mean(vals)), float(np.std(vals))
 
 
 def run_one(name: str, spec, seed: int, work: Path) -> dict:
@@ -142,23 +114,23 @@ def run_one(name: str, spec, seed: int, work: Path) -> dict:
     chosen, t_val = rep["summary"]["chosen_scale"], rep["summary"]["temperature"] or 1.0
 
     pe = mc_probs(le)
-    n_eval = per_example_nll(pe, y_te)
+    n_eval = Q.per_example_nll(pe, y_te)
     t_eval_oracle = best_t_nll(le, y_te)
     t_eval_val = learned.fit_temperature(lv, y_va)[0]
     p_eval_val = mc_probs(le, t_eval_val)
-    n_eval_t = per_example_nll(mc_probs(le, t_eval_oracle), y_te)
-    ece_eval_oracle = min(ece(mc_probs(le, t), y_te) for t in T_GRID)
+    n_eval_t = Q.per_example_nll(mc_probs(le, t_eval_oracle), y_te)
+    ece_eval_oracle = min(Q.ece(mc_probs(le, t), y_te) for t in T_GRID)
 
     nll_by_scale, ece_best = {}, (np.inf, None, None)
     best_nll = (np.inf, None, None, None)
     for sc, outs in test_outs.items():
         t = best_t_nll(outs, y_te)
-        pn = per_example_nll(mc_probs(outs, t), y_te)
+        pn = Q.per_example_nll(mc_probs(outs, t), y_te)
         nll_by_scale[sc] = (float(pn.mean()), t)
         if pn.mean() < best_nll[0]:
             best_nll = (float(pn.mean()), sc, t, pn)
         for tt in T_GRID:
-            e = ece(mc_probs(outs, tt), y_te)
+            e = Q.ece(mc_probs(outs, tt), y_te)
             if e < ece_best[0]:
                 ece_best = (e, sc, float(tt))
     # step 2, chosen on validation only: scale 0 (the eval pass) joins the family, and (scale, T) is
@@ -170,17 +142,17 @@ def run_one(name: str, spec, seed: int, work: Path) -> dict:
     j_sc = min(cand, key=lambda k: (cand[k][0][2], k))
     pj = mc_probs(cand[j_sc][1], cand[j_sc][0][0])
     pf = mc_probs(test_outs[chosen], t_val)
-    n_ft = per_example_nll(pf, y_te)
-    floor_m, floor_sd = ece_floor(pe, ECE_DRAWS, seed)
+    n_ft = Q.per_example_nll(pf, y_te)
+    floor_m, floor_sd = Q.ece_floor(pe, ECE_DRAWS, seed)
     n = len(y_te)
     se = lambda v: float(np.std(v, ddof=1) / math.sqrt(n))  # noqa: E731
     return {
         "n_test": n, "errors_eval": int((pe.argmax(-1) != y_te).sum()),
-        "eval": {"nll": float(n_eval.mean()), "ece": ece(pe, y_te)},
-        "eval+T val": {"nll": float(per_example_nll(p_eval_val, y_te).mean()), "ece": ece(p_eval_val, y_te), "T": t_eval_val},
+        "eval": {"nll": float(n_eval.mean()), "ece": Q.ece(pe, y_te)},
+        "eval+T val": {"nll": float(Q.per_example_nll(p_eval_val, y_te).mean()), "ece": Q.ece(p_eval_val, y_te), "T": t_eval_val},
         "eval+T oracle": {"nll": float(n_eval_t.mean()), "ece": ece_eval_oracle, "T": t_eval_oracle},
-        "ft+cal": {"nll": float(n_ft.mean()), "ece": ece(pf, y_te), "scale": chosen, "T": t_val},
-        "joint0": {"nll": float(per_example_nll(pj, y_te).mean()), "ece": ece(pj, y_te), "scale": j_sc,
+        "ft+cal": {"nll": float(n_ft.mean()), "ece": Q.ece(pf, y_te), "scale": chosen, "T": t_val},
+        "joint0": {"nll": float(Q.per_example_nll(pj, y_te).mean()), "ece": Q.ece(pj, y_te), "scale": j_sc,
                    "T": cand[j_sc][0][0]},
         "oracle": {"nll": best_nll[0], "nll_scale": best_nll[1], "nll_T": best_nll[2],
                    "ece": ece_best[0], "ece_scale": ece_best[1], "ece_T": ece_best[2]},
@@ -247,22 +219,18 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="also write every per-seed number here")
     a = ap.parse_args(argv)
     warnings.filterwarnings("ignore", category=FutureWarning)
-    specs = {**Q.MODELS, **Q.HOLDOUT}
     names = list(Q.HOLDOUT) if a.holdout else a.models
-    allres: dict[str, list[dict]] = {}
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in names:
-            allres[name] = []
-            for seed in range(a.seeds):
-                t1 = time.perf_counter()
-                r = run_one(name, specs[name], seed, Path(tmp))
-                allres[name].append(r)
-                print(f"# {name} seed {seed}: {time.perf_counter() - t1:.0f}s; eval {r['eval']['nll']:.4f}, "
-                      f"ft+cal {r['ft+cal']['nll']:.4f}, oracle {r['oracle']['nll']:.4f}, "
-                      f"eval+T oracle {r['eval+T oracle']['nll']:.4f}", file=sys.stderr, flush=True)
-                if a.json:
-                    Path(a.json).write_text(json.dumps(allres, indent=1, default=float))
+
+    def log(name, seed, secs, allres):
+        r = allres[name][-1]
+        print(f"# {name} seed {seed}: {secs:.0f}s; eval {r['eval']['nll']:.4f}, "
+              f"ft+cal {r['ft+cal']['nll']:.4f}, oracle {r['oracle']['nll']:.4f}, "
+              f"eval+T oracle {r['eval+T oracle']['nll']:.4f}", file=sys.stderr, flush=True)
+        if a.json:
+            Path(a.json).write_text(json.dumps(allres, indent=1, default=float))
+
+    allres = Q.over_seeds(names, a.seeds, run_one, log)
     report(allres)
     print(f"\n{time.perf_counter() - t0:.0f}s in all")
     return 0

@@ -52,16 +52,6 @@ def softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum(-1, keepdims=True)
 
 
-def per_nll(p: np.ndarray, y: np.ndarray) -> np.ndarray:
-    return -np.log(np.maximum(p[np.arange(len(y)), y], 1e-12))
-
-
-def ece(p: np.ndarray, y: np.ndarray) -> float:
-    from dropcli.analysis import stats
-
-    return float(stats.ece_mce(p.max(-1), p.argmax(-1) == y)[0])
-
-
 def passes(model: torch.nn.Module, x: np.ndarray, scale: float, seed: int) -> np.ndarray:
     """[T, N, K] logits with every Dropout's variance p/q scaled by ``scale`` (0: one eval pass)."""
     drops = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
@@ -90,7 +80,6 @@ def study(name: str, seed: int) -> dict:
     import tempfile
 
     import quality as Q
-    from dropcli.analysis import stats
     from dropcli.training import learned
 
     with tempfile.TemporaryDirectory() as tmp:  # quality.py's split, model and training
@@ -98,37 +87,29 @@ def study(name: str, seed: int) -> dict:
     model, xte, y_te = run["model"], run["xs"]["test"], run["y_te"]
     ev = passes(model, xte, 0.0, seed)
     p_eval = softmax(ev[0])
-    nll_eval = per_nll(p_eval, y_te)
+    nll_eval = Q.per_example_nll(p_eval, y_te)
     best = (nll_eval.mean(), 0.0, 1.0, nll_eval)
-    best_ece = (ece(p_eval, y_te), 0.0, 1.0)
+    best_ece = (Q.ece(p_eval, y_te), 0.0, 1.0)
     eval_tau = (nll_eval.mean(), 1.0)
     for s in (0.0,) + tuple(learned.SCALES) + EXTRA_SCALES:
         z = ev if s == 0 else passes(model, xte, s, seed)
         for tau in TAUS:
             p = softmax(z / tau).mean(0)
-            per = per_nll(p, y_te)
+            per = Q.per_example_nll(p, y_te)
             if per.mean() < best[0]:
                 best = (per.mean(), s, tau, per)
-            e = ece(p, y_te)
+            e = Q.ece(p, y_te)
             if e < best_ece[0]:
                 best_ece = (e, s, tau)
             if s == 0 and per.mean() < eval_tau[0]:
                 eval_tau = (per.mean(), tau)
     diff = best[3] - nll_eval
-    rng = np.random.default_rng(seed)
-    conf, pred = p_eval.max(-1), p_eval.argmax(-1)
-    floor = []
-    cum = p_eval.cumsum(-1)
-    for _ in range(FLOOR_DRAWS):
-        u = rng.random((len(p_eval), 1))
-        ys = np.minimum((u > cum).sum(-1), p_eval.shape[1] - 1)
-        floor.append(stats.ece_mce(conf, pred == ys)[0])
-    return {"model": name, "seed": seed, "n": len(y_te), "errors": int((pred != y_te).sum()),
+    floor, floor_sd = Q.ece_floor(p_eval, FLOOR_DRAWS, seed)
+    return {"model": name, "seed": seed, "n": len(y_te), "errors": int((p_eval.argmax(-1) != y_te).sum()),
             "nll_eval": float(nll_eval.mean()), "nll_oracle": float(best[0]), "oracle_s": best[1], "oracle_tau": float(best[2]),
             "gain": float(-diff.mean()), "gain_se": float(diff.std(ddof=1) / math.sqrt(len(diff))),
             "nll_eval_tau": float(eval_tau[0]), "eval_tau": float(eval_tau[1]),
-            "ece_eval": ece(p_eval, y_te), "ece_oracle": float(best_ece[0]), "ece_floor": float(np.mean(floor)),
-            "ece_floor_sd": float(np.std(floor))}
+            "ece_eval": Q.ece(p_eval, y_te), "ece_oracle": float(best_ece[0]), "ece_floor": floor, "ece_floor_sd": floor_sd}
 
 
 def fmt(v: list[float], d: int = 4) -> str:
